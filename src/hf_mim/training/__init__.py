@@ -1,0 +1,1 @@
+"""Training entry points and utilities (outside the remote-code closure)."""
