@@ -1,0 +1,26 @@
+"""The remote-code closure: configs, models and image processors that travel with checkpoints.
+
+Files here import each other only as `from .x import y`; `save_pretrained` copies the defining
+module and every such sibling into the checkpoint, so it loads with `trust_remote_code=True`
+where hf_mim is not installed. This `__init__` is not copied: it is for installed use only.
+"""
+
+from .configuration_beit import BeitMimConfig
+from .configuration_dvae import DvaeConfig
+from .image_processing_dvae import DvaeImageProcessor
+from .image_processing_mim import MimImageProcessor
+from .modeling_beit import BeitMimForMaskedImageModeling, BeitMimModel, BeitMimOutput
+from .modeling_dvae import DvaeModel
+from .modeling_tokenizer import MimTokenizerPreTrainedModel
+
+__all__ = [
+    "BeitMimConfig",
+    "BeitMimForMaskedImageModeling",
+    "BeitMimModel",
+    "BeitMimOutput",
+    "DvaeConfig",
+    "DvaeImageProcessor",
+    "DvaeModel",
+    "MimImageProcessor",
+    "MimTokenizerPreTrainedModel",
+]

@@ -1,0 +1,102 @@
+"""Shared pieces of the BEiT backbone used by every hf_mim model.
+
+Encoders are transformers' own `BeitModel`, so a pretrained encoder exports to a stock
+transformers BEiT checkpoint. What transformers does not provide is BEiT's *pre-training*
+initialisation (unilm `modeling_pretrain.py`), which differs from `BeitPreTrainedModel`'s:
+weights and tokens are drawn from N(0, 0.02²) truncated to [-0.02, 0.02], and the output
+projections of layer l (1-indexed) are divided by sqrt(2l) so the residual stream does not grow
+with depth at initialisation.
+"""
+
+import math
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.models.beit.modeling_beit import (
+    BeitEmbeddings,
+    BeitLayer,
+    BeitModel,
+    BeitRelativePositionBias,
+)
+
+
+def trunc_normal_beit_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
+    """BEiT's initialiser: N(0, std²) truncated at ±std (±1σ, not timm's default ±2 absolute)."""
+    return init.trunc_normal_(tensor, mean=0.0, std=std, a=-std, b=std)
+
+
+def mark_output_projections(layers: nn.ModuleList, first_layer_id: int = 1) -> None:
+    """Record on `o_proj` and `mlp.fc2` of the i-th layer of `layers` its depth `first_layer_id + i`.
+
+    `init_beit_weights` divides those weights by sqrt(2 * depth). The depth is stored on the Linear
+    itself because transformers only calls `_init_weights` on modules that own parameters, so no
+    parent module gets a chance to rescale its children. Call this before `post_init()`. Extra blocks
+    that continue a backbone (BEiT v2's patch aggregation, CCViT's pixel branch) are rescaled as the
+    layers they follow, so pass the depth at which they start.
+    """
+    for offset, layer in enumerate(layers):
+        layer.attention.o_proj.beit_depth = first_layer_id + offset
+        layer.mlp.fc2.beit_depth = first_layer_id + offset
+
+
+@torch.no_grad()
+def init_beit_weights(module: nn.Module, config) -> None:
+    """BEiT's pre-training initialisation of one module; call from a model's `_init_weights`."""
+    std = config.initializer_range
+    if isinstance(module, (nn.Linear, nn.Conv2d)):
+        trunc_normal_beit_(module.weight, std)
+        depth = getattr(module, "beit_depth", None)
+        # A weight loaded from a checkpoint carries this flag and must keep its values.
+        if depth is not None and not getattr(module.weight, "_is_hf_initialized", False):
+            module.weight.div_(math.sqrt(2.0 * depth))
+        if module.bias is not None:
+            init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        init.ones_(module.weight)
+        init.zeros_(module.bias)
+    elif isinstance(module, BeitEmbeddings):
+        trunc_normal_beit_(module.cls_token, std)
+        if module.mask_token is not None:
+            trunc_normal_beit_(module.mask_token, std)
+        if module.position_embeddings is not None:
+            trunc_normal_beit_(module.position_embeddings, std)
+    elif isinstance(module, BeitRelativePositionBias):
+        init.zeros_(module.relative_position_bias_table)
+    elif isinstance(module, BeitLayer):
+        if isinstance(module.lambda_1, nn.Parameter):
+            init.constant_(module.lambda_1, config.layer_scale_init_value)
+            init.constant_(module.lambda_2, config.layer_scale_init_value)
+
+
+class BeitReferenceInitMixin:
+    """Gives a `PreTrainedModel` BEiT's pre-training initialisation."""
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        init_beit_weights(module, self.config)
+
+
+class MimBeitModel(BeitReferenceInitMixin, BeitModel):
+    """transformers' `BeitModel` with BEiT's pre-training initialisation.
+
+    Each hf_mim family subclasses it only to bind its own config class, which the Auto classes
+    require; the weights keep `BeitModel`'s names, so they export to stock transformers as they are.
+    """
+
+    def __init__(self, config, add_pooling_layer: bool = False):
+        super().__init__(config, add_pooling_layer=add_pooling_layer)
+
+    def post_init(self):
+        # `BeitModel.__init__` ends with `post_init()`; the layers exist by then and must be marked first.
+        mark_output_projections(self.layers)
+        super().post_init()
+
+
+__all__ = [
+    "BeitReferenceInitMixin",
+    "MimBeitModel",
+    "init_beit_weights",
+    "mark_output_projections",
+    "trunc_normal_beit_",
+]

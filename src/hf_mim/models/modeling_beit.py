@@ -1,0 +1,161 @@
+"""BEiT masked image modeling: predict the visual tokens of masked patches (arXiv 2106.08254).
+
+The backbone is transformers' `BeitModel` (shared relative position bias, layer scale, mask
+token). Unlike transformers' `BeitForMaskedImageModeling`, the LM head runs only on masked
+positions (projecting all 196 tokens to 8192 logits is wasted work), and the model holds its
+frozen tokenizer, so a batch of pixels is all it needs.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.models.beit.modeling_beit import BeitPreTrainedModel
+from transformers.utils import ModelOutput
+
+from .beit_backbone import BeitReferenceInitMixin, MimBeitModel
+from .configuration_beit import BeitMimConfig
+from .tokenizers import build_tokenizer
+
+
+@dataclass
+class BeitMimOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Cross-entropy of the predicted tokens of the masked patches.
+    logits (`torch.FloatTensor` of shape `(num_masked, vocab_size)`):
+        Token scores of the masked patches only, in row-major (batch, position) order.
+    labels (`torch.LongTensor` of shape `(num_masked,)`, *optional*):
+        Target token ids of the masked patches, in the same order as `logits`.
+    masked_accuracy (`torch.FloatTensor` of shape `()`, *optional*):
+        Top-1 accuracy of `logits` against `labels`.
+    """
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    labels: torch.LongTensor | None = None
+    masked_accuracy: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+
+
+def flatten_mask(bool_masked_pos: torch.Tensor | None, num_patches: int) -> torch.BoolTensor:
+    """`bool_masked_pos` as a `(batch_size, num_patches)` bool tensor; accepts `(batch, H, W)` grids too."""
+    if bool_masked_pos is None:
+        raise ValueError("Masked image modeling needs `bool_masked_pos` (the data collator produces it)")
+    bool_masked_pos = bool_masked_pos.flatten(1).bool()
+    if bool_masked_pos.shape[1] != num_patches:
+        raise ValueError(
+            f"bool_masked_pos has {bool_masked_pos.shape[1]} positions per image but the model has "
+            f"{num_patches} patches; build the mask generator for the model's patch grid"
+        )
+    return bool_masked_pos
+
+
+def masked_targets(labels: torch.Tensor, bool_masked_pos: torch.BoolTensor) -> torch.LongTensor:
+    """Target ids of the masked patches from per-patch `(batch, num_patches)` ids or already-selected `(num_masked,)`."""
+    if labels.shape == bool_masked_pos.shape:
+        return labels[bool_masked_pos]
+    num_masked = int(bool_masked_pos.sum())
+    if labels.ndim == 1 and labels.shape[0] == num_masked:
+        return labels
+    raise ValueError(
+        f"labels of shape {tuple(labels.shape)} fit neither the mask {tuple(bool_masked_pos.shape)} "
+        f"nor the {num_masked} masked positions"
+    )
+
+
+class BeitMimPreTrainedModel(BeitReferenceInitMixin, BeitPreTrainedModel):
+    config: BeitMimConfig
+    config_class = BeitMimConfig
+
+
+class BeitMimModel(MimBeitModel):
+    """The BEiT encoder of an `hf_mim_beit` checkpoint; what `AutoModel` loads."""
+
+    config: BeitMimConfig
+    config_class = BeitMimConfig
+
+
+class BeitMimForMaskedImageModeling(BeitMimPreTrainedModel):
+    def __init__(self, config: BeitMimConfig):
+        super().__init__(config)
+        self.beit = BeitMimModel(config)
+        self.layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
+        self.tokenizer = build_tokenizer(config.tokenizer_config) if config.tokenizer_config is not None else None
+        self.post_init()
+
+    def set_tokenizer(self, tokenizer) -> None:
+        """Copy the weights of a trained tokenizer (of the family and size in `config.tokenizer_config`)."""
+        if self.tokenizer is None:
+            raise ValueError("This model was configured without a tokenizer; set config.tokenizer_config first")
+        if type(tokenizer) is not type(self.tokenizer):
+            raise ValueError(f"Expected a {type(self.tokenizer).__name__}, got {type(tokenizer).__name__}")
+        self.tokenizer.load_state_dict(tokenizer.state_dict())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # The tokenizer is a fixed target function: no dropout, no statistics updates.
+        if self.tokenizer is not None:
+            self.tokenizer.eval()
+        return self
+
+    @torch.no_grad()
+    def get_targets(self, tokenizer_pixel_values: torch.Tensor) -> torch.LongTensor:
+        """Token ids `(batch_size, num_patches)` of the tokenizer's view."""
+        if self.tokenizer is None:
+            raise ValueError("No tokenizer configured: pass `labels` (token ids) instead of `tokenizer_pixel_values`")
+        return self.tokenizer.get_codebook_indices(tokenizer_pixel_values)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.BoolTensor | None = None,
+        tokenizer_pixel_values: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        return_loss: bool = True,
+        **kwargs,
+    ) -> BeitMimOutput:
+        r"""
+        bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`):
+            Which patches are replaced by the mask token and predicted.
+        tokenizer_pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`, *optional*):
+            The tokenizer's view of the same crop (e.g. 112 px for the dVAE); targets are computed from it
+            unless `labels` are given.
+        labels (`torch.LongTensor` of shape `(batch_size, num_patches)` or `(num_masked,)`, *optional*):
+            Target token ids, for all patches or for the masked ones only.
+        """
+        num_patches = self.beit.embeddings.patch_embeddings.num_patches
+        bool_masked_pos = flatten_mask(bool_masked_pos, num_patches)
+        if labels is None and tokenizer_pixel_values is not None:
+            labels = self.get_targets(tokenizer_pixel_values)
+
+        outputs = self.beit(pixel_values, bool_masked_pos=bool_masked_pos, **kwargs)
+        # LayerNorm is per token, so normalising only the masked tokens is exact and cheaper.
+        masked_tokens = outputs.last_hidden_state[:, 1:][bool_masked_pos]
+        logits = self.lm_head(self.layernorm(masked_tokens))
+
+        loss = masked_labels = accuracy = None
+        if labels is not None:
+            masked_labels = masked_targets(labels, bool_masked_pos)
+            loss = nn.functional.cross_entropy(logits.float(), masked_labels)
+            accuracy = (logits.detach().argmax(-1) == masked_labels).float().mean()
+        return BeitMimOutput(
+            loss=loss,
+            logits=logits,
+            labels=masked_labels,
+            masked_accuracy=accuracy,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+
+__all__ = [
+    "BeitMimForMaskedImageModeling",
+    "BeitMimModel",
+    "BeitMimOutput",
+    "BeitMimPreTrainedModel",
+    "flatten_mask",
+    "masked_targets",
+]

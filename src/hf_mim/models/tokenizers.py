@@ -1,0 +1,40 @@
+"""Which tokenizer class serves which `model_type`, for MIM models that hold a tokenizer.
+
+A MIM config stores its tokenizer's config as a plain dict (it may be any tokenizer family), and
+the MIM model rebuilds the tokenizer from it; this table is the one place that resolves the dict
+to classes, inside the remote-code closure so checkpoints load without hf_mim installed.
+"""
+
+from .configuration_dvae import DvaeConfig
+from .modeling_dvae import DvaeModel
+
+TOKENIZER_CLASSES = {
+    DvaeConfig.model_type: (DvaeConfig, DvaeModel),
+}
+
+
+def _classes_for(config_dict: dict):
+    model_type = config_dict.get("model_type")
+    if model_type not in TOKENIZER_CLASSES:
+        raise ValueError(
+            f"Unknown tokenizer model_type {model_type!r}; hf_mim tokenizers are {sorted(TOKENIZER_CLASSES)}. "
+            "Pass `tokenizer.config.to_dict()` of an hf_mim tokenizer as `tokenizer_config`."
+        )
+    return TOKENIZER_CLASSES[model_type]
+
+
+def tokenizer_config_from_dict(config_dict: dict):
+    """The tokenizer config object described by `config_dict` (a `to_dict()` of a tokenizer config)."""
+    config_class, _ = _classes_for(config_dict)
+    return config_class.from_dict(config_dict)
+
+
+def build_tokenizer(config_dict: dict):
+    """A randomly initialised, frozen tokenizer in eval mode; load weights into it afterwards."""
+    _, model_class = _classes_for(config_dict)
+    tokenizer = model_class(tokenizer_config_from_dict(config_dict))
+    tokenizer.requires_grad_(False)
+    return tokenizer.eval()
+
+
+__all__ = ["TOKENIZER_CLASSES", "build_tokenizer", "tokenizer_config_from_dict"]

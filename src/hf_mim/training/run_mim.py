@@ -1,0 +1,292 @@
+"""Masked image modeling pre-training with a visual tokenizer: `accelerate launch scripts/run_mim.py ...`.
+
+Flags follow transformers' `run_mim.py` (data and model arguments plus every `TrainingArguments`
+flag), with BEiT's masking and tokenizer flags. One or many processes, CPU or GPU, bf16/fp16,
+gradient accumulation and `--resume_from_checkpoint` come from `Trainer`.
+"""
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import datasets
+import transformers
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, HfArgumentParser, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..data import (
+    BlockwiseMaskingGenerator,
+    MimDataCollator,
+    RandomMaskingGenerator,
+    SkippedImageCounter,
+    TwoViewTransform,
+    apply_transform,
+    load_image_datasets,
+    scale_num_patches,
+)
+from ..models import BeitMimConfig, BeitMimForMaskedImageModeling, MimImageProcessor
+from .trainer import MimTrainer
+
+logger = logging.getLogger(__name__)
+
+# --model_type -> (config class, model class); each method adds its entry.
+MIM_MODELS = {
+    "beit": (BeitMimConfig, BeitMimForMaskedImageModeling),
+}
+
+# ViT sizes of the BEiT papers (and DeiT's tiny/small).
+MODEL_SIZES = {
+    "tiny": {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3, "intermediate_size": 768},
+    "small": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536},
+    "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
+    "large": {
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "intermediate_size": 4096,
+        "layer_scale_init_value": 1e-5,
+    },
+}
+
+# Where a MIM checkpoint written by this script keeps its tokenizer's image processor.
+TOKENIZER_SUBFOLDER = "tokenizer"
+
+
+@dataclass
+class ModelArguments:
+    model_type: str = field(default="beit", metadata={"help": f"MIM method: {', '.join(MIM_MODELS)}"})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "An hf_mim MIM checkpoint to continue pre-training from"}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "The hf_mim tokenizer (dVAE, ...) folder or Hub id that supplies the targets"}
+    )
+    model_size: str = field(default="base", metadata={"help": f"ViT size when training from scratch: {', '.join(MODEL_SIZES)}"})
+    image_size: int | None = field(default=None, metadata={"help": "ViT input size (default 224)"})
+    patch_size: int | None = field(default=None, metadata={"help": "ViT patch size (default 16)"})
+    config_overrides: str | None = field(
+        default=None, metadata={"help": "Config overrides when training from scratch, e.g. 'drop_path_rate=0.0,layer_scale_init_value=0.1'"}
+    )
+    image_processor_name: str | None = field(default=None, metadata={"help": "Image processor of the ViT view"})
+    cache_dir: str | None = None
+    model_revision: str = "main"
+    token: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset, or 'imagefolder' with --train_dir"})
+    dataset_config_name: str | None = None
+    train_dir: str | None = field(default=None, metadata={"help": "A folder of images (imagefolder layout)"})
+    validation_dir: str | None = None
+    train_val_split: float = field(default=0.0, metadata={"help": "Fraction of train held out when there is no validation split"})
+    image_column_name: str | None = None
+    streaming: bool = False
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    crop_min_scale: float = field(default=0.08, metadata={"help": "Random-resized-crop minimum area (BEiT v2 recipe: 0.2)"})
+    color_jitter: float = 0.4
+    masking: str = field(default="blockwise", metadata={"help": "blockwise (BEiT) or random"})
+    num_mask_patches: int | None = field(
+        default=None, metadata={"help": "Patches masked per image (75 of 196, scaled to the patch grid by default)"}
+    )
+    min_mask_patches_per_block: int | None = field(default=None, metadata={"help": "Smallest block (16 of 196, scaled)"})
+    max_mask_patches_per_block: int | None = None
+    exact_mask_count: bool = field(
+        default=True, metadata={"help": "Mask exactly num_mask_patches (BEiT v2); False: at most (BEiT v1)"}
+    )
+    mask_ratio: float = field(default=0.4, metadata={"help": "Masked fraction for --masking random"})
+
+
+@dataclass
+class MimTrainingArguments(TrainingArguments):
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start afresh even if output_dir holds checkpoints (else resume from the last)"}
+    )
+    # MIM batches carry more than `labels`, and eval logits (masked tokens x vocabulary) are not needed for metrics.
+    remove_unused_columns: bool = False
+    prediction_loss_only: bool = True
+    # Targets come from the tokenizer inside the model: with no label names, evaluation still computes the loss.
+    label_names: list[str] = field(default_factory=list)
+
+
+def build_mask_generator(data_args: DataArguments, grid_size: int):
+    num_patches = grid_size * grid_size
+    if data_args.masking == "random":
+        return RandomMaskingGenerator(grid_size, mask_ratio=data_args.mask_ratio)
+    if data_args.masking != "blockwise":
+        raise ValueError(f"--masking must be 'blockwise' or 'random', got {data_args.masking!r}")
+    num_mask = data_args.num_mask_patches or scale_num_patches(75, to_grid=num_patches)
+    min_block = data_args.min_mask_patches_per_block or min(num_mask, scale_num_patches(16, to_grid=num_patches))
+    return BlockwiseMaskingGenerator(
+        grid_size,
+        num_masking_patches=num_mask,
+        min_num_patches=min_block,
+        max_num_patches=data_args.max_mask_patches_per_block,
+        exact=data_args.exact_mask_count,
+    )
+
+
+def parse_config_overrides(config_class, overrides: str | None) -> dict:
+    """`'a=1,b=x'` as typed keyword arguments, using the types of the config's defaults."""
+    if not overrides:
+        return {}
+    probe = config_class()
+    probe.update_from_string(overrides)
+    return {item.split("=", 1)[0].strip(): getattr(probe, item.split("=", 1)[0].strip()) for item in overrides.split(",")}
+
+
+def build_config(model_args: ModelArguments, tokenizer):
+    config_class, _ = MIM_MODELS[model_args.model_type]
+    if model_args.model_size not in MODEL_SIZES:
+        raise ValueError(f"--model_size must be one of {list(MODEL_SIZES)}, got {model_args.model_size!r}")
+    kwargs = dict(MODEL_SIZES[model_args.model_size])
+    for name in ("image_size", "patch_size"):
+        if getattr(model_args, name) is not None:
+            kwargs[name] = getattr(model_args, name)
+    kwargs.update(parse_config_overrides(config_class, model_args.config_overrides))
+    return config_class(**kwargs, vocab_size=tokenizer.codebook_size, tokenizer_config=tokenizer.config.to_dict())
+
+
+def load_model(model_args: ModelArguments):
+    """The MIM model and the image processors of its two views."""
+    if model_args.model_type not in MIM_MODELS:
+        raise ValueError(f"--model_type must be one of {list(MIM_MODELS)}, got {model_args.model_type!r}")
+    _, model_class = MIM_MODELS[model_args.model_type]
+    hub_kwargs = {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+    if model_args.model_name_or_path:
+        model = model_class.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
+        tokenizer_source = model_args.tokenizer_name_or_path or os.path.join(model_args.model_name_or_path, TOKENIZER_SUBFOLDER)
+        tokenizer_processor = AutoImageProcessor.from_pretrained(tokenizer_source, **hub_kwargs)
+        image_processor = AutoImageProcessor.from_pretrained(
+            model_args.image_processor_name or model_args.model_name_or_path, **hub_kwargs
+        )
+        return model, image_processor, tokenizer_processor
+
+    if not model_args.tokenizer_name_or_path:
+        raise ValueError(
+            f"--model_type {model_args.model_type} needs --tokenizer_name_or_path (an hf_mim tokenizer; train one "
+            "with scripts/train_tokenizer.py) or --model_name_or_path (a checkpoint that holds its tokenizer)"
+        )
+    tokenizer = AutoModel.from_pretrained(model_args.tokenizer_name_or_path, **hub_kwargs)
+    tokenizer_processor = AutoImageProcessor.from_pretrained(model_args.tokenizer_name_or_path, **hub_kwargs)
+    config = build_config(model_args, tokenizer)
+    model = model_class(config)
+    model.set_tokenizer(tokenizer)
+    if model_args.image_processor_name:
+        image_processor = AutoImageProcessor.from_pretrained(model_args.image_processor_name, **hub_kwargs)
+    else:
+        side = config.image_size
+        image_processor = MimImageProcessor(size={"height": side, "width": side}, crop_size={"height": side, "width": side})
+    return model, image_processor, tokenizer_processor
+
+
+def parse_args(argv=None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, MimTrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    logging.getLogger("hf_mim").setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+
+
+def find_checkpoint(training_args: MimTrainingArguments) -> str | None:
+    """The checkpoint to resume from: the one given, else the last in output_dir unless --overwrite_output_dir."""
+    if training_args.resume_from_checkpoint is not None:
+        return training_args.resume_from_checkpoint
+    if not os.path.isdir(training_args.output_dir) or training_args.overwrite_output_dir or not training_args.do_train:
+        return None
+    last = get_last_checkpoint(training_args.output_dir)
+    if last is not None:
+        logger.info(f"Resuming from {last}; pass --overwrite_output_dir to start afresh")
+    return last
+
+
+def main(argv=None) -> dict[str, float]:
+    model_args, data_args, training_args = parse_args(argv)
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+
+    raw, image_column = load_image_datasets(
+        dataset_name=data_args.dataset_name,
+        dataset_config_name=data_args.dataset_config_name,
+        train_dir=data_args.train_dir,
+        validation_dir=data_args.validation_dir,
+        train_val_split=data_args.train_val_split,
+        image_column_name=data_args.image_column_name,
+        streaming=data_args.streaming,
+        cache_dir=model_args.cache_dir,
+        max_train_samples=data_args.max_train_samples,
+        max_eval_samples=data_args.max_eval_samples,
+        seed=training_args.seed,
+        token=model_args.token,
+    )
+    if training_args.do_eval and "validation" not in raw:
+        raise ValueError("--do_eval needs a validation split: pass --validation_dir or --train_val_split 0.05")
+
+    model, image_processor, tokenizer_processor = load_model(model_args)
+    grid_size = model.config.image_size // model.config.patch_size
+    skipped = SkippedImageCounter()
+    view_kwargs = {
+        "image_processor": image_processor,
+        "tokenizer_image_processor": tokenizer_processor,
+        "crop_scale": (data_args.crop_min_scale, 1.0),
+        "color_jitter": data_args.color_jitter,
+    }
+    train_dataset = eval_dataset = None
+    if training_args.do_train:
+        train_dataset = apply_transform(raw["train"], image_column, TwoViewTransform(**view_kwargs), skipped)
+    if training_args.do_eval:
+        eval_dataset = apply_transform(raw["validation"], image_column, TwoViewTransform(**view_kwargs, train=False), skipped)
+
+    trainer = MimTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=MimDataCollator(build_mask_generator(data_args, grid_size)),
+        processing_class=image_processor,
+    )
+
+    metrics: dict[str, float] = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=find_checkpoint(training_args))
+        trainer.save_model()
+        if trainer.is_world_process_zero():
+            tokenizer_processor.save_pretrained(os.path.join(training_args.output_dir, TOKENIZER_SUBFOLDER))
+        # Undecodable images skipped by this process (its DataLoader workers included).
+        result.metrics["train_skipped_images"] = skipped.value
+        metrics.update(result.metrics)
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        metrics.update(eval_metrics)
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+    if skipped.value:
+        logger.warning(f"{skipped.value} undecodable images were skipped (see the warnings above for the files)")
+    return metrics
+
+
+__all__ = ["DataArguments", "MIM_MODELS", "MODEL_SIZES", "ModelArguments", "MimTrainingArguments", "main"]

@@ -1,0 +1,79 @@
+"""A `Trainer` for hf_mim models: BEiT parameter groups, per-step model metrics, non-finite loss guard."""
+
+import logging
+
+import torch
+from transformers import Trainer
+
+from .optim import build_param_groups
+
+logger = logging.getLogger(__name__)
+
+
+class MimTrainer(Trainer):
+    """`Trainer` that logs every scalar a model returns besides its loss (masked accuracy, loss terms, codebook
+    usage) averaged over the logging window and across processes, and builds BEiT's optimiser groups.
+
+    Args:
+        layer_decay (`float`, *optional*):
+            Layer-wise learning-rate decay for fine-tuning (e.g. 0.65); `None` for pre-training.
+    """
+
+    def __init__(self, *args, layer_decay: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layer_decay = layer_decay
+        self._metric_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
+        self._metric_steps = {"train": 0, "eval": 0}
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            opt_model = self.model if model is None else model
+            groups = build_param_groups(
+                opt_model, self.args.weight_decay, self.args.learning_rate, layer_decay=self.layer_decay
+            )
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if not torch.isfinite(loss.detach()).all():
+            raise FloatingPointError(
+                f"Non-finite loss ({loss.item()}) at step {self.state.global_step}; lower the learning rate, "
+                "enable gradient clipping (--max_grad_norm), or use bf16 instead of fp16"
+            )
+        self._accumulate_metrics("train" if model.training else "eval", outputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def _accumulate_metrics(self, split: str, outputs) -> None:
+        sums = self._metric_sums[split]
+        for key, value in outputs.items():
+            if key != "loss" and isinstance(value, torch.Tensor) and value.ndim == 0:
+                sums[key] = sums.get(key, 0.0) + value.detach().float()
+        self._metric_steps[split] += 1
+
+    def _pop_metrics(self, split: str) -> dict[str, float]:
+        """Window means of the accumulated scalars, averaged over processes; every rank must call it."""
+        sums, steps = self._metric_sums[split], self._metric_steps[split]
+        self._metric_sums[split], self._metric_steps[split] = {}, 0
+        if not sums:
+            return {}
+        names = sorted(sums)
+        totals = torch.stack([torch.as_tensor(sums[name]) for name in names] + [torch.tensor(float(steps))])
+        totals = self.accelerator.reduce(totals.to(self.accelerator.device), reduction="sum")
+        return {name: (totals[i] / totals[-1]).item() for i, name in enumerate(names)}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:
+            logs.update(self._pop_metrics("train"))
+        prefixes = [key[: -len("loss")] for key in logs if key.endswith("_loss") and key.startswith(("eval", "test"))]
+        if prefixes:
+            logs.update({f"{prefixes[0]}{name}": value for name, value in self._pop_metrics("eval").items()})
+        super().log(logs, start_time)
+
+    def evaluate(self, *args, **kwargs):
+        self._metric_sums["eval"], self._metric_steps["eval"] = {}, 0
+        return super().evaluate(*args, **kwargs)
+
+
+__all__ = ["MimTrainer"]
