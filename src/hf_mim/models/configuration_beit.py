@@ -3,7 +3,7 @@
 from transformers import BeitConfig
 
 from .configuration_common import complete_auto_map
-from .tokenizers import tokenizer_config_from_dict
+from .tokenizer_registry import tokenizer_config_from_dict
 
 
 def check_backbone_geometry(config) -> None:

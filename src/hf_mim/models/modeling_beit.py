@@ -15,7 +15,7 @@ from transformers.utils import ModelOutput
 
 from .beit_backbone import BeitReferenceInitMixin, MimBeitModel
 from .configuration_beit import BeitMimConfig
-from .tokenizers import build_tokenizer
+from .tokenizer_registry import build_tokenizer
 
 
 @dataclass

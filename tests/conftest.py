@@ -1,0 +1,63 @@
+"""Shared tiny fixtures: every model here is a few thousand parameters on 16-32 px images."""
+
+import os
+
+# Tests never reach the network; fail fast instead of waiting on a Hub request.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hf_mim import BeitMimConfig, DvaeConfig, DvaeImageProcessor, DvaeModel
+
+TINY_BACKBONE = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "image_size": 32,
+    "patch_size": 8,
+}
+
+
+def tiny_dvae_config(**kwargs) -> DvaeConfig:
+    """A dVAE whose 16 px view gives the 4x4 grid of a 32 px ViT with 8 px patches."""
+    defaults = {"image_size": 16, "hidden_size": 8, "num_groups": 3, "codebook_size": 64, "decoder_hidden_size": 8}
+    return DvaeConfig(**{**defaults, **kwargs})
+
+
+def tiny_beit_config(**kwargs) -> BeitMimConfig:
+    tokenizer = tiny_dvae_config()
+    defaults = {**TINY_BACKBONE, "vocab_size": tokenizer.codebook_size, "tokenizer_config": tokenizer.to_dict()}
+    return BeitMimConfig(**{**defaults, **kwargs})
+
+
+def write_images(folder, count: int, size=(40, 48), classes=("a", "b"), seed: int = 0) -> None:
+    """An imagefolder of smooth random images (blurred noise compresses and tokenizes like photos, not static)."""
+    rng = np.random.default_rng(seed)
+    for index in range(count):
+        directory = os.path.join(folder, classes[index % len(classes)])
+        os.makedirs(directory, exist_ok=True)
+        coarse = rng.random((4, 4, 3))
+        image = Image.fromarray((coarse * 255).astype("uint8")).resize(size[::-1], Image.Resampling.BICUBIC)
+        image.save(os.path.join(directory, f"{index:04d}.png"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dvae_dir(tmp_path_factory):
+    """A saved random tiny dVAE with its image processor: a tokenizer as `--tokenizer_name_or_path` expects."""
+    path = tmp_path_factory.mktemp("tiny_dvae")
+    DvaeModel(tiny_dvae_config()).save_pretrained(path)
+    DvaeImageProcessor(size={"height": 16, "width": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("images")
+    write_images(path, 24)
+    return str(path)
+

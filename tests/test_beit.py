@@ -1,0 +1,146 @@
+import math
+
+import pytest
+import torch
+from conftest import TINY_BACKBONE, tiny_beit_config, tiny_dvae_config
+from transformers import AutoModel, AutoModelForMaskedImageModeling
+
+from hf_mim import BeitMimConfig, BeitMimForMaskedImageModeling, BeitMimModel, DvaeConfig, DvaeModel
+
+
+def batch(config, batch_size=3, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randn(batch_size, 3, config.image_size, config.image_size, generator=generator)
+    tokenizer_view = torch.rand(batch_size, 3, 16, 16, generator=generator)
+    num_patches = (config.image_size // config.patch_size) ** 2
+    mask = torch.rand(batch_size, num_patches, generator=generator) < 0.4
+    mask[:, 0] = True
+    return pixels, tokenizer_view, mask
+
+
+def test_base_parameter_count_matches_reference():
+    # unilm's BEiT-B pre-training model prints n_parameters = 91,965,776 (unilm#383).
+    with torch.device("meta"):
+        model = BeitMimForMaskedImageModeling(BeitMimConfig())
+    count = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("tokenizer."))
+    assert count == 91_965_776
+
+
+def test_pretraining_defaults_follow_the_beit_recipe():
+    config = BeitMimConfig()
+    assert config.layer_norm_eps == 1e-6
+    assert config.use_shared_relative_position_bias and not config.use_relative_position_bias
+    assert not config.use_absolute_position_embeddings and config.use_mask_token
+    assert config.layer_scale_init_value == 0.1
+
+
+def test_reference_initialisation():
+    torch.manual_seed(0)
+    model = BeitMimForMaskedImageModeling(tiny_beit_config(num_hidden_layers=3, hidden_size=64, intermediate_size=256))
+    fc1 = model.beit.layers[0].mlp.fc1.weight
+    # N(0, 0.02^2) truncated at +-0.02: bounded by 0.02, std of a 1-sigma truncated normal = 0.0108.
+    assert fc1.abs().max() <= 0.02 and fc1.std().item() == pytest.approx(0.0108, rel=0.1)
+    for depth, layer in enumerate(model.beit.layers, start=1):
+        for weight in (layer.attention.o_proj.weight, layer.mlp.fc2.weight):
+            bound = 0.02 / math.sqrt(2 * depth)
+            assert weight.abs().max() <= bound + 1e-7
+            assert weight.abs().max() > 0.9 * bound
+        assert torch.all(layer.lambda_1 == 0.1)
+        assert torch.all(layer.attention.q_proj.bias == 0)
+    assert model.beit.embeddings.mask_token.abs().max() <= 0.02
+    assert model.beit.embeddings.mask_token.abs().max() > 0
+    assert torch.all(model.beit.shared_position_bias.relative_position_bias_table == 0)
+
+
+def test_loading_keeps_weights_without_rescaling_twice(tmp_path):
+    model = BeitMimForMaskedImageModeling(tiny_beit_config())
+    model.save_pretrained(tmp_path)
+    reloaded = BeitMimForMaskedImageModeling.from_pretrained(tmp_path)
+    for (name, a), b in zip(model.state_dict().items(), reloaded.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_lm_head_sees_only_masked_tokens():
+    model = BeitMimForMaskedImageModeling(tiny_beit_config()).eval()
+    pixels, tokenizer_view, mask = batch(model.config)
+    seen = []
+    model.lm_head.register_forward_hook(lambda module, args, output: seen.append(args[0].shape))
+    output = model(pixels, bool_masked_pos=mask, tokenizer_pixel_values=tokenizer_view)
+    assert seen == [torch.Size([int(mask.sum()), model.config.hidden_size])]
+    assert output.logits.shape == (int(mask.sum()), model.config.vocab_size)
+
+
+def test_targets_come_from_the_frozen_tokenizer():
+    model = BeitMimForMaskedImageModeling(tiny_beit_config())
+    model.train()
+    assert not model.tokenizer.training
+    assert all(not p.requires_grad for p in model.tokenizer.parameters())
+    pixels, tokenizer_view, mask = batch(model.config)
+    output = model(pixels, bool_masked_pos=mask, tokenizer_pixel_values=tokenizer_view)
+    ids = model.tokenizer.get_codebook_indices(tokenizer_view)
+    assert torch.equal(output.labels, ids[mask])
+    expected = torch.nn.functional.cross_entropy(output.logits, ids[mask])
+    assert output.loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    accuracy = (output.logits.argmax(-1) == ids[mask]).float().mean()
+    assert output.masked_accuracy.item() == pytest.approx(accuracy.item())
+    output.loss.backward()
+    assert all(p.grad is None for p in model.tokenizer.parameters())
+    assert model.lm_head.weight.grad is not None
+
+
+def test_labels_for_all_patches_or_masked_only_agree():
+    model = BeitMimForMaskedImageModeling(tiny_beit_config(tokenizer_config=None)).eval()
+    pixels, _, mask = batch(model.config)
+    labels = torch.randint(0, model.config.vocab_size, mask.shape)
+    full = model(pixels, bool_masked_pos=mask, labels=labels)
+    selected = model(pixels, bool_masked_pos=mask, labels=labels[mask])
+    assert torch.equal(full.loss, selected.loss)
+    with pytest.raises(ValueError, match="labels of shape"):
+        model(pixels, bool_masked_pos=mask, labels=labels[:, :3])
+    with pytest.raises(ValueError, match="bool_masked_pos"):
+        model(pixels, bool_masked_pos=None, labels=labels)
+    with pytest.raises(ValueError, match="No tokenizer"):
+        model(pixels, bool_masked_pos=mask, tokenizer_pixel_values=torch.rand(3, 3, 16, 16))
+
+
+def test_tokenizer_grid_must_match_patch_grid():
+    with pytest.raises(ValueError, match=r"4x4 patch grid.*image_size/patch_size = 8"):
+        BeitMimConfig(**TINY_BACKBONE, vocab_size=64, tokenizer_config=tiny_dvae_config(image_size=32).to_dict())
+
+
+def test_vocabulary_must_match_codebook():
+    with pytest.raises(ValueError, match="set vocab_size=64"):
+        BeitMimConfig(**TINY_BACKBONE, vocab_size=8192, tokenizer_config=tiny_dvae_config().to_dict())
+
+
+def test_image_size_must_be_a_multiple_of_patch_size():
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        BeitMimConfig(image_size=30, patch_size=8)
+
+
+def test_set_tokenizer_copies_trained_weights():
+    tokenizer = DvaeModel(tiny_dvae_config())
+    model = BeitMimForMaskedImageModeling(tiny_beit_config())
+    model.set_tokenizer(tokenizer)
+    view = torch.rand(2, 3, 16, 16)
+    assert torch.equal(model.get_targets(view), tokenizer.get_codebook_indices(view))
+
+
+def test_auto_classes_load_the_checkpoint(tmp_path):
+    model = BeitMimForMaskedImageModeling(tiny_beit_config()).eval()
+    model.save_pretrained(tmp_path)
+    pixels, tokenizer_view, mask = batch(model.config)
+    reloaded = AutoModelForMaskedImageModeling.from_pretrained(tmp_path).eval()
+    assert type(reloaded) is BeitMimForMaskedImageModeling
+    a = model(pixels, bool_masked_pos=mask, tokenizer_pixel_values=tokenizer_view)
+    b = reloaded(pixels, bool_masked_pos=mask, tokenizer_pixel_values=tokenizer_view)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.labels, b.labels)
+    encoder = AutoModel.from_pretrained(tmp_path).eval()
+    assert type(encoder) is BeitMimModel
+    assert torch.equal(encoder(pixels).last_hidden_state, model.beit(pixels).last_hidden_state)
+
+
+def test_config_auto_map_is_complete():
+    auto_map = BeitMimConfig().auto_map
+    assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForMaskedImageModeling"}
+    assert DvaeConfig().auto_map["AutoModel"] == "modeling_dvae.DvaeModel"

@@ -1,0 +1,103 @@
+"""Checkpoints load through the Auto classes with trust_remote_code where hf_mim cannot be imported."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import torch
+from conftest import tiny_beit_config, tiny_dvae_config
+
+from hf_mim import BeitMimForMaskedImageModeling, DvaeImageProcessor, DvaeModel, MimImageProcessor
+
+# Runs in a fresh interpreter: any attempt to import hf_mim raises, so only the copied code files can serve.
+LOADER = textwrap.dedent(
+    """
+    import importlib.abc, json, sys
+
+    class BlockHfMim(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "hf_mim" or name.startswith("hf_mim."):
+                raise ImportError("hf_mim is deliberately unavailable in this process")
+            return None
+
+    sys.meta_path.insert(0, BlockHfMim())
+    import torch
+    from transformers import AutoImageProcessor, AutoModel, AutoModelForMaskedImageModeling
+
+    folder, task = sys.argv[1], sys.argv[2]
+    inputs = torch.load(folder + "/inputs.pt")
+    result = {}
+    encoder = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    result["encoder_class"] = type(encoder).__name__
+    result["encoder_module"] = type(encoder).__module__
+    with torch.no_grad():
+        if task == "mim":
+            model = AutoModelForMaskedImageModeling.from_pretrained(folder, trust_remote_code=True).eval()
+            result["mim_class"] = type(model).__name__
+            out = model(inputs["pixel_values"], bool_masked_pos=inputs["mask"],
+                        tokenizer_pixel_values=inputs["tokenizer_pixel_values"])
+            torch.save({"logits": out.logits, "labels": out.labels,
+                        "hidden": encoder(inputs["pixel_values"]).last_hidden_state}, folder + "/remote.pt")
+        else:
+            torch.save({"logits": encoder.get_codebook_logits(inputs["pixel_values"])}, folder + "/remote.pt")
+    processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+    result["processor_class"] = type(processor).__name__
+    result["processor_size"] = processor.size["height"]
+    result["hf_mim_imported"] = any(name.split(".")[0] == "hf_mim" for name in sys.modules)
+    print(json.dumps(result))
+    """
+)
+
+
+def load_remotely(folder, task):
+    env = {**os.environ, "HF_HOME": os.path.join(folder, "hf_home"), "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-c", LOADER, str(folder), task], capture_output=True, text=True, env=env, cwd=folder,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return json.loads(completed.stdout.strip().splitlines()[-1]), torch.load(os.path.join(folder, "remote.pt"))
+
+
+def test_mim_checkpoint_loads_without_hf_mim(tmp_path):
+    model = BeitMimForMaskedImageModeling(tiny_beit_config()).eval()
+    model.save_pretrained(tmp_path)
+    MimImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    inputs = {
+        "pixel_values": torch.randn(2, 3, 32, 32),
+        "tokenizer_pixel_values": torch.rand(2, 3, 16, 16),
+        "mask": torch.rand(2, 16) < 0.5,
+    }
+    inputs["mask"][:, 0] = True
+    torch.save(inputs, tmp_path / "inputs.pt")
+    assert json.loads((tmp_path / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_beit.BeitMimModel"
+
+    result, remote = load_remotely(tmp_path, "mim")
+
+    assert result["encoder_class"] == "BeitMimModel" and result["mim_class"] == "BeitMimForMaskedImageModeling"
+    assert result["encoder_module"].startswith("transformers_modules.")
+    assert result["processor_class"] == "MimImageProcessor" and result["processor_size"] == 32
+    assert not result["hf_mim_imported"]
+    with torch.no_grad():
+        local = model(inputs["pixel_values"], bool_masked_pos=inputs["mask"],
+                      tokenizer_pixel_values=inputs["tokenizer_pixel_values"])
+        hidden = model.beit(inputs["pixel_values"]).last_hidden_state
+    assert torch.equal(local.logits, remote["logits"]) and torch.equal(local.labels, remote["labels"])
+    assert torch.equal(hidden, remote["hidden"])
+
+
+def test_tokenizer_checkpoint_loads_without_hf_mim(tmp_path):
+    tokenizer = DvaeModel(tiny_dvae_config()).eval()
+    tokenizer.save_pretrained(tmp_path)
+    DvaeImageProcessor(size={"height": 16, "width": 16}).save_pretrained(tmp_path)
+    pixels = torch.rand(2, 3, 16, 16)
+    torch.save({"pixel_values": pixels}, tmp_path / "inputs.pt")
+
+    result, remote = load_remotely(tmp_path, "tokenizer")
+
+    assert result["encoder_class"] == "DvaeModel" and result["processor_class"] == "DvaeImageProcessor"
+    assert not result["hf_mim_imported"]
+    with torch.no_grad():
+        assert torch.equal(tokenizer.get_codebook_logits(pixels), remote["logits"])
