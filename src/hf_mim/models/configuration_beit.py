@@ -52,6 +52,12 @@ class BeitMimConfig(BeitConfig):
     ```"""
 
     model_type = "hf_mim_beit"
+    # Every Auto class of the family; subclasses (other MIM methods) replace it.
+    auto_map_defaults = {
+        "AutoConfig": "configuration_beit.BeitMimConfig",
+        "AutoModel": "modeling_beit.BeitMimModel",
+        "AutoModelForMaskedImageModeling": "modeling_beit.BeitMimForMaskedImageModeling",
+    }
 
     layer_norm_eps: float = 1e-6
     use_mask_token: bool = True
@@ -63,14 +69,7 @@ class BeitMimConfig(BeitConfig):
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         check_backbone_geometry(self)
-        complete_auto_map(
-            self,
-            {
-                "AutoConfig": "configuration_beit.BeitMimConfig",
-                "AutoModel": "modeling_beit.BeitMimModel",
-                "AutoModelForMaskedImageModeling": "modeling_beit.BeitMimForMaskedImageModeling",
-            },
-        )
+        complete_auto_map(self, self.auto_map_defaults)
 
 
 __all__ = ["BeitMimConfig", "check_backbone_geometry"]

@@ -78,6 +78,9 @@ class BeitMimModel(MimBeitModel):
 
 
 class BeitMimForMaskedImageModeling(BeitMimPreTrainedModel):
+    """BEiT pre-training. Other token-prediction methods (BEiT v2, CCViT, mc-BEiT) subclass it and reuse
+    `forward_features`, `forward_head` and the frozen tokenizer."""
+
     def __init__(self, config: BeitMimConfig):
         super().__init__(config)
         self.beit = BeitMimModel(config)
@@ -85,6 +88,10 @@ class BeitMimForMaskedImageModeling(BeitMimPreTrainedModel):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size)
         self.tokenizer = build_tokenizer(config.tokenizer_config) if config.tokenizer_config is not None else None
         self.post_init()
+
+    @property
+    def num_patches(self) -> int:
+        return self.beit.embeddings.patch_embeddings.num_patches
 
     def set_tokenizer(self, tokenizer) -> None:
         """Copy the weights of a trained tokenizer (of the family and size in `config.tokenizer_config`)."""
@@ -108,6 +115,22 @@ class BeitMimForMaskedImageModeling(BeitMimPreTrainedModel):
             raise ValueError("No tokenizer configured: pass `labels` (token ids) instead of `tokenizer_pixel_values`")
         return self.tokenizer.get_codebook_indices(tokenizer_pixel_values)
 
+    def forward_features(self, pixel_values: torch.Tensor, bool_masked_pos: torch.BoolTensor, **kwargs):
+        """Backbone outputs with masked patches replaced by the mask token (pre-final-norm hidden states)."""
+        return self.beit(pixel_values, bool_masked_pos=bool_masked_pos, **kwargs)
+
+    def forward_head(self, hidden_states: torch.Tensor, bool_masked_pos: torch.BoolTensor) -> torch.Tensor:
+        """Token logits `(num_masked, vocab_size)` of the masked patches of `hidden_states` `(batch, 1 + N, D)`."""
+        # LayerNorm is per token, so normalising only the masked tokens is exact and cheaper.
+        return self.lm_head(self.layernorm(hidden_states[:, 1:][bool_masked_pos]))
+
+    @staticmethod
+    def token_loss(logits: torch.Tensor, masked_labels: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross-entropy (in fp32, also under autocast) and top-1 accuracy of masked-token predictions."""
+        loss = nn.functional.cross_entropy(logits.float(), masked_labels)
+        accuracy = (logits.detach().argmax(-1) == masked_labels).float().mean()
+        return loss, accuracy
+
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -125,22 +148,19 @@ class BeitMimForMaskedImageModeling(BeitMimPreTrainedModel):
             unless `labels` are given.
         labels (`torch.LongTensor` of shape `(batch_size, num_patches)` or `(num_masked,)`, *optional*):
             Target token ids, for all patches or for the masked ones only.
+        return_loss (`bool`, *optional*, defaults to `True`):
+            Tells `Trainer` that this model computes its loss without a `labels` input.
         """
-        num_patches = self.beit.embeddings.patch_embeddings.num_patches
-        bool_masked_pos = flatten_mask(bool_masked_pos, num_patches)
+        bool_masked_pos = flatten_mask(bool_masked_pos, self.num_patches)
         if labels is None and tokenizer_pixel_values is not None:
             labels = self.get_targets(tokenizer_pixel_values)
-
-        outputs = self.beit(pixel_values, bool_masked_pos=bool_masked_pos, **kwargs)
-        # LayerNorm is per token, so normalising only the masked tokens is exact and cheaper.
-        masked_tokens = outputs.last_hidden_state[:, 1:][bool_masked_pos]
-        logits = self.lm_head(self.layernorm(masked_tokens))
+        outputs = self.forward_features(pixel_values, bool_masked_pos, **kwargs)
+        logits = self.forward_head(outputs.last_hidden_state, bool_masked_pos)
 
         loss = masked_labels = accuracy = None
         if labels is not None:
             masked_labels = masked_targets(labels, bool_masked_pos)
-            loss = nn.functional.cross_entropy(logits.float(), masked_labels)
-            accuracy = (logits.detach().argmax(-1) == masked_labels).float().mean()
+            loss, accuracy = self.token_loss(logits, masked_labels)
         return BeitMimOutput(
             loss=loss,
             logits=logits,
