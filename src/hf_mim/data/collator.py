@@ -1,0 +1,66 @@
+"""Batch collation for masked image modeling: stack the views, drop undecodable images, draw masks."""
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from .images import SkippedImageCounter
+
+
+logger = logging.getLogger(__name__)
+
+
+class MimDataCollator:
+    r"""Collates examples from [`TwoViewTransform`] (via `apply_transform`) into a MIM batch.
+
+    Returns a dict with `pixel_values` `(B, 3, H, W)`, `tokenizer_pixel_values` `(B, 3, h, w)`
+    when the examples have a tokenizer view, `bool_masked_pos` `(B, num_patches)` (bool,
+    row-major over the patch grid, one fresh mask per example) when a mask generator is given,
+    and any other example fields that are tensors or numbers, stacked (e.g. `labels`).
+
+    Examples that are None or whose `pixel_values` is None (undecodable images) are dropped.
+    If every example of a batch is dropped, an empty dict is returned: training loops must
+    skip empty batches (`if not batch: continue`).
+
+    Args:
+        mask_generator (`Callable[[], np.ndarray]`, *optional*):
+            Called once per example for a boolean `(grid_height, grid_width)` mask, e.g. a
+            [`BlockwiseMaskingGenerator`]. Masks are drawn here rather than in the dataset so
+            that every epoch sees new masks; they follow torch's RNG (per DataLoader worker).
+        skipped ([`SkippedImageCounter`], *optional*):
+            Counts the examples dropped here. `apply_transform` can count undecodable images
+            instead; give a counter to one of the two, or each skip is counted twice.
+    """
+
+    def __init__(
+        self,
+        mask_generator: Callable[[], np.ndarray] | None = None,
+        skipped: SkippedImageCounter | None = None,
+    ):
+        self.mask_generator = mask_generator
+        self.skipped = skipped
+
+    def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
+        kept = [example for example in examples if example is not None and example.get("pixel_values") is not None]
+        if len(kept) < len(examples):
+            if self.skipped is not None:
+                self.skipped.increment(len(examples) - len(kept))
+            if not kept:
+                logger.warning("All %d examples of a batch were undecodable; returning an empty batch", len(examples))
+                return {}
+        batch = {}
+        for key, value in kept[0].items():
+            values = [example[key] for example in kept]
+            if isinstance(value, torch.Tensor):
+                batch[key] = torch.stack(values)
+            elif isinstance(value, (int, float, bool, np.integer, np.floating)):
+                batch[key] = torch.tensor(values)
+        if self.mask_generator is not None:
+            masks = np.stack([self.mask_generator() for _ in kept])
+            batch["bool_masked_pos"] = torch.from_numpy(masks.reshape(len(kept), -1).astype(bool))
+        return batch
+
+
+__all__ = ["MimDataCollator"]

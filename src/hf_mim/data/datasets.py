@@ -1,0 +1,199 @@
+"""Loading image datasets (Hub or local imagefolder, map-style or streaming) and attaching a transform lazily."""
+
+import os
+from collections.abc import Callable, Iterable
+
+import datasets
+from datasets import DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
+
+from .images import SkippedImageCounter, decode_image
+
+
+def _resolve_image_column(dataset: datasets.Dataset | IterableDataset, image_column_name: str | None) -> str:
+    column_names, features = dataset.column_names, dataset.features
+    if column_names is None:  # a streaming dataset whose features are only known once iterated
+        if image_column_name is None:
+            raise ValueError("The dataset's columns are unknown until it is read; pass image_column_name")
+        return image_column_name
+    if image_column_name is not None:
+        if image_column_name not in column_names:
+            raise ValueError(
+                f"image_column_name {image_column_name!r} is not a column of the dataset; its columns are "
+                f"{column_names}"
+            )
+        return image_column_name
+    for name in ("image", "img"):
+        if name in column_names:
+            return name
+    for name, feature in features.items():
+        if isinstance(feature, datasets.Image):
+            return name
+    raise ValueError(
+        f"Could not find an image column among {column_names} (looked for 'image', 'img' and any Image-typed "
+        f"column); pass image_column_name"
+    )
+
+
+def _undecoded(dataset: datasets.Dataset | IterableDataset, image_column: str):
+    """The dataset with its image column left as bytes/paths, for `decode_image` to decode (or skip)."""
+    feature = dataset.features.get(image_column) if dataset.features is not None else None
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return dataset.cast_column(image_column, datasets.Image(decode=False))
+    return dataset
+
+
+def load_image_datasets(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    train_dir: str | None = None,
+    validation_dir: str | None = None,
+    train_val_split: float = 0.0,
+    image_column_name: str | None = None,
+    streaming: bool = False,
+    cache_dir: str | None = None,
+    max_train_samples: int | None = None,
+    max_eval_samples: int | None = None,
+    seed: int = 42,
+    token: str | bool | None = None,
+) -> tuple[DatasetDict | IterableDatasetDict, str]:
+    """Load the training (and validation) images and find the image column.
+
+    Args:
+        dataset_name: A Hub dataset or a builder such as `"imagefolder"`; defaults to `"imagefolder"`
+            when `train_dir` is given.
+        dataset_config_name: The dataset configuration, if any.
+        train_dir, validation_dir: Local image folders (searched recursively) for the "train" and
+            "validation" splits.
+        train_val_split: Fraction of "train" split off as "validation" when the dataset has no
+            validation split (map-style datasets only); 0 keeps all of "train".
+        image_column_name: The image column; by default "image", else "img", else the first
+            column with an `Image` feature.
+        streaming: Load `IterableDataset`s that read data as they iterate.
+        cache_dir, token: Passed to `datasets.load_dataset`.
+        max_train_samples, max_eval_samples: Truncate the splits (after a seeded shuffle for
+            map-style datasets; the first examples for streaming ones), for debugging or quick runs.
+        seed: Seed of the validation split and of the truncation shuffle.
+
+    Returns:
+        The datasets with a "train" split (and "validation" when available), the image column
+        stored undecoded (`datasets.Image(decode=False)`, so that [`decode_image`] can skip bad
+        files), and the name of the image column.
+    """
+    if dataset_name is None and train_dir is None:
+        raise ValueError("Pass dataset_name (a Hub dataset or 'imagefolder') or train_dir (a local image folder)")
+    data_files = None
+    if train_dir is not None or validation_dir is not None:
+        if train_dir is None:
+            raise ValueError("validation_dir needs train_dir as well: pass the folder of the training images")
+        # The split key must be "validation": run_mim's "val" key made --validation_dir a silent no-op.
+        data_files = {"train": os.path.join(train_dir, "**")}
+        if validation_dir is not None:
+            data_files["validation"] = os.path.join(validation_dir, "**")
+    raw = load_dataset(
+        dataset_name or "imagefolder",
+        dataset_config_name,
+        data_files=data_files,
+        cache_dir=cache_dir,
+        token=token,
+        streaming=streaming,
+    )
+    if "train" not in raw:
+        raise ValueError(f"The dataset has no 'train' split (its splits: {list(raw)}); pick a dataset that has one")
+
+    if "validation" not in raw and train_val_split > 0:
+        if streaming:
+            raise ValueError(
+                "train_val_split cannot split a streaming dataset; pass validation_dir, use a dataset with a "
+                "'validation' split, or load it without streaming"
+            )
+        split = raw["train"].train_test_split(test_size=train_val_split, seed=seed)
+        raw["train"], raw["validation"] = split["train"], split["test"]
+
+    for split_name, limit in (("train", max_train_samples), ("validation", max_eval_samples)):
+        if limit is not None and split_name in raw:
+            if streaming:
+                raw[split_name] = raw[split_name].take(limit)
+            else:
+                shuffled = raw[split_name].shuffle(seed=seed)
+                raw[split_name] = shuffled.select(range(min(limit, len(shuffled))))
+
+    image_column = _resolve_image_column(raw["train"], image_column_name)
+    for split_name in raw:
+        raw[split_name] = _undecoded(raw[split_name], image_column)
+    return raw, image_column
+
+
+class _TransformImages:
+    """What `apply_transform` installs; a module-level class, so spawned DataLoader workers can unpickle it."""
+
+    def __init__(
+        self,
+        image_column: str,
+        transform: Callable,
+        skipped: SkippedImageCounter | None,
+        keep_columns: tuple[str, ...],
+    ):
+        self.image_column = image_column
+        self.transform = transform
+        self.skipped = skipped
+        self.keep_columns = keep_columns
+
+    def _transform_image(self, value) -> dict | None:
+        image = decode_image(value)
+        if image is None:
+            if self.skipped is not None:
+                self.skipped.increment()
+            return None
+        return self.transform(image)
+
+    def transform_example(self, example: dict) -> dict:
+        # An undecodable image yields {"pixel_values": None}, all the collator needs to drop the example.
+        outputs = self._transform_image(example[self.image_column]) or {"pixel_values": None}
+        return {**outputs, **{name: example[name] for name in self.keep_columns}}
+
+    def transform_batch(self, batch: dict[str, list]) -> dict[str, list]:
+        outputs = [self._transform_image(value) for value in batch[self.image_column]]
+        keys = next((list(output) for output in outputs if output is not None), ["pixel_values"])
+        transformed = {key: [None if output is None else output[key] for output in outputs] for key in keys}
+        return {**transformed, **{name: batch[name] for name in self.keep_columns}}
+
+
+def apply_transform(
+    dataset: datasets.Dataset | IterableDataset,
+    image_column: str,
+    transform: Callable,
+    skipped: SkippedImageCounter | None = None,
+    keep_columns: Iterable[str] = (),
+) -> datasets.Dataset | IterableDataset:
+    """Decode and transform images lazily, on access (map-style) or while iterating (streaming).
+
+    Each example becomes the dict `transform(image)` returns (e.g. `pixel_values` and
+    `tokenizer_pixel_values`) plus the `keep_columns`. An undecodable image gives an example
+    whose transform outputs are None; [`MimDataCollator`] drops those.
+
+    Args:
+        dataset: A map-style `datasets.Dataset` or a streaming `IterableDataset`.
+        image_column: The column holding the images (decoded or not).
+        transform: Maps an RGB PIL image to a dict of tensors, e.g. a [`TwoViewTransform`].
+        skipped: Counts undecodable images. Give it here or to the collator, not both.
+        keep_columns: Other columns to pass through unchanged, e.g. `("label",)`.
+
+    Returns:
+        A new dataset; the input is not modified.
+    """
+    keep_columns = tuple(keep_columns)
+    column_names = dataset.column_names
+    missing = [name for name in (image_column, *keep_columns) if name not in (column_names or [])]
+    if column_names is not None and missing:
+        raise ValueError(f"Columns {missing} are not in the dataset (columns: {column_names})")
+
+    dataset = _undecoded(dataset, image_column)
+    function = _TransformImages(image_column, transform, skipped, keep_columns)
+    if isinstance(dataset, IterableDataset):
+        # Without known features the input columns cannot be listed for removal and pass through.
+        remove_columns = [name for name in dataset.column_names or [] if name not in keep_columns]
+        return dataset.map(function.transform_example, remove_columns=remove_columns)
+    return dataset.with_transform(function.transform_batch, columns=[image_column, *keep_columns])
+
+
+__all__ = ["apply_transform", "load_image_datasets"]

@@ -1,0 +1,183 @@
+"""BEiT's two-view pre-training transform, without torchvision.
+
+One augmented crop of an image is rendered twice: once for the ViT and once for the visual
+tokenizer (e.g. 224 px bicubic and 112 px Lanczos for BEiT v1 with the DALL-E dVAE), so the
+tokenizer's targets describe exactly the pixels the ViT sees. Sizes, interpolation and
+normalisation of each view come from that model's image processor (`MimImageProcessor` and
+subclasses), which keeps `preprocessor_config.json` the single source of truth for a view.
+"""
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageEnhance
+
+from ..models.image_processing_mim import MimImageProcessor, to_rgb
+from .masking import numpy_rng_from_torch
+
+
+# torchvision's ColorJitter on PIL images uses exactly these enhancers (hue is never jittered here).
+_JITTER_ENHANCERS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+
+
+def random_resized_crop_box(
+    width: int,
+    height: int,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    rng: np.random.Generator,
+) -> tuple[int, int, int, int]:
+    """Sample a crop box `(top, left, crop_height, crop_width)` the way torchvision's `RandomResizedCrop` does.
+
+    Ten attempts draw an area fraction uniformly from `scale` and an aspect ratio (width / height)
+    log-uniformly from `ratio`; if none fits, fall back to the largest centred crop whose aspect
+    ratio is within `ratio`.
+    """
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(scale[0], scale[1])
+        aspect = math.exp(rng.uniform(*log_ratio))
+        crop_width = int(round(math.sqrt(target_area * aspect)))
+        crop_height = int(round(math.sqrt(target_area / aspect)))
+        if 0 < crop_width <= width and 0 < crop_height <= height:
+            top = int(rng.integers(0, height - crop_height + 1))
+            left = int(rng.integers(0, width - crop_width + 1))
+            return top, left, crop_height, crop_width
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        crop_width, crop_height = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        crop_width, crop_height = int(round(height * max(ratio))), height
+    else:
+        crop_width, crop_height = width, height
+    return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
+
+
+def _to_tensor(image: Image.Image) -> torch.Tensor:
+    """A float32 `(3, H, W)` tensor in [0, 1] from an 8-bit RGB image (torchvision's `ToTensor`)."""
+    return torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0))
+
+
+def _check_processor(processor, name: str) -> None:
+    if not isinstance(processor, MimImageProcessor):
+        raise TypeError(
+            f"{name} must be a MimImageProcessor (or a subclass such as a tokenizer's processor), got "
+            f"{type(processor).__name__}; load it with AutoImageProcessor.from_pretrained(<hf_mim checkpoint>)"
+        )
+
+
+class TwoViewTransform:
+    r"""BEiT's pre-training augmentation producing the ViT view and (optionally) the tokenizer view of one crop.
+
+    Training mode, per image: convert to RGB, colour jitter (brightness, contrast and saturation
+    factors uniform in [1 - `color_jitter`, 1 + `color_jitter`], applied in random order),
+    horizontal flip, then one random-resized-crop box rendered at each processor's `output_size`
+    with its `resample`, scaled to [0, 1] and normalised with its `normalize_tensor`.
+
+    Evaluation mode (`train=False`): each view is the processor's own deterministic
+    preprocessing (resize, optional centre crop), so validation losses are comparable across
+    evaluations.
+
+    Args:
+        image_processor ([`MimImageProcessor`]):
+            Processor of the ViT's view (`pixel_values`).
+        tokenizer_image_processor ([`MimImageProcessor`], *optional*):
+            Processor of the tokenizer's view (`tokenizer_pixel_values`); omit it for a single view.
+        crop_scale (`tuple[float, float]`, *optional*, defaults to `(0.08, 1.0)`):
+            Range of the crop's area as a fraction of the image (BEiT v2 / CCViT recipes use 0.2 as the minimum).
+        crop_ratio (`tuple[float, float]`, *optional*, defaults to `(3/4, 4/3)`):
+            Range of the crop's aspect ratio (width / height), sampled log-uniformly.
+        hflip_prob (`float`, *optional*, defaults to 0.5):
+            Probability of a horizontal flip.
+        color_jitter (`float`, *optional*, defaults to 0.4):
+            Strength of brightness, contrast and saturation jitter; 0 disables it.
+        train (`bool`, *optional*, defaults to `True`):
+            Random augmentation if True, the processors' deterministic preprocessing if False.
+    """
+
+    def __init__(
+        self,
+        image_processor: MimImageProcessor,
+        tokenizer_image_processor: MimImageProcessor | None = None,
+        crop_scale: tuple[float, float] = (0.08, 1.0),
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip_prob: float = 0.5,
+        color_jitter: float = 0.4,
+        train: bool = True,
+    ):
+        _check_processor(image_processor, "image_processor")
+        if tokenizer_image_processor is not None:
+            _check_processor(tokenizer_image_processor, "tokenizer_image_processor")
+        if not 0 < crop_scale[0] <= crop_scale[1]:
+            raise ValueError(f"crop_scale must be (min, max) with 0 < min <= max, got {crop_scale}")
+        if not 0 < crop_ratio[0] <= crop_ratio[1]:
+            raise ValueError(f"crop_ratio must be (min, max) with 0 < min <= max, got {crop_ratio}")
+        if not 0.0 <= hflip_prob <= 1.0:
+            raise ValueError(f"hflip_prob must be a probability in [0, 1], got {hflip_prob}")
+        if color_jitter < 0:
+            raise ValueError(f"color_jitter must be >= 0 (0 disables it), got {color_jitter}")
+        self.views = {"pixel_values": image_processor}
+        if tokenizer_image_processor is not None:
+            self.views["tokenizer_pixel_values"] = tokenizer_image_processor
+        self.crop_scale = tuple(crop_scale)
+        self.crop_ratio = tuple(crop_ratio)
+        self.hflip_prob = hflip_prob
+        self.color_jitter = color_jitter
+        self.train = train
+
+    def __repr__(self) -> str:
+        views = ", ".join(
+            f"{key}={processor.output_size[0]}x{processor.output_size[1]} "
+            f"{Image.Resampling(int(processor.resample)).name.lower()}"
+            for key, processor in self.views.items()
+        )
+        return (
+            f"{type(self).__name__}({views}, crop_scale={self.crop_scale}, crop_ratio={self.crop_ratio}, "
+            f"hflip_prob={self.hflip_prob}, color_jitter={self.color_jitter}, train={self.train})"
+        )
+
+    def _jitter(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
+        if not self.color_jitter:
+            return image
+        order = rng.permutation(len(_JITTER_ENHANCERS))
+        factors = rng.uniform(max(0.0, 1.0 - self.color_jitter), 1.0 + self.color_jitter, size=len(_JITTER_ENHANCERS))
+        for index in order:
+            image = _JITTER_ENHANCERS[index](image).enhance(float(factors[index]))
+        return image
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The views of one image: `pixel_values` and, with a tokenizer processor, `tokenizer_pixel_values`.
+
+        Args:
+            image (`PIL.Image.Image`): The image, in any mode.
+            rng (`numpy.random.Generator`, *optional*): Source of randomness; by default one seeded
+                from torch's global RNG, so DataLoader workers and `set_seed` control it.
+        """
+        image = to_rgb(image)
+        if not self.train:
+            return {
+                key: processor(image, return_tensors="pt")["pixel_values"][0] for key, processor in self.views.items()
+            }
+        rng = numpy_rng_from_torch() if rng is None else rng
+        image = self._jitter(image, rng)
+        if rng.random() < self.hflip_prob:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        top, left, height, width = random_resized_crop_box(
+            image.width, image.height, self.crop_scale, self.crop_ratio, rng
+        )
+        box = (left, top, left + width, top + height)
+        outputs, rendered = {}, {}
+        for key, processor in self.views.items():
+            out_height, out_width = processor.output_size
+            resample = Image.Resampling(int(processor.resample))
+            # Views with the same size and filter (e.g. CCViT's two 224 bicubic views) are rendered once.
+            if (out_height, out_width, resample) not in rendered:
+                view = image.resize((out_width, out_height), resample, box=box)
+                rendered[out_height, out_width, resample] = _to_tensor(view)
+            outputs[key] = processor.normalize_tensor(rendered[out_height, out_width, resample])
+        return outputs
+
+
+__all__ = ["TwoViewTransform", "random_resized_crop_box"]
