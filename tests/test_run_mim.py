@@ -100,3 +100,14 @@ def test_two_process_ddp_run_and_resume(tiny_dvae_dir, image_folder, tmp_path):
     assert [e["learning_rate"] for e in state["log_history"] if "loss" in e][1] == pytest.approx(5e-4)
     weights = load_file(tmp_path / "model.safetensors")
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+
+
+def test_a_batch_of_only_broken_images_is_skipped(tiny_dvae_dir, tmp_path):
+    images = tmp_path / "images" / "a"
+    images.mkdir(parents=True)
+    for index in range(4):
+        (images / f"broken{index}.png").write_bytes(b"not an image")
+    # Every batch is empty: each step is skipped with a warning instead of crashing the run.
+    metrics = main(run_mim_args(tiny_dvae_dir, str(images.parent), tmp_path / "out", "--max_steps", "2",
+                                "--save_strategy", "no"))
+    assert metrics["train_skipped_images"] == 8

@@ -35,6 +35,25 @@ class MimTrainer(Trainer):
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if not inputs:
+            # The collator returns {} when every image of a batch was undecodable (already logged and counted).
+            # Under DDP the other ranks still run backward on their part, so the gradients stay in sync only
+            # if this rank contributes zeros through the model; a zero-loss no-op is exact for one process.
+            if self.accelerator.num_processes > 1:
+                raise RuntimeError(
+                    "A whole batch of undecodable images reached one process of a multi-process run; "
+                    "remove the broken files (they are named in the warnings above) or raise the batch size"
+                )
+            logger.warning(f"Skipping step {self.state.global_step}: every image of the batch was undecodable")
+            return torch.zeros((), device=self.args.device)
+        return super().training_step(model, inputs, num_items_in_batch)
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        if not inputs:
+            return None, None, None
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if not torch.isfinite(loss.detach()).all():
