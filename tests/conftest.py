@@ -9,9 +9,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from hf_mim import BeitMimConfig, DvaeConfig, DvaeImageProcessor, DvaeModel
+from hf_mim import (
+    BeitMimConfig,
+    BeitMimForMaskedImageModeling,
+    DvaeConfig,
+    DvaeImageProcessor,
+    DvaeModel,
+    MimImageProcessor,
+)
 
 TINY_BACKBONE = {
     "hidden_size": 32,
@@ -61,3 +69,20 @@ def image_folder(tmp_path_factory):
     write_images(path, 24)
     return str(path)
 
+
+@pytest.fixture(scope="session")
+def tiny_mim_dir(tmp_path_factory):
+    """A saved random tiny BEiT MIM checkpoint laid out as run_mim.py writes it: its 32 px image processor at the
+    root, the dVAE's 16 px processor under `tokenizer/`. The shared relative position bias is random (it starts at
+    zero), so that copying it per layer is visible."""
+    path = tmp_path_factory.mktemp("tiny_mim")
+    torch.manual_seed(0)
+    model = BeitMimForMaskedImageModeling(tiny_beit_config())
+    with torch.no_grad():
+        model.beit.shared_position_bias.relative_position_bias_table.normal_()
+    model.save_pretrained(path)
+    MimImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    DvaeImageProcessor(size={"height": 16, "width": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(
+        path / "tokenizer"
+    )
+    return str(path)

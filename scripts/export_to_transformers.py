@@ -1,0 +1,10 @@
+#!/usr/bin/env python
+"""Export a pretrained hf_mim encoder as a stock transformers BEiT checkpoint. See `--help`.
+
+    python scripts/export_to_transformers.py --model_name_or_path ./beit --output_dir ./beit-transformers
+"""
+
+from hf_mim.evaluation.export import main
+
+if __name__ == "__main__":
+    main()

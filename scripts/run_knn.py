@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""Weighted k-NN (DINO) on frozen features. See `python scripts/run_knn.py --help`.
+
+    python scripts/run_knn.py --model_name_or_path ./beit --train_dir ./train --validation_dir ./val \
+        --ks 10 20 100 200 --temperature 0.07
+"""
+
+from hf_mim.evaluation.knn import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+#!/usr/bin/env python
+"""Linear probe of a frozen encoder. See `python scripts/run_linear_probe.py --help`.
+
+    python scripts/run_linear_probe.py --model_name_or_path ./beit --train_dir ./train --validation_dir ./val \
+        --layers 6 9 12 --pooling cls+mean --feature_cache_dir ./features
+"""
+
+from hf_mim.evaluation.probe import main
+
+if __name__ == "__main__":
+    main()

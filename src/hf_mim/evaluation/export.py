@@ -1,0 +1,281 @@
+"""Export a pretrained hf_mim encoder as a stock transformers BEiT checkpoint.
+
+hf_mim encoders are transformers' `BeitModel` under an `hf_mim_*` model type, so exporting is a matter of
+writing a plain `BeitConfig` (no `auto_map`, no code files) with the same weights. The result loads with
+`BeitModel`, `BeitForImageClassification`, `BeitBackbone` and `pipeline("image-feature-extraction")` and
+needs neither hf_mim nor `trust_remote_code`.
+
+Two choices the export makes explicit:
+
+- `pooling`: `"mean"` (BEiT's fine-tuning recipe: `use_mean_pooling=True`, the pooled patch tokens go
+  through `pooler.layernorm`, unilm's `fc_norm`) or `"cls"` (`use_mean_pooling=False`: the MIM head's
+  final LayerNorm becomes `beit.layernorm` and the pooler returns the [CLS] token, e.g. for BEiT v2's
+  patch-aggregation [CLS]). A LayerNorm that the source does not have is written as the identity
+  (weight 1, bias 0), which is how the reference fine-tuning code initialises `fc_norm`; so nothing is
+  missing when a task model loads the checkpoint, and only its head is new.
+- `per_layer_relative_position_bias`: pre-training shares one relative position bias table across
+  layers; BEiT fine-tuning gives every layer its own table, initialised as a copy of the shared one
+  (unilm `run_class_finetuning.py`). Both give identical outputs at the pre-training resolution.
+
+The mask token is left out: it only exists for pre-training, and an unused parameter in a fine-tuned
+model breaks DistributedDataParallel.
+"""
+
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+import transformers
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForMaskedImageModeling,
+    BeitConfig,
+    BeitImageProcessorPil,
+    BeitModel,
+    HfArgumentParser,
+)
+
+from ..models.image_processing_mim import MimImageProcessor
+
+POOLINGS = ("mean", "cls")
+
+# Config entries that describe an hf_mim checkpoint rather than the encoder architecture.
+_NON_ARCHITECTURE_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype")
+
+# Preprocessing fields shared by MimImageProcessor and transformers' BeitImageProcessor.
+_PROCESSOR_FIELDS = (
+    "do_resize",
+    "size",
+    "resample",
+    "do_center_crop",
+    "crop_size",
+    "do_rescale",
+    "rescale_factor",
+    "do_normalize",
+    "image_mean",
+    "image_std",
+)
+
+
+def resolve_encoder(model: nn.Module) -> BeitModel:
+    """The `BeitModel` inside an hf_mim MIM model, an hf_mim encoder, or any transformers BEiT model."""
+    if isinstance(model, BeitModel):
+        return model
+    base = getattr(model, "base_model", None)
+    if isinstance(base, BeitModel):
+        return base
+    raise TypeError(
+        f"Expected a BEiT encoder (an hf_mim MIM model, its AutoModel encoder, or a transformers BeitModel / "
+        f"BeitFor* model), got {type(model).__name__}"
+    )
+
+
+def _final_norm(model: nn.Module, encoder: BeitModel) -> nn.LayerNorm | None:
+    """The LayerNorm that follows the last layer: the encoder's own, else the MIM head's (`layernorm`)."""
+    if isinstance(encoder.layernorm, nn.LayerNorm):
+        return encoder.layernorm
+    head_norm = getattr(model, "layernorm", None) if model is not encoder else None
+    return head_norm if isinstance(head_norm, nn.LayerNorm) else None
+
+
+def load_pretrained_beit(model_name_or_path: str, **kwargs) -> nn.Module:
+    """Load a checkpoint with the class that keeps its final LayerNorm: the MIM model for MIM checkpoints.
+
+    Works for hf_mim MIM checkpoints (their final norm sits in the MIM head), hf_mim encoders, and stock
+    transformers BEiT checkpoints of any head. `kwargs` go to `from_pretrained` (revision, token, ...).
+    """
+    config = AutoConfig.from_pretrained(model_name_or_path, **kwargs)
+    architecture = (config.architectures or [""])[0]
+    if config.model_type == "beit":
+        # transformers keeps BEiT out of AutoModelForMaskedImageModeling (its head predicts tokens, not pixels).
+        model_class = transformers.BeitForMaskedImageModeling if architecture == "BeitForMaskedImageModeling" else AutoModel
+    elif architecture.endswith("ForMaskedImageModeling"):
+        model_class = AutoModelForMaskedImageModeling
+    else:
+        model_class = AutoModel
+    return model_class.from_pretrained(model_name_or_path, **kwargs)
+
+
+def beit_config_for_export(
+    config, pooling: str = "mean", per_layer_relative_position_bias: bool = False, **overrides
+) -> BeitConfig:
+    """A plain `BeitConfig` with the architecture of `config` (an hf_mim or transformers BEiT config).
+
+    Args:
+        config: The source encoder's config.
+        pooling: `"mean"` or `"cls"`, see the module docstring.
+        per_layer_relative_position_bias: Give each layer its own relative position bias table instead of a
+            shared one (for fine-tuning).
+        overrides: Further `BeitConfig` fields, e.g. `num_labels`, `drop_path_rate`.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    source = config.to_dict()
+    fields = {key: source[key] for key in BeitConfig().to_dict() if key in source and key not in _NON_ARCHITECTURE_KEYS}
+    uses_relative_bias = config.use_shared_relative_position_bias or config.use_relative_position_bias
+    fields.update(
+        use_mask_token=False,
+        use_mean_pooling=pooling == "mean",
+        use_shared_relative_position_bias=config.use_shared_relative_position_bias and not per_layer_relative_position_bias,
+        use_relative_position_bias=config.use_relative_position_bias or (per_layer_relative_position_bias and uses_relative_bias),
+        architectures=["BeitModel"],
+    )
+    fields.update(overrides)
+    return BeitConfig(**fields)
+
+
+def _identity_layer_norm(prefix: str, hidden_size: int, like: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.weight": torch.ones(hidden_size, dtype=like.dtype), f"{prefix}.bias": torch.zeros(hidden_size, dtype=like.dtype)}
+
+
+def export_state_dict(model: nn.Module, config: BeitConfig) -> dict[str, torch.Tensor]:
+    """The weights of `model`'s encoder under stock `BeitModel(config, add_pooling_layer=True)` names."""
+    encoder = resolve_encoder(model)
+    source = {name: tensor.detach().cpu() for name, tensor in encoder.state_dict().items()}
+    like = source["embeddings.cls_token"]
+    state = {
+        name: tensor
+        for name, tensor in source.items()
+        if not name.startswith(("embeddings.mask_token", "layernorm.", "pooler.", "shared_position_bias."))
+    }
+
+    shared_key = "shared_position_bias.relative_position_bias_table"
+    if shared_key in source and not config.use_shared_relative_position_bias:
+        for index in range(config.num_hidden_layers):
+            key = f"layers.{index}.relative_position_bias.relative_position_bias_table"
+            # Both tables add to the same attention logits, so a layer that had its own keeps their sum.
+            state[key] = source[shared_key].clone() + (source[key] if key in source else 0)
+    elif shared_key in source:
+        state[shared_key] = source[shared_key]
+
+    hidden_size = config.hidden_size
+    if config.use_mean_pooling:
+        pooler = getattr(encoder.pooler, "layernorm", None) if encoder.pooler is not None else None
+        if isinstance(pooler, nn.LayerNorm):
+            state.update({f"pooler.layernorm.{key}": value.detach().cpu() for key, value in pooler.state_dict().items()})
+        else:
+            state.update(_identity_layer_norm("pooler.layernorm", hidden_size, like))
+    else:
+        norm = _final_norm(model, encoder)
+        if norm is not None:
+            state.update({f"layernorm.{key}": value.detach().cpu() for key, value in norm.state_dict().items()})
+        else:
+            state.update(_identity_layer_norm("layernorm", hidden_size, like))
+    return state
+
+
+def to_transformers_beit(
+    model_or_path: nn.Module | str,
+    pooling: str = "mean",
+    per_layer_relative_position_bias: bool = False,
+    **config_overrides,
+) -> BeitModel:
+    """A stock transformers `BeitModel` (with its pooler) holding the encoder weights of `model_or_path`.
+
+    Args:
+        model_or_path: An hf_mim MIM model or encoder, a transformers BEiT model, or a checkpoint folder / Hub id
+            of any of these.
+        pooling, per_layer_relative_position_bias, config_overrides: See [`beit_config_for_export`].
+    """
+    model = load_pretrained_beit(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    encoder = resolve_encoder(model)
+    config = beit_config_for_export(encoder.config, pooling, per_layer_relative_position_bias, **config_overrides)
+    state = export_state_dict(model, config)
+    with torch.device("meta"):
+        exported = BeitModel(config, add_pooling_layer=True)
+    # strict=True: a missing or extra key here would silently leave a weight at its initial value downstream.
+    exported.load_state_dict(state, strict=True, assign=True)
+    return exported.eval()
+
+
+def to_beit_image_processor(image_processor) -> BeitImageProcessorPil:
+    """transformers' `BeitImageProcessor` (PIL backend) doing the same preprocessing as `image_processor`."""
+    return BeitImageProcessorPil(**{name: getattr(image_processor, name) for name in _PROCESSOR_FIELDS})
+
+
+def to_mim_image_processor(image_processor) -> MimImageProcessor:
+    """A `MimImageProcessor` doing the preprocessing of `image_processor` (e.g. a stock BEiT or ViT processor).
+
+    `hf_mim.data`'s augmentations read the view's size, filter and normalisation from a `MimImageProcessor`.
+    """
+    if isinstance(image_processor, MimImageProcessor):
+        return image_processor
+    fields = {name: getattr(image_processor, name) for name in _PROCESSOR_FIELDS if getattr(image_processor, name, None) is not None}
+    return MimImageProcessor(**fields)
+
+
+def export_to_transformers(
+    model_or_path: nn.Module | str,
+    output_dir: str,
+    image_processor=None,
+    pooling: str = "mean",
+    per_layer_relative_position_bias: bool = False,
+) -> str:
+    """Write the pretrained encoder as a stock transformers BEiT checkpoint (`model_type: beit`).
+
+    The folder holds `config.json` (a plain `BeitConfig`, no `auto_map`), `model.safetensors` and a
+    `preprocessor_config.json` for transformers' `BeitImageProcessor`, and no Python files.
+
+    Args:
+        model_or_path: An hf_mim MIM model or encoder, a transformers BEiT model, or a checkpoint folder / Hub id.
+        output_dir: Where to write the checkpoint.
+        image_processor: The encoder's image processor. Defaults to the one saved with `model_or_path` when it is a
+            path; required for an in-memory model (its preprocessing is part of what the features mean).
+        pooling: `"mean"` (BEiT fine-tuning) or `"cls"`, see the module docstring.
+        per_layer_relative_position_bias: Expand the shared relative position bias into per-layer tables, as BEiT
+            fine-tuning does.
+
+    Returns:
+        `output_dir`.
+    """
+    if image_processor is None:
+        if not isinstance(model_or_path, (str, os.PathLike)):
+            raise ValueError(
+                "Pass the model's image_processor (e.g. AutoImageProcessor.from_pretrained(<its checkpoint>)); an "
+                "in-memory model does not record how its inputs were preprocessed"
+            )
+        image_processor = AutoImageProcessor.from_pretrained(model_or_path)
+    exported = to_transformers_beit(model_or_path, pooling, per_layer_relative_position_bias)
+    exported.save_pretrained(output_dir)
+    to_beit_image_processor(image_processor).save_pretrained(output_dir)
+    return str(output_dir)
+
+
+@dataclass
+class ExportArguments:
+    model_name_or_path: str = field(metadata={"help": "An hf_mim MIM checkpoint or encoder (folder or Hub id)"})
+    output_dir: str = field(metadata={"help": "Where to write the transformers BEiT checkpoint"})
+    image_processor_name: str | None = field(default=None, metadata={"help": "Image processor (default: the model's)"})
+    pooling: str = field(default="mean", metadata={"help": "mean (BEiT fine-tuning) or cls ([CLS] token after the final norm)"})
+    per_layer_relative_position_bias: bool = field(
+        default=False, metadata={"help": "Copy the shared relative position bias into every layer (for fine-tuning)"}
+    )
+    token: str | None = None
+
+
+def main(argv=None) -> str:
+    (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    image_processor = AutoImageProcessor.from_pretrained(args.image_processor_name or args.model_name_or_path, token=args.token)
+    model = load_pretrained_beit(args.model_name_or_path, token=args.token)
+    export_to_transformers(model, args.output_dir, image_processor, args.pooling, args.per_layer_relative_position_bias)
+    print(f"Wrote a transformers BEiT checkpoint (model_type 'beit', {args.pooling} pooling) to {args.output_dir}")
+    return args.output_dir
+
+
+__all__ = [
+    "POOLINGS",
+    "ExportArguments",
+    "beit_config_for_export",
+    "export_state_dict",
+    "export_to_transformers",
+    "load_pretrained_beit",
+    "main",
+    "resolve_encoder",
+    "to_beit_image_processor",
+    "to_mim_image_processor",
+    "to_transformers_beit",
+]

@@ -1,0 +1,301 @@
+"""Frozen-encoder features for linear probing and k-NN: extracted once, batched, cached on disk.
+
+Features are taken from `hidden_states[layer]` of the encoder (index 0 = the embeddings, `l` = the output
+of block `l`, before any final LayerNorm), pooled as the [CLS] token, the mean of the patch tokens, or
+both concatenated (BEiT's linear-probe features). BEiT probes best at intermediate layers (unilm#419), so
+several layers can be extracted in one pass. Preprocessing is the model's own deterministic image
+processor (`AutoImageProcessor`), through the same transform and collator as training.
+"""
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import datasets
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from transformers import AutoImageProcessor, AutoModel
+
+from ..data import MimDataCollator, SkippedImageCounter, TwoViewTransform, apply_transform, load_image_datasets
+from .export import resolve_encoder, to_mim_image_processor
+
+logger = logging.getLogger(__name__)
+
+POOLINGS = ("cls", "mean", "cls+mean")
+
+# Config entries that do not change what an encoder computes.
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "architectures", "auto_map", "transformers_version", "dtype", "id2label", "label2id")
+
+
+@dataclass
+class FeatureSet:
+    """Pooled features of a set of images and their labels.
+
+    features (`dict[int, torch.FloatTensor]`):
+        Hidden-state index -> `(num_images, dim)` float32 features, in dataset order (undecodable images skipped).
+    labels (`torch.LongTensor` of shape `(num_images,)`, *optional*):
+        Class ids, when the data has labels.
+    """
+
+    features: dict[int, torch.Tensor]
+    labels: torch.Tensor | None = None
+
+
+def pool_tokens(hidden_state: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool `(batch, 1 + num_patches, dim)` tokens to `(batch, dim)` ([CLS] or mean of patches) or `(batch, 2 * dim)`."""
+    if pooling == "cls":
+        return hidden_state[:, 0]
+    if pooling == "mean":
+        return hidden_state[:, 1:].mean(dim=1)
+    if pooling == "cls+mean":
+        return torch.cat([hidden_state[:, 0], hidden_state[:, 1:].mean(dim=1)], dim=-1)
+    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+
+
+def normalize_layers(layers: Sequence[int], num_hidden_layers: int) -> list[int]:
+    """Hidden-state indices in `[0, num_hidden_layers]`; negative ones count from the last block (-1)."""
+    count = num_hidden_layers + 1
+    normalized = []
+    for layer in layers:
+        if not -count <= layer < count:
+            raise ValueError(
+                f"layer {layer} does not exist: the encoder has hidden states 0 (embeddings) to {num_hidden_layers} "
+                f"(last block), or -1 to -{count} counted from the end"
+            )
+        normalized.append(layer % count)
+    return sorted(set(normalized))
+
+
+@torch.no_grad()
+def encode_batch(encoder, pixel_values: torch.Tensor, layers: Sequence[int], pooling: str) -> dict[int, torch.Tensor]:
+    """Pooled features `{layer: (batch, dim)}` of one preprocessed batch; `layers` as from `normalize_layers`."""
+    hidden_states = encoder(pixel_values, output_hidden_states=True).hidden_states
+    return {layer: pool_tokens(hidden_states[layer], pooling).float() for layer in layers}
+
+
+def _hash(*parts) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for part in parts:
+        digest.update(part if isinstance(part, bytes) else str(part).encode())
+        digest.update(b"\0")
+    return digest.hexdigest()
+
+
+def model_fingerprint(encoder) -> str:
+    """Hash of the encoder's architecture and weights: equal for equal models, wherever they were loaded from."""
+    config = {key: value for key, value in encoder.config.to_dict().items() if key not in _VOLATILE_CONFIG_KEYS}
+    digest = hashlib.blake2b(json.dumps(config, sort_keys=True, default=str).encode(), digest_size=16)
+    for name, tensor in sorted(encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(str(tensor.dtype).encode())
+        # Reinterpreted as bytes so that any dtype (bf16 included) hashes without a conversion.
+        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _as_dataset(data, labels, image_column: str | None, label_column: str):
+    """`(dataset, image_column, label_column or None)` for a `datasets` dataset or a sequence of images."""
+    if isinstance(data, (datasets.Dataset, datasets.IterableDataset)):
+        names = data.column_names
+        if image_column is None:
+            candidates = [name for name in ("image", "img") if names and name in names]
+            if not candidates:
+                raise ValueError(f"No 'image' or 'img' column among {names}; pass image_column")
+            image_column = candidates[0]
+        if labels is not None:
+            raise ValueError("labels are read from the dataset's label_column; pass labels only with a list of images")
+        return data, image_column, label_column if names is None or label_column in names else None
+    images = list(data)
+    columns = {"image": images}
+    if labels is not None:
+        labels = [int(label) for label in labels]
+        if len(labels) != len(images):
+            raise ValueError(f"Got {len(images)} images but {len(labels)} labels")
+        columns["label"] = labels
+    return datasets.Dataset.from_dict(columns), "image", "label" if labels is not None else None
+
+
+def extract_features(
+    model,
+    image_processor,
+    data,
+    labels: Sequence[int] | None = None,
+    layers: Sequence[int] = (-1,),
+    pooling: str = "mean",
+    image_column: str | None = None,
+    label_column: str = "label",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    cache_dir: str | None = None,
+    device: str | torch.device | None = None,
+) -> FeatureSet:
+    """Features of a frozen encoder for every image of `data`.
+
+    Args:
+        model: An hf_mim MIM model or encoder, or a transformers BEiT model (its `BeitModel` is used).
+        image_processor: The model's image processor (its deterministic view is used; no augmentation).
+        data: A `datasets.Dataset` / `IterableDataset` with an image column (decoded or not), or a sequence of PIL
+            images, paths or encoded bytes.
+        labels: Class ids of a sequence of images; a dataset's labels come from `label_column`.
+        layers: Hidden-state indices (0 = embeddings, -1 = last block).
+        pooling: `"cls"`, `"mean"` (of the patch tokens) or `"cls+mean"` (concatenated).
+        image_column, label_column: Columns of a dataset; the image column defaults to "image" or "img".
+        batch_size, num_workers: Of the DataLoader.
+        cache_dir: If given, features are stored under it keyed by model weights, preprocessing, data, layer and
+            pooling, and read back on the next call instead of being recomputed (not for streaming datasets).
+        device: Where the encoder runs; by default CUDA when available.
+
+    Returns:
+        A [`FeatureSet`]. Undecodable images are skipped (with a warning), together with their labels.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    encoder = resolve_encoder(model)
+    layers = normalize_layers(layers, encoder.config.num_hidden_layers)
+    processor = to_mim_image_processor(image_processor)
+    dataset, image_column, label_column = _as_dataset(data, labels, image_column, label_column)
+
+    paths = None
+    if cache_dir is not None:
+        if not isinstance(dataset, datasets.Dataset):
+            raise ValueError("Feature caching needs a map-style dataset (its fingerprint names the cache); drop cache_dir")
+        key = _hash(model_fingerprint(encoder), processor.to_json_string(), dataset._fingerprint, image_column, label_column)
+        paths = {layer: os.path.join(cache_dir, f"features-{_hash(key, layer, pooling)}.safetensors") for layer in layers}
+        if all(os.path.exists(path) for path in paths.values()):
+            logger.info(f"Loading cached features from {cache_dir}")
+            loaded = {layer: load_file(path) for layer, path in paths.items()}
+            return FeatureSet({layer: tensors["features"] for layer, tensors in loaded.items()}, loaded[layers[0]].get("labels"))
+
+    skipped = SkippedImageCounter()
+    keep = (label_column,) if label_column is not None else ()
+    transformed = apply_transform(dataset, image_column, TwoViewTransform(processor, train=False), skipped, keep)
+    loader = DataLoader(transformed, batch_size=batch_size, num_workers=num_workers, collate_fn=MimDataCollator())
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    was_training, original_device = encoder.training, next(encoder.parameters()).device
+    encoder.eval().to(device)
+    chunks = {layer: [] for layer in layers}
+    label_chunks = []
+    try:
+        for batch in loader:
+            if not batch:
+                continue
+            for layer, features in encode_batch(encoder, batch["pixel_values"].to(device), layers, pooling).items():
+                chunks[layer].append(features.cpu())
+            if label_column is not None:
+                label_chunks.append(batch[label_column].long())
+    finally:
+        encoder.train(was_training).to(original_device)
+    if skipped.value:
+        logger.warning(f"{skipped.value} undecodable images were skipped")
+    if not chunks[layers[0]]:
+        raise ValueError("None of the images could be decoded (see the warnings above for the files)")
+    result = FeatureSet(
+        {layer: torch.cat(parts) for layer, parts in chunks.items()},
+        torch.cat(label_chunks) if label_column is not None else None,
+    )
+    if paths is not None:
+        os.makedirs(cache_dir, exist_ok=True)
+        for layer, path in paths.items():
+            tensors = {"features": result.features[layer].contiguous()}
+            if result.labels is not None:
+                tensors["labels"] = result.labels.contiguous()
+            save_file(tensors, path, metadata={"layer": str(layer), "pooling": pooling})
+    return result
+
+
+@dataclass
+class FeatureArguments:
+    """Model, data and feature options shared by `run_linear_probe.py` and `run_knn.py`."""
+
+    model_name_or_path: str = field(
+        metadata={"help": "An hf_mim MIM checkpoint or encoder, or a transformers BEiT checkpoint (folder or Hub id)"}
+    )
+    image_processor_name: str | None = field(default=None, metadata={"help": "Image processor (default: the model's)"})
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset, or 'imagefolder' with --train_dir"})
+    dataset_config_name: str | None = None
+    train_dir: str | None = field(default=None, metadata={"help": "Labelled training images, one folder per class"})
+    validation_dir: str | None = field(default=None, metadata={"help": "Labelled evaluation images, one folder per class"})
+    train_val_split: float = field(default=0.0, metadata={"help": "Fraction of train used for evaluation if there is no validation split"})
+    image_column_name: str | None = None
+    label_column_name: str = "label"
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    layers: list[int] = field(
+        default_factory=lambda: [-1],
+        metadata={"help": "Hidden-state indices to evaluate (0 = embeddings, -1 = last block); the best is reported"},
+    )
+    pooling: str = field(default="mean", metadata={"help": f"Token pooling: {', '.join(POOLINGS)}"})
+    batch_size: int = 64
+    num_workers: int = 0
+    feature_cache_dir: str | None = field(default=None, metadata={"help": "Cache extracted features here"})
+    output_dir: str | None = field(default=None, metadata={"help": "Write the results as JSON here"})
+    seed: int = 0
+    cache_dir: str | None = field(default=None, metadata={"help": "datasets / Hub cache"})
+    token: str | None = None
+    trust_remote_code: bool = False
+
+
+def load_features(args: FeatureArguments) -> tuple[FeatureSet, FeatureSet]:
+    """Training and evaluation features as `args` describe them."""
+    raw, image_column = load_image_datasets(
+        dataset_name=args.dataset_name,
+        dataset_config_name=args.dataset_config_name,
+        train_dir=args.train_dir,
+        validation_dir=args.validation_dir,
+        train_val_split=args.train_val_split,
+        image_column_name=args.image_column_name,
+        cache_dir=args.cache_dir,
+        max_train_samples=args.max_train_samples,
+        max_eval_samples=args.max_eval_samples,
+        seed=args.seed,
+        token=args.token,
+    )
+    if "validation" not in raw:
+        raise ValueError("Evaluation needs a validation split: pass --validation_dir or --train_val_split 0.2")
+    for split in ("train", "validation"):
+        if args.label_column_name not in raw[split].column_names:
+            raise ValueError(
+                f"The {split} split has no {args.label_column_name!r} column (columns: {raw[split].column_names}); "
+                "pass --label_column_name, or use an imagefolder with one folder per class"
+            )
+    hub_kwargs = {"cache_dir": args.cache_dir, "token": args.token, "trust_remote_code": args.trust_remote_code}
+    model = AutoModel.from_pretrained(args.model_name_or_path, **hub_kwargs)
+    image_processor = AutoImageProcessor.from_pretrained(args.image_processor_name or args.model_name_or_path, **hub_kwargs)
+    kwargs = {
+        "layers": args.layers,
+        "pooling": args.pooling,
+        "image_column": image_column,
+        "label_column": args.label_column_name,
+        "batch_size": args.batch_size,
+        "num_workers": args.num_workers,
+        "cache_dir": args.feature_cache_dir,
+    }
+    train = extract_features(model, image_processor, raw["train"], **kwargs)
+    evaluation = extract_features(model, image_processor, raw["validation"], **kwargs)
+    return train, evaluation
+
+
+def write_results(args: FeatureArguments, name: str, results: dict) -> None:
+    if args.output_dir is None:
+        return
+    os.makedirs(args.output_dir, exist_ok=True)
+    with open(os.path.join(args.output_dir, f"{name}.json"), "w") as file:
+        json.dump(results, file, indent=2)
+
+
+__all__ = [
+    "POOLINGS",
+    "FeatureArguments",
+    "FeatureSet",
+    "encode_batch",
+    "extract_features",
+    "load_features",
+    "model_fingerprint",
+    "normalize_layers",
+    "pool_tokens",
+    "write_results",
+]

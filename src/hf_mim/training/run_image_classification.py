@@ -1,0 +1,275 @@
+"""Fine-tune a pretrained encoder for image classification: `accelerate launch scripts/run_image_classification.py ...`.
+
+BEiT's fine-tuning recipe (unilm `run_class_finetuning.py`) on `Trainer`: the encoder becomes a stock
+transformers `BeitForImageClassification` (mean pooling with `fc_norm`, per-layer relative position bias
+tables copied from the shared pre-training table), trained with layer-wise learning-rate decay, drop
+path, label smoothing and optional Mixup/CutMix. Accuracy is computed by hf_mim's `evaluate` module. The
+saved model and image processor are plain transformers BEiT files.
+"""
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from datasets import ClassLabel
+from transformers import AutoImageProcessor, BeitForImageClassification, HfArgumentParser, TrainingArguments, set_seed
+
+from ..data import MimDataCollator, SkippedImageCounter, TwoViewTransform, apply_transform, load_image_datasets
+from ..evaluation.export import (
+    POOLINGS,
+    load_pretrained_beit,
+    to_beit_image_processor,
+    to_mim_image_processor,
+    to_transformers_beit,
+)
+from ..evaluation.metrics import load_metric
+from .mixup import MixupCutmix, soft_target_cross_entropy
+from .run_mim import find_checkpoint, setup_logging
+from .trainer import MimTrainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(
+        metadata={"help": "The pretrained encoder: an hf_mim MIM checkpoint or encoder, or a transformers BEiT checkpoint"}
+    )
+    image_processor_name: str | None = field(default=None, metadata={"help": "Image processor (default: the model's)"})
+    pooling: str = field(default="mean", metadata={"help": "mean (BEiT fine-tuning: mean of patch tokens + fc_norm) or cls"})
+    drop_path_rate: float = field(default=0.1, metadata={"help": "Stochastic depth of the last layer (linear in depth)"})
+    layer_decay: float | None = field(
+        default=0.65, metadata={"help": "Layer-wise learning-rate decay (BEiT base: 0.65; BEiT v2 base: 0.6); 1 disables"}
+    )
+    head_init_scale: float = field(default=0.001, metadata={"help": "Scale of the new classifier's initial weights"})
+    cache_dir: str | None = None
+    model_revision: str = "main"
+    token: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset, or 'imagefolder' with --train_dir"})
+    dataset_config_name: str | None = None
+    train_dir: str | None = field(default=None, metadata={"help": "Training images, one folder per class"})
+    validation_dir: str | None = field(default=None, metadata={"help": "Validation images, one folder per class"})
+    train_val_split: float = field(default=0.0, metadata={"help": "Fraction of train held out when there is no validation split"})
+    image_column_name: str | None = None
+    label_column_name: str = "label"
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    crop_min_scale: float = field(default=0.08, metadata={"help": "Random-resized-crop minimum area"})
+    color_jitter: float = 0.4
+    mixup: float = field(default=0.0, metadata={"help": "Mixup alpha (BEiT recipes: 0.8); 0 disables"})
+    cutmix: float = field(default=0.0, metadata={"help": "CutMix alpha (BEiT recipes: 1.0); 0 disables"})
+    mixup_prob: float = field(default=1.0, metadata={"help": "Probability of mixing a batch"})
+    mixup_switch_prob: float = field(default=0.5, metadata={"help": "Probability of CutMix instead of Mixup when both are on"})
+    label_smoothing: float = 0.1
+
+
+@dataclass
+class ClassificationTrainingArguments(TrainingArguments):
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Start afresh even if output_dir holds checkpoints (else resume from the last)"}
+    )
+    # The label column is renamed to `labels`; the transform already drops every other column.
+    remove_unused_columns: bool = False
+
+
+def classification_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
+    """`Trainer`'s `compute_loss_func`: cross-entropy against class ids or (mixed, smoothed) soft targets."""
+    return soft_target_cross_entropy(outputs.logits, labels)
+
+
+class ImageClassificationTrainer(MimTrainer):
+    """`MimTrainer` (layer decay, non-finite loss guard) that mixes training batches and scores soft targets.
+
+    Args:
+        mixup ([`MixupCutmix`], *optional*): Applied to every training batch; turns labels into soft targets.
+    """
+
+    # `soft_target_cross_entropy` is a per-batch mean: Trainer divides it by the accumulation steps.
+    loss_is_scaled_for_ga = False
+
+    def __init__(self, *args, mixup: MixupCutmix | None = None, **kwargs):
+        super().__init__(*args, compute_loss_func=classification_loss, **kwargs)
+        self.mixup = mixup
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training and self.mixup is not None:
+            pixel_values, labels = self.mixup(inputs["pixel_values"], inputs["labels"])
+            inputs = {**inputs, "pixel_values": pixel_values, "labels": labels}
+        # Without `num_items_in_batch` Trainer takes the loss as the per-batch mean it is (no rescaling across
+        # devices, which would count soft-target entries as items).
+        return super().compute_loss(model, inputs, return_outputs=return_outputs)
+
+
+def encode_labels(raw, label_column: str) -> tuple[object, list[str]]:
+    """Class names, and the splits with integer ids in a `labels` column (the name `BeitForImageClassification` takes)."""
+    for split in raw:
+        if label_column not in raw[split].column_names:
+            raise ValueError(
+                f"The {split} split has no {label_column!r} column (columns: {raw[split].column_names}); pass "
+                "--label_column_name, or use an imagefolder with one folder per class"
+            )
+    feature = raw["train"].features[label_column]
+    if isinstance(feature, ClassLabel):
+        names = list(feature.names)
+    else:
+        values = sorted(raw["train"].unique(label_column))
+        index = {value: i for i, value in enumerate(values)}
+        for split in raw:
+            unseen = set(raw[split].unique(label_column)) - set(index)
+            if unseen:
+                raise ValueError(f"The {split} split has labels that train does not: {sorted(unseen)[:10]}")
+            raw[split] = raw[split].map(
+                lambda batch: {label_column: [index[value] for value in batch[label_column]]},
+                batched=True,
+            )
+        names = [str(value) for value in values]
+    if label_column != "labels":
+        for split in raw:
+            raw[split] = raw[split].rename_column(label_column, "labels")
+    return raw, names
+
+
+def build_classifier(model_args: ModelArguments, class_names: list[str]) -> BeitForImageClassification:
+    """A stock `BeitForImageClassification` whose encoder is the pretrained one, per-layer relative position tables."""
+    if model_args.pooling not in POOLINGS:
+        raise ValueError(f"--pooling must be one of {POOLINGS}, got {model_args.pooling!r}")
+    hub_kwargs = {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+    source = load_pretrained_beit(model_args.model_name_or_path, **hub_kwargs)
+    encoder = to_transformers_beit(
+        source,
+        pooling=model_args.pooling,
+        per_layer_relative_position_bias=True,
+        drop_path_rate=model_args.drop_path_rate,
+        id2label=dict(enumerate(class_names)),
+        label2id={name: i for i, name in enumerate(class_names)},
+    )
+    model = BeitForImageClassification(encoder.config)
+    model.beit.load_state_dict(encoder.state_dict(), strict=True)
+    with torch.no_grad():
+        # A near-zero head keeps the first steps from disturbing the pretrained features (unilm `init_scale`).
+        model.classifier.weight.mul_(model_args.head_init_scale)
+        model.classifier.bias.mul_(model_args.head_init_scale)
+    return model
+
+
+def parse_args(argv=None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, ClassificationTrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def main(argv=None) -> dict[str, float]:
+    model_args, data_args, training_args = parse_args(argv)
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+
+    raw, image_column = load_image_datasets(
+        dataset_name=data_args.dataset_name,
+        dataset_config_name=data_args.dataset_config_name,
+        train_dir=data_args.train_dir,
+        validation_dir=data_args.validation_dir,
+        train_val_split=data_args.train_val_split,
+        image_column_name=data_args.image_column_name,
+        cache_dir=model_args.cache_dir,
+        max_train_samples=data_args.max_train_samples,
+        max_eval_samples=data_args.max_eval_samples,
+        seed=training_args.seed,
+        token=model_args.token,
+    )
+    if training_args.do_eval and "validation" not in raw:
+        raise ValueError("--do_eval needs a validation split: pass --validation_dir or --train_val_split 0.1")
+    raw, class_names = encode_labels(raw, data_args.label_column_name)
+
+    model = build_classifier(model_args, class_names)
+    image_processor = AutoImageProcessor.from_pretrained(
+        model_args.image_processor_name or model_args.model_name_or_path,
+        cache_dir=model_args.cache_dir,
+        revision=model_args.model_revision,
+        token=model_args.token,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    view = to_mim_image_processor(image_processor)
+    side = model.config.image_size
+    if view.output_size != (side, side):
+        raise ValueError(
+            f"The image processor produces {view.output_size[0]}x{view.output_size[1]} images but the model takes "
+            f"{side}x{side}; pass --image_processor_name with a processor of the model's size"
+        )
+
+    skipped = SkippedImageCounter()
+    train_dataset = eval_dataset = None
+    if training_args.do_train:
+        transform = TwoViewTransform(view, crop_scale=(data_args.crop_min_scale, 1.0), color_jitter=data_args.color_jitter)
+        train_dataset = apply_transform(raw["train"], image_column, transform, skipped, keep_columns=("labels",))
+    if training_args.do_eval:
+        eval_dataset = apply_transform(raw["validation"], image_column, TwoViewTransform(view, train=False), skipped, ("labels",))
+
+    mixup = None
+    if data_args.mixup > 0 or data_args.cutmix > 0 or data_args.label_smoothing > 0:
+        mixup = MixupCutmix(
+            len(class_names),
+            mixup_alpha=data_args.mixup,
+            cutmix_alpha=data_args.cutmix,
+            prob=data_args.mixup_prob,
+            switch_prob=data_args.mixup_switch_prob,
+            label_smoothing=data_args.label_smoothing,
+        )
+    accuracy = load_metric("accuracy")
+    trainer = ImageClassificationTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=MimDataCollator(),
+        processing_class=to_beit_image_processor(view),
+        compute_metrics=lambda prediction: accuracy.compute(
+            predictions=prediction.predictions, references=prediction.label_ids
+        ),
+        preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(dim=-1),
+        layer_decay=model_args.layer_decay,
+        mixup=mixup,
+    )
+
+    metrics: dict[str, float] = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=find_checkpoint(training_args))
+        trainer.save_model()
+        result.metrics["train_skipped_images"] = skipped.value
+        metrics.update(result.metrics)
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        metrics.update(eval_metrics)
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+    if skipped.value:
+        logger.warning(f"{skipped.value} undecodable images were skipped (see the warnings above for the files)")
+    return metrics
+
+
+__all__ = [
+    "ClassificationTrainingArguments",
+    "DataArguments",
+    "ImageClassificationTrainer",
+    "ModelArguments",
+    "build_classifier",
+    "classification_loss",
+    "encode_labels",
+    "main",
+]

@@ -1,0 +1,407 @@
+"""Figures for inspecting masked image modeling, drawn with PIL only (no plotting library needed).
+
+- [`mim_panel`]: per image, the ViT's view, the same view with its mask, the tokenizer's token map (a colour
+  per code), the tokenizer's reconstruction of its own tokens, and the reconstruction with the model's
+  predicted tokens in the masked patches. Reconstructions go through the tokenizer protocol's `decode`
+  (dVAE decoder, k-means centroid image, ...), and are left out for tokenizers without a pixel decoder.
+- [`codebook_histogram`]: code frequencies sorted from most to least used, with usage and perplexity.
+- [`training_curves`]: loss / accuracy curves from a `Trainer`'s `trainer_state.json`.
+
+[`write_figures`] writes all of them as PNG files; `scripts/visualize.py` is its command line.
+"""
+
+import colorsys
+import json
+import logging
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from transformers import AutoImageProcessor, AutoModelForMaskedImageModeling, HfArgumentParser
+
+from .data import TwoViewTransform, decode_image
+from .models.image_processing_mim import to_rgb
+
+logger = logging.getLogger(__name__)
+
+TITLE_HEIGHT = 20
+PADDING = 4
+_BACKGROUND = (255, 255, 255)
+_TEXT = (20, 20, 20)
+_GOLDEN_RATIO = 0.618033988749895
+
+
+def token_color(token_id: int) -> tuple[int, int, int]:
+    """A fixed colour per code: hues spaced by the golden ratio, so nearby ids get distinct colours."""
+    hue = (token_id * _GOLDEN_RATIO) % 1.0
+    saturation = 0.55 + 0.4 * ((token_id * 7) % 3) / 2
+    red, green, blue = colorsys.hsv_to_rgb(hue, saturation, 0.95)
+    return int(red * 255), int(green * 255), int(blue * 255)
+
+
+def _grid(values: torch.Tensor | np.ndarray, name: str) -> np.ndarray:
+    """A square `(side, side)` array from a flat row-major `(side * side,)` one (or a grid already)."""
+    values = np.asarray(values.cpu() if isinstance(values, torch.Tensor) else values)
+    if values.ndim == 1:
+        side = math.isqrt(values.size)
+        if side * side != values.size:
+            raise ValueError(f"{name} has {values.size} entries, not a square grid; pass it as (height, width)")
+        values = values.reshape(side, side)
+    if values.ndim != 2:
+        raise ValueError(f"{name} must be a flat row-major grid or (height, width), got shape {values.shape}")
+    return values
+
+
+def tensor_to_image(pixels: torch.Tensor) -> Image.Image:
+    """An RGB image from a `(3, H, W)` float tensor in [0, 1] (values outside are clipped)."""
+    array = pixels.detach().float().clamp(0, 1).mul(255).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array, mode="RGB")
+
+
+def denormalize(pixel_values: torch.Tensor, image_processor) -> torch.Tensor:
+    """Undo an image processor's normalisation: `(3, H, W)` normalised values back to [0, 1]."""
+    if not image_processor.do_normalize:
+        return pixel_values
+    mean = pixel_values.new_tensor(image_processor.image_mean).view(3, 1, 1)
+    std = pixel_values.new_tensor(image_processor.image_std).view(3, 1, 1)
+    return pixel_values * std + mean
+
+
+def mask_overlay(image: Image.Image, bool_masked_pos, color=(40, 40, 40), alpha: float = 0.75) -> Image.Image:
+    """`image` with the masked patches (a flat row-major grid or `(height, width)` bools) shaded in `color`."""
+    mask = _grid(bool_masked_pos, "bool_masked_pos").astype(bool)
+    shade = Image.fromarray(np.where(mask, int(alpha * 255), 0).astype(np.uint8), mode="L")
+    shade = shade.resize(image.size, Image.Resampling.NEAREST)
+    return Image.composite(Image.new("RGB", image.size, color), to_rgb(image), shade)
+
+
+def token_map(token_ids, size: tuple[int, int]) -> Image.Image:
+    """The token grid (flat row-major or `(height, width)` ids) as an image of `size` (width, height), a colour per code."""
+    grid = _grid(token_ids, "token_ids")
+    palette = np.array([token_color(int(token)) for token in grid.flatten()], dtype=np.uint8)
+    image = Image.fromarray(palette.reshape(*grid.shape, 3), mode="RGB")
+    return image.resize(size, Image.Resampling.NEAREST)
+
+
+def _font(size: int = 12) -> ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def image_grid(rows: Sequence[Sequence[Image.Image]], titles: Sequence[str], cell_size: int = 160) -> Image.Image:
+    """Tiles resized to `cell_size` squares in a grid under a row of column titles.
+
+    The figure is `(columns * (cell_size + PADDING) + PADDING)` wide and
+    `(TITLE_HEIGHT + rows * (cell_size + PADDING) + PADDING)` high.
+    """
+    columns = len(titles)
+    if any(len(row) != columns for row in rows):
+        raise ValueError(f"Every row needs {columns} tiles, one per title")
+    width = columns * (cell_size + PADDING) + PADDING
+    height = TITLE_HEIGHT + len(rows) * (cell_size + PADDING) + PADDING
+    figure = Image.new("RGB", (width, height), _BACKGROUND)
+    draw = ImageDraw.Draw(figure)
+    font = _font()
+    for column, title in enumerate(titles):
+        draw.text((PADDING + column * (cell_size + PADDING), 4), title, fill=_TEXT, font=font)
+    for row_index, row in enumerate(rows):
+        for column, tile in enumerate(row):
+            # Token maps and tiny images must stay blocky; NEAREST keeps patches visible as patches.
+            tile = to_rgb(tile).resize((cell_size, cell_size), Image.Resampling.NEAREST)
+            figure.paste(tile, (PADDING + column * (cell_size + PADDING), TITLE_HEIGHT + PADDING + row_index * (cell_size + PADDING)))
+    return figure
+
+
+def decode_or_none(tokenizer, token_ids: torch.Tensor) -> torch.Tensor | None:
+    """`tokenizer.decode(token_ids)` in [0, 1], or None for a tokenizer without a pixel decoder."""
+    try:
+        with torch.no_grad():
+            return tokenizer.decode(token_ids)
+    except NotImplementedError:
+        return None
+
+
+@torch.no_grad()
+def predict_tokens(model, pixel_values, tokenizer_pixel_values, bool_masked_pos) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokenizer's ids `(batch, num_patches)` and the same grid with the model's predictions at the masked patches."""
+    targets = model.get_targets(tokenizer_pixel_values)
+    logits = model(pixel_values, bool_masked_pos=bool_masked_pos, tokenizer_pixel_values=tokenizer_pixel_values).logits
+    predicted = targets.clone()
+    predicted[bool_masked_pos] = logits.argmax(dim=-1)
+    return targets, predicted
+
+
+def mim_panel(
+    model,
+    image_processor,
+    tokenizer_image_processor,
+    images: Sequence[Image.Image],
+    bool_masked_pos: torch.Tensor,
+    cell_size: int = 160,
+) -> tuple[Image.Image, dict]:
+    """A grid with one row per image: view ("input"), masked view ("mask"), token map ("tokens"), and with a
+    pixel decoder the tokenizer's reconstruction of its tokens ("decoded") and the reconstruction with the
+    model's predictions in the masked patches ("predicted").
+
+    Args:
+        model: An hf_mim MIM model holding its tokenizer (`get_targets`, `tokenizer`, `logits` of masked patches).
+        image_processor, tokenizer_image_processor: The processors of the ViT's and the tokenizer's views.
+        images: PIL images, any mode.
+        bool_masked_pos (`torch.BoolTensor` of shape `(len(images), num_patches)`): The masks to show and predict.
+        cell_size: Side of each tile in pixels.
+
+    Returns:
+        The figure, and `{"token_ids", "predicted_ids"}` `(len(images), num_patches)` for metrics.
+    """
+    if model.tokenizer is None:
+        raise ValueError("The model has no tokenizer to compute token maps with; load a checkpoint that holds one")
+    transform = TwoViewTransform(image_processor, tokenizer_image_processor, train=False)
+    views = [transform(image) for image in images]
+    pixel_values = torch.stack([view["pixel_values"] for view in views])
+    tokenizer_pixel_values = torch.stack([view["tokenizer_pixel_values"] for view in views])
+    bool_masked_pos = bool_masked_pos.bool().flatten(1)
+    was_training = model.training
+    model.eval()
+    try:
+        targets, predicted = predict_tokens(model, pixel_values, tokenizer_pixel_values, bool_masked_pos)
+        reconstruction = decode_or_none(model.tokenizer, targets)
+        prediction = decode_or_none(model.tokenizer, predicted) if reconstruction is not None else None
+    finally:
+        model.train(was_training)
+
+    titles = ["input", "mask", "tokens"]
+    if reconstruction is not None:
+        titles += ["decoded", "predicted"]
+    else:
+        logger.info(f"{type(model.tokenizer).__name__} has no pixel decoder: reconstructions are left out")
+    rows = []
+    for index in range(len(images)):
+        shown = tensor_to_image(denormalize(pixel_values[index], image_processor))
+        row = [shown, mask_overlay(shown, bool_masked_pos[index]), token_map(targets[index], shown.size)]
+        if reconstruction is not None:
+            row += [tensor_to_image(reconstruction[index]), tensor_to_image(prediction[index])]
+        rows.append(row)
+    return image_grid(rows, titles, cell_size), {"token_ids": targets, "predicted_ids": predicted}
+
+
+def codebook_histogram(token_ids, codebook_size: int, size: tuple[int, int] = (640, 240)) -> Image.Image:
+    """Code frequencies sorted from most to least used (one bar per code, or the largest of each pixel column's codes),
+    with the number of used codes and the perplexity of the distribution in the title."""
+    token_ids = np.asarray(token_ids.cpu() if isinstance(token_ids, torch.Tensor) else token_ids).ravel()
+    if token_ids.size == 0:
+        raise ValueError("No token ids to count")
+    if token_ids.min() < 0 or token_ids.max() >= codebook_size:
+        raise ValueError(f"Token ids must be in [0, {codebook_size}); got {token_ids.min()}..{token_ids.max()}")
+    counts = np.sort(np.bincount(token_ids, minlength=codebook_size))[::-1]
+    frequencies = counts[counts > 0] / token_ids.size
+    used, perplexity = int((counts > 0).sum()), float(np.exp(-(frequencies * np.log(frequencies)).sum()))
+
+    width, height = size
+    figure = Image.new("RGB", size, _BACKGROUND)
+    draw = ImageDraw.Draw(figure)
+    font = _font()
+    title = f"codebook usage: {used}/{codebook_size} codes used, perplexity {perplexity:.1f}"
+    draw.text((PADDING, 4), title, fill=_TEXT, font=font)
+    left, top, right, bottom = 40, TITLE_HEIGHT + PADDING, width - PADDING, height - TITLE_HEIGHT
+    draw.rectangle((left, top, right, bottom), outline=_TEXT)
+    plot_width = right - left - 1
+    # Codes sharing a pixel column are drawn as their largest count, so no used code disappears.
+    columns = np.array_split(counts, min(plot_width, codebook_size))
+    bar_width = plot_width / len(columns)
+    peak = counts[0]
+    for index, column in enumerate(columns):
+        bar_height = (bottom - top - 1) * column.max() / peak
+        if bar_height > 0:
+            x0 = left + 1 + index * bar_width
+            draw.rectangle((x0, bottom - bar_height, max(x0, x0 + bar_width - 1), bottom - 1), fill=(70, 110, 180))
+    draw.text((PADDING, top), str(int(peak)), fill=_TEXT, font=font)
+    draw.text((PADDING, bottom - 12), "0", fill=_TEXT, font=font)
+    draw.text((left, bottom + 4), "codes, most used first", fill=_TEXT, font=font)
+    return figure
+
+
+def _log_history(trainer_state) -> list[dict]:
+    if isinstance(trainer_state, (str, os.PathLike)):
+        with open(trainer_state) as file:
+            trainer_state = json.load(file)
+    if isinstance(trainer_state, dict):
+        trainer_state = trainer_state.get("log_history", [])
+    return list(trainer_state)
+
+
+def training_curves(trainer_state, keys: Sequence[str] | None = None, size: tuple[int, int] = (640, 180)) -> Image.Image:
+    """Line charts of logged metrics, one per metric with its training (red) and evaluation (blue, `eval_` prefix)
+    series together, stacked vertically; `size` is one chart's (width, height).
+
+    Args:
+        trainer_state: A `trainer_state.json` path, its loaded dict, or its `log_history` list.
+        keys: Logged keys to plot; by default every key containing "loss" or "accuracy" (the run summary
+            `train_loss` excepted).
+    """
+    history = _log_history(trainer_state)
+    if keys is None:
+        keys = sorted({key for entry in history for key in entry if ("loss" in key or "accuracy" in key) and key != "train_loss"})
+    charts: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for key in keys:
+        points = [(float(entry["step"]), float(entry[key])) for entry in history if key in entry and "step" in entry]
+        if points:
+            charts.setdefault(key.removeprefix("eval_"), {})[key] = points
+    if not charts:
+        raise ValueError(f"None of {list(keys)} was logged in this trainer state; train with --logging_steps")
+    width, height = size
+    figure = Image.new("RGB", (width, height * len(charts)), _BACKGROUND)
+    draw = ImageDraw.Draw(figure)
+    font = _font()
+    for row, (name, series) in enumerate(sorted(charts.items())):
+        offset = row * height
+        left, top, right, bottom = 60, offset + TITLE_HEIGHT, width - 12, offset + height - TITLE_HEIGHT
+        every = [point for points in series.values() for point in points]
+        low, high = min(value for _, value in every), max(value for _, value in every)
+        first, last = min(step for step, _ in every), max(step for step, _ in every)
+        span_y, span_x = (high - low) or 1.0, (last - first) or 1.0
+        title = ", ".join(f"{key} (last {points[-1][1]:.4g})" for key, points in sorted(series.items(), key=lambda item: item[0].startswith("eval_")))
+        draw.text((PADDING, offset + 4), title, fill=_TEXT, font=font)
+        draw.rectangle((left, top, right, bottom), outline=_TEXT)
+        for key, points in series.items():
+            color = (50, 90, 200) if key.startswith("eval_") else (200, 60, 40)
+            xy = [(left + (right - left) * (step - first) / span_x, bottom - (bottom - top) * (value - low) / span_y) for step, value in points]
+            if len(xy) > 1:
+                draw.line(xy, fill=color, width=2)
+            for x, y in xy:
+                draw.ellipse((x - 2, y - 2, x + 2, y + 2), fill=color)
+        draw.text((PADDING, top), f"{high:.3g}", fill=_TEXT, font=font)
+        draw.text((PADDING, bottom - 12), f"{low:.3g}", fill=_TEXT, font=font)
+        draw.text((left, bottom + 4), f"step {int(first)}", fill=_TEXT, font=font)
+        draw.text((right - 60, bottom + 4), f"step {int(last)}", fill=_TEXT, font=font)
+    return figure
+
+
+def write_figures(
+    output_dir: str,
+    model=None,
+    image_processor=None,
+    tokenizer_image_processor=None,
+    images: Sequence[Image.Image] = (),
+    bool_masked_pos: torch.Tensor | None = None,
+    trainer_state=None,
+    cell_size: int = 160,
+) -> dict[str, str]:
+    """Write `mim_panel.png`, `codebook_usage.png` and `figure_metrics.json` (masked-token accuracy and codebook
+    usage of these images, through hf_mim's `evaluate` modules) given a model and images, and
+    `training_curves.png` given a trainer state, to `output_dir`; returns `{name: path}`. Arguments as in
+    [`mim_panel`] and [`training_curves`]."""
+    os.makedirs(output_dir, exist_ok=True)
+    written = {}
+    if model is not None and len(images):
+        from .evaluation.metrics import load_metric  # `evaluate` takes seconds to import; only needed here
+
+        panel, tokens = mim_panel(model, image_processor, tokenizer_image_processor, images, bool_masked_pos, cell_size)
+        written["mim_panel"] = os.path.join(output_dir, "mim_panel.png")
+        panel.save(written["mim_panel"])
+        codebook_size = model.tokenizer.codebook_size
+        written["codebook_usage"] = os.path.join(output_dir, "codebook_usage.png")
+        codebook_histogram(tokens["token_ids"], codebook_size).save(written["codebook_usage"])
+        metrics = load_metric("masked_accuracy").compute(
+            predictions=tokens["predicted_ids"].tolist(),
+            references=tokens["token_ids"].tolist(),
+            bool_masked_pos=bool_masked_pos.bool().flatten(1).tolist(),
+        )
+        metrics.update(load_metric("codebook_usage").compute(token_ids=tokens["token_ids"].flatten().tolist(), codebook_size=codebook_size))
+        written["figure_metrics"] = os.path.join(output_dir, "figure_metrics.json")
+        with open(written["figure_metrics"], "w") as file:
+            json.dump(metrics, file, indent=2)
+    if trainer_state is not None:
+        written["training_curves"] = os.path.join(output_dir, "training_curves.png")
+        training_curves(trainer_state).save(written["training_curves"])
+    if not written:
+        raise ValueError("Nothing to draw: pass a model with images, and/or a trainer state")
+    return written
+
+
+@dataclass
+class VisualizeArguments:
+    output_dir: str = field(metadata={"help": "Where to write the PNG files"})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "An hf_mim MIM checkpoint (e.g. the output_dir of run_mim.py)"}
+    )
+    images: list[str] = field(default_factory=list, metadata={"help": "Image files or folders of images"})
+    tokenizer_image_processor_name: str | None = field(
+        default=None, metadata={"help": "The tokenizer view's processor (default: <model>/tokenizer)"}
+    )
+    trainer_state: str | None = field(
+        default=None, metadata={"help": "trainer_state.json to plot (default: <model>/trainer_state.json if present)"}
+    )
+    masking: str = field(default="blockwise", metadata={"help": "blockwise (BEiT) or random, as in run_mim.py"})
+    cell_size: int = 160
+    seed: int = 0
+
+
+def _image_files(paths: Sequence[str]) -> list[str]:
+    files = []
+    for path in paths:
+        if os.path.isdir(path):
+            files += sorted(os.path.join(root, name) for root, _, names in os.walk(path) for name in names)
+        else:
+            files.append(path)
+    return files
+
+
+def main(argv=None) -> dict[str, str]:
+    # Imported here: run_mim pulls in the training stack, which plotting functions do not need.
+    from .training.run_mim import TOKENIZER_SUBFOLDER, DataArguments, build_mask_generator
+
+    (args,) = HfArgumentParser(VisualizeArguments).parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    trainer_state = args.trainer_state
+    if trainer_state is None and args.model_name_or_path is not None:
+        candidate = os.path.join(args.model_name_or_path, "trainer_state.json")
+        trainer_state = candidate if os.path.isfile(candidate) else None
+    model = image_processor = tokenizer_image_processor = masks = None
+    images = []
+    if args.model_name_or_path is not None and args.images:
+        model = AutoModelForMaskedImageModeling.from_pretrained(args.model_name_or_path)
+        image_processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
+        tokenizer_image_processor = AutoImageProcessor.from_pretrained(
+            args.tokenizer_image_processor_name or os.path.join(args.model_name_or_path, TOKENIZER_SUBFOLDER)
+        )
+        decoded = [(path, decode_image(path)) for path in _image_files(args.images)]
+        images = [image for _, image in decoded if image is not None]
+        if not images:
+            raise ValueError(f"None of {[path for path, _ in decoded]} could be read as an image")
+        grid = model.config.image_size // model.config.patch_size
+        generator = build_mask_generator(DataArguments(masking=args.masking), grid)
+        rng = np.random.default_rng(args.seed)
+        masks = torch.from_numpy(np.stack([generator(rng) for _ in images]).reshape(len(images), -1))
+    elif args.images:
+        raise ValueError("--images needs --model_name_or_path (the MIM checkpoint whose tokens and predictions to draw)")
+
+    written = write_figures(
+        args.output_dir, model, image_processor, tokenizer_image_processor, images, masks, trainer_state, args.cell_size
+    )
+    if "figure_metrics" in written:
+        with open(written["figure_metrics"]) as file:
+            print(f"metrics of these images: {json.load(file)}")
+    for name, path in written.items():
+        print(f"{name}: {path}")
+    return written
+
+
+__all__ = [
+    "VisualizeArguments",
+    "codebook_histogram",
+    "decode_or_none",
+    "denormalize",
+    "image_grid",
+    "main",
+    "mask_overlay",
+    "mim_panel",
+    "predict_tokens",
+    "tensor_to_image",
+    "token_color",
+    "token_map",
+    "training_curves",
+    "write_figures",
+]

@@ -1,0 +1,126 @@
+"""Export of an hf_mim encoder to a stock transformers BEiT checkpoint."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, BeitForImageClassification, BeitModel
+
+from hf_mim import BeitMimForMaskedImageModeling
+from hf_mim.evaluation.export import export_to_transformers, main, resolve_encoder, to_transformers_beit
+
+
+@pytest.fixture(scope="module")
+def mim_model(tiny_mim_dir):
+    return BeitMimForMaskedImageModeling.from_pretrained(tiny_mim_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def exported_dir(tiny_mim_dir, tmp_path_factory):
+    return export_to_transformers(tiny_mim_dir, str(tmp_path_factory.mktemp("exported")))
+
+
+def pixels(seed=0):
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def test_exported_folder_is_plain_transformers_beit(exported_dir):
+    assert sorted(os.listdir(exported_dir)) == ["config.json", "model.safetensors", "preprocessor_config.json"]
+    config = json.loads(open(os.path.join(exported_dir, "config.json")).read())
+    assert config["model_type"] == "beit" and config["architectures"] == ["BeitModel"]
+    assert "auto_map" not in config and "tokenizer_config" not in config
+    assert config["layer_norm_eps"] == 1e-6 and config["use_shared_relative_position_bias"]
+    processor = json.loads(open(os.path.join(exported_dir, "preprocessor_config.json")).read())
+    assert processor["image_processor_type"] == "BeitImageProcessor" and "auto_map" not in processor
+
+
+def test_round_trip_gives_identical_hidden_states(mim_model, exported_dir):
+    stock = BeitModel.from_pretrained(exported_dir).eval()
+    assert type(stock) is BeitModel
+    with torch.no_grad():
+        expected = mim_model.beit(pixels(), output_hidden_states=True).hidden_states
+        actual = stock(pixels(), output_hidden_states=True).hidden_states
+    assert len(actual) == len(expected) == 3
+    for a, b in zip(actual, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_exported_image_processor_preprocesses_identically(tiny_mim_dir, exported_dir):
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 48, 3), dtype=np.uint8))
+    ours = AutoImageProcessor.from_pretrained(tiny_mim_dir)(image, return_tensors="pt")["pixel_values"]
+    stock = AutoImageProcessor.from_pretrained(exported_dir)
+    assert type(stock).__name__ == "BeitImageProcessorPil"
+    torch.testing.assert_close(stock(image, return_tensors="pt")["pixel_values"], ours)
+
+
+def test_classification_model_only_initialises_its_classifier(exported_dir):
+    model, info = BeitForImageClassification.from_pretrained(exported_dir, num_labels=5, output_loading_info=True)
+    assert info["missing_keys"] == {"classifier.weight", "classifier.bias"}
+    assert not info["unexpected_keys"] and not info["mismatched_keys"]
+    # The pooler LayerNorm (unilm's fc_norm) is written as the identity, as the reference initialises it.
+    assert torch.all(model.beit.pooler.layernorm.weight == 1) and torch.all(model.beit.pooler.layernorm.bias == 0)
+
+
+def test_per_layer_tables_are_copies_of_the_shared_one(mim_model):
+    stock = to_transformers_beit(mim_model, per_layer_relative_position_bias=True)
+    assert stock.shared_position_bias is None and stock.config.use_relative_position_bias
+    shared = mim_model.beit.shared_position_bias.relative_position_bias_table
+    assert shared.abs().sum() > 0
+    for layer in stock.layers:
+        assert torch.equal(layer.relative_position_bias.relative_position_bias_table, shared)
+    with torch.no_grad():
+        expected = mim_model.beit(pixels(1), output_hidden_states=True).hidden_states[-1]
+        torch.testing.assert_close(stock(pixels(1), output_hidden_states=True).hidden_states[-1], expected)
+
+
+def test_cls_pooling_keeps_the_final_norm(mim_model):
+    stock = to_transformers_beit(mim_model, pooling="cls")
+    assert not stock.config.use_mean_pooling
+    with torch.no_grad():
+        output = stock(pixels())
+        expected = mim_model.layernorm(mim_model.beit(pixels()).last_hidden_state)
+    torch.testing.assert_close(output.last_hidden_state, expected)
+    torch.testing.assert_close(output.pooler_output, expected[:, 0])
+
+
+def test_stock_transformers_loads_it_without_hf_mim(exported_dir):
+    code = f"""
+import sys
+import torch
+from PIL import Image
+from transformers import BeitBackbone, BeitForImageClassification, BeitModel, pipeline
+path = {exported_dir!r}
+BeitModel.from_pretrained(path)
+_, info = BeitForImageClassification.from_pretrained(path, num_labels=3, output_loading_info=True)
+assert info["missing_keys"] == {{"classifier.weight", "classifier.bias"}}, info
+backbone, info = BeitBackbone.from_pretrained(path, out_indices=[1, 2], output_loading_info=True)
+assert not info["missing_keys"], info
+maps = backbone(torch.randn(1, 3, 32, 32)).feature_maps
+assert [tuple(m.shape) for m in maps] == [(1, 32, 4, 4)] * 2
+features = pipeline("image-feature-extraction", model=path)(Image.new("RGB", (40, 40), "red"))
+assert len(features[0]) == 17 and len(features[0][0]) == 32
+assert not any(name.split(".")[0] == "hf_mim" for name in sys.modules), "hf_mim was imported"
+"""
+    completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+
+def test_script_exports_a_checkpoint_folder(tiny_mim_dir, tmp_path, capsys):
+    main(["--model_name_or_path", tiny_mim_dir, "--output_dir", str(tmp_path), "--per_layer_relative_position_bias"])
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["use_relative_position_bias"] and not config["use_shared_relative_position_bias"]
+    assert "model_type 'beit'" in capsys.readouterr().out
+
+
+def test_bad_input(mim_model, tmp_path):
+    with pytest.raises(ValueError, match="image_processor"):
+        export_to_transformers(mim_model, str(tmp_path))
+    with pytest.raises(TypeError, match="BEiT encoder"):
+        resolve_encoder(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="pooling"):
+        to_transformers_beit(mim_model, pooling="max")

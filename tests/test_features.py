@@ -1,0 +1,106 @@
+"""Frozen-feature extraction, its disk cache, and the probe / k-NN command lines."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModel
+
+from hf_mim import BeitMimForMaskedImageModeling
+from hf_mim.evaluation import knn, probe
+from hf_mim.evaluation.features import extract_features, model_fingerprint, pool_tokens
+
+
+@pytest.fixture(scope="module")
+def model_and_processor(tiny_mim_dir):
+    return BeitMimForMaskedImageModeling.from_pretrained(tiny_mim_dir).eval(), AutoImageProcessor.from_pretrained(tiny_mim_dir)
+
+
+def images(count=5, seed=0):
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (24 + i, 40, 3), dtype=np.uint8)) for i in range(count)]
+
+
+def test_features_are_pooled_hidden_states(model_and_processor):
+    model, processor = model_and_processor
+    data = images()
+    result = extract_features(model, processor, data, labels=[0, 1, 0, 1, 2], layers=(0, -1), pooling="cls+mean", batch_size=2)
+    assert sorted(result.features) == [0, 2] and result.labels.tolist() == [0, 1, 0, 1, 2]
+    pixel_values = processor(data, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        hidden_states = model.beit(pixel_values, output_hidden_states=True).hidden_states
+    for layer in (0, 2):
+        expected = torch.cat([hidden_states[layer][:, 0], hidden_states[layer][:, 1:].mean(1)], dim=1)
+        assert result.features[layer].shape == (5, 64)
+        torch.testing.assert_close(result.features[layer], expected, rtol=1e-5, atol=1e-5)
+
+
+def test_pooling_modes():
+    tokens = torch.arange(2 * 3 * 4, dtype=torch.float).view(2, 3, 4)
+    assert torch.equal(pool_tokens(tokens, "cls"), tokens[:, 0])
+    assert torch.equal(pool_tokens(tokens, "mean"), tokens[:, 1:].mean(1))
+    with pytest.raises(ValueError, match="pooling"):
+        pool_tokens(tokens, "max")
+
+
+def test_cache_is_reused_and_keyed(model_and_processor, tiny_mim_dir, tmp_path):
+    model, processor = model_and_processor
+    data, labels = images(), [0, 1, 0, 1, 0]
+    first = extract_features(model, processor, data, labels, layers=(1,), cache_dir=str(tmp_path))
+    assert len(os.listdir(tmp_path)) == 1
+    # The same weights loaded as the AutoModel encoder have the same fingerprint: the cache answers, no forward pass.
+    encoder = AutoModel.from_pretrained(tiny_mim_dir)
+    assert model_fingerprint(encoder) == model_fingerprint(model.beit)
+    encoder.forward = None
+    cached = extract_features(encoder, processor, data, labels, layers=(1,), cache_dir=str(tmp_path))
+    assert torch.equal(cached.features[1], first.features[1]) and torch.equal(cached.labels, first.labels)
+    # Other pooling, labels or weights are other entries.
+    extract_features(model, processor, data, labels, layers=(1,), pooling="cls", cache_dir=str(tmp_path))
+    extract_features(model, processor, data, [1, 1, 0, 1, 0], layers=(1,), cache_dir=str(tmp_path))
+    assert len(os.listdir(tmp_path)) == 3
+    with torch.no_grad():
+        model.beit.embeddings.cls_token.add_(1.0)
+    try:
+        changed = extract_features(model, processor, data, labels, layers=(1,), cache_dir=str(tmp_path))
+    finally:
+        with torch.no_grad():
+            model.beit.embeddings.cls_token.sub_(1.0)
+    assert len(os.listdir(tmp_path)) == 4 and not torch.equal(changed.features[1], first.features[1])
+
+
+def test_undecodable_images_are_skipped_with_their_labels(model_and_processor):
+    model, processor = model_and_processor
+    data = images(3)
+    result = extract_features(model, processor, [data[0], b"not an image", data[2]], labels=[4, 5, 6])
+    assert result.labels.tolist() == [4, 6] and result.features[2].shape == (2, 32)
+
+
+def test_bad_input(model_and_processor):
+    model, processor = model_and_processor
+    with pytest.raises(ValueError, match="layer 3 does not exist"):
+        extract_features(model, processor, images(1), layers=(3,))
+    with pytest.raises(ValueError, match="labels"):
+        extract_features(model, processor, images(2), labels=[0])
+
+
+def test_probe_and_knn_scripts(tiny_mim_dir, image_folder, tmp_path, capsys):
+    common = [
+        "--model_name_or_path", tiny_mim_dir, "--train_dir", image_folder, "--train_val_split", "0.25",
+        "--layers", "1", "-1", "--pooling", "cls+mean", "--feature_cache_dir", str(tmp_path / "features"),
+        "--output_dir", str(tmp_path), "--batch_size", "8",
+    ]
+    results = probe.main([*common, "--weight_decays", "1e-3", "1e-1", "--max_iter", "20"])
+    assert set(results["layers"]) == {1, 2} and 0.0 <= results["accuracy"] <= 1.0
+    assert results["num_train"] == 18 and results["num_eval"] == 6
+    assert "linear probe top-1" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "linear_probe_results.json").read_text())
+    assert saved["best_layer"] == results["best_layer"]
+    # Both splits at both layers were cached by the probe; k-NN reads them back.
+    assert len(os.listdir(tmp_path / "features")) == 4
+    results = knn.main([*common, "--ks", "1", "5"])
+    assert set(results["layers"][1]) == {1, 5} and results["reference_k"] == 5
+    assert len(os.listdir(tmp_path / "features")) == 4
+    assert (tmp_path / "knn_results.json").exists()

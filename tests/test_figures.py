@@ -1,0 +1,105 @@
+"""PNG figures: written, valid, and of the documented size."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor
+
+from hf_mim import BeitMimForMaskedImageModeling
+from hf_mim.visualization import (
+    PADDING,
+    TITLE_HEIGHT,
+    codebook_histogram,
+    main,
+    mask_overlay,
+    token_map,
+    training_curves,
+    write_figures,
+)
+
+LOG_HISTORY = [{"step": step, "loss": 9.0 - step, "masked_accuracy": 0.01 * step} for step in range(1, 6)] + [
+    {"step": 5, "eval_loss": 4.5, "eval_masked_accuracy": 0.04},
+    {"step": 5, "train_loss": 7.0, "train_runtime": 1.0},
+]
+
+
+def grid_size(rows, columns, cell):
+    return columns * (cell + PADDING) + PADDING, TITLE_HEIGHT + rows * (cell + PADDING) + PADDING
+
+
+def assert_png(path, size):
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.size == size
+        image.verify()
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_mim_dir):
+    model = BeitMimForMaskedImageModeling.from_pretrained(tiny_mim_dir)
+    return model, AutoImageProcessor.from_pretrained(tiny_mim_dir), AutoImageProcessor.from_pretrained(f"{tiny_mim_dir}/tokenizer")
+
+
+def photos(count):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (30, 44, 3), dtype=np.uint8)) for _ in range(count)]
+
+
+def test_figures_are_valid_pngs_of_the_right_size(loaded, tmp_path):
+    model, processor, tokenizer_processor = loaded
+    masks = torch.zeros(3, 16, dtype=torch.bool)
+    masks[:, :6] = True
+    written = write_figures(str(tmp_path), model, processor, tokenizer_processor, photos(3), masks, {"log_history": LOG_HISTORY}, cell_size=48)
+    # input, mask, tokens, decoded, predicted: the dVAE has a pixel decoder.
+    assert_png(written["mim_panel"], grid_size(3, 5, 48))
+    assert_png(written["codebook_usage"], (640, 240))
+    # Charts of loss and masked_accuracy, each with its eval series; the run summary `train_loss` is not plotted.
+    assert_png(written["training_curves"], (640, 2 * 180))
+    metrics = json.loads(open(written["figure_metrics"]).read())
+    assert metrics["num_masked"] == 18 and 0 <= metrics["masked_accuracy"] <= 1
+    assert 1 <= metrics["num_used_codes"] <= 48 and metrics["codebook_usage"] == metrics["num_used_codes"] / 64
+
+
+def test_tokenizer_without_decoder_leaves_reconstructions_out(loaded, tmp_path, monkeypatch):
+    model, processor, tokenizer_processor = loaded
+
+    def no_decoder(indices):
+        raise NotImplementedError("no pixel decoder")
+
+    monkeypatch.setattr(model.tokenizer, "decode", no_decoder)
+    written = write_figures(str(tmp_path), model, processor, tokenizer_processor, photos(2), torch.ones(2, 16, dtype=torch.bool), cell_size=32)
+    assert_png(written["mim_panel"], grid_size(2, 3, 32))
+    assert "training_curves" not in written
+
+
+def test_overlay_and_token_map_follow_the_grid():
+    image = Image.new("RGB", (32, 32), (255, 255, 255))
+    mask = np.zeros(16, dtype=bool)
+    mask[0] = True
+    overlay = np.asarray(mask_overlay(image, mask))
+    assert overlay[:8, :8].max() < 255 and (overlay[8:, 8:] == 255).all()
+    tokens = token_map(torch.tensor([[0, 1], [1, 0]]), (32, 32))
+    array = np.asarray(tokens)
+    assert tokens.size == (32, 32) and (array[0, 0] == array[31, 31]).all() and (array[0, 0] != array[0, 31]).any()
+
+
+def test_histogram_and_curves_bad_input():
+    with pytest.raises(ValueError, match=r"\[0, 8\)"):
+        codebook_histogram([0, 9], codebook_size=8)
+    with pytest.raises(ValueError, match="logged"):
+        training_curves([{"step": 1, "learning_rate": 0.1}])
+    assert codebook_histogram(np.arange(5000) % 3000, 3000, size=(320, 120)).size == (320, 120)
+
+
+def test_script_writes_figures_of_a_checkpoint(tiny_mim_dir, image_folder, tmp_path, capsys):
+    (tmp_path / "state.json").write_text(json.dumps({"log_history": LOG_HISTORY}))
+    written = main([
+        "--model_name_or_path", tiny_mim_dir, "--images", f"{image_folder}/a", "--output_dir", str(tmp_path / "figures"),
+        "--trainer_state", str(tmp_path / "state.json"), "--cell_size", "40",
+    ])
+    assert_png(written["mim_panel"], grid_size(12, 5, 40))
+    assert "masked_accuracy" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="--images needs --model_name_or_path"):
+        main(["--images", image_folder, "--output_dir", str(tmp_path)])

@@ -1,0 +1,104 @@
+"""Fine-tuning: Mixup/CutMix targets, the classifier built from a MIM checkpoint, layer decay, and the script."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from transformers import BeitForImageClassification, TrainingArguments
+
+from hf_mim import BeitMimForMaskedImageModeling
+from hf_mim.training.mixup import MixupCutmix, cutmix_box, smooth_one_hot, soft_target_cross_entropy
+from hf_mim.training.run_image_classification import ImageClassificationTrainer, ModelArguments, build_classifier, main
+
+
+def test_label_smoothing_matches_torch():
+    logits, labels = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0])
+    targets = smooth_one_hot(labels, 5, 0.1)
+    assert torch.allclose(targets.sum(1), torch.ones(6)) and targets[0, 0] == pytest.approx(0.92)
+    expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)
+    torch.testing.assert_close(soft_target_cross_entropy(logits, targets), expected)
+    torch.testing.assert_close(soft_target_cross_entropy(logits, labels), torch.nn.functional.cross_entropy(logits, labels))
+
+
+def test_mixup_blends_images_and_targets():
+    pixels, labels = torch.rand(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    mixup = MixupCutmix(4, mixup_alpha=0.8, cutmix_alpha=0.0, label_smoothing=0.0)
+    mixed, targets = mixup(pixels, labels, rng=np.random.default_rng(0))
+    lam = targets[0, 0].item()
+    assert 0 < lam < 1 and targets[0, 3].item() == pytest.approx(1 - lam)
+    torch.testing.assert_close(mixed, lam * pixels + (1 - lam) * pixels.flip(0))
+
+
+def test_cutmix_targets_follow_the_pasted_area():
+    pixels, labels = torch.rand(4, 3, 16, 16), torch.tensor([0, 1, 2, 3])
+    mixup = MixupCutmix(4, mixup_alpha=0.0, cutmix_alpha=1.0, label_smoothing=0.0)
+    mixed, targets = mixup(pixels, labels, rng=np.random.default_rng(3))
+    from_partner = (mixed[0] != pixels[0]).any(0).float().mean().item()
+    assert 0 < from_partner < 1
+    assert targets[0, 3].item() == pytest.approx(from_partner) and targets[0, 0].item() == pytest.approx(1 - from_partner)
+    top, bottom, left, right = cutmix_box(16, 16, 0.75, np.random.default_rng(0))
+    assert 0 <= top <= bottom <= 16 and 0 <= left <= right <= 16
+
+
+def test_no_mixing_is_label_smoothing_only():
+    pixels, labels = torch.rand(2, 3, 8, 8), torch.tensor([1, 0])
+    mixed, targets = MixupCutmix(3, mixup_alpha=0.0, cutmix_alpha=0.0, label_smoothing=0.3)(pixels, labels)
+    assert torch.equal(mixed, pixels) and torch.allclose(targets, smooth_one_hot(labels, 3, 0.3))
+    with pytest.raises(ValueError, match="label_smoothing"):
+        MixupCutmix(3, label_smoothing=1.5)
+
+
+def test_classifier_from_a_mim_checkpoint(tiny_mim_dir):
+    source = BeitMimForMaskedImageModeling.from_pretrained(tiny_mim_dir)
+    model = build_classifier(ModelArguments(tiny_mim_dir, drop_path_rate=0.2, head_init_scale=0.001), ["cat", "dog", "fox"])
+    assert type(model) is BeitForImageClassification and model.config.model_type == "beit"
+    assert model.config.id2label == {0: "cat", 1: "dog", 2: "fox"} and model.config.drop_path_rate == 0.2
+    shared = source.beit.shared_position_bias.relative_position_bias_table
+    assert model.beit.shared_position_bias is None
+    for layer in model.beit.layers:
+        assert torch.equal(layer.relative_position_bias.relative_position_bias_table, shared)
+    assert torch.equal(model.beit.layers[1].mlp.fc2.weight, source.beit.layers[1].mlp.fc2.weight)
+    assert model.beit.embeddings.mask_token is None
+    assert model.classifier.weight.abs().max() < 0.001
+
+
+def test_layer_decay_reaches_the_optimizer(tiny_mim_dir, tmp_path):
+    model = build_classifier(ModelArguments(tiny_mim_dir), ["a", "b"])
+    args = TrainingArguments(str(tmp_path), learning_rate=1.0, weight_decay=0.05, use_cpu=True, report_to="none")
+    optimizer = ImageClassificationTrainer(model=model, args=args, layer_decay=0.5).create_optimizer()
+    rates = {name: group["lr"] for group in optimizer.param_groups for name in group["names"]}
+    # Two layers: embeddings 0.5^3, layer i 0.5^(2 - i), pooler and classifier 1.
+    assert rates["beit.embeddings.cls_token"] == pytest.approx(0.125)
+    assert rates["beit.layers.0.relative_position_bias.relative_position_bias_table"] == pytest.approx(0.25)
+    assert rates["beit.layers.1.attention.q_proj.weight"] == pytest.approx(0.5)
+    assert rates["classifier.weight"] == rates["beit.pooler.layernorm.weight"] == pytest.approx(1.0)
+
+
+def test_script_fine_tunes_and_saves_a_stock_classifier(tiny_mim_dir, image_folder, tmp_path):
+    metrics = main([
+        "--model_name_or_path", tiny_mim_dir, "--train_dir", image_folder, "--train_val_split", "0.25",
+        "--output_dir", str(tmp_path), "--do_train", "--do_eval", "--max_steps", "3",
+        "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--mixup", "0.8", "--cutmix", "1.0",
+        "--logging_steps", "1", "--save_strategy", "no", "--use_cpu", "--report_to", "none",
+        "--dataloader_num_workers", "0", "--seed", "0",
+    ])
+    assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and np.isfinite(metrics["eval_loss"])
+    state = json.loads((tmp_path / "trainer_state.json").read_text())
+    assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "beit" and "auto_map" not in config and config["use_relative_position_bias"]
+    assert config["id2label"] == {"0": "a", "1": "b"}
+    processor = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert processor["image_processor_type"] == "BeitImageProcessor"
+    _, info = BeitForImageClassification.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+
+def test_image_size_mismatch_is_an_error(tiny_mim_dir, image_folder, tmp_path):
+    from transformers import BeitImageProcessorPil
+
+    BeitImageProcessorPil(size={"height": 48, "width": 48}).save_pretrained(tmp_path / "processor")
+    with pytest.raises(ValueError, match="48x48 images but the model takes 32x32"):
+        main(["--model_name_or_path", tiny_mim_dir, "--image_processor_name", str(tmp_path / "processor"),
+              "--train_dir", image_folder, "--output_dir", str(tmp_path / "out"), "--do_train", "--use_cpu"])
