@@ -11,10 +11,16 @@ from .models import (
     BeitMimConfig,
     BeitMimForMaskedImageModeling,
     BeitMimModel,
+    Beitv2Config,
+    Beitv2ForMaskedImageModeling,
+    Beitv2Model,
     DvaeConfig,
     DvaeImageProcessor,
     DvaeModel,
     MimImageProcessor,
+    VqkdConfig,
+    VqkdImageProcessor,
+    VqkdModel,
 )
 
 # (config, {Auto class: model class}, image processor) per family.
@@ -25,6 +31,12 @@ FAMILIES = [
         MimImageProcessor,
     ),
     (DvaeConfig, {AutoModel: DvaeModel}, DvaeImageProcessor),
+    (VqkdConfig, {AutoModel: VqkdModel}, VqkdImageProcessor),
+    (
+        Beitv2Config,
+        {AutoModel: Beitv2Model, AutoModelForMaskedImageModeling: Beitv2ForMaskedImageModeling},
+        MimImageProcessor,
+    ),
 ]
 
 

@@ -6,21 +6,34 @@ where hf_mim is not installed. This `__init__` is not copied: it is for installe
 """
 
 from .configuration_beit import BeitMimConfig
+from .configuration_beitv2 import Beitv2Config
 from .configuration_dvae import DvaeConfig
+from .configuration_vqkd import VqkdConfig
 from .image_processing_dvae import DvaeImageProcessor
 from .image_processing_mim import MimImageProcessor
+from .image_processing_vqkd import VqkdImageProcessor
 from .modeling_beit import BeitMimForMaskedImageModeling, BeitMimModel, BeitMimOutput
+from .modeling_beitv2 import Beitv2ForMaskedImageModeling, Beitv2MimOutput, Beitv2Model
 from .modeling_dvae import DvaeModel
 from .modeling_tokenizer import MimTokenizerPreTrainedModel
+from .modeling_vqkd import VqkdModel, VqkdOutput
 
 __all__ = [
     "BeitMimConfig",
     "BeitMimForMaskedImageModeling",
     "BeitMimModel",
     "BeitMimOutput",
+    "Beitv2Config",
+    "Beitv2ForMaskedImageModeling",
+    "Beitv2MimOutput",
+    "Beitv2Model",
     "DvaeConfig",
     "DvaeImageProcessor",
     "DvaeModel",
     "MimImageProcessor",
     "MimTokenizerPreTrainedModel",
+    "VqkdConfig",
+    "VqkdImageProcessor",
+    "VqkdModel",
+    "VqkdOutput",
 ]

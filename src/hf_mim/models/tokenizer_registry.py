@@ -6,10 +6,13 @@ to classes, inside the remote-code closure so checkpoints load without hf_mim in
 """
 
 from .configuration_dvae import DvaeConfig
+from .configuration_vqkd import VqkdConfig
 from .modeling_dvae import DvaeModel
+from .modeling_vqkd import VqkdModel
 
 TOKENIZER_CLASSES = {
     DvaeConfig.model_type: (DvaeConfig, DvaeModel),
+    VqkdConfig.model_type: (VqkdConfig, VqkdModel),
 }
 
 

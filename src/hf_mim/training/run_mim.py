@@ -25,7 +25,13 @@ from ..data import (
     load_image_datasets,
     scale_num_patches,
 )
-from ..models import BeitMimConfig, BeitMimForMaskedImageModeling, MimImageProcessor
+from ..models import (
+    BeitMimConfig,
+    BeitMimForMaskedImageModeling,
+    Beitv2Config,
+    Beitv2ForMaskedImageModeling,
+    MimImageProcessor,
+)
 from .trainer import MimTrainer
 
 logger = logging.getLogger(__name__)
@@ -33,6 +39,7 @@ logger = logging.getLogger(__name__)
 # --model_type -> (config class, model class); each method adds its entry.
 MIM_MODELS = {
     "beit": (BeitMimConfig, BeitMimForMaskedImageModeling),
+    "beitv2": (Beitv2Config, Beitv2ForMaskedImageModeling),
 }
 
 # ViT sizes of the BEiT papers (and DeiT's tiny/small).

@@ -1,0 +1,290 @@
+"""VQ-KD: parameter count, codebook algorithm (k-means init, EMA, restarts), input guards, teachers, checkpoints."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from transformers import (
+    AutoImageProcessor,
+    AutoModel,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+    ViTConfig,
+    ViTModel,
+)
+
+from hf_mim import VqkdConfig, VqkdImageProcessor, VqkdModel
+from hf_mim.models import modeling_vqkd
+from hf_mim.models.modeling_vqkd import VqkdCodebook, spherical_kmeans
+from hf_mim.training.vqkd import VqkdTeacher, load_teacher
+
+TINY_VQKD = {
+    "image_size": 32,
+    "patch_size": 8,
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "decoder_hidden_size": 32,
+    "decoder_layers": 1,
+    "decoder_attention_heads": 2,
+    "decoder_intermediate_size": 64,
+    "codebook_size": 64,
+    "teacher_dim": 16,
+}
+
+
+def tiny_vqkd_config(**kwargs) -> VqkdConfig:
+    """A VQ-KD whose 32 px view gives a 4x4 grid of 64 codes; 16-d targets (the tiny CLIP teacher's projection)."""
+    return VqkdConfig(**{**TINY_VQKD, **kwargs})
+
+
+def tiny_clip_teacher_dir(path) -> str:
+    """A random tiny CLIP vision tower with projection (32 px, 8 px patches, 16-d output) and its processor."""
+    config = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8,
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPVisionModelWithProjection(config).save_pretrained(path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    return str(path)
+
+
+def codebook_with(weight, **config_kwargs) -> VqkdCodebook:
+    weight = torch.as_tensor(weight, dtype=torch.float32)
+    config = tiny_vqkd_config(codebook_size=weight.shape[0], codebook_dim=weight.shape[1], **config_kwargs)
+    codebook = VqkdCodebook(config)
+    codebook.weight.copy_(weight)
+    codebook.initted.fill_(1)
+    return codebook
+
+
+def test_trainable_parameter_count_matches_reference():
+    # vqkd_encoder_base_decoder_3x768x12_clip: encoder, decoder and task layers; the codebook is not trained by SGD.
+    with torch.device("meta"):
+        model = VqkdModel(VqkdConfig())
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == 108_829_216
+    assert {name for name, _ in model.named_buffers()} >= {"codebook.weight", "codebook.initted", "codebook.cluster_size"}
+
+
+def test_config_defaults_and_validation():
+    config = VqkdConfig()
+    assert (config.codebook_size, config.codebook_dim, config.decoder_layers, config.teacher_dim) == (8192, 32, 3, 512)
+    assert config.grid_size == 14 and config.ema_decay == 0.99 and config.layer_norm_eps == 1e-6
+    assert config.auto_map["AutoModel"] == "modeling_vqkd.VqkdModel"
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        VqkdConfig(image_size=230)
+    with pytest.raises(ValueError, match="ema_decay"):
+        VqkdConfig(ema_decay=1.0)
+    with pytest.raises(ValueError, match="dead_code_restart_steps"):
+        VqkdConfig(dead_code_restart_steps=-1)
+
+
+def test_encoder_is_the_reference_vit():
+    model = VqkdModel(tiny_vqkd_config())
+    encoder = model.encoder.config
+    assert encoder.use_absolute_position_embeddings and not encoder.use_relative_position_bias
+    assert not encoder.use_shared_relative_position_bias and encoder.layer_scale_init_value == 0
+    assert model.encoder.embeddings.position_embeddings is not None
+    assert not isinstance(model.encoder.layers[0].lambda_1, torch.nn.Parameter)
+    decoder = model.decoder.config
+    assert (decoder.image_size, decoder.patch_size, decoder.num_channels) == (4, 1, 32)
+
+
+def test_processor_gives_unnormalised_224_views_and_refuses_normalisation():
+    processor = VqkdImageProcessor()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (300, 260, 3), dtype=np.uint8))
+    pixels = processor(image, return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (1, 3, 224, 224) and pixels.min() >= 0 and pixels.max() <= 1
+    with pytest.raises(ValueError, match="cannot normalise"):
+        VqkdImageProcessor(do_normalize=True)
+    with pytest.raises(ValueError, match="cannot normalise"):
+        processor(image, do_normalize=True)
+    processor.do_normalize = True
+    with pytest.raises(ValueError, match="cannot normalise"):
+        processor.normalize_tensor(torch.rand(3, 224, 224))
+
+
+def test_model_refuses_pixels_outside_unit_range():
+    model = VqkdModel(tiny_vqkd_config(kmeans_init=False)).eval()
+    normalised = (torch.rand(2, 3, 32, 32) - 0.485) / 0.229
+    with pytest.raises(ValueError, match="mean/std-normalised.*VqkdImageProcessor"):
+        model.get_codebook_indices(normalised)
+    with pytest.raises(ValueError, match="0-255"):
+        model(torch.rand(2, 3, 32, 32) * 255)
+    with pytest.raises(ValueError, match="expects 32x32"):
+        model.get_codebook_indices(torch.rand(2, 3, 64, 64))
+
+
+def test_ema_update_matches_hand_computation():
+    codebook = codebook_with([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], ema_decay=0.5).train()
+    features = torch.tensor([[[3.0, 4.0], [2.0, 0.0], [4.0, 3.0]]], requires_grad=True)
+    quantized, indices, commitment, counts = codebook(features)
+
+    # Unit vectors (0.6, 0.8), (1, 0), (0.8, 0.6) pick codes 1, 0, 0.
+    assert indices.tolist() == [[1, 0, 0]] and counts.tolist() == [2.0, 1.0, 0.0]
+    # The output is the codes as they were before the update.
+    assert torch.allclose(quantized, torch.tensor([[[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]]))
+    # Commitment: squared distances 0.36 + 0.04, 0, 0.04 + 0.36 over 3 x 2 elements.
+    assert commitment.item() == pytest.approx(0.8 / 6)
+    # Code 0: members (1, 0) + (0.8, 0.6) -> mean direction (1.8, 0.6)/|.|; new = normalise(0.5 old + 0.5 mean).
+    mean0 = torch.tensor([1.8, 0.6]) / math.hypot(1.8, 0.6)
+    new0 = F.normalize(0.5 * torch.tensor([1.0, 0.0]) + 0.5 * mean0, dim=0)
+    # Code 1: one member (0.6, 0.8): normalise((0, 0.5) + (0.3, 0.4)) = (0.3, 0.9)/|.|.
+    new1 = torch.tensor([0.3, 0.9]) / math.hypot(0.3, 0.9)
+    assert torch.allclose(codebook.weight, torch.stack([new0, new1, torch.tensor([-1.0, 0.0])]), atol=1e-6)
+    assert codebook.cluster_size.tolist() == [1.0, 0.5, 0.0]
+
+    # Straight-through: the gradient passes to the features as if the quantiser were the l2 normalisation.
+    (quantized * torch.tensor([1.0, 2.0])).sum().backward()
+    reference = features.detach().clone().requires_grad_(True)
+    (F.normalize(reference, dim=-1) * torch.tensor([1.0, 2.0])).sum().backward()
+    commitment_grad = torch.autograd.grad(
+        F.mse_loss(F.normalize(reference, dim=-1), quantized.detach()), reference
+    )[0]
+    assert torch.allclose(features.grad, reference.grad)
+    assert commitment_grad.abs().sum() > 0
+
+
+def test_eval_mode_quantisation_changes_nothing():
+    codebook = codebook_with(F.normalize(torch.randn(8, 4), dim=-1)).eval()
+    state = {name: tensor.clone() for name, tensor in codebook.state_dict().items()}
+    codebook(torch.randn(2, 5, 4))
+    assert all(torch.equal(state[name], tensor) for name, tensor in codebook.state_dict().items())
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_spherical_kmeans_finds_two_symmetric_clusters(seed):
+    angles = torch.tensor([-5.0, 0.0, 5.0, 85.0, 90.0, 95.0]) * math.pi / 180
+    vectors = torch.stack([angles.cos(), angles.sin()], dim=1)
+    torch.manual_seed(seed)
+    centroids = spherical_kmeans(vectors, 2, iterations=10)
+    # Each cluster is symmetric about its middle vector, so its normalised mean is exactly that vector.
+    ordered = centroids[centroids[:, 0].argsort(descending=True)]
+    assert torch.allclose(ordered, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), atol=1e-6)
+
+
+def test_spherical_kmeans_with_fewer_vectors_than_codes_reuses_vectors():
+    vectors = F.normalize(torch.tensor([[1.0, 2.0], [-3.0, 1.0]]), dim=-1)
+    centroids = spherical_kmeans(vectors, 5, iterations=3)
+    # Drawn with replacement; duplicates stay put (a centroid without members keeps its position).
+    assert all(any(torch.allclose(row, vector) for vector in vectors) for row in centroids)
+
+
+def test_kmeans_initialises_once_on_the_first_training_batch(monkeypatch):
+    calls = []
+    original = modeling_vqkd.spherical_kmeans
+    monkeypatch.setattr(modeling_vqkd, "spherical_kmeans", lambda *args: calls.append(args[0].shape) or original(*args))
+    model = VqkdModel(tiny_vqkd_config(codebook_size=16)).train()
+    assert model.codebook.initted.item() == 0 and torch.all(model.codebook.weight == 0)
+    with pytest.raises(ValueError, match="not initialised"):
+        model.eval().get_codebook_indices(torch.rand(2, 3, 32, 32))
+    model.train()
+    model(torch.rand(4, 3, 32, 32))
+    model(torch.rand(4, 3, 32, 32))
+    # One k-means, on the 4 x 16 unit feature vectors of the first batch.
+    assert calls == [torch.Size([64, 32])]
+    assert model.codebook.initted.item() == 1
+    assert torch.allclose(model.codebook.weight.norm(dim=-1), torch.ones(16))
+
+
+def test_dead_codes_are_restarted_from_current_features():
+    weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    codebook = codebook_with(weight, ema_decay=0.5, dead_code_restart_steps=2).train()
+    features = torch.tensor([[[1.0, 0.1], [0.1, 1.0]]])
+    codebook(features)
+    assert codebook.unused_steps.tolist() == [0, 0, 1] and torch.equal(codebook.weight[2], weight[2])
+    codebook(features)
+    # Code 2 went unused for 2 steps: it now holds one of the (normalised) features of the batch.
+    candidates = F.normalize(features[0], dim=-1)
+    assert any(torch.allclose(codebook.weight[2], row) for row in candidates)
+    assert codebook.unused_steps.tolist() == [0, 0, 0]
+
+
+def test_codebook_logits_are_scaled_cosine_similarities():
+    model = VqkdModel(tiny_vqkd_config(kmeans_init=False, logit_scale=10.0)).eval()
+    pixels = torch.rand(3, 3, 32, 32)
+    logits = model.get_codebook_logits(pixels)
+    assert logits.shape == (3, 16, 64)
+    features = F.normalize(model.encode(pixels), dim=-1)
+    assert torch.allclose(logits, 10.0 * features @ model.codebook.weight.T, atol=1e-5)
+    assert logits.abs().max() <= 10.0 + 1e-4
+    assert torch.equal(model.get_codebook_indices(pixels), model(pixels).indices)
+    with pytest.raises(NotImplementedError, match="no pixel decoder"):
+        model.decode(torch.zeros(1, 16, dtype=torch.long))
+
+
+def test_forward_losses_and_outputs():
+    model = VqkdModel(tiny_vqkd_config(kmeans_init=False)).train()
+    pixels, targets = torch.rand(2, 3, 32, 32), torch.randn(2, 16, 16)
+    output = model(pixels, target_features=targets)
+    cosine = F.cosine_similarity(output.predicted_features, targets, dim=-1)
+    assert output.reconstruction_loss.item() == pytest.approx((1 - cosine).mean().item(), rel=1e-5)
+    assert output.loss.item() == pytest.approx((output.reconstruction_loss + output.commitment_loss).item(), rel=1e-6)
+    assert 0 < output.codebook_usage <= 1 and 1 <= output.codebook_perplexity <= 64
+    output.loss.backward()
+    assert model.encoder.embeddings.patch_embeddings.projection.weight.grad.abs().sum() > 0
+    assert model.decode_task_layer[2].weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="teacher_dim"):
+        model(pixels, target_features=torch.randn(2, 16, 8))
+
+
+def test_checkpoint_round_trip_keeps_the_codebook(tmp_path, monkeypatch):
+    model = VqkdModel(tiny_vqkd_config()).train()
+    model(torch.rand(4, 3, 32, 32))
+    model.eval().save_pretrained(tmp_path)
+    VqkdImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    reloaded = AutoModel.from_pretrained(tmp_path)
+    assert type(reloaded) is VqkdModel and reloaded.codebook.initted.item() == 1
+    assert torch.equal(reloaded.codebook.weight, model.codebook.weight)
+    pixels = torch.rand(2, 3, 32, 32)
+    assert torch.equal(reloaded.get_codebook_indices(pixels), model.get_codebook_indices(pixels))
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(processor) is VqkdImageProcessor and not processor.do_normalize and processor.size["height"] == 32
+    # A loaded codebook is never re-initialised, also when training continues.
+    monkeypatch.setattr(modeling_vqkd, "spherical_kmeans", lambda *args: pytest.fail("k-means overwrote the codebook"))
+    reloaded.train()(torch.rand(2, 3, 32, 32))
+
+
+def test_clip_teacher_uses_final_norm_and_projection_on_patch_tokens(tmp_path):
+    teacher = load_teacher(tiny_clip_teacher_dir(tmp_path), grid_size=4)
+    clip = CLIPVisionModelWithProjection.from_pretrained(tmp_path).eval()
+    pixels = torch.rand(2, 3, 32, 32)
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+    with torch.no_grad():
+        hidden = clip.vision_model((pixels - mean) / std).last_hidden_state
+        expected = clip.visual_projection(clip.vision_model.post_layernorm(hidden))[:, 1:]
+    features = teacher(pixels)
+    assert features.shape == (2, 16, 16)
+    assert torch.allclose(features, expected, atol=1e-5)
+    teacher.train()
+    assert not teacher.model.training and not any(p.requires_grad for p in teacher.parameters())
+
+    layer = load_teacher(str(tmp_path), grid_size=4, feature_layer=1)
+    with torch.no_grad():
+        hidden_1 = clip.vision_model((pixels - mean) / std, output_hidden_states=True).hidden_states[1][:, 1:]
+    assert torch.allclose(layer(pixels), hidden_1, atol=1e-5)
+    with pytest.raises(ValueError, match="teacher_dim=32"):
+        layer.check_compatible(tiny_vqkd_config())
+
+
+def test_any_vit_teacher_is_resized_to_the_token_grid():
+    # A ViT with 4 px patches on 16 px inputs: for a 4x4 token grid the 32 px view is resized to 16 px.
+    vit = ViTModel(
+        ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, image_size=16,
+                  patch_size=4),
+        add_pooling_layer=False,
+    ).eval()
+    teacher = VqkdTeacher(vit, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), grid_size=4)
+    pixels = torch.rand(2, 3, 32, 32)
+    resized = F.interpolate(pixels, size=(16, 16), mode="bicubic", align_corners=False, antialias=True).clamp(0, 1)
+    with torch.no_grad():
+        expected = vit((resized - 0.5) / 0.5).last_hidden_state[:, 1:]
+    assert torch.allclose(teacher(pixels), expected, atol=1e-5)
+    teacher.check_compatible(tiny_vqkd_config())
