@@ -1,0 +1,274 @@
+"""Convert OpenAI's DALL-E dVAE (`encoder.pkl`, `decoder.pkl`) into an `hf_mim_dvae` checkpoint folder.
+
+The released files are `torch.save`s of whole `dall_e.encoder.Encoder` / `dall_e.decoder.Decoder` modules, so
+loading them normally needs the `dall_e` package and executes whatever the pickle asks for. Here they are read
+with a restricted unpickler instead: every global the pickle names must be on an explicit allow-list; the
+DALL-E and `torch.nn` classes become inert records of their pickled state, tensors are rebuilt without their
+hooks, and anything else is refused before it is called. The `dall_e` package is not needed.
+"""
+
+import _compat_pickle
+import logging
+import pickle
+import re
+import types
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+
+from ..models.configuration_dvae import DvaeConfig
+from ..models.image_processing_dvae import DvaeImageProcessor
+from ..models.modeling_dvae import DvaeModel
+
+logger = logging.getLogger(__name__)
+
+
+class ForbiddenGlobalError(pickle.UnpicklingError):
+    """The pickle references a global outside the allow-list; nothing it names was imported or called."""
+
+
+class PickledObject:
+    """Inert stand-in for an allow-listed class: records what the pickle passes, runs none of the original code."""
+
+    qualified_name = ""
+    # Read by torch's legacy loader when it compares pickled module source; never write patch files.
+    dump_patches = False
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self):
+        return f"<pickled {self.qualified_name}>"
+
+
+def _stand_in(qualified_name: str) -> type:
+    return type(qualified_name.rsplit(".", 1)[1], (PickledObject,), {"qualified_name": qualified_name})
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    # Hooks and metadata would attach pickled callables to the tensor; the weights are all we need.
+    return torch._utils._rebuild_tensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+    return data
+
+
+_STAND_IN_NAMES = (
+    "dall_e.encoder.Encoder",
+    "dall_e.encoder.EncoderBlock",
+    "dall_e.decoder.Decoder",
+    "dall_e.decoder.DecoderBlock",
+    "dall_e.utils.Conv2d",
+    "torch.device",
+    "torch.nn.modules.container.Sequential",
+    "torch.nn.modules.activation.ReLU",
+    "torch.nn.modules.linear.Identity",
+    "torch.nn.modules.pooling.MaxPool2d",
+    "torch.nn.modules.upsampling.Upsample",
+)
+
+# (module, name) -> the object used instead. Storage classes (`torch.FloatStorage`) are resolved by torch.load
+# itself before the unpickler is asked.
+ALLOWED_GLOBALS = {
+    **{tuple(name.rsplit(".", 1)): _stand_in(name) for name in _STAND_IN_NAMES},
+    ("collections", "OrderedDict"): OrderedDict,
+    ("builtins", "set"): set,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+}
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """`pickle.Unpickler` that resolves globals only through `ALLOWED_GLOBALS`."""
+
+    def find_class(self, module, name):
+        # Protocol-2 pickles (torch.save's default) use Python 2 names such as `__builtin__.set`.
+        if (module, name) in _compat_pickle.NAME_MAPPING:
+            module, name = _compat_pickle.NAME_MAPPING[module, name]
+        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        try:
+            return ALLOWED_GLOBALS[(module, name)]
+        except KeyError:
+            raise ForbiddenGlobalError(
+                f"Refusing to unpickle the global '{module}.{name}': a DALL-E dVAE checkpoint only references the "
+                "dall_e Encoder/Decoder classes, torch.nn containers, torch tensor rebuilding and plain containers. "
+                "The file is not an OpenAI encoder.pkl/decoder.pkl (or was modified); nothing from it was executed."
+            ) from None
+
+
+def _restricted_load(file, **kwargs):
+    return RestrictedUnpickler(file, **kwargs).load()
+
+
+# The `pickle_module` torch.load uses for every unpickling step (zip and legacy formats alike).
+restricted_pickle = types.ModuleType("hf_mim_restricted_pickle")
+restricted_pickle.Unpickler = RestrictedUnpickler
+restricted_pickle.load = _restricted_load
+
+
+def load_dalle_state_dict(path: str | Path, expected_class: str) -> tuple[dict[str, torch.Tensor], set[float]]:
+    """The `w`/`b` parameters of a pickled DALL-E module, keyed as its `state_dict()` would be, and the residual
+    gains (`post_gain`) its blocks recorded. A plain state dict is accepted too (no gains then)."""
+    with warnings.catch_warnings():
+        # The legacy format compares each module class's source with the pickled one; stand-ins have none.
+        warnings.filterwarnings("ignore", message="Couldn't retrieve source code")
+        loaded = torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
+    if isinstance(loaded, dict) and all(isinstance(value, torch.Tensor) for value in loaded.values()):
+        return dict(loaded), set()
+    if not isinstance(loaded, PickledObject) or loaded.qualified_name != expected_class:
+        found = loaded.qualified_name if isinstance(loaded, PickledObject) else type(loaded).__name__
+        raise ValueError(f"{path} holds a {found}, expected a pickled {expected_class}")
+
+    parameters, post_gains = {}, set()
+
+    def collect(node: PickledObject, prefix: str) -> None:
+        state = getattr(node, "state", {})
+        if "post_gain" in state:
+            post_gains.add(state["post_gain"])
+        for name, tensor in state.get("_parameters", {}).items():
+            if tensor is not None:
+                parameters[prefix + name] = tensor
+        for name, child in state.get("_modules", {}).items():
+            if isinstance(child, PickledObject):
+                collect(child, f"{prefix}{name}.")
+
+    collect(loaded, "")
+    return parameters, post_gains
+
+
+# DALL-E module paths (without the trailing `.w`/`.b`) -> DvaeModel submodule paths (without `encoder.`/`decoder.`).
+_KEY_PATTERNS = (
+    (re.compile(r"blocks\.input"), lambda m: "input_conv"),
+    (re.compile(r"blocks\.output\.conv"), lambda m: "output_conv"),
+    (
+        re.compile(r"blocks\.group_(\d+)\.block_(\d+)\.id_path"),
+        lambda m: f"groups.{int(m[1]) - 1}.{int(m[2]) - 1}.id_path",
+    ),
+    (
+        re.compile(r"blocks\.group_(\d+)\.block_(\d+)\.res_path\.conv_(\d)"),
+        lambda m: f"groups.{int(m[1]) - 1}.{int(m[2]) - 1}.conv_{m[3]}",
+    ),
+)
+_PARAMETER_NAMES = {"w": "weight", "b": "bias"}
+
+
+def rename_dalle_keys(parameters: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """DALL-E names (`blocks.group_1.block_1.res_path.conv_1.w`) -> ours (`encoder.groups.0.0.conv_1.weight`)."""
+    renamed = {}
+    for key, tensor in parameters.items():
+        module_path, _, parameter = key.rpartition(".")
+        for pattern, rename in _KEY_PATTERNS:
+            match = pattern.fullmatch(module_path)
+            if match and parameter in _PARAMETER_NAMES:
+                renamed[f"{prefix}.{rename(match)}.{_PARAMETER_NAMES[parameter]}"] = tensor
+                break
+        else:
+            raise ValueError(f"Unexpected parameter '{key}' in a DALL-E checkpoint; cannot map it to DvaeModel")
+    return renamed
+
+
+def _architecture(parameters: dict[str, torch.Tensor], what: str) -> dict:
+    """Group count, blocks per group and the input/output conv shapes, read off the tensors."""
+    for key in ("blocks.input.w", "blocks.output.conv.w"):
+        if key not in parameters:
+            raise ValueError(f"The DALL-E {what} checkpoint has no '{key}'; is it an {what}.pkl?")
+    groups = {int(m[1]) for key in parameters if (m := re.match(r"blocks\.group_(\d+)\.", key))}
+    blocks = {int(m[1]) for key in parameters if (m := re.match(r"blocks\.group_1\.block_(\d+)\.", key))}
+    return {
+        "num_groups": len(groups),
+        "num_blocks_per_group": len(blocks),
+        "input_shape": tuple(parameters["blocks.input.w"].shape),
+        "output_shape": tuple(parameters["blocks.output.conv.w"].shape),
+    }
+
+
+def convert_dalle_checkpoint(
+    encoder_path: str | Path,
+    decoder_path: str | Path | None = None,
+    output_dir: str | Path | None = None,
+    image_size: int = 112,
+) -> DvaeModel:
+    """Build a [`DvaeModel`] from OpenAI's `encoder.pkl` (and optionally `decoder.pkl`).
+
+    Args:
+        encoder_path: the pickled `dall_e.encoder.Encoder` (or its `state_dict()`).
+        decoder_path: the pickled `dall_e.decoder.Decoder`; without it the decoder stays randomly initialised
+            and `decode()` is meaningless.
+        output_dir: when given, the model (safetensors + config) and a [`DvaeImageProcessor`] are saved there.
+        image_size: side of the tokenizer view (112 gives BEiT's 14x14 grid; the dVAE itself is size-agnostic).
+    """
+    encoder_parameters, post_gains = load_dalle_state_dict(encoder_path, "dall_e.encoder.Encoder")
+    encoder_shape = _architecture(encoder_parameters, "encoder")
+    hidden_size, num_channels = encoder_shape["input_shape"][:2]
+    config_kwargs = {
+        "image_size": image_size,
+        "num_channels": num_channels,
+        "codebook_size": encoder_shape["output_shape"][0],
+        "hidden_size": hidden_size,
+        "num_groups": encoder_shape["num_groups"],
+        "num_blocks_per_group": encoder_shape["num_blocks_per_group"],
+    }
+    state_dict = rename_dalle_keys(encoder_parameters, "encoder")
+
+    if decoder_path is not None:
+        decoder_parameters, decoder_gains = load_dalle_state_dict(decoder_path, "dall_e.decoder.Decoder")
+        decoder_shape = _architecture(decoder_parameters, "decoder")
+        decoder_hidden_size, codebook_size = decoder_shape["input_shape"][:2]
+        decoder_view = {
+            "codebook_size": codebook_size,
+            "num_channels": decoder_shape["output_shape"][0] // 2,
+            "hidden_size": decoder_shape["output_shape"][1],
+            "num_groups": decoder_shape["num_groups"],
+            "num_blocks_per_group": decoder_shape["num_blocks_per_group"],
+        }
+        mismatched = {k: (config_kwargs[k], v) for k, v in decoder_view.items() if config_kwargs[k] != v}
+        if mismatched:
+            raise ValueError(
+                f"The encoder and decoder checkpoints do not belong together; (encoder, decoder) values: {mismatched}"
+            )
+        config_kwargs["decoder_hidden_size"] = decoder_hidden_size
+        state_dict.update(rename_dalle_keys(decoder_parameters, "decoder"))
+        post_gains |= decoder_gains
+
+    config = DvaeConfig(**config_kwargs)
+    expected_gain = 1.0 / (config.num_groups * config.num_blocks_per_group) ** 2
+    if any(abs(gain - expected_gain) > 1e-12 for gain in post_gains):
+        raise ValueError(
+            f"The checkpoint's residual gains {sorted(post_gains)} differ from 1/(groups*blocks)^2 = {expected_gain}; "
+            "DvaeModel cannot represent this architecture"
+        )
+    model = DvaeModel(config)
+    expected = model.state_dict()
+    if decoder_path is None:
+        state_dict.update({key: value for key, value in expected.items() if key.startswith("decoder.")})
+        logger.warning("No decoder checkpoint given: the converted decoder is randomly initialised.")
+    for key, tensor in state_dict.items():
+        if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"Shape mismatch for {key}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[key].shape)}; "
+                "the checkpoint's layout differs from the DALL-E architecture"
+            )
+    model.load_state_dict({key: tensor.float() for key, tensor in state_dict.items()}, strict=True)
+    model.eval()
+    if output_dir is not None:
+        model.save_pretrained(output_dir)
+        DvaeImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(output_dir)
+    return model
+
+
+__all__ = [
+    "ALLOWED_GLOBALS",
+    "ForbiddenGlobalError",
+    "PickledObject",
+    "RestrictedUnpickler",
+    "convert_dalle_checkpoint",
+    "load_dalle_state_dict",
+    "rename_dalle_keys",
+    "restricted_pickle",
+]

@@ -1,0 +1,201 @@
+"""Train a visual tokenizer (`--tokenizer_type dvae`) on an image dataset with the transformers `Trainer`.
+
+    python scripts/train_tokenizer.py --tokenizer_type dvae --train_dir ./images --output_dir ./my-dvae \
+        --max_steps 20000 --per_device_train_batch_size 64 --learning_rate 1e-3 --config_overrides codebook_size=1024
+
+Works under `accelerate launch` with any number of processes. The output folder holds the model (safetensors),
+its config and code, and the tokenizer's image processor, so `AutoModel.from_pretrained(output_dir)` (with hf_mim
+installed, or `trust_remote_code=True` without) returns the trained tokenizer.
+"""
+
+import logging
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from transformers import HfArgumentParser, set_seed
+
+from ..data import MimDataCollator, SkippedImageCounter, TwoViewTransform, apply_transform, load_image_datasets
+from ..models.configuration_dvae import DvaeConfig
+from ..models.image_processing_dvae import DvaeImageProcessor
+from ..models.modeling_dvae import DvaeModel
+from .dvae import TEMPERATURE_SCHEDULES, build_dvae_trainer, dvae_image_processor
+from .run_mim import MimTrainingArguments, find_checkpoint, setup_logging
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TokenizerFamily:
+    """What `main` needs to know about one tokenizer type."""
+
+    config_class: type
+    model_class: type
+    image_processor_class: type
+    # Image processor matching a fresh config (view size, normalisation).
+    image_processor_for: Callable
+    # (model, training_args, tokenizer_args, **trainer_kwargs) -> Trainer
+    build_trainer: Callable
+
+
+TOKENIZER_FAMILIES = {
+    "dvae": TokenizerFamily(DvaeConfig, DvaeModel, DvaeImageProcessor, dvae_image_processor, build_dvae_trainer),
+}
+
+
+@dataclass
+class TokenizerArguments:
+    tokenizer_type: str = field(
+        default="dvae", metadata={"help": "Which tokenizer to train.", "choices": list(TOKENIZER_FAMILIES)}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "A saved tokenizer (folder or Hub id) to continue training from."}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Config changes, e.g. 'codebook_size=1024,hidden_size=64' (config.update_from_string)."},
+    )
+    gumbel_temperature_start: float = field(default=1.0, metadata={"help": "dVAE: initial Gumbel temperature."})
+    gumbel_temperature_end: float = field(default=1 / 16, metadata={"help": "dVAE: final Gumbel temperature."})
+    gumbel_temperature_schedule: str = field(
+        default="cosine",
+        metadata={"help": "dVAE: temperature annealing curve.", "choices": list(TEMPERATURE_SCHEDULES)},
+    )
+    gumbel_anneal_fraction: float = field(
+        default=1.0, metadata={"help": "dVAE: fraction of the steps over which the temperature is annealed."}
+    )
+    kl_weight: float = field(
+        default=1e-3, metadata={"help": "dVAE: final weight of the KL term to the uniform prior."}
+    )
+    kl_warmup_fraction: float = field(
+        default=0.1, metadata={"help": "dVAE: fraction of the steps over which the KL weight ramps up from 0."}
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A Hub dataset or builder ('imagefolder'); defaults to imagefolder with --train_dir."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset configuration."})
+    train_dir: str | None = field(
+        default=None, metadata={"help": "A folder of training images (searched recursively)."}
+    )
+    validation_dir: str | None = field(default=None, metadata={"help": "A folder of validation images."})
+    train_val_split: float = field(
+        default=0.0, metadata={"help": "Fraction of train held out for validation when there is no validation split."}
+    )
+    image_column_name: str | None = field(
+        default=None, metadata={"help": "The image column (default: auto-detected)."}
+    )
+    streaming: bool = field(default=False, metadata={"help": "Stream the dataset (needs --max_steps)."})
+    cache_dir: str | None = field(default=None, metadata={"help": "datasets cache directory."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set."})
+    crop_min_scale: float = field(
+        default=0.08, metadata={"help": "Smallest random crop, as a fraction of the image area."}
+    )
+    color_jitter: float = field(default=0.0, metadata={"help": "Brightness/contrast/saturation jitter strength."})
+
+
+def load_tokenizer(tokenizer_args: TokenizerArguments):
+    """The model and image processor to train: from `--tokenizer_name_or_path`, or fresh from the family defaults
+    with `--config_overrides` applied."""
+    family = TOKENIZER_FAMILIES[tokenizer_args.tokenizer_type]
+    path = tokenizer_args.tokenizer_name_or_path
+    if path is None:
+        config = family.config_class()
+    else:
+        config = family.config_class.from_pretrained(path)
+    if tokenizer_args.config_overrides:
+        logger.info("Overriding config: %s", tokenizer_args.config_overrides)
+        config.update_from_string(tokenizer_args.config_overrides)
+        # update_from_string only sets attributes; rebuilding re-runs the config's validation.
+        config = family.config_class.from_dict(config.to_dict())
+    if path is None:
+        return family.model_class(config), family.image_processor_for(config)
+    model = family.model_class.from_pretrained(path, config=config)
+    try:
+        image_processor = family.image_processor_class.from_pretrained(path)
+    except OSError:
+        logger.warning("%s has no preprocessor_config.json; using the default processor for its config", path)
+        image_processor = family.image_processor_for(config)
+    return model, image_processor
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    """Parse the arguments (`argv`, default `sys.argv[1:]`; a single `.json` path is read as a file), train, save.
+
+    Returns the training metrics (and `eval_*` metrics with `--do_eval` and a validation split).
+    """
+    # MimTrainingArguments: TrainingArguments plus --overwrite_output_dir, keeping the raw image column
+    # (transformed on access) and evaluating the loss only.
+    parser = HfArgumentParser((TokenizerArguments, DataArguments, MimTrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        tokenizer_args, data_args, training_args = parser.parse_json_file(os.path.abspath(argv[0]))
+    else:
+        tokenizer_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+
+    model, image_processor = load_tokenizer(tokenizer_args)
+    raw, image_column = load_image_datasets(
+        dataset_name=data_args.dataset_name,
+        dataset_config_name=data_args.dataset_config_name,
+        train_dir=data_args.train_dir,
+        validation_dir=data_args.validation_dir,
+        train_val_split=data_args.train_val_split,
+        image_column_name=data_args.image_column_name,
+        streaming=data_args.streaming,
+        cache_dir=data_args.cache_dir,
+        max_train_samples=data_args.max_train_samples,
+        max_eval_samples=data_args.max_eval_samples,
+        seed=training_args.seed,
+    )
+    skipped = SkippedImageCounter()
+    train_transform = TwoViewTransform(
+        image_processor, crop_scale=(data_args.crop_min_scale, 1.0), color_jitter=data_args.color_jitter
+    )
+    train_dataset = apply_transform(raw["train"], image_column, train_transform, skipped=skipped)
+    eval_dataset = None
+    if training_args.do_eval:
+        if "validation" not in raw:
+            raise ValueError("--do_eval needs a validation split: pass --validation_dir or --train_val_split 0.05")
+        eval_transform = TwoViewTransform(image_processor, train=False)
+        eval_dataset = apply_transform(raw["validation"], image_column, eval_transform, skipped=skipped)
+
+    family = TOKENIZER_FAMILIES[tokenizer_args.tokenizer_type]
+    trainer = family.build_trainer(
+        model,
+        training_args,
+        tokenizer_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=MimDataCollator(),
+        processing_class=image_processor,
+    )
+
+    metrics = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=find_checkpoint(training_args))
+        trainer.save_model()
+        # Undecodable images skipped by this process (its DataLoader workers included).
+        result.metrics["train_skipped_images"] = skipped.value
+        metrics.update(result.metrics)
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        metrics.update(eval_metrics)
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+    if training_args.push_to_hub:
+        trainer.push_to_hub(tags=["hf_mim", "visual-tokenizer", tokenizer_args.tokenizer_type])
+    return metrics
+
+
+__all__ = ["TOKENIZER_FAMILIES", "DataArguments", "TokenizerArguments", "TokenizerFamily", "load_tokenizer", "main"]

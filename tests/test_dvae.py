@@ -1,0 +1,480 @@
+"""The DALL-E dVAE tokenizer: shapes, parameter count, processor, safe conversion of OpenAI pickles, training."""
+
+import dataclasses
+import json
+import math
+import os
+import pickle
+import sys
+import types
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+from transformers import AutoModel
+
+from hf_mim import DvaeConfig, DvaeImageProcessor, DvaeModel
+from hf_mim.convert.dalle import ForbiddenGlobalError, convert_dalle_checkpoint
+from hf_mim.training import train_tokenizer
+from hf_mim.training.dvae import DvaeTrainer, dvae_image_processor, gumbel_temperature
+
+TINY = {"image_size": 32, "hidden_size": 16, "codebook_size": 64, "num_groups": 2, "decoder_hidden_size": 16}
+
+
+@pytest.fixture
+def one_thread():
+    # Tiny convolutions are dominated by thread synchronisation; one thread is several times faster on 2 cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def mapped_pixels(batch_size: int, size: int, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return 0.8 * torch.rand(batch_size, 3, size, size, generator=generator) + 0.1
+
+
+# --- architecture and tokenizer protocol -----------------------------------------------------------------------
+
+
+def test_grid_of_the_dalle_layout():
+    # 4 groups downsample 112 px by 8: BEiT's 14x14 grid.
+    config = DvaeConfig(hidden_size=16, codebook_size=64, decoder_hidden_size=16)
+    model = DvaeModel(config).eval()
+    assert config.grid_size == 14
+    logits = model.get_codebook_logits(mapped_pixels(2, 112))
+    assert logits.shape == (2, 196, 64) and logits.dtype == torch.float32
+    indices = model.get_codebook_indices(mapped_pixels(2, 112))
+    assert indices.shape == (2, 196) and indices.dtype == torch.long
+
+
+def test_tiny_logits_indices_and_decode():
+    model = DvaeModel(DvaeConfig(**TINY)).eval()
+    pixels = mapped_pixels(3, 32)
+    logits = model.get_codebook_logits(pixels)
+    assert logits.shape == (3, 256, 64)
+    indices = model.get_codebook_indices(pixels)
+    assert torch.equal(indices, logits.argmax(-1))
+    # Row-major over the grid, the ViT patch order.
+    grid_logits = model.encoder(pixels)
+    assert torch.equal(indices.view(3, 16, 16), grid_logits.argmax(1))
+    images = model.decode(indices)
+    assert images.shape == (3, 3, 32, 32) and images.dtype == torch.float32
+    assert images.min() >= 0.0 and images.max() <= 1.0
+    assert torch.equal(model.decode(indices.view(3, 16, 16)), images)
+    # Eval-mode forward reconstructs through the argmax tokens: the same images as decode().
+    output = model(pixels)
+    assert torch.allclose(output.reconstruction, images, atol=1e-6)
+    assert torch.allclose(output.logits, logits)
+
+
+def test_tokens_are_fp32_under_autocast():
+    model = DvaeModel(DvaeConfig(**TINY)).eval()
+    pixels = mapped_pixels(2, 32)
+    reference = model.get_codebook_logits(pixels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model.get_codebook_logits(pixels)
+    assert logits.dtype == torch.float32 and torch.equal(logits, reference)
+    with pytest.raises(ValueError, match=r"call `.float\(\)`"):
+        model.to(torch.bfloat16).get_codebook_logits(pixels)
+
+
+def test_wrong_view_size_is_refused():
+    model = DvaeModel(DvaeConfig(**TINY))
+    with pytest.raises(ValueError, match="expects 32x32 inputs"):
+        model.get_codebook_logits(mapped_pixels(1, 64))
+    with pytest.raises(ValueError, match="decodes 16x16=256 codes"):
+        model.decode(torch.zeros(1, 10, dtype=torch.long))
+
+
+def test_base_parameter_counts_match_the_released_model():
+    with torch.device("meta"):
+        model = DvaeModel(DvaeConfig())
+    assert sum(p.numel() for p in model.encoder.parameters()) == 53_786_240
+    assert sum(p.numel() for p in model.decoder.parameters()) == 43_829_766
+
+
+def test_training_forward_losses_and_gradients():
+    model = DvaeModel(DvaeConfig(**TINY)).train()
+    pixels = mapped_pixels(2, 32)
+    output = model(pixels, temperature=0.5, kl_weight=0.1)
+    assert output.reconstruction.shape == (2, 3, 32, 32)
+    assert 0 <= output.kl_loss <= math.log(64) + 1e-5
+    assert torch.allclose(output.loss, output.reconstruction_loss + 0.1 * output.kl_loss)
+    output.loss.backward()
+    assert model.encoder.input_conv.weight.grad.abs().sum() > 0
+    assert model(pixels, return_loss=False).loss is None
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"image_size": 100}, "not divisible by the encoder's downsampling factor 8"),
+        ({"hidden_size": 18}, "must be divisible by 4"),
+        ({"codebook_size": 0}, "codebook_size must be a positive integer"),
+        ({"logit_laplace_eps": 0.5}, r"logit_laplace_eps must lie in \[0, 0.5\)"),
+    ],
+)
+def test_config_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DvaeConfig(**kwargs)
+
+
+def test_save_load_round_trip_keeps_fp32_and_auto_map(tmp_path):
+    model = DvaeModel(DvaeConfig(**TINY)).eval()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model_type"] == "hf_mim_dvae"
+    assert saved["auto_map"] == {"AutoConfig": "configuration_dvae.DvaeConfig", "AutoModel": "modeling_dvae.DvaeModel"}
+    assert (tmp_path / "modeling_dvae.py").exists() and (tmp_path / "modeling_tokenizer.py").exists()
+    pixels = mapped_pixels(2, 32)
+    reloaded = AutoModel.from_pretrained(tmp_path)
+    assert isinstance(reloaded, DvaeModel)
+    assert torch.equal(reloaded.get_codebook_logits(pixels), model.get_codebook_logits(pixels))
+    half = DvaeModel.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert half.encoder.output_conv.weight.dtype == torch.float32
+
+
+# --- image processor --------------------------------------------------------------------------------------------
+
+
+def test_processor_is_the_logit_laplace_map_and_round_trips(tmp_path):
+    processor = DvaeImageProcessor()
+    assert processor.output_size == (112, 112)
+    assert int(processor.resample) == int(Image.Resampling.LANCZOS)
+    black, white = Image.new("RGB", (150, 130), (0, 0, 0)), Image.new("RGB", (150, 130), (255, 255, 255))
+    pixels = processor([black, white], return_tensors="pt")["pixel_values"]
+    assert pixels.shape == (2, 3, 112, 112)
+    assert torch.allclose(pixels[0], torch.full_like(pixels[0], 0.1))
+    assert torch.allclose(pixels[1], torch.full_like(pixels[1], 0.9))
+    values = torch.rand(3, 8, 8)
+    assert torch.allclose(processor.normalize_tensor(values), 0.8 * values + 0.1, atol=1e-6)
+
+    processor.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["image_processor_type"] == "DvaeImageProcessor"
+    reloaded = DvaeImageProcessor.from_pretrained(tmp_path)
+    assert reloaded.to_dict() == processor.to_dict()
+    assert torch.equal(reloaded([black, white], return_tensors="pt")["pixel_values"], pixels)
+
+
+def test_training_processor_follows_the_config():
+    processor = dvae_image_processor(DvaeConfig(image_size=64, logit_laplace_eps=0.05))
+    assert processor.output_size == (64, 64)
+    values = torch.rand(3, 4, 4)
+    assert torch.allclose(processor.normalize_tensor(values), 0.9 * values + 0.05, atol=1e-6)
+
+
+# --- conversion of OpenAI's pickles ------------------------------------------------------------------------------
+
+
+def _fake_dall_e_modules():
+    """`dall_e.utils` / `dall_e.encoder` / `dall_e.decoder` with the released classes' module layout and attributes
+    (the real ones are `attrs` classes; the pickle only stores instance dicts, so plain classes pickle alike)."""
+
+    class Conv2d(nn.Module):
+        def __init__(self, n_in, n_out, kw, use_float16=True):
+            super().__init__()
+            self.n_in, self.n_out, self.kw, self.use_float16 = n_in, n_out, kw, use_float16
+            self.device, self.requires_grad = torch.device("cpu"), False
+            self.w = nn.Parameter(torch.randn(n_out, n_in, kw, kw) / math.sqrt(n_in * kw * kw))
+            self.b = nn.Parameter(0.1 * torch.randn(n_out))
+
+        def forward(self, x):
+            return F.conv2d(x, self.w, self.b, padding=(self.kw - 1) // 2)
+
+    def make_block(name, kernels):
+        class Block(nn.Module):
+            def __init__(self, n_in, n_out, n_layers):
+                super().__init__()
+                self.n_in, self.n_out, self.n_layers = n_in, n_out, n_layers
+                self.n_hid, self.post_gain = n_out // 4, 1 / n_layers**2
+                self.id_path = Conv2d(n_in, n_out, 1) if n_in != n_out else nn.Identity()
+                widths = (n_in, self.n_hid, self.n_hid, self.n_hid, n_out)
+                layers = []
+                for i, kernel in enumerate(kernels):
+                    layers += [
+                        (f"relu_{i + 1}", nn.ReLU()),
+                        (f"conv_{i + 1}", Conv2d(widths[i], widths[i + 1], kernel)),
+                    ]
+                self.res_path = nn.Sequential(OrderedDict(layers))
+
+            def forward(self, x):
+                return self.id_path(x) + self.post_gain * self.res_path(x)
+
+        Block.__name__ = Block.__qualname__ = name
+        return Block
+
+    EncoderBlock = make_block("EncoderBlock", (3, 3, 3, 1))
+    DecoderBlock = make_block("DecoderBlock", (1, 3, 3, 3))
+
+    class Encoder(nn.Module):
+        group_count = 4
+
+        def __init__(self, n_hid, n_blk_per_group, vocab_size, input_channels=3):
+            super().__init__()
+            self.n_hid, self.n_blk_per_group, self.vocab_size = n_hid, n_blk_per_group, vocab_size
+            self.input_channels, self.use_mixed_precision = input_channels, True
+            n_layers = self.group_count * n_blk_per_group
+            modules = [("input", Conv2d(input_channels, n_hid, 7))]
+            in_width = n_hid
+            for g in range(self.group_count):
+                width = n_hid * 2**g
+                group = [
+                    (f"block_{i + 1}", EncoderBlock(in_width if i == 0 else width, width, n_layers))
+                    for i in range(n_blk_per_group)
+                ]
+                if g < self.group_count - 1:
+                    group.append(("pool", nn.MaxPool2d(kernel_size=2)))
+                modules.append((f"group_{g + 1}", nn.Sequential(OrderedDict(group))))
+                in_width = width
+            output = nn.Sequential(
+                OrderedDict([("relu", nn.ReLU()), ("conv", Conv2d(in_width, vocab_size, 1, False))])
+            )
+            self.blocks = nn.Sequential(OrderedDict([*modules, ("output", output)]))
+
+        def forward(self, x):
+            return self.blocks(x)
+
+    class Decoder(nn.Module):
+        group_count = 4
+
+        def __init__(self, n_init, n_hid, n_blk_per_group, vocab_size, output_channels=3):
+            super().__init__()
+            n_layers = self.group_count * n_blk_per_group
+            modules = [("input", Conv2d(vocab_size, n_init, 1, False))]
+            in_width = n_init
+            for g in range(self.group_count):
+                width = n_hid * 2 ** (self.group_count - 1 - g)
+                group = [
+                    (f"block_{i + 1}", DecoderBlock(in_width if i == 0 else width, width, n_layers))
+                    for i in range(n_blk_per_group)
+                ]
+                if g < self.group_count - 1:
+                    group.append(("upsample", nn.Upsample(scale_factor=2, mode="nearest")))
+                modules.append((f"group_{g + 1}", nn.Sequential(OrderedDict(group))))
+                in_width = width
+            output = nn.Sequential(
+                OrderedDict([("relu", nn.ReLU()), ("conv", Conv2d(in_width, 2 * output_channels, 1))])
+            )
+            self.blocks = nn.Sequential(OrderedDict([*modules, ("output", output)]))
+
+        def forward(self, x):
+            return self.blocks(x)
+
+    modules = {name: types.ModuleType(name) for name in ("dall_e", "dall_e.utils", "dall_e.encoder", "dall_e.decoder")}
+    for module_name, classes in (
+        ("dall_e.utils", (Conv2d,)),
+        ("dall_e.encoder", (Encoder, EncoderBlock)),
+        ("dall_e.decoder", (Decoder, DecoderBlock)),
+    ):
+        for cls in classes:
+            cls.__module__, cls.__qualname__ = module_name, cls.__name__
+            setattr(modules[module_name], cls.__name__, cls)
+    return modules, Encoder, Decoder
+
+
+@pytest.mark.filterwarnings("ignore:Couldn't retrieve source code")
+@pytest.mark.parametrize("zipfile_format", [True, False], ids=["zip", "legacy"])
+def test_convert_pickled_dall_e_modules_without_dall_e(tmp_path, zipfile_format):
+    modules, Encoder, Decoder = _fake_dall_e_modules()
+    sys.modules.update(modules)
+    try:
+        torch.manual_seed(0)
+        encoder = Encoder(n_hid=16, n_blk_per_group=1, vocab_size=64).eval()
+        decoder = Decoder(n_init=8, n_hid=16, n_blk_per_group=1, vocab_size=64).eval()
+        for name, module in (("encoder", encoder), ("decoder", decoder)):
+            torch.save(module, tmp_path / f"{name}.pkl", _use_new_zipfile_serialization=zipfile_format)
+        pixels = mapped_pixels(2, 32)
+        with torch.no_grad():
+            reference_logits = encoder(pixels)
+            one_hot = F.one_hot(reference_logits.argmax(1), 64).permute(0, 3, 1, 2).float()
+            reference_images = ((torch.sigmoid(decoder(one_hot)[:, :3]) - 0.1) / 0.8).clamp(0, 1)
+    finally:
+        for name in modules:
+            del sys.modules[name]
+
+    output_dir = tmp_path / "converted"
+    model = convert_dalle_checkpoint(tmp_path / "encoder.pkl", tmp_path / "decoder.pkl", output_dir, image_size=32)
+    assert "dall_e" not in sys.modules
+    config = model.config
+    assert (config.hidden_size, config.num_groups, config.num_blocks_per_group) == (16, 4, 1)
+    assert (config.codebook_size, config.decoder_hidden_size, config.grid_size) == (64, 8, 4)
+    logits = model.get_codebook_logits(pixels)
+    assert torch.allclose(logits, reference_logits.flatten(2).transpose(1, 2), atol=1e-5)
+    assert torch.allclose(model.decode(logits.argmax(-1)), reference_images, atol=1e-5)
+
+    reloaded = DvaeModel.from_pretrained(output_dir)
+    assert torch.equal(reloaded.get_codebook_logits(pixels), logits)
+    assert DvaeImageProcessor.from_pretrained(output_dir).output_size == (32, 32)
+
+
+class _RunsShellCommand:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+class _RunsPython:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').write('pwned')",)
+
+
+@pytest.mark.parametrize("payload", [_RunsShellCommand, _RunsPython])
+def test_malicious_pickle_is_refused_before_running(tmp_path, payload):
+    marker = tmp_path / "marker"
+    path = tmp_path / "encoder.pkl"
+    torch.save({"blocks.input.w": torch.zeros(1), "evil": payload(marker)}, path)
+    with pytest.raises(
+        ForbiddenGlobalError, match=r"Refusing to unpickle the global '(posix\.system|builtins\.exec)'"
+    ):
+        convert_dalle_checkpoint(path, output_dir=tmp_path / "out")
+    assert isinstance(ForbiddenGlobalError("x"), pickle.UnpicklingError)
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
+
+
+def test_other_pickled_modules_are_refused(tmp_path):
+    torch.save(nn.Linear(2, 2), tmp_path / "linear.pkl")
+    with pytest.raises(ForbiddenGlobalError, match="torch.nn.modules.linear.Linear"):
+        convert_dalle_checkpoint(tmp_path / "linear.pkl")
+
+
+# --- training -----------------------------------------------------------------------------------------------------
+
+
+def _sample_photo_crops(count: int, size: int, seed: int = 0) -> list[Image.Image]:
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    photos = sklearn_datasets.load_sample_images().images
+    rng = np.random.default_rng(seed)
+    crops = []
+    for index in range(count):
+        photo = photos[index % len(photos)]
+        side = int(rng.integers(64, 200))
+        top, left = int(rng.integers(0, photo.shape[0] - side)), int(rng.integers(0, photo.shape[1] - side))
+        crops.append(Image.fromarray(photo[top : top + side, left : left + side]).resize((size, size), Image.LANCZOS))
+    return crops
+
+
+def test_training_lowers_reconstruction_error_and_uses_many_codes(tmp_path, one_thread):
+    from transformers import TrainingArguments
+
+    from hf_mim.data import MimDataCollator
+
+    torch.manual_seed(0)
+    config = DvaeConfig(image_size=32, hidden_size=16, codebook_size=64, num_groups=3, decoder_hidden_size=16)
+    processor = dvae_image_processor(config)
+    pixels = processor(_sample_photo_crops(48, 32), return_tensors="pt")["pixel_values"]
+    model = DvaeModel(config)
+
+    def argmax_reconstruction():
+        model.eval()
+        with torch.no_grad():
+            error = model(pixels).reconstruction_loss.item()
+            codes = model.get_codebook_indices(pixels).unique().numel()
+        return error, codes
+
+    error_before, _ = argmax_reconstruction()
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=300,
+        per_device_train_batch_size=16,
+        learning_rate=1e-2,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.05,
+        logging_steps=50,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = DvaeTrainer(
+        model=model,
+        args=args,
+        train_dataset=[{"pixel_values": p} for p in pixels],
+        data_collator=MimDataCollator(),
+        kl_weight=1e-3,
+    )
+    trainer.train()
+    error_after, codes_used = argmax_reconstruction()
+
+    print(f"argmax reconstruction MSE {error_before:.4f} -> {error_after:.4f}, {codes_used} codes used")
+    assert error_after < 0.3 * error_before, (error_before, error_after)
+    assert codes_used >= 12, codes_used
+    logs = [entry for entry in trainer.state.log_history if "codes_used" in entry]
+    assert len(logs) == 6
+    assert logs[-1]["temperature"] == pytest.approx(1 / 16)
+    assert logs[0]["temperature"] > logs[-1]["temperature"]
+    assert logs[-1]["kl_weight"] == pytest.approx(1e-3)
+    assert 1 <= logs[-1]["code_perplexity"] <= logs[-1]["codes_used"] <= 64
+    assert logs[-1]["reconstruction_loss"] < logs[0]["reconstruction_loss"]
+
+
+def test_temperature_schedules():
+    assert gumbel_temperature(0.0) == pytest.approx(1.0)
+    assert gumbel_temperature(1.0) == pytest.approx(1 / 16)
+    assert gumbel_temperature(0.5, schedule="exponential") == pytest.approx(0.25)
+    assert gumbel_temperature(2.0, schedule="exponential") == pytest.approx(1 / 16)
+    with pytest.raises(ValueError, match="Unknown temperature schedule"):
+        gumbel_temperature(0.5, schedule="linear")
+
+
+def test_train_tokenizer_main_saves_a_reloadable_tokenizer(tmp_path, image_folder, monkeypatch, one_thread):
+    family = train_tokenizer.TOKENIZER_FAMILIES["dvae"]
+    trainers = []
+
+    def build_and_keep(*args, **kwargs):
+        trainers.append(family.build_trainer(*args, **kwargs))
+        return trainers[-1]
+
+    monkeypatch.setitem(
+        train_tokenizer.TOKENIZER_FAMILIES, "dvae", dataclasses.replace(family, build_trainer=build_and_keep)
+    )
+    output_dir = tmp_path / "dvae"
+    common = [
+        "--train_dir", image_folder, "--do_train", "--max_steps", "3", "--per_device_train_batch_size", "4",
+        "--learning_rate", "1e-3", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
+        "--use_cpu", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+    ]  # fmt: skip
+    overrides = "image_size=32,hidden_size=16,codebook_size=64,num_groups=2,decoder_hidden_size=16"
+    metrics = train_tokenizer.main(
+        ["--tokenizer_type", "dvae", "--config_overrides", overrides, "--output_dir", str(output_dir), *common]
+    )
+    assert metrics["train_skipped_images"] == 0
+
+    trained = trainers[-1].model.eval()
+    reloaded = DvaeModel.from_pretrained(output_dir)
+    assert reloaded.config.image_size == 32 and reloaded.config.codebook_size == 64
+    pixels = mapped_pixels(2, 32)
+    assert torch.equal(reloaded.get_codebook_logits(pixels), trained.get_codebook_logits(pixels))
+    processor = DvaeImageProcessor.from_pretrained(output_dir)
+    assert processor.output_size == (32, 32)
+    for name in ("model.safetensors", "modeling_dvae.py", "configuration_dvae.py", "image_processing_dvae.py"):
+        assert (output_dir / name).exists(), name
+    history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
+    assert all("codes_used" in entry for entry in history if "loss" in entry)
+
+    # Continue training from the saved tokenizer.
+    continued = tmp_path / "continued"
+    train_tokenizer.main(["--tokenizer_name_or_path", str(output_dir), "--output_dir", str(continued), *common])
+    fields = ("image_size", "hidden_size", "codebook_size", "num_groups", "decoder_hidden_size")
+    continued_config = DvaeModel.from_pretrained(continued).config
+    assert all(getattr(continued_config, name) == getattr(reloaded.config, name) for name in fields)
+
+
+def test_train_tokenizer_rejects_an_invalid_override(tmp_path, image_folder):
+    with pytest.raises(ValueError, match="not divisible by the encoder's downsampling factor"):
+        train_tokenizer.main(
+            ["--config_overrides", "image_size=30", "--train_dir", image_folder, "--output_dir", str(tmp_path)]
+        )
