@@ -1,0 +1,369 @@
+"""Convert microsoft/unilm checkpoints (BEiT, BEiT v2 and their VQ-KD tokenizers) into hf_mim folders.
+
+The released `.pth` files are read with `torch.load(weights_only=True)`, which refuses to run pickled code; only
+`argparse.Namespace` (the `args` that unilm's training checkpoints carry) is allowed besides tensors and containers.
+The architecture (widths, depths, grid, codebook) is read off the tensor shapes; what shapes cannot tell (attention
+heads without a relative position table, BEiT v2's `early_layers`) defaults to the released models' values and can
+be overridden.
+
+Key mapping (unilm -> transformers' `BeitModel` names, see the BEiT spec §4.6): fused `attn.qkv.weight` is split into
+`q_proj`/`k_proj`/`v_proj` (order q, k, v; the key has no bias), `q_bias`/`v_bias` become the q/v projection biases,
+`gamma_1/2` become `lambda_1/2`, the shared relative position table goes to `shared_position_bias`, VQ-KD's
+per-token `fc_norm` to `pooler.layernorm`, and every `relative_position_index` is dropped (it is recomputed).
+"""
+
+import argparse
+import logging
+import pickle
+import re
+from pathlib import Path
+
+import torch
+from transformers import AutoImageProcessor, AutoModel
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+from ..models.configuration_beit import BeitMimConfig
+from ..models.configuration_beitv2 import Beitv2Config
+from ..models.configuration_vqkd import VqkdConfig
+from ..models.image_processing_mim import MimImageProcessor
+from ..models.image_processing_vqkd import VqkdImageProcessor
+from ..models.modeling_beit import BeitMimForMaskedImageModeling
+from ..models.modeling_beitv2 import Beitv2ForMaskedImageModeling
+from ..models.modeling_vqkd import VqkdModel
+from ..training.run_mim import TOKENIZER_SUBFOLDER
+
+logger = logging.getLogger(__name__)
+
+# Keys of VQ-KD checkpoints that belong to training only (the teacher, its input scaling, loss modules).
+_VQKD_TRAINING_PREFIXES = ("loss", "teacher", "scaling")
+# BEiT v1's pt22k models were trained with mean = std = 0.5; BEiT v2 with ImageNet statistics.
+_INCEPTION_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def load_unilm_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """The weights of a unilm `.pth` file (under `model`, `module` or `state_dict`, or the file itself)."""
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise ValueError(
+            f"{path} holds pickled objects other than tensors, so torch.load(weights_only=True) refused it (unpickling "
+            "them could run arbitrary code). If you trust the file, extract its weights yourself: "
+            "`torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth')`, then convert weights.pth."
+        ) from error
+    for key in ("model", "module", "state_dict"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(key), dict):
+            checkpoint = checkpoint[key]
+            break
+    if not isinstance(checkpoint, dict) or not all(isinstance(value, torch.Tensor) for value in checkpoint.values()):
+        raise ValueError(f"{path} is not a unilm checkpoint: expected a dict of tensors (optionally under 'model')")
+    return dict(checkpoint)
+
+
+class _Keys:
+    """The source tensors, consumed by name, so that anything left unconverted is reported rather than dropped."""
+
+    def __init__(self, state: dict[str, torch.Tensor], what: str):
+        self.state = dict(state)
+        self.what = what
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.state
+
+    def pop(self, key: str) -> torch.Tensor:
+        if key not in self.state:
+            raise ValueError(f"The {self.what} checkpoint has no '{key}'; is it a {self.what} checkpoint?")
+        return self.state.pop(key)
+
+    def drop(self, pattern: str) -> None:
+        for key in [key for key in self.state if re.fullmatch(pattern, key)]:
+            del self.state[key]
+
+    def check_consumed(self) -> None:
+        if self.state:
+            raise ValueError(
+                f"The {self.what} checkpoint has keys this converter does not understand: {sorted(self.state)[:10]}"
+                f"{' ...' if len(self.state) > 10 else ''}; it is not the released layout (fine-tuned checkpoints and "
+                "non-shared LM heads are not supported)"
+            )
+
+
+def _count(state: dict, pattern: str) -> int:
+    indices = {int(match[1]) for key in state if (match := re.match(pattern, key))}
+    return max(indices) + 1 if indices else 0
+
+
+def _vit_geometry(state: dict, prefix: str) -> dict:
+    """Sizes and options of the unilm ViT under `prefix`, from its tensor shapes."""
+    patch = state[f"{prefix}patch_embed.proj.weight"]
+    geometry = {
+        "hidden_size": patch.shape[0],
+        "num_channels": patch.shape[1],
+        "patch_size": patch.shape[2],
+        "num_hidden_layers": _count(state, rf"{re.escape(prefix)}blocks\.(\d+)\."),
+        "intermediate_size": state[f"{prefix}blocks.0.mlp.fc1.weight"].shape[0],
+        "layer_scale": f"{prefix}blocks.0.gamma_1" in state,
+        "grid_size": None,
+        "num_attention_heads": None,
+    }
+    if f"{prefix}pos_embed" in state:
+        geometry["grid_size"] = round((state[f"{prefix}pos_embed"].shape[1] - 1) ** 0.5)
+    table = state.get(f"{prefix}rel_pos_bias.relative_position_bias_table")
+    if table is not None:
+        # (2W - 1)^2 relative offsets plus 3 entries for the [CLS] token.
+        geometry["grid_size"] = (round((table.shape[0] - 3) ** 0.5) + 1) // 2
+        geometry["num_attention_heads"] = table.shape[1]
+    return geometry
+
+
+def _convert_block(keys: _Keys, source: str, target: str, out: dict) -> None:
+    q, k, v = keys.pop(f"{source}attn.qkv.weight").chunk(3)
+    out[f"{target}attention.q_proj.weight"] = q
+    out[f"{target}attention.k_proj.weight"] = k
+    out[f"{target}attention.v_proj.weight"] = v
+    out[f"{target}attention.q_proj.bias"] = keys.pop(f"{source}attn.q_bias")
+    out[f"{target}attention.v_proj.bias"] = keys.pop(f"{source}attn.v_bias")
+    renames = {
+        "attn.proj": "attention.o_proj",
+        "norm1": "layernorm_before",
+        "norm2": "layernorm_after",
+        "mlp.fc1": "mlp.fc1",
+        "mlp.fc2": "mlp.fc2",
+    }
+    for old, new in renames.items():
+        for parameter in ("weight", "bias"):
+            out[f"{target}{new}.{parameter}"] = keys.pop(f"{source}{old}.{parameter}")
+    if f"{source}gamma_1" in keys:
+        out[f"{target}lambda_1"] = keys.pop(f"{source}gamma_1")
+        out[f"{target}lambda_2"] = keys.pop(f"{source}gamma_2")
+
+
+def _convert_vit(keys: _Keys, source: str, target: str, num_layers: int, out: dict) -> None:
+    """A unilm ViT under `source` into transformers' `BeitModel` names under `target`."""
+    out[f"{target}embeddings.cls_token"] = keys.pop(f"{source}cls_token")
+    optional = {
+        "mask_token": "embeddings.mask_token",
+        "pos_embed": "embeddings.position_embeddings",
+        "rel_pos_bias.relative_position_bias_table": "shared_position_bias.relative_position_bias_table",
+        "fc_norm.weight": "pooler.layernorm.weight",
+        "fc_norm.bias": "pooler.layernorm.bias",
+    }
+    for old, new in optional.items():
+        if f"{source}{old}" in keys:
+            out[f"{target}{new}"] = keys.pop(f"{source}{old}")
+    for parameter in ("weight", "bias"):
+        out[f"{target}embeddings.patch_embeddings.projection.{parameter}"] = keys.pop(
+            f"{source}patch_embed.proj.{parameter}"
+        )
+    for index in range(num_layers):
+        _convert_block(keys, f"{source}blocks.{index}.", f"{target}layers.{index}.", out)
+
+
+def _heads(geometry: dict, override: int | None, what: str) -> int:
+    """Attention heads: from the relative position table if there is one, else `override`, else 64-wide heads."""
+    known = geometry["num_attention_heads"]
+    if known and override and override != known:
+        raise ValueError(f"The {what} has {known} attention heads (relative position table), not {override}")
+    if known or override:
+        return known or override
+    if geometry["hidden_size"] % 64:
+        raise ValueError(
+            f"The {what}'s attention heads cannot be read from its weights and its width {geometry['hidden_size']} is "
+            "not a multiple of the usual head width 64; pass the number of heads (--num_attention_heads)"
+        )
+    return geometry["hidden_size"] // 64
+
+
+def convert_vqkd_state_dict(
+    state: dict[str, torch.Tensor],
+    num_attention_heads: int | None = None,
+    decoder_attention_heads: int | None = None,
+) -> tuple[VqkdConfig, dict[str, torch.Tensor]]:
+    """The [`VqkdConfig`] and `VqkdModel` state dict of a unilm VQ-KD state dict (spec §4.4).
+
+    Attention heads are not visible in the weights; they default to a head width of 64 (12 for ViT-B).
+    """
+    state = {key: value for key, value in state.items() if not key.startswith(_VQKD_TRAINING_PREFIXES)}
+    keys = _Keys(state, "VQ-KD")
+    encoder, decoder = _vit_geometry(state, "encoder."), _vit_geometry(state, "decoder.")
+    codebook = keys.pop("quantize.embedding.weight").float()
+    norms = codebook.norm(dim=-1)
+    if not torch.allclose(norms, torch.ones_like(norms), atol=1e-3):
+        raise ValueError(
+            f"The codebook rows are not unit vectors (norms {norms.min().item():.3g}..{norms.max().item():.3g}): this "
+            "VQ-KD was saved before its k-means initialisation, so it holds no trained codebook"
+        )
+    if "quantize.embedding.initted" in keys and keys.pop("quantize.embedding.initted").item() != 1:
+        raise ValueError("The checkpoint's codebook is marked as not initialised (quantize.embedding.initted == 0)")
+    # EMA statistics the reference update rule never reads.
+    keys.drop(r"quantize\.embedding\.(cluster_size|embed_avg)")
+    cluster_size = keys.pop("quantize.cluster_size") if "quantize.cluster_size" in keys else torch.zeros(len(codebook))
+
+    if encoder["grid_size"] is None or decoder["grid_size"] != encoder["grid_size"]:
+        raise ValueError("The VQ-KD encoder and decoder position embeddings do not describe the same token grid")
+    if decoder["num_channels"] != codebook.shape[1]:
+        raise ValueError(f"The decoder reads {decoder['num_channels']}-d codes but the codebook is {codebook.shape[1]}-d")
+    config = VqkdConfig(
+        image_size=encoder["grid_size"] * encoder["patch_size"],
+        patch_size=encoder["patch_size"],
+        num_channels=encoder["num_channels"],
+        hidden_size=encoder["hidden_size"],
+        num_hidden_layers=encoder["num_hidden_layers"],
+        num_attention_heads=_heads(encoder, num_attention_heads, "encoder"),
+        intermediate_size=encoder["intermediate_size"],
+        decoder_hidden_size=decoder["hidden_size"],
+        decoder_layers=decoder["num_hidden_layers"],
+        decoder_attention_heads=_heads(decoder, decoder_attention_heads, "decoder"),
+        decoder_intermediate_size=decoder["intermediate_size"],
+        codebook_size=codebook.shape[0],
+        codebook_dim=codebook.shape[1],
+        teacher_dim=state["decode_task_layer.2.weight"].shape[0],
+    )
+    out = {}
+    _convert_vit(keys, "encoder.", "encoder.", encoder["num_hidden_layers"], out)
+    _convert_vit(keys, "decoder.", "decoder.", decoder["num_hidden_layers"], out)
+    for layer in ("encode_task_layer", "decode_task_layer"):
+        for parameter in ("0.weight", "0.bias", "2.weight", "2.bias"):
+            out[f"{layer}.{parameter}"] = keys.pop(f"{layer}.{parameter}")
+    keys.check_consumed()
+    out.update(
+        {
+            "codebook.weight": codebook,
+            "codebook.cluster_size": cluster_size.float(),
+            # A converted codebook is trained: k-means must never overwrite it.
+            "codebook.initted": torch.ones(1),
+            "codebook.unused_steps": torch.zeros(len(codebook), dtype=torch.long),
+        }
+    )
+    return config, out
+
+
+def convert_beit_state_dict(
+    state: dict[str, torch.Tensor],
+    early_layers: int | None = None,
+    num_attention_heads: int | None = None,
+    tokenizer_config: dict | None = None,
+) -> tuple[BeitMimConfig, dict[str, torch.Tensor]]:
+    """The config and state dict of a unilm BEiT (§4.2, -> `hf_mim_beit`) or BEiT v2 (§4.3, -> `hf_mim_beitv2`)
+    pre-training checkpoint; v2 is recognised by its `cls_pt_layers`.
+
+    `early_layers` (v2 only) is not visible in the weights; it defaults to depth - 3 (9 for base, 21 for large).
+    """
+    keys = _Keys(state, "BEiT")
+    keys.drop(r".*relative_position_index")
+    geometry = _vit_geometry(state, "")
+    if geometry["grid_size"] is None:
+        raise ValueError("The checkpoint has neither a relative position table nor position embeddings to size its grid")
+    head_layers = _count(state, r"cls_pt_layers\.(\d+)\.")
+    kwargs = {
+        "hidden_size": geometry["hidden_size"],
+        "num_hidden_layers": geometry["num_hidden_layers"],
+        "num_attention_heads": _heads(geometry, num_attention_heads, "backbone"),
+        "intermediate_size": geometry["intermediate_size"],
+        "image_size": geometry["grid_size"] * geometry["patch_size"],
+        "patch_size": geometry["patch_size"],
+        "num_channels": geometry["num_channels"],
+        "vocab_size": state["lm_head.weight"].shape[0],
+        "use_shared_relative_position_bias": "rel_pos_bias.relative_position_bias_table" in state,
+        "use_absolute_position_embeddings": "pos_embed" in state,
+        # The released values (only the presence of layer scale matters once weights are loaded).
+        "layer_scale_init_value": (1e-5 if geometry["hidden_size"] >= 1024 else 0.1) if geometry["layer_scale"] else 0.0,
+        "tokenizer_config": tokenizer_config,
+    }
+    if head_layers:
+        config = Beitv2Config(**kwargs, early_layers=early_layers, head_layers=head_layers)
+    else:
+        if early_layers is not None:
+            raise ValueError("early_layers only applies to BEiT v2 checkpoints (with cls_pt_layers)")
+        config = BeitMimConfig(**kwargs)
+    out = {}
+    _convert_vit(keys, "", "beit.", geometry["num_hidden_layers"], out)
+    for index in range(head_layers):
+        _convert_block(keys, f"cls_pt_layers.{index}.", f"patch_aggregation.layers.{index}.", out)
+    for parameter in ("weight", "bias"):
+        out[f"layernorm.{parameter}"] = keys.pop(f"norm.{parameter}")
+        out[f"lm_head.{parameter}"] = keys.pop(f"lm_head.{parameter}")
+    keys.check_consumed()
+    return config, out
+
+
+def convert_vqkd_checkpoint(
+    checkpoint_path: str | Path,
+    output_dir: str | Path | None = None,
+    num_attention_heads: int | None = None,
+    decoder_attention_heads: int | None = None,
+) -> VqkdModel:
+    """A [`VqkdModel`] from a released VQ-KD tokenizer (e.g. `vqkd_encoder_base_decoder_3x768x12_clip-d5036aa7.pth`),
+    saved with its [`VqkdImageProcessor`] to `output_dir` when given."""
+    config, weights = convert_vqkd_state_dict(
+        load_unilm_state_dict(checkpoint_path), num_attention_heads, decoder_attention_heads
+    )
+    model = VqkdModel(config)
+    model.load_state_dict({key: value.float() if value.is_floating_point() else value for key, value in weights.items()})
+    model.eval()
+    if output_dir is not None:
+        model.save_pretrained(output_dir)
+        size = {"height": config.image_size, "width": config.image_size}
+        VqkdImageProcessor(size=size, crop_size=size).save_pretrained(output_dir)
+    return model
+
+
+def convert_beit_checkpoint(
+    checkpoint_path: str | Path,
+    output_dir: str | Path | None = None,
+    tokenizer_name_or_path: str | None = None,
+    early_layers: int | None = None,
+    num_attention_heads: int | None = None,
+    image_mean: tuple[float, float, float] | None = None,
+    image_std: tuple[float, float, float] | None = None,
+) -> BeitMimForMaskedImageModeling:
+    """A BEiT (`hf_mim_beit`) or BEiT v2 (`hf_mim_beitv2`) MIM model from a released pre-training checkpoint (e.g.
+    `beit_base_patch16_224_pt22k.pth`, `beitv2_base_patch16_224_pt1k.pth`).
+
+    Args:
+        tokenizer_name_or_path: an hf_mim tokenizer (e.g. a converted VQ-KD, or DALL-E dVAE) to hold inside the model
+            so it computes its own targets (and continues pre-training with `run_mim.py --model_name_or_path`);
+            its image processor is saved in the `tokenizer` subfolder. Without it the model needs `labels`.
+        image_mean, image_std: normalisation of the ViT view; default (0.5, 0.5, 0.5) for BEiT (pt22k recipe) and
+            ImageNet's statistics for BEiT v2.
+    """
+    tokenizer = tokenizer_processor = None
+    if tokenizer_name_or_path is not None:
+        tokenizer = AutoModel.from_pretrained(tokenizer_name_or_path)
+        tokenizer_processor = AutoImageProcessor.from_pretrained(tokenizer_name_or_path)
+    config, weights = convert_beit_state_dict(
+        load_unilm_state_dict(checkpoint_path),
+        early_layers=early_layers,
+        num_attention_heads=num_attention_heads,
+        tokenizer_config=tokenizer.config.to_dict() if tokenizer is not None else None,
+    )
+    model_class = Beitv2ForMaskedImageModeling if isinstance(config, Beitv2Config) else BeitMimForMaskedImageModeling
+    model = model_class(config)
+    missing, unexpected = model.load_state_dict({key: value.float() for key, value in weights.items()}, strict=False)
+    missing = [key for key in missing if not key.startswith("tokenizer.")]
+    if missing or unexpected:
+        raise ValueError(f"Converted weights do not fit {model_class.__name__}: missing {missing}, unexpected {unexpected}")
+    if tokenizer is not None:
+        model.set_tokenizer(tokenizer)
+    model.eval()
+    if output_dir is not None:
+        model.save_pretrained(output_dir)
+        default_mean, default_std = (
+            (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD) if isinstance(config, Beitv2Config) else _INCEPTION_MEAN_STD
+        )
+        size = {"height": config.image_size, "width": config.image_size}
+        MimImageProcessor(
+            size=size, crop_size=size, image_mean=image_mean or default_mean, image_std=image_std or default_std
+        ).save_pretrained(output_dir)
+        if tokenizer_processor is not None:
+            tokenizer_processor.save_pretrained(Path(output_dir) / TOKENIZER_SUBFOLDER)
+    return model
+
+
+__all__ = [
+    "convert_beit_checkpoint",
+    "convert_beit_state_dict",
+    "convert_vqkd_checkpoint",
+    "convert_vqkd_state_dict",
+    "load_unilm_state_dict",
+]
