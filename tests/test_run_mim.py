@@ -111,3 +111,9 @@ def test_a_batch_of_only_broken_images_is_skipped(tiny_dvae_dir, tmp_path):
     metrics = main(run_mim_args(tiny_dvae_dir, str(images.parent), tmp_path / "out", "--max_steps", "2",
                                 "--save_strategy", "no"))
     assert metrics["train_skipped_images"] == 8
+
+
+def test_no_action_is_an_error_not_a_silent_success(tiny_dvae_dir, image_folder, tmp_path):
+    args = [a for a in run_mim_args(tiny_dvae_dir, image_folder, tmp_path) if a != "--do_train"]
+    with pytest.raises(ValueError, match="Nothing to do"):
+        main(args)
