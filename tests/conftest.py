@@ -18,7 +18,9 @@ from hf_mim import (
     DvaeConfig,
     DvaeImageProcessor,
     DvaeModel,
+    McBeitConfig,
     MimImageProcessor,
+    VqganConfig,
 )
 
 TINY_BACKBONE = {
@@ -41,6 +43,28 @@ def tiny_beit_config(**kwargs) -> BeitMimConfig:
     tokenizer = tiny_dvae_config()
     defaults = {**TINY_BACKBONE, "vocab_size": tokenizer.codebook_size, "tokenizer_config": tokenizer.to_dict()}
     return BeitMimConfig(**{**defaults, **kwargs})
+
+
+def tiny_vqgan_config(**kwargs) -> VqganConfig:
+    """A VQGAN encoder whose 16 px view gives the 4x4 grid of a 32 px ViT with 8 px patches."""
+    defaults = {
+        "image_size": 16,
+        "hidden_size": 8,
+        "channel_multipliers": [1, 1, 2],
+        "attention_levels": [2],
+        "z_channels": 8,
+        "embed_dim": 8,
+        "codebook_size": 64,
+        "norm_num_groups": 4,
+    }
+    return VqganConfig(**{**defaults, **kwargs})
+
+
+def tiny_mcbeit_config(tokenizer=None, **kwargs) -> McBeitConfig:
+    """mc-BEiT on the tiny backbone; targets from `tokenizer` (a tokenizer config), by default the tiny VQGAN."""
+    tokenizer = tokenizer if tokenizer is not None else tiny_vqgan_config()
+    defaults = {**TINY_BACKBONE, "vocab_size": tokenizer.codebook_size, "tokenizer_config": tokenizer.to_dict()}
+    return McBeitConfig(**{**defaults, **kwargs})
 
 
 def write_images(folder, count: int, size=(40, 48), classes=("a", "b"), seed: int = 0) -> None:

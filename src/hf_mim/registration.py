@@ -17,7 +17,13 @@ from .models import (
     DvaeConfig,
     DvaeImageProcessor,
     DvaeModel,
+    McBeitConfig,
+    McBeitForMaskedImageModeling,
+    McBeitModel,
     MimImageProcessor,
+    VqganConfig,
+    VqganImageProcessor,
+    VqganModel,
     VqkdConfig,
     VqkdImageProcessor,
     VqkdModel,
@@ -35,6 +41,12 @@ FAMILIES = [
     (
         Beitv2Config,
         {AutoModel: Beitv2Model, AutoModelForMaskedImageModeling: Beitv2ForMaskedImageModeling},
+        MimImageProcessor,
+    ),
+    (VqganConfig, {AutoModel: VqganModel}, VqganImageProcessor),
+    (
+        McBeitConfig,
+        {AutoModel: McBeitModel, AutoModelForMaskedImageModeling: McBeitForMaskedImageModeling},
         MimImageProcessor,
     ),
 ]

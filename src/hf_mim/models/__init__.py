@@ -8,14 +8,19 @@ where hf_mim is not installed. This `__init__` is not copied: it is for installe
 from .configuration_beit import BeitMimConfig
 from .configuration_beitv2 import Beitv2Config
 from .configuration_dvae import DvaeConfig
+from .configuration_mcbeit import McBeitConfig
+from .configuration_vqgan import VqganConfig
 from .configuration_vqkd import VqkdConfig
 from .image_processing_dvae import DvaeImageProcessor
 from .image_processing_mim import MimImageProcessor
+from .image_processing_vqgan import VqganImageProcessor
 from .image_processing_vqkd import VqkdImageProcessor
 from .modeling_beit import BeitMimForMaskedImageModeling, BeitMimModel, BeitMimOutput
 from .modeling_beitv2 import Beitv2ForMaskedImageModeling, Beitv2MimOutput, Beitv2Model
 from .modeling_dvae import DvaeModel
+from .modeling_mcbeit import McBeitForMaskedImageModeling, McBeitModel, McBeitOutput, soft_targets
 from .modeling_tokenizer import MimTokenizerPreTrainedModel
+from .modeling_vqgan import VqganModel, VqganOutput
 from .modeling_vqkd import VqkdModel, VqkdOutput
 
 __all__ = [
@@ -30,10 +35,19 @@ __all__ = [
     "DvaeConfig",
     "DvaeImageProcessor",
     "DvaeModel",
+    "McBeitConfig",
+    "McBeitForMaskedImageModeling",
+    "McBeitModel",
+    "McBeitOutput",
     "MimImageProcessor",
     "MimTokenizerPreTrainedModel",
+    "VqganConfig",
+    "VqganImageProcessor",
+    "VqganModel",
+    "VqganOutput",
     "VqkdConfig",
     "VqkdImageProcessor",
     "VqkdModel",
     "VqkdOutput",
+    "soft_targets",
 ]

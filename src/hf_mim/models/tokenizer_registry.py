@@ -6,13 +6,17 @@ to classes, inside the remote-code closure so checkpoints load without hf_mim in
 """
 
 from .configuration_dvae import DvaeConfig
+from .configuration_vqgan import VqganConfig
 from .configuration_vqkd import VqkdConfig
 from .modeling_dvae import DvaeModel
+from .modeling_tokenizer import MimTokenizerPreTrainedModel
+from .modeling_vqgan import VqganModel
 from .modeling_vqkd import VqkdModel
 
 TOKENIZER_CLASSES = {
     DvaeConfig.model_type: (DvaeConfig, DvaeModel),
     VqkdConfig.model_type: (VqkdConfig, VqkdModel),
+    VqganConfig.model_type: (VqganConfig, VqganModel),
 }
 
 
@@ -40,4 +44,10 @@ def build_tokenizer(config_dict: dict):
     return tokenizer.eval()
 
 
-__all__ = ["TOKENIZER_CLASSES", "build_tokenizer", "tokenizer_config_from_dict"]
+def tokenizer_provides_logits(config_dict: dict) -> bool:
+    """Whether the tokenizer of `config_dict` implements `get_codebook_logits` (soft targets need it, ids do not)."""
+    _, model_class = _classes_for(config_dict)
+    return model_class.get_codebook_logits is not MimTokenizerPreTrainedModel.get_codebook_logits
+
+
+__all__ = ["TOKENIZER_CLASSES", "build_tokenizer", "tokenizer_config_from_dict", "tokenizer_provides_logits"]

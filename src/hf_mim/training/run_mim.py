@@ -5,6 +5,7 @@ flag), with BEiT's masking and tokenizer flags. One or many processes, CPU or GP
 gradient accumulation and `--resume_from_checkpoint` come from `Trainer`.
 """
 
+import dataclasses
 import logging
 import os
 import sys
@@ -30,6 +31,8 @@ from ..models import (
     BeitMimForMaskedImageModeling,
     Beitv2Config,
     Beitv2ForMaskedImageModeling,
+    McBeitConfig,
+    McBeitForMaskedImageModeling,
     MimImageProcessor,
 )
 from .trainer import MimTrainer
@@ -40,6 +43,14 @@ logger = logging.getLogger(__name__)
 MIM_MODELS = {
     "beit": (BeitMimConfig, BeitMimForMaskedImageModeling),
     "beitv2": (Beitv2Config, Beitv2ForMaskedImageModeling),
+    "mcbeit": (McBeitConfig, McBeitForMaskedImageModeling),
+}
+
+# Data flags whose default depends on the method: a flag left unset takes its --model_type's value here, else BEiT's.
+DATA_DEFAULTS = {
+    "beit": {"masking": "blockwise", "mask_ratio": 0.4, "color_jitter": 0.4},
+    # mc-BEiT's published recipe: 75% of the patches masked uniformly at random (147 of 196), no colour jitter.
+    "mcbeit": {"masking": "random", "mask_ratio": 0.75, "color_jitter": 0.0},
 }
 
 # ViT sizes of the BEiT papers (and DeiT's tiny/small).
@@ -94,8 +105,10 @@ class DataArguments:
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
     crop_min_scale: float = field(default=0.08, metadata={"help": "Random-resized-crop minimum area (BEiT v2 recipe: 0.2)"})
-    color_jitter: float = 0.4
-    masking: str = field(default="blockwise", metadata={"help": "blockwise (BEiT) or random"})
+    color_jitter: float | None = field(default=None, metadata={"help": "Colour jitter strength (default 0.4; mcbeit: 0)"})
+    masking: str | None = field(
+        default=None, metadata={"help": "blockwise (default) or random (default for --model_type mcbeit)"}
+    )
     num_mask_patches: int | None = field(
         default=None, metadata={"help": "Patches masked per image (75 of 196, scaled to the patch grid by default)"}
     )
@@ -104,7 +117,9 @@ class DataArguments:
     exact_mask_count: bool = field(
         default=True, metadata={"help": "Mask exactly num_mask_patches (BEiT v2); False: at most (BEiT v1)"}
     )
-    mask_ratio: float = field(default=0.4, metadata={"help": "Masked fraction for --masking random"})
+    mask_ratio: float | None = field(
+        default=None, metadata={"help": "Masked fraction for --masking random (default 0.4; mcbeit: 0.75)"}
+    )
 
 
 @dataclass
@@ -119,7 +134,16 @@ class MimTrainingArguments(TrainingArguments):
     label_names: list[str] = field(default_factory=list)
 
 
+def resolve_data_defaults(data_args: DataArguments, model_type: str = "beit") -> DataArguments:
+    """A copy of `data_args` whose unset method-dependent flags hold `model_type`'s defaults (`DATA_DEFAULTS`)."""
+    defaults = {**DATA_DEFAULTS["beit"], **DATA_DEFAULTS.get(model_type, {})}
+    unset = {name: value for name, value in defaults.items() if getattr(data_args, name) is None}
+    return dataclasses.replace(data_args, **unset)
+
+
 def build_mask_generator(data_args: DataArguments, grid_size: int):
+    """The mask generator the flags describe; flags still unset take BEiT's defaults."""
+    data_args = resolve_data_defaults(data_args)
     num_patches = grid_size * grid_size
     if data_args.masking == "random":
         return RandomMaskingGenerator(grid_size, mask_ratio=data_args.mask_ratio)
@@ -230,6 +254,7 @@ def find_checkpoint(training_args: MimTrainingArguments) -> str | None:
 
 def main(argv=None) -> dict[str, float]:
     model_args, data_args, training_args = parse_args(argv)
+    data_args = resolve_data_defaults(data_args, model_args.model_type)
     setup_logging(training_args)
     set_seed(training_args.seed)
 
@@ -296,4 +321,13 @@ def main(argv=None) -> dict[str, float]:
     return metrics
 
 
-__all__ = ["DataArguments", "MIM_MODELS", "MODEL_SIZES", "ModelArguments", "MimTrainingArguments", "main"]
+__all__ = [
+    "DATA_DEFAULTS",
+    "DataArguments",
+    "MIM_MODELS",
+    "MODEL_SIZES",
+    "ModelArguments",
+    "MimTrainingArguments",
+    "main",
+    "resolve_data_defaults",
+]
