@@ -231,7 +231,7 @@ TOKENIZERS = {
     "hf_mim_dvae": (lambda: (DvaeModel(tiny_dvae_config()), sized(DvaeImageProcessor, 16)), 0.1),
     "hf_mim_vqgan": (lambda: (VqganModel(tiny_vqgan_config()), sized(VqganImageProcessor, 16)), 0.05),
     "hf_mim_vqkd": (lambda: (VqkdModel(tiny_vqkd_config(kmeans_init=False)), sized(VqkdImageProcessor, 32)), 4.0),
-    "hf_mim_kmeans": (tiny_kmeans_tokenizer, 4.0),
+    "hf_mim_kmeans": (tiny_kmeans_tokenizer, 0.5),
 }
 
 
