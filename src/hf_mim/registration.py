@@ -14,9 +14,15 @@ from .models import (
     Beitv2Config,
     Beitv2ForMaskedImageModeling,
     Beitv2Model,
+    CcvitConfig,
+    CcvitForMaskedImageModeling,
+    CcvitModel,
     DvaeConfig,
     DvaeImageProcessor,
     DvaeModel,
+    KmeansConfig,
+    KmeansImageProcessor,
+    KmeansModel,
     McBeitConfig,
     McBeitForMaskedImageModeling,
     McBeitModel,
@@ -47,6 +53,12 @@ FAMILIES = [
     (
         McBeitConfig,
         {AutoModel: McBeitModel, AutoModelForMaskedImageModeling: McBeitForMaskedImageModeling},
+        MimImageProcessor,
+    ),
+    (KmeansConfig, {AutoModel: KmeansModel}, KmeansImageProcessor),
+    (
+        CcvitConfig,
+        {AutoModel: CcvitModel, AutoModelForMaskedImageModeling: CcvitForMaskedImageModeling},
         MimImageProcessor,
     ),
 ]

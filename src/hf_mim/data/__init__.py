@@ -8,7 +8,13 @@ control it.
 from .collator import MimDataCollator
 from .datasets import apply_transform, load_image_datasets
 from .images import SkippedImageCounter, decode_image
-from .masking import BlockwiseMaskingGenerator, RandomMaskingGenerator, numpy_rng_from_torch, scale_num_patches
+from .masking import (
+    BlockwiseMaskingGenerator,
+    RandomMaskingGenerator,
+    ReplacementPositionGenerator,
+    numpy_rng_from_torch,
+    scale_num_patches,
+)
 from .transforms import TwoViewTransform, random_resized_crop_box
 
 
@@ -16,6 +22,7 @@ __all__ = [
     "BlockwiseMaskingGenerator",
     "MimDataCollator",
     "RandomMaskingGenerator",
+    "ReplacementPositionGenerator",
     "SkippedImageCounter",
     "TwoViewTransform",
     "apply_transform",

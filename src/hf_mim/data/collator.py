@@ -18,7 +18,8 @@ class MimDataCollator:
     Returns a dict with `pixel_values` `(B, 3, H, W)`, `tokenizer_pixel_values` `(B, 3, h, w)`
     when the examples have a tokenizer view, `bool_masked_pos` `(B, num_patches)` (bool,
     row-major over the patch grid, one fresh mask per example) when a mask generator is given,
-    and any other example fields that are tensors or numbers, stacked (e.g. `labels`).
+    `bool_replaced_pos` `(B, num_patches)` when a replacement generator is given too, and any
+    other example fields that are tensors or numbers, stacked (e.g. `labels`).
 
     Examples that are None or whose `pixel_values` is None (undecodable images) are dropped.
     If every example of a batch is dropped, an empty dict is returned: training loops must
@@ -32,15 +33,24 @@ class MimDataCollator:
         skipped ([`SkippedImageCounter`], *optional*):
             Counts the examples dropped here. `apply_transform` can count undecodable images
             instead; give a counter to one of the two, or each skip is counted twice.
+        replacement_generator (`Callable[[np.ndarray], np.ndarray]`, *optional*):
+            Called with each example's mask for a boolean grid of further patches to corrupt, e.g. a
+            [`ReplacementPositionGenerator`] (CCViT's centroid replacement). Needs `mask_generator`.
     """
 
     def __init__(
         self,
         mask_generator: Callable[[], np.ndarray] | None = None,
         skipped: SkippedImageCounter | None = None,
+        replacement_generator: Callable[[np.ndarray], np.ndarray] | None = None,
     ):
+        if replacement_generator is not None and mask_generator is None:
+            raise ValueError(
+                "replacement_generator draws among the patches a mask leaves visible; give mask_generator too"
+            )
         self.mask_generator = mask_generator
         self.skipped = skipped
+        self.replacement_generator = replacement_generator
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         kept = [example for example in examples if example is not None and example.get("pixel_values") is not None]
@@ -60,6 +70,9 @@ class MimDataCollator:
         if self.mask_generator is not None:
             masks = np.stack([self.mask_generator() for _ in kept])
             batch["bool_masked_pos"] = torch.from_numpy(masks.reshape(len(kept), -1).astype(bool))
+            if self.replacement_generator is not None:
+                replaced = np.stack([self.replacement_generator(mask) for mask in masks])
+                batch["bool_replaced_pos"] = torch.from_numpy(replaced.reshape(len(kept), -1).astype(bool))
         return batch
 
 

@@ -219,4 +219,57 @@ class RandomMaskingGenerator:
         return mask.reshape(self.height, self.width)
 
 
-__all__ = ["BlockwiseMaskingGenerator", "RandomMaskingGenerator", "numpy_rng_from_torch", "scale_num_patches"]
+class ReplacementPositionGenerator:
+    r"""CCViT's centroid replacement positions: patches drawn uniformly among those a mask leaves visible.
+
+    The model overwrites these patches with their centroid's pixels; like masked patches, they are predicted. The
+    two sets never overlap, and exactly `num_replaced_patches` patches are drawn for every mask.
+
+    Args:
+        input_size (`int` or `tuple[int, int]`):
+            Grid size in patches, or (height, width).
+        num_replaced_patches (`int`):
+            Patches to replace per image (CCViT: 20 of 196; `scale_num_patches(20, to_grid=...)` for other grids).
+    """
+
+    def __init__(self, input_size: int | tuple[int, int], num_replaced_patches: int):
+        self.height, self.width = _grid_shape(input_size)
+        self.num_patches = self.height * self.width
+        if not 0 <= num_replaced_patches <= self.num_patches:
+            raise ValueError(
+                f"num_replaced_patches must be between 0 and the {self.num_patches} patches of a "
+                f"{self.height}x{self.width} grid, got {num_replaced_patches}; scale it to the grid with "
+                f"scale_num_patches"
+            )
+        self.num_replaced_patches = num_replaced_patches
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(input_size=({self.height}, {self.width}), "
+            f"num_replaced_patches={self.num_replaced_patches})"
+        )
+
+    def __call__(self, mask: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        """A boolean `(height, width)` grid with exactly `num_replaced_patches` True entries, all outside `mask`."""
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != (self.height, self.width):
+            raise ValueError(f"mask has shape {mask.shape}, expected the ({self.height}, {self.width}) patch grid")
+        visible = np.flatnonzero(~mask)
+        if len(visible) < self.num_replaced_patches:
+            raise ValueError(
+                f"Only {len(visible)} patches are left visible by the mask but {self.num_replaced_patches} must be "
+                f"replaced; mask fewer patches or replace fewer"
+            )
+        rng = numpy_rng_from_torch() if rng is None else rng
+        replaced = np.zeros(self.num_patches, dtype=bool)
+        replaced[rng.choice(visible, self.num_replaced_patches, replace=False)] = True
+        return replaced.reshape(self.height, self.width)
+
+
+__all__ = [
+    "BlockwiseMaskingGenerator",
+    "RandomMaskingGenerator",
+    "ReplacementPositionGenerator",
+    "numpy_rng_from_torch",
+    "scale_num_patches",
+]

@@ -7,17 +7,22 @@ where hf_mim is not installed. This `__init__` is not copied: it is for installe
 
 from .configuration_beit import BeitMimConfig
 from .configuration_beitv2 import Beitv2Config
+from .configuration_ccvit import CcvitConfig
 from .configuration_dvae import DvaeConfig
+from .configuration_kmeans import KmeansConfig
 from .configuration_mcbeit import McBeitConfig
 from .configuration_vqgan import VqganConfig
 from .configuration_vqkd import VqkdConfig
 from .image_processing_dvae import DvaeImageProcessor
+from .image_processing_kmeans import KmeansImageProcessor
 from .image_processing_mim import MimImageProcessor
 from .image_processing_vqgan import VqganImageProcessor
 from .image_processing_vqkd import VqkdImageProcessor
 from .modeling_beit import BeitMimForMaskedImageModeling, BeitMimModel, BeitMimOutput
 from .modeling_beitv2 import Beitv2ForMaskedImageModeling, Beitv2MimOutput, Beitv2Model
+from .modeling_ccvit import CcvitForMaskedImageModeling, CcvitMimOutput, CcvitModel
 from .modeling_dvae import DvaeModel
+from .modeling_kmeans import KmeansModel, KmeansOutput
 from .modeling_mcbeit import McBeitForMaskedImageModeling, McBeitModel, McBeitOutput, soft_targets
 from .modeling_tokenizer import MimTokenizerPreTrainedModel
 from .modeling_vqgan import VqganModel, VqganOutput
@@ -32,9 +37,17 @@ __all__ = [
     "Beitv2ForMaskedImageModeling",
     "Beitv2MimOutput",
     "Beitv2Model",
+    "CcvitConfig",
+    "CcvitForMaskedImageModeling",
+    "CcvitMimOutput",
+    "CcvitModel",
     "DvaeConfig",
     "DvaeImageProcessor",
     "DvaeModel",
+    "KmeansConfig",
+    "KmeansImageProcessor",
+    "KmeansModel",
+    "KmeansOutput",
     "McBeitConfig",
     "McBeitForMaskedImageModeling",
     "McBeitModel",

@@ -6,9 +6,11 @@ to classes, inside the remote-code closure so checkpoints load without hf_mim in
 """
 
 from .configuration_dvae import DvaeConfig
+from .configuration_kmeans import KmeansConfig
 from .configuration_vqgan import VqganConfig
 from .configuration_vqkd import VqkdConfig
 from .modeling_dvae import DvaeModel
+from .modeling_kmeans import KmeansModel
 from .modeling_tokenizer import MimTokenizerPreTrainedModel
 from .modeling_vqgan import VqganModel
 from .modeling_vqkd import VqkdModel
@@ -17,6 +19,7 @@ TOKENIZER_CLASSES = {
     DvaeConfig.model_type: (DvaeConfig, DvaeModel),
     VqkdConfig.model_type: (VqkdConfig, VqkdModel),
     VqganConfig.model_type: (VqganConfig, VqganModel),
+    KmeansConfig.model_type: (KmeansConfig, KmeansModel),
 }
 
 

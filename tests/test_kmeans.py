@@ -1,0 +1,254 @@
+"""The k-means centroid tokenizer (CCViT) and its fitting: Lloyd iterations, initialisation, data sampling."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoImageProcessor, AutoModel
+
+from hf_mim import KmeansConfig, KmeansImageProcessor, KmeansModel
+from hf_mim.data import load_image_datasets
+from hf_mim.models.modeling_kmeans import nearest_centroids, patchify, unpatchify
+from hf_mim.training.kmeans import fit_kmeans, fit_kmeans_tokenizer, init_centroids, sample_patches
+
+
+def planted_clusters(dtype, num_clusters=6, per_cluster=40, dim=12, seed=0):
+    """Well separated clusters: float centres in [0, 1] with noise 0.01, or 8-bit centres with noise of 2 levels."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.rand(num_clusters, dim, generator=generator)
+    labels = torch.arange(num_clusters).repeat_interleave(per_cluster)
+    points = centres[labels] + 0.01 * torch.randn(len(labels), dim, generator=generator)
+    if dtype == torch.uint8:
+        centres = (centres * 235 + 10).round() / 255
+        noise = torch.randint(-2, 3, (len(labels), dim), generator=generator)
+        points = (centres[labels] * 255 + noise).round().to(torch.uint8)
+    return points, centres
+
+
+def total_inertia(points, centroids) -> float:
+    """Sum of squared distances to the nearest centroid, in float64."""
+    x = points.double() / (255 if points.dtype == torch.uint8 else 1)
+    return torch.cdist(x, centroids.double()).square().min(dim=1).values.sum().item()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8], ids=["float", "pixels"])
+def test_planted_clusters_are_recovered(dtype):
+    points, centres = planted_clusters(dtype)
+    fit = fit_kmeans(points, len(centres), num_iterations=10, init="k-means++", seed=0, show_progress=False)
+    distances = torch.cdist(centres, fit.centroids)
+    # Every true centre has its own centroid within the noise level.
+    assert distances.min(dim=1).values.max() < 0.02
+    assert len(set(distances.argmin(dim=1).tolist())) == len(centres)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8], ids=["float", "pixels"])
+def test_inertia_never_increases(dtype):
+    generator = torch.Generator().manual_seed(1)
+    points = torch.rand(600, 24, generator=generator)
+    if dtype == torch.uint8:
+        points = (points * 255).round().to(torch.uint8)
+    fit = fit_kmeans(points, 20, num_iterations=12, init="random", seed=3, show_progress=False)
+    assert len(fit.inertia) == 12
+    for before, after in zip(fit.inertia, fit.inertia[1:]):
+        assert after <= before * (1 + 1e-6)
+    assert fit.inertia[-1] < fit.inertia[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8], ids=["float", "pixels"])
+def test_inertia_matches_scikit_learn_from_the_same_initialisation(dtype):
+    from sklearn.cluster import KMeans
+
+    generator = torch.Generator().manual_seed(2)
+    points = torch.rand(800, 16, generator=generator) ** 2
+    if dtype == torch.uint8:
+        points = (points * 255).round().to(torch.uint8)
+    floats = points.double() / (255 if dtype == torch.uint8 else 1)
+    init = init_centroids(points, 24, "random", seed=0)
+    ours = fit_kmeans(points, 24, num_iterations=6, init=init, show_progress=False)
+    reference = KMeans(24, init=init.double().numpy(), n_init=1, max_iter=6, tol=0.0, algorithm="lloyd").fit(
+        floats.numpy()
+    )
+    # scikit-learn's inertia_ is measured with its final centroids, like total_inertia.
+    assert total_inertia(points, ours.centroids) == pytest.approx(reference.inertia_, rel=0.01)
+    assert torch.allclose(ours.centroids.double(), torch.from_numpy(reference.cluster_centers_), atol=1e-3)
+
+
+def test_same_seed_gives_the_same_centroids():
+    points = torch.randint(0, 256, (500, 12), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    fits = [fit_kmeans(points, 10, 4, init=init, seed=seed, show_progress=False).centroids
+            for init in ("random", "k-means++") for seed in (5, 5, 6)]
+    assert torch.equal(fits[0], fits[1]) and not torch.equal(fits[0], fits[2])
+    assert torch.equal(fits[3], fits[4]) and not torch.equal(fits[3], fits[5])
+
+
+def test_empty_clusters_are_reseeded_onto_far_points(caplog):
+    points, centres = planted_clusters(torch.float32, num_clusters=3)
+    # Two identical initial centroids: the second gets no points (ties go to the lower index).
+    init = torch.stack([centres[0], centres[1], centres[1]])
+    with caplog.at_level("INFO", logger="hf_mim.training.kmeans"):
+        fit = fit_kmeans(points, 3, num_iterations=4, init=init, show_progress=False)
+    assert "Re-seeding 1 empty clusters" in caplog.text
+    assert torch.cdist(centres, fit.centroids).min(dim=1).values.max() < 0.02
+    assert fit.inertia[-1] < 0.5 * fit.inertia[0]
+
+
+def test_bad_inputs_are_clear_errors():
+    points = torch.rand(10, 4)
+    with pytest.raises(ValueError, match="needs at least as many points"):
+        fit_kmeans(points, 11, show_progress=False)
+    with pytest.raises(ValueError, match="Unknown k-means initialisation"):
+        fit_kmeans(points, 2, init="kmeans||", show_progress=False)
+    with pytest.raises(ValueError, match="Initial centroids have shape"):
+        fit_kmeans(points, 2, init=torch.rand(3, 4), show_progress=False)
+    with pytest.raises(ValueError, match="float or uint8"):
+        fit_kmeans(torch.ones(10, 4, dtype=torch.long), 2, show_progress=False)
+
+
+def test_faiss_backend_agrees_with_torch():
+    pytest.importorskip("faiss")
+    points = torch.rand(2000, 32, generator=torch.Generator().manual_seed(4))
+    init = init_centroids(points, 16, "random", seed=0)
+    ours = fit_kmeans(points, 16, 5, init=init, show_progress=False)
+    faiss_fit = fit_kmeans(points, 16, 5, init=init, backend="faiss", show_progress=False)
+    assert faiss_fit.inertia == pytest.approx(ours.inertia, rel=1e-4)
+    assert torch.allclose(faiss_fit.centroids, ours.centroids, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tokenizer.
+
+
+def tiny_kmeans(codebook_size=16, seed=0) -> KmeansModel:
+    centroids = torch.rand(codebook_size, 3 * 8 * 8, generator=torch.Generator().manual_seed(seed))
+    return KmeansModel.from_centroids(centroids, image_size=32)
+
+
+def test_tokens_are_nearest_centroids_and_logits_negative_squared_distances():
+    tokenizer = tiny_kmeans()
+    pixels = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    patches = patchify(pixels, 8)
+    reference = torch.cdist(patches.double(), tokenizer.centroids.double()).square()
+    assert torch.equal(tokenizer.get_codebook_indices(pixels), reference.argmin(dim=-1))
+    assert torch.allclose(tokenizer.get_codebook_logits(pixels).double(), -reference, atol=1e-4)
+    ids, sq = nearest_centroids(patches.reshape(-1, 192), tokenizer.centroids, chunk_size=5)
+    assert torch.equal(ids, reference.argmin(dim=-1).flatten())
+    assert torch.allclose(sq.double(), reference.min(dim=-1).values.flatten(), atol=1e-4)
+
+
+def test_patches_are_channel_major_and_row_major_over_the_grid():
+    pixels = torch.arange(2 * 3 * 32 * 32, dtype=torch.float32).reshape(2, 3, 32, 32)
+    patches = patchify(pixels, 8)
+    # Patch 5 is grid row 1, column 1; value (c, py, px) sits at index c * 64 + py * 8 + px.
+    assert torch.equal(patches[1, 5].reshape(3, 8, 8), pixels[1, :, 8:16, 8:16])
+    assert torch.equal(unpatchify(patches, 8, 3), pixels)
+
+
+def test_decode_gives_centroid_pixels():
+    tokenizer = tiny_kmeans()
+    ids = torch.randint(0, 16, (2, 16), generator=torch.Generator().manual_seed(0))
+    images = tokenizer.decode(ids)
+    assert images.shape == (2, 3, 32, 32)
+    assert torch.equal(patchify(images, 8), tokenizer.centroids[ids])
+    out = tokenizer(images)
+    assert torch.equal(out.indices, ids) and torch.equal(out.reconstruction, images)
+
+
+def test_replacement_writes_exactly_the_centroid_pixels_at_the_chosen_positions():
+    tokenizer = tiny_kmeans()
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    replaced = torch.zeros(2, 16, dtype=torch.bool)
+    replaced[0, [1, 7]] = True
+    replaced[1, [0, 15, 9]] = True
+    ids = tokenizer.get_codebook_indices(pixels)
+    result = tokenizer.replace_patches(pixels, replaced)
+    before, after = patchify(pixels, 8), patchify(result, 8)
+    assert torch.equal(after[replaced], tokenizer.centroids[ids[replaced]])
+    assert torch.equal(after[~replaced], before[~replaced])
+    assert torch.equal(tokenizer.replace_patches(pixels, replaced, ids), result)
+    assert torch.equal(pixels, unpatchify(before, 8, 3))  # the input is left untouched
+
+
+def test_from_centroids_loads_ccvit_centroids_npy(tmp_path):
+    centroids = np.random.default_rng(0).random((8192, 768), dtype=np.float32)
+    np.save(tmp_path / "centroids.npy", centroids)
+    tokenizer = KmeansModel.from_centroids(tmp_path / "centroids.npy")
+    assert (tokenizer.config.codebook_size, tokenizer.config.patch_size, tokenizer.config.grid_size) == (8192, 16, 14)
+    assert torch.equal(tokenizer.centroids, torch.from_numpy(centroids))
+    assert tokenizer.get_codebook_indices(torch.rand(1, 3, 224, 224)).shape == (1, 196)
+
+
+def test_from_centroids_rejects_bad_arrays():
+    with pytest.raises(ValueError, match="not a square patch"):
+        KmeansModel.from_centroids(torch.rand(4, 100))
+    with pytest.raises(ValueError, match=r"raw pixels in \[0, 1\]"):
+        KmeansModel.from_centroids(torch.rand(4, 768) * 255)
+    with pytest.raises(ValueError, match="float array"):
+        KmeansModel.from_centroids(torch.ones(4, 768, dtype=torch.long))
+    with pytest.raises(ValueError, match="expects 32x32 inputs"):
+        tiny_kmeans().get_codebook_indices(torch.rand(1, 3, 64, 64))
+    with pytest.raises(ValueError, match="not a multiple of patch_size"):
+        KmeansConfig(image_size=30, patch_size=8)
+
+
+def test_save_and_load_through_the_auto_classes(tmp_path):
+    tokenizer = tiny_kmeans()
+    tokenizer.save_pretrained(tmp_path)
+    KmeansImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    loaded = AutoModel.from_pretrained(tmp_path)
+    assert type(loaded) is KmeansModel and torch.equal(loaded.centroids, tokenizer.centroids)
+    assert not loaded.centroids.requires_grad
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    assert type(processor) is KmeansImageProcessor and not processor.do_normalize
+    from PIL import Image
+
+    view = processor(Image.new("RGB", (40, 50), (255, 128, 0)), return_tensors="pt")["pixel_values"]
+    assert view.shape == (1, 3, 32, 32) and view[0, :, 0, 0].tolist() == pytest.approx([1.0, 128 / 255, 0.0])
+
+
+def test_half_precision_centroids_are_refused():
+    with pytest.raises(ValueError, match="float32"):
+        tiny_kmeans().to(torch.bfloat16).get_codebook_indices(torch.rand(1, 3, 32, 32))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Fitting on images.
+
+
+def test_patches_of_a_dataset_are_the_raw_view(image_folder):
+    raw, column = load_image_datasets(train_dir=image_folder)
+    processor = KmeansImageProcessor(size={"height": 32, "width": 32})
+    patches, ids = sample_patches(raw["train"], column, processor, 8, show_progress=False)
+    assert patches.dtype == torch.uint8 and patches.shape == (24 * 16, 192)
+    assert torch.equal(ids, torch.arange(24 * 16))
+    from hf_mim.data import decode_image
+
+    view = processor(decode_image(raw["train"][3][column]), return_tensors="pt")["pixel_values"]
+    assert torch.equal(patches[3 * 16 : 4 * 16].float() / 255, patchify(view, 8)[0])
+
+    sampled, sampled_ids = sample_patches(raw["train"], column, processor, 8, patches_per_image=5, seed=1,
+                                          show_progress=False)
+    assert sampled.shape == (24 * 5, 192) and torch.equal(sampled, patches[sampled_ids])
+    again, _ = sample_patches(raw["train"], column, processor, 8, patches_per_image=5, seed=1, show_progress=False)
+    assert torch.equal(again, sampled)
+    with pytest.raises(ValueError, match="normalises them"):
+        sample_patches(raw["train"], column, KmeansImageProcessor(do_normalize=True), 8, show_progress=False)
+
+
+def test_streaming_and_map_style_datasets_give_the_same_patches(image_folder):
+    processor = KmeansImageProcessor(size={"height": 32, "width": 32})
+    results = []
+    for streaming in (False, True):
+        raw, column = load_image_datasets(train_dir=image_folder, streaming=streaming)
+        results.append(sample_patches(raw["train"], column, processor, 8, patches_per_image=3, show_progress=False))
+    # A streaming imagefolder lists files in the same order as the map-style one.
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_fit_a_tokenizer_on_images(image_folder):
+    raw, column = load_image_datasets(train_dir=image_folder)
+    config = KmeansConfig(image_size=32, patch_size=8, codebook_size=12)
+    tokenizer, processor, fit = fit_kmeans_tokenizer(raw["train"], column, config, num_iterations=3,
+                                                     show_progress=False)
+    assert fit.num_points == 24 * 16 and len(fit.inertia) == 3
+    assert torch.equal(tokenizer.centroids, fit.centroids)
+    assert processor.size == {"height": 32, "width": 32} and not processor.do_normalize
+    assert 0 <= tokenizer.centroids.min() and tokenizer.centroids.max() <= 1
