@@ -1,12 +1,20 @@
 """VQ-KD: parameter count, codebook algorithm (k-means init, EMA, restarts), input guards, teachers, checkpoints."""
 
+import json
 import math
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import write_images
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import (
     AutoImageProcessor,
     AutoModel,
@@ -20,6 +28,7 @@ from transformers import (
 from hf_mim import VqkdConfig, VqkdImageProcessor, VqkdModel
 from hf_mim.models import modeling_vqkd
 from hf_mim.models.modeling_vqkd import VqkdCodebook, spherical_kmeans
+from hf_mim.training.train_tokenizer import main as train_tokenizer
 from hf_mim.training.vqkd import VqkdTeacher, load_teacher
 
 TINY_VQKD = {
@@ -36,6 +45,15 @@ TINY_VQKD = {
     "codebook_size": 64,
     "teacher_dim": 16,
 }
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny models run several times faster without intra-op threads competing for two shared cores.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def tiny_vqkd_config(**kwargs) -> VqkdConfig:
@@ -124,14 +142,14 @@ def test_model_refuses_pixels_outside_unit_range():
 def test_ema_update_matches_hand_computation():
     codebook = codebook_with([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], ema_decay=0.5).train()
     features = torch.tensor([[[3.0, 4.0], [2.0, 0.0], [4.0, 3.0]]], requires_grad=True)
-    quantized, indices, commitment, counts = codebook(features)
+    quantized, indices, commitment, counts, restarted = codebook(features).to_tuple()
 
     # Unit vectors (0.6, 0.8), (1, 0), (0.8, 0.6) pick codes 1, 0, 0.
     assert indices.tolist() == [[1, 0, 0]] and counts.tolist() == [2.0, 1.0, 0.0]
     # The output is the codes as they were before the update.
     assert torch.allclose(quantized, torch.tensor([[[0.0, 1.0], [1.0, 0.0], [1.0, 0.0]]]))
     # Commitment: squared distances 0.36 + 0.04, 0, 0.04 + 0.36 over 3 x 2 elements.
-    assert commitment.item() == pytest.approx(0.8 / 6)
+    assert commitment.item() == pytest.approx(0.8 / 6) and restarted == 0
     # Code 0: members (1, 0) + (0.8, 0.6) -> mean direction (1.8, 0.6)/|.|; new = normalise(0.5 old + 0.5 mean).
     mean0 = torch.tensor([1.8, 0.6]) / math.hypot(1.8, 0.6)
     new0 = F.normalize(0.5 * torch.tensor([1.0, 0.0]) + 0.5 * mean0, dim=0)
@@ -197,9 +215,9 @@ def test_dead_codes_are_restarted_from_current_features():
     weight = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
     codebook = codebook_with(weight, ema_decay=0.5, dead_code_restart_steps=2).train()
     features = torch.tensor([[[1.0, 0.1], [0.1, 1.0]]])
-    codebook(features)
+    assert codebook(features).restarted_codes == 0
     assert codebook.unused_steps.tolist() == [0, 0, 1] and torch.equal(codebook.weight[2], weight[2])
-    codebook(features)
+    assert codebook(features).restarted_codes == 1
     # Code 2 went unused for 2 steps: it now holds one of the (normalised) features of the batch.
     candidates = F.normalize(features[0], dim=-1)
     assert any(torch.allclose(codebook.weight[2], row) for row in candidates)
@@ -288,3 +306,106 @@ def test_any_vit_teacher_is_resized_to_the_token_grid():
         expected = vit((resized - 0.5) / 0.5).last_hidden_state[:, 1:]
     assert torch.allclose(teacher(pixels), expected, atol=1e-5)
     teacher.check_compatible(tiny_vqkd_config())
+
+
+# ---------------------------------------------------------------- training with scripts/train_tokenizer.py
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY_OVERRIDES = ",".join(f"{key}={value}" for key, value in TINY_VQKD.items())
+
+
+@pytest.fixture(scope="module")
+def vqkd_training_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("vqkd_training")
+    write_images(root / "images", 64)
+    return tiny_clip_teacher_dir(root / "teacher"), str(root / "images")
+
+
+def train_tokenizer_args(teacher, images, output_dir, *extra, overrides=""):
+    return [
+        "--tokenizer_type", "vqkd", "--teacher_name_or_path", teacher, "--train_dir", images,
+        "--output_dir", str(output_dir), "--config_overrides", TINY_OVERRIDES + overrides,
+        "--do_train", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--weight_decay", "1e-4",
+        "--warmup_steps", "0.1", "--lr_scheduler_type", "cosine", "--save_strategy", "no", "--use_cpu",
+        "--report_to", "none", "--dataloader_num_workers", "0", "--seed", "0", *extra,
+    ]
+
+
+def codes_used(folder, images) -> int:
+    """Distinct codes the saved tokenizer assigns over all patches of the images (processor view)."""
+    model = AutoModel.from_pretrained(folder).eval()
+    processor = AutoImageProcessor.from_pretrained(folder)
+    pictures = [Image.open(path) for path in sorted(pathlib.Path(images).rglob("*.png"))]
+    with torch.no_grad():
+        return model.get_codebook_indices(processor(pictures, return_tensors="pt")["pixel_values"]).unique().numel()
+
+
+@pytest.mark.parametrize("restart_steps", [0, 20])
+def test_training_lowers_the_cosine_loss_and_keeps_codes_in_use(vqkd_training_data, tmp_path, restart_steps):
+    teacher, images = vqkd_training_data
+    train_tokenizer(train_tokenizer_args(teacher, images, tmp_path, "--max_steps", "200", "--logging_steps", "10",
+                                         overrides=f",dead_code_restart_steps={restart_steps}"))
+    logs = [e for e in json.loads((tmp_path / "trainer_state.json").read_text())["log_history"] if "loss" in e]
+    assert all({"reconstruction_loss", "commitment_loss", "codebook_usage", "codebook_perplexity"} <= set(e) for e in logs)
+    first, last = logs[0]["reconstruction_loss"], logs[-1]["reconstruction_loss"]
+    used = codes_used(tmp_path, images)
+    print(f"dead_code_restart_steps={restart_steps}: cosine loss {first:.3f} -> {last:.3f}, {used}/64 codes used")
+    assert last < 0.5 * first
+    if restart_steps:
+        assert used >= 32
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "hf_mim_vqkd" and config["dead_code_restart_steps"] == restart_steps
+    assert not any("teacher" in key for key in load_file(tmp_path / "model.safetensors"))
+
+
+def test_training_needs_a_matching_teacher(vqkd_training_data, tmp_path):
+    teacher, images = vqkd_training_data
+    args = train_tokenizer_args(teacher, images, tmp_path, "--max_steps", "1")
+    with pytest.raises(ValueError, match="needs --teacher_name_or_path"):
+        train_tokenizer(args[:2] + args[4:])
+    with pytest.raises(ValueError, match="pass --config_overrides teacher_dim=16"):
+        train_tokenizer(train_tokenizer_args(teacher, images, tmp_path, "--max_steps", "1", overrides=",teacher_dim=8"))
+
+
+@pytest.mark.slow
+def test_two_process_training_ends_with_identical_codebooks(vqkd_training_data, tmp_path):
+    teacher, images = vqkd_training_data
+    # train_tokenizer.main, plus each process saving the codebook it holds at the end.
+    (tmp_path / "train_and_dump.py").write_text(textwrap.dedent(
+        """
+        import torch
+        from hf_mim.training import train_tokenizer, vqkd
+
+        original_train = vqkd.VqkdTrainer.train
+
+        def train(self, *args, **kwargs):
+            result = original_train(self, *args, **kwargs)
+            codebook = self.accelerator.unwrap_model(self.model).codebook
+            torch.save(codebook.state_dict(), f"{self.args.output_dir}/codebook_rank{self.args.process_index}.pt")
+            return result
+
+        vqkd.VqkdTrainer.train = train
+        train_tokenizer.main()
+        """
+    ))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "29537", str(tmp_path / "train_and_dump.py")]
+    # 2 x 2 images per step (32 vectors per process for 64 codes) with restarts after 6 unused steps: k-means, EMA
+    # and restarts all run under DDP, while codes in steady use keep their k-means origin (per-process k-means leaves
+    # some of them different). DDP's own broadcast of rank 0's buffers before each forward is switched off, so only
+    # the codebook's synchronisation is tested.
+    args = train_tokenizer_args(teacher, images, tmp_path / "out", "--max_steps", "12", "--logging_steps", "4",
+                                "--ddp_broadcast_buffers", "False", overrides=",dead_code_restart_steps=6")
+    args[args.index("--per_device_train_batch_size") + 1] = "2"
+    completed = subprocess.run(launch + args, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    rank0, rank1 = (torch.load(tmp_path / "out" / f"codebook_rank{rank}.pt") for rank in (0, 1))
+    assert rank0["initted"].item() == 1
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+    logs = json.loads((tmp_path / "out" / "trainer_state.json").read_text())["log_history"]
+    assert sum(e.get("codebook_restarts", 0) for e in logs) > 0
+    saved = load_file(tmp_path / "out" / "model.safetensors")
+    assert torch.equal(saved["codebook.weight"], rank0["weight"])

@@ -42,6 +42,8 @@ class VqkdOutput(ModelOutput):
         Fraction of the codes selected at least once in this batch (over all processes while training).
     codebook_perplexity (`torch.FloatTensor` of shape `()`):
         `exp` of the entropy of the batch's code frequencies: the number of equally used codes it is worth.
+    codebook_restarts (`torch.FloatTensor` of shape `()`):
+        Dead codes re-seeded in this training step (`dead_code_restart_steps`).
     indices (`torch.LongTensor` of shape `(batch_size, grid_size**2)`):
         Code ids, row-major over the grid.
     predicted_features (`torch.FloatTensor` of shape `(batch_size, grid_size**2, teacher_dim)`):
@@ -53,8 +55,32 @@ class VqkdOutput(ModelOutput):
     commitment_loss: torch.FloatTensor | None = None
     codebook_usage: torch.FloatTensor | None = None
     codebook_perplexity: torch.FloatTensor | None = None
+    codebook_restarts: torch.FloatTensor | None = None
     indices: torch.LongTensor | None = None
     predicted_features: torch.FloatTensor | None = None
+
+
+@dataclass
+class VqkdCodebookOutput(ModelOutput):
+    r"""
+    quantized (`torch.FloatTensor` of shape `(..., codebook_dim)`):
+        Straight-through quantised unit vectors: the codes in the forward pass, the gradient of the l2-normalised
+        features in the backward pass.
+    indices (`torch.LongTensor` of shape `(...)`):
+        Code ids.
+    commitment_loss (`torch.FloatTensor` of shape `()`):
+        `commitment_weight` times the mean squared distance between the normalised features and their codes.
+    counts (`torch.FloatTensor` of shape `(codebook_size,)`):
+        How often each code was selected (summed over processes while training).
+    restarted_codes (`torch.FloatTensor` of shape `()`):
+        How many dead codes were re-seeded in this step.
+    """
+
+    quantized: torch.FloatTensor | None = None
+    indices: torch.LongTensor | None = None
+    commitment_loss: torch.FloatTensor | None = None
+    counts: torch.FloatTensor | None = None
+    restarted_codes: torch.FloatTensor | None = None
 
 
 def _distributed() -> bool:
@@ -177,34 +203,30 @@ class VqkdCodebook(nn.Module):
         # The member mean of a code, normalised; codes nobody chose keep their vector.
         means = torch.where((counts > 0)[:, None], F.normalize(sums, dim=-1), self.weight)
         self.weight.copy_(F.normalize(self.decay * self.weight + (1 - self.decay) * means, dim=-1))
-        if self.dead_code_restart_steps > 0:
-            self.restart_dead_codes(vectors, counts)
         return counts
 
     @torch.no_grad()
-    def restart_dead_codes(self, vectors: torch.Tensor, counts: torch.Tensor) -> None:
-        """Re-seed the codes unused for `dead_code_restart_steps` steps with random current feature vectors."""
+    def restart_dead_codes(self, vectors: torch.Tensor, counts: torch.Tensor) -> int:
+        """Re-seed the codes unused for `dead_code_restart_steps` steps with random unit `vectors` of this step;
+        `counts` are this step's all-process selection counts. Returns how many codes were restarted."""
         self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
         dead = self.unused_steps >= self.dead_code_restart_steps
         # `counts` are summed over processes, so every process takes this branch together.
         num_dead = int(dead.sum())
         if num_dead == 0:
-            return
+            return 0
         if not _distributed() or dist.get_rank() == 0:
-            self.weight[dead] = vectors[torch.randint(0, vectors.shape[0], (num_dead,), device=vectors.device)]
+            replacements = vectors[torch.randint(0, vectors.shape[0], (num_dead,), device=vectors.device)]
+        else:
+            replacements = torch.empty(num_dead, self.codebook_dim, dtype=vectors.dtype, device=vectors.device)
         if _distributed():
-            dist.broadcast(self.weight, src=0)
+            dist.broadcast(replacements, src=0)
+        self.weight[dead] = replacements.to(self.weight.dtype)
         self.unused_steps[dead] = 0
+        return num_dead
 
-    def forward(
-        self, features: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.LongTensor, torch.Tensor, torch.Tensor]:
-        """Quantise `features` `(..., codebook_dim)`.
-
-        Returns the straight-through quantised unit vectors (the codes in the forward pass, the gradient of the
-        normalised features in the backward pass), the code ids `(...)`, the commitment loss and the per-code
-        selection counts `(codebook_size,)` (summed over processes while training).
-        """
+    def forward(self, features: torch.Tensor) -> VqkdCodebookOutput:
+        """Quantise `features` `(..., codebook_dim)`; while training, also update the codebook (see the class)."""
         with torch.autocast(device_type=features.device.type, enabled=False):
             vectors = F.normalize(features.float(), dim=-1)
             flat = vectors.reshape(-1, self.codebook_dim)
@@ -214,11 +236,20 @@ class VqkdCodebook(nn.Module):
             # The codes as they were before this step's update.
             codes = self.weight.float()[indices]
             counts = torch.bincount(indices, minlength=self.codebook_size).float()
+            restarted = 0
             if self.training:
                 counts = self.update(flat.detach(), indices, counts)
+                if self.dead_code_restart_steps > 0:
+                    restarted = self.restart_dead_codes(flat.detach(), counts)
             commitment_loss = self.commitment_weight * F.mse_loss(flat, codes)
             quantized = flat + (codes - flat).detach()
-        return quantized.view_as(vectors), indices.view(features.shape[:-1]), commitment_loss, counts
+        return VqkdCodebookOutput(
+            quantized=quantized.view_as(vectors),
+            indices=indices.view(features.shape[:-1]),
+            commitment_loss=commitment_loss,
+            counts=counts,
+            restarted_codes=torch.tensor(float(restarted), device=features.device),
+        )
 
 
 class VqkdPreTrainedModel(MimTokenizerPreTrainedModel):
@@ -339,8 +370,8 @@ class VqkdModel(VqkdPreTrainedModel):
                 Whether to return `loss` (needs `target_features`).
         """
         features = self.encode(pixel_values)
-        quantized, indices, commitment_loss, counts = self.codebook(features)
-        predicted = self.decode_features(quantized)
+        quantized = self.codebook(features)
+        predicted = self.decode_features(quantized.quantized)
 
         reconstruction_loss = loss = None
         if target_features is not None:
@@ -353,21 +384,23 @@ class VqkdModel(VqkdPreTrainedModel):
             cosine = F.cosine_similarity(predicted.float(), target_features.float(), dim=-1)
             reconstruction_loss = (1 - cosine).mean()
             if return_loss:
-                loss = reconstruction_loss + commitment_loss
-        usage, perplexity = code_usage(counts)
+                loss = reconstruction_loss + quantized.commitment_loss
+        usage, perplexity = code_usage(quantized.counts)
         return VqkdOutput(
             loss=loss,
             reconstruction_loss=reconstruction_loss,
-            commitment_loss=commitment_loss,
+            commitment_loss=quantized.commitment_loss,
             codebook_usage=usage,
             codebook_perplexity=perplexity,
-            indices=indices,
+            codebook_restarts=quantized.restarted_codes,
+            indices=quantized.indices,
             predicted_features=predicted,
         )
 
 
 __all__ = [
     "VqkdCodebook",
+    "VqkdCodebookOutput",
     "VqkdModel",
     "VqkdOutput",
     "VqkdPreTrainedModel",

@@ -20,8 +20,12 @@ from ..data import MimDataCollator, SkippedImageCounter, TwoViewTransform, apply
 from ..models.configuration_dvae import DvaeConfig
 from ..models.image_processing_dvae import DvaeImageProcessor
 from ..models.modeling_dvae import DvaeModel
+from ..models.configuration_vqkd import VqkdConfig
+from ..models.image_processing_vqkd import VqkdImageProcessor
+from ..models.modeling_vqkd import VqkdModel
 from .dvae import TEMPERATURE_SCHEDULES, build_dvae_trainer, dvae_image_processor
 from .run_mim import MimTrainingArguments, find_checkpoint, setup_logging
+from .vqkd import build_vqkd_trainer, vqkd_image_processor
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +45,7 @@ class TokenizerFamily:
 
 TOKENIZER_FAMILIES = {
     "dvae": TokenizerFamily(DvaeConfig, DvaeModel, DvaeImageProcessor, dvae_image_processor, build_dvae_trainer),
+    "vqkd": TokenizerFamily(VqkdConfig, VqkdModel, VqkdImageProcessor, vqkd_image_processor, build_vqkd_trainer),
 }
 
 
@@ -70,6 +75,15 @@ class TokenizerArguments:
     )
     kl_warmup_fraction: float = field(
         default=0.1, metadata={"help": "dVAE: fraction of the steps over which the KL weight ramps up from 0."}
+    )
+    teacher_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "VQ-KD: the vision model to distil (folder or Hub id), e.g. openai/clip-vit-base-patch16."},
+    )
+    teacher_feature_layer: int | None = field(
+        default=None,
+        metadata={"help": "VQ-KD: index into the teacher's hidden_states; default its final features (CLIP: "
+                  "final LayerNorm + visual projection)."},
     )
 
 

@@ -192,7 +192,6 @@ def build_vqkd_trainer(model, args: TrainingArguments, tokenizer_args, **trainer
         tokenizer_args.teacher_name_or_path,
         grid_size=model.config.grid_size,
         feature_layer=tokenizer_args.teacher_feature_layer,
-        trust_remote_code=tokenizer_args.trust_remote_code,
     )
     return VqkdTrainer(model=model, args=args, teacher=teacher, **trainer_kwargs)
 
