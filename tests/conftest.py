@@ -1,5 +1,6 @@
 """Shared tiny fixtures: every model here is a few thousand parameters on 16-32 px images."""
 
+import importlib
 import os
 
 # Tests never reach the network; fail fast instead of waiting on a Hub request.
@@ -18,6 +19,7 @@ from hf_mim import (
     DvaeConfig,
     DvaeImageProcessor,
     DvaeModel,
+    KmeansConfig,
     McBeitConfig,
     MimImageProcessor,
     VqganConfig,
@@ -65,6 +67,37 @@ def tiny_mcbeit_config(tokenizer=None, **kwargs) -> McBeitConfig:
     tokenizer = tokenizer if tokenizer is not None else tiny_vqgan_config()
     defaults = {**TINY_BACKBONE, "vocab_size": tokenizer.codebook_size, "tokenizer_config": tokenizer.to_dict()}
     return McBeitConfig(**{**defaults, **kwargs})
+
+
+# model_type -> factory of a tiny config of that family; tests that cover every registered family
+# (tests/test_hub.py) build their models from here, so each new family adds its entry.
+TINY_CONFIGS = {
+    "hf_mim_beit": tiny_beit_config,
+    "hf_mim_dvae": tiny_dvae_config,
+    "hf_mim_vqgan": tiny_vqgan_config,
+    "hf_mim_mcbeit": tiny_mcbeit_config,
+    # Defined with their family's tests; imported on use (those modules import this one).
+    "hf_mim_vqkd": lambda: importlib.import_module("test_vqkd").tiny_vqkd_config(kmeans_init=False),
+    "hf_mim_beitv2": lambda: importlib.import_module("test_beitv2").tiny_beitv2_config(),
+    "hf_mim_kmeans": lambda: KmeansConfig(image_size=32, patch_size=8, codebook_size=16),
+    "hf_mim_ccvit": lambda: importlib.import_module("test_ccvit").tiny_ccvit_config(
+        tokenizer_config=KmeansConfig(image_size=32, patch_size=8, codebook_size=16).to_dict()
+    ),
+}
+
+# Prepend to a `python -c` script: the process then fails on any import of hf_mim, so only code files
+# that travelled with a checkpoint can serve it.
+BLOCK_HF_MIM = """
+import importlib.abc, sys
+
+class BlockHfMim(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "hf_mim" or name.startswith("hf_mim."):
+            raise ImportError("hf_mim is deliberately unavailable in this process")
+        return None
+
+sys.meta_path.insert(0, BlockHfMim())
+"""
 
 
 def write_images(folder, count: int, size=(40, 48), classes=("a", "b"), seed: int = 0) -> None:

@@ -7,22 +7,14 @@ import sys
 import textwrap
 
 import torch
-from conftest import tiny_beit_config, tiny_dvae_config
+from conftest import BLOCK_HF_MIM, tiny_beit_config, tiny_dvae_config
 
 from hf_mim import BeitMimForMaskedImageModeling, DvaeImageProcessor, DvaeModel, MimImageProcessor
 
 # Runs in a fresh interpreter: any attempt to import hf_mim raises, so only the copied code files can serve.
-LOADER = textwrap.dedent(
+LOADER = BLOCK_HF_MIM + textwrap.dedent(
     """
-    import importlib.abc, json, sys
-
-    class BlockHfMim(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name == "hf_mim" or name.startswith("hf_mim."):
-                raise ImportError("hf_mim is deliberately unavailable in this process")
-            return None
-
-    sys.meta_path.insert(0, BlockHfMim())
+    import json
     import torch
     from transformers import AutoImageProcessor, AutoModel, AutoModelForMaskedImageModeling
 

@@ -26,6 +26,8 @@ from ..data import (
     load_image_datasets,
     scale_num_patches,
 )
+from ..hub.callbacks import HubFilesCallback
+from ..hub.cards import hub_dataset_id
 from ..models import (
     BeitMimConfig,
     BeitMimForMaskedImageModeling,
@@ -304,6 +306,7 @@ def main(argv=None) -> dict[str, float]:
         result = trainer.train(resume_from_checkpoint=find_checkpoint(training_args))
         trainer.save_model()
         if trainer.is_world_process_zero():
+        callbacks=[HubFilesCallback(subfolders={TOKENIZER_SUBFOLDER: tokenizer_processor})],
             tokenizer_processor.save_pretrained(os.path.join(training_args.output_dir, TOKENIZER_SUBFOLDER))
         # Undecodable images skipped by this process (its DataLoader workers included).
         result.metrics["train_skipped_images"] = skipped.value
@@ -323,6 +326,13 @@ def main(argv=None) -> dict[str, float]:
 
 __all__ = [
     "DATA_DEFAULTS",
+    if training_args.do_train:
+        # hf_mim's card (MimTrainer.create_model_card), pushed with everything else under --push_to_hub.
+        card = {"dataset_tags": hub_dataset_id(data_args.dataset_name)}
+        if training_args.push_to_hub:
+            trainer.push_to_hub(**card)
+        else:
+            trainer.create_model_card(**card)
     "DataArguments",
     "MIM_MODELS",
     "MODEL_SIZES",

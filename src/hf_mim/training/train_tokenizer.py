@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from transformers import HfArgumentParser, set_seed
 
 from ..data import MimDataCollator, SkippedImageCounter, TwoViewTransform, apply_transform, load_image_datasets
+from ..hub.cards import hub_dataset_id
 from ..models.configuration_dvae import DvaeConfig
 from ..models.image_processing_dvae import DvaeImageProcessor
 from ..models.modeling_dvae import DvaeModel
@@ -207,8 +208,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         metrics.update(eval_metrics)
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
+    # hf_mim's card (MimTrainer.create_model_card: codebook usage, training configuration, usage snippets).
+    card = {"dataset_tags": hub_dataset_id(data_args.dataset_name)}
     if training_args.push_to_hub:
-        trainer.push_to_hub(tags=["hf_mim", "visual-tokenizer", tokenizer_args.tokenizer_type])
+        trainer.push_to_hub(**card)
+    elif training_args.do_train:
+        trainer.create_model_card(**card)
     return metrics
 
 

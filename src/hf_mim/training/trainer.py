@@ -1,10 +1,15 @@
 """A `Trainer` for hf_mim models: BEiT parameter groups, per-step model metrics, non-finite loss guard."""
 
 import logging
+import os
 
 import torch
 from transformers import Trainer
+from transformers.utils.hub import hf_api
 
+from ..hub.callbacks import HubFilesCallback
+from ..hub.cards import write_model_card
+from ..hub.push import prepare_repo
 from .optim import build_param_groups
 
 logger = logging.getLogger(__name__)
@@ -14,6 +19,10 @@ class MimTrainer(Trainer):
     """`Trainer` that logs every scalar a model returns besides its loss (masked accuracy, loss terms, codebook
     usage) averaged over the logging window and across processes, and builds BEiT's optimiser groups.
 
+    With `push_to_hub`, every push (also the intermediate ones of `hub_strategy="every_save"`) loads with
+    `trust_remote_code=True` (a `HubFilesCallback` is added unless one is passed), `hub_revision` branches are
+    created, and the card is hf_mim's (`hf_mim.hub.write_model_card`).
+
     Args:
         layer_decay (`float`, *optional*):
             Layer-wise learning-rate decay for fine-tuning (e.g. 0.65); `None` for pre-training.
@@ -21,9 +30,58 @@ class MimTrainer(Trainer):
 
     def __init__(self, *args, layer_decay: float | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        if not any(isinstance(callback, HubFilesCallback) for callback in self.callback_handler.callbacks):
+            self.add_callback(HubFilesCallback())
         self.layer_decay = layer_decay
         self._metric_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._metric_steps = {"train": 0, "eval": 0}
+
+    def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
+        # Trainer commits to `hub_revision` without creating it, and the Hub refuses commits to a missing branch.
+        if not self.is_world_process_zero():
+            return
+        self.hub_model_id = prepare_repo(
+            hf_api(),
+            self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir)),
+            private=private if private is not None else self.args.hub_private_repo,
+            revision=self.args.hub_revision,
+            token=token if token is not None else self.args.hub_token,
+        )
+        self.push_in_progress = None
+
+    def create_model_card(
+        self,
+        language=None,
+        license=None,
+        tags=None,
+        model_name=None,
+        finetuned_from=None,
+        tasks=None,
+        dataset_tags=None,
+        dataset=None,
+        dataset_args=None,
+        results=None,
+    ) -> None:
+        """Write hf_mim's model card to `output_dir/README.md` (what `push_to_hub` uploads).
+
+        Replaces Trainer's card, which calls a model trained from scratch "a fine-tuned version of []" and has no
+        usage for remote code. `dataset_tags` (or `dataset`) are Hub dataset ids, `finetuned_from` the base model,
+        `results` a list of `hf_mim.hub.CardResult`; `language`, `tasks` and `dataset_args` are not used.
+        """
+        if not self.is_world_process_zero():
+            return
+        write_model_card(
+            self.args.output_dir,
+            repo_id=getattr(self, "hub_model_id", None) or self.args.hub_model_id,
+            model_name=model_name,
+            datasets=dataset_tags or dataset,
+            license=license,
+            base_model=finetuned_from,
+            tags=tags,
+            results=results,
+            training_args=self.args,
+            trainer_state=self.state,
+        )
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:

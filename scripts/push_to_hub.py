@@ -1,0 +1,13 @@
+#!/usr/bin/env python
+"""Upload an hf_mim checkpoint folder to the Hub with its code files, image processors and model card.
+
+    python scripts/push_to_hub.py ./beit-out --repo_id you/beit-tiny --dataset ILSVRC/imagenet-1k
+    python scripts/push_to_hub.py ./beit-out --repo_id you/beit-tiny --dry_run ./upload   # look first
+
+See `python scripts/push_to_hub.py --help`.
+"""
+
+from hf_mim.hub.push import main
+
+if __name__ == "__main__":
+    main()

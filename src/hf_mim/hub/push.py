@@ -1,0 +1,258 @@
+"""Uploading an hf_mim checkpoint folder to the Hub so that it loads where hf_mim is not installed.
+
+`prepare_upload_folder` builds exactly what is uploaded: the weights, config, image processors
+(the root one and those of subfolders such as a MIM checkpoint's `tokenizer/`), `trainer_state.json`,
+results and training arguments, every code file the `auto_map`s need, and a freshly rendered card.
+`push_folder` creates the repo (and branch), checks its visibility, and uploads that folder in one commit.
+"""
+
+import argparse
+import fnmatch
+import json
+import logging
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from huggingface_hub import HfApi
+from transformers.dynamic_module_utils import get_relative_imports
+
+from .cards import DEFAULT_LICENSE, load_results, read_training_args, write_model_card
+
+logger = logging.getLogger(__name__)
+
+# Files of a checkpoint folder that belong on the Hub; optimizer states, RNG states and `checkpoint-*`
+# folders stay local.
+UPLOAD_PATTERNS = (
+    "README.md",
+    "config.json",
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.py",
+    "preprocessor_config.json",
+    "trainer_state.json",
+    "training_args.bin",
+    "*results.json",
+)
+# Subfolders uploaded with their image processor (a MIM checkpoint's tokenizer view).
+PROCESSOR_CONFIG = "preprocessor_config.json"
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+
+
+def _auto_map_modules(config_path: Path) -> set[str]:
+    """Module names the `auto_map` of a config or processor file refers to (code stored in this repo)."""
+    if not config_path.is_file():
+        return set()
+    modules = set()
+    for reference in (json.loads(config_path.read_text()).get("auto_map") or {}).values():
+        if isinstance(reference, dict):
+            references = reference.values()
+        elif isinstance(reference, (list, tuple)):
+            references = reference
+        else:
+            references = [reference]
+        for ref in references:
+            # "other/repo--module.Class" points at code in another repo.
+            if ref and "--" not in ref:
+                modules.add(ref.rsplit(".", 1)[0])
+    return modules
+
+
+def complete_code_files(folder) -> list[str]:
+    """Copy into `folder` every code file its `auto_map`s need that is missing there; returns the copied names.
+
+    transformers loads remote code from the repo root, also for an image processor loaded from a
+    subfolder (`subfolder="tokenizer"`), and then follows the files' `from .x import y` imports. A
+    missing file is taken from a subfolder that has it, else from the installed hf_mim.
+    """
+    folder = Path(folder)
+    subfolders = [path.parent for path in folder.glob(f"*/{PROCESSOR_CONFIG}")]
+    pending = set()
+    for config_path in [folder / "config.json", folder / PROCESSOR_CONFIG, *(sub / PROCESSOR_CONFIG for sub in subfolders)]:
+        pending |= {f"{module}.py" for module in _auto_map_modules(config_path)}
+    seen, copied = set(), []
+    while pending:
+        name = pending.pop()
+        seen.add(name)
+        target = folder / name
+        if not target.is_file():
+            sources = [sub / name for sub in subfolders] + [MODELS_DIR / name]
+            source = next((path for path in sources if path.is_file()), None)
+            if source is None:
+                raise FileNotFoundError(
+                    f"{folder} needs the code file {name} (named in an auto_map or imported by one) but neither the "
+                    "folder nor the installed hf_mim has it; re-save the model with hf_mim installed (save_pretrained)"
+                )
+            shutil.copyfile(source, target)
+            copied.append(name)
+        pending |= {f"{module}.py" for module in get_relative_imports(target)} - seen
+    if copied:
+        logger.info("Added the code files %s to %s", sorted(copied), folder)
+    return sorted(copied)
+
+
+def _check_checkpoint(folder: Path) -> None:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json; is it an hf_mim checkpoint folder (save_pretrained)?")
+    model_type = json.loads(config_path.read_text()).get("model_type", "")
+    if not model_type.startswith("hf_mim_"):
+        raise ValueError(
+            f"{folder} holds a {model_type or 'model without model_type'!r} checkpoint, not an hf_mim one "
+            "(model_type hf_mim_*); push other models with their own tools"
+        )
+    if not any(folder.glob("*.safetensors")):
+        raise FileNotFoundError(f"{folder} has no *.safetensors weights; save the model with save_pretrained first")
+    if not (folder / PROCESSOR_CONFIG).is_file():
+        raise FileNotFoundError(
+            f"{folder} has no {PROCESSOR_CONFIG}: without its image processor the model cannot be used from the Hub. "
+            "Save it there, e.g. AutoImageProcessor.from_pretrained(<source>).save_pretrained(folder)"
+        )
+
+
+def _copy_matching(source: Path, target: Path) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.iterdir()):
+        if path.is_file() and any(fnmatch.fnmatch(path.name, pattern) for pattern in UPLOAD_PATTERNS):
+            shutil.copyfile(path, target / path.name)
+
+
+def prepare_upload_folder(folder, upload_dir, *, repo_id: str | None = None, **card_options) -> list[str]:
+    """Write into `upload_dir` (new or empty) exactly what pushing `folder` uploads; returns its relative paths.
+
+    Keyword arguments other than `repo_id` go to `hf_mim.hub.write_model_card` (`datasets`, `license`,
+    `base_model`, `results`, `tags`, `model_name`).
+    """
+    folder, upload_dir = Path(folder), Path(upload_dir)
+    _check_checkpoint(folder)
+    if upload_dir.exists() and any(upload_dir.iterdir()):
+        raise FileExistsError(f"{upload_dir} is not empty; pass a new or empty folder for the upload")
+    if upload_dir.resolve() == folder.resolve():
+        raise ValueError("The upload folder must differ from the checkpoint folder")
+    _copy_matching(folder, upload_dir)
+    for processor_config in sorted(folder.glob(f"*/{PROCESSOR_CONFIG}")):
+        _copy_matching(processor_config.parent, upload_dir / processor_config.parent.name)
+    complete_code_files(upload_dir)
+    training_args = None
+    if (upload_dir / "training_args.bin").is_file():
+        training_args = read_training_args(upload_dir / "training_args.bin")
+        if training_args and training_args.get("hub_token"):
+            # Trainer pickles the arguments as given, so a `--hub_token` would be published with them.
+            (upload_dir / "training_args.bin").unlink()
+            logger.warning("Not uploading training_args.bin: it holds the Hub token the run was given (--hub_token)")
+    write_model_card(upload_dir, repo_id=repo_id, training_args=training_args, **card_options)
+    return sorted(str(path.relative_to(upload_dir)) for path in upload_dir.rglob("*") if path.is_file())
+
+
+def prepare_repo(api: HfApi, repo_id: str, *, private: bool | None = None, revision: str | None = None, token=None) -> str:
+    """Create the repo (if needed) and the branch `revision` (if needed); returns the full repo id.
+
+    The Hub refuses commits to a branch that does not exist, and `create_repo` ignores `private` for a
+    repo that exists: a public repo asked to be private is an error rather than a silent public upload.
+    """
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
+    if private and not api.repo_info(repo_id, token=token).private:
+        raise PermissionError(
+            f"{repo_id} already exists and is public, but a private push was asked for; make it private first "
+            f"(HfApi().update_repo_settings({repo_id!r}, private=True)) or push without --private"
+        )
+    if revision:
+        api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
+    return repo_id
+
+
+def push_folder(
+    folder,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+    **card_options,
+):
+    """Upload the hf_mim checkpoint in `folder` to `repo_id` (on branch `revision`) in one commit.
+
+    Returns the `CommitInfo`. Card options as for `prepare_upload_folder`; the card pushed is also written to
+    `folder/README.md`.
+    """
+    api = HfApi(token=token)
+    repo_id = prepare_repo(api, repo_id, private=private, revision=revision)
+    with tempfile.TemporaryDirectory() as upload_dir:
+        files = prepare_upload_folder(folder, upload_dir, repo_id=repo_id, **card_options)
+        logger.info("Uploading %d files to %s%s", len(files), repo_id, f"@{revision}" if revision else "")
+        commit = api.upload_folder(
+            folder_path=upload_dir,
+            repo_id=repo_id,
+            revision=revision,
+            commit_message=commit_message or f"Upload {Path(folder).resolve().name} with hf_mim",
+        )
+        # The folder keeps the card it was pushed with, so the next push starts from its datasets and results.
+        try:
+            shutil.copyfile(Path(upload_dir) / "README.md", Path(folder) / "README.md")
+        except OSError as error:
+            logger.warning("Could not update %s/README.md with the pushed card: %s", folder, error)
+    return commit
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Upload an hf_mim checkpoint folder (weights, config, code, image processors, model card) to the Hub.",
+    )
+    parser.add_argument("folder", help="The checkpoint folder (a run_mim.py / train_tokenizer.py output_dir, a converted model)")
+    parser.add_argument("--repo_id", required=True, help="namespace/name of the Hub repo (created if missing)")
+    parser.add_argument("--private", action="store_true", help="Create the repo private (an existing public repo is an error)")
+    parser.add_argument("--revision", default=None, help="Branch to commit to (created from main if missing)")
+    parser.add_argument("--commit_message", default=None)
+    parser.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the stored login)")
+    parser.add_argument("--dataset", action="append", default=None, help="Hub id of a training dataset (repeatable)")
+    parser.add_argument("--license", default=None, help=f"Licence id for the card (default: the folder's card, else {DEFAULT_LICENSE})")
+    parser.add_argument("--base_model", default=None, help="Hub id of the model this one was fine-tuned from")
+    parser.add_argument(
+        "--results",
+        default=None,
+        help='JSON list of evaluation results, e.g. [{"protocol": "knn", "dataset": "imagenet-1k", "value": 0.41}]',
+    )
+    parser.add_argument("--tag", action="append", default=None, help="Extra Hub tag (repeatable)")
+    parser.add_argument(
+        "--dry_run",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="UPLOAD_DIR",
+        help="Write the exact upload folder to UPLOAD_DIR (default ./<name>-upload) instead of pushing",
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None):
+    args = parse_args(argv)
+    logging.basicConfig(format="%(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    card_options = {
+        "datasets": args.dataset,
+        "license": args.license,
+        "base_model": args.base_model,
+        "results": load_results(args.results) if args.results else None,
+        "tags": args.tag,
+    }
+    if args.dry_run is not None:
+        upload_dir = Path(args.dry_run or f"{args.repo_id.split('/')[-1]}-upload")
+        files = prepare_upload_folder(args.folder, upload_dir, repo_id=args.repo_id, **card_options)
+        print(f"Dry run: wrote the {len(files)} files that would be uploaded to {args.repo_id} into {upload_dir}:")
+        print("\n".join(f"  {name}" for name in files))
+        return upload_dir
+    commit = push_folder(
+        args.folder,
+        args.repo_id,
+        private=args.private or None,
+        revision=args.revision,
+        commit_message=args.commit_message,
+        token=args.token,
+        **card_options,
+    )
+    print(f"Pushed {args.folder} to {commit.repo_url.repo_id}{'@' + args.revision if args.revision else ''}: {commit.commit_url}")
+    return commit
+
+
+__all__ = ["UPLOAD_PATTERNS", "complete_code_files", "main", "prepare_repo", "prepare_upload_folder", "push_folder"]

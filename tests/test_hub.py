@@ -1,0 +1,469 @@
+"""Sharing on the Hub: model cards, upload folders, and round trips through a local Hub-compatible server.
+
+Pushes and loads run in subprocesses whose environment points huggingface_hub at the server before it
+is imported (this process runs with HF_HUB_OFFLINE=1); loaders cannot import hf_mim, so only the
+files that reached the server can serve them.
+"""
+
+import json
+import os
+import pathlib
+import pickle
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import BLOCK_HF_MIM, TINY_CONFIGS, tiny_beit_config
+from fake_hub import FakeHub
+from PIL import Image
+from safetensors.torch import load_file
+from transformers import AutoImageProcessor, AutoModel, AutoModelForMaskedImageModeling, TrainingArguments
+
+from hf_mim import BeitMimForMaskedImageModeling, DvaeImageProcessor, MimImageProcessor
+from hf_mim.hub import CardResult, render_model_card, write_model_card
+from hf_mim.hub.cards import CARD_FAMILIES, read_training_args, template_names
+from hf_mim.hub.push import complete_code_files, prepare_upload_folder
+from hf_mim.hub.push import main as push_main
+from hf_mim.registration import FAMILIES
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+FAMILY_IDS = [config_class.model_type for config_class, _, _ in FAMILIES]
+PROCESSORS = {config_class.model_type: processor for config_class, _, processor in FAMILIES}
+TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
+
+
+@pytest.fixture(scope="module")
+def hub():
+    with FakeHub(lifetime_s=900) as server:
+        yield server
+        assert not server.errors, server.errors
+
+
+def run(args, env, cwd, timeout=300, hub=None):
+    completed = subprocess.run(args, capture_output=True, text=True, env=env, cwd=cwd, timeout=timeout)
+    server = "" if hub is None else "\n".join(["", "last requests:", *hub.requests[-12:], *hub.errors])
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:] + server
+    return completed
+
+
+def client_env(hub, tmp_path):
+    return {**os.environ, **hub.client_env(tmp_path / "hf_home"), "OMP_NUM_THREADS": "1"}
+
+
+def front_matter(readme: str) -> dict:
+    match = re.match(r"^---\n(.*?)\n---\n", readme, flags=re.DOTALL)
+    assert match, readme[:500]
+    return yaml.safe_load(match.group(1))
+
+
+def python_snippets(readme: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", readme, flags=re.DOTALL)
+
+
+def processor_for(config_dict: dict):
+    """An image processor of the family of `config_dict`, sized for its view."""
+    size = {"height": config_dict["image_size"], "width": config_dict["image_size"]}
+    return PROCESSORS[config_dict["model_type"]](size=size, crop_size=size)
+
+
+def save_tiny_checkpoint(family, folder) -> str:
+    """A random tiny model of `family` saved with its image processor(s); returns "mim" or "tokenizer"."""
+    config_class, models, _ = family
+    if config_class.model_type not in TINY_CONFIGS:
+        pytest.fail(f"No tiny config for {config_class.model_type}: add a factory to TINY_CONFIGS in tests/conftest.py")
+    config = TINY_CONFIGS[config_class.model_type]()
+    torch.manual_seed(0)
+    model = (models.get(AutoModelForMaskedImageModeling) or models[AutoModel])(config).eval()
+    model.save_pretrained(folder)
+    processor_for(config.to_dict()).save_pretrained(folder)
+    tokenizer_config = getattr(config, "tokenizer_config", None)
+    if tokenizer_config is not None:
+        processor_for(tokenizer_config).save_pretrained(pathlib.Path(folder) / "tokenizer")
+    return CARD_FAMILIES[config_class.model_type].kind
+
+
+# Loads pushed checkpoints where hf_mim cannot be imported, runs their cards' snippets, saves the outputs.
+# One process serves every job (each start costs seconds); a failing job records its traceback.
+LOADER = BLOCK_HF_MIM + textwrap.dedent(
+    """
+    import json, os, traceback
+    import torch
+    from PIL import Image
+    from transformers import AutoImageProcessor, AutoModel, AutoModelForMaskedImageModeling, BeitModel
+
+    def load(job):
+        hub = {"revision": job["revision"], "trust_remote_code": True}
+        image = Image.open("image.jpg")
+        out = {}
+        processor = AutoImageProcessor.from_pretrained(job["repo_id"], **hub)
+        out["pixel_values"] = processor(image, return_tensors="pt").pixel_values
+        encoder = AutoModel.from_pretrained(job["repo_id"], **hub).eval()
+        with torch.no_grad():
+            if job["kind"] == "mim":
+                out["hidden"] = encoder(out["pixel_values"]).last_hidden_state
+                model = AutoModelForMaskedImageModeling.from_pretrained(job["repo_id"], **hub).eval()
+                tokenizer_processor = AutoImageProcessor.from_pretrained(job["repo_id"], subfolder="tokenizer", **hub)
+                out["tokenizer_pixel_values"] = tokenizer_processor(image, return_tensors="pt").pixel_values
+                out["targets"] = model.get_targets(out["tokenizer_pixel_values"])
+            else:
+                out["logits"] = encoder.get_codebook_logits(out["pixel_values"])
+        namespace = {}
+        for snippet in job["snippets"]:
+            exec(snippet, namespace)
+        if job["snippets"] and job["kind"] == "mim":
+            with torch.no_grad():
+                stock = BeitModel.from_pretrained("stock-beit").eval()
+                out["stock_hidden"] = stock(out["pixel_values"]).last_hidden_state
+        out["encoder_module"] = type(encoder).__module__
+        return out
+
+    jobs, results = json.loads(sys.argv[1]), {}
+    for job in jobs:
+        os.chdir(job["workdir"])
+        try:
+            results[job["name"]] = load(job)
+        except Exception:
+            results[job["name"]] = {"error": traceback.format_exc()}
+    results["hf_mim_imported"] = any(name.split(".")[0] == "hf_mim" for name in sys.modules)
+    torch.save(results, sys.argv[2])
+    """
+)
+
+# Pushes with hf_mim installed, in one process; a failing job records its traceback.
+CLIENT = textwrap.dedent(
+    """
+    import json, sys, traceback
+    from hf_mim.hub.push import main as push
+    from hf_mim.training.run_mim import main as run_mim
+
+    jobs, errors = json.loads(sys.argv[1]), {}
+    for name, argv in jobs:
+        try:
+            (run_mim if name == "run_mim" else push)(argv)
+        except Exception:
+            errors[name] = traceback.format_exc()
+    with open(sys.argv[2], "w") as file:
+        json.dump(errors, file)
+    """
+)
+
+
+def load_remotely(hub, folder, jobs) -> dict:
+    """Run the loader on `jobs` (dicts with name, repo_id, revision, kind, snippets); returns name -> outputs."""
+    for job in jobs:
+        job["workdir"] = str(folder / job["name"])
+        os.makedirs(job["workdir"], exist_ok=True)
+        write_photo(pathlib.Path(job["workdir"]) / "image.jpg")
+    run([sys.executable, "-c", LOADER, json.dumps(jobs), str(folder / "remote.pt")], client_env(hub, folder), folder, hub=hub)
+    return torch.load(folder / "remote.pt")
+
+
+def write_photo(path):
+    coarse = np.random.default_rng(0).integers(0, 256, (4, 4, 3), dtype=np.uint8)
+    Image.fromarray(coarse).resize((40, 48), Image.Resampling.BICUBIC).save(path)
+
+
+def local_outputs(folder, kind, image_path, processor_folder=None):
+    """What hf_mim itself computes from `folder` (in this process, registered classes, no remote code)."""
+    image = Image.open(image_path)
+    processor_folder = processor_folder or folder
+    out = {"pixel_values": AutoImageProcessor.from_pretrained(processor_folder)(image, return_tensors="pt").pixel_values}
+    encoder = AutoModel.from_pretrained(folder).eval()
+    with torch.no_grad():
+        if kind == "mim":
+            out["hidden"] = encoder(out["pixel_values"]).last_hidden_state
+            model = AutoModelForMaskedImageModeling.from_pretrained(folder).eval()
+            tokenizer_processor = AutoImageProcessor.from_pretrained(processor_folder, subfolder="tokenizer")
+            out["tokenizer_pixel_values"] = tokenizer_processor(image, return_tensors="pt").pixel_values
+            out["targets"] = model.get_targets(out["tokenizer_pixel_values"])
+        else:
+            out["logits"] = encoder.get_codebook_logits(out["pixel_values"])
+    return out
+
+
+# ---- templates and cards (no server) -------------------------------------------------------------
+
+
+def test_every_registered_family_has_a_card_template():
+    shipped = set(template_names())
+    for config_class, _, _ in FAMILIES:
+        assert config_class.model_type in CARD_FAMILIES, f"add {config_class.model_type} to hf_mim.hub.cards.CARD_FAMILIES"
+        assert CARD_FAMILIES[config_class.model_type].template in shipped
+    # One template per family (all eight methods), each shipped from model_cards/ through the package link.
+    assert shipped == {family.template for family in CARD_FAMILIES.values()}
+    assert shipped == {path.name for path in (REPO / "model_cards").glob("*.md")}
+    assert (REPO / "src" / "hf_mim" / "hub" / "model_cards").resolve() == (REPO / "model_cards").resolve()
+
+
+def test_wheel_ships_the_templates(tmp_path):
+    source = tmp_path / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "model_cards", "src"):
+        path = REPO / name
+        copy = shutil.copytree if path.is_dir() else shutil.copy
+        kwargs = {"symlinks": True, "ignore": shutil.ignore_patterns("__pycache__", "*.egg-info")} if path.is_dir() else {}
+        copy(path, source / name, **kwargs)
+    (source / "README.md").write_text("hf_mim\n")
+    build = "from setuptools import build_meta; import sys; print(build_meta.build_wheel(sys.argv[1]))"
+    run([sys.executable, "-c", build, str(tmp_path / "dist")], os.environ, source)
+    wheel = zipfile.ZipFile(next((tmp_path / "dist").glob("*.whl")))
+    shipped = {name.rsplit("/", 1)[1] for name in wheel.namelist() if name.startswith("hf_mim/hub/model_cards/")}
+    assert shipped == {path.name for path in (REPO / "model_cards").iterdir()}
+
+
+@pytest.mark.parametrize("model_type", FAMILY_IDS)
+def test_card_metadata_and_sections(model_type, tmp_path):
+    family = next(family for family in FAMILIES if family[0].model_type == model_type)
+    kind = save_tiny_checkpoint(family, tmp_path)
+    results = [CardResult("linear_probe", "tester/eval-images", 0.625), CardResult("knn", "tester/eval-images", 0.5)]
+    card = render_model_card(tmp_path, repo_id="tester/tiny", datasets=["tester/images"], results=results)
+    metadata = front_matter(str(card))
+
+    assert metadata["library_name"] == "transformers"
+    assert {"hf_mim", "custom_code", "masked-image-modeling", CARD_FAMILIES[model_type].tag} <= set(metadata["tags"])
+    assert metadata["pipeline_tag"] == "image-feature-extraction"
+    assert metadata["license"] == "apache-2.0" and metadata["datasets"] == ["tester/images"]
+    (entry,) = metadata["model-index"][0]["results"]
+    assert entry["task"]["type"] == "image-classification" and entry["dataset"]["type"] == "tester/eval-images"
+    assert [(metric["name"], metric["value"]) for metric in entry["metrics"]] == [
+        ("Linear probe (frozen features)", 0.625),
+        ("k-NN (frozen features)", 0.5),
+    ]
+    text = card.text
+    assert "trust_remote_code=True" in text and '"tester/tiny"' in text
+    assert "```bibtex" in text and "arxiv.org/abs/" in text
+    assert "{{ " not in text and "{%" not in text and "fine-tuned version of" not in text
+    if kind == "tokenizer":
+        assert "get_codebook_indices" in text and "codes used" in text
+    else:
+        assert 'subfolder="tokenizer"' in text and "BeitModel(config" in text
+
+    # Re-rendering without the options keeps what the folder's card already says.
+    write_model_card(tmp_path, repo_id="tester/tiny", datasets=["tester/images"], results=results)
+    again = front_matter(str(render_model_card(tmp_path, repo_id="tester/tiny")))
+    assert again["datasets"] == ["tester/images"] and again["model-index"] == metadata["model-index"]
+
+
+def test_card_shows_training_configuration_and_codebook_usage(tmp_path):
+    family = next(family for family in FAMILIES if family[0].model_type == "hf_mim_dvae")
+    save_tiny_checkpoint(family, tmp_path)
+    torch.save(TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-4, max_steps=40, seed=7), tmp_path / "training_args.bin")
+    state = {
+        "global_step": 40,
+        "epoch": 2.5,
+        "log_history": [
+            {"step": 20, "loss": 0.5, "codes_used": 10, "code_perplexity": 8.0},
+            {"step": 40, "loss": 0.25, "codes_used": 48, "code_perplexity": 40.5, "reconstruction_loss": 0.125},
+            {"step": 40, "train_runtime": 3.0, "train_loss": 0.375},
+        ],
+    }
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    text = render_model_card(tmp_path).text
+    assert "Trained for 40 optimisation steps (2.50 epochs)" in text
+    assert "| `learning_rate` | 0.0003 |" in text and "| `max_steps` | 40 |" in text and "| `seed` | 7 |" in text
+    assert "| `reconstruction_loss` | 0.125 |" in text
+    assert "used 48 of them\n(75.0%), with a code perplexity of 40.5" in text
+    assert "your-username/" in text  # no repo id yet: a placeholder, never a wrong one
+
+
+def test_training_args_are_read_without_running_pickled_code(tmp_path):
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'owned'}",))
+
+    path = tmp_path / "training_args.bin"
+    torch.save({"learning_rate": 0.1, "payload": Exploit()}, path)
+    fields = read_training_args(path)
+    assert fields["learning_rate"] == 0.1 and not (tmp_path / "owned").exists()
+    (tmp_path / "broken.bin").write_bytes(pickle.dumps([1, 2]))
+    assert read_training_args(tmp_path / "broken.bin") is None
+
+
+def test_upload_folder_is_complete_and_checked(tmp_path):
+    folder = tmp_path / "ckpt"
+    BeitMimForMaskedImageModeling(tiny_beit_config()).save_pretrained(folder)
+    MimImageProcessor(size={"height": 32, "width": 32}).save_pretrained(folder)
+    DvaeImageProcessor(size={"height": 16, "width": 16}).save_pretrained(folder / "tokenizer")
+    for junk in ("optimizer.pt", "rng_state.pth", "checkpoint-1/model.safetensors"):
+        (folder / junk).parent.mkdir(exist_ok=True)
+        (folder / junk).write_bytes(b"local only")
+    os.remove(folder / "modeling_dvae.py")  # e.g. lost by a copy: restored from hf_mim
+    torch.save(TrainingArguments(output_dir=str(folder), hub_token="hf_secret"), folder / "training_args.bin")
+
+    files = prepare_upload_folder(folder, tmp_path / "upload", repo_id="tester/tiny")
+    assert {"README.md", "config.json", "model.safetensors", "preprocessor_config.json", "modeling_beit.py",
+            "modeling_dvae.py", "tokenizer/preprocessor_config.json"} <= set(files)
+    # transformers looks for a subfolder processor's code at the repo root.
+    assert "image_processing_dvae.py" in files
+    assert not {"optimizer.pt", "rng_state.pth", "training_args.bin"} & set(files)
+    assert not any(name.startswith("checkpoint-") for name in files)
+    assert complete_code_files(tmp_path / "upload") == []
+
+    with pytest.raises(FileExistsError, match="not empty"):
+        prepare_upload_folder(folder, tmp_path / "upload", repo_id="tester/tiny")
+    os.remove(folder / "preprocessor_config.json")
+    with pytest.raises(FileNotFoundError, match="preprocessor_config.json"):
+        prepare_upload_folder(folder, tmp_path / "upload2")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text(json.dumps({"model_type": "beit"}))
+    with pytest.raises(ValueError, match="not an hf_mim one"):
+        prepare_upload_folder(tmp_path / "other", tmp_path / "upload3")
+
+
+def test_dry_run_writes_the_upload_folder(tmp_path, capsys):
+    folder = tmp_path / "ckpt"
+    family = next(family for family in FAMILIES if family[0].model_type == "hf_mim_dvae")
+    save_tiny_checkpoint(family, folder)
+    # What scripts/push_to_hub.py runs; with --dry_run nothing reaches the network (this process is offline).
+    (tmp_path / "results.json").write_text(json.dumps([{"protocol": "knn", "dataset": "tester/images", "value": 0.5}]))
+    push_main([str(folder), "--repo_id", "tester/tiny", "--dry_run", str(tmp_path / "upload"), "--dataset",
+               "tester/images", "--tag", "tiny", "--results", str(tmp_path / "results.json")])  # fmt: skip
+    assert "Dry run: wrote the" in capsys.readouterr().out
+    metadata = front_matter((tmp_path / "upload" / "README.md").read_text())
+    assert "tiny" in metadata["tags"] and metadata["datasets"] == ["tester/images"]
+    assert metadata["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.5
+    assert (tmp_path / "upload" / "modeling_dvae.py").exists() and not (folder / "README.md").exists()
+    (tmp_path / "results.json").write_text(json.dumps([{"protocol": "zero_shot", "dataset": "x", "value": 1}]))
+    with pytest.raises(ValueError, match="Unknown evaluation protocol 'zero_shot'"):
+        push_main([str(folder), "--repo_id", "tester/tiny", "--dry_run", str(tmp_path / "u2"), "--results",
+                   str(tmp_path / "results.json")])  # fmt: skip
+    assert (REPO / "scripts" / "push_to_hub.py").read_text().count("from hf_mim.hub.push import main") == 1
+
+
+def test_train_tokenizer_writes_the_card(tmp_path, image_folder):
+    from hf_mim.training import train_tokenizer
+
+    output_dir = tmp_path / "dvae"
+    train_tokenizer.main([
+        "--tokenizer_type", "dvae", "--config_overrides", "image_size=16,hidden_size=8,codebook_size=64,num_groups=3",
+        "--output_dir", str(output_dir), "--train_dir", image_folder, "--do_train", "--max_steps", "2",
+        "--per_device_train_batch_size", "4", "--logging_steps", "1", "--save_strategy", "no", "--report_to", "none",
+        "--use_cpu", "--dataloader_num_workers", "0", "--disable_tqdm", "true",
+    ])  # fmt: skip
+    text = (output_dir / "README.md").read_text()
+    assert {"hf_mim", "visual-tokenizer", "dall-e-dvae"} <= set(front_matter(text)["tags"])
+    logged = [entry for entry in json.loads((output_dir / "trainer_state.json").read_text())["log_history"] if "loss" in entry]
+    assert f"used {logged[-1]['codes_used']} of them" in text
+    assert "Trained for 2 optimisation steps" in text and "fine-tuned version of" not in text
+
+
+# ---- through the server --------------------------------------------------------------------------
+
+RUN_MIM_FLAGS = [
+    "--model_type", "beit", "--image_size", "32", "--patch_size", "8", "--config_overrides", TINY, "--do_train",
+    "--per_device_train_batch_size", "4", "--max_steps", "2", "--save_steps", "1", "--use_cpu", "--report_to", "none",
+    "--dataloader_num_workers", "0", "--disable_tqdm", "true", "--push_to_hub", "--hub_model_id", "tester/x",
+    "--hub_strategy", "every_save", "--hub_private_repo", "True", "--hub_revision", "dev",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def pushed(hub, tmp_path_factory, tiny_dvae_dir, image_folder):
+    """One client process pushes every registered family, a run_mim training run and the private/branch cases."""
+    work = tmp_path_factory.mktemp("hub_client")
+    kinds, jobs = {}, []
+    for family in FAMILIES:
+        model_type = family[0].model_type
+        if model_type in TINY_CONFIGS:
+            kinds[model_type] = save_tiny_checkpoint(family, work / model_type)
+            jobs.append((model_type, [str(work / model_type), "--repo_id", f"tester/{model_type}", "--dataset", "tester/images"]))
+    dvae = str(shutil.copytree(work / "hf_mim_dvae", work / "dvae"))  # pushes write their card into the folder
+    jobs += [
+        ("secret", [dvae, "--repo_id", "tester/secret", "--private", "--revision", "dev", "--commit_message", "draft"]),
+        ("open", [dvae, "--repo_id", "tester/open"]),
+        ("open-private", [dvae, "--repo_id", "tester/open", "--private"]),
+        ("run_mim", [*RUN_MIM_FLAGS, "--tokenizer_name_or_path", tiny_dvae_dir, "--train_dir", image_folder,
+                     "--output_dir", str(work / "run")]),
+    ]  # fmt: skip
+    run([sys.executable, "-c", CLIENT, json.dumps(jobs), str(work / "errors.json")], client_env(hub, work), work,
+        timeout=600, hub=hub)
+    return {"work": work, "kinds": kinds, "errors": json.loads((work / "errors.json").read_text())}
+
+
+@pytest.fixture(scope="module")
+def loaded(hub, pushed):
+    """The pushed families and the state of the Trainer run after its first save, loaded without hf_mim."""
+    jobs = []
+    for model_type, kind in pushed["kinds"].items():
+        if model_type not in pushed["errors"]:
+            readme = hub.repos[f"tester/{model_type}"].files("main")["README.md"].decode()
+            jobs.append({"name": model_type, "repo_id": f"tester/{model_type}", "revision": "main", "kind": kind,
+                         "snippets": python_snippets(readme)})
+    first_save = first_save_commit(hub)
+    if first_save is not None:
+        jobs.append({"name": "first_save", "repo_id": "tester/x", "revision": first_save.oid, "kind": "mim", "snippets": []})
+    return load_remotely(hub, pushed["work"] / "loaded", jobs)
+
+
+def first_save_commit(hub):
+    if "tester/x" not in hub.repos:
+        return None
+    return next((c for c in hub.repos["tester/x"].history("dev") if c.message == "Training in progress, step 1"), None)
+
+
+@pytest.mark.parametrize("model_type", FAMILY_IDS)
+def test_family_round_trips_through_the_hub(model_type, hub, pushed, loaded):
+    if model_type not in pushed["kinds"]:
+        pytest.fail(f"No tiny config for {model_type}: add a factory to TINY_CONFIGS in tests/conftest.py")
+    assert model_type not in pushed["errors"], pushed["errors"][model_type]
+    files = hub.repos[f"tester/{model_type}"].files("main")
+    auto_map = json.loads(files["config.json"])["auto_map"]
+    assert {f"{ref.rsplit('.', 1)[0]}.py" for ref in auto_map.values()} <= set(files)
+    assert {"model.safetensors", "preprocessor_config.json", "README.md"} <= set(files)
+    metadata = front_matter(files["README.md"].decode())
+    assert {"hf_mim", "custom_code", CARD_FAMILIES[model_type].tag} <= set(metadata["tags"])
+    assert metadata["datasets"] == ["tester/images"]
+    assert (pushed["work"] / model_type / "README.md").read_bytes() == files["README.md"]  # the folder keeps it
+
+    remote, kind = loaded[model_type], pushed["kinds"][model_type]
+    assert "error" not in remote, remote.get("error")
+    assert remote["encoder_module"].startswith("transformers_modules.") and not loaded["hf_mim_imported"]
+    local = local_outputs(pushed["work"] / model_type, kind, pushed["work"] / "loaded" / model_type / "image.jpg")
+    for name, value in local.items():
+        assert torch.equal(value, remote[name]), name
+    if kind == "mim":
+        # The card's export snippet produced a stock BeitModel with the same features.
+        assert torch.equal(remote["stock_hidden"], local["hidden"])
+
+
+def test_private_repo_and_revision_reach_the_server(hub, pushed):
+    assert not {"secret", "open"} & set(pushed["errors"]), pushed["errors"]
+    secret = hub.repos["tester/secret"]
+    assert secret.private and not hub.repos["tester/open"].private
+    assert secret.files("main") == {}  # only the branch got the commit
+    assert secret.history("dev")[-1].message == "draft" and "model.safetensors" in secret.files("dev")
+    # A private push into an existing public repo is an error, not a silent public upload.
+    assert "PermissionError: tester/open already exists and is public" in pushed["errors"]["open-private"]
+    assert len(hub.repos["tester/open"].history("main")) == 2
+
+
+def test_trainer_every_save_pushes_are_loadable(hub, pushed, loaded):
+    assert "run_mim" not in pushed["errors"], pushed["errors"]["run_mim"]
+    repo, output_dir = hub.repos["tester/x"], pushed["work"] / "run"
+    assert repo.private and repo.files("main") == {}  # --hub_private_repo, --hub_revision dev
+    first_save = first_save_commit(hub)
+    auto_map = json.loads(first_save.files["config.json"])["auto_map"]
+    code_files = {f"{ref.rsplit('.', 1)[0]}.py" for ref in auto_map.values()}
+    assert code_files <= set(first_save.files), sorted(first_save.files)
+    assert {"tokenizer/preprocessor_config.json", "image_processing_dvae.py", "README.md"} <= set(first_save.files)
+
+    # The model as it was after its first save loads from the server without hf_mim and is checkpoint-1.
+    remote = loaded["first_save"]
+    assert "error" not in remote, remote.get("error")
+    image = pushed["work"] / "loaded" / "first_save" / "image.jpg"
+    local = local_outputs(output_dir / "checkpoint-1", "mim", image, output_dir)
+    assert torch.equal(remote["hidden"], local["hidden"]) and torch.equal(remote["targets"], local["targets"])
+    final_weights = load_file(output_dir / "model.safetensors")["lm_head.weight"]
+    assert not torch.equal(load_file(output_dir / "checkpoint-1" / "model.safetensors")["lm_head.weight"], final_weights)
+
+    text = repo.files("dev")["README.md"].decode()
+    assert {"hf_mim", "custom_code", "beit"} <= set(front_matter(text)["tags"])
+    assert "fine-tuned version of" not in text and "Trained for 2 optimisation steps" in text
+    assert '"tester/x"' in text
