@@ -299,6 +299,7 @@ def main(argv=None) -> dict[str, float]:
         eval_dataset=eval_dataset,
         data_collator=MimDataCollator(build_mask_generator(data_args, grid_size)),
         processing_class=image_processor,
+        callbacks=[HubFilesCallback(subfolders={TOKENIZER_SUBFOLDER: tokenizer_processor})],
     )
 
     metrics: dict[str, float] = {}
@@ -306,7 +307,6 @@ def main(argv=None) -> dict[str, float]:
         result = trainer.train(resume_from_checkpoint=find_checkpoint(training_args))
         trainer.save_model()
         if trainer.is_world_process_zero():
-        callbacks=[HubFilesCallback(subfolders={TOKENIZER_SUBFOLDER: tokenizer_processor})],
             tokenizer_processor.save_pretrained(os.path.join(training_args.output_dir, TOKENIZER_SUBFOLDER))
         # Undecodable images skipped by this process (its DataLoader workers included).
         result.metrics["train_skipped_images"] = skipped.value
@@ -319,13 +319,6 @@ def main(argv=None) -> dict[str, float]:
         metrics.update(eval_metrics)
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
-    if skipped.value:
-        logger.warning(f"{skipped.value} undecodable images were skipped (see the warnings above for the files)")
-    return metrics
-
-
-__all__ = [
-    "DATA_DEFAULTS",
     if training_args.do_train:
         # hf_mim's card (MimTrainer.create_model_card), pushed with everything else under --push_to_hub.
         card = {"dataset_tags": hub_dataset_id(data_args.dataset_name)}
@@ -333,6 +326,13 @@ __all__ = [
             trainer.push_to_hub(**card)
         else:
             trainer.create_model_card(**card)
+    if skipped.value:
+        logger.warning(f"{skipped.value} undecodable images were skipped (see the warnings above for the files)")
+    return metrics
+
+
+__all__ = [
+    "DATA_DEFAULTS",
     "DataArguments",
     "MIM_MODELS",
     "MODEL_SIZES",
