@@ -93,13 +93,20 @@ def test_histogram_and_curves_bad_input():
     assert codebook_histogram(np.arange(5000) % 3000, 3000, size=(320, 120)).size == (320, 120)
 
 
+def test_rare_codes_stay_visible():
+    histogram = np.asarray(codebook_histogram([0] * 100_000 + [1], codebook_size=2, size=(200, 100)))
+    bars = (histogram == (70, 110, 180)).all(-1)
+    # Two columns of bars: the dominant code's and a one-pixel bar for the code used once.
+    assert bars[:, :120].any() and bars[:, 120:].sum() > 0
+
+
 def test_script_writes_figures_of_a_checkpoint(tiny_mim_dir, image_folder, tmp_path, capsys):
     (tmp_path / "state.json").write_text(json.dumps({"log_history": LOG_HISTORY}))
     written = main([
         "--model_name_or_path", tiny_mim_dir, "--images", f"{image_folder}/a", "--output_dir", str(tmp_path / "figures"),
-        "--trainer_state", str(tmp_path / "state.json"), "--cell_size", "40",
+        "--trainer_state", str(tmp_path / "state.json"), "--cell_size", "40", "--max_images", "3",
     ])
-    assert_png(written["mim_panel"], grid_size(12, 5, 40))
+    assert_png(written["mim_panel"], grid_size(3, 5, 40))
     assert "masked_accuracy" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--images needs --model_name_or_path"):
         main(["--images", image_folder, "--output_dir", str(tmp_path)])

@@ -214,10 +214,11 @@ def codebook_histogram(token_ids, codebook_size: int, size: tuple[int, int] = (6
     bar_width = plot_width / len(columns)
     peak = counts[0]
     for index, column in enumerate(columns):
-        bar_height = (bottom - top - 1) * column.max() / peak
-        if bar_height > 0:
+        if column.max() > 0:
+            # At least one pixel high: a code used once must stay visible next to one used a million times.
+            bar_top = min(bottom - (bottom - top - 1) * column.max() / peak, bottom - 1)
             x0 = left + 1 + index * bar_width
-            draw.rectangle((x0, bottom - bar_height, max(x0, x0 + bar_width - 1), bottom - 1), fill=(70, 110, 180))
+            draw.rectangle((x0, bar_top, max(x0, x0 + bar_width - 1), bottom - 1), fill=(70, 110, 180))
     draw.text((PADDING, top), str(int(peak)), fill=_TEXT, font=font)
     draw.text((PADDING, bottom - 12), "0", fill=_TEXT, font=font)
     draw.text((left, bottom + 4), "codes, most used first", fill=_TEXT, font=font)
@@ -329,6 +330,7 @@ class VisualizeArguments:
         default=None, metadata={"help": "An hf_mim MIM checkpoint (e.g. the output_dir of run_mim.py)"}
     )
     images: list[str] = field(default_factory=list, metadata={"help": "Image files or folders of images"})
+    max_images: int = field(default=8, metadata={"help": "Rows of the panel: the first images, in sorted order within folders"})
     tokenizer_image_processor_name: str | None = field(
         default=None, metadata={"help": "The tokenizer view's processor (default: <model>/tokenizer)"}
     )
@@ -367,7 +369,7 @@ def main(argv=None) -> dict[str, str]:
         tokenizer_image_processor = AutoImageProcessor.from_pretrained(
             args.tokenizer_image_processor_name or os.path.join(args.model_name_or_path, TOKENIZER_SUBFOLDER)
         )
-        decoded = [(path, decode_image(path)) for path in _image_files(args.images)]
+        decoded = [(path, decode_image(path)) for path in _image_files(args.images)[: args.max_images]]
         images = [image for _, image in decoded if image is not None]
         if not images:
             raise ValueError(f"None of {[path for path, _ in decoded]} could be read as an image")

@@ -18,10 +18,10 @@ import datasets
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
-from transformers import AutoImageProcessor, AutoModel
+from transformers import AutoImageProcessor
 
 from ..data import MimDataCollator, SkippedImageCounter, TwoViewTransform, apply_transform, load_image_datasets
-from .export import resolve_encoder, to_mim_image_processor
+from .export import load_pretrained_beit, resolve_encoder, to_mim_image_processor
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +263,9 @@ def load_features(args: FeatureArguments) -> tuple[FeatureSet, FeatureSet]:
                 "pass --label_column_name, or use an imagefolder with one folder per class"
             )
     hub_kwargs = {"cache_dir": args.cache_dir, "token": args.token, "trust_remote_code": args.trust_remote_code}
-    model = AutoModel.from_pretrained(args.model_name_or_path, **hub_kwargs)
+    # The class that uses every weight of the checkpoint: a MIM checkpoint loaded as its bare encoder would list its
+    # heads and tokenizer as unexpected keys.
+    model = load_pretrained_beit(args.model_name_or_path, **hub_kwargs)
     image_processor = AutoImageProcessor.from_pretrained(args.image_processor_name or args.model_name_or_path, **hub_kwargs)
     kwargs = {
         "layers": args.layers,
