@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 from transformers import (
     AutoImageProcessor,
     AutoModel,
+    CLIPConfig,
     CLIPImageProcessor,
+    CLIPModel,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
     ViTConfig,
@@ -290,6 +292,28 @@ def test_clip_teacher_uses_final_norm_and_projection_on_patch_tokens(tmp_path):
     assert torch.allclose(layer(pixels), hidden_1, atol=1e-5)
     with pytest.raises(ValueError, match="teacher_dim=32"):
         layer.check_compatible(tiny_vqkd_config())
+
+
+def test_full_clip_checkpoint_loads_its_vision_tower_and_projection(tmp_path):
+    # openai/clip-vit-base-patch16 is a CLIPModel checkpoint; its projection size lives in the top-level config.
+    config = CLIPConfig(
+        text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2},
+        vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+                       "image_size": 32, "patch_size": 8},
+        projection_dim=16,
+    )
+    clip = CLIPModel(config).eval()
+    clip.save_pretrained(tmp_path)
+    CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    teacher = load_teacher(str(tmp_path), grid_size=4)
+    assert type(teacher.model) is CLIPVisionModelWithProjection
+    pixels = torch.rand(2, 3, 32, 32)
+    mean = torch.tensor(CLIPImageProcessor().image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(CLIPImageProcessor().image_std).view(1, 3, 1, 1)
+    with torch.no_grad():
+        hidden = clip.vision_model((pixels - mean) / std).last_hidden_state
+        expected = clip.visual_projection(clip.vision_model.post_layernorm(hidden))[:, 1:]
+    assert torch.allclose(teacher(pixels), expected, atol=1e-5)
 
 
 def test_any_vit_teacher_is_resized_to_the_token_grid():

@@ -134,7 +134,12 @@ def load_teacher(
     features; everything else through `AutoModel`.
     """
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    if config.model_type in ("clip", "clip_vision_model"):
+    if config.model_type == "clip":
+        # A full CLIP checkpoint keeps the projection size outside its vision config.
+        vision_config = config.vision_config
+        vision_config.projection_dim = config.projection_dim
+        model = CLIPVisionModelWithProjection.from_pretrained(name_or_path, config=vision_config)
+    elif config.model_type == "clip_vision_model":
         model = CLIPVisionModelWithProjection.from_pretrained(name_or_path)
     else:
         model = AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
