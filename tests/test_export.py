@@ -8,10 +8,11 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CONFIGS
 from PIL import Image
-from transformers import AutoImageProcessor, BeitForImageClassification, BeitModel
+from transformers import AutoImageProcessor, AutoModelForMaskedImageModeling, BeitConfig, BeitForImageClassification, BeitModel
 
-from hf_mim import BeitMimForMaskedImageModeling
+from hf_mim import BeitMimForMaskedImageModeling, MimImageProcessor
 from hf_mim.evaluation.export import export_to_transformers, main, resolve_encoder, to_transformers_beit
 
 
@@ -115,6 +116,31 @@ def test_script_exports_a_checkpoint_folder(tiny_mim_dir, tmp_path, capsys):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["use_relative_position_bias"] and not config["use_shared_relative_position_bias"]
     assert "model_type 'beit'" in capsys.readouterr().out
+
+
+MIM_FAMILIES = sorted(name for name, factory in TINY_CONFIGS.items() if isinstance(factory(), BeitConfig))
+
+
+@pytest.mark.parametrize("model_type", MIM_FAMILIES)
+def test_every_mim_family_exports(model_type, tmp_path):
+    config = TINY_CONFIGS[model_type]()
+    model = AutoModelForMaskedImageModeling.from_config(config).eval()
+    side = config.image_size
+    # A raw [0, 1] view: families that normalise inside (CCViT) get their config's normalisation written out.
+    processor = MimImageProcessor(size={"height": side, "width": side}, do_normalize=False)
+    export_to_transformers(model, str(tmp_path), processor, per_layer_relative_position_bias=True)
+    stock, info = BeitForImageClassification.from_pretrained(tmp_path, num_labels=2, output_loading_info=True)
+    assert info["missing_keys"] == {"classifier.weight", "classifier.bias"} and not info["unexpected_keys"]
+    with torch.no_grad():
+        expected = model.beit(pixels(), output_hidden_states=True).hidden_states
+        actual = stock.beit(pixels(), output_hidden_states=True).hidden_states
+    for a, b in zip(actual, expected):
+        torch.testing.assert_close(a, b)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    if hasattr(config, "image_mean"):
+        assert saved["do_normalize"] and saved["image_mean"] == pytest.approx(list(config.image_mean))
+    else:
+        assert not saved["do_normalize"]
 
 
 def test_bad_input(mim_model, tmp_path):

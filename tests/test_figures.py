@@ -5,14 +5,17 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_CONFIGS
 from PIL import Image
-from transformers import AutoImageProcessor
+from transformers import AutoImageProcessor, AutoModelForMaskedImageModeling, BeitConfig
 
-from hf_mim import BeitMimForMaskedImageModeling
+from hf_mim import BeitMimForMaskedImageModeling, MimImageProcessor
 from hf_mim.visualization import (
     PADDING,
     TITLE_HEIGHT,
     codebook_histogram,
+    decode_or_none,
+    mim_panel,
     main,
     mask_overlay,
     token_map,
@@ -72,6 +75,23 @@ def test_tokenizer_without_decoder_leaves_reconstructions_out(loaded, tmp_path, 
     written = write_figures(str(tmp_path), model, processor, tokenizer_processor, photos(2), torch.ones(2, 16, dtype=torch.bool), cell_size=32)
     assert_png(written["mim_panel"], grid_size(2, 3, 32))
     assert "training_curves" not in written
+
+
+@pytest.mark.parametrize(
+    "model_type", sorted(name for name, factory in TINY_CONFIGS.items() if isinstance(factory(), BeitConfig))
+)
+def test_panel_of_every_mim_family(model_type):
+    config = TINY_CONFIGS[model_type]()
+    model = AutoModelForMaskedImageModeling.from_config(config)
+    side, tokenizer_side = config.image_size, model.tokenizer.config.image_size
+    processor = MimImageProcessor(size={"height": side, "width": side})
+    tokenizer_processor = MimImageProcessor(size={"height": tokenizer_side, "width": tokenizer_side}, do_normalize=False)
+    masks = torch.zeros(2, model.num_patches, dtype=torch.bool)
+    masks[:, ::3] = True
+    panel, tokens = mim_panel(model, processor, tokenizer_processor, photos(2), masks, cell_size=24)
+    has_decoder = decode_or_none(model.tokenizer, tokens["token_ids"]) is not None
+    assert panel.size == grid_size(2, 5 if has_decoder else 3, 24)
+    assert torch.equal(tokens["predicted_ids"][~masks], tokens["token_ids"][~masks])
 
 
 def test_overlay_and_token_map_follow_the_grid():

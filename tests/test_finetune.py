@@ -51,7 +51,7 @@ def test_no_mixing_is_label_smoothing_only():
 
 def test_classifier_from_a_mim_checkpoint(tiny_mim_dir):
     source = BeitMimForMaskedImageModeling.from_pretrained(tiny_mim_dir)
-    model = build_classifier(ModelArguments(tiny_mim_dir, drop_path_rate=0.2, head_init_scale=0.001), ["cat", "dog", "fox"])
+    model = build_classifier(source, ModelArguments(tiny_mim_dir, drop_path_rate=0.2, head_init_scale=0.001), ["cat", "dog", "fox"])
     assert type(model) is BeitForImageClassification and model.config.model_type == "beit"
     assert model.config.id2label == {0: "cat", 1: "dog", 2: "fox"} and model.config.drop_path_rate == 0.2
     shared = source.beit.shared_position_bias.relative_position_bias_table
@@ -64,7 +64,7 @@ def test_classifier_from_a_mim_checkpoint(tiny_mim_dir):
 
 
 def test_layer_decay_reaches_the_optimizer(tiny_mim_dir, tmp_path):
-    model = build_classifier(ModelArguments(tiny_mim_dir), ["a", "b"])
+    model = build_classifier(BeitMimForMaskedImageModeling.from_pretrained(tiny_mim_dir), ModelArguments(tiny_mim_dir), ["a", "b"])
     args = TrainingArguments(str(tmp_path), learning_rate=1.0, weight_decay=0.05, use_cpu=True, report_to="none")
     optimizer = ImageClassificationTrainer(model=model, args=args, layer_decay=0.5).create_optimizer()
     rates = {name: group["lr"] for group in optimizer.param_groups for name in group["names"]}

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw, ImageFont
 from transformers import AutoImageProcessor, AutoModelForMaskedImageModeling, HfArgumentParser
 
 from .data import TwoViewTransform, decode_image
+from .evaluation.export import normalizes_inside
 from .models.image_processing_mim import to_rgb
 
 logger = logging.getLogger(__name__)
@@ -149,6 +150,7 @@ def mim_panel(
 
     Args:
         model: An hf_mim MIM model holding its tokenizer (`get_targets`, `tokenizer`, `logits` of masked patches).
+            Models that normalise their input themselves (CCViT) are given the view's raw [0, 1] pixels.
         image_processor, tokenizer_image_processor: The processors of the ViT's and the tokenizer's views.
         images: PIL images, any mode.
         bool_masked_pos (`torch.BoolTensor` of shape `(len(images), num_patches)`): The masks to show and predict.
@@ -163,11 +165,13 @@ def mim_panel(
     views = [transform(image) for image in images]
     pixel_values = torch.stack([view["pixel_values"] for view in views])
     tokenizer_pixel_values = torch.stack([view["tokenizer_pixel_values"] for view in views])
+    shown = torch.stack([denormalize(view, image_processor) for view in pixel_values]).clamp(0, 1)
     bool_masked_pos = bool_masked_pos.bool().flatten(1)
     was_training = model.training
     model.eval()
     try:
-        targets, predicted = predict_tokens(model, pixel_values, tokenizer_pixel_values, bool_masked_pos)
+        model_input = shown if normalizes_inside(model.config) else pixel_values
+        targets, predicted = predict_tokens(model, model_input, tokenizer_pixel_values, bool_masked_pos)
         reconstruction = decode_or_none(model.tokenizer, targets)
         prediction = decode_or_none(model.tokenizer, predicted) if reconstruction is not None else None
     finally:
@@ -180,8 +184,8 @@ def mim_panel(
         logger.info(f"{type(model.tokenizer).__name__} has no pixel decoder: reconstructions are left out")
     rows = []
     for index in range(len(images)):
-        shown = tensor_to_image(denormalize(pixel_values[index], image_processor))
-        row = [shown, mask_overlay(shown, bool_masked_pos[index]), token_map(targets[index], shown.size)]
+        image = tensor_to_image(shown[index])
+        row = [image, mask_overlay(image, bool_masked_pos[index]), token_map(targets[index], image.size)]
         if reconstruction is not None:
             row += [tensor_to_image(reconstruction[index]), tensor_to_image(prediction[index])]
         rows.append(row)

@@ -25,6 +25,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import transformers
 from torch import nn
@@ -197,14 +198,34 @@ def to_beit_image_processor(image_processor) -> BeitImageProcessorPil:
     return BeitImageProcessorPil(**{name: getattr(image_processor, name) for name in _PROCESSOR_FIELDS})
 
 
-def to_mim_image_processor(image_processor) -> MimImageProcessor:
-    """A `MimImageProcessor` doing the preprocessing of `image_processor` (e.g. a stock BEiT or ViT processor).
+def normalizes_inside(config) -> bool:
+    """Whether a MIM model of `config` takes raw [0, 1] pixels and normalises them itself, with the `image_mean` /
+    `image_std` its config carries (CCViT: centroid replacement works on pixels, before normalisation)."""
+    return getattr(config, "image_mean", None) is not None and getattr(config, "image_std", None) is not None
 
-    `hf_mim.data`'s augmentations read the view's size, filter and normalisation from a `MimImageProcessor`.
+
+def encoder_image_processor(image_processor, config) -> MimImageProcessor:
+    """A `MimImageProcessor` producing what the encoder of `config` consumes, from the checkpoint's `image_processor`
+    (an hf_mim processor or a stock one such as transformers' `BeitImageProcessor`).
+
+    Encoders whose MIM model normalises its input itself carry that normalisation in their config as `image_mean` /
+    `image_std` (CCViT, which replaces patches by centroid pixels in [0, 1] before normalising); a raw [0, 1]
+    processor is completed with it, so the encoder never sees unnormalised pixels.
     """
-    if isinstance(image_processor, MimImageProcessor):
-        return image_processor
     fields = {name: getattr(image_processor, name) for name in _PROCESSOR_FIELDS if getattr(image_processor, name, None) is not None}
+    mean, std = getattr(config, "image_mean", None), getattr(config, "image_std", None)
+    normalized_inside = normalizes_inside(config)
+    if normalized_inside and fields.get("do_normalize"):
+        if not (np.allclose(fields["image_mean"], mean) and np.allclose(fields["image_std"], std)):
+            raise ValueError(
+                f"The image processor normalises with mean {list(fields['image_mean'])} / std {list(fields['image_std'])} "
+                f"but the encoder was trained on inputs normalised with mean {list(mean)} / std {list(std)} (its config); "
+                "use the checkpoint's own image processor"
+            )
+    elif normalized_inside:
+        fields.update(do_normalize=True, image_mean=list(mean), image_std=list(std))
+    elif isinstance(image_processor, MimImageProcessor):
+        return image_processor
     return MimImageProcessor(**fields)
 
 
@@ -239,9 +260,10 @@ def export_to_transformers(
                 "in-memory model does not record how its inputs were preprocessed"
             )
         image_processor = AutoImageProcessor.from_pretrained(model_or_path)
-    exported = to_transformers_beit(model_or_path, pooling, per_layer_relative_position_bias)
+    model = load_pretrained_beit(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
+    exported = to_transformers_beit(model, pooling, per_layer_relative_position_bias)
     exported.save_pretrained(output_dir)
-    to_beit_image_processor(image_processor).save_pretrained(output_dir)
+    to_beit_image_processor(encoder_image_processor(image_processor, resolve_encoder(model).config)).save_pretrained(output_dir)
     return str(output_dir)
 
 
@@ -270,12 +292,13 @@ __all__ = [
     "POOLINGS",
     "ExportArguments",
     "beit_config_for_export",
+    "encoder_image_processor",
     "export_state_dict",
     "export_to_transformers",
     "load_pretrained_beit",
     "main",
+    "normalizes_inside",
     "resolve_encoder",
     "to_beit_image_processor",
-    "to_mim_image_processor",
     "to_transformers_beit",
 ]

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import AutoImageProcessor
 
 from ..data import MimDataCollator, SkippedImageCounter, TwoViewTransform, apply_transform, load_image_datasets
-from .export import load_pretrained_beit, resolve_encoder, to_mim_image_processor
+from .export import encoder_image_processor, load_pretrained_beit, resolve_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +137,8 @@ def extract_features(
 
     Args:
         model: An hf_mim MIM model or encoder, or a transformers BEiT model (its `BeitModel` is used).
-        image_processor: The model's image processor (its deterministic view is used; no augmentation).
+        image_processor: The model's image processor (its deterministic view is used; no augmentation). A raw [0, 1]
+            processor of an encoder that normalises inside its MIM model (CCViT) gets the config's normalisation.
         data: A `datasets.Dataset` / `IterableDataset` with an image column (decoded or not), or a sequence of PIL
             images, paths or encoded bytes.
         labels: Class ids of a sequence of images; a dataset's labels come from `label_column`.
@@ -156,7 +157,7 @@ def extract_features(
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     encoder = resolve_encoder(model)
     layers = normalize_layers(layers, encoder.config.num_hidden_layers)
-    processor = to_mim_image_processor(image_processor)
+    processor = encoder_image_processor(image_processor, encoder.config)
     dataset, image_column, label_column = _as_dataset(data, labels, image_column, label_column)
 
     paths = None

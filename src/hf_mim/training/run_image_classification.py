@@ -19,9 +19,10 @@ from transformers import AutoImageProcessor, BeitForImageClassification, HfArgum
 from ..data import MimDataCollator, SkippedImageCounter, TwoViewTransform, apply_transform, load_image_datasets
 from ..evaluation.export import (
     POOLINGS,
+    encoder_image_processor,
     load_pretrained_beit,
+    resolve_encoder,
     to_beit_image_processor,
-    to_mim_image_processor,
     to_transformers_beit,
 )
 from ..evaluation.metrics import load_metric
@@ -136,17 +137,11 @@ def encode_labels(raw, label_column: str) -> tuple[object, list[str]]:
     return raw, names
 
 
-def build_classifier(model_args: ModelArguments, class_names: list[str]) -> BeitForImageClassification:
-    """A stock `BeitForImageClassification` whose encoder is the pretrained one, per-layer relative position tables."""
+def build_classifier(source, model_args: ModelArguments, class_names: list[str]) -> BeitForImageClassification:
+    """A stock `BeitForImageClassification` whose encoder is that of `source` (a pretrained model, e.g. from
+    `load_pretrained_beit`), with per-layer relative position tables."""
     if model_args.pooling not in POOLINGS:
         raise ValueError(f"--pooling must be one of {POOLINGS}, got {model_args.pooling!r}")
-    hub_kwargs = {
-        "cache_dir": model_args.cache_dir,
-        "revision": model_args.model_revision,
-        "token": model_args.token,
-        "trust_remote_code": model_args.trust_remote_code,
-    }
-    source = load_pretrained_beit(model_args.model_name_or_path, **hub_kwargs)
     encoder = to_transformers_beit(
         source,
         pooling=model_args.pooling,
@@ -194,15 +189,17 @@ def main(argv=None) -> dict[str, float]:
         raise ValueError("--do_eval needs a validation split: pass --validation_dir or --train_val_split 0.1")
     raw, class_names = encode_labels(raw, data_args.label_column_name)
 
-    model = build_classifier(model_args, class_names)
-    image_processor = AutoImageProcessor.from_pretrained(
-        model_args.image_processor_name or model_args.model_name_or_path,
-        cache_dir=model_args.cache_dir,
-        revision=model_args.model_revision,
-        token=model_args.token,
-        trust_remote_code=model_args.trust_remote_code,
-    )
-    view = to_mim_image_processor(image_processor)
+    hub_kwargs = {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+    source = load_pretrained_beit(model_args.model_name_or_path, **hub_kwargs)
+    model = build_classifier(source, model_args, class_names)
+    image_processor = AutoImageProcessor.from_pretrained(model_args.image_processor_name or model_args.model_name_or_path, **hub_kwargs)
+    view = encoder_image_processor(image_processor, resolve_encoder(source).config)
+    del source  # the MIM model (tokenizer included) is not fine-tuned; only its encoder weights were copied
     side = model.config.image_size
     if view.output_size != (side, side):
         raise ValueError(
