@@ -13,7 +13,13 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForMaskedImageModeling, BeitConfig, BeitForImageClassification, BeitModel
 
 from hf_mim import BeitMimForMaskedImageModeling, MimImageProcessor
-from hf_mim.evaluation.export import export_to_transformers, main, resolve_encoder, to_transformers_beit
+from hf_mim.evaluation.export import (
+    encoder_image_processor,
+    export_to_transformers,
+    main,
+    resolve_encoder,
+    to_transformers_beit,
+)
 
 
 @pytest.fixture(scope="module")
@@ -141,6 +147,16 @@ def test_every_mim_family_exports(model_type, tmp_path):
         assert saved["do_normalize"] and saved["image_mean"] == pytest.approx(list(config.image_mean))
     else:
         assert not saved["do_normalize"]
+
+
+def test_processor_of_an_encoder_that_normalises_inside():
+    config = TINY_CONFIGS["hf_mim_ccvit"]()
+    completed = encoder_image_processor(MimImageProcessor(do_normalize=False), config)
+    assert completed.do_normalize and completed.image_mean == pytest.approx(list(config.image_mean))
+    with pytest.raises(ValueError, match="trained on inputs normalised with mean"):
+        encoder_image_processor(MimImageProcessor(image_mean=[0.5] * 3, image_std=[0.5] * 3), config)
+    plain = MimImageProcessor(do_normalize=False)
+    assert encoder_image_processor(plain, BeitConfig()) is plain
 
 
 def test_bad_input(mim_model, tmp_path):
