@@ -1,12 +1,12 @@
 """Data pipeline for masked image modeling: decoding, two-view augmentation, masking, datasets and collation.
 
-Everything here is plain PIL, numpy and torch (no torchvision), and all randomness derives from
-torch's global RNG, so DataLoader workers, `transformers.set_seed` and checkpoint resumption
-control it.
+Everything here is plain PIL, numpy and torch (no torchvision). Randomness comes from a generator
+per example seeded by (seed, epoch, index) when `apply_transform` is given a seed (what the training
+scripts do, so that a resumed run redraws exactly the same data), else from torch's global RNG.
 """
 
 from .collator import MimDataCollator
-from .datasets import apply_transform, load_image_datasets
+from .datasets import SeededTransformedDataset, apply_transform, example_rng, load_image_datasets
 from .images import SkippedImageCounter, decode_image
 from .masking import (
     BlockwiseMaskingGenerator,
@@ -23,10 +23,12 @@ __all__ = [
     "MimDataCollator",
     "RandomMaskingGenerator",
     "ReplacementPositionGenerator",
+    "SeededTransformedDataset",
     "SkippedImageCounter",
     "TwoViewTransform",
     "apply_transform",
     "decode_image",
+    "example_rng",
     "load_image_datasets",
     "numpy_rng_from_torch",
     "random_resized_crop_box",

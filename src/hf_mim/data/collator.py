@@ -28,14 +28,16 @@ class MimDataCollator:
     Args:
         mask_generator (`Callable[[], np.ndarray]`, *optional*):
             Called once per example for a boolean `(grid_height, grid_width)` mask, e.g. a
-            [`BlockwiseMaskingGenerator`]. Masks are drawn here rather than in the dataset so
-            that every epoch sees new masks; they follow torch's RNG (per DataLoader worker).
+            [`BlockwiseMaskingGenerator`]. An example that carries its own generator under `"rng"`
+            (from `apply_transform(..., seed=...)`) gets its mask from it, as `mask_generator(rng)`;
+            otherwise masks follow torch's RNG (per DataLoader worker).
         skipped ([`SkippedImageCounter`], *optional*):
             Counts the examples dropped here. `apply_transform` can count undecodable images
             instead; give a counter to one of the two, or each skip is counted twice.
         replacement_generator (`Callable[[np.ndarray], np.ndarray]`, *optional*):
             Called with each example's mask for a boolean grid of further patches to corrupt, e.g. a
-            [`ReplacementPositionGenerator`] (CCViT's centroid replacement). Needs `mask_generator`.
+            [`ReplacementPositionGenerator`] (CCViT's centroid replacement), with the example's `"rng"` as a second
+            argument when it has one. Needs `mask_generator`.
     """
 
     def __init__(
@@ -47,6 +49,16 @@ class MimDataCollator:
         if replacement_generator is not None and mask_generator is None:
             raise ValueError(
                 "replacement_generator draws among the patches a mask leaves visible; give mask_generator too"
+            )
+        masked = getattr(mask_generator, "num_masking_patches", None)
+        replaced = getattr(replacement_generator, "num_replaced_patches", None)
+        num_patches = getattr(replacement_generator, "num_patches", None)
+        # Caught here, before training, rather than by the first batch's replacement draw.
+        if masked is not None and replaced is not None and masked + replaced > num_patches:
+            raise ValueError(
+                f"{masked} masked plus {replaced} replaced patches exceed the {num_patches} patches of the grid; "
+                f"lower the masked count (--num_mask_patches / --mask_ratio) or the replaced count "
+                f"(--num_replaced_patches) so that they sum to at most {num_patches}"
             )
         self.mask_generator = mask_generator
         self.skipped = skipped
@@ -68,10 +80,16 @@ class MimDataCollator:
             elif isinstance(value, (int, float, bool, np.integer, np.floating)):
                 batch[key] = torch.tensor(values)
         if self.mask_generator is not None:
-            masks = np.stack([self.mask_generator() for _ in kept])
+            rngs = [example.get("rng") for example in kept]
+            masks = np.stack([self.mask_generator() if rng is None else self.mask_generator(rng) for rng in rngs])
             batch["bool_masked_pos"] = torch.from_numpy(masks.reshape(len(kept), -1).astype(bool))
             if self.replacement_generator is not None:
-                replaced = np.stack([self.replacement_generator(mask) for mask in masks])
+                replaced = np.stack(
+                    [
+                        self.replacement_generator(mask) if rng is None else self.replacement_generator(mask, rng)
+                        for mask, rng in zip(masks, rngs)
+                    ]
+                )
                 batch["bool_replaced_pos"] = torch.from_numpy(replaced.reshape(len(kept), -1).astype(bool))
         return batch
 

@@ -4,6 +4,8 @@ import os
 from collections.abc import Callable, Iterable
 
 import datasets
+import numpy as np
+import torch
 from datasets import DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
 
 from .images import SkippedImageCounter, decode_image
@@ -138,17 +140,19 @@ class _TransformImages:
         self.skipped = skipped
         self.keep_columns = keep_columns
 
-    def _transform_image(self, value) -> dict | None:
+    def _transform_image(self, value, rng: np.random.Generator | None = None) -> dict | None:
         image = decode_image(value)
         if image is None:
             if self.skipped is not None:
                 self.skipped.increment()
             return None
-        return self.transform(image)
+        return self.transform(image) if rng is None else self.transform(image, rng=rng)
 
-    def transform_example(self, example: dict) -> dict:
+    def transform_example(self, example: dict, rng: np.random.Generator | None = None) -> dict:
         # An undecodable image yields {"pixel_values": None}, all the collator needs to drop the example.
-        outputs = self._transform_image(example[self.image_column]) or {"pixel_values": None}
+        outputs = self._transform_image(example[self.image_column], rng) or {"pixel_values": None}
+        if rng is not None:
+            outputs = {**outputs, "rng": rng}
         return {**outputs, **{name: example[name] for name in self.keep_columns}}
 
     def transform_batch(self, batch: dict[str, list]) -> dict[str, list]:
@@ -158,13 +162,57 @@ class _TransformImages:
         return {**transformed, **{name: batch[name] for name in self.keep_columns}}
 
 
+def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """The random generator of example `index` in epoch `epoch` of a run seeded with `seed`."""
+    return np.random.default_rng((seed, epoch, index))
+
+
+class SeededTransformedDataset(torch.utils.data.Dataset):
+    r"""A map-style dataset whose example `index` is transformed, in epoch `epoch`, with `example_rng(seed, epoch, index)`.
+
+    Each example also carries that generator under `"rng"`, from which [`MimDataCollator`] draws the example's mask.
+    An example's crop, jitter, flip and mask are thus a function of (seed, epoch, index) alone: they do not depend on
+    torch's global RNG, on DataLoader workers or prefetching, or on the other examples of the batch, which is what
+    makes a resumed run redraw exactly the data of an uninterrupted one. `set_epoch` must be called before each
+    epoch ([`MimTrainer`] does it).
+    """
+
+    def __init__(self, dataset: datasets.Dataset, function: _TransformImages, seed: int):
+        if seed < 0:
+            raise ValueError(f"seed must be a non-negative integer to seed per-example generators, got {seed}")
+        self.dataset = dataset.select_columns([function.image_column, *function.keep_columns])
+        self.function = function
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.function.transform_example(self.dataset[index], example_rng(self.seed, self.epoch, int(index)))
+
+    def __getitems__(self, indices: list[int]) -> list[dict]:
+        # One Arrow read per batch, as `datasets.Dataset.__getitems__` does.
+        columns = self.dataset[list(indices)]
+        return [
+            self.function.transform_example(
+                {name: values[i] for name, values in columns.items()}, example_rng(self.seed, self.epoch, int(index))
+            )
+            for i, index in enumerate(indices)
+        ]
+
+
 def apply_transform(
     dataset: datasets.Dataset | IterableDataset,
     image_column: str,
     transform: Callable,
     skipped: SkippedImageCounter | None = None,
     keep_columns: Iterable[str] = (),
-) -> datasets.Dataset | IterableDataset:
+    seed: int | None = None,
+) -> datasets.Dataset | IterableDataset | SeededTransformedDataset:
     """Decode and transform images lazily, on access (map-style) or while iterating (streaming).
 
     Each example becomes the dict `transform(image)` returns (e.g. `pixel_values` and
@@ -177,6 +225,9 @@ def apply_transform(
         transform: Maps an RGB PIL image to a dict of tensors, e.g. a [`TwoViewTransform`].
         skipped: Counts undecodable images. Give it here or to the collator, not both.
         keep_columns: Other columns to pass through unchanged, e.g. `("label",)`.
+        seed: Give each example its own generator, seeded by (seed, epoch, index), for the transform (called as
+            `transform(image, rng=...)`) and the collator's mask: a [`SeededTransformedDataset`], needed for exact
+            resumption. Without it, randomness comes from torch's global RNG. Map-style datasets only.
 
     Returns:
         A new dataset; the input is not modified.
@@ -189,6 +240,13 @@ def apply_transform(
 
     dataset = _undecoded(dataset, image_column)
     function = _TransformImages(image_column, transform, skipped, keep_columns)
+    if seed is not None:
+        if isinstance(dataset, IterableDataset):
+            raise ValueError(
+                "seed gives each example a generator keyed by its index, which a streaming dataset does not have; "
+                "load the dataset without streaming or pass seed=None"
+            )
+        return SeededTransformedDataset(dataset, function, seed)
     if isinstance(dataset, IterableDataset):
         # Without known features the input columns cannot be listed for removal and pass through.
         remove_columns = [name for name in dataset.column_names or [] if name not in keep_columns]
@@ -196,4 +254,4 @@ def apply_transform(
     return dataset.with_transform(function.transform_batch, columns=[image_column, *keep_columns])
 
 
-__all__ = ["apply_transform", "load_image_datasets"]
+__all__ = ["SeededTransformedDataset", "apply_transform", "example_rng", "load_image_datasets"]

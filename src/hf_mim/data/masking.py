@@ -4,8 +4,9 @@ Both return a boolean `(height, width)` grid over the ViT's patches (True = mask
 row-major to get the `bool_masked_pos` a model expects. This is the one masking module of
 hf_mim; the data collator, the training scripts and the tests all use it.
 
-Randomness: a generator is called with an explicit `numpy.random.Generator`, or with none, in
-which case it seeds a fresh one from torch's global RNG. DataLoader seeds torch differently in
+Randomness: a generator is called with an explicit `numpy.random.Generator` (the training scripts
+pass each example's own, see `apply_transform(..., seed=...)`), or with none, in which case it
+seeds a fresh one from torch's global RNG. DataLoader seeds torch differently in
 every worker, and `transformers.set_seed` and checkpoint resumption restore torch's RNG state,
 so masks are reproducible and differ across workers without any hidden global state.
 """

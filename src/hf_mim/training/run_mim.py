@@ -287,10 +287,15 @@ def main(argv=None) -> dict[str, float]:
         "color_jitter": data_args.color_jitter,
     }
     train_dataset = eval_dataset = None
+    # Per-example generators keyed by (seed, epoch, index) make a resumed run redraw the crops and masks of an
+    # uninterrupted one (torch's RNG, saved in checkpoints, is a batch ahead because of DataLoader prefetching).
+    data_seed = None if data_args.streaming else training_args.seed
     if training_args.do_train:
-        train_dataset = apply_transform(raw["train"], image_column, TwoViewTransform(**view_kwargs), skipped)
+        train_dataset = apply_transform(raw["train"], image_column, TwoViewTransform(**view_kwargs), skipped, seed=data_seed)
     if training_args.do_eval:
-        eval_dataset = apply_transform(raw["validation"], image_column, TwoViewTransform(**view_kwargs, train=False), skipped)
+        eval_dataset = apply_transform(
+            raw["validation"], image_column, TwoViewTransform(**view_kwargs, train=False), skipped, seed=data_seed
+        )
 
     trainer = MimTrainer(
         model=model,

@@ -1,10 +1,11 @@
 """A `Trainer` for hf_mim models: BEiT parameter groups, per-step model metrics, non-finite loss guard."""
 
 import logging
+import math
 import os
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 from transformers.utils.hub import hf_api
 
 from ..hub.callbacks import HubFilesCallback
@@ -13,6 +14,20 @@ from ..hub.push import prepare_repo
 from .optim import build_param_groups
 
 logger = logging.getLogger(__name__)
+
+
+class DatasetEpochCallback(TrainerCallback):
+    """Tells a training dataset with `set_epoch` (e.g. `SeededTransformedDataset`) which epoch begins.
+
+    accelerate forwards `set_epoch` to the dataset only when no sampler takes it (one process), so a multi-process
+    run would draw epoch 0's augmentations every epoch; this callback does it on every rank, also on resumption.
+    """
+
+    def on_epoch_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        dataset = getattr(train_dataloader, "dataset", None)
+        if hasattr(dataset, "set_epoch"):
+            # state.epoch is the fraction of epochs done: an integer here, or a checkpoint's value on resumption.
+            dataset.set_epoch(math.floor(state.epoch or 0))
 
 
 class MimTrainer(Trainer):
@@ -32,6 +47,7 @@ class MimTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if not any(isinstance(callback, HubFilesCallback) for callback in self.callback_handler.callbacks):
             self.add_callback(HubFilesCallback())
+        self.add_callback(DatasetEpochCallback())
         self.layer_decay = layer_decay
         self._metric_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._metric_steps = {"train": 0, "eval": 0}
@@ -153,4 +169,4 @@ class MimTrainer(Trainer):
         return super().evaluate(*args, **kwargs)
 
 
-__all__ = ["MimTrainer"]
+__all__ = ["DatasetEpochCallback", "MimTrainer"]

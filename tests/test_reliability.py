@@ -1,0 +1,131 @@
+"""Reliability guarantees (README "Reliability"): exact resumption after SIGKILL, per-example data randomness."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from hf_mim.data import BlockwiseMaskingGenerator, MimDataCollator, TwoViewTransform, apply_transform, example_rng
+from hf_mim.models import MimImageProcessor
+from hf_mim.training.run_mim import main
+
+from test_run_mim import REPO, run_mim_args
+
+
+def complete_checkpoints(output_dir: pathlib.Path) -> list[pathlib.Path]:
+    """Checkpoints whose trainer_state.json (written last by Trainer) is readable, oldest first."""
+    complete = []
+    for path in sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1])):
+        try:
+            json.loads((path / "trainer_state.json").read_text())
+        except (OSError, ValueError):
+            continue
+        complete.append(path)
+    return complete
+
+
+def test_run_killed_with_sigkill_resumes_to_the_weights_of_an_uninterrupted_run(tiny_dvae_dir, image_folder, tmp_path):
+    # Colour jitter, random crops, flips and blockwise masks are all on: every source of data randomness is exercised.
+    steps = ("--max_steps", "10", "--save_steps", "2")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    main(run_mim_args(tiny_dvae_dir, image_folder, straight, *steps))
+
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "run_mim.py"), *run_mim_args(tiny_dvae_dir, image_folder, killed, *steps)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 300
+    while not complete_checkpoints(killed) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    _, stderr = process.communicate()
+    assert process.returncode == -signal.SIGKILL, f"the run ended before it could be killed: {stderr.decode()[-2000:]}"
+    assert not (killed / "model.safetensors").exists()
+    checkpoint = complete_checkpoints(killed)[-1]
+    assert int(checkpoint.name.split("-")[1]) < 10
+
+    main(run_mim_args(tiny_dvae_dir, image_folder, killed, *steps, "--resume_from_checkpoint", str(checkpoint)))
+    expected, resumed = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert expected.keys() == resumed.keys()
+    # Bitwise: same data, same order, same dropout draws, same kernels on one CPU process.
+    for name in expected:
+        assert torch.equal(expected[name], resumed[name]), name
+
+
+def test_an_example_draws_the_same_views_and_mask_whatever_the_batch_and_workers(image_folder):
+    import datasets
+
+    processor = MimImageProcessor(size={"height": 16, "width": 16}, crop_size={"height": 16, "width": 16})
+    raw = datasets.load_dataset("imagefolder", data_files={"train": os.path.join(image_folder, "**")})["train"]
+    dataset = apply_transform(raw, "image", TwoViewTransform(processor), seed=7)
+    collator = MimDataCollator(BlockwiseMaskingGenerator(2, 2, 1))
+
+    torch.manual_seed(0)
+    whole = collator(dataset.__getitems__([3, 1, 2]))
+    torch.manual_seed(1)  # torch's global RNG plays no part
+    loader = torch.utils.data.DataLoader(dataset, batch_size=1, num_workers=2, collate_fn=collator,
+                                         sampler=[1, 3, 2])
+    singles = {index: batch for index, batch in zip([1, 3, 2], loader)}
+    for position, index in enumerate([3, 1, 2]):
+        assert torch.equal(whole["pixel_values"][position], singles[index]["pixel_values"][0])
+        assert torch.equal(whole["bool_masked_pos"][position], singles[index]["bool_masked_pos"][0])
+
+    dataset.set_epoch(1)
+    next_epoch = collator(dataset.__getitems__([3, 1, 2]))
+    assert not torch.equal(whole["pixel_values"], next_epoch["pixel_values"])
+    # The generator is a plain function of (seed, epoch, index).
+    assert example_rng(7, 1, 3).random() == example_rng(7, 1, 3).random() != example_rng(7, 0, 3).random()
+
+
+def test_more_masked_plus_replaced_patches_than_exist_fails_at_construction():
+    from hf_mim.data import RandomMaskingGenerator, ReplacementPositionGenerator
+
+    with pytest.raises(ValueError, match=r"12 masked plus 5 replaced patches exceed the 16 patches.*--num_replaced"):
+        MimDataCollator(BlockwiseMaskingGenerator(4, 12, min_num_patches=2), replacement_generator=ReplacementPositionGenerator(4, 5))
+    with pytest.raises(ValueError, match="exceed the 16 patches"):
+        MimDataCollator(RandomMaskingGenerator(4, mask_ratio=0.75), replacement_generator=ReplacementPositionGenerator(4, 5))
+    # At the limit every patch is either masked or replaced.
+    batch = MimDataCollator(RandomMaskingGenerator(4, num_masking_patches=12), replacement_generator=ReplacementPositionGenerator(4, 4))(
+        [{"pixel_values": torch.rand(3, 8, 8)}]
+    )
+    assert (batch["bool_masked_pos"] | batch["bool_replaced_pos"]).all()
+
+
+def test_epoch_callback_sets_the_dataset_epoch_also_on_resumption():
+    from types import SimpleNamespace
+
+    from hf_mim.training.trainer import DatasetEpochCallback
+
+    dataset = SimpleNamespace(epoch=None)
+    dataset.set_epoch = lambda epoch: setattr(dataset, "epoch", epoch)
+    loader = SimpleNamespace(dataset=dataset)
+    for state_epoch, expected in ((None, 0), (0.0, 0), (2.0, 2), (1.5, 1)):  # 1.5: a checkpoint mid-epoch 1
+        DatasetEpochCallback().on_epoch_begin(None, SimpleNamespace(epoch=state_epoch), None, train_dataloader=loader)
+        assert dataset.epoch == expected
+
+
+@pytest.mark.parametrize("payload", ["shell", "python"])
+@pytest.mark.parametrize("converter", ["beit", "vqkd", "taming"])
+def test_converting_a_malicious_pickle_runs_no_code_and_says_why(tmp_path, converter, payload):
+    from hf_mim.convert.taming import convert_taming_checkpoint
+    from hf_mim.convert.unilm import convert_beit_checkpoint, convert_vqkd_checkpoint
+
+    from test_dvae import _RunsPython, _RunsShellCommand
+
+    convert = {"beit": convert_beit_checkpoint, "vqkd": convert_vqkd_checkpoint, "taming": convert_taming_checkpoint}
+    marker, path = tmp_path / "marker", tmp_path / ("last.ckpt" if converter == "taming" else "checkpoint.pth")
+    evil = {"shell": _RunsShellCommand, "python": _RunsPython}[payload](marker)
+    torch.save({"model": {"w": torch.zeros(1)}, "state_dict": {"w": torch.zeros(1)}, "args": evil}, path)
+    with pytest.raises(ValueError, match=r"weights_only=True\) refused.*weights_only=False"):
+        convert[converter](path, output_dir=tmp_path / "out")
+    assert not marker.exists()
+    assert not (tmp_path / "out").exists()
