@@ -7,6 +7,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Tiny tensors are dominated by thread synchronisation: on 2 cores (more so with DDP subprocesses and DataLoader
+# workers running beside the test) extra intra-op threads make the suite many times slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
 import pytest
@@ -109,6 +112,14 @@ def write_images(folder, count: int, size=(40, 48), classes=("a", "b"), seed: in
         coarse = rng.random((4, 4, 3))
         image = Image.fromarray((coarse * 255).astype("uint8")).resize(size[::-1], Image.Resampling.BICUBIC)
         image.save(os.path.join(directory, f"{index:04d}.png"))
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -87,15 +87,6 @@ MODE_IMAGES = {
 }
 
 
-@pytest.fixture(autouse=True)
-def single_torch_thread():
-    # The tensors here are tiny: on a busy 2-core machine intra-op threads only add contention (100x slower).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def messy_folder(tmp_path):
     """train/ with 6 good images in two classes and three bad files; validation/ with 2 good images."""

@@ -28,14 +28,6 @@ from hf_mim.data import BlockwiseMaskingGenerator, RandomMaskingGenerator
 from hf_mim.models import tokenizer_registry
 from hf_mim.training.run_mim import build_mask_generator, main, parse_args, resolve_data_defaults
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models are dominated by thread synchronisation, worst on a shared machine: one thread is many times faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
 

@@ -13,14 +13,6 @@ from transformers import AutoImageProcessor, AutoModel
 from hf_mim import VqganConfig, VqganImageProcessor, VqganModel
 from hf_mim.convert.taming import convert_taming_checkpoint, load_taming_state_dict, vqgan_from_taming_state_dict
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models are dominated by thread synchronisation, worst on a shared machine: one thread is many times faster.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # vqgan_gumbel_f8's model.yaml (ddconfig ch 128, ch_mult [1,1,2,4], attn_resolutions [32] at resolution 256).
