@@ -129,3 +129,42 @@ def test_converting_a_malicious_pickle_runs_no_code_and_says_why(tmp_path, conve
         convert[converter](path, output_dir=tmp_path / "out")
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
+
+
+def _nan_run(tiny_mim_dir, output_dir, skip_nonfinite_steps):
+    from transformers import AutoModelForMaskedImageModeling, TrainingArguments
+
+    from hf_mim.training.trainer import MimTrainer
+
+    model = AutoModelForMaskedImageModeling.from_pretrained(tiny_mim_dir)
+    mask = torch.zeros(16, dtype=torch.bool)
+    mask[:6] = True
+    # NaN pixels make the ViT's logits, hence the loss, NaN (what a diverging run or a corrupt batch produces).
+    examples = [
+        {"pixel_values": torch.full((3, 32, 32), float("nan")), "tokenizer_pixel_values": torch.rand(3, 16, 16),
+         "bool_masked_pos": mask}
+        for _ in range(6)
+    ]
+    args = TrainingArguments(
+        output_dir=str(output_dir), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2, weight_decay=0.05,
+        use_cpu=True, report_to="none", save_strategy="no", remove_unused_columns=False, label_names=[],
+        dataloader_num_workers=0,
+    )
+    trainer = MimTrainer(model=model, args=args, train_dataset=examples, data_collator=MimDataCollator(),
+                         skip_nonfinite_steps=skip_nonfinite_steps)
+    return model, trainer
+
+
+def test_nonfinite_loss_names_its_step_and_is_skipped_only_on_request(tiny_mim_dir, tmp_path):
+    model, trainer = _nan_run(tiny_mim_dir, tmp_path / "raise", skip_nonfinite_steps=False)
+    with pytest.raises(FloatingPointError, match=r"Non-finite loss \(nan\).*at step 0.*--skip_nonfinite_steps"):
+        trainer.train()
+
+    model, trainer = _nan_run(tiny_mim_dir, tmp_path / "skip", skip_nonfinite_steps=True)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    trainer.train()
+    assert trainer.nonfinite_guard.skipped_steps == 3 and trainer.state.global_step == 3
+    # The update is dropped whole: no NaN from the gradients, no weight decay, no optimiser state.
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    assert not trainer.optimizer.state

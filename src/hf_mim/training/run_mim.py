@@ -134,6 +134,10 @@ class MimTrainingArguments(TrainingArguments):
     prediction_loss_only: bool = True
     # Targets come from the tokenizer inside the model: with no label names, evaluation still computes the loss.
     label_names: list[str] = field(default_factory=list)
+    skip_nonfinite_steps: bool = field(
+        default=False,
+        metadata={"help": "Skip (and count) optimiser steps whose loss is non-finite instead of stopping the run"},
+    )
 
 
 def resolve_data_defaults(data_args: DataArguments, model_type: str = "beit") -> DataArguments:
@@ -305,6 +309,7 @@ def main(argv=None) -> dict[str, float]:
         data_collator=MimDataCollator(build_mask_generator(data_args, grid_size)),
         processing_class=image_processor,
         callbacks=[HubFilesCallback(subfolders={TOKENIZER_SUBFOLDER: tokenizer_processor})],
+        skip_nonfinite_steps=training_args.skip_nonfinite_steps,
     )
 
     metrics: dict[str, float] = {}
@@ -315,6 +320,7 @@ def main(argv=None) -> dict[str, float]:
             tokenizer_processor.save_pretrained(os.path.join(training_args.output_dir, TOKENIZER_SUBFOLDER))
         # Undecodable images skipped by this process (its DataLoader workers included).
         result.metrics["train_skipped_images"] = skipped.value
+        result.metrics["train_skipped_nonfinite_steps"] = trainer.nonfinite_guard.skipped_steps
         metrics.update(result.metrics)
         trainer.log_metrics("train", result.metrics)
         trainer.save_metrics("train", result.metrics)

@@ -30,6 +30,25 @@ class DatasetEpochCallback(TrainerCallback):
             dataset.set_epoch(math.floor(state.epoch or 0))
 
 
+class NonFiniteStepGuard(TrainerCallback):
+    """Drops the update of an optimiser step whose loss was non-finite on any process, and counts such steps.
+
+    `MimTrainer.compute_loss` flags the step; here, just before `optimizer.step()`, the gradients of a flagged step
+    are set to None, so the optimiser leaves every weight and its state (moments, weight decay) untouched. The
+    learning-rate schedule still advances: a skipped step counts as a step.
+    """
+
+    def __init__(self):
+        self.flagged = False
+        self.skipped_steps = 0
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        if self.flagged:
+            optimizer.zero_grad(set_to_none=True)
+            self.flagged = False
+            self.skipped_steps += 1
+
+
 class MimTrainer(Trainer):
     """`Trainer` that logs every scalar a model returns besides its loss (masked accuracy, loss terms, codebook
     usage) averaged over the logging window and across processes, and builds BEiT's optimiser groups.
@@ -41,13 +60,19 @@ class MimTrainer(Trainer):
     Args:
         layer_decay (`float`, *optional*):
             Layer-wise learning-rate decay for fine-tuning (e.g. 0.65); `None` for pre-training.
+        skip_nonfinite_steps (`bool`, *optional*, defaults to `False`):
+            On a non-finite training loss, log it with its step and skip that optimiser step (all processes agree)
+            instead of raising `FloatingPointError`; the count is `nonfinite_guard.skipped_steps`.
     """
 
-    def __init__(self, *args, layer_decay: float | None = None, **kwargs):
+    def __init__(self, *args, layer_decay: float | None = None, skip_nonfinite_steps: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         if not any(isinstance(callback, HubFilesCallback) for callback in self.callback_handler.callbacks):
             self.add_callback(HubFilesCallback())
         self.add_callback(DatasetEpochCallback())
+        self.skip_nonfinite_steps = skip_nonfinite_steps
+        self.nonfinite_guard = NonFiniteStepGuard()
+        self.add_callback(self.nonfinite_guard)
         self.layer_decay = layer_decay
         self._metric_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._metric_steps = {"train": 0, "eval": 0}
@@ -130,11 +155,19 @@ class MimTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if not torch.isfinite(loss.detach()).all():
-            raise FloatingPointError(
-                f"Non-finite loss ({loss.item()}) at step {self.state.global_step}; lower the learning rate, "
-                "enable gradient clipping (--max_grad_norm), or use bf16 instead of fp16"
-            )
+        nonfinite = (~torch.isfinite(loss.detach())).any().float()
+        if model.training and self.accelerator.num_processes > 1:
+            # Every process must take the same decision, or their optimiser steps (and weights) diverge.
+            nonfinite = self.accelerator.reduce(nonfinite, reduction="sum")
+        if nonfinite.item() > 0:
+            message = f"Non-finite loss ({loss.item()}) on {int(nonfinite.item())} process(es) at step {self.state.global_step}"
+            if not (model.training and self.skip_nonfinite_steps):
+                raise FloatingPointError(
+                    f"{message}; lower the learning rate, enable gradient clipping (--max_grad_norm), use bf16 "
+                    "instead of fp16, or pass --skip_nonfinite_steps to skip such steps"
+                )
+            self.nonfinite_guard.flagged = True
+            logger.warning(f"{message}; skipping this optimiser step ({self.nonfinite_guard.skipped_steps + 1} so far)")
         self._accumulate_metrics("train" if model.training else "eval", outputs)
         return (loss, outputs) if return_outputs else loss
 
@@ -169,4 +202,4 @@ class MimTrainer(Trainer):
         return super().evaluate(*args, **kwargs)
 
 
-__all__ = ["DatasetEpochCallback", "MimTrainer"]
+__all__ = ["DatasetEpochCallback", "MimTrainer", "NonFiniteStepGuard"]
