@@ -20,6 +20,7 @@ from ..data import (
     BlockwiseMaskingGenerator,
     MimDataCollator,
     RandomMaskingGenerator,
+    ReplacementPositionGenerator,
     SkippedImageCounter,
     TwoViewTransform,
     apply_transform,
@@ -33,10 +34,13 @@ from ..models import (
     BeitMimForMaskedImageModeling,
     Beitv2Config,
     Beitv2ForMaskedImageModeling,
+    CcvitConfig,
+    CcvitForMaskedImageModeling,
     McBeitConfig,
     McBeitForMaskedImageModeling,
     MimImageProcessor,
 )
+from .budget import TimeBudgetCallback
 from .trainer import MimTrainer
 
 logger = logging.getLogger(__name__)
@@ -46,6 +50,7 @@ MIM_MODELS = {
     "beit": (BeitMimConfig, BeitMimForMaskedImageModeling),
     "beitv2": (Beitv2Config, Beitv2ForMaskedImageModeling),
     "mcbeit": (McBeitConfig, McBeitForMaskedImageModeling),
+    "ccvit": (CcvitConfig, CcvitForMaskedImageModeling),
 }
 
 # Data flags whose default depends on the method: a flag left unset takes its --model_type's value here, else BEiT's.
@@ -53,6 +58,8 @@ DATA_DEFAULTS = {
     "beit": {"masking": "blockwise", "mask_ratio": 0.4, "color_jitter": 0.4},
     # mc-BEiT's published recipe: 75% of the patches masked uniformly at random (147 of 196), no colour jitter.
     "mcbeit": {"masking": "random", "mask_ratio": 0.75, "color_jitter": 0.0},
+    # CCViT: BEiT's blockwise 75 of 196, no colour jitter (its centroids are fitted on un-jittered pixels).
+    "ccvit": {"masking": "blockwise", "color_jitter": 0.0},
 }
 
 # ViT sizes of the BEiT papers (and DeiT's tiny/small).
@@ -119,6 +126,9 @@ class DataArguments:
     exact_mask_count: bool = field(
         default=True, metadata={"help": "Mask exactly num_mask_patches (BEiT v2); False: at most (BEiT v1)"}
     )
+    num_replaced_patches: int | None = field(
+        default=None, metadata={"help": "CCViT: visible patches replaced by their centroid (20 of 196, scaled)"}
+    )
     mask_ratio: float | None = field(
         default=None, metadata={"help": "Masked fraction for --masking random (default 0.4; mcbeit: 0.75)"}
     )
@@ -137,6 +147,9 @@ class MimTrainingArguments(TrainingArguments):
     skip_nonfinite_steps: bool = field(
         default=False,
         metadata={"help": "Skip (and count) optimiser steps whose loss is non-finite instead of stopping the run"},
+    )
+    max_train_seconds: float | None = field(
+        default=None, metadata={"help": "Stop training after this many seconds of wall-clock time (a CPU budget)"}
     )
 
 
@@ -164,6 +177,17 @@ def build_mask_generator(data_args: DataArguments, grid_size: int):
         max_num_patches=data_args.max_mask_patches_per_block,
         exact=data_args.exact_mask_count,
     )
+
+
+def build_replacement_generator(data_args: DataArguments, model_type: str, grid_size: int):
+    """CCViT's centroid replacement positions (20 of 196 by default, scaled to the grid); None for other methods."""
+    if model_type != "ccvit":
+        if data_args.num_replaced_patches is not None:
+            raise ValueError(f"--num_replaced_patches is CCViT's; --model_type {model_type} replaces no patches")
+        return None
+    num_patches = grid_size * grid_size
+    num_replaced = data_args.num_replaced_patches
+    return ReplacementPositionGenerator(grid_size, scale_num_patches(20, to_grid=num_patches) if num_replaced is None else num_replaced)
 
 
 def parse_config_overrides(config_class, overrides: str | None) -> dict:
@@ -246,6 +270,12 @@ def setup_logging(training_args: TrainingArguments) -> None:
     transformers.utils.logging.set_verbosity(log_level)
 
 
+def require_action(training_args: TrainingArguments) -> None:
+    """Fail instead of exiting successfully without doing anything (transformers' flags default to off)."""
+    if not (training_args.do_train or training_args.do_eval):
+        raise ValueError("Nothing to do: pass --do_train (and/or --do_eval)")
+
+
 def find_checkpoint(training_args: MimTrainingArguments) -> str | None:
     """The checkpoint to resume from: the one given, else the last in output_dir unless --overwrite_output_dir."""
     if training_args.resume_from_checkpoint is not None:
@@ -260,6 +290,7 @@ def find_checkpoint(training_args: MimTrainingArguments) -> str | None:
 
 def main(argv=None) -> dict[str, float]:
     model_args, data_args, training_args = parse_args(argv)
+    require_action(training_args)
     data_args = resolve_data_defaults(data_args, model_args.model_type)
     setup_logging(training_args)
     set_seed(training_args.seed)
@@ -284,9 +315,12 @@ def main(argv=None) -> dict[str, float]:
     model, image_processor, tokenizer_processor = load_model(model_args)
     grid_size = model.config.image_size // model.config.patch_size
     skipped = SkippedImageCounter()
+    # CCViT reads the raw [0, 1] tokenizer view and normalises after centroid replacement; the saved (normalising)
+    # image processor is its encoder's view for downstream use.
+    raw_view = model_args.model_type == "ccvit"
     view_kwargs = {
-        "image_processor": image_processor,
-        "tokenizer_image_processor": tokenizer_processor,
+        "image_processor": tokenizer_processor if raw_view else image_processor,
+        "tokenizer_image_processor": None if raw_view else tokenizer_processor,
         "crop_scale": (data_args.crop_min_scale, 1.0),
         "color_jitter": data_args.color_jitter,
     }
@@ -306,11 +340,15 @@ def main(argv=None) -> dict[str, float]:
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=MimDataCollator(build_mask_generator(data_args, grid_size)),
+        data_collator=MimDataCollator(
+            build_mask_generator(data_args, grid_size), replacement_generator=build_replacement_generator(data_args, model_args.model_type, grid_size)
+        ),
         processing_class=image_processor,
         callbacks=[HubFilesCallback(subfolders={TOKENIZER_SUBFOLDER: tokenizer_processor})],
         skip_nonfinite_steps=training_args.skip_nonfinite_steps,
     )
+    if training_args.max_train_seconds is not None:
+        trainer.add_callback(TimeBudgetCallback(training_args.max_train_seconds))
 
     metrics: dict[str, float] = {}
     if training_args.do_train:
@@ -343,11 +381,13 @@ def main(argv=None) -> dict[str, float]:
 
 
 __all__ = [
+    "require_action",
     "DATA_DEFAULTS",
     "DataArguments",
     "MIM_MODELS",
     "MODEL_SIZES",
     "ModelArguments",
+    "build_replacement_generator",
     "MimTrainingArguments",
     "main",
     "resolve_data_defaults",

@@ -25,7 +25,8 @@ from ..models.configuration_vqkd import VqkdConfig
 from ..models.image_processing_vqkd import VqkdImageProcessor
 from ..models.modeling_vqkd import VqkdModel
 from .dvae import TEMPERATURE_SCHEDULES, build_dvae_trainer, dvae_image_processor
-from .run_mim import MimTrainingArguments, find_checkpoint, setup_logging
+from .budget import TimeBudgetCallback
+from .run_mim import MimTrainingArguments, find_checkpoint, require_action, setup_logging
 from .vqkd import build_vqkd_trainer, vqkd_image_processor
 
 logger = logging.getLogger(__name__)
@@ -153,6 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         tokenizer_args, data_args, training_args = parser.parse_json_file(os.path.abspath(argv[0]))
     else:
         tokenizer_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    require_action(training_args)
     setup_logging(training_args)
     set_seed(training_args.seed)
 
@@ -192,6 +194,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         data_collator=MimDataCollator(),
         processing_class=image_processor,
     )
+    if training_args.max_train_seconds is not None:
+        trainer.add_callback(TimeBudgetCallback(training_args.max_train_seconds))
 
     metrics = {}
     if training_args.do_train:

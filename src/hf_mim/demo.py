@@ -1,0 +1,244 @@
+"""The one-command demo: `python scripts/demo.py` runs CCViT end to end on images that ship with scikit-learn.
+
+With no data arguments it needs no network and no dataset: random crops of scikit-learn's two sample photos
+(`load_sample_images`) are the pre-training set, and scikit-learn's handwritten digits (`load_digits`, 1,797 8x8
+images in 10 classes, rendered as RGB) are the labelled set for the probes. The steps are the library's own:
+
+1. fit a k-means tokenizer (`hf_mim_kmeans`) on the pre-training images (`fit_kmeans_tokenizer`);
+2. pre-train a small CCViT with it for a wall-clock budget (`run_mim.main`, `--max_train_seconds`);
+3. probe the frozen encoder with k-NN and a linear probe (`hf_mim.evaluation`), next to the same architecture
+   randomly initialised;
+4. write the checkpoint, its model card with the probe results (`hf_mim.hub.cards`), figures
+   (`hf_mim.visualization`) and `demo_results.json` to the output folder.
+
+`--train_dir` / `--dataset_name` pre-train on real images instead, and `--probe_train_dir` /
+`--probe_validation_dir` probe on a labelled image folder instead of the digits.
+"""
+
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, HfArgumentParser, set_seed
+
+from .data import decode_image, load_image_datasets
+from .evaluation import extract_features, knn_classify, linear_probe
+from .hub.cards import CardResult, write_model_card
+from .models import KmeansConfig
+from .training import run_mim
+from .training.kmeans import fit_kmeans_tokenizer
+from .visualization import write_figures
+
+logger = logging.getLogger(__name__)
+
+# The labelled set of the default demo, as named in the model card.
+DIGITS_NAME = "sklearn-digits"
+
+
+@dataclass
+class DemoArguments:
+    output_dir: str = field(default="./hf_mim_demo", metadata={"help": "Where the checkpoint, card and figures go"})
+    train_dir: str | None = field(default=None, metadata={"help": "Pre-train on this image folder (default: sample photos)"})
+    dataset_name: str | None = field(default=None, metadata={"help": "Pre-train on this Hub dataset instead"})
+    probe_train_dir: str | None = field(
+        default=None, metadata={"help": "Labelled image folder (class sub-folders) to fit the probes on (default: digits)"}
+    )
+    probe_validation_dir: str | None = field(default=None, metadata={"help": "Labelled image folder to score them on"})
+    budget_seconds: float = field(default=180.0, metadata={"help": "Wall-clock pre-training budget"})
+    max_steps: int = field(default=100_000, metadata={"help": "Step limit (training stops at the budget or here)"})
+    num_crops: int = field(default=512, metadata={"help": "Random crops of the sample photos to pre-train on"})
+    image_size: int = 32
+    patch_size: int = 4
+    hidden_size: int = 192
+    num_hidden_layers: int = 4
+    num_attention_heads: int = 3
+    codebook_size: int = field(default=512, metadata={"help": "k-means centroids (CCViT: 8192 at 224 px)"})
+    kmeans_iterations: int = 20
+    batch_size: int = 64
+    learning_rate: float = 1.5e-3
+    num_probe_train: int = field(default=1000, metadata={"help": "Digits used to fit the probes (the rest score them)"})
+    num_probe_test: int | None = field(default=None, metadata={"help": "Score on only this many of the other digits"})
+    seed: int = 0
+
+
+def write_sample_crops(folder: str, num_crops: int, seed: int = 0) -> str:
+    """Write `num_crops` random square crops (48 px to the photo's height) of scikit-learn's sample photos as JPEG
+    files under `folder/train/photos/`; returns `folder`, an imagefolder `--train_dir`."""
+    from sklearn.datasets import load_sample_images
+
+    if num_crops < 1:
+        raise ValueError(f"num_crops must be at least 1, got {num_crops}")
+    photos = load_sample_images().images
+    rng = np.random.default_rng(seed)
+    target = os.path.join(folder, "train", "photos")
+    os.makedirs(target, exist_ok=True)
+    for index in range(num_crops):
+        photo = photos[index % len(photos)]
+        height, width = photo.shape[:2]
+        side = int(rng.integers(48, height + 1))
+        top, left = int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
+        Image.fromarray(photo[top : top + side, left : left + side]).save(os.path.join(target, f"{index:05d}.jpg"), quality=95)
+    return folder
+
+
+def digits_images(image_size: int) -> tuple[list[Image.Image], list[int]]:
+    """scikit-learn's 1,797 handwritten digits as RGB images of `image_size` px (bilinear upscaling of the 8x8 ink
+    levels 0..16, white ink on black, so that patches hold strokes rather than flat squares), and their labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    pixels = (digits.images * (255.0 / 16.0)).round().astype(np.uint8)
+    images = [Image.fromarray(image).convert("RGB").resize((image_size, image_size), Image.BILINEAR) for image in pixels]
+    return images, [int(label) for label in digits.target]
+
+
+def probe_data(args: DemoArguments):
+    """`(train_images, train_labels, test_images, test_labels, name)` of the labelled set."""
+    if (args.probe_train_dir is None) != (args.probe_validation_dir is None):
+        raise ValueError("Give both --probe_train_dir and --probe_validation_dir (or neither, for the digits)")
+    if args.probe_train_dir is None:
+        images, labels = digits_images(args.image_size)
+        if not 0 < args.num_probe_train < len(images):
+            raise ValueError(f"num_probe_train must lie between 1 and {len(images) - 1}, got {args.num_probe_train}")
+        cut = args.num_probe_train
+        stop = len(images) if args.num_probe_test is None else cut + args.num_probe_test
+        return images[:cut], labels[:cut], images[cut:stop], labels[cut:stop], DIGITS_NAME
+    raw, image_column = load_image_datasets(train_dir=args.probe_train_dir, validation_dir=args.probe_validation_dir)
+    if "label" not in raw["train"].column_names:
+        raise ValueError(f"{args.probe_train_dir} has no class sub-folders, so no labels to probe with")
+    split = lambda name: ([row[image_column] for row in raw[name]], list(raw[name]["label"]))
+    return (*split("train"), *split("validation"), os.path.basename(os.path.normpath(args.probe_train_dir)))
+
+
+def probe_encoder(model, image_processor, data, seed: int = 0) -> dict[str, float]:
+    """k-NN (k = 10, 20; T = 0.07) and linear-probe top-1 of the mean-pooled last layer of `model`."""
+    train_images, train_labels, test_images, test_labels, _ = data
+    train = extract_features(model, image_processor, train_images, labels=train_labels, device="cpu")
+    test = extract_features(model, image_processor, test_images, labels=test_labels, device="cpu")
+    layer = next(iter(train.features))
+    knn = knn_classify(train.features[layer], train.labels, test.features[layer], test.labels, ks=(10, 20))
+    probe = linear_probe(train.features[layer], train.labels, test.features[layer], test.labels, seed=seed)
+    return {"knn_top1_k10": knn.accuracy[10], "knn_top1_k20": knn.accuracy[20], "linear_probe_top1": probe.accuracy}
+
+
+def pretrain_argv(args: DemoArguments, tokenizer_dir: str, model_dir: str) -> list[str]:
+    """`run_mim.py` flags of the demo's CCViT pre-training."""
+    data = ["--dataset_name", args.dataset_name] if args.dataset_name else ["--train_dir", args.train_dir]
+    overrides = f"hidden_size={args.hidden_size},num_hidden_layers={args.num_hidden_layers},"
+    overrides += f"num_attention_heads={args.num_attention_heads},intermediate_size={4 * args.hidden_size}"
+    return [
+        "--model_type", "ccvit", "--tokenizer_name_or_path", tokenizer_dir, *data,
+        "--output_dir", model_dir, "--overwrite_output_dir", "--do_train",
+        "--model_size", "tiny", "--image_size", str(args.image_size), "--patch_size", str(args.patch_size),
+        "--config_overrides", overrides, "--crop_min_scale", "0.2",
+        "--max_steps", str(args.max_steps), "--max_train_seconds", str(args.budget_seconds),
+        "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate),
+        "--weight_decay", "0.05", "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", "20",
+        "--logging_steps", "5", "--save_strategy", "no", "--report_to", "none", "--seed", str(args.seed),
+        "--dataloader_num_workers", "0", "--use_cpu",
+    ]  # fmt: skip
+
+
+def run_demo(args: DemoArguments) -> dict:
+    """Run the demo (see the module docstring); returns what it writes to `output_dir/demo_results.json`."""
+    if args.train_dir and args.dataset_name:
+        raise ValueError("Pre-train on --train_dir or --dataset_name, not both")
+    set_seed(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+    pretraining_data = args.dataset_name or args.train_dir
+    if pretraining_data is None:
+        args.train_dir = write_sample_crops(os.path.join(args.output_dir, "sample_photos"), args.num_crops, args.seed)
+        pretraining_data = f"{args.num_crops} random crops of scikit-learn's sample photos"
+
+    # 1. The tokenizer: k-means centroids of the pre-training images' patches.
+    raw, image_column = load_image_datasets(dataset_name=args.dataset_name, train_dir=args.train_dir, seed=args.seed)
+    tokenizer_config = KmeansConfig(image_size=args.image_size, patch_size=args.patch_size, codebook_size=args.codebook_size)
+    tokenizer, tokenizer_processor, fit = fit_kmeans_tokenizer(
+        raw["train"], image_column, tokenizer_config, num_iterations=args.kmeans_iterations, init="k-means++",
+        seed=args.seed, device="cpu", show_progress=False,
+    )  # fmt: skip
+    tokenizer_dir = os.path.join(args.output_dir, "kmeans_tokenizer")
+    tokenizer.save_pretrained(tokenizer_dir)
+    tokenizer_processor.save_pretrained(tokenizer_dir)
+
+    # 2. CCViT pre-training through run_mim (checkpoint, tokenizer sub-folder, trainer_state.json, model card).
+    model_dir = os.path.join(args.output_dir, "ccvit")
+    train_metrics = run_mim.main(pretrain_argv(args, tokenizer_dir, model_dir))
+    model_class = run_mim.MIM_MODELS["ccvit"][1]
+    model = model_class.from_pretrained(model_dir).eval()
+    image_processor = AutoImageProcessor.from_pretrained(model_dir)
+    torch.manual_seed(args.seed)
+    random_model = model_class(model.config).eval()
+
+    # 3. Probes of the frozen encoders.
+    data = probe_data(args)
+    results = {"pretrained": probe_encoder(model, image_processor, data, args.seed)}
+    results["random_init"] = probe_encoder(random_model, image_processor, data, args.seed)
+
+    # 4. Card and figures.
+    probe_name = data[4]
+    write_model_card(
+        model_dir,
+        datasets=[args.dataset_name] if args.dataset_name else None,
+        results=[
+            CardResult("knn", probe_name, results["pretrained"]["knn_top1_k20"], split="test"),
+            CardResult("linear_probe", probe_name, results["pretrained"]["linear_probe_top1"], split="test"),
+        ],
+    )
+    figure_images = [decode_image(raw["train"][index][image_column]) for index in range(min(4, len(raw["train"])))]
+    masks = run_mim.build_mask_generator(
+        run_mim.resolve_data_defaults(run_mim.DataArguments(), "ccvit"), args.image_size // args.patch_size
+    )
+    bool_masked_pos = torch.from_numpy(np.stack([masks() for _ in figure_images]).reshape(len(figure_images), -1))
+    figures = write_figures(
+        os.path.join(args.output_dir, "figures"),
+        model=model,
+        image_processor=tokenizer_processor,
+        tokenizer_image_processor=tokenizer_processor,
+        images=figure_images,
+        bool_masked_pos=bool_masked_pos,
+        trainer_state=os.path.join(model_dir, "trainer_state.json"),
+    )
+    summary = {
+        "pretraining_data": pretraining_data,
+        "probe_data": probe_name,
+        "probe_sizes": {"train": len(data[1]), "test": len(data[3])},
+        "kmeans_inertia": fit.inertia[-1] if len(fit.inertia) else None,
+        "train_steps": train_metrics.get("train_steps", None),
+        "train_metrics": train_metrics,
+        "budget_seconds": args.budget_seconds,
+        "results": results,
+        "checkpoint": model_dir,
+        "figures": figures,
+        "arguments": asdict(args),
+    }
+    with open(os.path.join(args.output_dir, "demo_results.json"), "w") as file:
+        json.dump(summary, file, indent=2, default=float)
+    return summary
+
+
+def results_table(results: dict) -> str:
+    """The probe results as a markdown table (top-1 in %)."""
+    lines = ["| encoder | k-NN k=10 | k-NN k=20 | linear probe |", "|---|---|---|---|"]
+    for name, row in results.items():
+        lines.append(
+            f"| {name} | {100 * row['knn_top1_k10']:.1f} | {100 * row['knn_top1_k20']:.1f} | {100 * row['linear_probe_top1']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> dict:
+    (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    summary = run_demo(args)
+    print(f"\nProbes on {summary['probe_data']} ({summary['probe_sizes']}), top-1 %:\n")
+    print(results_table(summary["results"]))
+    print(f"\nCheckpoint and model card: {summary['checkpoint']}\nFigures: {', '.join(summary['figures'].values())}")
+    return summary
+
+
+__all__ = ["DemoArguments", "digits_images", "main", "probe_encoder", "results_table", "run_demo", "write_sample_crops"]

@@ -1,0 +1,74 @@
+"""The one-command demo (reduced: tiny model, a few steps) and the pieces it adds: time budget, CCViT in run_mim."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers import TrainerControl, TrainerState, TrainingArguments
+
+from hf_mim.demo import digits_images, main, write_sample_crops
+from hf_mim.training.budget import TimeBudgetCallback
+from hf_mim.training.run_mim import DataArguments, build_replacement_generator
+
+
+def test_reduced_demo_writes_checkpoint_card_figures_and_probe_results(tmp_path):
+    out = tmp_path / "demo"
+    summary = main([
+        "--output_dir", str(out), "--num_crops", "16", "--codebook_size", "16", "--kmeans_iterations", "2",
+        "--hidden_size", "32", "--num_hidden_layers", "2", "--num_attention_heads", "2", "--batch_size", "8",
+        "--max_steps", "6", "--budget_seconds", "600", "--num_probe_train", "100", "--num_probe_test", "50",
+    ])  # fmt: skip
+    assert len(list((out / "sample_photos" / "train" / "photos").glob("*.jpg"))) == 16
+    assert (out / "kmeans_tokenizer" / "config.json").exists()
+    model_dir = out / "ccvit"
+    assert json.loads((model_dir / "config.json").read_text())["model_type"] == "hf_mim_ccvit"
+    assert json.loads((model_dir / "trainer_state.json").read_text())["global_step"] == 6
+    card = (model_dir / "README.md").read_text()
+    assert "sklearn-digits" in card and "Linear probe" in card
+    for name in ("mim_panel", "codebook_usage", "training_curves"):
+        with Image.open(summary["figures"][name]) as image:
+            assert image.format == "PNG"
+    written = json.loads((out / "demo_results.json").read_text())
+    assert written["probe_sizes"] == {"train": 100, "test": 50}
+    for encoder in ("pretrained", "random_init"):
+        assert set(written["results"][encoder]) == {"knn_top1_k10", "knn_top1_k20", "linear_probe_top1"}
+        assert all(0.0 <= value <= 1.0 for value in written["results"][encoder].values())
+
+
+def test_demo_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="not both"):
+        main(["--output_dir", str(tmp_path), "--train_dir", str(tmp_path), "--dataset_name", "x"])
+    with pytest.raises(ValueError, match="num_crops"):
+        write_sample_crops(str(tmp_path), 0)
+
+
+def test_sample_crops_and_digits():
+    images, labels = digits_images(16)
+    assert len(images) == len(labels) == 1797 and set(labels) == set(range(10))
+    assert images[0].size == (16, 16) and images[0].mode == "RGB"
+    assert np.asarray(images[0]).max() > 0
+
+
+def test_time_budget_stops_at_the_first_step_past_it(monkeypatch):
+    clock = iter([100.0, 100.5, 102.0])
+    monkeypatch.setattr("hf_mim.training.budget.time.monotonic", lambda: next(clock))
+    callback, control = TimeBudgetCallback(1.0), TrainerControl()
+    args, state = TrainingArguments(output_dir="unused", report_to="none"), TrainerState()
+    callback.on_train_begin(args, state, control)
+    callback.on_step_end(args, state, control)
+    assert not control.should_training_stop
+    callback.on_step_end(args, state, control)
+    assert control.should_training_stop
+    with pytest.raises(ValueError, match="positive"):
+        TimeBudgetCallback(0)
+
+
+def test_replacement_generator_is_ccvit_only():
+    generator = build_replacement_generator(DataArguments(), "ccvit", 8)
+    assert generator.num_replaced_patches == 7  # 20 of 196 scaled to 64 patches
+    mask = np.zeros((8, 8), dtype=bool)
+    assert generator(mask).sum() == 7
+    assert build_replacement_generator(DataArguments(), "beit", 8) is None
+    with pytest.raises(ValueError, match="CCViT's"):
+        build_replacement_generator(DataArguments(num_replaced_patches=3), "beit", 8)
