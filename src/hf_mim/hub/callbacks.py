@@ -13,10 +13,10 @@ class HubFilesCallback(TrainerCallback):
 
     With `hub_strategy="every_save"` (or `checkpoint`), each save uploads `output_dir` after copying
     only the config and weights into it, so without this the Hub holds an `auto_map` whose code files
-    are missing until the final push, and nothing loads with `trust_remote_code=True` in between
-    (the hf_conventions notes, section 4.2). This writes the code files, the image processors of
-    `subfolders` (e.g. `{"tokenizer": tokenizer_processor}` for a MIM model's tokenizer view) with
-    their code also at the root (where transformers looks for it), and an hf_mim model card.
+    are missing until the final push, and nothing loads with `trust_remote_code=True` in between.
+    This writes the code files, the image processors of `subfolders` (e.g. `{"tokenizer":
+    tokenizer_processor}` for a MIM model's tokenizer view) with their code also at the root (where
+    transformers looks for it), and an hf_mim model card.
 
     Args:
         subfolders (`dict[str, image processor]`, *optional*):
