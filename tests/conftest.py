@@ -154,3 +154,12 @@ def tiny_mim_dir(tmp_path_factory):
         path / "tokenizer"
     )
     return str(path)
+
+
+def assert_hf_mim_card(folder) -> None:
+    """`folder/README.md` is an hf_mim model card whose metadata the Hub understands."""
+    from huggingface_hub import ModelCard
+
+    data = ModelCard.load(os.path.join(folder, "README.md")).data
+    assert data.library_name == "transformers"
+    assert {"hf_mim", "custom_code"} <= set(data.tags)

@@ -7,6 +7,7 @@ import itertools
 
 import pytest
 import torch
+from conftest import assert_hf_mim_card
 import torch.nn.functional as F
 from transformers import AutoImageProcessor, AutoModel, AutoModelForMaskedImageModeling
 
@@ -206,6 +207,7 @@ def test_vqkd_tokens_and_features_match_the_reference(tmp_path, pixels):
     model = convert_vqkd_checkpoint(tmp_path / "vqkd.pth", tmp_path / "out", num_attention_heads=2,
                                     decoder_attention_heads=2)
     assert (model.config.codebook_size, model.config.codebook_dim, model.config.teacher_dim) == (16, 8, 16)
+    assert_hf_mim_card(tmp_path / "out")
     assert (model.config.decoder_layers, model.config.grid_size, model.config.image_size) == (1, 4, 32)
     with torch.no_grad():
         tokens, decoded = ref_vqkd(state, pixels)
@@ -270,6 +272,7 @@ def test_beitv2_logits_of_both_branches_match_the_reference(tmp_path, pixels):
     torch.save({"model": state}, tmp_path / "beitv2.pth")
     model = convert_beit_checkpoint(tmp_path / "beitv2.pth", tmp_path / "out", early_layers=2)
     assert type(model) is Beitv2ForMaskedImageModeling and model.tokenizer is None
+    assert_hf_mim_card(tmp_path / "out")
     assert (model.config.early_layers, model.config.head_layers, model.config.num_attention_heads) == (2, 2, 2)
     mask = torch.rand(3, 16, generator=torch.Generator().manual_seed(1)) < 0.4
     labels = torch.randint(0, 64, (3, 16))

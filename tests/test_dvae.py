@@ -12,6 +12,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+from conftest import assert_hf_mim_card
 import torch.nn.functional as F
 from PIL import Image
 from torch import nn
@@ -293,6 +294,7 @@ def test_convert_pickled_dall_e_modules_without_dall_e(tmp_path, zipfile_format)
     output_dir = tmp_path / "converted"
     model = convert_dalle_checkpoint(tmp_path / "encoder.pkl", tmp_path / "decoder.pkl", output_dir, image_size=32)
     assert "dall_e" not in sys.modules
+    assert_hf_mim_card(output_dir)
     config = model.config
     assert (config.hidden_size, config.num_groups, config.num_blocks_per_group) == (16, 4, 1)
     assert (config.codebook_size, config.decoder_hidden_size, config.grid_size) == (64, 8, 4)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_vqgan_config
+from conftest import assert_hf_mim_card, tiny_vqgan_config
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
@@ -162,6 +162,7 @@ def test_conversion_matches_taming_encoder_numerics(tmp_path, monkeypatch):
     converted = convert_taming_checkpoint(tmp_path / "last.ckpt", output_dir=tmp_path / "vqgan", image_size=16)
     loaded = AutoModel.from_pretrained(tmp_path / "vqgan")
     assert type(loaded) is VqganModel and loaded.config.grid_size == 4
+    assert_hf_mim_card(tmp_path / "vqgan")
     pixels = torch.rand(2, 3, 16, 16) * 2 - 1
     expected = taming_reference_logits(state_dict, pixels, TINY["ch_mult"], 2, TINY["attn_levels"], groups=32)
     with torch.no_grad():

@@ -21,6 +21,7 @@ import torch
 from ..models.configuration_dvae import DvaeConfig
 from ..models.image_processing_dvae import DvaeImageProcessor
 from ..models.modeling_dvae import DvaeModel
+from ..hub.cards import write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -259,6 +260,7 @@ def convert_dalle_checkpoint(
     if output_dir is not None:
         model.save_pretrained(output_dir)
         DvaeImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(output_dir)
+        write_model_card(output_dir)
     return model
 
 

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from ..models.configuration_vqgan import VqganConfig
 from ..models.image_processing_vqgan import VqganImageProcessor
 from ..models.modeling_vqgan import VqganModel
+from ..hub.cards import write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +163,7 @@ def convert_taming_checkpoint(
         model.save_pretrained(output_dir)
         size = {"height": image_size, "width": image_size}
         VqganImageProcessor(size=size, crop_size=size).save_pretrained(output_dir)
+        write_model_card(output_dir)
     return model
 
 

@@ -31,6 +31,7 @@ from ..models.modeling_beit import BeitMimForMaskedImageModeling
 from ..models.modeling_beitv2 import Beitv2ForMaskedImageModeling
 from ..models.modeling_vqkd import VqkdModel
 from ..training.run_mim import TOKENIZER_SUBFOLDER
+from ..hub.cards import write_model_card
 
 logger = logging.getLogger(__name__)
 
@@ -305,6 +306,7 @@ def convert_vqkd_checkpoint(
         model.save_pretrained(output_dir)
         size = {"height": config.image_size, "width": config.image_size}
         VqkdImageProcessor(size=size, crop_size=size).save_pretrained(output_dir)
+        write_model_card(output_dir)
     return model
 
 
@@ -357,6 +359,7 @@ def convert_beit_checkpoint(
         ).save_pretrained(output_dir)
         if tokenizer_processor is not None:
             tokenizer_processor.save_pretrained(Path(output_dir) / TOKENIZER_SUBFOLDER)
+        write_model_card(output_dir)
     return model
 
 
