@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TINY_BACKBONE
 from test_remote_code import load_remotely
-from test_vqkd import one_thread, tiny_vqkd_config  # noqa: F401 (one_thread is an autouse fixture)
+from test_vqkd import tiny_vqkd_config
 from transformers import AutoModel, AutoModelForMaskedImageModeling
 
 from hf_mim import (

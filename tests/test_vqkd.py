@@ -49,15 +49,6 @@ TINY_VQKD = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run several times faster without intra-op threads competing for two shared cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_vqkd_config(**kwargs) -> VqkdConfig:
     """A VQ-KD whose 32 px view gives a 4x4 grid of 64 codes; 16-d targets (the tiny CLIP teacher's projection)."""
     return VqkdConfig(**{**TINY_VQKD, **kwargs})
