@@ -211,6 +211,27 @@ def main(argv=None) -> dict:
     data = {split: raw[split].cast_column("image", datasets.Image(decode=True)) for split in ("train", "validation")}
 
     tokenizer_dirs, tokenizer_seconds = train_tokenizers({TOKENIZER_OF[m] for m in methods}, subsets["train"], work_dir, args)
+    def write_results(rows: list[dict], complete: bool) -> dict:
+        """Written after every method, so that an interrupted run keeps the rows it finished."""
+        result = {
+            "command": "python benchmarks/run_results.py " + " ".join(sys.argv[1:] if argv is None else argv),
+            "config": vars(args),
+            "vit": {"image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "hidden_size": args.hidden_size,
+                    "num_hidden_layers": args.num_hidden_layers, "codebook_size": CODEBOOK_SIZE},  # fmt: skip
+            "data": {"train_images": len(data["train"]), "test_images": len(data["validation"]),
+                     "selection": "first files (sorted names) of each class, train -> probe fit, test -> scored"},  # fmt: skip
+            "tokenizer_seconds": tokenizer_seconds,
+            "raw_pixel_1nn_full_data": RAW_PIXEL_FLOOR_FULL,
+            "rows": rows,
+            "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()},
+            "complete": complete,
+            "total_seconds": time.monotonic() - started,
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+        with open(args.output, "w") as file:
+            json.dump(result, file, indent=2)
+        return result
+
     rows = []
     floor = raw_pixel_1nn(data)
     rows.append({"encoder": "raw pixels (L2 1-NN)", "tokenizer": "-", "knn_top1_k1": floor})
@@ -230,23 +251,9 @@ def main(argv=None) -> dict:
             random_row.update(probe(random_model, processor, data, args.seed))
             rows.insert(1, random_row)
         print(table(rows), flush=True)
+        write_results(rows, complete=False)
 
-    result = {
-        "command": "python benchmarks/run_results.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "config": vars(args),
-        "vit": {"image_size": IMAGE_SIZE, "patch_size": PATCH_SIZE, "hidden_size": args.hidden_size,
-                "num_hidden_layers": args.num_hidden_layers, "codebook_size": CODEBOOK_SIZE},  # fmt: skip
-        "data": {"train_images": len(data["train"]), "test_images": len(data["validation"]),
-                 "selection": "first files (sorted names) of each class, train -> probe fit, test -> scored"},  # fmt: skip
-        "tokenizer_seconds": tokenizer_seconds,
-        "raw_pixel_1nn_full_data": RAW_PIXEL_FLOOR_FULL,
-        "rows": rows,
-        "machine": {"platform": platform.platform(), "torch_threads": torch.get_num_threads(), "cpus": os.cpu_count()},
-        "total_seconds": time.monotonic() - started,
-    }
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as file:
-        json.dump(result, file, indent=2)
+    result = write_results(rows, complete=True)
     print(f"\nCIFAR-10, {len(data['train'])} train / {len(data['validation'])} test images; pre-training budget "
           f"{args.budget_seconds:.0f} s per method; raw-pixel 1-NN on the subset {100 * floor:.1f}% "
           f"(full data: {100 * RAW_PIXEL_FLOOR_FULL:.1f}%)\n")  # fmt: skip
