@@ -42,6 +42,7 @@ def soft_targets(
     similarity_temperature: float = 1.0,
     similarity_weight: float = 0.2,
     detach_similarity_features: bool = False,
+    bool_masked_pos: torch.BoolTensor | None = None,
 ) -> torch.Tensor:
     r"""mc-BEiT's multi-choice targets `Q = omega * W @ P + (1 - omega) * P` of every patch, in float32.
 
@@ -57,19 +58,35 @@ def soft_targets(
         target_temperature (`float`): tau. similarity_temperature (`float`): tau_s.
         similarity_weight (`float`): omega; 0 returns `P`.
         detach_similarity_features (`bool`): whether `W` stops the gradient into `patch_features`.
+        bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
+            Compute only the rows of these patches (the loss needs no others): equal to `soft_targets(...)[mask]`,
+            but only their rows of `W` and `W @ P` are formed, which at BEiT-style mask ratios is most of the cost.
 
     Returns:
-        `torch.FloatTensor` of shape `(batch_size, num_patches, vocab_size)` whose rows sum to 1.
+        `torch.FloatTensor` of shape `(batch_size, num_patches, vocab_size)` whose rows sum to 1, or
+        `(num_masked, vocab_size)` in row-major (batch, position) order with `bool_masked_pos`.
     """
     # Softmaxes of near-uniform rows lose their differences in half precision, whatever the autocast dtype.
     with torch.autocast(device_type=tokenizer_logits.device.type, enabled=False):
         probs = (tokenizer_logits.float() / target_temperature).softmax(dim=-1)
         if similarity_weight == 0:
-            return probs
+            return probs if bool_masked_pos is None else probs[bool_masked_pos]
         features = patch_features.detach() if detach_similarity_features else patch_features
         features = F.normalize(features.float(), dim=-1)
-        weights = (features @ features.transpose(1, 2) / similarity_temperature).softmax(dim=-1)
-        return similarity_weight * (weights @ probs) + (1.0 - similarity_weight) * probs
+        if bool_masked_pos is None:
+            weights = (features @ features.transpose(1, 2) / similarity_temperature).softmax(dim=-1)
+            return torch.baddbmm(probs, weights, probs, beta=1.0 - similarity_weight, alpha=similarity_weight)
+        # Each image's masked positions, in order, padded to the largest count (a stable sort puts them first).
+        counts = bool_masked_pos.sum(dim=1)
+        rows = torch.argsort((~bool_masked_pos).byte(), dim=1, stable=True)[:, : int(counts.max())]
+        query = torch.take_along_dim(features, rows[..., None], dim=1)
+        weights = similarity_weight * (query @ features.transpose(1, 2) / similarity_temperature).softmax(dim=-1)
+        # (1 - omega) * P_i enters the same product as weight on the patch's own row: no copy of P's masked rows.
+        weights = weights.scatter_add(2, rows[..., None], weights.new_full((*rows.shape, 1), 1.0 - similarity_weight))
+        targets = weights @ probs
+        if bool(counts.min() == counts.max()):
+            return targets.flatten(0, 1)
+        return targets[torch.arange(rows.shape[1], device=rows.device) < counts[:, None]]
 
 
 class McBeitModel(MimBeitModel):
@@ -142,7 +159,8 @@ class McBeitForMaskedImageModeling(BeitMimForMaskedImageModeling):
                 similarity_temperature=self.config.similarity_temperature,
                 similarity_weight=self.config.similarity_weight,
                 detach_similarity_features=self.config.detach_similarity_features,
-            )[bool_masked_pos]
+                bool_masked_pos=bool_masked_pos,
+            )
             loss = F.cross_entropy(logits.float(), targets)
             labels = tokenizer_logits.argmax(dim=-1)[bool_masked_pos]
             accuracy = (logits.detach().argmax(dim=-1) == labels).float().mean()

@@ -1,0 +1,269 @@
+#!/usr/bin/env python
+"""MIM training-step speed and memory: every method of `run_mim.MIM_MODELS` against transformers'
+`BeitForMaskedImageModeling` with the equivalent configuration, in the same process.
+
+    python benchmarks/bench_mim_step.py --output mim_step.json
+    python benchmarks/bench_mim_step.py --sizes tiny base --batch_size 8 --repeats 5 --output mim_step_base.json
+
+A step is forward + backward + AdamW (fused, `Trainer`'s default) at 224 px, in fp32 and under bf16 autocast. Each
+method and its baseline get the same batch: the same pixels, the method's default masks (`run_mim`'s mask
+generators), the same precomputed targets (token ids, or tokenizer logits for soft-target methods), so tokenizer cost
+is left out here (`bench_tokenizers.py` measures it), and the same initial weights (the baseline loads the method's
+backbone, final LayerNorm and LM head). Steps are timed interleaved after warm-up; per-repeat ratios baseline time /
+method time are summarised by median and range. Before timing, the BEiT model and its baseline must give the same
+loss on the same batch in eval mode, which checks that the configurations are equivalent.
+
+Peak memory: each (model, precision) is rebuilt in a fresh spawned process, and the figure is that process's RSS
+high-water mark (`getrusage`) after a warm-up step and a timed step, minus its RSS before the first step (model and
+inputs built): gradients, AdamW states, activations and allocator caches, not the weights.
+
+FLOP/s: the FLOPs of one step are counted by `torch.utils.flop_counter.FlopCounterMode` (matrix products, convolution,
+attention; not elementwise work) and divided by the median step time; the machine's peak is the median rate of
+2048 x 2048 fp32 matrix products measured in this run with the same threads.
+"""
+
+import argparse
+import inspect
+import json
+
+import numpy as np
+import torch
+from transformers import BeitConfig, BeitForMaskedImageModeling
+
+from common import (
+    count_flops,
+    environment,
+    in_subprocess,
+    markdown_table,
+    matmul_peak,
+    measure_peak_memory,
+    paired_ratios,
+    set_threads,
+    time_interleaved,
+    write_json,
+)
+from hf_mim.training import run_mim
+from hf_mim.training.run_mim import MIM_MODELS, MODEL_SIZES, DataArguments, build_mask_generator, resolve_data_defaults
+
+BASELINE = "transformers"
+# What the memory subprocesses' fork server imports once.
+PRELOAD = ("torch", "transformers", "hf_mim.training.run_mim", "common")
+DTYPES = {"fp32": None, "bf16": torch.bfloat16}
+# BeitConfig fields that do not describe the network.
+_NOT_ARCHITECTURE = {"model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype"}
+
+
+def method_config(method: str, size: str, image_size: int, patch_size: int):
+    """The method's config at a ViT size of `run_mim.MODEL_SIZES`, with its default recipe otherwise."""
+    config_class, _ = MIM_MODELS[method]
+    return config_class(**MODEL_SIZES[size], image_size=image_size, patch_size=patch_size)
+
+
+def baseline_config(config) -> BeitConfig:
+    """transformers' `BeitConfig` with every architecture field of `config` (shared relative position bias, layer
+    scale, mask token, LayerNorm eps, drop path, vocabulary)."""
+    fields = {k: v for k, v in config.to_dict().items() if k in BeitConfig().to_dict() and k not in _NOT_ARCHITECTURE}
+    return BeitConfig(**fields)
+
+
+def build_model(method: str, size: str, args, seed: int):
+    """The method's model, or with `method=(BASELINE, of_method)` transformers' BEiT with the same initial weights."""
+    of_method = method[1] if isinstance(method, tuple) else method
+    torch.manual_seed(seed)
+    _, model_class = MIM_MODELS[of_method]
+    model = model_class(method_config(of_method, size, args.image_size, args.patch_size))
+    if isinstance(method, tuple):
+        baseline = BeitForMaskedImageModeling(baseline_config(model.config))
+        missing, _ = baseline.load_state_dict(model.state_dict(), strict=False)
+        if missing:
+            raise RuntimeError(f"The baseline shares no weights named {missing} with {of_method}")
+        model = baseline
+    return model.train()
+
+
+def mask_generators(method: str, grid: int):
+    """The method's default mask generator and replacement-position generator (None if it replaces no patches)."""
+    data_args = resolve_data_defaults(DataArguments(), method)
+    replacement = getattr(run_mim, "build_replacement_generator", None)
+    replacer = replacement(data_args, method, grid) if replacement is not None else None
+    return build_mask_generator(data_args, grid), replacer
+
+
+def make_batch(method: str, config, batch_size: int, seed: int) -> dict:
+    """Pixels in [0, 1], masks from the method's default generators, per-patch token ids and tokenizer logits."""
+    grid = config.image_size // config.patch_size
+    generator, replacer = mask_generators(method, grid)
+    rng = np.random.default_rng(seed)
+    masks = np.stack([generator(rng) for _ in range(batch_size)])
+    batch = {"bool_masked_pos": torch.from_numpy(masks.reshape(batch_size, -1))}
+    if replacer is not None:
+        batch["bool_replaced_pos"] = torch.from_numpy(np.stack([replacer(m, rng) for m in masks]).reshape(batch_size, -1))
+    torch.manual_seed(seed)
+    batch["pixel_values"] = torch.rand(batch_size, 3, config.image_size, config.image_size)
+    batch["labels"] = torch.randint(0, config.vocab_size, (batch_size, grid * grid))
+    batch["tokenizer_logits"] = torch.randn(batch_size, grid * grid, config.vocab_size)
+    return batch
+
+
+def model_inputs(model, batch: dict) -> dict:
+    """The part of `batch` the model's forward takes; transformers' BEiT gets the masked positions' labels."""
+    if isinstance(model, BeitForMaskedImageModeling):
+        mask = batch["bool_masked_pos"]
+        return {"pixel_values": batch["pixel_values"], "bool_masked_pos": mask, "labels": batch["labels"][mask]}
+    accepted = inspect.signature(model.forward).parameters
+    inputs = {k: v for k, v in batch.items() if k in accepted}
+    if "tokenizer_logits" in inputs:
+        inputs.pop("labels", None)
+    return inputs
+
+
+def training_step(model, inputs: dict, optimizer, dtype: str):
+    autocast = DTYPES[dtype]
+
+    def step():
+        with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+            loss = model(**inputs).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def make_optimizer(model):
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.05, fused=True)
+
+
+def _memory_probe(method, size: str, dtype: str, args, seed: int) -> dict:
+    """Run in a fresh process: peak RSS growth of a warm-up step and a timed step."""
+    set_threads(args.threads)
+
+    def prepare():
+        model = build_model(method, size, args, seed)
+        of_method = method[1] if isinstance(method, tuple) else method
+        batch = make_batch(of_method, method_config(of_method, size, args.image_size, args.patch_size), args.batch_size, seed)
+        return training_step(model, model_inputs(model, batch), make_optimizer(model), dtype)
+
+    return measure_peak_memory(prepare, calls=2)
+
+
+def check_equivalence(model, baseline, batch: dict) -> float:
+    """Absolute difference of the two eval-mode losses on `batch` (the BEiT model and its baseline must agree)."""
+    model.eval(), baseline.eval()
+    with torch.no_grad():
+        ours = model(**model_inputs(model, batch)).loss.item()
+        theirs = baseline(**model_inputs(baseline, batch)).loss.item()
+    model.train(), baseline.train()
+    if abs(ours - theirs) > 1e-4 * max(1.0, abs(theirs)):
+        raise RuntimeError(f"BEiT and transformers' BEiT disagree on the same batch: loss {ours} vs {theirs}")
+    return abs(ours - theirs)
+
+
+def run_group(methods: list[str], size: str, args) -> dict:
+    """Time the methods sharing one baseline (same masks and backbone config) interleaved with that baseline."""
+    first = methods[0]
+    models = {m: build_model(m, size, args, args.seed) for m in methods}
+    models[BASELINE] = build_model((BASELINE, first), size, args, args.seed)
+    batch = make_batch(first, models[first].config, args.batch_size, args.seed)
+    result = {"methods": methods, "models": {}}
+    if "beit" in methods:
+        result["beit_loss_difference"] = check_equivalence(models["beit"], models[BASELINE], batch)
+        print(f"  beit and {BASELINE} agree on the eval loss (|difference| {result['beit_loss_difference']:.2g})")
+    steps = {}
+    for name, model in models.items():
+        inputs, optimizer = model_inputs(model, batch), make_optimizer(model)
+        flops = count_flops(training_step(model, inputs, optimizer, "fp32"))
+        result["models"][name] = {"parameters": sum(p.numel() for p in model.parameters()), "flops_per_step": flops}
+        for dtype in args.dtypes:
+            steps[f"{name}/{dtype}"] = training_step(model, inputs, optimizer, dtype)
+    timings = time_interleaved(steps, args.repeats, args.warmup)
+    for key, timing in timings.items():
+        name, dtype = key.split("/")
+        entry = result["models"][name].setdefault(dtype, {})
+        entry["timing"] = timing.summary(items=args.batch_size)
+        entry["speedup_vs_transformers"] = paired_ratios(timings[f"{BASELINE}/{dtype}"], timing)
+        if not args.no_memory:
+            probe = (BASELINE, first) if name == BASELINE else name
+            entry["memory"] = in_subprocess(_memory_probe, probe, size, dtype, args, args.seed, preload=PRELOAD)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", default=["tiny"], choices=list(MODEL_SIZES), help="ViT sizes (run_mim's)")
+    parser.add_argument("--methods", nargs="+", default=None, help=f"Subset of {list(MIM_MODELS)} (default: all)")
+    parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--patch_size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="Timed steps of every model, interleaved")
+    parser.add_argument("--warmup", type=int, default=1, help="Untimed steps of every model first")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads (default 1: repeatable on a shared machine; use all cores on a dedicated one)",
+    )
+    parser.add_argument("--no_memory", action="store_true", help="Skip the peak-memory subprocesses")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="bench_mim_step.json", help="Where to write the JSON results")
+    args = parser.parse_args()
+    methods = args.methods or list(MIM_MODELS)
+    unknown = set(methods) - set(MIM_MODELS)
+    if unknown:
+        parser.error(f"unknown --methods {sorted(unknown)}; registered: {list(MIM_MODELS)}")
+
+    set_threads(args.threads)
+    results = {"environment": environment(), "config": {k: v for k, v in vars(args).items() if k != "output"}}
+    peak = matmul_peak()
+    results["matmul_peak"] = peak
+    print(f"fp32 matmul peak: {peak['wall_flops'] / 1e9:.1f} GFLOP/s wall, {peak['cpu_flops'] / 1e9:.1f} GFLOP/s CPU time"
+          f" ({args.threads} threads)")
+    results["sizes"] = {}
+    for size in args.sizes:
+        # Methods whose baseline (backbone config and masks) coincide share it.
+        groups: dict[str, list[str]] = {}
+        for method in methods:
+            config = method_config(method, size, args.image_size, args.patch_size)
+            key = json.dumps([baseline_config(config).to_dict(), *map(repr, mask_generators(method, config.image_size // config.patch_size))],
+                             sort_keys=True, default=str)
+            groups.setdefault(key, []).append(method)
+        results["sizes"][size] = []
+        for group in groups.values():
+            print(f"ViT-{size}: {', '.join(group)} vs {BASELINE}, batch {args.batch_size}")
+            results["sizes"][size].append(run_group(group, size, args))
+
+    headers = ["size", "model", "dtype", "img/s", "img/s range", "img/s (CPU time)", "speed-up vs transformers",
+               "speed-up (CPU time)", "peak MiB", "GFLOP/step", "% matmul peak"]
+    rows = []
+    for size, groups in results["sizes"].items():
+        for group in groups:
+            for name, model in group["models"].items():
+                label = f"{BASELINE} (for {', '.join(group['methods'])})" if name == BASELINE else name
+                for dtype in args.dtypes:
+                    entry = model[dtype]
+                    wall, cpu = entry["timing"]["wall"], entry["timing"]["cpu"]
+                    speedup = entry["speedup_vs_transformers"]
+                    achieved = model["flops_per_step"] / wall["median_s"]
+                    entry["achieved_flops"] = achieved
+                    entry["fraction_of_matmul_peak"] = achieved / peak["wall_flops"]
+                    entry["fraction_of_matmul_peak_cpu_time"] = model["flops_per_step"] / cpu["median_s"] / peak["cpu_flops"]
+                    rows.append([
+                        size, label, dtype, wall["per_s"],
+                        f"{args.batch_size / wall['max_s']:.3g}-{args.batch_size / wall['min_s']:.3g}", cpu["per_s"],
+                        f"{speedup['wall']['median']:.2f} ({speedup['wall']['min']:.2f}-{speedup['wall']['max']:.2f})",
+                        f"{speedup['cpu']['median']:.2f} ({speedup['cpu']['min']:.2f}-{speedup['cpu']['max']:.2f})",
+                        f"{entry['memory']['peak_delta_mib']:.0f}" if "memory" in entry else "-",
+                        model["flops_per_step"] / 1e9, f"{100 * entry['fraction_of_matmul_peak']:.0f}%",
+                    ])
+    print()
+    print(markdown_table(headers, rows))
+    for size, groups in results["sizes"].items():
+        for group in groups:
+            if "beit" in group["methods"] and "fp32" in args.dtypes:
+                speedup = group["models"]["beit"]["fp32"]["speedup_vs_transformers"]["wall"]["median"]
+                verdict = "met" if speedup >= 1.5 else "missed"
+                print(f"Goal BEiT fp32 >= 1.5x transformers, ViT-{size}: {speedup:.2f}x ({verdict})")
+    write_json(args.output, results)
+
+
+if __name__ == "__main__":
+    main()
