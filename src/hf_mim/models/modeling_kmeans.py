@@ -49,6 +49,7 @@ def nearest_centroids(
     centroid_sq_norms: torch.Tensor | None = None,
     chunk_size: int | None = None,
     point_sq_norms: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> tuple[torch.LongTensor, torch.Tensor]:
     """Index of, and squared L2 distance to, the nearest centroid of every point.
 
@@ -62,6 +63,9 @@ def nearest_centroids(
             `||c||^2`, when the caller already has it (k-means reuses it across blocks).
         chunk_size (`int`, *optional*): Points per block; by default about 64 MiB of distances per block.
         point_sq_norms (`torch.FloatTensor` of shape `(num_points,)`, *optional*): `||x||^2`, likewise.
+        workspace (`torch.FloatTensor` of shape `(chunk_size, num_centroids)`, *optional*):
+            Memory for a block's distances, reused across calls (k-means calls this once per block of every
+            iteration; fresh allocations of this size cost page faults comparable to the product itself).
 
     Returns:
         `(indices, sq_distances)`: `torch.LongTensor` and `torch.FloatTensor` of shape `(num_points,)`.
@@ -72,10 +76,12 @@ def nearest_centroids(
     indices = torch.empty(points.shape[0], dtype=torch.long, device=points.device)
     sq_distances = torch.empty(points.shape[0], dtype=centroids.dtype, device=points.device)
     centroids_t = centroids.t()
+    if workspace is None:
+        workspace = points.new_empty(min(chunk_size, points.shape[0]), centroids.shape[0])
     for start in range(0, points.shape[0], chunk_size):
         block = points[start : start + chunk_size]
         # ||x||^2 does not change which centroid wins; it is added back only to the minima.
-        partial = torch.addmm(centroid_sq_norms, block, centroids_t, beta=1.0, alpha=-2.0)
+        partial = torch.addmm(centroid_sq_norms, block, centroids_t, alpha=-2.0, out=workspace[: len(block)])
         torch.min(partial, dim=1, out=(sq_distances[start : start + chunk_size], indices[start : start + chunk_size]))
     if point_sq_norms is None:
         point_sq_norms = points.square().sum(dim=1)

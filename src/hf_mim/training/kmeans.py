@@ -227,11 +227,25 @@ class _FloatAssignment:
     # Blocks are returned in the points' units.
     sum_scale = 1.0
 
-    def __init__(self, points: torch.Tensor):
+    @staticmethod
+    def accumulate(sums: torch.Tensor, ids: torch.Tensor, block: torch.Tensor) -> None:
+        # index_add_ sums in a fixed order: float sums are reproducible.
+        sums.index_add_(0, ids, block)
+
+    def __init__(self, points: torch.Tensor, num_clusters: int, chunk_size: int):
         self.points = points
-        self.point_sq_norms = torch.cat(
-            [_as_float(points[start : start + 2**16]).square().sum(dim=1) for start in range(0, len(points), 2**16)]
-        ) if len(points) else points.new_zeros(0, dtype=torch.float32)
+        rows = min(chunk_size, len(points))
+        self.block = torch.empty(rows, points.shape[1], device=points.device)
+        self.workspace = torch.empty(rows, num_clusters, device=points.device)
+        self.point_sq_norms = torch.empty(len(points), device=points.device)
+        for start in range(0, len(points), rows):
+            block = self._load(start, min(start + rows, len(points)))
+            self.point_sq_norms[start : start + len(block)] = block.square().sum(dim=1)
+
+    def _load(self, start: int, stop: int) -> torch.Tensor:
+        block = self.block[: stop - start]
+        block.copy_(self.points[start:stop])
+        return block.div_(255.0) if self.points.dtype == torch.uint8 else block
 
     def set_centroids(self, centroids: torch.Tensor) -> None:
         self.centroids = centroids
@@ -239,57 +253,76 @@ class _FloatAssignment:
 
     def __call__(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(block as float32, nearest-centroid ids, squared distances) of points `start:stop`."""
-        block = _as_float(self.points[start:stop])
+        block = self._load(start, stop)
         ids, sq_distances = nearest_centroids(
-            block, self.centroids, self.centroid_sq_norms, stop - start, self.point_sq_norms[start:stop]
+            block, self.centroids, self.centroid_sq_norms, stop - start, self.point_sq_norms[start:stop], self.workspace
         )
         return block, ids, sq_distances
 
 
 class _PixelAssignment:
-    """Nearest centroids of 8-bit pixel points by exact integer products, about twice as fast as float32 on CPU.
+    """Nearest centroids of 8-bit pixel points by exact integer products, faster than float32 on CPU.
 
     A centroid `c` in [0, 1] is rounded to the fixed-point grid `q / (255 * 256)` and split into bytes
-    `q = 256 h + l`; with points `x` in 0..255, `x.q = 256 x.h + x.l` comes from two int8 matrix products (x, h, l
-    shifted by -128 into int8, the shifts corrected per point and per centroid), which CPUs run at several times the
-    float32 rate (VNNI) with no rounding. The only approximation is the rounding of the centroids, at most
-    7.7e-6 per coordinate: far below the gaps that decide assignments, and below what float32 products resolve
-    for most patches anyway.
+    `q = 256 h + l`; with points `x` in 0..255, `x.q = 256 x.h + x.l` comes from one int8 matrix product against
+    both byte planes (x, h, l shifted by -128 into int8, the shifts corrected per point and per centroid), which
+    CPUs run at several times the float32 rate (VNNI) with no rounding. The only approximation is the rounding of
+    the centroids, at most 7.7e-6 per coordinate: far below the gaps that decide assignments, and finer than what
+    float32 products of 768 terms resolve.
     """
 
     SCALE = 255 * 256
     # Blocks are returned in 0..255 levels, exact in float32 sums.
     sum_scale = 255.0
 
-    def __init__(self, points: torch.Tensor):
+    @staticmethod
+    def accumulate(sums: torch.Tensor, ids: torch.Tensor, block: torch.Tensor) -> None:
+        # Sums of bytes are exact in any order, so the faster (unordered) accumulating index_put_ is safe here.
+        sums.index_put_((ids,), block, accumulate=True)
+
+    def __init__(self, points: torch.Tensor, num_clusters: int, chunk_size: int):
         self.points = points
-        # The terms of ||x/255 - c||^2 (in the units of `__call__`) that do not depend on the centroid; int32 holds
-        # sums of 768 squared bytes exactly.
-        terms = [
-            256 * block.square().sum(dim=1).double() - 2 * 128 * 257 * block.sum(dim=1).double()
-            for block in (points[start : start + 2**16].int() for start in range(0, len(points), 2**16))
-        ]
-        self.point_terms = torch.cat(terms) if terms else torch.zeros(0, dtype=torch.float64)
+        self.num_clusters = num_clusters
+        rows = min(chunk_size, len(points))
+        # Reused every block: fresh allocations of this size cost page faults comparable to the products.
+        self.shifted = torch.empty(rows, points.shape[1], dtype=torch.int8)
+        self.products = torch.empty(rows, 2 * num_clusters, dtype=torch.int32)
+        self.float_products = torch.empty(rows, 2 * num_clusters)
+        self.scores = torch.empty(rows, num_clusters)
+        self.minima = torch.empty(rows)
+        self.ids = torch.empty(rows, dtype=torch.long)
+        self.block = torch.empty(rows, points.shape[1])
+        # The terms of ||x/255 - c||^2 (in the units of `__call__`) that do not depend on the centroid.
+        self.point_terms = torch.empty(len(points), dtype=torch.float64)
+        for start in range(0, len(points), rows):
+            block = self.block[: min(rows, len(points) - start)].copy_(points[start : start + rows])
+            # Sums of bytes are exact in float32; sums of squared bytes (up to 5e7) to 1e-7, which only the
+            # reported distances see, never the assignments.
+            sums = block.sum(dim=1).double()
+            squares = block.square_().sum(dim=1).double()
+            self.point_terms[start : start + len(block)] = 256 * squares - 2 * 128 * 257 * sums
 
     def set_centroids(self, centroids: torch.Tensor) -> None:
         q = torch.round(centroids.double() * self.SCALE).long().clamp_(0, self.SCALE)
-        high, low = q >> 8, q & 255
         # (d, 2k) int8 operand: the high bytes then the low bytes of every centroid, shifted by -128.
-        self.bytes = (torch.cat([high, low]) - 128).to(torch.int8).t().contiguous()
-        self.num_clusters = len(centroids)
+        self.bytes = (torch.cat([q >> 8, q & 255]) - 128).to(torch.int8).t().contiguous()
         column_terms = 128 * (q.sum(dim=1) - 257 * 128 * q.shape[1])
         self.bias = (q.square().sum(dim=1).double() / 256 - 2 * column_terms.double()).float()
 
     def __call__(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rows, k = stop - start, self.num_clusters
         block = self.points[start:stop]
-        products = torch._int_mm(torch.bitwise_xor(block.view(torch.int8), -128), self.bytes)
-        k = self.num_clusters
-        # bias - 2 (256 x'.h' + x'.l'): the squared distance up to per-point terms, in units of 256 / SCALE^2. The
-        # int32 products are read directly by the float ops (|x'.h'| < 2^24, exact in float32).
-        scores = torch.add(self.bias, products[:, :k], alpha=-512).add_(products[:, k:], alpha=-2.0)
-        minima, ids = scores.min(dim=1)
-        sq_distances = ((minima.double() + self.point_terms[start:stop]) * (256.0 / self.SCALE**2)).clamp_(min=0)
-        return block.float(), ids, sq_distances.float()
+        shifted = torch.bitwise_xor(block.view(torch.int8), -128, out=self.shifted[:rows])
+        products = torch._int_mm(shifted, self.bytes, out=self.products[:rows])
+        # Exact in float32 (|x'.h'| <= 768 * 128^2 < 2^24); converting first is several times faster than letting
+        # each float op below read int32.
+        products = self.float_products[:rows].copy_(products)
+        # bias - 2 (256 x'.h' + x'.l'): the squared distance up to per-point terms, in units of 256 / SCALE^2.
+        scores = torch.add(self.bias, products[:, :k], alpha=-512, out=self.scores[:rows])
+        scores.add_(products[:, k:], alpha=-2.0)
+        minima, ids = torch.min(scores, dim=1, out=(self.minima[:rows], self.ids[:rows]))
+        sq_distances = (minima.double() + self.point_terms[start:stop]).mul_(256.0 / self.SCALE**2).clamp_(min=0)
+        return self.block[:rows].copy_(block), ids, sq_distances.float()
 
 
 def fit_kmeans(
@@ -358,10 +391,10 @@ def fit_kmeans(
             raise ValueError("The faiss backend runs in one process; use backend='torch' under accelerate launch")
         return _fit_faiss(points, centroids, num_iterations, seed, show_progress)
 
+    chunk_size = chunk_size or max(256, 2**24 // num_clusters)
     pixels_on_cpu = points.dtype == torch.uint8 and points.device.type == "cpu"
-    assignment = (_PixelAssignment if pixels_on_cpu else _FloatAssignment)(points)
+    assignment = (_PixelAssignment if pixels_on_cpu else _FloatAssignment)(points, num_clusters, chunk_size)
     keys = point_keys(point_ids, seed)
-    chunk_size = chunk_size or max(256, 2**22 // num_clusters)
     # float32 partial sums stay exact for 8-bit pixels up to 2^24 / 255 points per cluster.
     flush_every = max(chunk_size, 2**16 // chunk_size * chunk_size)
     sq_distances = torch.empty(points.shape[0], device=points.device)
@@ -375,7 +408,7 @@ def fit_kmeans(
         for start in range(0, points.shape[0], chunk_size):
             stop = min(start + chunk_size, points.shape[0])
             block, ids, sq_distances[start:stop] = assignment(start, stop)
-            partial_sums.index_add_(0, ids, block)
+            assignment.accumulate(partial_sums, ids, block)
             counts += torch.bincount(ids, minlength=num_clusters)
             if stop % flush_every == 0 or stop == points.shape[0]:
                 sums += partial_sums
