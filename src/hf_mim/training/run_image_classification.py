@@ -7,7 +7,6 @@ path, label smoothing and optional Mixup/CutMix. Accuracy is computed by hf_mim'
 saved model and image processor are plain transformers BEiT files.
 """
 
-import logging
 import os
 import sys
 from dataclasses import dataclass, field
@@ -27,10 +26,8 @@ from ..evaluation.export import (
 )
 from ..evaluation.metrics import load_metric
 from .mixup import MixupCutmix, soft_target_cross_entropy
-from .run_mim import find_checkpoint, setup_logging
+from .run_mim import setup_logging, train_and_evaluate
 from .trainer import MimTrainer
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -241,23 +238,7 @@ def main(argv=None) -> dict[str, float]:
         mixup=mixup,
     )
 
-    metrics: dict[str, float] = {}
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=find_checkpoint(training_args))
-        trainer.save_model()
-        result.metrics["train_skipped_images"] = skipped.value
-        metrics.update(result.metrics)
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-    if training_args.do_eval:
-        eval_metrics = trainer.evaluate()
-        metrics.update(eval_metrics)
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-    if skipped.value:
-        logger.warning(f"{skipped.value} undecodable images were skipped (see the warnings above for the files)")
-    return metrics
+    return train_and_evaluate(trainer, training_args, skipped, model_card=False)
 
 
 __all__ = [

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import datasets
 import transformers
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, HfArgumentParser, TrainingArguments, set_seed
+from transformers import AutoImageProcessor, AutoModel, HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
 from ..data import (
@@ -288,6 +288,50 @@ def find_checkpoint(training_args: MimTrainingArguments) -> str | None:
     return last
 
 
+def train_and_evaluate(
+    trainer,
+    training_args: TrainingArguments,
+    skipped,
+    after_save=None,
+    dataset_name: str | None = None,
+    model_card: bool = True,
+) -> dict[str, float]:
+    """The end of every hf_mim training script: train (resuming if asked), save, evaluate, write the card.
+
+    `after_save` runs on the main process after the model is saved (e.g. to add the tokenizer's processor);
+    `skipped` is the `SkippedImageCounter` of the datasets; `model_card=False` for outputs that are not hf_mim
+    families (a stock transformers classifier), which get no hf_mim card. Returns train and eval metrics.
+    """
+    metrics: dict[str, float] = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=find_checkpoint(training_args))
+        trainer.save_model()
+        if after_save is not None and trainer.is_world_process_zero():
+            after_save()
+        # Undecodable images skipped by this process (its DataLoader workers included).
+        result.metrics["train_skipped_images"] = skipped.value
+        result.metrics["train_skipped_nonfinite_steps"] = trainer.nonfinite_guard.skipped_steps
+        metrics.update(result.metrics)
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        metrics.update(eval_metrics)
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+    if training_args.do_train and model_card:
+        # hf_mim's card (MimTrainer.create_model_card), pushed with everything else under --push_to_hub.
+        card = {"dataset_tags": hub_dataset_id(dataset_name)}
+        if training_args.push_to_hub:
+            trainer.push_to_hub(**card)
+        else:
+            trainer.create_model_card(**card)
+    if skipped.value:
+        logger.warning(f"{skipped.value} undecodable images were skipped (see the warnings above for the files)")
+    return metrics
+
+
 def main(argv=None) -> dict[str, float]:
     model_args, data_args, training_args = parse_args(argv)
     require_action(training_args)
@@ -350,37 +394,16 @@ def main(argv=None) -> dict[str, float]:
     if training_args.max_train_seconds is not None:
         trainer.add_callback(TimeBudgetCallback(training_args.max_train_seconds))
 
-    metrics: dict[str, float] = {}
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=find_checkpoint(training_args))
-        trainer.save_model()
-        if trainer.is_world_process_zero():
-            tokenizer_processor.save_pretrained(os.path.join(training_args.output_dir, TOKENIZER_SUBFOLDER))
-        # Undecodable images skipped by this process (its DataLoader workers included).
-        result.metrics["train_skipped_images"] = skipped.value
-        result.metrics["train_skipped_nonfinite_steps"] = trainer.nonfinite_guard.skipped_steps
-        metrics.update(result.metrics)
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-    if training_args.do_eval:
-        eval_metrics = trainer.evaluate()
-        metrics.update(eval_metrics)
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-    if training_args.do_train:
-        # hf_mim's card (MimTrainer.create_model_card), pushed with everything else under --push_to_hub.
-        card = {"dataset_tags": hub_dataset_id(data_args.dataset_name)}
-        if training_args.push_to_hub:
-            trainer.push_to_hub(**card)
-        else:
-            trainer.create_model_card(**card)
-    if skipped.value:
-        logger.warning(f"{skipped.value} undecodable images were skipped (see the warnings above for the files)")
-    return metrics
+    def save_tokenizer_processor():
+        tokenizer_processor.save_pretrained(os.path.join(training_args.output_dir, TOKENIZER_SUBFOLDER))
+
+    return train_and_evaluate(
+        trainer, training_args, skipped, after_save=save_tokenizer_processor, dataset_name=data_args.dataset_name
+    )
 
 
 __all__ = [
+    "train_and_evaluate",
     "require_action",
     "DATA_DEFAULTS",
     "DataArguments",

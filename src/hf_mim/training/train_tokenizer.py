@@ -1,4 +1,5 @@
-"""Train a visual tokenizer (`--tokenizer_type dvae`) on an image dataset with the transformers `Trainer`.
+"""Train a visual tokenizer (`--tokenizer_type dvae`, `vqkd`) with the transformers `Trainer`, or fit one
+(`--tokenizer_type kmeans`, CCViT's centroids of raw patches) with Lloyd's k-means, on an image dataset.
 
     python scripts/train_tokenizer.py --tokenizer_type dvae --train_dir ./images --output_dir ./my-dvae \
         --max_steps 20000 --per_device_train_batch_size 64 --learning_rate 1e-3 --config_overrides codebook_size=1024
@@ -19,14 +20,18 @@ from transformers import HfArgumentParser, set_seed
 from ..data import MimDataCollator, SkippedImageCounter, TwoViewTransform, apply_transform, load_image_datasets
 from ..hub.cards import hub_dataset_id
 from ..models.configuration_dvae import DvaeConfig
+from ..models.configuration_kmeans import KmeansConfig
 from ..models.image_processing_dvae import DvaeImageProcessor
+from ..models.image_processing_kmeans import KmeansImageProcessor
 from ..models.modeling_dvae import DvaeModel
+from ..models.modeling_kmeans import KmeansModel
 from ..models.configuration_vqkd import VqkdConfig
 from ..models.image_processing_vqkd import VqkdImageProcessor
 from ..models.modeling_vqkd import VqkdModel
 from .dvae import TEMPERATURE_SCHEDULES, build_dvae_trainer, dvae_image_processor
 from .budget import TimeBudgetCallback
-from .run_mim import MimTrainingArguments, find_checkpoint, require_action, setup_logging
+from .kmeans import KmeansFitArguments, kmeans_image_processor, train_kmeans_tokenizer
+from .run_mim import MimTrainingArguments, require_action, setup_logging, train_and_evaluate
 from .vqkd import build_vqkd_trainer, vqkd_image_processor
 
 logger = logging.getLogger(__name__)
@@ -41,18 +46,24 @@ class TokenizerFamily:
     image_processor_class: type
     # Image processor matching a fresh config (view size, normalisation).
     image_processor_for: Callable
-    # (model, training_args, tokenizer_args, **trainer_kwargs) -> Trainer
-    build_trainer: Callable
+    # (model, training_args, tokenizer_args, **trainer_kwargs) -> Trainer; None for a tokenizer that is fitted instead
+    build_trainer: Callable | None
+    # (model, image_processor, raw_datasets, image_column, tokenizer_args, training_args, dataset_tags) -> metrics:
+    # the whole run of a tokenizer that is not trained by gradient descent (k-means).
+    fit: Callable | None = None
 
 
 TOKENIZER_FAMILIES = {
     "dvae": TokenizerFamily(DvaeConfig, DvaeModel, DvaeImageProcessor, dvae_image_processor, build_dvae_trainer),
     "vqkd": TokenizerFamily(VqkdConfig, VqkdModel, VqkdImageProcessor, vqkd_image_processor, build_vqkd_trainer),
+    "kmeans": TokenizerFamily(
+        KmeansConfig, KmeansModel, KmeansImageProcessor, kmeans_image_processor, None, fit=train_kmeans_tokenizer
+    ),
 }
 
 
 @dataclass
-class TokenizerArguments:
+class TokenizerArguments(KmeansFitArguments):
     tokenizer_type: str = field(
         default="dvae", metadata={"help": "Which tokenizer to train.", "choices": list(TOKENIZER_FAMILIES)}
     )
@@ -172,6 +183,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         max_eval_samples=data_args.max_eval_samples,
         seed=training_args.seed,
     )
+    family = TOKENIZER_FAMILIES[tokenizer_args.tokenizer_type]
+    if family.build_trainer is None:
+        dataset_tags = hub_dataset_id(data_args.dataset_name)
+        return family.fit(model, image_processor, raw, image_column, tokenizer_args, training_args, dataset_tags)
     skipped = SkippedImageCounter()
     train_transform = TwoViewTransform(
         image_processor, crop_scale=(data_args.crop_min_scale, 1.0), color_jitter=data_args.color_jitter
@@ -184,7 +199,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         eval_transform = TwoViewTransform(image_processor, train=False)
         eval_dataset = apply_transform(raw["validation"], image_column, eval_transform, skipped=skipped)
 
-    family = TOKENIZER_FAMILIES[tokenizer_args.tokenizer_type]
     trainer = family.build_trainer(
         model,
         training_args,
@@ -197,28 +211,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if training_args.max_train_seconds is not None:
         trainer.add_callback(TimeBudgetCallback(training_args.max_train_seconds))
 
-    metrics = {}
-    if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=find_checkpoint(training_args))
-        trainer.save_model()
-        # Undecodable images skipped by this process (its DataLoader workers included).
-        result.metrics["train_skipped_images"] = skipped.value
-        metrics.update(result.metrics)
-        trainer.log_metrics("train", result.metrics)
-        trainer.save_metrics("train", result.metrics)
-        trainer.save_state()
-    if training_args.do_eval:
-        eval_metrics = trainer.evaluate()
-        metrics.update(eval_metrics)
-        trainer.log_metrics("eval", eval_metrics)
-        trainer.save_metrics("eval", eval_metrics)
-    # hf_mim's card (MimTrainer.create_model_card: codebook usage, training configuration, usage snippets).
-    card = {"dataset_tags": hub_dataset_id(data_args.dataset_name)}
-    if training_args.push_to_hub:
-        trainer.push_to_hub(**card)
-    elif training_args.do_train:
-        trainer.create_model_card(**card)
-    return metrics
+    return train_and_evaluate(trainer, training_args, skipped, dataset_name=data_args.dataset_name)
 
 
 __all__ = ["TOKENIZER_FAMILIES", "DataArguments", "TokenizerArguments", "TokenizerFamily", "load_tokenizer", "main"]
