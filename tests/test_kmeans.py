@@ -1,5 +1,10 @@
 """The k-means centroid tokenizer (CCViT) and its fitting: Lloyd iterations, initialisation, data sampling."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -252,3 +257,58 @@ def test_fit_a_tokenizer_on_images(image_folder):
     assert torch.equal(tokenizer.centroids, fit.centroids)
     assert processor.size == {"height": 32, "width": 32} and not processor.do_normalize
     assert 0 <= tokenizer.centroids.min() and tokenizer.centroids.max() <= 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scripts/train_tokenizer.py --tokenizer_type kmeans, in one process and in two.
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def train_tokenizer_args(images, output_dir, *extra):
+    return [
+        "--tokenizer_type", "kmeans", "--train_dir", images, "--output_dir", str(output_dir), "--do_train",
+        "--config_overrides", "image_size=32,patch_size=8,codebook_size=12", "--kmeans_iterations", "4",
+        "--kmeans_patches_per_image", "6", "--kmeans_init", "k-means++", "--report_to", "none", "--use_cpu",
+        "--seed", "3", *extra,
+    ]
+
+
+def test_train_tokenizer_fits_saves_and_evaluates(image_folder, tmp_path):
+    from hf_mim.training.train_tokenizer import main
+
+    metrics = main(train_tokenizer_args(image_folder, tmp_path, "--do_eval", "--train_val_split", "0.25"))
+    assert metrics["train_num_patches"] == 18 * 6
+    assert metrics["eval_num_patches"] == 6 * 16 and 0 < metrics["eval_codebook_usage"] <= 1
+    tokenizer = AutoModel.from_pretrained(tmp_path)
+    assert type(tokenizer) is KmeansModel and tokenizer.config.codebook_size == 12
+    assert tokenizer.centroids.abs().sum() > 0
+    assert type(AutoImageProcessor.from_pretrained(tmp_path)) is KmeansImageProcessor
+    assert (tmp_path / "README.md").exists() and (tmp_path / "all_results.json").exists()
+
+    # Continuing from the saved centroids: one more iteration can only lower the inertia.
+    more = main(train_tokenizer_args(image_folder, tmp_path / "more", "--do_eval", "--train_val_split", "0.25",
+                                     "--tokenizer_name_or_path", str(tmp_path), "--kmeans_iterations", "1"))
+    assert more["train_inertia"] <= metrics["train_inertia"] * (1 + 1e-6)
+
+
+@pytest.mark.slow
+def test_two_process_fit_equals_one_process_fit(image_folder, tmp_path):
+    from safetensors.torch import load_file
+
+    from hf_mim.training.train_tokenizer import main
+
+    main(train_tokenizer_args(image_folder, tmp_path / "one"))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "29577", str(REPO / "scripts" / "train_tokenizer.py")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(launch + train_tokenizer_args(image_folder, tmp_path / "two", "--log_level", "info"),
+                               capture_output=True, text=True, env=env, timeout=600, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    # Real gloo all-reduces between two processes, each reading half of the images.
+    assert "k-means: 144 points in 2 processes" in completed.stdout + completed.stderr
+    one = load_file(tmp_path / "one" / "model.safetensors")["centroids"]
+    two = load_file(tmp_path / "two" / "model.safetensors")["centroids"]
+    # 8-bit patches are summed exactly, so the split over processes changes nothing.
+    assert torch.equal(one, two)

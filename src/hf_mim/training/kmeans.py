@@ -10,8 +10,11 @@ point's global id rather than by its position in a process's share, so the fit e
 same data, up to floating-point summation order.
 """
 
+import json
 import logging
 import math
+import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +23,8 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..data import SkippedImageCounter, TwoViewTransform, apply_transform, decode_image
+from ..hub.cards import write_model_card
+from ..hub.push import push_folder
 from ..models.configuration_kmeans import KmeansConfig
 from ..models.image_processing_kmeans import KmeansImageProcessor
 from ..models.modeling_kmeans import KmeansModel, nearest_centroids, patchify
@@ -423,7 +428,10 @@ def fit_kmeans(
             logger.info("Re-seeding %d empty clusters", empty.numel())
             _reseed_empty_clusters(centroids, empty, points, keys, sq_distances)
     progress.close()
-    logger.info("k-means: %d points, %d clusters, inertia per iteration %s", num_points, num_clusters, history)
+    logger.info(
+        "k-means: %d points in %d processes, %d clusters, inertia per iteration %s", num_points, world, num_clusters,
+        history,
+    )
     return KmeansFit(centroids=centroids.cpu(), inertia=history, num_points=num_points)
 
 
@@ -548,12 +556,18 @@ def sample_patches(
     return torch.cat(patches), torch.cat(patch_ids)
 
 
+def kmeans_image_processor(config: KmeansConfig) -> KmeansImageProcessor:
+    """The view a tokenizer of `config` reads: `image_size` px, bicubic, raw [0, 1] pixels."""
+    size = {"height": config.image_size, "width": config.image_size}
+    return KmeansImageProcessor(size=size, crop_size=size)
+
+
 def fit_kmeans_tokenizer(
     dataset,
     image_column: str,
     config: KmeansConfig,
     num_iterations: int = 20,
-    init: str = "random",
+    init: str | torch.Tensor = "random",
     patches_per_image: int | None = None,
     seed: int = 0,
     backend: str = "torch",
@@ -576,10 +590,7 @@ def fit_kmeans_tokenizer(
         `(tokenizer, image_processor, fit)`: the [`KmeansModel`] holding the centroids, its
         [`KmeansImageProcessor`] and the [`KmeansFit`] (inertia per iteration).
     """
-    image_processor = KmeansImageProcessor(
-        size={"height": config.image_size, "width": config.image_size},
-        crop_size={"height": config.image_size, "width": config.image_size},
-    )
+    image_processor = kmeans_image_processor(config)
     patches, patch_ids = sample_patches(
         dataset,
         image_column,
@@ -609,6 +620,162 @@ def fit_kmeans_tokenizer(
     return tokenizer, image_processor, fit
 
 
+def select_images(dataset, max_images: int | None, seed: int = 0):
+    """At most `max_images` images of `dataset`: a seeded random subset of a map-style dataset, the first ones of a
+    streaming one (CCViT fits on 50 images per ImageNet class, 50,000 in all)."""
+    if max_images is None:
+        return dataset
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+        return dataset.take(max_images)
+    if max_images >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(max_images))
+
+
+def _fit_from_arguments(dataset, image_column, config, fit_args: KmeansFitArguments, init, seed, device, num_workers):
+    return fit_kmeans_tokenizer(
+        select_images(dataset, fit_args.kmeans_max_images, seed),
+        image_column,
+        config,
+        num_iterations=fit_args.kmeans_iterations,
+        init=init,
+        patches_per_image=fit_args.kmeans_patches_per_image,
+        seed=seed,
+        backend=fit_args.kmeans_backend,
+        batch_size=fit_args.kmeans_batch_size,
+        num_workers=num_workers,
+        device=device,
+    )
+
+
+def _barrier() -> None:
+    if _world()[1] > 1:
+        dist.barrier()
+
+
+def fit_tokenizer_for_mim(
+    dataset,
+    image_column: str,
+    config: KmeansConfig,
+    fit_args: KmeansFitArguments,
+    folder: str,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    num_workers: int = 0,
+    refit: bool = False,
+) -> str:
+    """`run_mim.py --fit_tokenizer`: fit centroids on the pre-training images and save the tokenizer in `folder`.
+
+    Every process takes part in the fit (each reads its share of the images); process 0 writes the folder. A folder
+    that already holds a tokenizer (an interrupted run being resumed) is reused unless `refit`.
+
+    Returns:
+        `folder`, to load as the MIM model's tokenizer.
+    """
+    if os.path.isfile(os.path.join(folder, "config.json")) and not refit:
+        logger.info("Using the k-means tokenizer already fitted in %s (pass --overwrite_output_dir to refit)", folder)
+        return folder
+    logger.info("Fitting %d k-means centroids of %d px patches on the training images", config.codebook_size,
+                config.patch_size)
+    tokenizer, image_processor, fit = _fit_from_arguments(
+        dataset, image_column, config, fit_args, fit_args.kmeans_init, seed, device, num_workers
+    )
+    if _world()[0] == 0:
+        tokenizer.save_pretrained(folder)
+        image_processor.save_pretrained(folder)
+    _barrier()
+    logger.info("Fitted the tokenizer on %d patches: inertia %.6g -> %.6g", fit.num_points, fit.inertia[0],
+                fit.inertia[-1])
+    return folder
+
+
+@torch.no_grad()
+def _evaluate(tokenizer: KmeansModel, image_processor, dataset, image_column, fit_args, seed, num_workers):
+    """Mean squared distance of validation patches to their centroid, and the fraction of centroids in use."""
+    patches, _ = sample_patches(
+        dataset, image_column, image_processor, tokenizer.config.patch_size, seed=seed,
+        batch_size=fit_args.kmeans_batch_size, num_workers=num_workers, show_progress=False,
+    )
+    ids, sq_distances = nearest_centroids(_as_float(patches), tokenizer.centroids)
+    totals = torch.stack([sq_distances.sum(dtype=torch.float64), torch.tensor(len(patches), dtype=torch.float64)])
+    usage = torch.bincount(ids, minlength=tokenizer.config.codebook_size)
+    _all_reduce_(totals, usage)
+    return {
+        "eval_mean_sq_distance": float(totals[0] / totals[1].clamp(min=1)),
+        "eval_codebook_usage": float((usage > 0).float().mean()),
+        "eval_num_patches": int(totals[1]),
+    }
+
+
+def train_kmeans_tokenizer(
+    tokenizer: KmeansModel,
+    image_processor: KmeansImageProcessor,
+    raw,
+    image_column: str,
+    args,
+    training_args,
+    dataset_tags: str | None = None,
+) -> dict[str, float]:
+    """`train_tokenizer.py --tokenizer_type kmeans`: fit (`--do_train`) and measure (`--do_eval`), save, card, push.
+
+    k-means is not gradient training, so there is no `Trainer`: the fit is one pass of patch sampling followed by
+    Lloyd iterations, in every process of the launch.
+
+    Args:
+        tokenizer ([`KmeansModel`]): Its config sets view, patch size and number of centroids.
+        image_processor ([`KmeansImageProcessor`]): Saved with the tokenizer.
+        raw (`DatasetDict`): "train" (and "validation" for `--do_eval`) images.
+        args: The script's tokenizer arguments: the `--kmeans_*` options of [`KmeansFitArguments`], and
+            `tokenizer_name_or_path`, which (when set) makes Lloyd's iterations continue from the loaded centroids
+            instead of starting from `--kmeans_init`.
+        training_args (`TrainingArguments`): `output_dir`, `seed`, `do_train`/`do_eval`, `dataloader_num_workers`,
+            the device and the Hub options.
+        dataset_tags (`str`, *optional*): Hub dataset id for the model card.
+    """
+    seed, workers, output_dir = training_args.seed, training_args.dataloader_num_workers, training_args.output_dir
+    is_main = _world()[0] == 0
+    metrics = {}
+    if training_args.do_train:
+        start = time.perf_counter()
+        init = tokenizer.centroids.detach().clone() if args.tokenizer_name_or_path else args.kmeans_init
+        _, _, fit = _fit_from_arguments(
+            raw["train"], image_column, tokenizer.config, args, init, seed, training_args.device, workers
+        )
+        tokenizer.set_centroids(fit.centroids)
+        metrics.update(
+            train_inertia=fit.inertia[-1],
+            train_mean_sq_distance=fit.inertia[-1] / fit.num_points,
+            train_num_patches=fit.num_points,
+            train_runtime=time.perf_counter() - start,
+        )
+        if is_main:
+            tokenizer.save_pretrained(output_dir)
+            image_processor.save_pretrained(output_dir)
+    if training_args.do_eval:
+        if "validation" not in raw:
+            raise ValueError("--do_eval needs a validation split: pass --validation_dir or --train_val_split 0.05")
+        metrics.update(_evaluate(tokenizer, image_processor, raw["validation"], image_column, args, seed, workers))
+    if is_main:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "all_results.json"), "w") as file:
+            json.dump(metrics, file, indent=2)
+        for name, value in metrics.items():
+            logger.info("  %s = %s", name, value)
+        if training_args.do_train:
+            write_model_card(output_dir, repo_id=training_args.hub_model_id, datasets=dataset_tags)
+            if training_args.push_to_hub:
+                push_folder(
+                    output_dir,
+                    training_args.hub_model_id or os.path.basename(os.path.abspath(output_dir)),
+                    private=training_args.hub_private_repo,
+                    revision=training_args.hub_revision,
+                    token=training_args.hub_token,
+                    datasets=dataset_tags,
+                )
+    _barrier()
+    return metrics
+
+
 __all__ = [
     "BACKENDS",
     "INIT_METHODS",
@@ -616,7 +783,11 @@ __all__ = [
     "KmeansFitArguments",
     "fit_kmeans",
     "fit_kmeans_tokenizer",
+    "fit_tokenizer_for_mim",
     "init_centroids",
+    "kmeans_image_processor",
     "point_keys",
     "sample_patches",
+    "select_images",
+    "train_kmeans_tokenizer",
 ]
