@@ -90,6 +90,8 @@ def test_two_process_ddp_run_and_resume(tiny_dvae_dir, image_folder, tmp_path):
     assert first.returncode == 0, first.stderr[-4000:]
     checkpoint = tmp_path / "checkpoint-2"
     assert (checkpoint / "rng_state_0.pth").exists() and (checkpoint / "rng_state_1.pth").exists()
+    # The resumed leg runs through a launcher that also saves every rank's final weights.
+    launch[-1] = str(REPO / "tests" / "ddp_rank_state.py")
     second = subprocess.run(launch + common + ["--max_steps", "4"], capture_output=True, text=True, env=env,
                             timeout=600, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-4000:]
@@ -100,6 +102,13 @@ def test_two_process_ddp_run_and_resume(tiny_dvae_dir, image_folder, tmp_path):
     assert [e["learning_rate"] for e in state["log_history"] if "loss" in e][1] == pytest.approx(5e-4)
     weights = load_file(tmp_path / "model.safetensors")
     assert all(torch.isfinite(tensor).all() for tensor in weights.values())
+    # Both processes end with the same model (gradients all-reduced, same start, same updates), equal to the saved one.
+    rank_0, rank_1 = load_file(tmp_path / "rank_0.safetensors"), load_file(tmp_path / "rank_1.safetensors")
+    assert rank_0.keys() == rank_1.keys() and len(rank_0) > 0
+    for name, tensor in rank_0.items():
+        assert torch.equal(tensor, rank_1[name]), name
+        if name in weights:
+            assert torch.equal(tensor, weights[name]), name
 
 
 def test_a_batch_of_only_broken_images_is_skipped(tiny_dvae_dir, tmp_path):

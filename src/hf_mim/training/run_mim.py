@@ -332,7 +332,9 @@ def train_and_evaluate(
     return metrics
 
 
-def main(argv=None) -> dict[str, float]:
+def main(argv=None, callbacks=None) -> dict[str, float]:
+    """Run pre-training from command-line arguments (`argv`, default `sys.argv[1:]`); `callbacks` are extra
+    `TrainerCallback`s (e.g. for custom logging). Returns the train and eval metrics."""
     model_args, data_args, training_args = parse_args(argv)
     require_action(training_args)
     data_args = resolve_data_defaults(data_args, model_args.model_type)
@@ -385,10 +387,11 @@ def main(argv=None) -> dict[str, float]:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=MimDataCollator(
-            build_mask_generator(data_args, grid_size), replacement_generator=build_replacement_generator(data_args, model_args.model_type, grid_size)
+            build_mask_generator(data_args, grid_size),
+            replacement_generator=build_replacement_generator(data_args, model_args.model_type, grid_size),
         ),
         processing_class=image_processor,
-        callbacks=[HubFilesCallback(subfolders={TOKENIZER_SUBFOLDER: tokenizer_processor})],
+        callbacks=[HubFilesCallback(subfolders={TOKENIZER_SUBFOLDER: tokenizer_processor}), *(callbacks or [])],
         skip_nonfinite_steps=training_args.skip_nonfinite_steps,
     )
     if training_args.max_train_seconds is not None:
