@@ -188,3 +188,49 @@ def test_checkpoint_round_trips_through_the_auto_classes(tmp_path):
     assert type(encoder) is CcvitModel
     with torch.no_grad():
         assert torch.equal(encoder(pixels).last_hidden_state, model.beit(pixels).last_hidden_state)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# scripts/run_mim.py --model_type ccvit: from images to a pretrained model in one command.
+
+TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64,early_layers=1"
+
+
+def run_mim_args(images, output_dir, *extra):
+    return [
+        "--model_type", "ccvit", "--train_dir", images, "--image_size", "32", "--patch_size", "8",
+        "--config_overrides", TINY, "--output_dir", str(output_dir), "--do_train", "--max_steps", "3",
+        "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--logging_steps", "1", "--save_strategy",
+        "no", "--use_cpu", "--report_to", "none", "--dataloader_num_workers", "0", "--seed", "0", *extra,
+    ]
+
+
+def test_run_mim_fits_the_tokenizer_then_pretrains(image_folder, tmp_path):
+    import json
+
+    from hf_mim.training.run_mim import main
+
+    metrics = main(run_mim_args(image_folder, tmp_path / "run", "--fit_tokenizer", "--fit_codebook_size", "16",
+                                "--kmeans_iterations", "3", "--num_replaced_patches", "2"))
+    assert metrics["train_loss"] > 0
+    history = json.loads((tmp_path / "run" / "trainer_state.json").read_text())["log_history"]
+    assert all({"token_loss", "pixel_loss", "masked_accuracy"} <= set(entry) for entry in history if "loss" in entry)
+    tokenizer = AutoModel.from_pretrained(tmp_path / "run" / "tokenizer")
+    assert type(tokenizer) is KmeansModel and tokenizer.config.codebook_size == 16 and tokenizer.config.patch_size == 8
+    model = AutoModelForMaskedImageModeling.from_pretrained(tmp_path / "run")
+    assert type(model) is CcvitForMaskedImageModeling
+    assert torch.equal(model.tokenizer.centroids, tokenizer.centroids) and tokenizer.centroids.abs().sum() > 0
+    assert type(AutoModel.from_pretrained(tmp_path / "run")) is CcvitModel
+
+    # The fitted tokenizer serves a new run as it is.
+    main(run_mim_args(image_folder, tmp_path / "again", "--tokenizer_name_or_path", str(tmp_path / "run" / "tokenizer"),
+                      "--max_steps", "1"))
+    again = AutoModelForMaskedImageModeling.from_pretrained(tmp_path / "again")
+    assert torch.equal(again.tokenizer.centroids, tokenizer.centroids)
+
+
+def test_fit_tokenizer_conflicts_with_a_given_tokenizer(image_folder, tmp_path):
+    from hf_mim.training.run_mim import main
+
+    with pytest.raises(ValueError, match="--fit_tokenizer fits a new tokenizer"):
+        main(run_mim_args(image_folder, tmp_path, "--fit_tokenizer", "--tokenizer_name_or_path", "somewhere"))

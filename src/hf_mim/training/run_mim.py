@@ -36,11 +36,13 @@ from ..models import (
     Beitv2ForMaskedImageModeling,
     CcvitConfig,
     CcvitForMaskedImageModeling,
+    KmeansConfig,
     McBeitConfig,
     McBeitForMaskedImageModeling,
     MimImageProcessor,
 )
 from .budget import TimeBudgetCallback
+from .kmeans import KmeansFitArguments, fit_tokenizer_for_mim
 from .trainer import MimTrainer
 
 logger = logging.getLogger(__name__)
@@ -81,7 +83,7 @@ TOKENIZER_SUBFOLDER = "tokenizer"
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(KmeansFitArguments):
     model_type: str = field(default="beit", metadata={"help": f"MIM method: {', '.join(MIM_MODELS)}"})
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "An hf_mim MIM checkpoint to continue pre-training from"}
@@ -96,6 +98,14 @@ class ModelArguments:
         default=None, metadata={"help": "Config overrides when training from scratch, e.g. 'drop_path_rate=0.0,layer_scale_init_value=0.1'"}
     )
     image_processor_name: str | None = field(default=None, metadata={"help": "Image processor of the ViT view"})
+    fit_tokenizer: bool = field(
+        default=False,
+        metadata={"help": "Fit a k-means tokenizer (CCViT's centroids of the ViT's patches) on the training images "
+                  "first, into output_dir/tokenizer; instead of --tokenizer_name_or_path"},
+    )
+    fit_codebook_size: int = field(
+        default=8192, metadata={"help": "--fit_tokenizer: number of centroids, the MIM vocabulary size (CCViT: 8192)"}
+    )
     cache_dir: str | None = None
     model_revision: str = "main"
     token: str | None = None
@@ -249,6 +259,37 @@ def load_model(model_args: ModelArguments):
     return model, image_processor, tokenizer_processor
 
 
+def fit_tokenizer(model_args: ModelArguments, dataset, image_column: str, training_args: MimTrainingArguments) -> str:
+    """`--fit_tokenizer`: `--fit_codebook_size` k-means centroids of the ViT's own patches (its image and patch size),
+    fitted on `dataset` by every process and saved in `output_dir/tokenizer`; returns that folder."""
+    if model_args.tokenizer_name_or_path or model_args.model_name_or_path:
+        raise ValueError(
+            "--fit_tokenizer fits a new tokenizer for a model trained from scratch; drop it, or drop "
+            "--tokenizer_name_or_path / --model_name_or_path"
+        )
+    if model_args.model_type not in MIM_MODELS:
+        raise ValueError(f"--model_type must be one of {list(MIM_MODELS)}, got {model_args.model_type!r}")
+    config_class, _ = MIM_MODELS[model_args.model_type]
+    overrides = parse_config_overrides(config_class, model_args.config_overrides)
+    defaults = config_class()
+    config = KmeansConfig(
+        image_size=model_args.image_size or overrides.get("image_size", defaults.image_size),
+        patch_size=model_args.patch_size or overrides.get("patch_size", defaults.patch_size),
+        codebook_size=model_args.fit_codebook_size,
+    )
+    return fit_tokenizer_for_mim(
+        dataset,
+        image_column,
+        config,
+        model_args,
+        os.path.join(training_args.output_dir, TOKENIZER_SUBFOLDER),
+        seed=training_args.seed,
+        device=training_args.device,
+        num_workers=training_args.dataloader_num_workers,
+        refit=training_args.overwrite_output_dir,
+    )
+
+
 def parse_args(argv=None):
     parser = HfArgumentParser((ModelArguments, DataArguments, MimTrainingArguments))
     argv = sys.argv[1:] if argv is None else argv
@@ -358,6 +399,8 @@ def main(argv=None, callbacks=None) -> dict[str, float]:
     if training_args.do_eval and "validation" not in raw:
         raise ValueError("--do_eval needs a validation split: pass --validation_dir or --train_val_split 0.05")
 
+    if model_args.fit_tokenizer:
+        model_args.tokenizer_name_or_path = fit_tokenizer(model_args, raw["train"], image_column, training_args)
     model, image_processor, tokenizer_processor = load_model(model_args)
     grid_size = model.config.image_size // model.config.patch_size
     skipped = SkippedImageCounter()
@@ -414,6 +457,7 @@ __all__ = [
     "MODEL_SIZES",
     "ModelArguments",
     "build_replacement_generator",
+    "fit_tokenizer",
     "MimTrainingArguments",
     "main",
     "resolve_data_defaults",
