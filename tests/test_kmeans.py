@@ -15,6 +15,8 @@ from hf_mim.data import load_image_datasets
 from hf_mim.models.modeling_kmeans import nearest_centroids, patchify, unpatchify
 from hf_mim.training.kmeans import fit_kmeans, fit_kmeans_tokenizer, init_centroids, sample_patches
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
 
 def planted_clusters(dtype, num_clusters=6, per_cluster=40, dim=12, seed=0):
     """Well separated clusters: float centres in [0, 1] with noise 0.01, or 8-bit centres with noise of 2 levels."""
@@ -181,6 +183,25 @@ def test_from_centroids_loads_ccvit_centroids_npy(tmp_path):
     assert tokenizer.get_codebook_indices(torch.rand(1, 3, 224, 224)).shape == (1, 196)
 
 
+def test_convert_ccvit_centroids_script(tmp_path):
+    import importlib.util
+
+    centroids = np.random.default_rng(1).random((64, 768), dtype=np.float32)
+    np.save(tmp_path / "centroids.npy", centroids)
+    spec = importlib.util.spec_from_file_location("convert", REPO / "scripts" / "convert_ccvit_to_hf_mim.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--centroids", str(tmp_path / "centroids.npy"), "--output_dir", str(tmp_path / "out")])
+    tokenizer = AutoModel.from_pretrained(tmp_path / "out")
+    assert torch.equal(tokenizer.centroids, torch.from_numpy(centroids))
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "out")
+    assert processor.size == {"height": 224, "width": 224} and not processor.do_normalize
+    assert "k-means" in (tmp_path / "out" / "README.md").read_text()
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ValueError, match="allow_pickle"):
+        script.main(["--centroids", str(tmp_path / "objects.npy"), "--output_dir", str(tmp_path / "bad")])
+
+
 def test_from_centroids_rejects_bad_arrays():
     with pytest.raises(ValueError, match="not a square patch"):
         KmeansModel.from_centroids(torch.rand(4, 100))
@@ -261,8 +282,6 @@ def test_fit_a_tokenizer_on_images(image_folder):
 
 # ----------------------------------------------------------------------------------------------------------------
 # scripts/train_tokenizer.py --tokenizer_type kmeans, in one process and in two.
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def train_tokenizer_args(images, output_dir, *extra):

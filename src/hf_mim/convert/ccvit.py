@@ -1,0 +1,48 @@
+"""Convert CCViT's released k-means centroids (`centroids.npy`) into an `hf_mim_kmeans` tokenizer folder.
+
+CCViT's `train_faiss_kmeans.py` writes the 8192 centroids of 16x16 patches of 224 px views as a float32 array of
+shape (8192, 768): raw [0, 1] pixels flattened (C, py, px), exactly what [`KmeansModel`] holds. The file is read
+with `numpy.load(allow_pickle=False)`, so no pickled object is ever executed.
+"""
+
+import logging
+import os
+
+import numpy as np
+
+from ..hub.cards import write_model_card
+from ..models.modeling_kmeans import KmeansModel
+from ..training.kmeans import kmeans_image_processor
+
+logger = logging.getLogger(__name__)
+
+
+def convert_ccvit_centroids(
+    centroids_path: str | os.PathLike,
+    output_dir: str | os.PathLike | None = None,
+    image_size: int = 224,
+    num_channels: int = 3,
+) -> KmeansModel:
+    """The [`KmeansModel`] holding CCViT's centroids; saved with its image processor and card to `output_dir`.
+
+    Args:
+        centroids_path: A `.npy` file of shape `(codebook_size, num_channels * patch_size**2)`.
+        output_dir: Where to write the tokenizer folder (nothing is written when None).
+        image_size: Side of the view the centroids tokenize (CCViT: 224, the ViT's input).
+        num_channels: Channels of a patch; the patch size follows from the array's width.
+    """
+    centroids = np.load(centroids_path, allow_pickle=False)
+    tokenizer = KmeansModel.from_centroids(centroids, image_size=image_size, num_channels=num_channels)
+    config = tokenizer.config
+    logger.info(
+        "Read %d centroids of %dx%d patches (a %dx%d token grid at %d px)",
+        config.codebook_size, config.patch_size, config.patch_size, config.grid_size, config.grid_size, image_size,
+    )
+    if output_dir is not None:
+        tokenizer.save_pretrained(output_dir)
+        kmeans_image_processor(config).save_pretrained(output_dir)
+        write_model_card(output_dir)
+    return tokenizer
+
+
+__all__ = ["convert_ccvit_centroids"]
