@@ -114,7 +114,11 @@ def measure_peak_memory(prepare: Callable[[], Callable[[], object]], calls: int 
     for _ in range(calls):
         run()
     peak = peak_rss_bytes()
-    return {"rss_before_mib": before / 2**20, "peak_delta_mib": (peak - before) / 2**20, "above_earlier_peak": peak > peak_before}
+    return {
+        "rss_before_mib": before / 2**20,
+        "peak_delta_mib": (peak - before) / 2**20,
+        "above_earlier_peak": peak > peak_before,
+    }
 
 
 def in_subprocess(function: Callable, *args, preload: tuple[str, ...] = ("torch", "transformers")):
@@ -139,25 +143,30 @@ def count_flops(run: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def matmul_peak(size: int = 2048, repeats: int = 5) -> dict:
-    """This machine's fp32 matrix-product rate with the current threads: the median of `repeats` products of two
-    `size` x `size` matrices, in FLOP/s of wall-clock and of process CPU time."""
+def matmul_probe(size: int = 2048) -> tuple[Callable[[], object], int]:
+    """One fp32 product of two `size` x `size` matrices, and its FLOPs: this machine's matmul peak with the current
+    threads. Time it among the measured functions (`time_interleaved`) so that fractions of the peak compare times
+    taken under the same load."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     out = torch.empty(size, size)
-    torch.mm(a, b, out=out)
-    timing = Timing()
-    for _ in range(repeats):
-        wall, cpu = time.perf_counter(), time.process_time()
+
+    def run():
         torch.mm(a, b, out=out)
-        timing.wall.append(time.perf_counter() - wall)
-        timing.cpu.append(time.process_time() - cpu)
-    flops = 2 * size**3
-    return {
-        "size": size,
-        "wall_flops": flops / statistics.median(timing.wall),
-        "cpu_flops": flops / statistics.median(timing.cpu),
-        "wall_flops_range": [flops / max(timing.wall), flops / min(timing.wall)],
-    }
+
+    return run, 2 * size**3
+
+
+def fraction_of_peak(flops: int, timing: Timing, peak_flops: int, peak_timing: Timing) -> dict:
+    """Per-repeat achieved FLOP/s of `timing` over the matmul probe's FLOP/s in the same repeat, wall and CPU time."""
+    out = {}
+    for name in ("wall", "cpu"):
+        fractions = [
+            (flops / seconds) / (peak_flops / peak_seconds)
+            for seconds, peak_seconds in zip(getattr(timing, name), getattr(peak_timing, name))
+        ]
+        out[name] = {"median": statistics.median(fractions), "min": min(fractions), "max": max(fractions)}
+        out[name]["peak_flops_per_s"] = peak_flops / statistics.median(getattr(peak_timing, name))
+    return out
 
 
 def environment() -> dict:
@@ -208,7 +217,8 @@ __all__ = [
     "environment",
     "in_subprocess",
     "markdown_table",
-    "matmul_peak",
+    "fraction_of_peak",
+    "matmul_probe",
     "measure_peak_memory",
     "paired_ratios",
     "peak_rss_bytes",

@@ -1,0 +1,192 @@
+#!/usr/bin/env python
+"""Data pipeline speed: images/s of one DataLoader worker (decode + two-view transform + masking + collate) for every
+method of `run_mim.MIM_MODELS`, next to that method's training-step images/s measured in the same run, and how many
+workers keep the step fed.
+
+    python benchmarks/bench_data.py --data /work/shared/data/imagenette_224_subset.tar --output data.json
+    python benchmarks/bench_data.py --data /path/to/images --sizes tiny base --dataloader_workers 2 --output data.json
+
+`--data` is an image folder (imagefolder layout; a `train` subfolder is used if present) or a `.tar` of one, which is
+extracted to a temporary folder. Each method's pipeline is `run_mim`'s: `TwoViewTransform` with the ViT's 224 px view
+and its default tokenizer's view (CCViT: the raw k-means view only), the method's colour jitter and crop scale,
+per-example seeded randomness, and `MimDataCollator` with its default mask (and replacement) generator. One worker is
+this process with one torch thread fetching and collating batches, as a DataLoader worker does; pipelines are timed
+interleaved. The training step (forward + backward + AdamW, `bench_mim_step.py`'s, with precomputed targets, so
+the demand is the highest the model can make) runs with `--threads`. Workers needed = ceil(step images/s / worker
+images/s); with `--dataloader_workers N` a real `DataLoader` with N worker processes is timed as well.
+"""
+
+import argparse
+import math
+import os
+import tarfile
+import tempfile
+import time
+
+import torch
+
+import bench_mim_step
+from common import environment, markdown_table, set_threads, time_interleaved, write_json
+from hf_mim.data import MimDataCollator, TwoViewTransform, apply_transform, load_image_datasets
+from hf_mim.models import MimImageProcessor
+from hf_mim.models.tokenizer_registry import TOKENIZER_CLASSES
+from hf_mim.registration import FAMILIES
+from hf_mim.training import run_mim
+from hf_mim.training.run_mim import MIM_MODELS, MODEL_SIZES, DataArguments, build_mask_generator, resolve_data_defaults
+
+PATCH_SIZE = 16
+# The tokenizer each method's papers use; its image processor gives the tokenizer view.
+DEFAULT_TOKENIZER = {"beit": "hf_mim_dvae", "beitv2": "hf_mim_vqkd", "mcbeit": "hf_mim_vqgan", "ccvit": "hf_mim_kmeans"}
+
+
+def image_folder(data: str, workdir: str) -> str:
+    """The folder of training images: `data` itself, its `train` subfolder, or those of the extracted tar."""
+    if os.path.isfile(data):
+        if not tarfile.is_tarfile(data):
+            raise ValueError(f"--data {data} is neither a folder nor a tar archive")
+        with tarfile.open(data) as archive:
+            archive.extractall(workdir, filter="data")
+        data = workdir
+    for root, folders, _ in os.walk(data):
+        if "train" in folders:
+            return os.path.join(root, "train")
+    return data
+
+
+def pipeline(method: str, dataset, image_column: str, image_size: int, seed: int):
+    """`run_mim`'s transformed dataset and collator for `method`, with its default tokenizer's view."""
+    data_args = resolve_data_defaults(DataArguments(), method)
+    config_class, _ = TOKENIZER_CLASSES[DEFAULT_TOKENIZER[method]]
+    tokenizer_processor = next(processor for config, _, processor in FAMILIES if config is config_class)()
+    side = {"height": image_size, "width": image_size}
+    image_processor = MimImageProcessor(size=side, crop_size=side)
+    # CCViT reads the raw [0, 1] tokenizer view and normalises it itself (run_mim's wiring).
+    raw_view = method == "ccvit"
+    transform = TwoViewTransform(
+        image_processor=tokenizer_processor if raw_view else image_processor,
+        tokenizer_image_processor=None if raw_view else tokenizer_processor,
+        crop_scale=(data_args.crop_min_scale, 1.0),
+        color_jitter=data_args.color_jitter,
+    )
+    grid = image_size // PATCH_SIZE
+    replacement = getattr(run_mim, "build_replacement_generator", None)
+    collator = MimDataCollator(
+        build_mask_generator(data_args, grid),
+        replacement_generator=replacement(data_args, method, grid) if replacement is not None else None,
+    )
+    return apply_transform(dataset, image_column, transform, seed=seed), collator, transform
+
+
+def worker_pass(dataset, collator, batch_size: int):
+    """Fetch and collate every example once, batch by batch, as one DataLoader worker does."""
+
+    def run():
+        for start in range(0, len(dataset), batch_size):
+            indices = list(range(start, min(start + batch_size, len(dataset))))
+            # DataLoader's fetcher prefers a dataset's batched __getitems__.
+            if hasattr(dataset, "__getitems__"):
+                collator(dataset.__getitems__(indices))
+            else:
+                collator([dataset[index] for index in indices])
+
+    return run
+
+
+def dataloader_rate(dataset, collator, batch_size: int, workers: int) -> float:
+    """Images/s of a DataLoader with `workers` processes over the whole dataset (first batch excluded)."""
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, num_workers=workers, collate_fn=collator)
+    iterator = iter(loader)
+    next(iterator)
+    start, count = time.perf_counter(), 0
+    for batch in iterator:
+        count += len(batch["pixel_values"])
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="Image folder or .tar of one (e.g. imagenette_224_subset.tar)")
+    parser.add_argument("--methods", nargs="+", default=None, help=f"Subset of {list(MIM_MODELS)} (default: all)")
+    parser.add_argument("--sizes", nargs="+", default=["tiny"], choices=list(MODEL_SIZES), help="ViT sizes of the step")
+    parser.add_argument("--num_images", type=int, default=256, help="Images per pipeline pass")
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--image_size", type=int, default=224)
+    parser.add_argument("--repeats", type=int, default=3, help="Timed passes / steps, interleaved")
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads of the training step (default 1: repeatable on a shared machine)",
+    )
+    parser.add_argument("--dataloader_workers", type=int, default=0, help="Also time a DataLoader with N workers")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--output", default="bench_data.json", help="Where to write the JSON results")
+    args = parser.parse_args()
+    methods = [m for m in (args.methods or list(MIM_MODELS)) if m in MIM_MODELS]
+    skipped = [m for m in methods if m not in DEFAULT_TOKENIZER]
+    if skipped:
+        print(f"No default tokenizer known for {skipped}; skipping them (add it to DEFAULT_TOKENIZER)")
+    methods = [m for m in methods if m in DEFAULT_TOKENIZER]
+
+    results = {"environment": environment(), "config": {k: v for k, v in vars(args).items() if k != "output"}}
+    with tempfile.TemporaryDirectory() as workdir:
+        folder = image_folder(args.data, workdir)
+        raw, image_column = load_image_datasets(train_dir=folder, max_train_samples=args.num_images, seed=args.seed)
+        dataset = raw["train"]
+        print(f"{len(dataset)} images from {folder}")
+
+        # Data workers run one torch thread each (DataLoader sets this in its workers).
+        set_threads(1)
+        pipelines, runs = {}, {}
+        for method in methods:
+            transformed, collator, transform = pipeline(method, dataset, image_column, args.image_size, args.seed)
+            pipelines[method] = (transformed, collator)
+            runs[method] = worker_pass(transformed, collator, args.batch_size)
+            print(f"{method}: {transform}")
+        print("Data pipeline, one worker:")
+        data_timings = time_interleaved(runs, args.repeats, warmup=1)
+        loader_rates = {}
+        if args.dataloader_workers:
+            for method, (transformed, collator) in pipelines.items():
+                loader_rates[method] = dataloader_rate(transformed, collator, args.batch_size, args.dataloader_workers)
+                print(f"  DataLoader, {args.dataloader_workers} workers, {method}: {loader_rates[method]:.1f} images/s")
+
+        set_threads(args.threads)
+        step_args = argparse.Namespace(image_size=args.image_size, patch_size=PATCH_SIZE, batch_size=args.batch_size)
+        step_timings = {}
+        for size in args.sizes:
+            steps = {}
+            for method in methods:
+                model = bench_mim_step.build_model(method, size, step_args, args.seed)
+                batch = bench_mim_step.make_batch(method, model.config, args.batch_size, args.seed)
+                inputs = bench_mim_step.model_inputs(model, batch)
+                optimizer = bench_mim_step.make_optimizer(model)
+                steps[f"{method}/{size}"] = bench_mim_step.training_step(model, inputs, optimizer, "fp32")
+            print(f"Training step, ViT-{size}, fp32, batch {args.batch_size}, {args.threads} threads:")
+            step_timings.update(time_interleaved(steps, args.repeats, warmup=1))
+
+    rows, results["methods"] = [], {}
+    for method in methods:
+        data = data_timings[method].summary(items=len(dataset))
+        entry = {"data_worker": data, "dataloader_images_per_s": loader_rates.get(method), "steps": {}}
+        for size in args.sizes:
+            step = step_timings[f"{method}/{size}"].summary(items=args.batch_size)
+            workers = math.ceil(step["wall"]["per_s"] / data["wall"]["per_s"])
+            entry["steps"][size] = {"timing": step, "workers_needed": workers}
+            rows.append([
+                method, f"ViT-{size}", data["wall"]["per_s"],
+                f"{len(dataset) / data['wall']['max_s']:.3g}-{len(dataset) / data['wall']['min_s']:.3g}",
+                data["cpu"]["per_s"], loader_rates.get(method, "-"), step["wall"]["per_s"],
+                step["wall"]["per_s"] / data["wall"]["per_s"], workers,
+            ])
+        results["methods"][method] = entry
+    print()
+    print(markdown_table(
+        ["method", "step model", "worker img/s", "worker img/s range", "worker img/s (CPU time)",
+         f"DataLoader x{args.dataloader_workers} img/s", f"step img/s ({args.threads} threads)",
+         "step / worker", "workers needed"],
+        rows,
+    ))
+    write_json(args.output, results)
+
+
+if __name__ == "__main__":
+    main()
