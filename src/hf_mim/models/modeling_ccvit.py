@@ -103,7 +103,8 @@ class CcvitForMaskedImageModeling(Beitv2ForMaskedImageModeling):
         return self.pixel_head(self.pixel_layernorm(hidden_states[:, 1:][bool_corrupted_pos]))
 
     def _check_inputs(self, pixel_values: torch.Tensor, bool_masked_pos, bool_replaced_pos):
-        low, high = pixel_values.min().item(), pixel_values.max().item()
+        # One device synchronisation per step for both bounds.
+        low, high = torch.stack(torch.aminmax(pixel_values.detach().float())).tolist()
         if low < -1e-3 or high > 1 + 1e-3:
             raise ValueError(
                 f"CCViT takes raw [0, 1] pixels (the KmeansImageProcessor view) and normalises them itself after "

@@ -7,7 +7,7 @@ fused argmin (the same `nearest_centroids` the tokenizer uses at training time),
 Under `accelerate launch` (any `torch.distributed` process group) every process reads its own share of the images,
 and per-cluster sums, counts and the inertia are all-reduced each iteration. Every random choice is keyed by a
 point's global id rather than by its position in a process's share, so the fit equals a single-process fit on the
-same data, up to floating-point summation order.
+same data: exactly for 8-bit patches (their sums are exact), up to float summation order for float points.
 """
 
 import json
@@ -239,7 +239,8 @@ class _FloatAssignment:
 
     def __init__(self, points: torch.Tensor, num_clusters: int, chunk_size: int):
         self.points = points
-        rows = min(chunk_size, len(points))
+        # A process may hold no points (fewer images than processes); its buffers still need a shape.
+        rows = max(1, min(chunk_size, len(points)))
         self.block = torch.empty(rows, points.shape[1], device=points.device)
         self.workspace = torch.empty(rows, num_clusters, device=points.device)
         self.point_sq_norms = torch.empty(len(points), device=points.device)
@@ -288,7 +289,8 @@ class _PixelAssignment:
     def __init__(self, points: torch.Tensor, num_clusters: int, chunk_size: int):
         self.points = points
         self.num_clusters = num_clusters
-        rows = min(chunk_size, len(points))
+        # A process may hold no points (fewer images than processes); its buffers still need a shape.
+        rows = max(1, min(chunk_size, len(points)))
         # Reused every block: fresh allocations of this size cost page faults comparable to the products.
         self.shifted = torch.empty(rows, points.shape[1], dtype=torch.int8)
         self.products = torch.empty(rows, 2 * num_clusters, dtype=torch.int32)
@@ -360,7 +362,8 @@ def fit_kmeans(
         seed (`int`, *optional*, defaults to 0): Seed of the initialisation and of empty-cluster re-seeding.
         point_ids (`torch.LongTensor` of shape `(num_points,)`, *optional*):
             Global ids of the points, unique across processes (required under several processes).
-        chunk_size (`int`, *optional*): Points per assignment block (default: about 64 MiB of distances).
+        chunk_size (`int`, *optional*): Points per assignment block (default: about 64 MiB of distances; at most
+            65536, the most 8-bit pixels whose sums stay exact in float32).
         backend (`str`, *optional*, defaults to `"torch"`): `"faiss"` uses `faiss.Kmeans` (CPU, one process) from the
             same initial centroids.
         show_progress (`bool`, *optional*, defaults to `True`): A progress bar with the inertia, on process 0.
@@ -396,12 +399,12 @@ def fit_kmeans(
             raise ValueError("The faiss backend runs in one process; use backend='torch' under accelerate launch")
         return _fit_faiss(points, centroids, num_iterations, seed, show_progress)
 
-    chunk_size = chunk_size or max(256, 2**24 // num_clusters)
+    chunk_size = min(chunk_size or max(256, 2**24 // num_clusters), 2**16)
     pixels_on_cpu = points.dtype == torch.uint8 and points.device.type == "cpu"
     assignment = (_PixelAssignment if pixels_on_cpu else _FloatAssignment)(points, num_clusters, chunk_size)
     keys = point_keys(point_ids, seed)
-    # float32 partial sums stay exact for 8-bit pixels up to 2^24 / 255 points per cluster.
-    flush_every = max(chunk_size, 2**16 // chunk_size * chunk_size)
+    # float32 partial sums of 8-bit pixels stay exact up to 2^24 / 255 > 65535 points per cluster.
+    flush_every = 2**16 // chunk_size * chunk_size
     sq_distances = torch.empty(points.shape[0], device=points.device)
     history = []
     progress = tqdm(range(num_iterations), desc="k-means", disable=not show_progress or rank != 0)
