@@ -280,8 +280,10 @@ class KmeansModel(KmeansPreTrainedModel):
         patches[bool_replaced_pos] = self._float_centroids()[indices.reshape(patches.shape[:2])[bool_replaced_pos]]
         return self.unpatchify(patches).to(pixel_values.dtype)
 
+    @torch.no_grad()
     def forward(self, pixel_values: torch.Tensor, return_reconstruction: bool = True) -> KmeansOutput:
-        r"""
+        r"""Nearest centroids of every patch (no gradients: the ids are discrete and the centroids fixed).
+
         pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, image_size, image_size)`):
             The [KmeansImageProcessor] view: raw [0, 1] pixels.
         return_reconstruction (`bool`, *optional*, defaults to `True`):
