@@ -144,3 +144,11 @@ def test_config_auto_map_is_complete():
     auto_map = BeitMimConfig().auto_map
     assert set(auto_map) == {"AutoConfig", "AutoModel", "AutoModelForMaskedImageModeling"}
     assert DvaeConfig().auto_map["AutoModel"] == "modeling_dvae.DvaeModel"
+
+
+def test_tokenizer_stays_frozen_after_loading(tmp_path):
+    BeitMimForMaskedImageModeling(tiny_beit_config()).save_pretrained(tmp_path)
+    for loaded in (BeitMimForMaskedImageModeling.from_pretrained(tmp_path),
+                   AutoModelForMaskedImageModeling.from_pretrained(tmp_path)):
+        assert not any(p.requires_grad for p in loaded.tokenizer.parameters())
+        assert all(p.requires_grad for p in loaded.beit.parameters())

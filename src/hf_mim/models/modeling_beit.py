@@ -89,6 +89,15 @@ class BeitMimForMaskedImageModeling(BeitMimPreTrainedModel):
         self.tokenizer = build_tokenizer(config.tokenizer_config) if config.tokenizer_config is not None else None
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        model = super().from_pretrained(*args, **kwargs)
+        # Loading replaces parameters with new trainable ones; the tokenizer is a fixed target function and must
+        # stay out of the optimiser (and out of DDP's gradient reduction, where an unused trainable parameter fails).
+        if model.tokenizer is not None:
+            model.tokenizer.requires_grad_(False)
+        return model
+
     @property
     def num_patches(self) -> int:
         return self.beit.embeddings.patch_embeddings.num_patches
