@@ -152,3 +152,39 @@ def test_tokenizer_stays_frozen_after_loading(tmp_path):
                    AutoModelForMaskedImageModeling.from_pretrained(tmp_path)):
         assert not any(p.requires_grad for p in loaded.tokenizer.parameters())
         assert all(p.requires_grad for p in loaded.beit.parameters())
+
+
+def load_report(load):
+    """The warnings transformers logs while `load()` runs (its loading report names unexpected weights)."""
+    import logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    library_logger = logging.getLogger("transformers")
+    library_logger.addHandler(handler)
+    try:
+        load()
+    finally:
+        library_logger.removeHandler(handler)
+    return "\n".join(record.getMessage() for record in records)
+
+
+@pytest.mark.parametrize("model_type", ["hf_mim_beit", "hf_mim_beitv2", "hf_mim_mcbeit", "hf_mim_ccvit"])
+def test_encoder_loads_from_a_mim_checkpoint_without_an_unexpected_keys_report(model_type, tmp_path):
+    from conftest import TINY_CONFIGS
+    from safetensors.torch import load_file, save_file
+
+    AutoModelForMaskedImageModeling.from_config(TINY_CONFIGS[model_type]()).save_pretrained(tmp_path)
+    loaded = {}
+    report = load_report(lambda: loaded.setdefault("encoder", AutoModel.from_pretrained(tmp_path)))
+    assert "UNEXPECTED" not in report
+    weights = load_file(tmp_path / "model.safetensors")
+    for name, value in loaded["encoder"].state_dict().items():
+        assert torch.equal(value, weights[f"beit.{name}"]), name
+
+    # Only the pre-training heads and the tokenizer are expected to be left behind; a stray weight still shows.
+    weights["beit.embeddings.stray"] = torch.zeros(1)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    report = load_report(lambda: AutoModel.from_pretrained(tmp_path))
+    assert "embeddings.stray" in report and "lm_head" not in report and "tokenizer." not in report

@@ -84,6 +84,12 @@ class MimBeitModel(BeitReferenceInitMixin, BeitModel):
     require; the weights keep `BeitModel`'s names, so they export to stock transformers as they are.
     """
 
+    # A MIM checkpoint stores its pre-training heads and frozen tokenizer beside the encoder; `AutoModel` loading
+    # the encoder alone leaves them behind by design, so they are not reported as unexpected weights.
+    _keys_to_ignore_on_load_unexpected = [
+        r"^(layernorm|lm_head|patch_aggregation|pixel_head|pixel_layernorm|tokenizer)\.",
+    ]
+
     def __init__(self, config, add_pooling_layer: bool = False):
         super().__init__(config, add_pooling_layer=add_pooling_layer)
 
