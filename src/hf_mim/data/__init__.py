@@ -5,6 +5,7 @@ per example seeded by (seed, epoch, index) when `apply_transform` is given a see
 scripts do, so that a resumed run redraws exactly the same data), else from torch's global RNG.
 """
 
+from .augment import RAND_AUGMENT_OPS, RandAugment, RandomErasing, parse_rand_augment
 from .collator import MimDataCollator
 from .datasets import SeededTransformedDataset, apply_transform, example_rng, load_image_datasets
 from .images import SkippedImageCounter, decode_image
@@ -21,6 +22,9 @@ from .transforms import TwoViewTransform, random_resized_crop_box
 __all__ = [
     "BlockwiseMaskingGenerator",
     "MimDataCollator",
+    "RAND_AUGMENT_OPS",
+    "RandAugment",
+    "RandomErasing",
     "RandomMaskingGenerator",
     "ReplacementPositionGenerator",
     "SeededTransformedDataset",
@@ -31,6 +35,7 @@ __all__ = [
     "example_rng",
     "load_image_datasets",
     "numpy_rng_from_torch",
+    "parse_rand_augment",
     "random_resized_crop_box",
     "scale_num_patches",
 ]

@@ -14,6 +14,7 @@ import torch
 from PIL import Image, ImageEnhance
 
 from ..models.image_processing_mim import MimImageProcessor, to_rgb
+from .augment import RandAugment, RandomErasing
 from .masking import numpy_rng_from_torch
 
 
@@ -74,7 +75,9 @@ class TwoViewTransform:
     Training mode, per image: convert to RGB, colour jitter (brightness, contrast and saturation
     factors uniform in [1 - `color_jitter`, 1 + `color_jitter`], applied in random order),
     horizontal flip, then one random-resized-crop box rendered at each processor's `output_size`
-    with its `resample`, scaled to [0, 1] and normalised with its `normalize_tensor`.
+    with its `resample`, scaled to [0, 1] and normalised with its `normalize_tensor`. Fine-tuning
+    adds BEiT's RandAugment (on the ViT's rendered crop) and random erasing (on its normalised
+    tensor); both apply to the ViT's view only and are off by default, as in MIM pre-training.
 
     Evaluation mode (`train=False`): each view is the processor's own deterministic
     preprocessing (resize, optional centre crop), so validation losses are comparable across
@@ -93,6 +96,12 @@ class TwoViewTransform:
             Probability of a horizontal flip.
         color_jitter (`float`, *optional*, defaults to 0.4):
             Strength of brightness, contrast and saturation jitter; 0 disables it.
+        rand_augment (`str`, *optional*):
+            A timm RandAugment config such as BEiT's fine-tuning `"rand-m9-mstd0.5-inc1"` (see
+            `parse_rand_augment`); uncovered pixels take the ViT processor's mean colour, as in timm.
+            timm (hence BEiT's recipe) applies no colour jitter with RandAugment: pass `color_jitter=0` to match.
+        random_erasing (`float`, *optional*, defaults to 0):
+            Probability of erasing a rectangle of the ViT's view with noise (BEiT's fine-tuning: 0.25); 0 disables it.
         train (`bool`, *optional*, defaults to `True`):
             Random augmentation if True, the processors' deterministic preprocessing if False.
     """
@@ -105,6 +114,8 @@ class TwoViewTransform:
         crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip_prob: float = 0.5,
         color_jitter: float = 0.4,
+        rand_augment: str | None = None,
+        random_erasing: float = 0.0,
         train: bool = True,
     ):
         _check_processor(image_processor, "image_processor")
@@ -125,6 +136,10 @@ class TwoViewTransform:
         self.crop_ratio = tuple(crop_ratio)
         self.hflip_prob = hflip_prob
         self.color_jitter = color_jitter
+        # timm's fill: the normalisation mean in 8 bits, (124, 116, 104) for ImageNet's.
+        fill = tuple(min(255, round(255 * value)) for value in image_processor.image_mean)
+        self.rand_augment = None if rand_augment is None else RandAugment.from_config(rand_augment, fill=fill)
+        self.random_erasing = RandomErasing(random_erasing) if random_erasing else None
         self.train = train
 
     def __repr__(self) -> str:
@@ -135,7 +150,8 @@ class TwoViewTransform:
         )
         return (
             f"{type(self).__name__}({views}, crop_scale={self.crop_scale}, crop_ratio={self.crop_ratio}, "
-            f"hflip_prob={self.hflip_prob}, color_jitter={self.color_jitter}, train={self.train})"
+            f"hflip_prob={self.hflip_prob}, color_jitter={self.color_jitter}, rand_augment={self.rand_augment}, "
+            f"random_erasing={self.random_erasing}, train={self.train})"
         )
 
     def _jitter(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
@@ -172,11 +188,18 @@ class TwoViewTransform:
         for key, processor in self.views.items():
             out_height, out_width = processor.output_size
             resample = Image.Resampling(int(processor.resample))
+            if key == "pixel_values" and self.rand_augment is not None:
+                # timm's order: RandAugment on the cropped, flipped image at the ViT's size. Its view is its own.
+                view = self.rand_augment(image.resize((out_width, out_height), resample, box=box), rng)
+                outputs[key] = processor.normalize_tensor(_to_tensor(view))
+                continue
             # Views with the same size and filter (e.g. CCViT's two 224 bicubic views) are rendered once.
             if (out_height, out_width, resample) not in rendered:
                 view = image.resize((out_width, out_height), resample, box=box)
                 rendered[out_height, out_width, resample] = _to_tensor(view)
             outputs[key] = processor.normalize_tensor(rendered[out_height, out_width, resample])
+        if self.random_erasing is not None:
+            outputs["pixel_values"] = self.random_erasing(outputs["pixel_values"], rng)
         return outputs
 
 
