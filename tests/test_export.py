@@ -16,7 +16,9 @@ from hf_mim import BeitMimForMaskedImageModeling, MimImageProcessor
 from hf_mim.evaluation.export import (
     encoder_image_processor,
     export_to_transformers,
+    image_processor_at_size,
     main,
+    resize_relative_position_bias_table,
     resolve_encoder,
     to_transformers_beit,
 )
@@ -166,3 +168,53 @@ def test_bad_input(mim_model, tmp_path):
         resolve_encoder(torch.nn.Linear(2, 2))
     with pytest.raises(ValueError, match="pooling"):
         to_transformers_beit(mim_model, pooling="max")
+
+
+def test_relative_position_bias_table_resize_keeps_offsets_and_cls_entries():
+    old, new = (3, 3), (5, 5)  # offsets -2..2 -> -4..4 on each axis
+    dy, dx = torch.meshgrid(torch.arange(-2.0, 3.0), torch.arange(-2.0, 3.0), indexing="ij")
+    ramp = torch.stack([dy.flatten() + 10 * dx.flatten(), -dy.flatten()], dim=1)  # 2 heads, linear in the offset
+    table = torch.cat([ramp, torch.tensor([[7.0, 8.0], [9.0, 10.0], [11.0, 12.0]])])
+    resized = resize_relative_position_bias_table(table, old, new)
+    assert resized.shape == (9 * 9 + 3, 2)
+    torch.testing.assert_close(resized[-3:], table[-3:])
+    grid = resized[:-3].reshape(9, 9, 2)
+    # Aligned corners: the zero offset and the extreme offsets keep their values; a linear table stays linear.
+    torch.testing.assert_close(grid[4, 4], ramp.reshape(5, 5, 2)[2, 2])
+    torch.testing.assert_close(grid[0, 8], ramp.reshape(5, 5, 2)[0, 4])
+    expected = torch.stack([torch.linspace(-2, 2, 9)[:, None] + 10 * torch.linspace(-2, 2, 9)[None, :],
+                            -torch.linspace(-2, 2, 9)[:, None].expand(9, 9)], dim=-1)  # fmt: skip
+    torch.testing.assert_close(grid, expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(resize_relative_position_bias_table(table, old, old), table)
+    with pytest.raises(ValueError, match="has 28 rows"):
+        resize_relative_position_bias_table(table[:-1], (3, 3), (5, 5))
+
+
+def test_export_at_a_larger_image_size(tiny_mim_dir, mim_model, tmp_path):
+    side = mim_model.config.image_size * 2
+    export_to_transformers(tiny_mim_dir, str(tmp_path), per_layer_relative_position_bias=True, image_size=side)
+    stock, info = BeitForImageClassification.from_pretrained(tmp_path, num_labels=2, output_loading_info=True)
+    assert stock.config.image_size == side
+    assert info["missing_keys"] == {"classifier.weight", "classifier.bias"} and not info["unexpected_keys"]
+    grid = side // mim_model.config.patch_size
+    table = stock.beit.layers[0].relative_position_bias.relative_position_bias_table
+    assert table.shape[0] == (2 * grid - 1) ** 2 + 3
+    shared = mim_model.beit.shared_position_bias.relative_position_bias_table
+    torch.testing.assert_close(table[-3:], shared[-3:])
+    processor = AutoImageProcessor.from_pretrained(tmp_path)
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 70, 3), dtype=np.uint8))
+    assert processor(image, return_tensors="pt")["pixel_values"].shape[-2:] == (side, side)
+    with torch.no_grad():
+        assert stock(pixel_values=torch.randn(1, 3, side, side)).logits.shape == (1, 2)
+
+
+def test_image_processor_at_size_keeps_the_crop_fraction():
+    processor = MimImageProcessor(size={"height": 256, "width": 256}, crop_size={"height": 224, "width": 224}, do_center_crop=True)
+    resized = image_processor_at_size(processor, 448)
+    assert resized.output_size == (448, 448) and resized.size == {"height": 512, "width": 512}
+    assert image_processor_at_size(MimImageProcessor(size={"height": 32, "width": 32}), 64).output_size == (64, 64)
+
+
+def test_export_refuses_a_new_patch_size(mim_model):
+    with pytest.raises(ValueError, match="patch size"):
+        to_transformers_beit(mim_model, patch_size=mim_model.config.patch_size * 2)

@@ -17,6 +17,11 @@ Two choices the export makes explicit:
   layers; BEiT fine-tuning gives every layer its own table, initialised as a copy of the shared one
   (unilm `run_class_finetuning.py`). Both give identical outputs at the pre-training resolution.
 
+A new `image_size` (fine-tuning at 384 px from 224 px pre-training) resizes the relative position bias tables:
+the grid of (2H-1) x (2W-1) relative offsets is interpolated bilinearly with its corners aligned, so the zero
+offset and the extreme offsets keep their learnt values, and the three [CLS] entries are copied. The image
+processor's sizes scale with it.
+
 The mask token is left out: it only exists for pre-training, and an unused parameter in a fine-tuned
 model breaks DistributedDataParallel.
 """
@@ -133,10 +138,53 @@ def _identity_layer_norm(prefix: str, hidden_size: int, like: torch.Tensor) -> d
     return {f"{prefix}.weight": torch.ones(hidden_size, dtype=like.dtype), f"{prefix}.bias": torch.zeros(hidden_size, dtype=like.dtype)}
 
 
+def _window(config) -> tuple[int, int]:
+    size = config.image_size if isinstance(config.image_size, (tuple, list)) else (config.image_size,) * 2
+    return size[0] // config.patch_size, size[1] // config.patch_size
+
+
+def resize_relative_position_bias_table(
+    table: torch.Tensor, old_window: tuple[int, int], new_window: tuple[int, int]
+) -> torch.Tensor:
+    """A relative position bias table `((2H-1)(2W-1) + 3, heads)` of an `old_window` patch grid, for `new_window`.
+
+    The offset grid is interpolated bilinearly with aligned corners (zero and extreme offsets keep their values);
+    the last three rows ([CLS] to patch, patch to [CLS], [CLS] to [CLS]) do not depend on the grid and are copied.
+    """
+    old_height, old_width = 2 * old_window[0] - 1, 2 * old_window[1] - 1
+    if table.shape[0] != old_height * old_width + 3:
+        raise ValueError(
+            f"A relative position bias table of a {old_window[0]}x{old_window[1]} patch grid has "
+            f"{old_height * old_width + 3} rows, got {table.shape[0]}"
+        )
+    if tuple(old_window) == tuple(new_window):
+        return table.clone()
+    grid = table[:-3].T.reshape(1, -1, old_height, old_width).float()
+    new_height, new_width = 2 * new_window[0] - 1, 2 * new_window[1] - 1
+    resized = nn.functional.interpolate(grid, size=(new_height, new_width), mode="bilinear", align_corners=True)
+    resized = resized.reshape(-1, new_height * new_width).T.to(table.dtype)
+    return torch.cat([resized, table[-3:]])
+
+
 def export_state_dict(model: nn.Module, config: BeitConfig) -> dict[str, torch.Tensor]:
-    """The weights of `model`'s encoder under stock `BeitModel(config, add_pooling_layer=True)` names."""
+    """The weights of `model`'s encoder under stock `BeitModel(config, add_pooling_layer=True)` names; relative
+    position bias tables are resized when `config` has another patch grid than the encoder."""
     encoder = resolve_encoder(model)
+    if config.patch_size != encoder.config.patch_size:
+        raise ValueError(
+            f"Cannot export patch size {encoder.config.patch_size} as {config.patch_size}: the patch embedding "
+            "weights depend on it (change image_size instead)"
+        )
+    old_window, new_window = _window(encoder.config), _window(config)
     source = {name: tensor.detach().cpu() for name, tensor in encoder.state_dict().items()}
+    for name, tensor in source.items():
+        if name.endswith("relative_position_bias_table"):
+            source[name] = resize_relative_position_bias_table(tensor, old_window, new_window)
+    if "embeddings.position_embeddings" in source and old_window != new_window:
+        raise ValueError(
+            "This encoder has absolute position embeddings; exporting it at another image_size is not supported "
+            "(BEiT's relative position bias is what resizes)"
+        )
     like = source["embeddings.cls_token"]
     state = {
         name: tensor
@@ -229,12 +277,32 @@ def encoder_image_processor(image_processor, config) -> MimImageProcessor:
     return MimImageProcessor(**fields)
 
 
+def image_processor_at_size(image_processor: MimImageProcessor, image_size: int) -> MimImageProcessor:
+    """`image_processor` producing `image_size` square images, its resize scaled by the same factor (so a
+    resize-then-crop view keeps its crop fraction)."""
+    height, width = image_processor.output_size
+    if height != width:
+        raise ValueError(f"Expected a processor of square images to rescale, got {height}x{width}")
+    fields = image_processor.to_dict()
+    scale = image_size / height
+    for name in ("size", "crop_size"):
+        if fields.get(name):
+            fields[name] = {key: round(value * scale) for key, value in fields[name].items()}
+    if fields.get("do_center_crop"):
+        fields["crop_size"] = {"height": image_size, "width": image_size}
+    else:
+        fields["size"] = {"height": image_size, "width": image_size}
+    fields.pop("image_processor_type", None)
+    return type(image_processor)(**fields)
+
+
 def export_to_transformers(
     model_or_path: nn.Module | str,
     output_dir: str,
     image_processor=None,
     pooling: str = "mean",
     per_layer_relative_position_bias: bool = False,
+    image_size: int | None = None,
 ) -> str:
     """Write the pretrained encoder as a stock transformers BEiT checkpoint (`model_type: beit`).
 
@@ -249,6 +317,8 @@ def export_to_transformers(
         pooling: `"mean"` (BEiT fine-tuning) or `"cls"`, see the module docstring.
         per_layer_relative_position_bias: Expand the shared relative position bias into per-layer tables, as BEiT
             fine-tuning does.
+        image_size: Export for another input size (e.g. 384 for fine-tuning at 384 px): relative position bias
+            tables and the image processor are resized, see the module docstring.
 
     Returns:
         `output_dir`.
@@ -261,9 +331,13 @@ def export_to_transformers(
             )
         image_processor = AutoImageProcessor.from_pretrained(model_or_path)
     model = load_pretrained_beit(model_or_path) if isinstance(model_or_path, (str, os.PathLike)) else model_or_path
-    exported = to_transformers_beit(model, pooling, per_layer_relative_position_bias)
+    overrides = {} if image_size is None else {"image_size": image_size}
+    exported = to_transformers_beit(model, pooling, per_layer_relative_position_bias, **overrides)
     exported.save_pretrained(output_dir)
-    to_beit_image_processor(encoder_image_processor(image_processor, resolve_encoder(model).config)).save_pretrained(output_dir)
+    view = encoder_image_processor(image_processor, resolve_encoder(model).config)
+    if image_size is not None:
+        view = image_processor_at_size(view, image_size)
+    to_beit_image_processor(view).save_pretrained(output_dir)
     return str(output_dir)
 
 
@@ -276,6 +350,9 @@ class ExportArguments:
     per_layer_relative_position_bias: bool = field(
         default=False, metadata={"help": "Copy the shared relative position bias into every layer (for fine-tuning)"}
     )
+    image_size: int | None = field(
+        default=None, metadata={"help": "Export for another input size (e.g. 384): resizes the relative position bias"}
+    )
     token: str | None = None
 
 
@@ -283,7 +360,9 @@ def main(argv=None) -> str:
     (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
     image_processor = AutoImageProcessor.from_pretrained(args.image_processor_name or args.model_name_or_path, token=args.token)
     model = load_pretrained_beit(args.model_name_or_path, token=args.token)
-    export_to_transformers(model, args.output_dir, image_processor, args.pooling, args.per_layer_relative_position_bias)
+    export_to_transformers(
+        model, args.output_dir, image_processor, args.pooling, args.per_layer_relative_position_bias, args.image_size
+    )
     print(f"Wrote a transformers BEiT checkpoint (model_type 'beit', {args.pooling} pooling) to {args.output_dir}")
     return args.output_dir
 
@@ -295,9 +374,11 @@ __all__ = [
     "encoder_image_processor",
     "export_state_dict",
     "export_to_transformers",
+    "image_processor_at_size",
     "load_pretrained_beit",
     "main",
     "normalizes_inside",
+    "resize_relative_position_bias_table",
     "resolve_encoder",
     "to_beit_image_processor",
     "to_transformers_beit",
