@@ -63,6 +63,7 @@ def test_tiny_logits_indices_and_decode():
     output = model(pixels)
     assert torch.allclose(output.reconstruction, images, atol=1e-6)
     assert torch.allclose(output.logits, logits)
+    assert torch.equal(output.indices, indices)
 
 
 def test_tokens_are_fp32_under_autocast():
@@ -98,6 +99,8 @@ def test_training_forward_losses_and_gradients():
     assert output.reconstruction.shape == (2, 3, 32, 32)
     assert 0 <= output.kl_loss <= math.log(64) + 1e-5
     assert torch.allclose(output.loss, output.reconstruction_loss + 0.1 * output.kl_loss)
+    # The tokens are the posterior's argmax also while the decoder sees Gumbel samples.
+    assert torch.equal(output.indices, output.logits.argmax(-1))
     output.loss.backward()
     assert model.encoder.input_conv.weight.grad.abs().sum() > 0
     assert model(pixels, return_loss=False).loss is None
@@ -405,12 +408,12 @@ def test_training_lowers_reconstruction_error_and_uses_many_codes(tmp_path):
     print(f"argmax reconstruction MSE {error_before:.4f} -> {error_after:.4f}, {codes_used} codes used")
     assert error_after < 0.3 * error_before, (error_before, error_after)
     assert codes_used >= 12, codes_used
-    logs = [entry for entry in trainer.state.log_history if "codes_used" in entry]
+    logs = [entry for entry in trainer.state.log_history if "codebook_usage" in entry]
     assert len(logs) == 6
     assert logs[-1]["temperature"] == pytest.approx(1 / 16)
     assert logs[0]["temperature"] > logs[-1]["temperature"]
     assert logs[-1]["kl_weight"] == pytest.approx(1e-3)
-    assert 1 <= logs[-1]["code_perplexity"] <= logs[-1]["codes_used"] <= 64
+    assert 1 <= logs[-1]["codebook_perplexity"] <= logs[-1]["codebook_usage"] * 64 + 1e-9 and logs[-1]["codebook_usage"] <= 1
     assert logs[-1]["reconstruction_loss"] < logs[0]["reconstruction_loss"]
 
 
@@ -456,7 +459,7 @@ def test_train_tokenizer_main_saves_a_reloadable_tokenizer(tmp_path, image_folde
     for name in ("model.safetensors", "modeling_dvae.py", "configuration_dvae.py", "image_processing_dvae.py"):
         assert (output_dir / name).exists(), name
     history = json.loads((output_dir / "trainer_state.json").read_text())["log_history"]
-    assert all("codes_used" in entry for entry in history if "loss" in entry)
+    assert all("codebook_usage" in entry for entry in history if "loss" in entry)
 
     # Continue training from the saved tokenizer.
     continued = tmp_path / "continued"

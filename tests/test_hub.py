@@ -259,8 +259,8 @@ def test_card_shows_training_configuration_and_codebook_usage(tmp_path):
         "global_step": 40,
         "epoch": 2.5,
         "log_history": [
-            {"step": 20, "loss": 0.5, "codes_used": 10, "code_perplexity": 8.0},
-            {"step": 40, "loss": 0.25, "codes_used": 48, "code_perplexity": 40.5, "reconstruction_loss": 0.125},
+            {"step": 20, "loss": 0.5, "codebook_usage": 0.15625, "codebook_perplexity": 8.0},
+            {"step": 40, "loss": 0.25, "codebook_usage": 0.75, "codebook_perplexity": 40.5, "reconstruction_loss": 0.125},
             {"step": 40, "train_runtime": 3.0, "train_loss": 0.375},
         ],
     }
@@ -269,7 +269,7 @@ def test_card_shows_training_configuration_and_codebook_usage(tmp_path):
     assert "Trained for 40 optimisation steps (2.50 epochs)" in text
     assert "| `learning_rate` | 0.0003 |" in text and "| `max_steps` | 40 |" in text and "| `seed` | 7 |" in text
     assert "| `reconstruction_loss` | 0.125 |" in text
-    assert "used 48 of them\n(75.0%), with a code perplexity of 40.5" in text
+    assert "used 48 of them\n(75.0%, `codebook_usage`), with a codebook perplexity of 40.5 (`codebook_perplexity`" in text
     assert "your-username/" in text  # no repo id yet: a placeholder, never a wrong one
 
 
@@ -350,7 +350,7 @@ def test_train_tokenizer_writes_the_card(tmp_path, image_folder):
     text = (output_dir / "README.md").read_text()
     assert {"hf_mim", "visual-tokenizer", "dall-e-dvae"} <= set(front_matter(text)["tags"])
     logged = [entry for entry in json.loads((output_dir / "trainer_state.json").read_text())["log_history"] if "loss" in entry]
-    assert f"used {logged[-1]['codes_used']} of them" in text
+    assert f"used {round(logged[-1]['codebook_usage'] * 64)} of them" in text
     assert "Trained for 2 optimisation steps" in text and "fine-tuned version of" not in text
 
 

@@ -299,6 +299,7 @@ def test_train_tokenizer_fits_saves_and_evaluates(image_folder, tmp_path):
     metrics = main(train_tokenizer_args(image_folder, tmp_path, "--do_eval", "--train_val_split", "0.25"))
     assert metrics["train_num_patches"] == 18 * 6
     assert metrics["eval_num_patches"] == 6 * 16 and 0 < metrics["eval_codebook_usage"] <= 1
+    assert 1 <= metrics["eval_codebook_perplexity"] <= metrics["eval_codebook_usage"] * 12 + 1e-9
     tokenizer = AutoModel.from_pretrained(tmp_path)
     assert type(tokenizer) is KmeansModel and tokenizer.config.codebook_size == 12
     assert tokenizer.centroids.abs().sum() > 0

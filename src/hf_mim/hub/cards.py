@@ -270,21 +270,18 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def codebook_usage(codebook_size: int, metrics: dict) -> dict:
+def codebook_summary(codebook_size: int, metrics: dict) -> dict:
     """Codebook facts of a tokenizer: its size and the usage its trainer last logged.
 
-    Tokenizer trainers log either a count of distinct codes (`codes_used`) or a fraction of the codebook
-    (`codebook_usage`), and a perplexity (`code_perplexity` / `codebook_perplexity`).
+    Tokenizer trainers log `codebook_usage` (the fraction of the codes used) and `codebook_perplexity`
+    (`hf_mim.models.codebook_metrics`); `used` is the number of codes that fraction stands for.
     """
-    used, fraction = metrics.get("codes_used"), metrics.get("codebook_usage")
-    if used is None and fraction is not None:
-        used = fraction * codebook_size
-    perplexity = metrics.get("code_perplexity", metrics.get("codebook_perplexity"))
+    fraction = metrics.get("codebook_usage")
     return {
         "size": codebook_size,
-        "used": used,
-        "used_fraction": None if used is None else used / codebook_size,
-        "perplexity": perplexity,
+        "used": None if fraction is None else round(fraction * codebook_size),
+        "used_fraction": fraction,
+        "perplexity": metrics.get("codebook_perplexity"),
     }
 
 
@@ -340,7 +337,7 @@ def card_context(
     Template variables: `repo_id`, `model_name`, `config` (the config dict), `tokenizer` (a MIM
     model's tokenizer config dict, else `None`), `has_tokenizer_subfolder`, `parameters` (`total`,
     `tokenizer`), `image_size`, `fine_tuned`, `training` (see `training_summary`, or `None`),
-    `codebook` (tokenizers: see `codebook_usage`), `results` (list of dicts with `protocol`,
+    `codebook` (tokenizers: see `codebook_summary`), `results` (list of dicts with `protocol`,
     `dataset`, `metric`, `value`, `split`) and `datasets`.
 
     Args:
@@ -404,7 +401,7 @@ def card_context(
         "fine_tuned": fine_tuned,
         "training": training,
         "codebook": (
-            codebook_usage(config["codebook_size"], training["metrics"] if training else {})
+            codebook_summary(config["codebook_size"], training["metrics"] if training else {})
             if family.kind == "tokenizer"
             else None
         ),

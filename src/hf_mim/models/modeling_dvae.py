@@ -30,6 +30,9 @@ class DvaeOutput(ModelOutput):
         Decoded images in [0, 1].
     logits (`torch.FloatTensor` of shape `(batch_size, grid_size**2, codebook_size)`):
         Code logits of every grid position, row-major.
+    indices (`torch.LongTensor` of shape `(batch_size, grid_size**2)`):
+        The argmax code of every grid position, row-major (in training mode the decoder sees Gumbel-softmax samples
+        instead).
     """
 
     loss: torch.FloatTensor | None = None
@@ -37,6 +40,7 @@ class DvaeOutput(ModelOutput):
     kl_loss: torch.FloatTensor | None = None
     reconstruction: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
+    indices: torch.LongTensor | None = None
 
 
 class DvaeResidualBlock(nn.Module):
@@ -247,10 +251,11 @@ class DvaeModel(DvaePreTrainedModel):
         self.check_input(pixel_values)
         logits = self.encoder(pixel_values)
         log_probs = logits.float().log_softmax(dim=1)
+        indices = logits.argmax(dim=1)
         if self.training:
             codes = F.gumbel_softmax(logits.float(), tau=temperature, dim=1)
         else:
-            codes = F.one_hot(logits.argmax(dim=1), self.config.codebook_size).permute(0, 3, 1, 2).float()
+            codes = F.one_hot(indices, self.config.codebook_size).permute(0, 3, 1, 2).float()
         means = self._pixel_means(self.decoder(codes.to(logits.dtype)))
         reconstruction_loss = F.mse_loss(means, self._unmap_pixels(pixel_values.float()))
         kl_loss = (log_probs.exp() * log_probs).sum(dim=1).mean() + math.log(self.config.codebook_size)
@@ -260,6 +265,7 @@ class DvaeModel(DvaePreTrainedModel):
             kl_loss=kl_loss,
             reconstruction=means.clamp(0.0, 1.0),
             logits=logits.flatten(2).transpose(1, 2),
+            indices=indices.flatten(1),
         )
 
 

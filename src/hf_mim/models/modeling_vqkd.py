@@ -38,10 +38,6 @@ class VqkdOutput(ModelOutput):
         Mean of `1 - cos(prediction, target)` over all patches, when `target_features` are given.
     commitment_loss (`torch.FloatTensor` of shape `()`):
         `commitment_weight` times the mean squared distance between the l2-normalised encoder features and their codes.
-    codebook_usage (`torch.FloatTensor` of shape `()`):
-        Fraction of the codes selected at least once in this batch (over all processes while training).
-    codebook_perplexity (`torch.FloatTensor` of shape `()`):
-        `exp` of the entropy of the batch's code frequencies: the number of equally used codes it is worth.
     codebook_restarts (`torch.FloatTensor` of shape `()`):
         Dead codes re-seeded in this training step (`dead_code_restart_steps`).
     indices (`torch.LongTensor` of shape `(batch_size, grid_size**2)`):
@@ -53,8 +49,6 @@ class VqkdOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     reconstruction_loss: torch.FloatTensor | None = None
     commitment_loss: torch.FloatTensor | None = None
-    codebook_usage: torch.FloatTensor | None = None
-    codebook_perplexity: torch.FloatTensor | None = None
     codebook_restarts: torch.FloatTensor | None = None
     indices: torch.LongTensor | None = None
     predicted_features: torch.FloatTensor | None = None
@@ -100,14 +94,6 @@ def _all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(gathered, padded)
     return torch.cat([rows[:n] for rows, n in zip(gathered, counts)])
-
-
-def code_usage(counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fraction of codes used and perplexity (`exp` of the entropy) of per-code selection `counts`."""
-    total = counts.sum().clamp_min(1)
-    frequencies = counts / total
-    entropy = -(frequencies * frequencies.clamp_min(1e-12).log()).sum()
-    return (counts > 0).float().mean(), entropy.exp()
 
 
 @torch.no_grad()
@@ -385,13 +371,10 @@ class VqkdModel(VqkdPreTrainedModel):
             reconstruction_loss = (1 - cosine).mean()
             if return_loss:
                 loss = reconstruction_loss + quantized.commitment_loss
-        usage, perplexity = code_usage(quantized.counts)
         return VqkdOutput(
             loss=loss,
             reconstruction_loss=reconstruction_loss,
             commitment_loss=quantized.commitment_loss,
-            codebook_usage=usage,
-            codebook_perplexity=perplexity,
             codebook_restarts=quantized.restarted_codes,
             indices=quantized.indices,
             predicted_features=predicted,
@@ -404,6 +387,5 @@ __all__ = [
     "VqkdModel",
     "VqkdOutput",
     "VqkdPreTrainedModel",
-    "code_usage",
     "spherical_kmeans",
 ]

@@ -3,18 +3,17 @@
 DALL-E trains the dVAE on a Gumbel-softmax relaxation of the code posterior whose temperature is annealed
 from 1 to 1/16, with the KL divergence to a uniform prior switched on gradually. `DvaeTrainer` sets both per
 optimisation step from the training progress and logs what tells a healthy tokenizer from a collapsed one:
-the reconstruction error, how many distinct codes the window's argmax tokens used (over all processes), and
-the perplexity of that code distribution.
+the reconstruction error, and the `codebook_usage` and `codebook_perplexity` of the window's argmax tokens (over
+all processes).
 """
 
 import math
 
-import torch
 from transformers import TrainingArguments
 
 from ..models.configuration_dvae import DvaeConfig
 from ..models.image_processing_dvae import DvaeImageProcessor
-from .trainer import MimTrainer
+from .tokenizer_trainer import TokenizerTrainer
 
 TEMPERATURE_SCHEDULES = ("cosine", "exponential")
 
@@ -47,13 +46,12 @@ def dvae_image_processor(config: DvaeConfig) -> DvaeImageProcessor:
     )
 
 
-class DvaeTrainer(MimTrainer):
+class DvaeTrainer(TokenizerTrainer):
     r"""`Trainer` for [`DvaeModel`]: anneals the Gumbel temperature, ramps the KL weight and logs codebook usage.
 
     Besides the `MimTrainer` window means of `reconstruction_loss` (MSE in [0, 1] pixel units) and `kl_loss`, every
-    training log carries `temperature`, `kl_weight`, `codes_used` (distinct argmax codes in the logging window,
-    counted over all processes) and `code_perplexity` (exp of the entropy of their frequencies; equals
-    `codes_used` when all are used equally).
+    training log carries `temperature`, `kl_weight`, and the `TokenizerTrainer`'s `codebook_usage` and
+    `codebook_perplexity` of the argmax codes in the logging window.
 
     Args:
         temperature_start (`float`, *optional*, defaults to 1.0):
@@ -103,7 +101,6 @@ class DvaeTrainer(MimTrainer):
         self.anneal_fraction = anneal_fraction
         self.kl_weight = kl_weight
         self.kl_warmup_fraction = kl_warmup_fraction
-        self._code_counts: torch.Tensor | None = None
 
     def _progress(self) -> float:
         return self.state.global_step / max(self.state.max_steps, 1)
@@ -121,29 +118,12 @@ class DvaeTrainer(MimTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {**inputs, "temperature": self.current_temperature(), "kl_weight": self.current_kl_weight()}
-        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if model.training:
-            codes = outputs.logits.detach().argmax(dim=-1).flatten()
-            counts = torch.bincount(codes, minlength=outputs.logits.shape[-1]).float()
-            self._code_counts = counts if self._code_counts is None else self._code_counts + counts
-        return (loss, outputs) if return_outputs else loss
+        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
             logs["temperature"] = self.current_temperature()
             logs["kl_weight"] = self.current_kl_weight()
-            codebook_size = self.accelerator.unwrap_model(self.model).config.codebook_size
-            counts = self._code_counts
-            if counts is None:
-                counts = torch.zeros(codebook_size, device=self.accelerator.device)
-            # Every rank reaches this log together (the Trainer gathers the loss just before), so reduce here.
-            counts = self.accelerator.reduce(counts.to(self.accelerator.device), reduction="sum")
-            self._code_counts = None
-            if counts.sum() > 0:
-                frequencies = counts / counts.sum()
-                entropy = -(frequencies * frequencies.clamp_min(1e-12).log()).sum()
-                logs["codes_used"] = int((counts > 0).sum().item())
-                logs["code_perplexity"] = math.exp(entropy.item())
         super().log(logs, start_time)
 
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from ..data import SkippedImageCounter, TwoViewTransform, apply_transform, decode_image
 from ..hub.cards import write_model_card
 from ..hub.push import push_folder
+from ..models.codebook_metrics import codebook_metrics
 from ..models.configuration_kmeans import KmeansConfig
 from ..models.image_processing_kmeans import KmeansImageProcessor
 from ..models.modeling_kmeans import KmeansModel, nearest_centroids, patchify
@@ -694,18 +695,19 @@ def fit_tokenizer_for_mim(
 
 @torch.no_grad()
 def _evaluate(tokenizer: KmeansModel, image_processor, dataset, image_column, fit_args, seed, num_workers):
-    """Mean squared distance of validation patches to their centroid, and the fraction of centroids in use."""
+    """Mean squared distance of validation patches to their centroid, and the codebook usage and perplexity of their
+    nearest centroids."""
     patches, _ = sample_patches(
         dataset, image_column, image_processor, tokenizer.config.patch_size, seed=seed,
         batch_size=fit_args.kmeans_batch_size, num_workers=num_workers, show_progress=False,
     )
     ids, sq_distances = nearest_centroids(_as_float(patches), tokenizer.centroids)
     totals = torch.stack([sq_distances.sum(dtype=torch.float64), torch.tensor(len(patches), dtype=torch.float64)])
-    usage = torch.bincount(ids, minlength=tokenizer.config.codebook_size)
-    _all_reduce_(totals, usage)
+    counts = torch.bincount(ids, minlength=tokenizer.config.codebook_size)
+    _all_reduce_(totals, counts)
     return {
         "eval_mean_sq_distance": float(totals[0] / totals[1].clamp(min=1)),
-        "eval_codebook_usage": float((usage > 0).float().mean()),
+        **{f"eval_{name}": value for name, value in codebook_metrics(counts).items()},
         "eval_num_patches": int(totals[1]),
     }
 

@@ -22,7 +22,7 @@ from transformers import (
 
 from ..models.configuration_vqkd import VqkdConfig
 from ..models.image_processing_vqkd import VqkdImageProcessor
-from .trainer import MimTrainer
+from .tokenizer_trainer import TokenizerTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -160,12 +160,12 @@ def load_teacher(
     return VqkdTeacher(model, mean, std, grid_size=grid_size, feature_layer=feature_layer)
 
 
-class VqkdTrainer(MimTrainer):
+class VqkdTrainer(TokenizerTrainer):
     r"""`Trainer` for [`VqkdModel`]: computes the teacher's target features of every batch.
 
     Besides `loss`, every log carries the window means of `reconstruction_loss` (1 - cosine to the teacher),
-    `commitment_loss`, `codebook_usage` (fraction of codes used per batch, over all processes) and
-    `codebook_perplexity`, which `MimTrainer` collects from the model's outputs.
+    `commitment_loss` and `codebook_restarts`, which `MimTrainer` collects from the model's outputs, and the
+    `TokenizerTrainer`'s `codebook_usage` and `codebook_perplexity` of the codes assigned in the logging window.
 
     Args:
         teacher ([`VqkdTeacher`]):

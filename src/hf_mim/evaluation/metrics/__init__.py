@@ -5,7 +5,8 @@ the installed package: `load_metric("accuracy")`, or `evaluate.load(metric_path(
 
 - `accuracy`: top-1 of class predictions.
 - `masked_accuracy`: token accuracy over the masked patches of each image (per-image token grids plus masks).
-- `codebook_usage`: a measurement of token ids: how many codes are used and the perplexity of their distribution.
+- `codebook_usage`: a measurement of token ids: how many codes are used (`num_used_codes`, and the fraction
+  `codebook_usage`) and the `codebook_perplexity` of their distribution.
 """
 
 import os

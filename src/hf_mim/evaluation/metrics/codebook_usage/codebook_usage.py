@@ -1,11 +1,15 @@
 """How much of a visual tokenizer's codebook a set of token ids uses, shipped with hf_mim.
 
-A collapsing tokenizer uses few codes (unilm#877); usage and perplexity are the standard diagnostics.
+A collapsing tokenizer uses few codes (unilm#877); usage and perplexity are the standard diagnostics. They are
+computed by `hf_mim.models.codebook_metrics`, as in the tokenizer trainers' logs, so the numbers and names agree.
 """
 
 import datasets
 import evaluate
 import numpy as np
+import torch
+
+from hf_mim.models.codebook_metrics import codebook_metrics
 
 _DESCRIPTION = (
     "Counts the distinct codes among the token ids and the perplexity exp(H) of their empirical distribution "
@@ -18,12 +22,12 @@ Args:
     codebook_size (`int`): Number of codes of the tokenizer.
 Returns:
     num_used_codes (`int`): Distinct codes among the token ids.
-    codebook_usage (`float`): num_used_codes / codebook_size.
-    perplexity (`float`): exp of the entropy of the code frequencies.
+    codebook_usage (`float`): The fraction num_used_codes / codebook_size.
+    codebook_perplexity (`float`): exp of the entropy of the code frequencies.
 Examples:
     >>> measurement = evaluate.load("<hf_mim>/evaluation/metrics/codebook_usage")
     >>> measurement.compute(token_ids=[0, 1, 1, 3], codebook_size=8)
-    {'num_used_codes': 3, 'codebook_usage': 0.375, 'perplexity': 2.82842712474619}
+    {'num_used_codes': 3, 'codebook_usage': 0.375, 'codebook_perplexity': 2.82842712474619}
 """
 
 
@@ -46,10 +50,4 @@ class CodebookUsage(evaluate.Measurement):
         if token_ids.min() < 0 or token_ids.max() >= codebook_size:
             raise ValueError(f"Token ids must be in [0, {codebook_size}); got {token_ids.min()}..{token_ids.max()}")
         counts = np.bincount(token_ids, minlength=codebook_size)
-        frequencies = counts[counts > 0] / token_ids.size
-        used = int((counts > 0).sum())
-        return {
-            "num_used_codes": used,
-            "codebook_usage": used / codebook_size,
-            "perplexity": float(np.exp(-(frequencies * np.log(frequencies)).sum())),
-        }
+        return {"num_used_codes": int((counts > 0).sum()), **codebook_metrics(torch.from_numpy(counts))}
