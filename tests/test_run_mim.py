@@ -126,3 +126,50 @@ def test_no_action_is_an_error_not_a_silent_success(tiny_dvae_dir, image_folder,
     args = [a for a in run_mim_args(tiny_dvae_dir, image_folder, tmp_path) if a != "--do_train"]
     with pytest.raises(ValueError, match="Nothing to do"):
         main(args)
+
+
+def test_config_overrides_set_geometry_and_a_matching_vocab_size(tiny_dvae_dir, image_folder, tmp_path):
+    # No --image_size/--patch_size: the geometry comes from the overrides alone. vocab_size may repeat the tokenizer's
+    # codebook size (it used to be passed twice to the config: "got multiple values for keyword argument").
+    args = run_mim_args(tiny_dvae_dir, image_folder, tmp_path, "--max_steps", "1", "--save_strategy", "no")
+    for flag in ("--image_size", "--patch_size"):
+        del args[args.index(flag) : args.index(flag) + 2]
+    args[args.index("--config_overrides") + 1] = f"{TINY},image_size=32,patch_size=8,vocab_size=64,drop_path_rate=0.2"
+    main(args)
+    config = AutoModelForMaskedImageModeling.from_pretrained(tmp_path).config
+    assert (config.image_size, config.patch_size, config.vocab_size, config.drop_path_rate) == (32, 8, 64, 0.2)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("vocab_size=512", "vocab_size=512 conflicts with the tokenizer's codebook_size=64.*codebook_size=512"),
+        ("image_size=64", "--image_size 32 and --config_overrides image_size=64 disagree"),
+        ("tokenizer_config=x", "cannot set tokenizer_config.*--tokenizer_name_or_path"),
+        ("hidden_size", "name=value pairs, got 'hidden_size'"),
+    ],
+)
+def test_config_overrides_that_conflict_with_derived_values_are_clear_errors(
+    tiny_dvae_dir, image_folder, tmp_path, override, message
+):
+    args = run_mim_args(tiny_dvae_dir, image_folder, tmp_path, "--max_steps", "1")
+    args[args.index("--config_overrides") + 1] = f"{TINY},{override}"
+    with pytest.raises(ValueError, match=message):
+        main(args)
+
+
+def test_vocab_size_override_with_fit_tokenizer_names_fit_codebook_size(image_folder, tmp_path, monkeypatch):
+    import hf_mim.training.run_mim as run_mim
+
+    monkeypatch.setattr(run_mim, "fit_tokenizer_for_mim", lambda *args, **kwargs: pytest.fail("fitted first"))
+    with pytest.raises(ValueError, match="vocab_size=32 conflicts .* codebook_size=16.*--fit_codebook_size 32"):
+        main(["--model_type", "ccvit", "--fit_tokenizer", "--fit_codebook_size", "16", "--train_dir", image_folder,
+              "--image_size", "32", "--patch_size", "8", "--config_overrides", f"{TINY},vocab_size=32",
+              "--output_dir", str(tmp_path), "--do_train", "--use_cpu", "--report_to", "none"])
+
+
+def test_architecture_flags_with_a_checkpoint_are_an_error_not_ignored(tiny_mim_dir, image_folder, tmp_path):
+    with pytest.raises(ValueError, match="--config_overrides, --image_size describe a model trained from scratch"):
+        main(["--model_type", "beit", "--model_name_or_path", tiny_mim_dir, "--train_dir", image_folder,
+              "--config_overrides", "drop_path_rate=0.2", "--image_size", "32", "--output_dir", str(tmp_path),
+              "--do_train", "--use_cpu", "--report_to", "none"])

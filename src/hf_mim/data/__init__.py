@@ -5,6 +5,12 @@ per example seeded by (seed, epoch, index) when `apply_transform` is given a see
 scripts do, so that a resumed run redraws exactly the same data), else from torch's global RNG.
 """
 
+from .arguments import (
+    ImageDatasetArguments,
+    LabelledImageDatasetArguments,
+    StreamingImageDatasetArguments,
+    load_image_datasets_from_args,
+)
 from .augment import RAND_AUGMENT_OPS, RandAugment, RandomErasing, parse_rand_augment
 from .collator import MimDataCollator
 from .datasets import SeededTransformedDataset, apply_transform, example_rng, load_image_datasets
@@ -21,6 +27,8 @@ from .transforms import TwoViewTransform, random_resized_crop_box
 
 __all__ = [
     "BlockwiseMaskingGenerator",
+    "ImageDatasetArguments",
+    "LabelledImageDatasetArguments",
     "MimDataCollator",
     "RAND_AUGMENT_OPS",
     "RandAugment",
@@ -29,11 +37,13 @@ __all__ = [
     "ReplacementPositionGenerator",
     "SeededTransformedDataset",
     "SkippedImageCounter",
+    "StreamingImageDatasetArguments",
     "TwoViewTransform",
     "apply_transform",
     "decode_image",
     "example_rng",
     "load_image_datasets",
+    "load_image_datasets_from_args",
     "numpy_rng_from_torch",
     "parse_rand_augment",
     "random_resized_crop_box",

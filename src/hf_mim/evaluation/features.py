@@ -20,7 +20,14 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from transformers import AutoImageProcessor
 
-from ..data import MimDataCollator, SkippedImageCounter, TwoViewTransform, apply_transform, load_image_datasets
+from ..data import (
+    LabelledImageDatasetArguments,
+    MimDataCollator,
+    SkippedImageCounter,
+    TwoViewTransform,
+    apply_transform,
+    load_image_datasets_from_args,
+)
 from .export import encoder_image_processor, load_pretrained_beit, resolve_encoder
 
 logger = logging.getLogger(__name__)
@@ -208,23 +215,15 @@ def extract_features(
     return result
 
 
-@dataclass
-class FeatureArguments:
+# Keyword-only, so that the required model_name_or_path may follow the dataset options' defaults.
+@dataclass(kw_only=True)
+class FeatureArguments(LabelledImageDatasetArguments):
     """Model, data and feature options shared by `run_linear_probe.py` and `run_knn.py`."""
 
     model_name_or_path: str = field(
         metadata={"help": "An hf_mim MIM checkpoint or encoder, or a transformers BEiT checkpoint (folder or Hub id)"}
     )
     image_processor_name: str | None = field(default=None, metadata={"help": "Image processor (default: the model's)"})
-    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset, or 'imagefolder' with --train_dir"})
-    dataset_config_name: str | None = None
-    train_dir: str | None = field(default=None, metadata={"help": "Labelled training images, one folder per class"})
-    validation_dir: str | None = field(default=None, metadata={"help": "Labelled evaluation images, one folder per class"})
-    train_val_split: float = field(default=0.0, metadata={"help": "Fraction of train used for evaluation if there is no validation split"})
-    image_column_name: str | None = None
-    label_column_name: str = "label"
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
     layers: list[int] = field(
         default_factory=lambda: [-1],
         metadata={"help": "Hidden-state indices to evaluate (0 = embeddings, -1 = last block); the best is reported"},
@@ -242,21 +241,9 @@ class FeatureArguments:
 
 def load_features(args: FeatureArguments) -> tuple[FeatureSet, FeatureSet]:
     """Training and evaluation features as `args` describe them."""
-    raw, image_column = load_image_datasets(
-        dataset_name=args.dataset_name,
-        dataset_config_name=args.dataset_config_name,
-        train_dir=args.train_dir,
-        validation_dir=args.validation_dir,
-        train_val_split=args.train_val_split,
-        image_column_name=args.image_column_name,
-        cache_dir=args.cache_dir,
-        max_train_samples=args.max_train_samples,
-        max_eval_samples=args.max_eval_samples,
-        seed=args.seed,
-        token=args.token,
+    raw, image_column = load_image_datasets_from_args(
+        args, args.seed, args.cache_dir, args.token, require_validation=True
     )
-    if "validation" not in raw:
-        raise ValueError("Evaluation needs a validation split: pass --validation_dir or --train_val_split 0.2")
     for split in ("train", "validation"):
         if args.label_column_name not in raw[split].column_names:
             raise ValueError(

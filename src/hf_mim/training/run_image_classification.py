@@ -15,7 +15,14 @@ import torch
 from datasets import ClassLabel
 from transformers import AutoImageProcessor, BeitForImageClassification, HfArgumentParser, TrainingArguments, set_seed
 
-from ..data import MimDataCollator, SkippedImageCounter, TwoViewTransform, apply_transform, load_image_datasets
+from ..data import (
+    LabelledImageDatasetArguments,
+    MimDataCollator,
+    SkippedImageCounter,
+    TwoViewTransform,
+    apply_transform,
+    load_image_datasets_from_args,
+)
 from ..evaluation.export import (
     POOLINGS,
     encoder_image_processor,
@@ -49,16 +56,7 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset, or 'imagefolder' with --train_dir"})
-    dataset_config_name: str | None = None
-    train_dir: str | None = field(default=None, metadata={"help": "Training images, one folder per class"})
-    validation_dir: str | None = field(default=None, metadata={"help": "Validation images, one folder per class"})
-    train_val_split: float = field(default=0.0, metadata={"help": "Fraction of train held out when there is no validation split"})
-    image_column_name: str | None = None
-    label_column_name: str = "label"
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
+class DataArguments(LabelledImageDatasetArguments):
     crop_min_scale: float = field(default=0.08, metadata={"help": "Random-resized-crop minimum area"})
     color_jitter: float = 0.4
     mixup: float = field(default=0.0, metadata={"help": "Mixup alpha (BEiT recipes: 0.8); 0 disables"})
@@ -169,21 +167,9 @@ def main(argv=None) -> dict[str, float]:
     setup_logging(training_args)
     set_seed(training_args.seed)
 
-    raw, image_column = load_image_datasets(
-        dataset_name=data_args.dataset_name,
-        dataset_config_name=data_args.dataset_config_name,
-        train_dir=data_args.train_dir,
-        validation_dir=data_args.validation_dir,
-        train_val_split=data_args.train_val_split,
-        image_column_name=data_args.image_column_name,
-        cache_dir=model_args.cache_dir,
-        max_train_samples=data_args.max_train_samples,
-        max_eval_samples=data_args.max_eval_samples,
-        seed=training_args.seed,
-        token=model_args.token,
+    raw, image_column = load_image_datasets_from_args(
+        data_args, training_args.seed, model_args.cache_dir, model_args.token, require_validation=training_args.do_eval
     )
-    if training_args.do_eval and "validation" not in raw:
-        raise ValueError("--do_eval needs a validation split: pass --validation_dir or --train_val_split 0.1")
     raw, class_names = encode_labels(raw, data_args.label_column_name)
 
     hub_kwargs = {

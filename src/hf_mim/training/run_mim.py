@@ -22,9 +22,10 @@ from ..data import (
     RandomMaskingGenerator,
     ReplacementPositionGenerator,
     SkippedImageCounter,
+    StreamingImageDatasetArguments,
     TwoViewTransform,
     apply_transform,
-    load_image_datasets,
+    load_image_datasets_from_args,
     scale_num_patches,
 )
 from ..hub.callbacks import HubFilesCallback
@@ -95,7 +96,9 @@ class ModelArguments(KmeansFitArguments):
     image_size: int | None = field(default=None, metadata={"help": "ViT input size (default 224)"})
     patch_size: int | None = field(default=None, metadata={"help": "ViT patch size (default 16)"})
     config_overrides: str | None = field(
-        default=None, metadata={"help": "Config overrides when training from scratch, e.g. 'drop_path_rate=0.0,layer_scale_init_value=0.1'"}
+        default=None,
+        metadata={"help": "Config overrides when training from scratch, e.g. 'drop_path_rate=0.0,layer_scale_init_value=0.1' "
+                  "(vocab_size is the tokenizer's codebook size)"},
     )
     image_processor_name: str | None = field(default=None, metadata={"help": "Image processor of the ViT view"})
     fit_tokenizer: bool = field(
@@ -113,16 +116,7 @@ class ModelArguments(KmeansFitArguments):
 
 
 @dataclass
-class DataArguments:
-    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset, or 'imagefolder' with --train_dir"})
-    dataset_config_name: str | None = None
-    train_dir: str | None = field(default=None, metadata={"help": "A folder of images (imagefolder layout)"})
-    validation_dir: str | None = None
-    train_val_split: float = field(default=0.0, metadata={"help": "Fraction of train held out when there is no validation split"})
-    image_column_name: str | None = None
-    streaming: bool = False
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
+class DataArguments(StreamingImageDatasetArguments):
     crop_min_scale: float = field(default=0.08, metadata={"help": "Random-resized-crop minimum area (BEiT v2 recipe: 0.2)"})
     color_jitter: float | None = field(default=None, metadata={"help": "Colour jitter strength (default 0.4; mcbeit: 0)"})
     masking: str | None = field(
@@ -204,21 +198,68 @@ def parse_config_overrides(config_class, overrides: str | None) -> dict:
     """`'a=1,b=x'` as typed keyword arguments, using the types of the config's defaults."""
     if not overrides:
         return {}
+    items = [item.split("=", 1) for item in overrides.split(",")]
+    malformed = [item[0] for item in items if len(item) != 2 or not item[0].strip()]
+    if malformed:
+        raise ValueError(
+            f"--config_overrides takes comma-separated name=value pairs, got {malformed[0]!r} in {overrides!r}"
+        )
+    names = [name.strip() for name, _ in items]
+    if "tokenizer_config" in names:
+        raise ValueError(
+            "--config_overrides cannot set tokenizer_config: it is the config of the tokenizer that supplies the "
+            "targets; pass that tokenizer with --tokenizer_name_or_path"
+        )
     probe = config_class()
-    probe.update_from_string(overrides)
-    return {item.split("=", 1)[0].strip(): getattr(probe, item.split("=", 1)[0].strip()) for item in overrides.split(",")}
+    probe.update_from_string(",".join(f"{name}={value}" for name, (_, value) in zip(names, items)))
+    return {name: getattr(probe, name) for name in names}
+
+
+def config_kwargs(model_args: ModelArguments) -> dict:
+    """Keyword arguments of a MIM config trained from scratch: the `--model_size` preset, then `--image_size` and
+    `--patch_size`, then `--config_overrides`. A flag and an override that disagree are an error, not a silent pick."""
+    config_class, _ = MIM_MODELS[model_args.model_type]
+    if model_args.model_size not in MODEL_SIZES:
+        raise ValueError(f"--model_size must be one of {list(MODEL_SIZES)}, got {model_args.model_size!r}")
+    overrides = parse_config_overrides(config_class, model_args.config_overrides)
+    kwargs = dict(MODEL_SIZES[model_args.model_size])
+    for name in ("image_size", "patch_size"):
+        flag = getattr(model_args, name)
+        if flag is None:
+            continue
+        if overrides.get(name, flag) != flag:
+            raise ValueError(
+                f"--{name} {flag} and --config_overrides {name}={overrides[name]} disagree; give the {name} once"
+            )
+        kwargs[name] = flag
+    return {**kwargs, **overrides}
+
+
+def check_vocab_size(kwargs: dict, codebook_size: int, model_args: ModelArguments) -> None:
+    """The LM head predicts the tokenizer's codes, so a `vocab_size` override may only repeat the codebook size."""
+    vocab_size = kwargs.get("vocab_size", codebook_size)
+    if vocab_size == codebook_size:
+        return
+    if model_args.fit_tokenizer:
+        fix = f"pass --fit_codebook_size {vocab_size} instead"
+    else:
+        fix = (
+            f"use a tokenizer with {vocab_size} codes (scripts/train_tokenizer.py --config_overrides "
+            f"codebook_size={vocab_size}, or run_mim.py --fit_tokenizer --fit_codebook_size {vocab_size} for CCViT)"
+        )
+    raise ValueError(
+        f"--config_overrides vocab_size={vocab_size} conflicts with the tokenizer's codebook_size={codebook_size}: "
+        f"the MIM vocabulary is the tokenizer's codebook. Drop vocab_size from --config_overrides, or to predict "
+        f"{vocab_size} tokens {fix}"
+    )
 
 
 def build_config(model_args: ModelArguments, tokenizer):
     config_class, _ = MIM_MODELS[model_args.model_type]
-    if model_args.model_size not in MODEL_SIZES:
-        raise ValueError(f"--model_size must be one of {list(MODEL_SIZES)}, got {model_args.model_size!r}")
-    kwargs = dict(MODEL_SIZES[model_args.model_size])
-    for name in ("image_size", "patch_size"):
-        if getattr(model_args, name) is not None:
-            kwargs[name] = getattr(model_args, name)
-    kwargs.update(parse_config_overrides(config_class, model_args.config_overrides))
-    return config_class(**kwargs, vocab_size=tokenizer.codebook_size, tokenizer_config=tokenizer.config.to_dict())
+    kwargs = config_kwargs(model_args)
+    check_vocab_size(kwargs, tokenizer.codebook_size, model_args)
+    kwargs.update(vocab_size=tokenizer.codebook_size, tokenizer_config=tokenizer.config.to_dict())
+    return config_class(**kwargs)
 
 
 def load_model(model_args: ModelArguments):
@@ -233,6 +274,14 @@ def load_model(model_args: ModelArguments):
         "trust_remote_code": model_args.trust_remote_code,
     }
     if model_args.model_name_or_path:
+        architecture_flags = [
+            f"--{name}" for name in ("config_overrides", "image_size", "patch_size") if getattr(model_args, name)
+        ]
+        if architecture_flags:
+            raise ValueError(
+                f"{', '.join(architecture_flags)} describe a model trained from scratch, but --model_name_or_path "
+                f"continues {model_args.model_name_or_path}, whose config is fixed; drop them"
+            )
         model = model_class.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
         tokenizer_source = model_args.tokenizer_name_or_path or os.path.join(model_args.model_name_or_path, TOKENIZER_SUBFOLDER)
         tokenizer_processor = AutoImageProcessor.from_pretrained(tokenizer_source, **hub_kwargs)
@@ -270,11 +319,13 @@ def fit_tokenizer(model_args: ModelArguments, dataset, image_column: str, traini
     if model_args.model_type not in MIM_MODELS:
         raise ValueError(f"--model_type must be one of {list(MIM_MODELS)}, got {model_args.model_type!r}")
     config_class, _ = MIM_MODELS[model_args.model_type]
-    overrides = parse_config_overrides(config_class, model_args.config_overrides)
+    kwargs = config_kwargs(model_args)
+    # Checked before the fit, which can take hours, rather than when the model is built after it.
+    check_vocab_size(kwargs, model_args.fit_codebook_size, model_args)
     defaults = config_class()
     config = KmeansConfig(
-        image_size=model_args.image_size or overrides.get("image_size", defaults.image_size),
-        patch_size=model_args.patch_size or overrides.get("patch_size", defaults.patch_size),
+        image_size=kwargs.get("image_size", defaults.image_size),
+        patch_size=kwargs.get("patch_size", defaults.patch_size),
         codebook_size=model_args.fit_codebook_size,
     )
     return fit_tokenizer_for_mim(
@@ -382,22 +433,9 @@ def main(argv=None, callbacks=None) -> dict[str, float]:
     setup_logging(training_args)
     set_seed(training_args.seed)
 
-    raw, image_column = load_image_datasets(
-        dataset_name=data_args.dataset_name,
-        dataset_config_name=data_args.dataset_config_name,
-        train_dir=data_args.train_dir,
-        validation_dir=data_args.validation_dir,
-        train_val_split=data_args.train_val_split,
-        image_column_name=data_args.image_column_name,
-        streaming=data_args.streaming,
-        cache_dir=model_args.cache_dir,
-        max_train_samples=data_args.max_train_samples,
-        max_eval_samples=data_args.max_eval_samples,
-        seed=training_args.seed,
-        token=model_args.token,
+    raw, image_column = load_image_datasets_from_args(
+        data_args, training_args.seed, model_args.cache_dir, model_args.token, require_validation=training_args.do_eval
     )
-    if training_args.do_eval and "validation" not in raw:
-        raise ValueError("--do_eval needs a validation split: pass --validation_dir or --train_val_split 0.05")
 
     if model_args.fit_tokenizer:
         model_args.tokenizer_name_or_path = fit_tokenizer(model_args, raw["train"], image_column, training_args)

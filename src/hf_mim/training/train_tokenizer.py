@@ -9,15 +9,24 @@ its config and code, and the tokenizer's image processor, so `AutoModel.from_pre
 installed, or `trust_remote_code=True` without) returns the trained tokenizer.
 """
 
+import copy
 import logging
 import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from transformers import HfArgumentParser, set_seed
 
-from ..data import MimDataCollator, SkippedImageCounter, TwoViewTransform, apply_transform, load_image_datasets
+from ..data import (
+    MimDataCollator,
+    SkippedImageCounter,
+    StreamingImageDatasetArguments,
+    TwoViewTransform,
+    apply_transform,
+    load_image_datasets_from_args,
+)
 from ..hub.cards import hub_dataset_id
 from ..models.configuration_dvae import DvaeConfig
 from ..models.configuration_kmeans import KmeansConfig
@@ -72,7 +81,9 @@ class TokenizerArguments(KmeansFitArguments):
     )
     config_overrides: str | None = field(
         default=None,
-        metadata={"help": "Config changes, e.g. 'codebook_size=1024,hidden_size=64' (config.update_from_string)."},
+        metadata={"help": "Config changes, e.g. 'codebook_size=1024,hidden_size=64' (config.update_from_string); with "
+                  "--tokenizer_name_or_path, only those that keep the weights' shapes, and the image processor is "
+                  "rebuilt from the changed config."},
     )
     gumbel_temperature_start: float = field(default=1.0, metadata={"help": "dVAE: initial Gumbel temperature."})
     gumbel_temperature_end: float = field(default=1 / 16, metadata={"help": "dVAE: final Gumbel temperature."})
@@ -101,48 +112,48 @@ class TokenizerArguments(KmeansFitArguments):
 
 
 @dataclass
-class DataArguments:
-    dataset_name: str | None = field(
-        default=None,
-        metadata={"help": "A Hub dataset or builder ('imagefolder'); defaults to imagefolder with --train_dir."},
-    )
-    dataset_config_name: str | None = field(default=None, metadata={"help": "The dataset configuration."})
-    train_dir: str | None = field(
-        default=None, metadata={"help": "A folder of training images (searched recursively)."}
-    )
-    validation_dir: str | None = field(default=None, metadata={"help": "A folder of validation images."})
-    train_val_split: float = field(
-        default=0.0, metadata={"help": "Fraction of train held out for validation when there is no validation split."}
-    )
-    image_column_name: str | None = field(
-        default=None, metadata={"help": "The image column (default: auto-detected)."}
-    )
-    streaming: bool = field(default=False, metadata={"help": "Stream the dataset (needs --max_steps)."})
+class DataArguments(StreamingImageDatasetArguments):
     cache_dir: str | None = field(default=None, metadata={"help": "datasets cache directory."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the validation set."})
     crop_min_scale: float = field(
         default=0.08, metadata={"help": "Smallest random crop, as a fraction of the image area."}
     )
     color_jitter: float = field(default=0.0, metadata={"help": "Brightness/contrast/saturation jitter strength."})
 
 
+def check_weight_shapes(model_class, saved_config, config, path: str, overrides: str) -> None:
+    """A clear error, before any weight is read, for overrides that reshape the weights of a saved tokenizer."""
+    with torch.device("meta"):
+        saved_shapes = {name: tuple(value.shape) for name, value in model_class(saved_config).state_dict().items()}
+        shapes = {name: tuple(value.shape) for name, value in model_class(config).state_dict().items()}
+    changed = sorted(name for name in saved_shapes.keys() | shapes.keys() if saved_shapes.get(name) != shapes.get(name))
+    if changed:
+        raise ValueError(
+            f"--config_overrides {overrides} changes the weights of the saved tokenizer {path} (e.g. {changed[0]}: "
+            f"{saved_shapes.get(changed[0])} -> {shapes.get(changed[0])}); continued training keeps its architecture. "
+            "Drop those overrides, or drop --tokenizer_name_or_path to train a new tokenizer with them."
+        )
+
+
 def load_tokenizer(tokenizer_args: TokenizerArguments):
-    """The model and image processor to train: from `--tokenizer_name_or_path`, or fresh from the family defaults
+    """The model and image processor to train: from `--tokenizer_name_or_path`, or fresh from the family defaults,
     with `--config_overrides` applied."""
     family = TOKENIZER_FAMILIES[tokenizer_args.tokenizer_type]
-    path = tokenizer_args.tokenizer_name_or_path
-    if path is None:
-        config = family.config_class()
-    else:
-        config = family.config_class.from_pretrained(path)
-    if tokenizer_args.config_overrides:
-        logger.info("Overriding config: %s", tokenizer_args.config_overrides)
-        config.update_from_string(tokenizer_args.config_overrides)
+    path, overrides = tokenizer_args.tokenizer_name_or_path, tokenizer_args.config_overrides
+    saved_config = family.config_class() if path is None else family.config_class.from_pretrained(path)
+    config = saved_config
+    if overrides:
+        logger.info("Overriding config: %s", overrides)
+        config = copy.deepcopy(saved_config)
+        config.update_from_string(overrides)
         # update_from_string only sets attributes; rebuilding re-runs the config's validation.
         config = family.config_class.from_dict(config.to_dict())
     if path is None:
         return family.model_class(config), family.image_processor_for(config)
+    if overrides:
+        check_weight_shapes(family.model_class, saved_config, config, path, overrides)
+        # The saved processor is the view of the saved config; an overridden image_size (or dVAE logit_laplace_eps)
+        # must change the view too.
+        return family.model_class.from_pretrained(path, config=config), family.image_processor_for(config)
     model = family.model_class.from_pretrained(path, config=config)
     try:
         image_processor = family.image_processor_class.from_pretrained(path)
@@ -170,18 +181,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     set_seed(training_args.seed)
 
     model, image_processor = load_tokenizer(tokenizer_args)
-    raw, image_column = load_image_datasets(
-        dataset_name=data_args.dataset_name,
-        dataset_config_name=data_args.dataset_config_name,
-        train_dir=data_args.train_dir,
-        validation_dir=data_args.validation_dir,
-        train_val_split=data_args.train_val_split,
-        image_column_name=data_args.image_column_name,
-        streaming=data_args.streaming,
-        cache_dir=data_args.cache_dir,
-        max_train_samples=data_args.max_train_samples,
-        max_eval_samples=data_args.max_eval_samples,
-        seed=training_args.seed,
+    raw, image_column = load_image_datasets_from_args(
+        data_args, training_args.seed, data_args.cache_dir, require_validation=training_args.do_eval
     )
     family = TOKENIZER_FAMILIES[tokenizer_args.tokenizer_type]
     if family.build_trainer is None:
@@ -194,8 +195,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     train_dataset = apply_transform(raw["train"], image_column, train_transform, skipped=skipped)
     eval_dataset = None
     if training_args.do_eval:
-        if "validation" not in raw:
-            raise ValueError("--do_eval needs a validation split: pass --validation_dir or --train_val_split 0.05")
         eval_transform = TwoViewTransform(image_processor, train=False)
         eval_dataset = apply_transform(raw["validation"], image_column, eval_transform, skipped=skipped)
 
@@ -214,4 +213,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return train_and_evaluate(trainer, training_args, skipped, dataset_name=data_args.dataset_name)
 
 
-__all__ = ["TOKENIZER_FAMILIES", "DataArguments", "TokenizerArguments", "TokenizerFamily", "load_tokenizer", "main"]
+__all__ = [
+    "TOKENIZER_FAMILIES",
+    "DataArguments",
+    "TokenizerArguments",
+    "TokenizerFamily",
+    "check_weight_shapes",
+    "load_tokenizer",
+    "main",
+]

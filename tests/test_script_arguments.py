@@ -1,0 +1,96 @@
+"""The dataset options every script shares (one dataclass, one loader) and train_tokenizer's config overrides."""
+
+import dataclasses
+
+import pytest
+from datasets import IterableDataset
+from transformers import HfArgumentParser
+
+from hf_mim.data import (
+    ImageDatasetArguments,
+    LabelledImageDatasetArguments,
+    StreamingImageDatasetArguments,
+    load_image_datasets_from_args,
+)
+from hf_mim.evaluation.features import FeatureArguments
+from hf_mim.training import run_image_classification, run_mim, train_tokenizer
+
+SHARED_FLAGS = [
+    "--dataset_name", "imagefolder", "--dataset_config_name", "default", "--train_dir", "train",
+    "--validation_dir", "val", "--train_val_split", "0.1", "--image_column_name", "img",
+    "--max_train_samples", "7", "--max_eval_samples", "3",
+]  # fmt: skip
+SHARED_VALUES = {
+    "dataset_name": "imagefolder", "dataset_config_name": "default", "train_dir": "train", "validation_dir": "val",
+    "train_val_split": 0.1, "image_column_name": "img", "max_train_samples": 7, "max_eval_samples": 3,
+}  # fmt: skip
+
+# Each script's argument dataclasses (without TrainingArguments), their dataset options, and flags it needs besides.
+SCRIPTS = {
+    "run_mim": ((run_mim.ModelArguments, run_mim.DataArguments), 1, StreamingImageDatasetArguments, []),
+    "train_tokenizer": (
+        (train_tokenizer.TokenizerArguments, train_tokenizer.DataArguments), 1, StreamingImageDatasetArguments, []
+    ),
+    "run_image_classification": (
+        (run_image_classification.ModelArguments, run_image_classification.DataArguments),
+        1,
+        LabelledImageDatasetArguments,
+        ["--model_name_or_path", "m"],
+    ),
+    "features": ((FeatureArguments,), 0, LabelledImageDatasetArguments, ["--model_name_or_path", "m"]),
+}
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_script_parses_the_shared_dataset_flags_into_the_shared_dataclass(script):
+    classes, data_index, base, required = SCRIPTS[script]
+    data_args = HfArgumentParser(classes).parse_args_into_dataclasses(args=[*SHARED_FLAGS, *required])[data_index]
+    assert isinstance(data_args, base)
+    assert {name: getattr(data_args, name) for name in SHARED_VALUES} == SHARED_VALUES
+    # Defaults too: one dataclass, so every script starts from the same values.
+    defaults = HfArgumentParser(classes).parse_args_into_dataclasses(args=required)[data_index]
+    assert all(getattr(defaults, f.name) == f.default for f in dataclasses.fields(ImageDatasetArguments))
+
+
+def test_streaming_is_a_flag_only_of_scripts_that_can_stream():
+    streaming = {
+        name for name, (classes, index, _, _) in SCRIPTS.items() if "streaming" in classes[index].__dataclass_fields__
+    }
+    assert streaming == {"run_mim", "train_tokenizer"}
+
+
+def test_the_loader_follows_the_arguments(image_folder):
+    raw, column = load_image_datasets_from_args(
+        ImageDatasetArguments(train_dir=image_folder, train_val_split=0.25, max_eval_samples=2), seed=0
+    )
+    assert column == "image" and len(raw["train"]) == 18 and len(raw["validation"]) == 2
+    streaming = StreamingImageDatasetArguments(train_dir=image_folder, streaming=True)
+    raw, _ = load_image_datasets_from_args(streaming, seed=0)
+    assert isinstance(raw["train"], IterableDataset)
+
+
+def test_a_missing_validation_split_fails_before_any_work(image_folder):
+    with pytest.raises(ValueError, match="Evaluation needs a validation split.*--train_val_split"):
+        load_image_datasets_from_args(ImageDatasetArguments(train_dir=image_folder), seed=0, require_validation=True)
+
+
+def test_train_tokenizer_checks_the_validation_split_before_a_kmeans_fit(image_folder, tmp_path, monkeypatch):
+    family = train_tokenizer.TOKENIZER_FAMILIES["kmeans"]
+    unreachable = dataclasses.replace(family, fit=lambda *args: pytest.fail("fitted before the check"))
+    monkeypatch.setitem(train_tokenizer.TOKENIZER_FAMILIES, "kmeans", unreachable)
+    with pytest.raises(ValueError, match="Evaluation needs a validation split"):
+        train_tokenizer.main(["--tokenizer_type", "kmeans", "--train_dir", image_folder, "--output_dir", str(tmp_path),
+                              "--do_train", "--do_eval", "--use_cpu", "--report_to", "none"])  # fmt: skip
+
+
+def test_an_image_size_override_of_a_saved_tokenizer_changes_its_view_too(tiny_dvae_dir):
+    # The saved processor makes 16 px views; the overridden config reads 32 px.
+    args = train_tokenizer.TokenizerArguments(tokenizer_name_or_path=tiny_dvae_dir, config_overrides="image_size=32")
+    model, image_processor = train_tokenizer.load_tokenizer(args)
+    assert model.config.image_size == 32 and image_processor.output_size == (32, 32)
+
+
+def test_an_override_that_reshapes_a_saved_tokenizer_is_a_clear_error(tiny_dvae_dir):
+    args = train_tokenizer.TokenizerArguments(tokenizer_name_or_path=tiny_dvae_dir, config_overrides="codebook_size=32")
+    with pytest.raises(ValueError, match="codebook_size=32 changes the weights of the saved tokenizer.*64.*-> .*32"):
+        train_tokenizer.load_tokenizer(args)
