@@ -26,6 +26,7 @@ from transformers import AutoImageProcessor, AutoModelForMaskedImageModeling, Hf
 
 from .data import TwoViewTransform, decode_image
 from .evaluation.export import normalizes_inside
+from .models.codebook_metrics import codebook_metrics
 from .models.image_processing_mim import to_rgb
 
 logger = logging.getLogger(__name__)
@@ -201,8 +202,8 @@ def codebook_histogram(token_ids, codebook_size: int, size: tuple[int, int] = (6
     if token_ids.min() < 0 or token_ids.max() >= codebook_size:
         raise ValueError(f"Token ids must be in [0, {codebook_size}); got {token_ids.min()}..{token_ids.max()}")
     counts = np.sort(np.bincount(token_ids, minlength=codebook_size))[::-1]
-    frequencies = counts[counts > 0] / token_ids.size
-    used, perplexity = int((counts > 0).sum()), float(np.exp(-(frequencies * np.log(frequencies)).sum()))
+    used = int((counts > 0).sum())
+    perplexity = codebook_metrics(torch.from_numpy(counts.copy()))["codebook_perplexity"]
 
     width, height = size
     figure = Image.new("RGB", size, _BACKGROUND)
