@@ -102,3 +102,47 @@ def test_image_size_mismatch_is_an_error(tiny_mim_dir, image_folder, tmp_path):
     with pytest.raises(ValueError, match="48x48 images but the model takes 32x32"):
         main(["--model_name_or_path", tiny_mim_dir, "--image_processor_name", str(tmp_path / "processor"),
               "--train_dir", image_folder, "--output_dir", str(tmp_path / "out"), "--do_train", "--use_cpu"])
+
+
+FINE_TUNE_FLAGS = ["--do_train", "--max_steps", "1", "--per_device_train_batch_size", "4", "--save_strategy", "no",
+                   "--use_cpu", "--report_to", "none", "--dataloader_num_workers", "0", "--seed", "0"]  # fmt: skip
+
+
+def record_train_transforms(monkeypatch):
+    """The keyword arguments of every training-view `TwoViewTransform` the script builds."""
+    from hf_mim.training import run_image_classification
+
+    built = []
+
+    def recording(view, **kwargs):
+        if kwargs.get("train", True):
+            built.append(kwargs)
+        return run_image_classification.TwoViewTransform.__wrapped__(view, **kwargs)
+
+    recording.__wrapped__ = run_image_classification.TwoViewTransform
+    monkeypatch.setattr(run_image_classification, "TwoViewTransform", recording)
+    return built
+
+
+def test_training_view_follows_the_beit_recipe_by_default(tiny_mim_dir, image_folder, tmp_path, monkeypatch):
+    built = record_train_transforms(monkeypatch)
+    main(["--model_name_or_path", tiny_mim_dir, "--train_dir", image_folder, "--output_dir", str(tmp_path / "a"), *FINE_TUNE_FLAGS])
+    # RandAugment replaces colour jitter, as in timm's transform factory.
+    assert built[-1]["rand_augment"] == "rand-m9-mstd0.5-inc1" and built[-1]["random_erasing"] == 0.25
+    assert built[-1]["color_jitter"] == 0.0
+    main(["--model_name_or_path", tiny_mim_dir, "--train_dir", image_folder, "--output_dir", str(tmp_path / "b"),
+          "--rand_augment", "", "--random_erasing", "0", *FINE_TUNE_FLAGS])  # fmt: skip
+    assert built[-1]["rand_augment"] is None and built[-1]["random_erasing"] == 0.0 and built[-1]["color_jitter"] == 0.4
+
+
+def test_fine_tuning_at_a_larger_resolution(tiny_mim_dir, image_folder, tmp_path):
+    source = BeitMimForMaskedImageModeling.from_pretrained(tiny_mim_dir)
+    side = 2 * source.config.image_size
+    main(["--model_name_or_path", tiny_mim_dir, "--train_dir", image_folder, "--output_dir", str(tmp_path),
+          "--image_size", str(side), *FINE_TUNE_FLAGS])  # fmt: skip
+    model = BeitForImageClassification.from_pretrained(tmp_path)
+    grid = side // source.config.patch_size
+    assert model.config.image_size == side
+    assert model.beit.layers[0].relative_position_bias.relative_position_bias_table.shape[0] == (2 * grid - 1) ** 2 + 3
+    processor = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert processor["size"] == {"height": side, "width": side}

@@ -26,6 +26,7 @@ from ..data import (
 from ..evaluation.export import (
     POOLINGS,
     encoder_image_processor,
+    image_processor_at_size,
     load_pretrained_beit,
     resolve_encoder,
     to_beit_image_processor,
@@ -49,6 +50,11 @@ class ModelArguments:
         default=0.65, metadata={"help": "Layer-wise learning-rate decay (BEiT base: 0.65; BEiT v2 base: 0.6); 1 disables"}
     )
     head_init_scale: float = field(default=0.001, metadata={"help": "Scale of the new classifier's initial weights"})
+    image_size: int | None = field(
+        default=None,
+        metadata={"help": "Fine-tune at another resolution (e.g. 384 after 224 pre-training): the relative position "
+                  "bias tables and the image processor are resized (default: the pre-training size)"},
+    )
     cache_dir: str | None = None
     model_revision: str = "main"
     token: str | None = None
@@ -58,7 +64,16 @@ class ModelArguments:
 @dataclass
 class DataArguments(LabelledImageDatasetArguments):
     crop_min_scale: float = field(default=0.08, metadata={"help": "Random-resized-crop minimum area"})
-    color_jitter: float = 0.4
+    color_jitter: float | None = field(
+        default=None, metadata={"help": "Colour jitter strength (default 0.4, or 0 with --rand_augment: timm and BEiT's "
+                                "recipe apply no jitter on top of RandAugment)"},
+    )
+    rand_augment: str = field(
+        default="rand-m9-mstd0.5-inc1", metadata={"help": "timm RandAugment config of the training view (BEiT recipe); '' disables"}
+    )
+    random_erasing: float = field(
+        default=0.25, metadata={"help": "Probability of erasing a rectangle of the training view with noise (BEiT recipe); 0 disables"}
+    )
     mixup: float = field(default=0.0, metadata={"help": "Mixup alpha (BEiT recipes: 0.8); 0 disables"})
     cutmix: float = field(default=0.0, metadata={"help": "CutMix alpha (BEiT recipes: 1.0); 0 disables"})
     mixup_prob: float = field(default=1.0, metadata={"help": "Probability of mixing a batch"})
@@ -142,6 +157,7 @@ def build_classifier(source, model_args: ModelArguments, class_names: list[str])
         pooling=model_args.pooling,
         per_layer_relative_position_bias=True,
         drop_path_rate=model_args.drop_path_rate,
+        **({} if model_args.image_size is None else {"image_size": model_args.image_size}),
         id2label=dict(enumerate(class_names)),
         label2id={name: i for i, name in enumerate(class_names)},
     )
@@ -182,6 +198,8 @@ def main(argv=None) -> dict[str, float]:
     model = build_classifier(source, model_args, class_names)
     image_processor = AutoImageProcessor.from_pretrained(model_args.image_processor_name or model_args.model_name_or_path, **hub_kwargs)
     view = encoder_image_processor(image_processor, resolve_encoder(source).config)
+    if model_args.image_size is not None:
+        view = image_processor_at_size(view, model_args.image_size)
     del source  # the MIM model (tokenizer included) is not fine-tuned; only its encoder weights were copied
     side = model.config.image_size
     if view.output_size != (side, side):
@@ -193,7 +211,14 @@ def main(argv=None) -> dict[str, float]:
     skipped = SkippedImageCounter()
     train_dataset = eval_dataset = None
     if training_args.do_train:
-        transform = TwoViewTransform(view, crop_scale=(data_args.crop_min_scale, 1.0), color_jitter=data_args.color_jitter)
+        color_jitter = data_args.color_jitter if data_args.color_jitter is not None else 0.0 if data_args.rand_augment else 0.4
+        transform = TwoViewTransform(
+            view,
+            crop_scale=(data_args.crop_min_scale, 1.0),
+            color_jitter=color_jitter,
+            rand_augment=data_args.rand_augment or None,
+            random_erasing=data_args.random_erasing,
+        )
         train_dataset = apply_transform(raw["train"], image_column, transform, skipped, keep_columns=("labels",))
     if training_args.do_eval:
         eval_dataset = apply_transform(raw["validation"], image_column, TwoViewTransform(view, train=False), skipped, ("labels",))
