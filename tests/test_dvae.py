@@ -474,3 +474,29 @@ def test_train_tokenizer_rejects_an_invalid_override(tmp_path, image_folder):
         train_tokenizer.main(
             ["--config_overrides", "image_size=30", "--train_dir", image_folder, "--output_dir", str(tmp_path), "--do_train"]
         )
+
+
+def test_schedules_follow_a_wall_clock_budget(tmp_path):
+    import time
+
+    from transformers import TrainingArguments
+
+    from hf_mim.data import MimDataCollator
+    from hf_mim.training.budget import TimeBudgetCallback
+
+    config = DvaeConfig(image_size=32, hidden_size=16, codebook_size=64, num_groups=2, decoder_hidden_size=16)
+    args = TrainingArguments(str(tmp_path), max_steps=100_000, use_cpu=True, report_to=[], save_strategy="no")
+    trainer = DvaeTrainer(
+        model=DvaeModel(config), args=args, train_dataset=[], data_collator=MimDataCollator(), kl_weight=1e-3,
+        kl_warmup_fraction=0.1, anneal_fraction=1.0,
+    )  # fmt: skip
+    trainer.state.max_steps, trainer.state.global_step = 100_000, 50
+    assert trainer.current_temperature() == pytest.approx(gumbel_temperature(50 / 100_000))
+    # A budgeted run never reaches max_steps: its schedules run over the budget instead.
+    budget = TimeBudgetCallback(max_train_seconds=100.0)
+    trainer.add_callback(budget)
+    budget.start = time.monotonic() - 50.0
+    assert trainer.current_temperature() == pytest.approx(gumbel_temperature(0.5), rel=1e-3)
+    assert trainer.current_kl_weight() == pytest.approx(1e-3)
+    budget.start = time.monotonic() - 500.0
+    assert trainer.current_temperature() == pytest.approx(1 / 16)

@@ -9,7 +9,8 @@ class TimeBudgetCallback(TrainerCallback):
     """Ends training at the first step that finishes `max_train_seconds` or more after training began.
 
     The learning-rate schedule still follows `max_steps`; pick a schedule that is sensible when cut short (e.g.
-    `constant_with_warmup`) or a `max_steps` the budget reaches.
+    `constant_with_warmup`) or a `max_steps` the budget reaches. Schedules of a method (the dVAE's temperature
+    and KL ramp) read `training_progress`, which counts the budget.
     """
 
     def __init__(self, max_train_seconds: float):
@@ -21,10 +22,27 @@ class TimeBudgetCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.monotonic()
 
+    def elapsed_fraction(self) -> float:
+        """The fraction of the budget spent so far (0 before training begins)."""
+        return 0.0 if self.start is None else (time.monotonic() - self.start) / self.max_train_seconds
+
     def on_step_end(self, args, state, control, **kwargs):
         if time.monotonic() - self.start >= self.max_train_seconds:
             control.should_training_stop = True
         return control
 
 
-__all__ = ["TimeBudgetCallback"]
+def training_progress(trainer) -> float:
+    """The fraction of `trainer`'s run done: of `max_steps`, or of its wall-clock budget when that ends it first.
+
+    A budgeted run sets `max_steps` far beyond what the budget reaches, so a schedule keyed to steps alone would
+    never get past its start (a dVAE would keep its initial temperature and almost no KL weight, and collapse).
+    """
+    progress = trainer.state.global_step / max(trainer.state.max_steps, 1)
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, TimeBudgetCallback):
+            progress = max(progress, callback.elapsed_fraction())
+    return min(progress, 1.0)
+
+
+__all__ = ["TimeBudgetCallback", "training_progress"]

@@ -13,6 +13,7 @@ from transformers import TrainingArguments
 
 from ..models.configuration_dvae import DvaeConfig
 from ..models.image_processing_dvae import DvaeImageProcessor
+from .budget import training_progress
 from .tokenizer_trainer import TokenizerTrainer
 
 TEMPERATURE_SCHEDULES = ("cosine", "exponential")
@@ -102,19 +103,16 @@ class DvaeTrainer(TokenizerTrainer):
         self.kl_weight = kl_weight
         self.kl_warmup_fraction = kl_warmup_fraction
 
-    def _progress(self) -> float:
-        return self.state.global_step / max(self.state.max_steps, 1)
-
     def current_temperature(self) -> float:
         return gumbel_temperature(
-            self._progress() / self.anneal_fraction,
+            training_progress(self) / self.anneal_fraction,
             self.temperature_start,
             self.temperature_end,
             self.temperature_schedule,
         )
 
     def current_kl_weight(self) -> float:
-        return kl_weight_at(self._progress(), self.kl_weight, self.kl_warmup_fraction)
+        return kl_weight_at(training_progress(self), self.kl_weight, self.kl_warmup_fraction)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {**inputs, "temperature": self.current_temperature(), "kl_weight": self.current_kl_weight()}
