@@ -273,6 +273,19 @@ def test_card_shows_training_configuration_and_codebook_usage(tmp_path):
     assert "your-username/" in text  # no repo id yet: a placeholder, never a wrong one
 
 
+def test_card_shows_the_codebook_usage_of_the_evaluation_set(tmp_path):
+    # A k-means fit has no training log: its usage is measured on the validation patches (all_results.json).
+    family = next(family for family in FAMILIES if family[0].model_type == "hf_mim_kmeans")
+    save_tiny_checkpoint(family, tmp_path)
+    text = render_model_card(tmp_path).text
+    assert "No usage was measured during training or evaluation." in text
+    size = json.loads((tmp_path / "config.json").read_text())["codebook_size"]
+    (tmp_path / "all_results.json").write_text(json.dumps({"eval_codebook_usage": 0.5, "eval_codebook_perplexity": 12.25}))
+    text = render_model_card(tmp_path).text
+    assert f"On its evaluation set it used {size // 2} of them\n(50.0%, `eval_codebook_usage`), with a codebook perplexity of 12.2" in text
+    assert "No usage was measured" not in text and "training-log window" not in text
+
+
 def test_training_args_are_read_without_running_pickled_code(tmp_path):
     class Exploit:
         def __reduce__(self):

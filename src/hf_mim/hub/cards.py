@@ -270,18 +270,24 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def codebook_summary(codebook_size: int, metrics: dict) -> dict:
-    """Codebook facts of a tokenizer: its size and the usage its trainer last logged.
+def codebook_summary(codebook_size: int, metrics: dict, eval_metrics: dict | None = None) -> dict:
+    """Codebook facts of a tokenizer: its size, the usage its trainer last logged (`metrics`) and the usage on its
+    evaluation set (`eval_metrics`, e.g. `all_results.json`; k-means fits have only this one).
 
     Tokenizer trainers log `codebook_usage` (the fraction of the codes used) and `codebook_perplexity`
     (`hf_mim.models.codebook_metrics`); `used` is the number of codes that fraction stands for.
     """
-    fraction = metrics.get("codebook_usage")
+
+    def usage(fraction, perplexity) -> dict | None:
+        if fraction is None:
+            return None
+        return {"used": round(fraction * codebook_size), "used_fraction": fraction, "perplexity": perplexity}
+
+    eval_metrics = eval_metrics or {}
     return {
         "size": codebook_size,
-        "used": None if fraction is None else round(fraction * codebook_size),
-        "used_fraction": fraction,
-        "perplexity": metrics.get("codebook_perplexity"),
+        "training": usage(metrics.get("codebook_usage"), metrics.get("codebook_perplexity")),
+        "evaluation": usage(eval_metrics.get("eval_codebook_usage"), eval_metrics.get("eval_codebook_perplexity")),
     }
 
 
@@ -401,7 +407,9 @@ def card_context(
         "fine_tuned": fine_tuned,
         "training": training,
         "codebook": (
-            codebook_summary(config["codebook_size"], training["metrics"] if training else {})
+            codebook_summary(
+                config["codebook_size"], training["metrics"] if training else {}, _read_json(folder / "all_results.json")
+            )
             if family.kind == "tokenizer"
             else None
         ),
