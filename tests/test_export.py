@@ -16,6 +16,7 @@ from hf_mim import BeitMimForMaskedImageModeling, MimImageProcessor
 from hf_mim.evaluation.export import (
     encoder_image_processor,
     export_to_transformers,
+    geometric_offset_positions,
     image_processor_at_size,
     main,
     resize_relative_position_bias_table,
@@ -170,24 +171,36 @@ def test_bad_input(mim_model, tmp_path):
         to_transformers_beit(mim_model, pooling="max")
 
 
-def test_relative_position_bias_table_resize_keeps_offsets_and_cls_entries():
-    old, new = (3, 3), (5, 5)  # offsets -2..2 -> -4..4 on each axis
-    dy, dx = torch.meshgrid(torch.arange(-2.0, 3.0), torch.arange(-2.0, 3.0), indexing="ij")
-    ramp = torch.stack([dy.flatten() + 10 * dx.flatten(), -dy.flatten()], dim=1)  # 2 heads, linear in the offset
-    table = torch.cat([ramp, torch.tensor([[7.0, 8.0], [9.0, 10.0], [11.0, 12.0]])])
+def test_geometric_offset_positions_follow_beit():
+    # Window 14 -> 24 (224 -> 384 px at patch 16): offsets 0, +-1 stay, +-13 lands on +-23, gaps grow geometrically.
+    positions = geometric_offset_positions(13, 23)
+    assert positions.shape == (27,) and positions[13] == 0 and positions[14] == 1 and positions[12] == -1
+    assert positions[-1] == pytest.approx(23, abs=1e-9) and positions[0] == pytest.approx(-23, abs=1e-9)
+    gaps = np.diff(positions[13:])
+    ratios = gaps[1:] / gaps[:-1]
+    assert np.allclose(ratios, ratios[0]) and ratios[0] > 1
+    np.testing.assert_allclose(geometric_offset_positions(13, 13), np.arange(-13, 14))
+    np.testing.assert_allclose(geometric_offset_positions(4, 2), np.arange(-4, 5) / 2)  # shrinking: uniform
+
+
+def test_relative_position_bias_table_resize_keeps_near_offsets_and_cls_entries():
+    old, new = (4, 4), (7, 7)  # offsets -3..3 -> -6..6 on each axis
+    generator = torch.Generator().manual_seed(0)
+    table = torch.randn(7 * 7 + 3, 2, generator=generator)
     resized = resize_relative_position_bias_table(table, old, new)
-    assert resized.shape == (9 * 9 + 3, 2)
+    assert resized.shape == (13 * 13 + 3, 2)
     torch.testing.assert_close(resized[-3:], table[-3:])
-    grid = resized[:-3].reshape(9, 9, 2)
-    # Aligned corners: the zero offset and the extreme offsets keep their values; a linear table stays linear.
-    torch.testing.assert_close(grid[4, 4], ramp.reshape(5, 5, 2)[2, 2])
-    torch.testing.assert_close(grid[0, 8], ramp.reshape(5, 5, 2)[0, 4])
-    expected = torch.stack([torch.linspace(-2, 2, 9)[:, None] + 10 * torch.linspace(-2, 2, 9)[None, :],
-                            -torch.linspace(-2, 2, 9)[:, None].expand(9, 9)], dim=-1)  # fmt: skip
-    torch.testing.assert_close(grid, expected, atol=1e-5, rtol=0)
+    before, after = table[:-3].reshape(7, 7, 2), resized[:-3].reshape(13, 13, 2)
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):  # the neighbourhood that matters most keeps its learnt biases
+            torch.testing.assert_close(after[6 + dy, 6 + dx], before[3 + dy, 3 + dx])
+    torch.testing.assert_close(after[0, 12], before[0, 6], atol=1e-6, rtol=0)
+    torch.testing.assert_close(after[12, 0], before[6, 0], atol=1e-6, rtol=0)
+    # Between learnt offsets the table is interpolated: every new value lies within the old range.
+    assert after.min() >= before.min() - 1e-6 and after.max() <= before.max() + 1e-6
     torch.testing.assert_close(resize_relative_position_bias_table(table, old, old), table)
-    with pytest.raises(ValueError, match="has 28 rows"):
-        resize_relative_position_bias_table(table[:-1], (3, 3), (5, 5))
+    with pytest.raises(ValueError, match="has 52 rows"):
+        resize_relative_position_bias_table(table[:-1], (4, 4), (7, 7))
 
 
 def test_export_at_a_larger_image_size(tiny_mim_dir, mim_model, tmp_path):
@@ -218,3 +231,23 @@ def test_image_processor_at_size_keeps_the_crop_fraction():
 def test_export_refuses_a_new_patch_size(mim_model):
     with pytest.raises(ValueError, match="patch size"):
         to_transformers_beit(mim_model, patch_size=mim_model.config.patch_size * 2)
+
+
+def test_export_refuses_sizes_the_patches_do_not_tile(mim_model):
+    patch = mim_model.config.patch_size
+    for size in (patch * 4 + patch // 2, 0):
+        with pytest.raises(ValueError, match="positive multiple of the patch size"):
+            to_transformers_beit(mim_model, image_size=size)
+
+
+def test_export_refuses_to_resize_absolute_position_embeddings():
+    config = BeitConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=64, use_absolute_position_embeddings=True)  # fmt: skip
+    with pytest.raises(ValueError, match="absolute position embeddings"):
+        to_transformers_beit(BeitModel(config), image_size=64)
+    assert to_transformers_beit(BeitModel(config)).config.image_size == 32
+
+
+def test_image_processor_at_size_needs_square_images():
+    with pytest.raises(ValueError, match="square"):
+        image_processor_at_size(MimImageProcessor(size={"height": 32, "width": 48}), 64)

@@ -17,10 +17,11 @@ Two choices the export makes explicit:
   layers; BEiT fine-tuning gives every layer its own table, initialised as a copy of the shared one
   (unilm `run_class_finetuning.py`). Both give identical outputs at the pre-training resolution.
 
-A new `image_size` (fine-tuning at 384 px from 224 px pre-training) resizes the relative position bias tables:
-the grid of (2H-1) x (2W-1) relative offsets is interpolated bilinearly with its corners aligned, so the zero
-offset and the extreme offsets keep their learnt values, and the three [CLS] entries are copied. The image
-processor's sizes scale with it.
+A new `image_size` (fine-tuning at 384 px from 224 px pre-training) resizes the relative position bias tables
+as BEiT's fine-tuning code does when it grows them: the learnt offsets are spread over the larger offset range
+with geometrically growing gaps, so offsets 0 and +-1 keep their values and the extreme offsets land on the new
+extremes, and the table is interpolated between them (linearly here; unilm uses a cubic spline). The three
+[CLS] entries are copied. The image processor's sizes scale with it.
 
 The mask token is left out: it only exists for pre-training, and an unused parameter in a fine-tuned
 model breaks DistributedDataParallel.
@@ -143,13 +144,41 @@ def _window(config) -> tuple[int, int]:
     return size[0] // config.patch_size, size[1] // config.patch_size
 
 
+def geometric_offset_positions(source_radius: int, target_radius: int) -> np.ndarray:
+    """Where the learnt offsets `-n..n` (`n = source_radius`) sit on the axis of offsets `-t..t` (`t = target_radius`).
+
+    Growing (BEiT's `run_class_finetuning.py`): offsets 0 and +-1 stay in place and the gap after offset i is
+    `q**i`, with `q` chosen so that offset n lands on t; nearby offsets, which matter most, keep their learnt
+    biases. Shrinking, or a source with a single offset per side, scales the positions uniformly.
+    """
+    offsets = np.arange(-source_radius, source_radius + 1, dtype=np.float64)
+    if target_radius == source_radius or source_radius == 0:
+        return offsets
+    if target_radius < source_radius or source_radius == 1:
+        return offsets * target_radius / source_radius
+    low, high = 1.0, float(target_radius)  # 1 + q + ... + q**(n-1) is n < t at q = 1 and >= t at q = t
+    for _ in range(100):
+        q = (low + high) / 2
+        low, high = (q, high) if np.sum(q ** np.arange(source_radius)) < target_radius else (low, q)
+    gaps = q ** np.arange(source_radius)
+    positive = np.cumsum(gaps)
+    return np.concatenate([-positive[::-1], [0.0], positive])
+
+
+def _interpolation_matrix(positions: np.ndarray, target_radius: int) -> torch.Tensor:
+    """`(2t+1, len(positions))` weights of linear interpolation from values at `positions` to offsets `-t..t`."""
+    targets = np.arange(-target_radius, target_radius + 1, dtype=np.float64)
+    basis = np.eye(len(positions))
+    return torch.from_numpy(np.stack([np.interp(targets, positions, column) for column in basis], axis=1))
+
+
 def resize_relative_position_bias_table(
     table: torch.Tensor, old_window: tuple[int, int], new_window: tuple[int, int]
 ) -> torch.Tensor:
     """A relative position bias table `((2H-1)(2W-1) + 3, heads)` of an `old_window` patch grid, for `new_window`.
 
-    The offset grid is interpolated bilinearly with aligned corners (zero and extreme offsets keep their values);
-    the last three rows ([CLS] to patch, patch to [CLS], [CLS] to [CLS]) do not depend on the grid and are copied.
+    Each axis of the offset grid is resampled at `geometric_offset_positions`; the last three rows ([CLS] to patch,
+    patch to [CLS], [CLS] to [CLS]) do not depend on the grid and are copied.
     """
     old_height, old_width = 2 * old_window[0] - 1, 2 * old_window[1] - 1
     if table.shape[0] != old_height * old_width + 3:
@@ -159,10 +188,13 @@ def resize_relative_position_bias_table(
         )
     if tuple(old_window) == tuple(new_window):
         return table.clone()
-    grid = table[:-3].T.reshape(1, -1, old_height, old_width).float()
-    new_height, new_width = 2 * new_window[0] - 1, 2 * new_window[1] - 1
-    resized = nn.functional.interpolate(grid, size=(new_height, new_width), mode="bilinear", align_corners=True)
-    resized = resized.reshape(-1, new_height * new_width).T.to(table.dtype)
+    rows, columns = (
+        _interpolation_matrix(geometric_offset_positions(old - 1, new - 1), new - 1)
+        for old, new in zip(old_window, new_window)
+    )
+    grid = table[:-3].T.reshape(-1, old_height, old_width).double()
+    resized = rows @ grid @ columns.T
+    resized = resized.reshape(resized.shape[0], -1).T.to(table.dtype)
     return torch.cat([resized, table[-3:]])
 
 
@@ -170,6 +202,12 @@ def export_state_dict(model: nn.Module, config: BeitConfig) -> dict[str, torch.T
     """The weights of `model`'s encoder under stock `BeitModel(config, add_pooling_layer=True)` names; relative
     position bias tables are resized when `config` has another patch grid than the encoder."""
     encoder = resolve_encoder(model)
+    sizes = config.image_size if isinstance(config.image_size, (tuple, list)) else (config.image_size,)
+    if any(size <= 0 or size % config.patch_size for size in sizes):
+        raise ValueError(
+            f"image_size {config.image_size} must be a positive multiple of the patch size {config.patch_size} "
+            "(the patch embedding would drop the remainder)"
+        )
     if config.patch_size != encoder.config.patch_size:
         raise ValueError(
             f"Cannot export patch size {encoder.config.patch_size} as {config.patch_size}: the patch embedding "
@@ -374,6 +412,7 @@ __all__ = [
     "encoder_image_processor",
     "export_state_dict",
     "export_to_transformers",
+    "geometric_offset_positions",
     "image_processor_at_size",
     "load_pretrained_beit",
     "main",
