@@ -10,7 +10,9 @@ class TimeBudgetCallback(TrainerCallback):
 
     The learning-rate schedule still follows `max_steps`; pick a schedule that is sensible when cut short (e.g.
     `constant_with_warmup`) or a `max_steps` the budget reaches. Schedules of a method (the dVAE's temperature
-    and KL ramp) read `training_progress`, which counts the budget.
+    and KL ramp) read `training_progress`, which counts the budget. The budget is per launch: a resumed run gets a
+    new one and its budget-driven schedules start over, so resume budgeted runs with a `max_steps` they reach.
+    Each process times its own budget; under DDP they agree to within a step, not bitwise.
     """
 
     def __init__(self, max_train_seconds: float):
@@ -27,7 +29,7 @@ class TimeBudgetCallback(TrainerCallback):
         return 0.0 if self.start is None else (time.monotonic() - self.start) / self.max_train_seconds
 
     def on_step_end(self, args, state, control, **kwargs):
-        if time.monotonic() - self.start >= self.max_train_seconds:
+        if self.elapsed_fraction() >= 1.0:
             control.should_training_stop = True
         return control
 
