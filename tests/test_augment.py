@@ -389,6 +389,39 @@ def test_transform_options_follow_the_recipe_and_survive_pickling():
     )
 
 
+def test_transform_without_rand_augment_needs_no_normalisation_mean():
+    # Worked before RandAugment existed (commit 379cb2d): the fill is only computed for RandAugment.
+    raw = MimImageProcessor(size={"height": 32, "width": 32}, image_mean=None, image_std=None, do_normalize=False)
+    views = TwoViewTransform(raw)(golden_image(), rng=np.random.default_rng(0))
+    assert views["pixel_values"].shape == (3, 32, 32)
+    assert TwoViewTransform(raw, train=False)(golden_image())["pixel_values"].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize(
+    "processor, fill",
+    [
+        # No mean to take the colour from: timm's grey.
+        (MimImageProcessor(image_mean=None, image_std=None, do_normalize=False), (128, 128, 128)),
+        (MimImageProcessor(do_normalize=False), (128, 128, 128)),
+        # The dVAE's mean of -0.125 has no 8-bit colour; black is the nearest.
+        (DvaeImageProcessor(), (0, 0, 0)),
+        (MimImageProcessor(image_mean=[-0.5, 0.5, 1.5], image_std=[1.0, 1.0, 1.0]), (0, 128, 255)),
+    ],
+)
+def test_rand_augment_fill_is_an_8_bit_colour_for_every_processor(processor, fill):
+    transform = TwoViewTransform(processor, rand_augment="rand-m9-mstd0.5-inc1")
+    assert transform.rand_augment.fill == fill
+    views = transform(golden_image(), rng=np.random.default_rng(0))
+    assert views["pixel_values"].shape == (3, *processor.output_size)
+
+
+def test_random_erasing_needs_a_normalised_view():
+    raw = MimImageProcessor(size={"height": 32, "width": 32}, do_normalize=False)
+    with pytest.raises(ValueError, match="random_erasing=0.25 needs a normalised ViT view.*do_normalize=False"):
+        TwoViewTransform(raw, random_erasing=0.25)
+    assert TwoViewTransform(raw, random_erasing=0.0).random_erasing is None
+
+
 @pytest.mark.parametrize(
     "kwargs, error",
     [

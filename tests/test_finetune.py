@@ -133,6 +133,10 @@ def test_training_view_follows_the_beit_recipe_by_default(tiny_mim_dir, image_fo
     main(["--model_name_or_path", tiny_mim_dir, "--train_dir", image_folder, "--output_dir", str(tmp_path / "b"),
           "--rand_augment", "", "--random_erasing", "0", *FINE_TUNE_FLAGS])  # fmt: skip
     assert built[-1]["rand_augment"] is None and built[-1]["random_erasing"] == 0.0 and built[-1]["color_jitter"] == 0.4
+    # Only the default gives way to RandAugment: a strength the user asks for is kept.
+    main(["--model_name_or_path", tiny_mim_dir, "--train_dir", image_folder, "--output_dir", str(tmp_path / "c"),
+          "--color_jitter", "0.2", *FINE_TUNE_FLAGS])  # fmt: skip
+    assert built[-1]["rand_augment"] == "rand-m9-mstd0.5-inc1" and built[-1]["color_jitter"] == 0.2
 
 
 def test_fine_tuning_at_a_larger_resolution(tiny_mim_dir, image_folder, tmp_path):

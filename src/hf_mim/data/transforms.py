@@ -20,6 +20,8 @@ from .masking import numpy_rng_from_torch
 
 # torchvision's ColorJitter on PIL images uses exactly these enhancers (hue is never jittered here).
 _JITTER_ENHANCERS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+# timm's RandAugment fill (`_FILL`) when it is given no normalisation mean.
+_TIMM_DEFAULT_FILL = (128, 128, 128)
 
 
 def random_resized_crop_box(
@@ -61,6 +63,18 @@ def _to_tensor(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0))
 
 
+def _rand_augment_fill(image_processor: MimImageProcessor) -> tuple[int, int, int]:
+    """timm's RandAugment fill for a view: its normalisation mean in 8 bits ((124, 116, 104) for ImageNet's), so
+    uncovered pixels normalise to about 0; timm's grey (128, 128, 128) for a view without one.
+
+    Each channel is clamped to [0, 255]: a mean outside [0, 1] (the dVAE's -0.125 maps [0, 1] into [0.1, 0.9]) has
+    no 8-bit colour, and the nearest one is the closest the fill can get to it.
+    """
+    if not image_processor.do_normalize or image_processor.image_mean is None:
+        return _TIMM_DEFAULT_FILL
+    return tuple(min(255, max(0, round(255 * value))) for value in image_processor.image_mean)
+
+
 def _check_processor(processor, name: str) -> None:
     if not isinstance(processor, MimImageProcessor):
         raise TypeError(
@@ -98,10 +112,12 @@ class TwoViewTransform:
             Strength of brightness, contrast and saturation jitter; 0 disables it.
         rand_augment (`str`, *optional*):
             A timm RandAugment config such as BEiT's fine-tuning `"rand-m9-mstd0.5-inc1"` (see
-            `parse_rand_augment`); uncovered pixels take the ViT processor's mean colour, as in timm.
+            `parse_rand_augment`); uncovered pixels take the ViT processor's mean colour, as in timm (grey
+            (128, 128, 128) if it does not normalise).
             timm (hence BEiT's recipe) applies no colour jitter with RandAugment: pass `color_jitter=0` to match.
         random_erasing (`float`, *optional*, defaults to 0):
             Probability of erasing a rectangle of the ViT's view with noise (BEiT's fine-tuning: 0.25); 0 disables it.
+            The noise is standard normal, so it needs a ViT processor that normalises (`do_normalize=True`).
         train (`bool`, *optional*, defaults to `True`):
             Random augmentation if True, the processors' deterministic preprocessing if False.
     """
@@ -136,9 +152,15 @@ class TwoViewTransform:
         self.crop_ratio = tuple(crop_ratio)
         self.hflip_prob = hflip_prob
         self.color_jitter = color_jitter
-        # timm's fill: the normalisation mean in 8 bits, (124, 116, 104) for ImageNet's.
-        fill = tuple(min(255, round(255 * value)) for value in image_processor.image_mean)
-        self.rand_augment = None if rand_augment is None else RandAugment.from_config(rand_augment, fill=fill)
+        self.rand_augment = None
+        if rand_augment is not None:
+            self.rand_augment = RandAugment.from_config(rand_augment, fill=_rand_augment_fill(image_processor))
+        if random_erasing and not image_processor.do_normalize:
+            raise ValueError(
+                f"random_erasing={random_erasing} needs a normalised ViT view: its standard normal noise assumes "
+                "mean/std-normalised pixels, but image_processor has do_normalize=False (its pixels are in [0, 1]); "
+                "pass random_erasing=0 or a processor that normalises"
+            )
         self.random_erasing = RandomErasing(random_erasing) if random_erasing else None
         self.train = train
 
