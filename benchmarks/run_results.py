@@ -35,7 +35,7 @@ from transformers import AutoImageProcessor, AutoModel, CLIPImageProcessor, CLIP
 import hf_mim  # noqa: F401  (registers the Auto classes)
 from hf_mim.data import load_image_datasets
 from hf_mim.evaluation import extract_features, knn_classify, linear_probe
-from hf_mim.models.codebook_metrics import codebook_metrics
+from hf_mim.evaluation.codebook import codebook_metrics
 from hf_mim.models import KmeansConfig
 from hf_mim.training import run_mim, train_tokenizer
 from hf_mim.training.kmeans import fit_kmeans_tokenizer

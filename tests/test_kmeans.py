@@ -312,6 +312,22 @@ def test_train_tokenizer_fits_saves_and_evaluates(image_folder, tmp_path):
     assert more["train_inertia"] <= metrics["train_inertia"] * (1 + 1e-6)
 
 
+def test_evaluation_without_a_validation_split_fails_before_the_fit(image_folder, tmp_path, monkeypatch):
+    from transformers import TrainingArguments
+
+    from hf_mim.training import kmeans
+    from hf_mim.training.train_tokenizer import TokenizerArguments
+
+    monkeypatch.setattr(kmeans, "_fit_from_arguments", lambda *args: pytest.fail("fitted before the check"))
+    raw, column = load_image_datasets(train_dir=image_folder)
+    config = KmeansConfig(image_size=32, patch_size=8, codebook_size=12)
+    training_args = TrainingArguments(tmp_path, do_train=True, do_eval=True, use_cpu=True, report_to="none")
+    args = TokenizerArguments(tokenizer_type="kmeans")
+    # The scripts' message (hf_mim.data.arguments), not a second wording.
+    with pytest.raises(ValueError, match="Evaluation needs a validation split.*--train_val_split"):
+        kmeans.train_kmeans_tokenizer(KmeansModel(config), KmeansImageProcessor(), raw, column, args, training_args)
+
+
 @pytest.mark.slow
 def test_two_process_fit_equals_one_process_fit(image_folder, tmp_path):
     from safetensors.torch import load_file

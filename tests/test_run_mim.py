@@ -147,6 +147,7 @@ def test_config_overrides_set_geometry_and_a_matching_vocab_size(tiny_dvae_dir, 
         ("image_size=64", "--image_size 32 and --config_overrides image_size=64 disagree"),
         ("tokenizer_config=x", "cannot set tokenizer_config.*--tokenizer_name_or_path"),
         ("hidden_size", "name=value pairs, got 'hidden_size'"),
+        ("drop_path_rate=0.1,drop_path_rate=0.2", "sets drop_path_rate more than once.*give each name once"),
     ],
 )
 def test_config_overrides_that_conflict_with_derived_values_are_clear_errors(

@@ -25,6 +25,14 @@ SHARED_VALUES = {
     "train_val_split": 0.1, "image_column_name": "img", "max_train_samples": 7, "max_eval_samples": 3,
 }  # fmt: skip
 
+# The defaults of run_mim, train_tokenizer, run_image_classification and the feature scripts when each declared its own
+# dataset options (commit 379cb2d).
+PRE_REFACTOR_DEFAULTS = {
+    "dataset_name": None, "dataset_config_name": None, "train_dir": None, "validation_dir": None,
+    "train_val_split": 0.0, "image_column_name": None, "max_train_samples": None, "max_eval_samples": None,
+    "label_column_name": "label", "streaming": False,
+}  # fmt: skip
+
 # Each script's argument dataclasses (without TrainingArguments), their dataset options, and flags it needs besides.
 SCRIPTS = {
     "run_mim": ((run_mim.ModelArguments, run_mim.DataArguments), 1, StreamingImageDatasetArguments, []),
@@ -47,9 +55,10 @@ def test_every_script_parses_the_shared_dataset_flags_into_the_shared_dataclass(
     data_args = HfArgumentParser(classes).parse_args_into_dataclasses(args=[*SHARED_FLAGS, *required])[data_index]
     assert isinstance(data_args, base)
     assert {name: getattr(data_args, name) for name in SHARED_VALUES} == SHARED_VALUES
-    # Defaults too: one dataclass, so every script starts from the same values.
+    # Defaults too, the values every script had before they shared one dataclass.
     defaults = HfArgumentParser(classes).parse_args_into_dataclasses(args=required)[data_index]
-    assert all(getattr(defaults, f.name) == f.default for f in dataclasses.fields(ImageDatasetArguments))
+    expected = {f.name: PRE_REFACTOR_DEFAULTS[f.name] for f in dataclasses.fields(base)}
+    assert {name: getattr(defaults, name) for name in expected} == expected
 
 
 def test_streaming_is_a_flag_only_of_scripts_that_can_stream():
@@ -57,6 +66,12 @@ def test_streaming_is_a_flag_only_of_scripts_that_can_stream():
         name for name, (classes, index, _, _) in SCRIPTS.items() if "streaming" in classes[index].__dataclass_fields__
     }
     assert streaming == {"run_mim", "train_tokenizer"}
+
+
+@pytest.mark.parametrize("name", ["max_train_samples", "max_eval_samples"])
+def test_the_truncation_help_says_what_streaming_keeps(name):
+    help_text = StreamingImageDatasetArguments.__dataclass_fields__[name].metadata["help"]
+    assert "a seeded random subset" in help_text and "with --streaming, the first" in help_text
 
 
 def test_the_loader_follows_the_arguments(image_folder):
@@ -88,6 +103,14 @@ def test_an_image_size_override_of_a_saved_tokenizer_changes_its_view_too(tiny_d
     args = train_tokenizer.TokenizerArguments(tokenizer_name_or_path=tiny_dvae_dir, config_overrides="image_size=32")
     model, image_processor = train_tokenizer.load_tokenizer(args)
     assert model.config.image_size == 32 and image_processor.output_size == (32, 32)
+
+
+def test_an_override_given_twice_is_a_clear_error(tiny_dvae_dir):
+    args = train_tokenizer.TokenizerArguments(
+        tokenizer_name_or_path=tiny_dvae_dir, config_overrides="image_size=32,image_size=64"
+    )
+    with pytest.raises(ValueError, match="sets image_size more than once in 'image_size=32,image_size=64'"):
+        train_tokenizer.load_tokenizer(args)
 
 
 def test_an_override_that_reshapes_a_saved_tokenizer_is_a_clear_error(tiny_dvae_dir):

@@ -262,6 +262,24 @@ def test_checkpoint_round_trip_keeps_the_codebook(tmp_path, monkeypatch):
     reloaded.train()(torch.rand(2, 3, 32, 32))
 
 
+def test_an_override_that_keeps_the_view_keeps_the_saved_image_processor(tmp_path):
+    from transformers.image_utils import PILImageResampling
+
+    from hf_mim.training.train_tokenizer import TokenizerArguments, load_tokenizer
+
+    VqkdModel(tiny_vqkd_config()).save_pretrained(tmp_path)
+    # A customised view (bilinear, not the family's bicubic) that the default processor of the config would lose.
+    size = {"height": 32, "width": 32}
+    VqkdImageProcessor(size=size, crop_size=size, resample=PILImageResampling.BILINEAR).save_pretrained(tmp_path)
+    args = TokenizerArguments(
+        tokenizer_type="vqkd", tokenizer_name_or_path=str(tmp_path), config_overrides="dead_code_restart_steps=200"
+    )
+    model, image_processor = load_tokenizer(args)
+    assert model.config.dead_code_restart_steps == 200
+    assert image_processor.to_dict() == VqkdImageProcessor.from_pretrained(tmp_path).to_dict()
+    assert image_processor.resample == PILImageResampling.BILINEAR
+
+
 def test_clip_teacher_uses_final_norm_and_projection_on_patch_tokens(tmp_path):
     teacher = load_teacher(tiny_clip_teacher_dir(tmp_path), grid_size=4)
     clip = CLIPVisionModelWithProjection.from_pretrained(tmp_path).eval()
@@ -326,7 +344,6 @@ def test_any_vit_teacher_is_resized_to_the_token_grid():
 # ---------------------------------------------------------------- training with scripts/train_tokenizer.py
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-TINY_OVERRIDES = ",".join(f"{key}={value}" for key, value in TINY_VQKD.items())
 
 
 @pytest.fixture(scope="module")
@@ -336,10 +353,12 @@ def vqkd_training_data(tmp_path_factory):
     return tiny_clip_teacher_dir(root / "teacher"), str(root / "images")
 
 
-def train_tokenizer_args(teacher, images, output_dir, *extra, overrides=""):
+def train_tokenizer_args(teacher, images, output_dir, *extra, overrides=None):
+    """The tiny VQ-KD's flags; `overrides` replaces entries of its config (each name given once)."""
+    config_overrides = ",".join(f"{key}={value}" for key, value in {**TINY_VQKD, **(overrides or {})}.items())
     return [
         "--tokenizer_type", "vqkd", "--teacher_name_or_path", teacher, "--train_dir", images,
-        "--output_dir", str(output_dir), "--config_overrides", TINY_OVERRIDES + overrides,
+        "--output_dir", str(output_dir), "--config_overrides", config_overrides,
         "--do_train", "--per_device_train_batch_size", "8", "--learning_rate", "1e-3", "--weight_decay", "1e-4",
         "--warmup_steps", "0.1", "--lr_scheduler_type", "cosine", "--save_strategy", "no", "--use_cpu",
         "--report_to", "none", "--dataloader_num_workers", "0", "--seed", "0", *extra,
@@ -359,7 +378,7 @@ def codes_used(folder, images) -> int:
 def test_training_lowers_the_cosine_loss_and_keeps_codes_in_use(vqkd_training_data, tmp_path, restart_steps):
     teacher, images = vqkd_training_data
     train_tokenizer(train_tokenizer_args(teacher, images, tmp_path, "--max_steps", "200", "--logging_steps", "10",
-                                         overrides=f",dead_code_restart_steps={restart_steps}"))
+                                         overrides={"dead_code_restart_steps": restart_steps}))
     logs = [e for e in json.loads((tmp_path / "trainer_state.json").read_text())["log_history"] if "loss" in e]
     assert all({"reconstruction_loss", "commitment_loss", "codebook_usage", "codebook_perplexity"} <= set(e) for e in logs)
     first, last = logs[0]["reconstruction_loss"], logs[-1]["reconstruction_loss"]
@@ -379,7 +398,9 @@ def test_training_needs_a_matching_teacher(vqkd_training_data, tmp_path):
     with pytest.raises(ValueError, match="needs --teacher_name_or_path"):
         train_tokenizer(args[:2] + args[4:])
     with pytest.raises(ValueError, match="pass --config_overrides teacher_dim=16"):
-        train_tokenizer(train_tokenizer_args(teacher, images, tmp_path, "--max_steps", "1", overrides=",teacher_dim=8"))
+        train_tokenizer(
+            train_tokenizer_args(teacher, images, tmp_path, "--max_steps", "1", overrides={"teacher_dim": 8})
+        )
 
 
 @pytest.mark.slow
@@ -411,7 +432,7 @@ def test_two_process_training_ends_with_identical_codebooks(vqkd_training_data, 
     # some of them different). DDP's own broadcast of rank 0's buffers before each forward is switched off, so only
     # the codebook's synchronisation is tested.
     args = train_tokenizer_args(teacher, images, tmp_path / "out", "--max_steps", "12", "--logging_steps", "4",
-                                "--ddp_broadcast_buffers", "False", overrides=",dead_code_restart_steps=6")
+                                "--ddp_broadcast_buffers", "False", overrides={"dead_code_restart_steps": 6})
     args[args.index("--per_device_train_batch_size") + 1] = "2"
     completed = subprocess.run(launch + args, capture_output=True, text=True, timeout=600, cwd=tmp_path,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})

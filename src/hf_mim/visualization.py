@@ -25,8 +25,8 @@ from PIL import Image, ImageDraw, ImageFont
 from transformers import AutoImageProcessor, AutoModelForMaskedImageModeling, HfArgumentParser
 
 from .data import TwoViewTransform, decode_image
+from .evaluation.codebook import codebook_metrics
 from .evaluation.export import normalizes_inside
-from .models.codebook_metrics import codebook_metrics
 from .models.image_processing_mim import to_rgb
 
 logger = logging.getLogger(__name__)

@@ -33,10 +33,14 @@ class ImageDatasetArguments:
         default=None, metadata={"help": "The image column (default: 'image', else 'img', else the first Image column)"}
     )
     max_train_samples: int | None = field(
-        default=None, metadata={"help": "Keep this many training images (a seeded random subset), for quick runs"}
+        default=None,
+        metadata={"help": "Keep this many training images (a seeded random subset; with --streaming, the first "
+                  "this many), for quick runs"},
     )
     max_eval_samples: int | None = field(
-        default=None, metadata={"help": "Keep this many validation images (a seeded random subset), for quick runs"}
+        default=None,
+        metadata={"help": "Keep this many validation images (a seeded random subset; with --streaming, the first "
+                  "this many), for quick runs"},
     )
 
 
@@ -80,12 +84,19 @@ def load_image_datasets_from_args(
         seed=seed,
         token=token,
     )
-    if require_validation and "validation" not in raw:
+    if require_validation:
+        require_validation_split(raw)
+    return raw, image_column
+
+
+def require_validation_split(raw: DatasetDict | IterableDatasetDict) -> None:
+    """The error of every script asked to evaluate on datasets without a "validation" split; call it before any
+    work (training, fitting) so that a long run does not end in it."""
+    if "validation" not in raw:
         raise ValueError(
             "Evaluation needs a validation split, and the dataset has none: pass --validation_dir, or "
             "--train_val_split 0.05 to hold out 5% of the training images"
         )
-    return raw, image_column
 
 
 __all__ = [
@@ -93,4 +104,5 @@ __all__ = [
     "LabelledImageDatasetArguments",
     "StreamingImageDatasetArguments",
     "load_image_datasets_from_args",
+    "require_validation_split",
 ]

@@ -23,9 +23,10 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..data import SkippedImageCounter, TwoViewTransform, apply_transform, decode_image
+from ..data.arguments import require_validation_split
+from ..evaluation.codebook import codebook_metrics
 from ..hub.cards import write_model_card
 from ..hub.push import push_folder
-from ..models.codebook_metrics import codebook_metrics
 from ..models.configuration_kmeans import KmeansConfig
 from ..models.image_processing_kmeans import KmeansImageProcessor
 from ..models.modeling_kmeans import KmeansModel, nearest_centroids, patchify
@@ -729,7 +730,7 @@ def train_kmeans_tokenizer(
     Args:
         tokenizer ([`KmeansModel`]): Its config sets view, patch size and number of centroids.
         image_processor ([`KmeansImageProcessor`]): Saved with the tokenizer.
-        raw (`DatasetDict`): "train" (and "validation" for `--do_eval`) images.
+        raw (`DatasetDict`): "train" (and "validation" for `--do_eval`, checked before any fit) images.
         args: The script's tokenizer arguments: the `--kmeans_*` options of [`KmeansFitArguments`], and
             `tokenizer_name_or_path`, which (when set) makes Lloyd's iterations continue from the loaded centroids
             instead of starting from `--kmeans_init`.
@@ -737,6 +738,8 @@ def train_kmeans_tokenizer(
             the device and the Hub options.
         dataset_tags (`str`, *optional*): Hub dataset id for the model card.
     """
+    if training_args.do_eval:
+        require_validation_split(raw)
     seed, workers, output_dir = training_args.seed, training_args.dataloader_num_workers, training_args.output_dir
     is_main = _world()[0] == 0
     metrics = {}
@@ -757,8 +760,6 @@ def train_kmeans_tokenizer(
             tokenizer.save_pretrained(output_dir)
             image_processor.save_pretrained(output_dir)
     if training_args.do_eval:
-        if "validation" not in raw:
-            raise ValueError("--do_eval needs a validation split: pass --validation_dir or --train_val_split 0.05")
         metrics.update(_evaluate(tokenizer, image_processor, raw["validation"], image_column, args, seed, workers))
     if is_main:
         os.makedirs(output_dir, exist_ok=True)

@@ -195,7 +195,8 @@ def build_replacement_generator(data_args: DataArguments, model_type: str, grid_
 
 
 def parse_config_overrides(config_class, overrides: str | None) -> dict:
-    """`'a=1,b=x'` as typed keyword arguments, using the types of the config's defaults."""
+    """`'a=1,b=x'` as typed keyword arguments, using the types of the config's defaults: `--config_overrides` of
+    every script (MIM models and tokenizers alike)."""
     if not overrides:
         return {}
     items = [item.split("=", 1) for item in overrides.split(",")]
@@ -205,12 +206,18 @@ def parse_config_overrides(config_class, overrides: str | None) -> dict:
             f"--config_overrides takes comma-separated name=value pairs, got {malformed[0]!r} in {overrides!r}"
         )
     names = [name.strip() for name, _ in items]
-    if "tokenizer_config" in names:
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        # Picking one of the values would silently drop the other.
+        raise ValueError(
+            f"--config_overrides sets {', '.join(repeated)} more than once in {overrides!r}; give each name once"
+        )
+    probe = config_class()
+    if "tokenizer_config" in names and hasattr(probe, "tokenizer_config"):
         raise ValueError(
             "--config_overrides cannot set tokenizer_config: it is the config of the tokenizer that supplies the "
             "targets; pass that tokenizer with --tokenizer_name_or_path"
         )
-    probe = config_class()
     probe.update_from_string(",".join(f"{name}={value}" for name, (_, value) in zip(names, items)))
     return {name: getattr(probe, name) for name in names}
 
@@ -498,5 +505,6 @@ __all__ = [
     "fit_tokenizer",
     "MimTrainingArguments",
     "main",
+    "parse_config_overrides",
     "resolve_data_defaults",
 ]

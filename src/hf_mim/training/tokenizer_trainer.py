@@ -2,7 +2,7 @@
 
 import torch
 
-from ..models.codebook_metrics import codebook_metrics
+from ..evaluation.codebook import codebook_metrics
 from .trainer import MimTrainer
 
 
@@ -11,7 +11,7 @@ class TokenizerTrainer(MimTrainer):
     the tokenizer uses.
 
     Every training log carries `codebook_usage` (the fraction of the codebook's codes assigned at least once) and
-    `codebook_perplexity` (see `hf_mim.models.codebook_metrics`) of all codes assigned in the logging window, and
+    `codebook_perplexity` (see `hf_mim.evaluation.codebook`) of all codes assigned in the logging window, and
     every evaluation `eval_codebook_usage` and `eval_codebook_perplexity` of all codes assigned to the evaluation
     set, counted over all processes: the same numbers as the `codebook_usage` evaluate module and the k-means
     tokenizer's evaluation give for those token ids. Counting whole windows rather than averaging per-batch values

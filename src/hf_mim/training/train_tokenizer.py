@@ -9,7 +9,6 @@ its config and code, and the tokenizer's image processor, so `AutoModel.from_pre
 installed, or `trust_remote_code=True` without) returns the trained tokenizer.
 """
 
-import copy
 import logging
 import os
 import sys
@@ -40,7 +39,7 @@ from ..models.modeling_vqkd import VqkdModel
 from .dvae import TEMPERATURE_SCHEDULES, build_dvae_trainer, dvae_image_processor
 from .budget import TimeBudgetCallback
 from .kmeans import KmeansFitArguments, kmeans_image_processor, train_kmeans_tokenizer
-from .run_mim import MimTrainingArguments, require_action, setup_logging, train_and_evaluate
+from .run_mim import MimTrainingArguments, parse_config_overrides, require_action, setup_logging, train_and_evaluate
 from .vqkd import build_vqkd_trainer, vqkd_image_processor
 
 logger = logging.getLogger(__name__)
@@ -82,8 +81,8 @@ class TokenizerArguments(KmeansFitArguments):
     config_overrides: str | None = field(
         default=None,
         metadata={"help": "Config changes, e.g. 'codebook_size=1024,hidden_size=64' (config.update_from_string); with "
-                  "--tokenizer_name_or_path, only those that keep the weights' shapes, and the image processor is "
-                  "rebuilt from the changed config."},
+                  "--tokenizer_name_or_path, only those that keep the weights' shapes, and the saved image processor "
+                  "is rebuilt from the changed config when they change the view (image_size)."},
     )
     gumbel_temperature_start: float = field(default=1.0, metadata={"help": "dVAE: initial Gumbel temperature."})
     gumbel_temperature_end: float = field(default=1 / 16, metadata={"help": "dVAE: final Gumbel temperature."})
@@ -143,23 +142,26 @@ def load_tokenizer(tokenizer_args: TokenizerArguments):
     config = saved_config
     if overrides:
         logger.info("Overriding config: %s", overrides)
-        config = copy.deepcopy(saved_config)
-        config.update_from_string(overrides)
-        # update_from_string only sets attributes; rebuilding re-runs the config's validation.
-        config = family.config_class.from_dict(config.to_dict())
+        # Building the config anew (rather than setting attributes) runs its validation on the overridden values.
+        config = family.config_class.from_dict(
+            {**saved_config.to_dict(), **parse_config_overrides(family.config_class, overrides)}
+        )
+    view = family.image_processor_for(config)
     if path is None:
-        return family.model_class(config), family.image_processor_for(config)
+        return family.model_class(config), view
     if overrides:
         check_weight_shapes(family.model_class, saved_config, config, path, overrides)
-        # The saved processor is the view of the saved config; an overridden image_size (or dVAE logit_laplace_eps)
-        # must change the view too.
-        return family.model_class.from_pretrained(path, config=config), family.image_processor_for(config)
     model = family.model_class.from_pretrained(path, config=config)
+    # The saved processor is the view of the saved config, possibly customised: an override that changes the view
+    # (image_size, dVAE logit_laplace_eps) replaces it, any other keeps it.
+    if view.to_dict() != family.image_processor_for(saved_config).to_dict():
+        logger.info("--config_overrides %s changes the tokenizer's view; rebuilding its image processor", overrides)
+        return model, view
     try:
         image_processor = family.image_processor_class.from_pretrained(path)
     except OSError:
         logger.warning("%s has no preprocessor_config.json; using the default processor for its config", path)
-        image_processor = family.image_processor_for(config)
+        image_processor = view
     return model, image_processor
 
 

@@ -1,7 +1,7 @@
 """How much of a visual tokenizer's codebook a set of token ids uses, shipped with hf_mim.
 
 A collapsing tokenizer uses few codes (unilm#877); usage and perplexity are the standard diagnostics. They are
-computed by `hf_mim.models.codebook_metrics`, as in the tokenizer trainers' logs, so the numbers and names agree.
+computed by `hf_mim.evaluation.codebook`, as in the tokenizer trainers' logs, so the numbers and names agree.
 """
 
 import datasets
@@ -9,7 +9,7 @@ import evaluate
 import numpy as np
 import torch
 
-from hf_mim.models.codebook_metrics import codebook_metrics
+from hf_mim.evaluation.codebook import codebook_metrics
 
 _DESCRIPTION = (
     "Counts the distinct codes among the token ids and the perplexity exp(H) of their empirical distribution "
