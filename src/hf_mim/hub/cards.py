@@ -275,7 +275,7 @@ def codebook_summary(codebook_size: int, metrics: dict, eval_metrics: dict | Non
     evaluation set (`eval_metrics`, e.g. `all_results.json`; k-means fits have only this one).
 
     Tokenizer trainers log `codebook_usage` (the fraction of the codes used) and `codebook_perplexity`
-    (`hf_mim.models.codebook_metrics`); `used` is the number of codes that fraction stands for.
+    (`hf_mim.evaluation.codebook`); `used` is the number of codes that fraction stands for.
     """
 
     def usage(fraction, perplexity) -> dict | None:
