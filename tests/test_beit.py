@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -24,6 +25,21 @@ def test_base_parameter_count_matches_reference():
         model = BeitMimForMaskedImageModeling(BeitMimConfig())
     count = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("tokenizer."))
     assert count == 91_965_776
+
+
+def test_base_checkpoint_leaves_the_dalle_decoder_out():
+    """BEiT-B with the released-size dVAE: 189.6M parameters (758 MB in fp32) with the tokenizer's decoder, 145.8M
+    (583 MB) without it."""
+    legacy = {name: value for name, value in DvaeConfig().to_dict().items() if name != "with_decoder"}
+    with torch.device("meta"):
+        with_decoder = BeitMimForMaskedImageModeling(BeitMimConfig(tokenizer_config=legacy))
+        model = BeitMimForMaskedImageModeling(BeitMimConfig(tokenizer_config=DvaeConfig().to_dict()))
+    counts = [sum(p.numel() for p in m.parameters()) for m in (with_decoder, model)]
+    nbytes = [sum(t.numel() * t.element_size() for t in m.state_dict().values()) for m in (with_decoder, model)]
+    assert counts == [189_581_782, 145_752_016]
+    # Exactly the decoder (43,829,766 parameters, test_dvae.py) in fp32; the encoder stays whole.
+    assert counts[0] - counts[1] == 43_829_766 and nbytes[0] - nbytes[1] == 4 * 43_829_766
+    assert sum(p.numel() for p in model.tokenizer.parameters()) == 53_786_240
 
 
 def test_pretraining_defaults_follow_the_beit_recipe():
@@ -124,6 +140,103 @@ def test_set_tokenizer_copies_trained_weights():
     model.set_tokenizer(tokenizer)
     view = torch.rand(2, 3, 16, 16)
     assert torch.equal(model.get_targets(view), tokenizer.get_codebook_indices(view))
+
+
+def tokenizer_cases():
+    """{name: (MIM config, standalone tokenizer, a call that needs the decoder)} for every MIM family whose tokenizer
+    can have a decoder."""
+    from conftest import TINY_CONFIGS, tiny_mcbeit_config
+    from test_vqkd import tiny_vqkd_config
+
+    from hf_mim import VqkdModel
+
+    def decode(tokenizer):
+        return tokenizer.decode(torch.zeros(1, 16, dtype=torch.long))
+
+    def decode_features(tokenizer):
+        return tokenizer.decode_features(torch.randn(1, 16, tokenizer.config.codebook_dim))
+
+    vqkd = tiny_vqkd_config(kmeans_init=False)
+    return {
+        "beit-dvae": (tiny_beit_config(), DvaeModel(tiny_dvae_config()), decode),
+        "beitv2-vqkd": (TINY_CONFIGS["hf_mim_beitv2"](), VqkdModel(vqkd), decode_features),
+        "mcbeit-dvae": (tiny_mcbeit_config(tokenizer=tiny_dvae_config()), DvaeModel(tiny_dvae_config()), decode),
+        "mcbeit-vqkd": (tiny_mcbeit_config(tokenizer=vqkd), VqkdModel(vqkd), decode_features),
+    }
+
+
+def decoder_weights(names, tokenizer) -> list[str]:
+    """The weights among `names` (of a MIM model) that belong to its tokenizer's decoder."""
+    prefixes = tuple(f"tokenizer.{module}." for module in tokenizer.decoder_modules)
+    return [name for name in names if name.startswith(prefixes)]
+
+
+@pytest.mark.parametrize("case", ["beit-dvae", "beitv2-vqkd", "mcbeit-dvae", "mcbeit-vqkd"])
+def test_mim_model_holds_its_tokenizer_without_decoder_and_gives_the_standalone_targets(case, tmp_path):
+    from safetensors.torch import load_file
+
+    torch.manual_seed(0)
+    config, tokenizer, needs_decoder = tokenizer_cases()[case]
+    tokenizer.eval()
+    assert config.tokenizer_config["with_decoder"] is False and tokenizer.config.with_decoder
+    model = AutoModelForMaskedImageModeling.from_config(config).eval()
+    assert decoder_weights([f"tokenizer.{name}" for name in tokenizer.state_dict()], tokenizer)
+    assert decoder_weights(model.state_dict(), tokenizer) == []
+    model.set_tokenizer(tokenizer)
+    side = tokenizer.config.image_size
+    view = torch.rand(2, 3, side, side)
+    assert torch.equal(model.tokenizer.get_codebook_logits(view), tokenizer.get_codebook_logits(view))
+    assert torch.equal(model.get_targets(view), tokenizer.get_codebook_indices(view))
+    needs_decoder(tokenizer)
+    with pytest.raises(ValueError, match="built without its decoder.*standalone tokenizer checkpoint"):
+        needs_decoder(model.tokenizer)
+    model.save_pretrained(tmp_path)
+    assert decoder_weights(load_file(tmp_path / "model.safetensors"), tokenizer) == []
+    reloaded = {}
+    load = AutoModelForMaskedImageModeling.from_pretrained
+    report = load_report(lambda: reloaded.setdefault("model", load(tmp_path)))
+    # (The report leaves out unexpected `tokenizer.` weights, which the encoder's loading ignores: compare key sets.)
+    assert "MISSING" not in report and "UNEXPECTED" not in report, report
+    assert set(reloaded["model"].state_dict()) == set(load_file(tmp_path / "model.safetensors"))
+    assert torch.equal(reloaded["model"].eval().get_targets(view), tokenizer.get_codebook_indices(view))
+
+
+def test_set_tokenizer_is_strict_except_for_the_decoder():
+    model = BeitMimForMaskedImageModeling(tiny_beit_config())
+    tokenizer = DvaeModel(tiny_dvae_config())
+    tokenizer.register_buffer("stray", torch.zeros(1))
+    with pytest.raises(RuntimeError, match="stray"):
+        model.set_tokenizer(tokenizer)
+    # A model that holds the decoder (an old checkpoint) needs it from the tokenizer too.
+    legacy = {name: value for name, value in tiny_dvae_config().to_dict().items() if name != "with_decoder"}
+    with_decoder = BeitMimForMaskedImageModeling(tiny_beit_config(tokenizer_config=legacy))
+    with pytest.raises(RuntimeError, match="decoder.input_conv.weight"):
+        with_decoder.set_tokenizer(DvaeModel(tiny_dvae_config(with_decoder=False)))
+    trained = DvaeModel(tiny_dvae_config())
+    with_decoder.set_tokenizer(trained)
+    indices = torch.randint(0, 64, (2, 16))
+    assert torch.equal(with_decoder.tokenizer.decode(indices), trained.decode(indices))
+
+
+def test_a_checkpoint_saved_with_its_tokenizer_decoder_still_loads_with_it(tmp_path):
+    """MIM checkpoints saved before `with_decoder` existed: no such key in their tokenizer_config, decoder weights in
+    their safetensors."""
+    from safetensors.torch import load_file
+
+    legacy = {name: value for name, value in tiny_dvae_config().to_dict().items() if name != "with_decoder"}
+    model = BeitMimForMaskedImageModeling(tiny_beit_config(tokenizer_config=legacy)).eval()
+    model.save_pretrained(tmp_path)
+    assert "with_decoder" not in json.loads((tmp_path / "config.json").read_text())["tokenizer_config"]
+    assert any(name.startswith("tokenizer.decoder.") for name in load_file(tmp_path / "model.safetensors"))
+    for load in (BeitMimForMaskedImageModeling.from_pretrained, AutoModelForMaskedImageModeling.from_pretrained):
+        loaded = {}
+        report = load_report(lambda: loaded.setdefault("model", load(tmp_path)))
+        assert "MISSING" not in report and "UNEXPECTED" not in report, report
+        assert set(loaded["model"].state_dict()) == set(load_file(tmp_path / "model.safetensors"))
+        for (name, a), b in zip(model.state_dict().items(), loaded["model"].state_dict().values()):
+            assert torch.equal(a, b), name
+        indices = torch.randint(0, 64, (2, 16))
+        assert torch.equal(loaded["model"].tokenizer.decode(indices), model.tokenizer.decode(indices))
 
 
 def test_auto_classes_load_the_checkpoint(tmp_path):

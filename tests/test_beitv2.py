@@ -16,6 +16,7 @@ from hf_mim import (
     Beitv2ForMaskedImageModeling,
     Beitv2Model,
     MimImageProcessor,
+    VqkdConfig,
     VqkdImageProcessor,
     VqkdModel,
 )
@@ -49,6 +50,22 @@ def test_base_parameter_count_matches_reference():
         model = Beitv2ForMaskedImageModeling(Beitv2Config())
     count = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("tokenizer."))
     assert count == 106_143_056
+
+
+def test_base_checkpoint_leaves_the_vqkd_decoder_out():
+    """BEiT v2-B with the released-size VQ-KD: 215.0M parameters (861 MB in fp32) with the tokenizer's decoder, 192.5M
+    (771 MB) without it."""
+    legacy = {name: value for name, value in VqkdConfig().to_dict().items() if name != "with_decoder"}
+    with torch.device("meta"):
+        with_decoder = Beitv2ForMaskedImageModeling(Beitv2Config(tokenizer_config=legacy))
+        model = Beitv2ForMaskedImageModeling(Beitv2Config(tokenizer_config=VqkdConfig().to_dict()))
+    counts = [sum(p.numel() for p in m.parameters()) for m in (with_decoder, model)]
+    nbytes = [sum(t.numel() * t.element_size() for t in m.state_dict().values()) for m in (with_decoder, model)]
+    assert counts == [214_972_272, 192_547_696]
+    # The 3-layer decoder and its task layer in fp32; encoder, task layer and codebook stay.
+    assert counts[0] - counts[1] == 22_424_576 and nbytes[0] - nbytes[1] == 4 * 22_424_576
+    assert {name.split(".")[0] for name, _ in model.tokenizer.named_parameters()} == {"encoder", "encode_task_layer"}
+    assert "codebook.weight" in model.tokenizer.state_dict()
 
 
 def test_config_defaults_follow_the_paper_and_are_validated():

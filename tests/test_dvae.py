@@ -85,6 +85,40 @@ def test_wrong_view_size_is_refused():
         model.decode(torch.zeros(1, 10, dtype=torch.long))
 
 
+def test_without_decoder_the_model_holds_the_encoder_only_and_refuses_to_decode(tmp_path):
+    full = DvaeModel(DvaeConfig(**TINY)).eval()
+    model = DvaeModel(DvaeConfig(**TINY, with_decoder=False)).eval()
+    assert model.decoder is None and not any(name.startswith("decoder.") for name in model.state_dict())
+    assert set(model.state_dict()) == {name for name in full.state_dict() if name.startswith("encoder.")}
+    model.load_state_dict({name: value for name, value in full.state_dict().items() if name.startswith("encoder.")})
+    pixels = mapped_pixels(2, 32)
+    assert torch.equal(model.get_codebook_logits(pixels), full.get_codebook_logits(pixels))
+    indices = model.get_codebook_indices(pixels)
+    with pytest.raises(ValueError, match=r"built without its decoder.*cannot decode.*standalone tokenizer checkpoint"):
+        model.decode(indices)
+    with pytest.raises(ValueError, match="built without its decoder.*cannot reconstruct"):
+        model(pixels)
+    # The switch round-trips through config.json, and the saved weights leave the decoder out.
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["with_decoder"] is False
+    reloaded = AutoModel.from_pretrained(tmp_path)
+    assert reloaded.decoder is None and torch.equal(reloaded.get_codebook_indices(pixels), indices)
+    assert DvaeModel.from_pretrained(tmp_path, dtype=torch.bfloat16).encoder.output_conv.weight.dtype == torch.float32
+
+
+def test_trainer_refuses_a_model_without_decoder(tmp_path):
+    from transformers import TrainingArguments
+
+    from hf_mim.data import MimDataCollator
+
+    args = TrainingArguments(str(tmp_path), max_steps=1, use_cpu=True, report_to=[], save_strategy="no")
+    with pytest.raises(ValueError, match="built without its decoder.*cannot be trained"):
+        DvaeTrainer(
+            model=DvaeModel(DvaeConfig(**TINY, with_decoder=False)), args=args, train_dataset=[],
+            data_collator=MimDataCollator(),
+        )  # fmt: skip
+
+
 def test_base_parameter_counts_match_the_released_model():
     with torch.device("meta"):
         model = DvaeModel(DvaeConfig())

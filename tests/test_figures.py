@@ -5,11 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_CONFIGS
+from conftest import TINY_CONFIGS, tiny_beit_config
 from PIL import Image
 from transformers import AutoImageProcessor, AutoModelForMaskedImageModeling, BeitConfig
 
-from hf_mim import BeitMimForMaskedImageModeling, MimImageProcessor
+from hf_mim import BeitMimForMaskedImageModeling, DvaeImageProcessor, DvaeModel, MimImageProcessor
 from hf_mim.visualization import (
     PADDING,
     TITLE_HEIGHT,
@@ -40,9 +40,27 @@ def assert_png(path, size):
 
 
 @pytest.fixture(scope="module")
-def loaded(tiny_mim_dir):
-    model = BeitMimForMaskedImageModeling.from_pretrained(tiny_mim_dir)
-    return model, AutoImageProcessor.from_pretrained(tiny_mim_dir), AutoImageProcessor.from_pretrained(f"{tiny_mim_dir}/tokenizer")
+def pretrained_dir(tiny_dvae_dir, tmp_path_factory):
+    """A MIM checkpoint as run_mim.py writes it from the standalone tokenizer `tiny_dvae_dir`: its tokenizer is held
+    without the decoder, its 16 px view's processor is under `tokenizer/`."""
+    path = tmp_path_factory.mktemp("pretrained")
+    torch.manual_seed(0)
+    model = BeitMimForMaskedImageModeling(tiny_beit_config())
+    model.set_tokenizer(DvaeModel.from_pretrained(tiny_dvae_dir))
+    model.save_pretrained(path)
+    MimImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(path)
+    DvaeImageProcessor(size={"height": 16, "width": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(
+        path / "tokenizer"
+    )
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def loaded(pretrained_dir):
+    model = BeitMimForMaskedImageModeling.from_pretrained(pretrained_dir)
+    assert model.tokenizer.decoder is None
+    processors = [AutoImageProcessor.from_pretrained(path) for path in (pretrained_dir, f"{pretrained_dir}/tokenizer")]
+    return model, *processors
 
 
 def photos(count):
@@ -50,12 +68,15 @@ def photos(count):
     return [Image.fromarray(rng.integers(0, 255, (30, 44, 3), dtype=np.uint8)) for _ in range(count)]
 
 
-def test_figures_are_valid_pngs_of_the_right_size(loaded, tmp_path):
+def test_figures_are_valid_pngs_of_the_right_size(loaded, tiny_dvae_dir, tmp_path):
     model, processor, tokenizer_processor = loaded
     masks = torch.zeros(3, 16, dtype=torch.bool)
     masks[:, :6] = True
-    written = write_figures(str(tmp_path), model, processor, tokenizer_processor, photos(3), masks, {"log_history": LOG_HISTORY}, cell_size=48)
-    # input, mask, tokens, decoded, predicted: the dVAE has a pixel decoder.
+    written = write_figures(
+        str(tmp_path), model, processor, tokenizer_processor, photos(3), masks, {"log_history": LOG_HISTORY},
+        cell_size=48, decoding_tokenizer=DvaeModel.from_pretrained(tiny_dvae_dir),
+    )  # fmt: skip
+    # input, mask, tokens, decoded, predicted: the standalone dVAE has a pixel decoder.
     assert_png(written["mim_panel"], grid_size(3, 5, 48))
     assert_png(written["codebook_usage"], (640, 240))
     # Charts of loss and masked_accuracy, each with its eval series; the run summary `train_loss` is not plotted.
@@ -65,16 +86,44 @@ def test_figures_are_valid_pngs_of_the_right_size(loaded, tmp_path):
     assert 1 <= metrics["num_used_codes"] <= 48 and metrics["codebook_usage"] == metrics["num_used_codes"] / 64
 
 
-def test_tokenizer_without_decoder_leaves_reconstructions_out(loaded, tmp_path, monkeypatch):
+def test_tokenizer_without_decoder_leaves_reconstructions_out(loaded, tiny_dvae_dir, tmp_path, monkeypatch):
     model, processor, tokenizer_processor = loaded
+    standalone = DvaeModel.from_pretrained(tiny_dvae_dir)
 
     def no_decoder(indices):
         raise NotImplementedError("no pixel decoder")
 
-    monkeypatch.setattr(model.tokenizer, "decode", no_decoder)
-    written = write_figures(str(tmp_path), model, processor, tokenizer_processor, photos(2), torch.ones(2, 16, dtype=torch.bool), cell_size=32)
+    monkeypatch.setattr(standalone, "decode", no_decoder)
+    written = write_figures(
+        str(tmp_path), model, processor, tokenizer_processor, photos(2), torch.ones(2, 16, dtype=torch.bool),
+        cell_size=32, decoding_tokenizer=standalone,
+    )  # fmt: skip
     assert_png(written["mim_panel"], grid_size(2, 3, 32))
     assert "training_curves" not in written
+
+
+def test_checkpoint_without_tokenizer_decoder_draws_its_reconstructions_with_the_standalone_tokenizer(
+    loaded, tiny_dvae_dir, caplog
+):
+    model, processor, tokenizer_processor = loaded
+    masks = torch.zeros(2, 16, dtype=torch.bool)
+    masks[:, ::2] = True
+    with caplog.at_level("WARNING", logger="hf_mim.visualization"):
+        panel, tokens = mim_panel(model, processor, tokenizer_processor, photos(2), masks, cell_size=24)
+    assert panel.size == grid_size(2, 3, 24)
+    assert "without the decoder" in caplog.text and "--tokenizer_name_or_path" in caplog.text
+    standalone = DvaeModel.from_pretrained(tiny_dvae_dir)
+    panel, with_decoder = mim_panel(model, processor, tokenizer_processor, photos(2), masks, 24, standalone)
+    assert panel.size == grid_size(2, 5, 24) and torch.equal(with_decoder["token_ids"], tokens["token_ids"])
+    # The decoded column is what the standalone tokenizer makes of the model's targets.
+    decoded = standalone.decode(tokens["token_ids"][:1])[0].mul(255).round().byte().permute(1, 2, 0).numpy()
+    left, top = PADDING + 3 * (24 + PADDING), TITLE_HEIGHT + PADDING
+    tile = np.asarray(panel.crop((left, top, left + 24, top + 24)))
+    expected = np.asarray(Image.fromarray(decoded).resize((24, 24), Image.Resampling.NEAREST))
+    assert np.array_equal(tile, expected)
+    # Another tokenizer of the same family would decode the codes into other pixels.
+    with pytest.raises(ValueError, match="not the one this model was pre-trained with"):
+        mim_panel(model, processor, tokenizer_processor, photos(2), masks, 24, DvaeModel(standalone.config))
 
 
 @pytest.mark.parametrize(
@@ -120,12 +169,15 @@ def test_rare_codes_stay_visible():
     assert bars[:, :120].any() and bars[:, 120:].sum() > 0
 
 
-def test_script_writes_figures_of_a_checkpoint(tiny_mim_dir, image_folder, tmp_path, capsys):
+def test_script_writes_figures_of_a_checkpoint(pretrained_dir, tiny_dvae_dir, image_folder, tmp_path, capsys):
     (tmp_path / "state.json").write_text(json.dumps({"log_history": LOG_HISTORY}))
-    written = main([
-        "--model_name_or_path", tiny_mim_dir, "--images", f"{image_folder}/a", "--output_dir", str(tmp_path / "figures"),
+    flags = [
+        "--model_name_or_path", pretrained_dir, "--images", f"{image_folder}/a", "--output_dir", str(tmp_path / "figures"),
         "--trainer_state", str(tmp_path / "state.json"), "--cell_size", "40", "--max_images", "3",
-    ])
+    ]  # fmt: skip
+    # The checkpoint holds its tokenizer without the decoder: the reconstructions need the standalone tokenizer.
+    assert_png(main(flags)["mim_panel"], grid_size(3, 3, 40))
+    written = main([*flags, "--tokenizer_name_or_path", tiny_dvae_dir])
     assert_png(written["mim_panel"], grid_size(3, 5, 40))
     assert "masked_accuracy" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--images needs --model_name_or_path"):

@@ -8,6 +8,7 @@ import textwrap
 
 import torch
 from conftest import BLOCK_HF_MIM, tiny_beit_config, tiny_dvae_config
+from safetensors.torch import load_file
 
 from hf_mim import BeitMimForMaskedImageModeling, DvaeImageProcessor, DvaeModel, MimImageProcessor
 
@@ -30,8 +31,13 @@ LOADER = BLOCK_HF_MIM + textwrap.dedent(
             result["mim_class"] = type(model).__name__
             out = model(inputs["pixel_values"], bool_masked_pos=inputs["mask"],
                         tokenizer_pixel_values=inputs["tokenizer_pixel_values"])
-            torch.save({"logits": out.logits, "labels": out.labels,
-                        "hidden": encoder(inputs["pixel_values"]).last_hidden_state}, folder + "/remote.pt")
+            outputs = {"logits": out.logits, "labels": out.labels,
+                       "hidden": encoder(inputs["pixel_values"]).last_hidden_state}
+            try:
+                outputs["decoded"] = model.tokenizer.decode(torch.zeros(1, model.tokenizer.num_tokens, dtype=torch.long))
+            except (NotImplementedError, ValueError) as error:
+                result["decode_error"] = str(error)
+            torch.save(outputs, folder + "/remote.pt")
         else:
             torch.save({"logits": encoder.get_codebook_logits(inputs["pixel_values"])}, folder + "/remote.pt")
     processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
@@ -78,6 +84,27 @@ def test_mim_checkpoint_loads_without_hf_mim(tmp_path):
         hidden = model.beit(inputs["pixel_values"]).last_hidden_state
     assert torch.equal(local.logits, remote["logits"]) and torch.equal(local.labels, remote["labels"])
     assert torch.equal(hidden, remote["hidden"])
+    # The tokenizer came without its decoder, and says where to get one.
+    held = {key.split(".")[1] for key in load_file(tmp_path / "model.safetensors") if key.startswith("tokenizer.")}
+    assert held == {"encoder"}
+    assert "built without its decoder" in result["decode_error"] and "standalone tokenizer" in result["decode_error"]
+
+
+def test_mim_checkpoint_saved_with_its_tokenizer_decoder_loads_it_without_hf_mim(tmp_path):
+    legacy = {name: value for name, value in tiny_dvae_config().to_dict().items() if name != "with_decoder"}
+    model = BeitMimForMaskedImageModeling(tiny_beit_config(tokenizer_config=legacy)).eval()
+    model.save_pretrained(tmp_path)
+    MimImageProcessor(size={"height": 32, "width": 32}).save_pretrained(tmp_path)
+    mask = torch.zeros(1, 16, dtype=torch.bool)
+    mask[:, :4] = True
+    inputs = {"pixel_values": torch.randn(1, 3, 32, 32), "tokenizer_pixel_values": torch.rand(1, 3, 16, 16), "mask": mask}
+    torch.save(inputs, tmp_path / "inputs.pt")
+
+    result, remote = load_remotely(tmp_path, "mim")
+
+    assert "decode_error" not in result and not result["hf_mim_imported"]
+    with torch.no_grad():
+        assert torch.equal(model.tokenizer.decode(torch.zeros(1, 16, dtype=torch.long)), remote["decoded"])
 
 
 def test_tokenizer_checkpoint_loads_without_hf_mim(tmp_path):

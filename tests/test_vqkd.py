@@ -245,6 +245,46 @@ def test_forward_losses_and_outputs():
         model(pixels, target_features=torch.randn(2, 16, 8))
 
 
+def test_without_decoder_the_model_keeps_its_tokens_and_refuses_to_distil(tmp_path, monkeypatch):
+    full = VqkdModel(tiny_vqkd_config(kmeans_init=False)).eval()
+    model = VqkdModel(tiny_vqkd_config(kmeans_init=False, with_decoder=False)).eval()
+    assert model.decoder is None and model.decode_task_layer is None
+    decoder_names = {name for name in full.state_dict() if name.split(".")[0] in ("decoder", "decode_task_layer")}
+    assert decoder_names and set(model.state_dict()) == set(full.state_dict()) - decoder_names
+    model.load_state_dict({name: value for name, value in full.state_dict().items() if name not in decoder_names})
+    pixels = torch.rand(2, 3, 32, 32)
+    assert torch.equal(model.get_codebook_logits(pixels), full.get_codebook_logits(pixels))
+    with pytest.raises(ValueError, match="built without its decoder.*cannot predict teacher features"):
+        model.decode_features(torch.randn(2, 16, 32))
+    # Refused before the training-mode codebook update: a failing call leaves the codebook as it was.
+    untrained = VqkdModel(tiny_vqkd_config(with_decoder=False)).train()
+    monkeypatch.setattr(modeling_vqkd, "spherical_kmeans", lambda *args: pytest.fail("k-means ran"))
+    with pytest.raises(ValueError, match="built without its decoder.*distillation forward"):
+        untrained(pixels, target_features=torch.randn(2, 16, 16))
+    assert untrained.codebook.initted.item() == 0
+    model.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["with_decoder"] is False
+    assert not decoder_names & set(load_file(tmp_path / "model.safetensors"))
+    reloaded = AutoModel.from_pretrained(tmp_path)
+    assert reloaded.decoder is None
+    assert torch.equal(reloaded.get_codebook_indices(pixels), model.get_codebook_indices(pixels))
+
+
+def test_trainer_refuses_a_model_without_decoder(tmp_path):
+    from transformers import TrainingArguments
+
+    from hf_mim.data import MimDataCollator
+    from hf_mim.training.vqkd import VqkdTrainer
+
+    teacher = load_teacher(tiny_clip_teacher_dir(tmp_path / "teacher"), grid_size=4)
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=1, use_cpu=True, report_to=[], save_strategy="no")
+    with pytest.raises(ValueError, match="built without its decoder.*cannot be trained"):
+        VqkdTrainer(
+            model=VqkdModel(tiny_vqkd_config(with_decoder=False)), args=args, train_dataset=[],
+            data_collator=MimDataCollator(), teacher=teacher,
+        )  # fmt: skip
+
+
 def test_checkpoint_round_trip_keeps_the_codebook(tmp_path, monkeypatch):
     model = VqkdModel(tiny_vqkd_config()).train()
     model(torch.rand(4, 3, 32, 32))

@@ -3,7 +3,9 @@
 - [`mim_panel`]: per image, the ViT's view, the same view with its mask, the tokenizer's token map (a colour
   per code), the tokenizer's reconstruction of its own tokens, and the reconstruction with the model's
   predicted tokens in the masked patches. Reconstructions go through the tokenizer protocol's `decode`
-  (dVAE decoder, k-means centroid image, ...), and are left out for tokenizers without a pixel decoder.
+  (dVAE decoder, k-means centroid image, ...), and are left out for tokenizers without a pixel decoder. A MIM
+  checkpoint holds its tokenizer without the decoder: pass the standalone tokenizer (`decoding_tokenizer`,
+  `--tokenizer_name_or_path`) to draw them.
 - [`codebook_histogram`]: code frequencies sorted from most to least used, with usage and perplexity.
 - [`training_curves`]: loss / accuracy curves from a `Trainer`'s `trainer_state.json`.
 
@@ -22,11 +24,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from transformers import AutoImageProcessor, AutoModelForMaskedImageModeling, HfArgumentParser
+from transformers import AutoImageProcessor, AutoModel, AutoModelForMaskedImageModeling, HfArgumentParser
 
 from .data import TwoViewTransform, decode_image
 from .evaluation.codebook import codebook_metrics
 from .evaluation.export import normalizes_inside
+from .models.configuration_common import decoder_left_out
 from .models.image_processing_mim import to_rgb
 
 logger = logging.getLogger(__name__)
@@ -119,12 +122,31 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], titles: Sequence[str], cel
 
 
 def decode_or_none(tokenizer, token_ids: torch.Tensor) -> torch.Tensor | None:
-    """`tokenizer.decode(token_ids)` in [0, 1], or None for a tokenizer without a pixel decoder."""
+    """`tokenizer.decode(token_ids)` in [0, 1], or None for a tokenizer without a pixel decoder or built without its
+    decoder (as a MIM model holds it)."""
+    if decoder_left_out(tokenizer.config):
+        return None
     try:
         with torch.no_grad():
             return tokenizer.decode(token_ids)
     except NotImplementedError:
         return None
+
+
+def check_same_tokenizer(tokenizer, held) -> None:
+    """Refuse a `tokenizer` that is not the one a MIM model `held`: it would decode the codes into other pixels."""
+    if tokenizer.config.model_type != held.config.model_type:
+        raise ValueError(
+            f"The decoding tokenizer is a {tokenizer.config.model_type} but the model's targets come from a "
+            f"{held.config.model_type}; pass the tokenizer that pre-training used (run_mim.py --tokenizer_name_or_path)"
+        )
+    weights = tokenizer.state_dict()
+    for name, value in held.state_dict().items():
+        if name not in weights or not torch.equal(weights[name].to(value.device), value):
+            raise ValueError(
+                f"The decoding tokenizer is not the one this model was pre-trained with: its {name} differs from the "
+                "model's own; pass the tokenizer that pre-training used (run_mim.py --tokenizer_name_or_path)"
+            )
 
 
 @torch.no_grad()
@@ -144,6 +166,7 @@ def mim_panel(
     images: Sequence[Image.Image],
     bool_masked_pos: torch.Tensor,
     cell_size: int = 160,
+    decoding_tokenizer=None,
 ) -> tuple[Image.Image, dict]:
     """A grid with one row per image: view ("input"), masked view ("mask"), token map ("tokens"), and with a
     pixel decoder the tokenizer's reconstruction of its tokens ("decoded") and the reconstruction with the
@@ -156,12 +179,19 @@ def mim_panel(
         images: PIL images, any mode.
         bool_masked_pos (`torch.BoolTensor` of shape `(len(images), num_patches)`): The masks to show and predict.
         cell_size: Side of each tile in pixels.
+        decoding_tokenizer: The standalone tokenizer (with its decoder) whose `decode` draws the reconstructions,
+            for a model that holds its tokenizer without the decoder; it must have the model's tokenizer weights.
+            By default the model's own tokenizer decodes, and without a decoder the reconstructions are left out.
 
     Returns:
         The figure, and `{"token_ids", "predicted_ids"}` `(len(images), num_patches)` for metrics.
     """
     if model.tokenizer is None:
         raise ValueError("The model has no tokenizer to compute token maps with; load a checkpoint that holds one")
+    decoder = model.tokenizer
+    if decoding_tokenizer is not None:
+        check_same_tokenizer(decoding_tokenizer, model.tokenizer)
+        decoder = decoding_tokenizer
     transform = TwoViewTransform(image_processor, tokenizer_image_processor, train=False)
     views = [transform(image) for image in images]
     pixel_values = torch.stack([view["pixel_values"] for view in views])
@@ -173,16 +203,22 @@ def mim_panel(
     try:
         model_input = shown if normalizes_inside(model.config) else pixel_values
         targets, predicted = predict_tokens(model, model_input, tokenizer_pixel_values, bool_masked_pos)
-        reconstruction = decode_or_none(model.tokenizer, targets)
-        prediction = decode_or_none(model.tokenizer, predicted) if reconstruction is not None else None
+        reconstruction = decode_or_none(decoder, targets)
+        prediction = decode_or_none(decoder, predicted) if reconstruction is not None else None
     finally:
         model.train(was_training)
 
     titles = ["input", "mask", "tokens"]
     if reconstruction is not None:
         titles += ["decoded", "predicted"]
+    elif decoder_left_out(decoder.config):
+        logger.warning(
+            f"The checkpoint holds its {type(decoder).__name__} without the decoder, as MIM checkpoints do: "
+            "reconstructions are left out. Pass the standalone tokenizer (visualize.py --tokenizer_name_or_path) to "
+            "draw them."
+        )
     else:
-        logger.info(f"{type(model.tokenizer).__name__} has no pixel decoder: reconstructions are left out")
+        logger.info(f"{type(decoder).__name__} has no pixel decoder: reconstructions are left out")
     rows = []
     for index in range(len(images)):
         image = tensor_to_image(shown[index])
@@ -295,6 +331,7 @@ def write_figures(
     bool_masked_pos: torch.Tensor | None = None,
     trainer_state=None,
     cell_size: int = 160,
+    decoding_tokenizer=None,
 ) -> dict[str, str]:
     """Write `mim_panel.png`, `codebook_usage.png` and `figure_metrics.json` (masked-token accuracy and codebook
     usage of these images, through hf_mim's `evaluate` modules) given a model and images, and
@@ -305,7 +342,9 @@ def write_figures(
     if model is not None and len(images):
         from .evaluation.metrics import load_metric  # `evaluate` takes seconds to import; only needed here
 
-        panel, tokens = mim_panel(model, image_processor, tokenizer_image_processor, images, bool_masked_pos, cell_size)
+        panel, tokens = mim_panel(
+            model, image_processor, tokenizer_image_processor, images, bool_masked_pos, cell_size, decoding_tokenizer
+        )
         written["mim_panel"] = os.path.join(output_dir, "mim_panel.png")
         panel.save(written["mim_panel"])
         codebook_size = model.tokenizer.codebook_size
@@ -336,6 +375,14 @@ class VisualizeArguments:
     )
     images: list[str] = field(default_factory=list, metadata={"help": "Image files or folders of images"})
     max_images: int = field(default=8, metadata={"help": "Rows of the panel: the first images, in sorted order within folders"})
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "The standalone tokenizer the model was pre-trained with (run_mim.py --tokenizer_name_or_path). "
+            "MIM checkpoints hold their tokenizer without its decoder; this one draws the decoded and predicted "
+            "panels, which are left out without it"
+        },
+    )
     tokenizer_image_processor_name: str | None = field(
         default=None, metadata={"help": "The tokenizer view's processor (default: <model>/tokenizer)"}
     )
@@ -366,10 +413,12 @@ def main(argv=None) -> dict[str, str]:
     if trainer_state is None and args.model_name_or_path is not None:
         candidate = os.path.join(args.model_name_or_path, "trainer_state.json")
         trainer_state = candidate if os.path.isfile(candidate) else None
-    model = image_processor = tokenizer_image_processor = masks = None
+    model = image_processor = tokenizer_image_processor = masks = decoding_tokenizer = None
     images = []
     if args.model_name_or_path is not None and args.images:
         model = AutoModelForMaskedImageModeling.from_pretrained(args.model_name_or_path)
+        if args.tokenizer_name_or_path is not None:
+            decoding_tokenizer = AutoModel.from_pretrained(args.tokenizer_name_or_path)
         image_processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
         tokenizer_image_processor = AutoImageProcessor.from_pretrained(
             args.tokenizer_image_processor_name or os.path.join(args.model_name_or_path, TOKENIZER_SUBFOLDER)
@@ -386,7 +435,15 @@ def main(argv=None) -> dict[str, str]:
         raise ValueError("--images needs --model_name_or_path (the MIM checkpoint whose tokens and predictions to draw)")
 
     written = write_figures(
-        args.output_dir, model, image_processor, tokenizer_image_processor, images, masks, trainer_state, args.cell_size
+        args.output_dir,
+        model,
+        image_processor,
+        tokenizer_image_processor,
+        images,
+        masks,
+        trainer_state,
+        args.cell_size,
+        decoding_tokenizer,
     )
     if "figure_metrics" in written:
         with open(written["figure_metrics"]) as file:
@@ -398,6 +455,7 @@ def main(argv=None) -> dict[str, str]:
 
 __all__ = [
     "VisualizeArguments",
+    "check_same_tokenizer",
     "codebook_histogram",
     "decode_or_none",
     "denormalize",

@@ -3,7 +3,7 @@
 from transformers import BeitConfig
 
 from .configuration_common import complete_auto_map
-from .tokenizer_registry import tokenizer_config_from_dict
+from .tokenizer_registry import mim_tokenizer_config, tokenizer_config_from_dict
 
 
 def check_backbone_geometry(config) -> None:
@@ -40,7 +40,10 @@ class BeitMimConfig(BeitConfig):
     tokenizer_config (`dict`, *optional*):
         `to_dict()` of the hf_mim tokenizer's config (dVAE, VQ-KD, k-means, VQGAN). The tokenizer is built
         inside the model, frozen, and computes the targets from `tokenizer_pixel_values`. When `None`, the
-        model needs `labels`.
+        model needs `labels`. It is stored with `with_decoder=False`: the tokenizer is built without the decoder
+        that targets never use (`set_tokenizer` copies the rest of a standalone tokenizer), so checkpoints stay
+        small; decode with the standalone tokenizer. A dict without the `with_decoder` key (a checkpoint saved
+        before the switch existed) keeps its decoder.
 
     Example:
 
@@ -67,6 +70,8 @@ class BeitMimConfig(BeitConfig):
     tokenizer_config: dict | None = None
 
     def __post_init__(self, **kwargs):
+        if self.tokenizer_config is not None:
+            self.tokenizer_config = mim_tokenizer_config(self.tokenizer_config)
         super().__post_init__(**kwargs)
         check_backbone_geometry(self)
         complete_auto_map(self, self.auto_map_defaults)

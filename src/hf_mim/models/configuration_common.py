@@ -11,4 +11,23 @@ def complete_auto_map(config, auto_map: dict[str, str]) -> None:
     config.auto_map = {**auto_map, **existing}
 
 
-__all__ = ["complete_auto_map"]
+def decoder_left_out(config) -> bool:
+    """Whether a tokenizer of `config` was built without its decoder (`with_decoder=False`, as MIM models hold it).
+
+    False for families without the switch: k-means decodes through its centroids, and VQGAN never had a decoder.
+    """
+    return not getattr(config, "with_decoder", True)
+
+
+def check_decoder(config, purpose: str) -> None:
+    """Refuse to `purpose` with a tokenizer built without its decoder, saying where to get one."""
+    if decoder_left_out(config):
+        raise ValueError(
+            f"This {config.model_type} tokenizer was built without its decoder (with_decoder=False), so it cannot "
+            f"{purpose}. MIM checkpoints hold their tokenizer without the decoder, since targets only need the "
+            "encoder. Load the standalone tokenizer checkpoint, which keeps it: AutoModel.from_pretrained(<the "
+            "tokenizer folder or Hub id the pre-training used, run_mim.py --tokenizer_name_or_path>)."
+        )
+
+
+__all__ = ["check_decoder", "complete_auto_map", "decoder_left_out"]

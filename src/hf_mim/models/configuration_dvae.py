@@ -31,6 +31,10 @@ class DvaeConfig(PreTrainedConfig):
     logit_laplace_eps (`float`, *optional*, defaults to 0.1):
         The logit-Laplace margin: the encoder sees pixels mapped from [0, 1] to [eps, 1 - eps], and decoded
         pixels are mapped back.
+    with_decoder (`bool`, *optional*, defaults to `True`):
+        Whether the model holds its decoder (codes -> pixels). MIM models hold their tokenizer without it (their
+        targets only need the encoder), which keeps 43.8M parameters of the released size out of every MIM
+        checkpoint; such a model refuses `decode` and training with an error saying where to get the decoder.
 
     Example:
 
@@ -56,6 +60,7 @@ class DvaeConfig(PreTrainedConfig):
     num_blocks_per_group: int = 2
     decoder_hidden_size: int = 128
     logit_laplace_eps: float = 0.1
+    with_decoder: bool = True
 
     def __post_init__(self, **kwargs):
         for name in (

@@ -63,6 +63,11 @@ class VqkdConfig(PreTrainedConfig):
         LayerNorm epsilon of encoder and decoder.
     initializer_range (`float`, *optional*, defaults to 0.02):
         Standard deviation of the weight initialisation.
+    with_decoder (`bool`, *optional*, defaults to `True`):
+        Whether the model holds its decoder and `decode_task_layer` (codes -> teacher features), which only training
+        uses. MIM models hold their tokenizer without them (their targets only need the encoder and codebook), which
+        keeps 22M parameters of the released size out of every MIM checkpoint; such a model refuses `forward` and
+        `decode_features` with an error saying where to get the decoder.
 
     Example:
 
@@ -103,6 +108,7 @@ class VqkdConfig(PreTrainedConfig):
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-6
     initializer_range: float = 0.02
+    with_decoder: bool = True
 
     def __post_init__(self, **kwargs):
         for name in (

@@ -15,6 +15,7 @@ from transformers.utils import ModelOutput
 
 from .beit_backbone import BeitReferenceInitMixin, MimBeitModel
 from .configuration_beit import BeitMimConfig
+from .configuration_common import decoder_left_out
 from .tokenizer_registry import build_tokenizer
 
 
@@ -103,12 +104,20 @@ class BeitMimForMaskedImageModeling(BeitMimPreTrainedModel):
         return self.beit.embeddings.patch_embeddings.num_patches
 
     def set_tokenizer(self, tokenizer) -> None:
-        """Copy the weights of a trained tokenizer (of the family and size in `config.tokenizer_config`)."""
+        """Copy the weights of a trained tokenizer (of the family and size in `config.tokenizer_config`).
+
+        A standalone tokenizer carries its decoder; when this model's tokenizer was built without one, the decoder's
+        weights are left behind and every other weight must match.
+        """
         if self.tokenizer is None:
             raise ValueError("This model was configured without a tokenizer; set config.tokenizer_config first")
         if type(tokenizer) is not type(self.tokenizer):
             raise ValueError(f"Expected a {type(self.tokenizer).__name__}, got {type(tokenizer).__name__}")
-        self.tokenizer.load_state_dict(tokenizer.state_dict())
+        state = tokenizer.state_dict()
+        if decoder_left_out(self.tokenizer.config):
+            decoder_modules = type(self.tokenizer).decoder_modules
+            state = {key: value for key, value in state.items() if key.split(".")[0] not in decoder_modules}
+        self.tokenizer.load_state_dict(state)
 
     def train(self, mode: bool = True):
         super().train(mode)

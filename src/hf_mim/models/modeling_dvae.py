@@ -1,7 +1,8 @@
 """The DALL-E discrete VAE (Ramesh et al. 2021, arXiv 2102.12092) as an hf_mim visual tokenizer.
 
 BEiT v1 uses OpenAI's frozen encoder to turn a 112x112 view into 14x14 token ids; the decoder turns ids
-back into pixels (for visualisation, and to train a dVAE of one's own with `hf_mim.training.dvae`).
+back into pixels (for visualisation, and to train a dVAE of one's own with `hf_mim.training.dvae`). The tokenizer
+inside a MIM model is built without the decoder (`with_decoder=False`).
 """
 
 import math
@@ -13,6 +14,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from .configuration_common import check_decoder
 from .configuration_dvae import DvaeConfig
 from .modeling_tokenizer import MimTokenizerPreTrainedModel
 
@@ -160,16 +162,20 @@ class DvaePreTrainedModel(MimTokenizerPreTrainedModel):
 
 
 class DvaeModel(DvaePreTrainedModel):
-    """DALL-E's dVAE: `encoder` (pixels -> code logits) and `decoder` (codes -> pixels).
+    """DALL-E's dVAE: `encoder` (pixels -> code logits) and `decoder` (codes -> pixels; `None` when
+    `config.with_decoder` is False).
 
     Inputs are the [DvaeImageProcessor] output, i.e. pixels already mapped from [0, 1] to
     [eps, 1 - eps] (`0.8 * x + 0.1` for the released model).
     """
 
+    # The submodules that `with_decoder=False` leaves out.
+    decoder_modules = ("decoder",)
+
     def __init__(self, config: DvaeConfig):
         super().__init__(config)
         self.encoder = DvaeEncoder(config)
-        self.decoder = DvaeDecoder(config)
+        self.decoder = DvaeDecoder(config) if config.with_decoder else None
         self.post_init()
 
     def _check_fp32(self) -> None:
@@ -210,6 +216,7 @@ class DvaeModel(DvaePreTrainedModel):
             indices (`torch.LongTensor` of shape `(batch_size, grid_size**2)` or `(batch_size, grid_size, grid_size)`):
                 Code ids, row-major over the grid.
         """
+        check_decoder(self.config, "decode tokens into pixels")
         grid, codebook_size = self.config.grid_size, self.config.codebook_size
         indices = indices.reshape(indices.shape[0], -1)
         if indices.shape[1] != grid * grid:
@@ -248,6 +255,7 @@ class DvaeModel(DvaePreTrainedModel):
             return_loss (`bool`, *optional*, defaults to `True`):
                 Whether to return `loss`.
         """
+        check_decoder(self.config, "reconstruct images (its training forward; get_codebook_indices gives tokens)")
         self.check_input(pixel_values)
         logits = self.encoder(pixel_values)
         log_probs = logits.float().log_softmax(dim=1)

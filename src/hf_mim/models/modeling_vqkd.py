@@ -20,6 +20,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .beit_backbone import MimBeitModel, init_beit_weights
+from .configuration_common import check_decoder
 from .configuration_vqkd import VqkdConfig
 from .modeling_tokenizer import MimTokenizerPreTrainedModel
 
@@ -267,11 +268,15 @@ class VqkdPreTrainedModel(MimTokenizerPreTrainedModel):
 
 
 class VqkdModel(VqkdPreTrainedModel):
-    """The VQ-KD tokenizer: `encoder` + `encode_task_layer` -> `codebook` -> `decoder` + `decode_task_layer`.
+    """The VQ-KD tokenizer: `encoder` + `encode_task_layer` -> `codebook` -> `decoder` + `decode_task_layer` (the
+    last two `None` when `config.with_decoder` is False: only training needs them).
 
     Inputs are the [`VqkdImageProcessor`] view: pixels in [0, 1], not mean/std-normalised (the model maps them to
     [-1, 1] itself, as the released tokenizers expect).
     """
+
+    # The submodules that `with_decoder=False` leaves out.
+    decoder_modules = ("decoder", "decode_task_layer")
 
     def __init__(self, config: VqkdConfig):
         super().__init__(config)
@@ -282,12 +287,14 @@ class VqkdModel(VqkdPreTrainedModel):
             nn.Linear(config.hidden_size, config.hidden_size), nn.Tanh(), nn.Linear(config.hidden_size, config.codebook_dim)
         )
         self.codebook = VqkdCodebook(config)
-        self.decoder = MimBeitModel(config.decoder_config(), add_pooling_layer=True)
-        self.decode_task_layer = nn.Sequential(
-            nn.Linear(config.decoder_hidden_size, config.decoder_hidden_size),
-            nn.Tanh(),
-            nn.Linear(config.decoder_hidden_size, config.teacher_dim),
-        )
+        self.decoder = self.decode_task_layer = None
+        if config.with_decoder:
+            self.decoder = MimBeitModel(config.decoder_config(), add_pooling_layer=True)
+            self.decode_task_layer = nn.Sequential(
+                nn.Linear(config.decoder_hidden_size, config.decoder_hidden_size),
+                nn.Tanh(),
+                nn.Linear(config.decoder_hidden_size, config.teacher_dim),
+            )
         self.post_init()
 
     def check_pixel_range(self, pixel_values: torch.Tensor) -> None:
@@ -318,6 +325,7 @@ class VqkdModel(VqkdPreTrainedModel):
     def decode_features(self, quantized: torch.Tensor) -> torch.Tensor:
         """Predicted teacher features `(batch_size, grid_size**2, teacher_dim)` from quantised codes
         `(batch_size, grid_size**2, codebook_dim)`."""
+        check_decoder(self.config, "predict teacher features from codes")
         grid = self.config.grid_size
         code_map = quantized.transpose(1, 2).reshape(quantized.shape[0], self.config.codebook_dim, grid, grid)
         hidden_states = self.decoder(code_map).last_hidden_state[:, 1:]
@@ -355,6 +363,8 @@ class VqkdModel(VqkdPreTrainedModel):
             return_loss (`bool`, *optional*, defaults to `True`):
                 Whether to return `loss` (needs `target_features`).
         """
+        # Checked before the codebook's training-mode update, which must not happen in a call that then fails.
+        check_decoder(self.config, "run the distillation forward (get_codebook_indices gives tokens)")
         features = self.encode(pixel_values)
         quantized = self.codebook(features)
         predicted = self.decode_features(quantized.quantized)

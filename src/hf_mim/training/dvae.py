@@ -11,6 +11,7 @@ import math
 
 from transformers import TrainingArguments
 
+from ..models.configuration_common import check_decoder
 from ..models.configuration_dvae import DvaeConfig
 from ..models.image_processing_dvae import DvaeImageProcessor
 from .budget import training_progress
@@ -96,6 +97,7 @@ class DvaeTrainer(TokenizerTrainer):
         if kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
         super().__init__(*args, **kwargs)
+        check_decoder(self.accelerator.unwrap_model(self.model).config, "be trained (its loss decodes the codes)")
         self.temperature_start = temperature_start
         self.temperature_end = temperature_end
         self.temperature_schedule = temperature_schedule

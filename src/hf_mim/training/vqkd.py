@@ -20,6 +20,7 @@ from transformers import (
     TrainingArguments,
 )
 
+from ..models.configuration_common import check_decoder
 from ..models.configuration_vqkd import VqkdConfig
 from ..models.image_processing_vqkd import VqkdImageProcessor
 from .tokenizer_trainer import TokenizerTrainer
@@ -174,8 +175,10 @@ class VqkdTrainer(TokenizerTrainer):
 
     def __init__(self, *args, teacher: VqkdTeacher, **kwargs):
         super().__init__(*args, **kwargs)
+        config = self.accelerator.unwrap_model(self.model).config
+        check_decoder(config, "be trained (its loss decodes the codes into teacher features)")
         self.teacher = teacher.to(self.args.device)
-        self.teacher.check_compatible(self.accelerator.unwrap_model(self.model).config)
+        self.teacher.check_compatible(config)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {**inputs, "target_features": self.teacher(inputs["pixel_values"])}
