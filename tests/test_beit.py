@@ -301,3 +301,14 @@ def test_encoder_loads_from_a_mim_checkpoint_without_an_unexpected_keys_report(m
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     report = load_report(lambda: AutoModel.from_pretrained(tmp_path))
     assert "embeddings.stray" in report and "lm_head" not in report and "tokenizer." not in report
+
+
+def test_mim_model_still_reports_stray_head_and_tokenizer_weights(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    BeitMimForMaskedImageModeling(tiny_beit_config()).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["tokenizer.stray"], weights["lm_head.stray"] = torch.zeros(1), torch.zeros(1)
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    report = load_report(lambda: AutoModelForMaskedImageModeling.from_pretrained(tmp_path))
+    assert "tokenizer.stray" in report and "lm_head.stray" in report

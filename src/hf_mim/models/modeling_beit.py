@@ -90,6 +90,12 @@ class BeitMimForMaskedImageModeling(BeitMimPreTrainedModel):
         self.tokenizer = build_tokenizer(config.tokenizer_config) if config.tokenizer_config is not None else None
         self.post_init()
 
+    def post_init(self):
+        super().post_init()
+        # transformers hands the encoder's ignore patterns (heads and tokenizer stay behind when the encoder loads
+        # alone) up to this model; here those weights are the model's own, and a stray one must be reported.
+        self._keys_to_ignore_on_load_unexpected -= set(MimBeitModel._keys_to_ignore_on_load_unexpected)
+
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
         model = super().from_pretrained(*args, **kwargs)
