@@ -343,6 +343,14 @@ def test_convert_pickled_dall_e_modules_without_dall_e(tmp_path, zipfile_format)
     assert torch.equal(reloaded.get_codebook_logits(pixels), logits)
     assert DvaeImageProcessor.from_pretrained(output_dir).output_size == (32, 32)
 
+    # Without decoder.pkl there is no decoder: none is made up, and decoding says why it cannot.
+    encoder_only = convert_dalle_checkpoint(tmp_path / "encoder.pkl", output_dir=tmp_path / "encoder_only", image_size=32)
+    assert not encoder_only.config.with_decoder
+    assert not any(key.startswith("decoder.") for key in encoder_only.state_dict())
+    assert torch.equal(encoder_only.get_codebook_logits(pixels), logits)
+    with pytest.raises(ValueError, match="built without its decoder"):
+        encoder_only.decode(logits.argmax(-1))
+
 
 class _RunsShellCommand:
     def __init__(self, marker):

@@ -199,8 +199,8 @@ def convert_dalle_checkpoint(
 
     Args:
         encoder_path: the pickled `dall_e.encoder.Encoder` (or its `state_dict()`).
-        decoder_path: the pickled `dall_e.decoder.Decoder`; without it the decoder stays randomly initialised
-            and `decode()` is meaningless.
+        decoder_path: the pickled `dall_e.decoder.Decoder`; without it the model is built without a decoder
+            and `decode()` raises.
         output_dir: when given, the model (safetensors + config) and a [`DvaeImageProcessor`] are saved there.
         image_size: side of the tokenizer view (112 gives BEiT's 14x14 grid; the dVAE itself is size-agnostic).
     """
@@ -237,7 +237,8 @@ def convert_dalle_checkpoint(
         state_dict.update(rename_dalle_keys(decoder_parameters, "decoder"))
         post_gains |= decoder_gains
 
-    config = DvaeConfig(**config_kwargs)
+    # Without decoder.pkl there is no decoder to convert: a random one would decode to noise without a word.
+    config = DvaeConfig(**config_kwargs, with_decoder=decoder_path is not None)
     expected_gain = 1.0 / (config.num_groups * config.num_blocks_per_group) ** 2
     if any(abs(gain - expected_gain) > 1e-12 for gain in post_gains):
         raise ValueError(
@@ -247,8 +248,7 @@ def convert_dalle_checkpoint(
     model = DvaeModel(config)
     expected = model.state_dict()
     if decoder_path is None:
-        state_dict.update({key: value for key, value in expected.items() if key.startswith("decoder.")})
-        logger.warning("No decoder checkpoint given: the converted decoder is randomly initialised.")
+        logger.warning("No decoder checkpoint given: the tokenizer is converted without a decoder (it cannot decode).")
     for key, tensor in state_dict.items():
         if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
             raise ValueError(
