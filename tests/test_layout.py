@@ -49,3 +49,14 @@ def test_no_torchvision_anywhere():
     code = "import sys, hf_mim, hf_mim.data, hf_mim.training.run_mim; assert 'torchvision' not in sys.modules"
     completed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr[-2000:]
+
+
+def test_no_file_of_the_remote_code_closure_is_there_for_trainers_only():
+    # The closure travels with checkpoints: each file is a config, model or image processor, or one of them imports
+    # it. Code that serves only trainers, evaluation or figures (e.g. the codebook metrics) lives outside it.
+    from transformers.dynamic_module_utils import get_relative_imports
+
+    files = {path.name: path for path in CLOSURE.glob("*.py") if path.name != "__init__.py"}
+    imported = {f"{module}.py" for path in files.values() for module in get_relative_imports(str(path))}
+    entry_points = {name for name in files if name.startswith(("configuration_", "modeling_", "image_processing_"))}
+    assert set(files) - entry_points - imported == set()
