@@ -139,9 +139,14 @@ def _identity_layer_norm(prefix: str, hidden_size: int, like: torch.Tensor) -> d
     return {f"{prefix}.weight": torch.ones(hidden_size, dtype=like.dtype), f"{prefix}.bias": torch.zeros(hidden_size, dtype=like.dtype)}
 
 
+def _image_sides(config) -> tuple[int, int]:
+    size = config.image_size
+    return tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+
+
 def _window(config) -> tuple[int, int]:
-    size = config.image_size if isinstance(config.image_size, (tuple, list)) else (config.image_size,) * 2
-    return size[0] // config.patch_size, size[1] // config.patch_size
+    height, width = _image_sides(config)
+    return height // config.patch_size, width // config.patch_size
 
 
 def geometric_offset_positions(source_radius: int, target_radius: int) -> np.ndarray:
@@ -202,8 +207,7 @@ def export_state_dict(model: nn.Module, config: BeitConfig) -> dict[str, torch.T
     """The weights of `model`'s encoder under stock `BeitModel(config, add_pooling_layer=True)` names; relative
     position bias tables are resized when `config` has another patch grid than the encoder."""
     encoder = resolve_encoder(model)
-    sizes = config.image_size if isinstance(config.image_size, (tuple, list)) else (config.image_size,)
-    if any(size <= 0 or size % config.patch_size for size in sizes):
+    if any(side <= 0 or side % config.patch_size for side in _image_sides(config)):
         raise ValueError(
             f"image_size {config.image_size} must be a positive multiple of the patch size {config.patch_size} "
             "(the patch embedding would drop the remainder)"
