@@ -11,6 +11,7 @@ pre-training with run_mim.py --model_name_or_path.
 
 import argparse
 
+from hf_mim.cli import run_command
 from hf_mim.convert.unilm import convert_beit_checkpoint
 
 
@@ -37,4 +38,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -8,6 +8,7 @@ The array is read without pickle support, so the file cannot execute code.
 
 import argparse
 
+from hf_mim.cli import run_command
 from hf_mim.convert.ccvit import convert_ccvit_centroids
 
 
@@ -22,4 +23,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -8,6 +8,7 @@ The pickles are read with an allow-list unpickler (no `dall_e` package needed, n
 
 import argparse
 
+from hf_mim.cli import run_command
 from hf_mim.convert.dalle import convert_dalle_checkpoint
 
 
@@ -23,4 +24,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -9,6 +9,7 @@ is refused with an explanation rather than loaded unsafely. Only the encoder pat
 
 import argparse
 
+from hf_mim.cli import run_command
 from hf_mim.convert.taming import convert_taming_checkpoint
 
 
@@ -23,4 +24,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -10,6 +10,7 @@ overwritten by k-means.
 
 import argparse
 
+from hf_mim.cli import run_command
 from hf_mim.convert.unilm import convert_vqkd_checkpoint
 
 
@@ -31,4 +32,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -1,6 +1,7 @@
 """End-to-end CCViT demo with no data arguments: `python scripts/demo.py` (see `hf_mim.demo`)."""
 
+from hf_mim.cli import run_command
 from hf_mim.demo import main
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -4,7 +4,8 @@
     python scripts/export_to_transformers.py --model_name_or_path ./beit --output_dir ./beit-transformers
 """
 
+from hf_mim.cli import run_command
 from hf_mim.evaluation.export import main
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

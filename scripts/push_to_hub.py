@@ -7,7 +7,8 @@
 See `python scripts/push_to_hub.py --help`.
 """
 
+from hf_mim.cli import run_command
 from hf_mim.hub.push import main
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

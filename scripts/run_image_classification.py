@@ -6,7 +6,8 @@
         --mixup 0.8 --cutmix 1.0 --label_smoothing 0.1 --drop_path_rate 0.1
 """
 
+from hf_mim.cli import run_command
 from hf_mim.training.run_image_classification import main
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

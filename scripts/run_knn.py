@@ -5,7 +5,8 @@
         --ks 10 20 100 200 --temperature 0.07
 """
 
+from hf_mim.cli import run_command
 from hf_mim.evaluation.knn import main
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

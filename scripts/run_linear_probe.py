@@ -5,7 +5,8 @@
         --layers 6 9 12 --pooling cls+mean --feature_cache_dir ./features
 """
 
+from hf_mim.cli import run_command
 from hf_mim.evaluation.probe import main
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

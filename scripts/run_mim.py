@@ -5,7 +5,8 @@
         --train_dir ./images --output_dir ./beit --do_train
 """
 
+from hf_mim.cli import run_command
 from hf_mim.training.run_mim import main
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

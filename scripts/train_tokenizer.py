@@ -5,7 +5,8 @@
         --output_dir ./dvae --do_train --max_steps 20000 --learning_rate 1e-3
 """
 
+from hf_mim.cli import run_command
 from hf_mim.training.train_tokenizer import main
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -9,7 +9,8 @@ MIM checkpoints hold their tokenizer without its decoder: `--tokenizer_name_or_p
 model was pre-trained with) draws the reconstructions, which are left out without it.
 """
 
+from hf_mim.cli import run_command
 from hf_mim.visualization import main
 
 if __name__ == "__main__":
-    main()
+    run_command(main)

@@ -182,3 +182,17 @@ def test_script_writes_figures_of_a_checkpoint(pretrained_dir, tiny_dvae_dir, im
     assert "masked_accuracy" in capsys.readouterr().out
     with pytest.raises(ValueError, match="--images needs --model_name_or_path"):
         main(["--images", image_folder, "--output_dir", str(tmp_path)])
+
+
+
+def test_a_run_shorter_than_its_logging_steps_gets_its_panels_and_no_curves(loaded, tmp_path):
+    # What trainer_state.json holds after 2 steps with --logging_steps 10: only the run summary.
+    state = {"log_history": [{"step": 2, "epoch": 1.0, "train_runtime": 1.0, "train_loss": 4.1}]}
+    model, processor, tokenizer_processor = loaded
+    written = write_figures(
+        str(tmp_path), model, processor, tokenizer_processor, photos(2), torch.ones(2, 16, dtype=torch.bool),
+        trainer_state=state, cell_size=32,
+    )  # fmt: skip
+    assert "mim_panel" in written and "training_curves" not in written
+    with pytest.raises(ValueError, match="Nothing to draw"):
+        write_figures(str(tmp_path / "state_only"), trainer_state=state)

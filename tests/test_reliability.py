@@ -131,7 +131,7 @@ def test_converting_a_malicious_pickle_runs_no_code_and_says_why(tmp_path, conve
     assert not (tmp_path / "out").exists()
 
 
-def _nan_run(tiny_mim_dir, output_dir, skip_nonfinite_steps):
+def _nan_run(tiny_mim_dir, output_dir, skip_nonfinite_steps, **training_kwargs):
     from transformers import AutoModelForMaskedImageModeling, TrainingArguments
 
     from hf_mim.training.trainer import MimTrainer
@@ -147,8 +147,8 @@ def _nan_run(tiny_mim_dir, output_dir, skip_nonfinite_steps):
     ]
     args = TrainingArguments(
         output_dir=str(output_dir), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2, weight_decay=0.05,
-        use_cpu=True, report_to="none", save_strategy="no", remove_unused_columns=False, label_names=[],
-        dataloader_num_workers=0,
+        use_cpu=True, report_to="none", remove_unused_columns=False, label_names=[], dataloader_num_workers=0,
+        **{"logging_steps": 100, "save_strategy": "no", **training_kwargs},
     )
     trainer = MimTrainer(model=model, args=args, train_dataset=examples, data_collator=MimDataCollator(),
                          skip_nonfinite_steps=skip_nonfinite_steps)
@@ -156,9 +156,19 @@ def _nan_run(tiny_mim_dir, output_dir, skip_nonfinite_steps):
 
 
 def test_nonfinite_loss_names_its_step_and_is_skipped_only_on_request(tiny_mim_dir, tmp_path):
+    # Without logs or checkpoints in between, the first check is the end of training: before the model is saved.
     model, trainer = _nan_run(tiny_mim_dir, tmp_path / "raise", skip_nonfinite_steps=False)
-    with pytest.raises(FloatingPointError, match=r"Non-finite loss \(nan\).*at step 0.*--skip_nonfinite_steps"):
+    with pytest.raises(FloatingPointError, match=r"Non-finite training loss in 3 step\(s\).*between steps 1 and 3.*--skip_nonfinite_steps"):
         trainer.train()
+    # A logging step checks the steps since the last check.
+    model, trainer = _nan_run(tiny_mim_dir, tmp_path / "log", skip_nonfinite_steps=False, logging_steps=1)
+    with pytest.raises(FloatingPointError, match=r"in 1 step\(s\).*between steps 1 and 1"):
+        trainer.train()
+    # So does a checkpoint, which is never written from weights a non-finite loss has reached.
+    model, trainer = _nan_run(tiny_mim_dir, tmp_path / "save", skip_nonfinite_steps=False, save_strategy="steps", save_steps=2)
+    with pytest.raises(FloatingPointError, match=r"in 2 step\(s\).*between steps 1 and 2"):
+        trainer.train()
+    assert not (tmp_path / "save" / "checkpoint-2").exists()
 
     model, trainer = _nan_run(tiny_mim_dir, tmp_path / "skip", skip_nonfinite_steps=True)
     before = {name: value.clone() for name, value in model.state_dict().items()}

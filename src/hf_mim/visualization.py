@@ -359,6 +359,11 @@ def write_figures(
         written["figure_metrics"] = os.path.join(output_dir, "figure_metrics.json")
         with open(written["figure_metrics"], "w") as file:
             json.dump(metrics, file, indent=2)
+    curve_keys = [key for entry in _log_history(trainer_state or []) for key in entry if key != "train_loss" and ("loss" in key or "accuracy" in key)]
+    if trainer_state is not None and not curve_keys:
+        # A run shorter than --logging_steps logs only its summary: there is no curve to draw, which is not an error.
+        logger.warning("The trainer state has no training log (fewer steps ran than --logging_steps): no training curves")
+        trainer_state = None
     if trainer_state is not None:
         written["training_curves"] = os.path.join(output_dir, "training_curves.png")
         training_curves(trainer_state).save(written["training_curves"])

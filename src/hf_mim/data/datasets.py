@@ -174,7 +174,8 @@ class SeededTransformedDataset(torch.utils.data.Dataset):
     An example's crop, jitter, flip and mask are thus a function of (seed, epoch, index) alone: they do not depend on
     torch's global RNG, on DataLoader workers or prefetching, or on the other examples of the batch, which is what
     makes a resumed run redraw exactly the data of an uninterrupted one. `set_epoch` must be called before each
-    epoch ([`MimTrainer`] does it).
+    epoch ([`MimTrainer`] does it). The epoch lives in shared memory, so persistent DataLoader workers, which keep
+    the copy of the dataset they started with, see every `set_epoch` of the main process.
     """
 
     def __init__(self, dataset: datasets.Dataset, function: _TransformImages, seed: int):
@@ -183,10 +184,14 @@ class SeededTransformedDataset(torch.utils.data.Dataset):
         self.dataset = dataset.select_columns([function.image_column, *function.keep_columns])
         self.function = function
         self.seed = seed
-        self.epoch = 0
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self._epoch)
 
     def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self._epoch.fill_(int(epoch))
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -197,9 +202,10 @@ class SeededTransformedDataset(torch.utils.data.Dataset):
     def __getitems__(self, indices: list[int]) -> list[dict]:
         # One Arrow read per batch, as `datasets.Dataset.__getitems__` does.
         columns = self.dataset[list(indices)]
+        epoch = self.epoch
         return [
             self.function.transform_example(
-                {name: values[i] for name, values in columns.items()}, example_rng(self.seed, self.epoch, int(index))
+                {name: values[i] for name, values in columns.items()}, example_rng(self.seed, epoch, int(index))
             )
             for i, index in enumerate(indices)
         ]

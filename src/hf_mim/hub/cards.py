@@ -79,6 +79,7 @@ HYPERPARAMETERS = (
     "gradient_accumulation_steps",
     "num_train_epochs",
     "max_steps",
+    "max_train_seconds",
     "warmup_steps",
     "lr_scheduler_type",
     "optim",
@@ -246,10 +247,17 @@ def training_summary(training_args: dict | None, trainer_state: dict | None) -> 
     if not training_args and not trainer_state:
         return None
     hyperparameters = {}
+    state = trainer_state or {}
+    # A time budget that ended the run before max_steps makes max_steps a number the run never meant to reach.
+    budget_stopped = (training_args or {}).get("max_train_seconds") is not None and state.get("global_step", 0) < (
+        state.get("max_steps") or 0
+    )
     for name in HYPERPARAMETERS:
         value = (training_args or {}).get(name)
         # Trainer's "not set" values say nothing about the run.
         if value is None or (name == "max_steps" and value == -1) or (name in ("bf16", "fp16") and not value):
+            continue
+        if name == "max_steps" and budget_stopped:
             continue
         hyperparameters[name] = value
     summary = {"hyperparameters": hyperparameters, "steps": None, "epochs": None, "metrics": {}, "final": {}}

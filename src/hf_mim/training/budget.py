@@ -2,7 +2,9 @@
 
 import time
 
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
+from transformers.trainer_callback import ProgressCallback
 
 
 class TimeBudgetCallback(TrainerCallback):
@@ -20,18 +22,60 @@ class TimeBudgetCallback(TrainerCallback):
             raise ValueError(f"max_train_seconds must be positive, got {max_train_seconds}")
         self.max_train_seconds = max_train_seconds
         self.start = None
+        # Whether the budget, rather than max_steps or the epochs, ended the last run.
+        self.stopped_training = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.monotonic()
+        self.stopped_training = False
 
     def elapsed_fraction(self) -> float:
         """The fraction of the budget spent so far (0 before training begins)."""
         return 0.0 if self.start is None else (time.monotonic() - self.start) / self.max_train_seconds
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.elapsed_fraction() >= 1.0:
+        if self.elapsed_fraction() >= 1.0 and not control.should_training_stop:
             control.should_training_stop = True
+            self.stopped_training = state.global_step < state.max_steps
         return control
+
+
+class BudgetProgressCallback(ProgressCallback):
+    """`ProgressCallback` whose bar counts the seconds of a time budget, not the steps of a `max_steps` that the
+    budget is there to cut short (a 100,000-step bar with a 200-hour estimate for a 10-minute run); the steps done
+    show beside it."""
+
+    def __init__(self, budget: TimeBudgetCallback):
+        super().__init__()
+        self.budget = budget
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(total=int(self.budget.max_train_seconds), unit="s", desc="time budget", dynamic_ncols=True)
+        self.current_step = 0
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            elapsed = min(int(self.budget.elapsed_fraction() * self.budget.max_train_seconds), self.training_bar.total)
+            self.training_bar.update(elapsed - self.training_bar.n)
+            self.training_bar.set_postfix(step=state.global_step, refresh=False)
+            self.current_step = state.global_step
+
+
+def add_time_budget(trainer, max_train_seconds: float) -> TimeBudgetCallback:
+    """Stop `trainer` after `max_train_seconds`, with a progress bar over the budget instead of over `max_steps`."""
+    budget = TimeBudgetCallback(max_train_seconds)
+    trainer.add_callback(budget)
+    if any(type(callback) is ProgressCallback for callback in trainer.callback_handler.callbacks):
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(BudgetProgressCallback(budget))
+    return budget
+
+
+def budget_stopped(trainer) -> bool:
+    """Whether a time budget, not `max_steps` or the epochs, ended `trainer`'s last run."""
+    callbacks = trainer.callback_handler.callbacks
+    return any(isinstance(callback, TimeBudgetCallback) and callback.stopped_training for callback in callbacks)
 
 
 def training_progress(trainer) -> float:
@@ -47,4 +91,4 @@ def training_progress(trainer) -> float:
     return min(progress, 1.0)
 
 
-__all__ = ["TimeBudgetCallback", "training_progress"]
+__all__ = ["BudgetProgressCallback", "TimeBudgetCallback", "add_time_budget", "budget_stopped", "training_progress"]

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 from datasets import ClassLabel
-from transformers import AutoImageProcessor, BeitForImageClassification, HfArgumentParser, TrainingArguments, set_seed
+from transformers import AutoImageProcessor, BeitForImageClassification, HfArgumentParser, set_seed
 
 from ..data import (
     LabelledImageDatasetArguments,
@@ -33,6 +33,7 @@ from ..evaluation.export import (
     to_transformers_beit,
 )
 from ..evaluation.metrics import load_metric
+from .arguments import HfMimTrainingArguments
 from .mixup import MixupCutmix, soft_target_cross_entropy
 from .run_mim import setup_logging, train_and_evaluate
 from .trainer import MimTrainer
@@ -82,10 +83,7 @@ class DataArguments(LabelledImageDatasetArguments):
 
 
 @dataclass
-class ClassificationTrainingArguments(TrainingArguments):
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Start afresh even if output_dir holds checkpoints (else resume from the last)"}
-    )
+class ClassificationTrainingArguments(HfMimTrainingArguments):
     # The label column is renamed to `labels`; the transform already drops every other column.
     remove_unused_columns: bool = False
 

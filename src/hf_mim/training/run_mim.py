@@ -42,7 +42,7 @@ from ..models import (
     McBeitForMaskedImageModeling,
     MimImageProcessor,
 )
-from .budget import TimeBudgetCallback
+from .arguments import HfMimTrainingArguments
 from .kmeans import KmeansFitArguments, fit_tokenizer_for_mim
 from .trainer import MimTrainer
 
@@ -139,22 +139,12 @@ class DataArguments(StreamingImageDatasetArguments):
 
 
 @dataclass
-class MimTrainingArguments(TrainingArguments):
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Start afresh even if output_dir holds checkpoints (else resume from the last)"}
-    )
+class MimTrainingArguments(HfMimTrainingArguments):
     # MIM batches carry more than `labels`, and eval logits (masked tokens x vocabulary) are not needed for metrics.
     remove_unused_columns: bool = False
     prediction_loss_only: bool = True
     # Targets come from the tokenizer inside the model: with no label names, evaluation still computes the loss.
     label_names: list[str] = field(default_factory=list)
-    skip_nonfinite_steps: bool = field(
-        default=False,
-        metadata={"help": "Skip (and count) optimiser steps whose loss is non-finite instead of stopping the run"},
-    )
-    max_train_seconds: float | None = field(
-        default=None, metadata={"help": "Stop training after this many seconds of wall-clock time (a CPU budget)"}
-    )
 
 
 def resolve_data_defaults(data_args: DataArguments, model_type: str = "beit") -> DataArguments:
@@ -482,8 +472,6 @@ def main(argv=None, callbacks=None) -> dict[str, float]:
         callbacks=[HubFilesCallback(subfolders={TOKENIZER_SUBFOLDER: tokenizer_processor}), *(callbacks or [])],
         skip_nonfinite_steps=training_args.skip_nonfinite_steps,
     )
-    if training_args.max_train_seconds is not None:
-        trainer.add_callback(TimeBudgetCallback(training_args.max_train_seconds))
 
     def save_tokenizer_processor():
         tokenizer_processor.save_pretrained(os.path.join(training_args.output_dir, TOKENIZER_SUBFOLDER))

@@ -35,7 +35,7 @@ class TokenizerTrainer(MimTrainer):
         counts, self._code_counts[split] = self._code_counts[split], None
         if counts is None:
             codebook_size = self.accelerator.unwrap_model(self.model).config.codebook_size
-            counts = torch.zeros(codebook_size, dtype=torch.long)
+            counts = torch.zeros(codebook_size, dtype=torch.long, device=self.args.device)
         # Every rank reaches this log together (the Trainer gathers the loss just before), so reduce here.
         counts = self.accelerator.reduce(counts.to(self.accelerator.device), reduction="sum")
         if counts.sum() == 0:

@@ -37,7 +37,6 @@ from ..models.configuration_vqkd import VqkdConfig
 from ..models.image_processing_vqkd import VqkdImageProcessor
 from ..models.modeling_vqkd import VqkdModel
 from .dvae import TEMPERATURE_SCHEDULES, build_dvae_trainer, dvae_image_processor
-from .budget import TimeBudgetCallback
 from .kmeans import KmeansFitArguments, kmeans_image_processor, train_kmeans_tokenizer
 from .run_mim import MimTrainingArguments, parse_config_overrides, require_action, setup_logging, train_and_evaluate
 from .vqkd import build_vqkd_trainer, vqkd_image_processor
@@ -165,8 +164,9 @@ def load_tokenizer(tokenizer_args: TokenizerArguments):
     return model, image_processor
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def main(argv: list[str] | None = None, callbacks=None) -> dict[str, float]:
     """Parse the arguments (`argv`, default `sys.argv[1:]`; a single `.json` path is read as a file), train, save.
+    `callbacks` are extra `TrainerCallback`s of a gradient-trained tokenizer (k-means fits have no Trainer).
 
     Returns the training metrics (and `eval_*` metrics with `--do_eval` and a validation split).
     """
@@ -208,9 +208,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         eval_dataset=eval_dataset,
         data_collator=MimDataCollator(),
         processing_class=image_processor,
+        callbacks=callbacks,
     )
-    if training_args.max_train_seconds is not None:
-        trainer.add_callback(TimeBudgetCallback(training_args.max_train_seconds))
 
     return train_and_evaluate(trainer, training_args, skipped, dataset_name=data_args.dataset_name)
 

@@ -11,9 +11,15 @@ from transformers.utils.hub import hf_api
 from ..hub.callbacks import HubFilesCallback
 from ..hub.cards import write_model_card
 from ..hub.push import prepare_repo
+from .budget import add_time_budget
 from .optim import build_param_groups
 
 logger = logging.getLogger(__name__)
+
+NONFINITE_ADVICE = (
+    "lower the learning rate, enable gradient clipping (--max_grad_norm), use bf16 instead of fp16, or pass "
+    "--skip_nonfinite_steps to skip such steps"
+)
 
 
 class DatasetEpochCallback(TrainerCallback):
@@ -49,6 +55,26 @@ class NonFiniteStepGuard(TrainerCallback):
             self.skipped_steps += 1
 
 
+class ThroughputCounter(TrainerCallback):
+    """Counts the optimiser steps and training samples a launch actually processed, for throughput that a time
+    budget or a resumption does not inflate (Trainer's figures assume the planned `max_steps` of full batches)."""
+
+    def __init__(self):
+        self.steps = self.samples = self.first_step = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run begins at its checkpoint's step.
+        self.steps, self.samples, self.first_step = 0, 0, state.global_step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.steps += 1
+
+
+def batch_size(inputs: dict) -> int:
+    """The number of examples in a collated batch (the leading dimension of its tensors)."""
+    return next(value.shape[0] for value in inputs.values() if isinstance(value, torch.Tensor))
+
+
 class MimTrainer(Trainer):
     """`Trainer` that logs every scalar a model returns besides its loss (masked accuracy, loss terms, codebook
     usage) averaged over the logging window and across processes, and builds BEiT's optimiser groups.
@@ -57,25 +83,40 @@ class MimTrainer(Trainer):
     `trust_remote_code=True` (a `HubFilesCallback` is added unless one is passed), `hub_revision` branches are
     created, and the card is hf_mim's (`hf_mim.hub.write_model_card`).
 
+    A training step makes no host synchronisation: a non-finite training loss is counted on the device and raises
+    `FloatingPointError` at the next logging step, checkpoint or end of training, whichever comes first, before
+    anything is saved. With `skip_nonfinite_steps` the decision is needed before each optimiser step, which costs
+    one synchronisation per step. `args.max_train_seconds` (hf_mim's training arguments) adds a time budget.
+
     Args:
         layer_decay (`float`, *optional*):
             Layer-wise learning-rate decay for fine-tuning (e.g. 0.65); `None` for pre-training.
-        skip_nonfinite_steps (`bool`, *optional*, defaults to `False`):
+        skip_nonfinite_steps (`bool`, *optional*):
             On a non-finite training loss, log it with its step and skip that optimiser step (all processes agree)
-            instead of raising `FloatingPointError`; the count is `nonfinite_guard.skipped_steps`.
+            instead of raising `FloatingPointError`; the count is `nonfinite_guard.skipped_steps`. Defaults to
+            `args.skip_nonfinite_steps` where the arguments have it, else `False`.
     """
 
-    def __init__(self, *args, layer_decay: float | None = None, skip_nonfinite_steps: bool = False, **kwargs):
+    def __init__(self, *args, layer_decay: float | None = None, skip_nonfinite_steps: bool | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         if not any(isinstance(callback, HubFilesCallback) for callback in self.callback_handler.callbacks):
             self.add_callback(HubFilesCallback())
         self.add_callback(DatasetEpochCallback())
+        if skip_nonfinite_steps is None:
+            skip_nonfinite_steps = getattr(self.args, "skip_nonfinite_steps", False)
         self.skip_nonfinite_steps = skip_nonfinite_steps
         self.nonfinite_guard = NonFiniteStepGuard()
         self.add_callback(self.nonfinite_guard)
+        self.throughput = ThroughputCounter()
+        self.add_callback(self.throughput)
+        if getattr(self.args, "max_train_seconds", None) is not None:
+            add_time_budget(self, self.args.max_train_seconds)
         self.layer_decay = layer_decay
         self._metric_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._metric_steps = {"train": 0, "eval": 0}
+        # Non-finite training losses since the last check, counted on the device; and the step of that check.
+        self._nonfinite_losses: torch.Tensor | None = None
+        self._nonfinite_checked_step = 0
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         # Trainer commits to `hub_revision` without creating it, and the Hub refuses commits to a missing branch.
@@ -146,6 +187,7 @@ class MimTrainer(Trainer):
                 )
             logger.warning(f"Skipping step {self.state.global_step}: every image of the batch was undecodable")
             return torch.zeros((), device=self.args.device)
+        self.throughput.samples += batch_size(inputs)
         return super().training_step(model, inputs, num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -155,21 +197,59 @@ class MimTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        nonfinite = (~torch.isfinite(loss.detach())).any().float()
+        if model.training and not self.skip_nonfinite_steps:
+            self.count_nonfinite_loss(loss)
+        else:
+            self._guard_nonfinite_step(model, loss, (~torch.isfinite(loss.detach())).any())
+        self._accumulate_metrics("train" if model.training else "eval", outputs)
+        return (loss, outputs) if return_outputs else loss
+
+    def count_nonfinite_loss(self, loss: torch.Tensor) -> None:
+        """Count a non-finite training loss on its device, for `check_nonfinite_losses`: no host sync per step."""
+        nonfinite = (~torch.isfinite(loss.detach())).any().int()
+        self._nonfinite_losses = nonfinite if self._nonfinite_losses is None else self._nonfinite_losses + nonfinite
+
+    def _guard_nonfinite_step(self, model, loss: torch.Tensor, nonfinite: torch.Tensor) -> None:
+        """Raise on a non-finite loss now, or flag this training step for `NonFiniteStepGuard` to skip."""
+        nonfinite = nonfinite.float()
         if model.training and self.accelerator.num_processes > 1:
             # Every process must take the same decision, or their optimiser steps (and weights) diverge.
             nonfinite = self.accelerator.reduce(nonfinite, reduction="sum")
-        if nonfinite.item() > 0:
-            message = f"Non-finite loss ({loss.item()}) on {int(nonfinite.item())} process(es) at step {self.state.global_step}"
-            if not (model.training and self.skip_nonfinite_steps):
-                raise FloatingPointError(
-                    f"{message}; lower the learning rate, enable gradient clipping (--max_grad_norm), use bf16 "
-                    "instead of fp16, or pass --skip_nonfinite_steps to skip such steps"
-                )
-            self.nonfinite_guard.flagged = True
-            logger.warning(f"{message}; skipping this optimiser step ({self.nonfinite_guard.skipped_steps + 1} so far)")
-        self._accumulate_metrics("train" if model.training else "eval", outputs)
-        return (loss, outputs) if return_outputs else loss
+        if nonfinite.item() == 0:
+            return
+        message = f"Non-finite loss ({loss.item()}) on {int(nonfinite.item())} process(es) at step {self.state.global_step}"
+        if not (model.training and self.skip_nonfinite_steps):
+            raise FloatingPointError(f"{message}; {NONFINITE_ADVICE}")
+        self.nonfinite_guard.flagged = True
+        logger.warning(f"{message}; skipping this optimiser step ({self.nonfinite_guard.skipped_steps + 1} so far)")
+
+    def nonfinite_loss_count(self) -> torch.Tensor | None:
+        """The non-finite training losses since the last call, summed over processes, on the device (no host sync);
+        `None` in a single process that saw none. Every rank must call it (it reduces across processes)."""
+        counted, self._nonfinite_losses = self._nonfinite_losses, None
+        if self.accelerator.num_processes == 1:
+            return counted
+        counted = torch.zeros((), device=self.args.device) if counted is None else counted.float()
+        return self.accelerator.reduce(counted.to(self.accelerator.device), reduction="sum")
+
+    def check_nonfinite_losses(self) -> None:
+        """Raise `FloatingPointError` if a training loss since the last check was non-finite on any process.
+
+        Every rank must call it: `log`, checkpoint saving and the end of `train` do.
+        """
+        first = max(self._nonfinite_checked_step, self.throughput.first_step) + 1
+        self._nonfinite_checked_step = self.state.global_step
+        counted = self.nonfinite_loss_count()
+        if counted is not None and counted.item() > 0:
+            raise FloatingPointError(
+                f"Non-finite training loss in {int(counted.item())} step(s) (summed over processes) between steps "
+                f"{first} and {self.state.global_step}; {NONFINITE_ADVICE}"
+            )
+
+    def _save_checkpoint(self, model, trial):
+        # Weights after a non-finite loss are not worth a checkpoint (or a resumption from it).
+        self.check_nonfinite_losses()
+        return super()._save_checkpoint(model, trial)
 
     def _accumulate_metrics(self, split: str, outputs) -> None:
         sums = self._metric_sums[split]
@@ -178,19 +258,46 @@ class MimTrainer(Trainer):
                 sums[key] = sums.get(key, 0.0) + value.detach().float()
         self._metric_steps[split] += 1
 
-    def _pop_metrics(self, split: str) -> dict[str, float]:
-        """Window means of the accumulated scalars, averaged over processes; every rank must call it."""
+    def window_totals(self, split: str) -> tuple[list[str], torch.Tensor | None]:
+        """The names of the scalars accumulated since the last log and, on their device, their sums followed by the
+        number of steps, summed over processes; the window restarts. Every rank must call it."""
         sums, steps = self._metric_sums[split], self._metric_steps[split]
         self._metric_sums[split], self._metric_steps[split] = {}, 0
         if not sums:
-            return {}
+            return [], None
         names = sorted(sums)
-        totals = torch.stack([torch.as_tensor(sums[name]) for name in names] + [torch.tensor(float(steps))])
-        totals = self.accelerator.reduce(totals.to(self.accelerator.device), reduction="sum")
-        return {name: (totals[i] / totals[-1]).item() for i, name in enumerate(names)}
+        totals = torch.stack([sums[name] for name in names])
+        # The step count joins the sums on their device (a CPU scalar beside CUDA sums cannot be stacked).
+        totals = torch.cat([totals, totals.new_tensor([float(steps)])])
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals.to(self.accelerator.device), reduction="sum")
+        return names, totals
+
+    def _pop_metrics(self, split: str) -> dict[str, float]:
+        """Window means of the accumulated scalars, averaged over processes; every rank must call it."""
+        names, totals = self.window_totals(split)
+        if totals is None:
+            return {}
+        return dict(zip(names, (totals[:-1] / totals[-1]).tolist()))
+
+    def _pop_throughput(self, logs: dict[str, float]) -> None:
+        """Trainer's final speed metrics, recomputed from what this launch processed (every rank calls it)."""
+        samples = torch.tensor(float(self.throughput.samples), device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            samples = self.accelerator.reduce(samples, reduction="sum")
+        runtime = max(logs["train_runtime"], 1e-9)
+        logs["train_samples"] = int(samples.item())
+        logs["train_steps"] = self.throughput.steps
+        logs["train_samples_per_second"] = round(logs["train_samples"] / runtime, 3)
+        logs["train_steps_per_second"] = round(self.throughput.steps / runtime, 3)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "train_runtime" in logs:
+            # The end of training: a non-finite loss after the last log is reported before the model is saved.
+            self.check_nonfinite_losses()
+            self._pop_throughput(logs)
         if "loss" in logs:
+            self.check_nonfinite_losses()
             logs.update(self._pop_metrics("train"))
         prefixes = [key[: -len("loss")] for key in logs if key.endswith("_loss") and key.startswith(("eval", "test"))]
         if prefixes:
@@ -202,4 +309,4 @@ class MimTrainer(Trainer):
         return super().evaluate(*args, **kwargs)
 
 
-__all__ = ["DatasetEpochCallback", "MimTrainer", "NonFiniteStepGuard"]
+__all__ = ["DatasetEpochCallback", "MimTrainer", "NonFiniteStepGuard", "ThroughputCounter", "batch_size"]
