@@ -123,7 +123,10 @@ class GpuBusySampler:
 
     def _run(self):
         while not self._stop.is_set():
-            self.samples.append((time.monotonic(), self._read()))
+            try:
+                self.samples.append((time.monotonic(), self._read()))
+            except Exception:  # no reading at all: the report shows no GPU-busy figure rather than a wrong one
+                return
             time.sleep(self.interval)
 
     def __enter__(self):
