@@ -10,6 +10,22 @@ import torch
 from transformers import PreTrainedModel
 
 
+def code_counts(indices: torch.Tensor, codebook_size: int) -> torch.LongTensor:
+    """How often each of the `codebook_size` codes occurs in `indices` (ids in `[0, codebook_size)`).
+
+    Equal to `torch.bincount(indices.flatten(), minlength=codebook_size)`, but with the output size known in advance:
+    bincount reads the largest id back to the host to size its output, a device synchronisation per call.
+    """
+    indices = indices.flatten()
+    return indices.new_zeros(codebook_size).index_add_(0, indices, torch.ones_like(indices))
+
+
+def host_scalars(*values: torch.Tensor) -> list[float]:
+    """The 0-dim tensors `values` read back to the host together: one device synchronisation instead of one per value
+    (input checks and data-dependent sizes of a training step)."""
+    return torch.stack([value.detach().float() for value in values]).tolist()
+
+
 class MimTokenizerPreTrainedModel(PreTrainedModel):
     """Base class of hf_mim visual tokenizers.
 
@@ -69,4 +85,4 @@ class MimTokenizerPreTrainedModel(PreTrainedModel):
         raise NotImplementedError(f"{type(self).__name__} has no pixel decoder")
 
 
-__all__ = ["MimTokenizerPreTrainedModel"]
+__all__ = ["MimTokenizerPreTrainedModel", "code_counts", "host_scalars"]

@@ -22,7 +22,7 @@ from transformers.utils import ModelOutput
 from .beit_backbone import MimBeitModel, init_beit_weights
 from .configuration_common import check_decoder
 from .configuration_vqkd import VqkdConfig
-from .modeling_tokenizer import MimTokenizerPreTrainedModel
+from .modeling_tokenizer import MimTokenizerPreTrainedModel, code_counts, host_scalars
 
 # Rows of the (vectors x codes) similarity matrix computed at once by k-means; bounds its memory on large batches.
 _KMEANS_CHUNK = 16384
@@ -115,7 +115,7 @@ def spherical_kmeans(vectors: torch.Tensor, num_clusters: int, iterations: int) 
             [(chunk @ centroids.T).argmax(dim=-1) for chunk in vectors.split(_KMEANS_CHUNK)]
         )
         sums = torch.zeros_like(centroids).index_add_(0, assignment, vectors)
-        members = torch.bincount(assignment, minlength=num_clusters)
+        members = code_counts(assignment, num_clusters)
         centroids = torch.where((members > 0)[:, None], F.normalize(sums, dim=-1), centroids)
     return centroids
 
@@ -199,7 +199,7 @@ class VqkdCodebook(nn.Module):
         self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
         dead = self.unused_steps >= self.dead_code_restart_steps
         # `counts` are summed over processes, so every process takes this branch together.
-        num_dead = int(dead.sum())
+        num_dead = int(host_scalars(dead.sum())[0])
         if num_dead == 0:
             return 0
         if not _distributed() or dist.get_rank() == 0:
@@ -222,7 +222,7 @@ class VqkdCodebook(nn.Module):
             indices = self.cosine_similarity(flat).argmax(dim=-1)
             # The codes as they were before this step's update.
             codes = self.weight.float()[indices]
-            counts = torch.bincount(indices, minlength=self.codebook_size).float()
+            counts = code_counts(indices, self.codebook_size).float()
             restarted = 0
             if self.training:
                 counts = self.update(flat.detach(), indices, counts)
@@ -299,16 +299,16 @@ class VqkdModel(VqkdPreTrainedModel):
 
     def check_pixel_range(self, pixel_values: torch.Tensor) -> None:
         """Refuse inputs outside [0, 1]: normalised or 0-255 pixels would give plausible but meaningless tokens."""
-        low, high = pixel_values.aminmax()
+        low, high = host_scalars(*pixel_values.aminmax())
         if low < -_PIXEL_RANGE_TOLERANCE:
             raise ValueError(
-                f"VqkdModel expects pixels in [0, 1] but got values down to {low.item():.3f}: these pixels look "
+                f"VqkdModel expects pixels in [0, 1] but got values down to {low:.3f}: these pixels look "
                 "mean/std-normalised (e.g. the ViT's ImageNet-normalised view). Use VqkdImageProcessor (or "
                 "AutoImageProcessor.from_pretrained(<tokenizer>)) for the tokenizer's view; it only rescales to [0, 1]."
             )
         if high > 1 + _PIXEL_RANGE_TOLERANCE:
             raise ValueError(
-                f"VqkdModel expects pixels in [0, 1] but got values up to {high.item():.3f}: these look like 0-255 "
+                f"VqkdModel expects pixels in [0, 1] but got values up to {high:.3f}: these look like 0-255 "
                 "pixels. Use VqkdImageProcessor (or AutoImageProcessor.from_pretrained(<tokenizer>)), which rescales "
                 "by 1/255."
             )
