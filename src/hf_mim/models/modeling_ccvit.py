@@ -17,6 +17,7 @@ from .configuration_ccvit import CcvitConfig
 from .modeling_beit import BeitMimOutput, flatten_mask
 from .modeling_beitv2 import Beitv2ForMaskedImageModeling
 from .modeling_kmeans import patchify
+from .modeling_tokenizer import host_scalars
 
 
 @dataclass
@@ -87,9 +88,7 @@ class CcvitForMaskedImageModeling(Beitv2ForMaskedImageModeling):
         self, pixel_values: torch.Tensor, bool_replaced_pos: torch.BoolTensor, labels: torch.LongTensor
     ) -> torch.Tensor:
         """The normalised ViT input: patches at `bool_replaced_pos` replaced by their centroid's pixels."""
-        if bool_replaced_pos.any():
-            pixel_values = self.tokenizer.replace_patches(pixel_values, bool_replaced_pos, labels)
-        return self.normalize_pixels(pixel_values)
+        return self.normalize_pixels(self.tokenizer.replace_patches(pixel_values, bool_replaced_pos, labels))
 
     @torch.no_grad()
     def get_pixel_targets(self, pixel_values: torch.Tensor, bool_corrupted_pos: torch.BoolTensor) -> torch.Tensor:
@@ -103,23 +102,23 @@ class CcvitForMaskedImageModeling(Beitv2ForMaskedImageModeling):
         return self.pixel_head(self.pixel_layernorm(hidden_states[:, 1:][bool_corrupted_pos]))
 
     def _check_inputs(self, pixel_values: torch.Tensor, bool_masked_pos, bool_replaced_pos):
-        # One device synchronisation per step for both bounds.
-        low, high = torch.stack(torch.aminmax(pixel_values.detach().float())).tolist()
-        if low < -1e-3 or high > 1 + 1e-3:
-            raise ValueError(
-                f"CCViT takes raw [0, 1] pixels (the KmeansImageProcessor view) and normalises them itself after "
-                f"centroid replacement, but pixel_values lie in [{low:.3g}, {high:.3g}]; do not normalise them"
-            )
         bool_masked_pos = flatten_mask(bool_masked_pos, self.num_patches)
         if bool_replaced_pos is None:
-            return bool_masked_pos, torch.zeros_like(bool_masked_pos)
+            bool_replaced_pos = torch.zeros_like(bool_masked_pos)
         bool_replaced_pos = bool_replaced_pos.flatten(1).bool()
         if bool_replaced_pos.shape != bool_masked_pos.shape:
             raise ValueError(
                 f"bool_replaced_pos has shape {tuple(bool_replaced_pos.shape)} but bool_masked_pos "
                 f"{tuple(bool_masked_pos.shape)}; both mark positions of the same patch grid"
             )
-        if (bool_masked_pos & bool_replaced_pos).any():
+        # One device synchronisation per step for both bounds and the overlap.
+        low, high, overlap = host_scalars(*torch.aminmax(pixel_values), (bool_masked_pos & bool_replaced_pos).any())
+        if low < -1e-3 or high > 1 + 1e-3:
+            raise ValueError(
+                f"CCViT takes raw [0, 1] pixels (the KmeansImageProcessor view) and normalises them itself after "
+                f"centroid replacement, but pixel_values lie in [{low:.3g}, {high:.3g}]; do not normalise them"
+            )
+        if overlap:
             raise ValueError(
                 "bool_replaced_pos overlaps bool_masked_pos; replaced patches must be visible ones (draw them with "
                 "hf_mim.data.ReplacementPositionGenerator, given the mask)"

@@ -277,7 +277,9 @@ class KmeansModel(KmeansPreTrainedModel):
         bool_replaced_pos = bool_replaced_pos.reshape(patches.shape[:2]).bool()
         if indices is None:
             indices = self.get_codebook_indices(pixel_values)
-        patches[bool_replaced_pos] = self._float_centroids()[indices.reshape(patches.shape[:2])[bool_replaced_pos]]
+        # A select rather than an assignment through the mask, whose number of patches only the device knows.
+        centroid_patches = self._float_centroids()[indices.reshape(patches.shape[:2])]
+        patches = torch.where(bool_replaced_pos[..., None], centroid_patches, patches)
         return self.unpatchify(patches).to(pixel_values.dtype)
 
     @torch.no_grad()
