@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .beit_backbone import MimBeitModel
 from .configuration_mcbeit import McBeitConfig
 from .modeling_beit import BeitMimForMaskedImageModeling, BeitMimOutput, flatten_mask
+from .modeling_tokenizer import host_scalars
 
 
 @dataclass
@@ -78,15 +79,17 @@ def soft_targets(
             return torch.baddbmm(probs, weights, probs, beta=1.0 - similarity_weight, alpha=similarity_weight)
         # Each image's masked positions, in order, padded to the largest count (a stable sort puts them first).
         counts = bool_masked_pos.sum(dim=1)
-        rows = torch.argsort((~bool_masked_pos).byte(), dim=1, stable=True)[:, : int(counts.max())]
+        # One device synchronisation for the padded size and whether any image needs padding.
+        fewest, most = (int(count) for count in host_scalars(counts.min(), counts.max()))
+        rows = torch.argsort((~bool_masked_pos).byte(), dim=1, stable=True)[:, :most]
         query = torch.take_along_dim(features, rows[..., None], dim=1)
         weights = similarity_weight * (query @ features.transpose(1, 2) / similarity_temperature).softmax(dim=-1)
         # (1 - omega) * P_i enters the same product as weight on the patch's own row: no copy of P's masked rows.
         weights = weights.scatter_add(2, rows[..., None], weights.new_full((*rows.shape, 1), 1.0 - similarity_weight))
         targets = weights @ probs
-        if bool(counts.min() == counts.max()):
+        if fewest == most:
             return targets.flatten(0, 1)
-        return targets[torch.arange(rows.shape[1], device=rows.device) < counts[:, None]]
+        return targets[torch.arange(most, device=rows.device) < counts[:, None]]
 
 
 class McBeitModel(MimBeitModel):
