@@ -30,6 +30,7 @@ from ..hub.push import push_folder
 from ..models.configuration_kmeans import KmeansConfig
 from ..models.image_processing_kmeans import KmeansImageProcessor
 from ..models.modeling_kmeans import KmeansModel, nearest_centroids, patchify
+from ..models.modeling_tokenizer import code_counts
 
 logger = logging.getLogger(__name__)
 
@@ -294,15 +295,16 @@ class _PixelAssignment:
         # A process may hold no points (fewer images than processes); its buffers still need a shape.
         rows = max(1, min(chunk_size, len(points)))
         # Reused every block: fresh allocations of this size cost page faults comparable to the products.
-        self.shifted = torch.empty(rows, points.shape[1], dtype=torch.int8)
-        self.products = torch.empty(rows, 2 * num_clusters, dtype=torch.int32)
-        self.float_products = torch.empty(rows, 2 * num_clusters)
-        self.scores = torch.empty(rows, num_clusters)
-        self.minima = torch.empty(rows)
-        self.ids = torch.empty(rows, dtype=torch.long)
-        self.block = torch.empty(rows, points.shape[1])
+        device = points.device
+        self.shifted = torch.empty(rows, points.shape[1], dtype=torch.int8, device=device)
+        self.products = torch.empty(rows, 2 * num_clusters, dtype=torch.int32, device=device)
+        self.float_products = torch.empty(rows, 2 * num_clusters, device=device)
+        self.scores = torch.empty(rows, num_clusters, device=device)
+        self.minima = torch.empty(rows, device=device)
+        self.ids = torch.empty(rows, dtype=torch.long, device=device)
+        self.block = torch.empty(rows, points.shape[1], device=device)
         # The terms of ||x/255 - c||^2 (in the units of `__call__`) that do not depend on the centroid.
-        self.point_terms = torch.empty(len(points), dtype=torch.float64)
+        self.point_terms = torch.empty(len(points), dtype=torch.float64, device=device)
         for start in range(0, len(points), rows):
             block = self.block[: min(rows, len(points) - start)].copy_(points[start : start + rows])
             # Sums of bytes are exact in float32; sums of squared bytes (up to 5e7) to 1e-7, which only the
@@ -419,7 +421,7 @@ def fit_kmeans(
             stop = min(start + chunk_size, points.shape[0])
             block, ids, sq_distances[start:stop] = assignment(start, stop)
             assignment.accumulate(partial_sums, ids, block)
-            counts += torch.bincount(ids, minlength=num_clusters)
+            counts += code_counts(ids, num_clusters)
             if stop % flush_every == 0 or stop == points.shape[0]:
                 sums += partial_sums
                 partial_sums.zero_()
@@ -695,16 +697,23 @@ def fit_tokenizer_for_mim(
 
 
 @torch.no_grad()
-def _evaluate(tokenizer: KmeansModel, image_processor, dataset, image_column, fit_args, seed, num_workers):
+def _evaluate(tokenizer: KmeansModel, image_processor, dataset, image_column, fit_args, seed, num_workers, device):
     """Mean squared distance of validation patches to their centroid, and the codebook usage and perplexity of their
-    nearest centroids."""
+    nearest centroids, computed on `device` (the fit's: where the process group reduces)."""
     patches, _ = sample_patches(
         dataset, image_column, image_processor, tokenizer.config.patch_size, seed=seed,
         batch_size=fit_args.kmeans_batch_size, num_workers=num_workers, show_progress=False,
     )
-    ids, sq_distances = nearest_centroids(_as_float(patches), tokenizer.centroids)
-    totals = torch.stack([sq_distances.sum(dtype=torch.float64), torch.tensor(len(patches), dtype=torch.float64)])
-    counts = torch.bincount(ids, minlength=tokenizer.config.codebook_size)
+    centroids = tokenizer.centroids.to(device)
+    # Sum of squared distances and number of patches.
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    totals[1] = len(patches)
+    counts = torch.zeros(tokenizer.config.codebook_size, dtype=torch.long, device=device)
+    # Block by block: the float32 copy of a whole validation set need not fit on the device.
+    for block in patches.split(2**16):
+        ids, sq_distances = nearest_centroids(_as_float(block.to(device)), centroids)
+        totals[0] += sq_distances.sum(dtype=torch.float64)
+        counts += code_counts(ids, tokenizer.config.codebook_size)
     _all_reduce_(totals, counts)
     return {
         "eval_mean_sq_distance": float(totals[0] / totals[1].clamp(min=1)),
@@ -760,7 +769,11 @@ def train_kmeans_tokenizer(
             tokenizer.save_pretrained(output_dir)
             image_processor.save_pretrained(output_dir)
     if training_args.do_eval:
-        metrics.update(_evaluate(tokenizer, image_processor, raw["validation"], image_column, args, seed, workers))
+        metrics.update(
+            _evaluate(
+                tokenizer, image_processor, raw["validation"], image_column, args, seed, workers, training_args.device
+            )
+        )
     if is_main:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "all_results.json"), "w") as file:
