@@ -29,7 +29,7 @@ class LinearProbe(nn.Module):
         super().__init__()
         self.register_buffer("mean", mean)
         self.register_buffer("std", std)
-        self.linear = nn.Linear(mean.shape[0], num_classes)
+        self.linear = nn.Linear(mean.shape[0], num_classes, device=mean.device)
         nn.init.zeros_(self.linear.weight)
         nn.init.zeros_(self.linear.bias)
 
@@ -40,7 +40,7 @@ class LinearProbe(nn.Module):
 
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Top-1 accuracy in [0, 1]."""
-    return (logits.argmax(dim=-1) == labels).float().mean().item()
+    return (logits.argmax(dim=-1) == labels.to(logits.device)).float().mean().item()
 
 
 def fit_linear_probe(
@@ -69,6 +69,7 @@ def fit_linear_probe(
     if optimizer not in OPTIMIZERS:
         raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
     features = features.float()
+    labels = labels.to(features.device)
     # Constant features get unit scale instead of a division by zero.
     std = features.std(dim=0).clamp_min(1e-6)
     probe = LinearProbe(features.mean(dim=0), std, num_classes)
@@ -93,9 +94,10 @@ def fit_linear_probe(
     )
     steps_per_epoch = math.ceil(len(features) / batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(adamw, T_max=epochs * steps_per_epoch)
+    # Drawn on the CPU, so the mini-batches are the same on every device; moved once per epoch.
     generator = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
-        order = torch.randperm(len(features), generator=generator)
+        order = torch.randperm(len(features), generator=generator).to(features.device)
         for start in range(0, len(features), batch_size):
             index = order[start : start + batch_size]
             adamw.zero_grad()
