@@ -201,10 +201,14 @@ def mim_panel(
     was_training = model.training
     model.eval()
     try:
+        # The views are made on the CPU; the model and the decoding tokenizer may each live on an accelerator.
         model_input = shown if normalizes_inside(model.config) else pixel_values
-        targets, predicted = predict_tokens(model, model_input, tokenizer_pixel_values, bool_masked_pos)
-        reconstruction = decode_or_none(decoder, targets)
-        prediction = decode_or_none(decoder, predicted) if reconstruction is not None else None
+        targets, predicted = predict_tokens(
+            model, model_input.to(model.device), tokenizer_pixel_values.to(model.device), bool_masked_pos.to(model.device)
+        )
+        targets, predicted = targets.cpu(), predicted.cpu()
+        reconstruction = decode_or_none(decoder, targets.to(decoder.device))
+        prediction = decode_or_none(decoder, predicted.to(decoder.device)) if reconstruction is not None else None
     finally:
         model.train(was_training)
 
