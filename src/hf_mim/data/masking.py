@@ -18,8 +18,9 @@ import torch
 
 
 def numpy_rng_from_torch() -> np.random.Generator:
-    """A fresh numpy Generator seeded from torch's global RNG (advances that RNG by one draw)."""
-    seed = int(torch.randint(0, 2**63 - 1, (1,)).item())
+    """A fresh numpy Generator seeded from torch's global CPU RNG (advances that RNG by one draw)."""
+    # The CPU generator whatever the default device: masks are drawn in DataLoader workers, which cannot use CUDA.
+    seed = int(torch.randint(0, 2**63 - 1, (1,), device="cpu").item())
     return np.random.default_rng(seed)
 
 
