@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForMaskedImageModeling
 
+from hf_mim.errors import UsageError
 from hf_mim.training.run_mim import main
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -116,10 +117,12 @@ def test_a_batch_of_only_broken_images_is_skipped(tiny_dvae_dir, tmp_path):
     images.mkdir(parents=True)
     for index in range(4):
         (images / f"broken{index}.png").write_bytes(b"not an image")
-    # Every batch is empty: each step is skipped with a warning instead of crashing the run.
-    metrics = main(run_mim_args(tiny_dvae_dir, str(images.parent), tmp_path / "out", "--max_steps", "2",
-                                "--save_strategy", "no"))
-    assert metrics["train_skipped_images"] == 8
+    # Every batch is empty: each step is skipped with a warning instead of crashing, and a run that decoded
+    # nothing fails with the counts instead of saving a random-init model as if it had trained.
+    with pytest.raises(UsageError, match="8 training images could not be decoded and 0 could"):
+        main(run_mim_args(tiny_dvae_dir, str(images.parent), tmp_path / "out", "--max_steps", "2",
+                          "--save_strategy", "no"))
+    assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_no_action_is_an_error_not_a_silent_success(tiny_dvae_dir, image_folder, tmp_path):

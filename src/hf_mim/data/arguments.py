@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from datasets import DatasetDict, IterableDatasetDict
 
+from ..errors import UsageError
 from .datasets import load_image_datasets
 
 
@@ -93,7 +94,7 @@ def require_validation_split(raw: DatasetDict | IterableDatasetDict) -> None:
     """The error of every script asked to evaluate on datasets without a "validation" split; call it before any
     work (training, fitting) so that a long run does not end in it."""
     if "validation" not in raw:
-        raise ValueError(
+        raise UsageError(
             "Evaluation needs a validation split, and the dataset has none: pass --validation_dir, or "
             "--train_val_split 0.05 to hold out 5% of the training images"
         )

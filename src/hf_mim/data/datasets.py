@@ -7,19 +7,35 @@ import datasets
 import numpy as np
 import torch
 from datasets import DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
+from PIL import Image
 
+from ..errors import UsageError
 from .images import SkippedImageCounter, decode_image
+
+
+def require_image_folder(flag: str, folder: str) -> None:
+    """A one-line error naming `--flag` unless `folder` exists and holds at least one image file (recursively):
+    `datasets` would only say that a split "corresponds to no data"."""
+    if not os.path.isdir(folder):
+        raise UsageError(f"--{flag} {folder}: no such folder; pass a folder of images (searched recursively)")
+    extensions = {extension.lower() for extension in Image.registered_extensions()}
+    for _, _, names in os.walk(folder):
+        if any(os.path.splitext(name)[1].lower() in extensions for name in names):
+            return
+    raise UsageError(
+        f"--{flag} {folder} holds no image files (.jpg, .png, ..., searched recursively); pass the folder of your images"
+    )
 
 
 def _resolve_image_column(dataset: datasets.Dataset | IterableDataset, image_column_name: str | None) -> str:
     column_names, features = dataset.column_names, dataset.features
     if column_names is None:  # a streaming dataset whose features are only known once iterated
         if image_column_name is None:
-            raise ValueError("The dataset's columns are unknown until it is read; pass image_column_name")
+            raise UsageError("The dataset's columns are unknown until it is read; pass image_column_name")
         return image_column_name
     if image_column_name is not None:
         if image_column_name not in column_names:
-            raise ValueError(
+            raise UsageError(
                 f"image_column_name {image_column_name!r} is not a column of the dataset; its columns are "
                 f"{column_names}"
             )
@@ -30,7 +46,7 @@ def _resolve_image_column(dataset: datasets.Dataset | IterableDataset, image_col
     for name, feature in features.items():
         if isinstance(feature, datasets.Image):
             return name
-    raise ValueError(
+    raise UsageError(
         f"Could not find an image column among {column_names} (looked for 'image', 'img' and any Image-typed "
         f"column); pass image_column_name"
     )
@@ -82,11 +98,14 @@ def load_image_datasets(
         files), and the name of the image column.
     """
     if dataset_name is None and train_dir is None:
-        raise ValueError("Pass dataset_name (a Hub dataset or 'imagefolder') or train_dir (a local image folder)")
+        raise UsageError("Pass dataset_name (a Hub dataset or 'imagefolder') or train_dir (a local image folder)")
     data_files = None
     if train_dir is not None or validation_dir is not None:
         if train_dir is None:
-            raise ValueError("validation_dir needs train_dir as well: pass the folder of the training images")
+            raise UsageError("validation_dir needs train_dir as well: pass the folder of the training images")
+        require_image_folder("train_dir", train_dir)
+        if validation_dir is not None:
+            require_image_folder("validation_dir", validation_dir)
         # The split key must be "validation": run_mim's "val" key made --validation_dir a silent no-op.
         data_files = {"train": os.path.join(train_dir, "**")}
         if validation_dir is not None:
@@ -100,11 +119,11 @@ def load_image_datasets(
         streaming=streaming,
     )
     if "train" not in raw:
-        raise ValueError(f"The dataset has no 'train' split (its splits: {list(raw)}); pick a dataset that has one")
+        raise UsageError(f"The dataset has no 'train' split (its splits: {list(raw)}); pick a dataset that has one")
 
     if "validation" not in raw and train_val_split > 0:
         if streaming:
-            raise ValueError(
+            raise UsageError(
                 "train_val_split cannot split a streaming dataset; pass validation_dir, use a dataset with a "
                 "'validation' split, or load it without streaming"
             )
@@ -180,7 +199,7 @@ class SeededTransformedDataset(torch.utils.data.Dataset):
 
     def __init__(self, dataset: datasets.Dataset, function: _TransformImages, seed: int):
         if seed < 0:
-            raise ValueError(f"seed must be a non-negative integer to seed per-example generators, got {seed}")
+            raise UsageError(f"seed must be a non-negative integer to seed per-example generators, got {seed}")
         self.dataset = dataset.select_columns([function.image_column, *function.keep_columns])
         self.function = function
         self.seed = seed
@@ -242,13 +261,13 @@ def apply_transform(
     column_names = dataset.column_names
     missing = [name for name in (image_column, *keep_columns) if name not in (column_names or [])]
     if column_names is not None and missing:
-        raise ValueError(f"Columns {missing} are not in the dataset (columns: {column_names})")
+        raise UsageError(f"Columns {missing} are not in the dataset (columns: {column_names})")
 
     dataset = _undecoded(dataset, image_column)
     function = _TransformImages(image_column, transform, skipped, keep_columns)
     if seed is not None:
         if isinstance(dataset, IterableDataset):
-            raise ValueError(
+            raise UsageError(
                 "seed gives each example a generator keyed by its index, which a streaming dataset does not have; "
                 "load the dataset without streaming or pass seed=None"
             )
@@ -260,4 +279,4 @@ def apply_transform(
     return dataset.with_transform(function.transform_batch, columns=[image_column, *keep_columns])
 
 
-__all__ = ["SeededTransformedDataset", "apply_transform", "example_rng", "load_image_datasets"]
+__all__ = ["SeededTransformedDataset", "apply_transform", "example_rng", "load_image_datasets", "require_image_folder"]

@@ -23,6 +23,7 @@ from ..data import (
     apply_transform,
     load_image_datasets_from_args,
 )
+from ..errors import UsageError
 from ..evaluation.export import (
     POOLINGS,
     encoder_image_processor,
@@ -120,7 +121,7 @@ def encode_labels(raw, label_column: str) -> tuple[object, list[str]]:
     """Class names, and the splits with integer ids in a `labels` column (the name `BeitForImageClassification` takes)."""
     for split in raw:
         if label_column not in raw[split].column_names:
-            raise ValueError(
+            raise UsageError(
                 f"The {split} split has no {label_column!r} column (columns: {raw[split].column_names}); pass "
                 "--label_column_name, or use an imagefolder with one folder per class"
             )
@@ -133,7 +134,7 @@ def encode_labels(raw, label_column: str) -> tuple[object, list[str]]:
         for split in raw:
             unseen = set(raw[split].unique(label_column)) - set(index)
             if unseen:
-                raise ValueError(f"The {split} split has labels that train does not: {sorted(unseen)[:10]}")
+                raise UsageError(f"The {split} split has labels that train does not: {sorted(unseen)[:10]}")
             raw[split] = raw[split].map(
                 lambda batch: {label_column: [index[value] for value in batch[label_column]]},
                 batched=True,
@@ -149,7 +150,7 @@ def build_classifier(source, model_args: ModelArguments, class_names: list[str])
     """A stock `BeitForImageClassification` whose encoder is that of `source` (a pretrained model, e.g. from
     `load_pretrained_beit`), with per-layer relative position tables."""
     if model_args.pooling not in POOLINGS:
-        raise ValueError(f"--pooling must be one of {POOLINGS}, got {model_args.pooling!r}")
+        raise UsageError(f"--pooling must be one of {POOLINGS}, got {model_args.pooling!r}")
     encoder = to_transformers_beit(
         source,
         pooling=model_args.pooling,
@@ -201,7 +202,7 @@ def main(argv=None) -> dict[str, float]:
     del source  # the MIM model (tokenizer included) is not fine-tuned; only its encoder weights were copied
     side = model.config.image_size
     if view.output_size != (side, side):
-        raise ValueError(
+        raise UsageError(
             f"The image processor produces {view.output_size[0]}x{view.output_size[1]} images but the model takes "
             f"{side}x{side}; pass --image_processor_name with a processor of the model's size"
         )

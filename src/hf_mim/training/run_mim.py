@@ -12,7 +12,9 @@ import sys
 from dataclasses import dataclass, field
 
 import datasets
+import torch
 import transformers
+from safetensors import safe_open
 from transformers import AutoImageProcessor, AutoModel, HfArgumentParser, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
@@ -28,6 +30,7 @@ from ..data import (
     load_image_datasets_from_args,
     scale_num_patches,
 )
+from ..errors import UsageError
 from ..hub.callbacks import HubFilesCallback
 from ..hub.cards import hub_dataset_id
 from ..models import (
@@ -44,6 +47,7 @@ from ..models import (
 )
 from .arguments import HfMimTrainingArguments
 from .kmeans import KmeansFitArguments, fit_tokenizer_for_mim
+from .loading import pretrained, require_tokenizer
 from .trainer import MimTrainer
 
 logger = logging.getLogger(__name__)
@@ -161,7 +165,7 @@ def build_mask_generator(data_args: DataArguments, grid_size: int):
     if data_args.masking == "random":
         return RandomMaskingGenerator(grid_size, mask_ratio=data_args.mask_ratio)
     if data_args.masking != "blockwise":
-        raise ValueError(f"--masking must be 'blockwise' or 'random', got {data_args.masking!r}")
+        raise UsageError(f"--masking must be 'blockwise' or 'random', got {data_args.masking!r}")
     num_mask = data_args.num_mask_patches or scale_num_patches(75, to_grid=num_patches)
     min_block = data_args.min_mask_patches_per_block or min(num_mask, scale_num_patches(16, to_grid=num_patches))
     return BlockwiseMaskingGenerator(
@@ -177,7 +181,7 @@ def build_replacement_generator(data_args: DataArguments, model_type: str, grid_
     """CCViT's centroid replacement positions (20 of 196 by default, scaled to the grid); None for other methods."""
     if model_type != "ccvit":
         if data_args.num_replaced_patches is not None:
-            raise ValueError(f"--num_replaced_patches is CCViT's; --model_type {model_type} replaces no patches")
+            raise UsageError(f"--num_replaced_patches is CCViT's; --model_type {model_type} replaces no patches")
         return None
     num_patches = grid_size * grid_size
     num_replaced = data_args.num_replaced_patches
@@ -192,19 +196,19 @@ def parse_config_overrides(config_class, overrides: str | None) -> dict:
     items = [item.split("=", 1) for item in overrides.split(",")]
     malformed = [item[0] for item in items if len(item) != 2 or not item[0].strip()]
     if malformed:
-        raise ValueError(
+        raise UsageError(
             f"--config_overrides takes comma-separated name=value pairs, got {malformed[0]!r} in {overrides!r}"
         )
     names = [name.strip() for name, _ in items]
     repeated = sorted({name for name in names if names.count(name) > 1})
     if repeated:
         # Picking one of the values would silently drop the other.
-        raise ValueError(
+        raise UsageError(
             f"--config_overrides sets {', '.join(repeated)} more than once in {overrides!r}; give each name once"
         )
     probe = config_class()
     if "tokenizer_config" in names and hasattr(probe, "tokenizer_config"):
-        raise ValueError(
+        raise UsageError(
             "--config_overrides cannot set tokenizer_config: it is the config of the tokenizer that supplies the "
             "targets; pass that tokenizer with --tokenizer_name_or_path"
         )
@@ -217,7 +221,7 @@ def config_kwargs(model_args: ModelArguments) -> dict:
     `--patch_size`, then `--config_overrides`. A flag and an override that disagree are an error, not a silent pick."""
     config_class, _ = MIM_MODELS[model_args.model_type]
     if model_args.model_size not in MODEL_SIZES:
-        raise ValueError(f"--model_size must be one of {list(MODEL_SIZES)}, got {model_args.model_size!r}")
+        raise UsageError(f"--model_size must be one of {list(MODEL_SIZES)}, got {model_args.model_size!r}")
     overrides = parse_config_overrides(config_class, model_args.config_overrides)
     kwargs = dict(MODEL_SIZES[model_args.model_size])
     for name in ("image_size", "patch_size"):
@@ -225,7 +229,7 @@ def config_kwargs(model_args: ModelArguments) -> dict:
         if flag is None:
             continue
         if overrides.get(name, flag) != flag:
-            raise ValueError(
+            raise UsageError(
                 f"--{name} {flag} and --config_overrides {name}={overrides[name]} disagree; give the {name} once"
             )
         kwargs[name] = flag
@@ -244,7 +248,7 @@ def check_vocab_size(kwargs: dict, codebook_size: int, model_args: ModelArgument
             f"use a tokenizer with {vocab_size} codes (scripts/train_tokenizer.py --config_overrides "
             f"codebook_size={vocab_size}, or run_mim.py --fit_tokenizer --fit_codebook_size {vocab_size} for CCViT)"
         )
-    raise ValueError(
+    raise UsageError(
         f"--config_overrides vocab_size={vocab_size} conflicts with the tokenizer's codebook_size={codebook_size}: "
         f"the MIM vocabulary is the tokenizer's codebook. Drop vocab_size from --config_overrides, or to predict "
         f"{vocab_size} tokens {fix}"
@@ -262,7 +266,7 @@ def build_config(model_args: ModelArguments, tokenizer):
 def load_model(model_args: ModelArguments):
     """The MIM model and the image processors of its two views."""
     if model_args.model_type not in MIM_MODELS:
-        raise ValueError(f"--model_type must be one of {list(MIM_MODELS)}, got {model_args.model_type!r}")
+        raise UsageError(f"--model_type must be one of {list(MIM_MODELS)}, got {model_args.model_type!r}")
     _, model_class = MIM_MODELS[model_args.model_type]
     hub_kwargs = {
         "cache_dir": model_args.cache_dir,
@@ -275,11 +279,11 @@ def load_model(model_args: ModelArguments):
             f"--{name}" for name in ("config_overrides", "image_size", "patch_size") if getattr(model_args, name)
         ]
         if architecture_flags:
-            raise ValueError(
+            raise UsageError(
                 f"{', '.join(architecture_flags)} describe a model trained from scratch, but --model_name_or_path "
                 f"continues {model_args.model_name_or_path}, whose config is fixed; drop them"
             )
-        model = model_class.from_pretrained(model_args.model_name_or_path, **hub_kwargs)
+        model = pretrained(model_class.from_pretrained, model_args.model_name_or_path, "model_name_or_path", **hub_kwargs)
         tokenizer_source = model_args.tokenizer_name_or_path or os.path.join(model_args.model_name_or_path, TOKENIZER_SUBFOLDER)
         tokenizer_processor = AutoImageProcessor.from_pretrained(tokenizer_source, **hub_kwargs)
         image_processor = AutoImageProcessor.from_pretrained(
@@ -288,11 +292,12 @@ def load_model(model_args: ModelArguments):
         return model, image_processor, tokenizer_processor
 
     if not model_args.tokenizer_name_or_path:
-        raise ValueError(
+        raise UsageError(
             f"--model_type {model_args.model_type} needs --tokenizer_name_or_path (an hf_mim tokenizer; train one "
             "with scripts/train_tokenizer.py) or --model_name_or_path (a checkpoint that holds its tokenizer)"
         )
-    tokenizer = AutoModel.from_pretrained(model_args.tokenizer_name_or_path, **hub_kwargs)
+    tokenizer = pretrained(AutoModel.from_pretrained, model_args.tokenizer_name_or_path, "tokenizer_name_or_path", **hub_kwargs)
+    require_tokenizer(tokenizer, model_args.tokenizer_name_or_path)
     tokenizer_processor = AutoImageProcessor.from_pretrained(model_args.tokenizer_name_or_path, **hub_kwargs)
     config = build_config(model_args, tokenizer)
     model = model_class(config)
@@ -309,12 +314,12 @@ def fit_tokenizer(model_args: ModelArguments, dataset, image_column: str, traini
     """`--fit_tokenizer`: `--fit_codebook_size` k-means centroids of the ViT's own patches (its image and patch size),
     fitted on `dataset` by every process and saved in `output_dir/tokenizer`; returns that folder."""
     if model_args.tokenizer_name_or_path or model_args.model_name_or_path:
-        raise ValueError(
+        raise UsageError(
             "--fit_tokenizer fits a new tokenizer for a model trained from scratch; drop it, or drop "
             "--tokenizer_name_or_path / --model_name_or_path"
         )
     if model_args.model_type not in MIM_MODELS:
-        raise ValueError(f"--model_type must be one of {list(MIM_MODELS)}, got {model_args.model_type!r}")
+        raise UsageError(f"--model_type must be one of {list(MIM_MODELS)}, got {model_args.model_type!r}")
     config_class, _ = MIM_MODELS[model_args.model_type]
     kwargs = config_kwargs(model_args)
     # Checked before the fit, which can take hours, rather than when the model is built after it.
@@ -362,19 +367,64 @@ def setup_logging(training_args: TrainingArguments) -> None:
 def require_action(training_args: TrainingArguments) -> None:
     """Fail instead of exiting successfully without doing anything (transformers' flags default to off)."""
     if not (training_args.do_train or training_args.do_eval):
-        raise ValueError("Nothing to do: pass --do_train (and/or --do_eval)")
+        raise UsageError("Nothing to do: pass --do_train (and/or --do_eval)")
 
 
 def find_checkpoint(training_args: MimTrainingArguments) -> str | None:
-    """The checkpoint to resume from: the one given, else the last in output_dir unless --overwrite_output_dir."""
-    if training_args.resume_from_checkpoint is not None:
-        return training_args.resume_from_checkpoint
-    if not os.path.isdir(training_args.output_dir) or training_args.overwrite_output_dir or not training_args.do_train:
-        return None
-    last = get_last_checkpoint(training_args.output_dir)
-    if last is not None:
-        logger.info(f"Resuming from {last}; pass --overwrite_output_dir to start afresh")
-    return last
+    """The checkpoint to resume from: the one given, else the last in output_dir unless --overwrite_output_dir.
+
+    Says which one (a warning: resuming changes what the run does), warns when it lacks the optimiser or scheduler
+    state (they would start afresh), and names an unreadable weights file with the fix.
+    """
+    given = training_args.resume_from_checkpoint
+    if given is not None:
+        if not os.path.isdir(given):
+            raise UsageError(f"--resume_from_checkpoint {given}: no such folder; pass a checkpoint-<step> folder")
+        checkpoint = given
+        fix = "pass another checkpoint to --resume_from_checkpoint"
+    else:
+        if not os.path.isdir(training_args.output_dir) or training_args.overwrite_output_dir or not training_args.do_train:
+            return None
+        checkpoint = get_last_checkpoint(training_args.output_dir)
+        if checkpoint is None:
+            return None
+        fix = "pass --overwrite_output_dir to start afresh, or --resume_from_checkpoint with an earlier checkpoint"
+    check_checkpoint_weights(checkpoint, fix)
+    missing = [name for name in ("optimizer.pt", "scheduler.pt") if not os.path.isfile(os.path.join(checkpoint, name))]
+    if missing:
+        logger.warning(f"{checkpoint} has no {' or '.join(missing)}: that state starts afresh")
+    how = "" if given is not None else " (the last checkpoint in --output_dir; --overwrite_output_dir starts afresh)"
+    logger.warning(f"Resuming training from {checkpoint}{how}")
+    return checkpoint
+
+
+def check_checkpoint_weights(checkpoint: str, fix: str) -> None:
+    """A one-line error naming the file when a checkpoint's safetensors weights are missing or unreadable."""
+    files = [os.path.join(checkpoint, name) for name in sorted(os.listdir(checkpoint)) if name.endswith(".safetensors")]
+    if not files:
+        raise UsageError(f"{checkpoint} holds no *.safetensors weights: {fix}")
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as weights:
+                weights.keys()
+        except Exception as error:  # safetensors raises its own error types for truncated or corrupt files
+            raise UsageError(f"{path} is unreadable ({error}): {fix}") from error
+
+
+def require_decoded_images(trainer, skipped) -> int:
+    """The undecodable images skipped in training, over all processes and their DataLoader workers; a run that
+    decoded no image, or fewer than it skipped, trained on next to nothing and fails instead of saving a model."""
+    counts = torch.tensor([float(skipped.value), float(trainer.throughput.samples)], device=trainer.args.device)
+    if trainer.accelerator.num_processes > 1:
+        counts = trainer.accelerator.reduce(counts, reduction="sum")
+    undecodable, decoded = (int(value) for value in counts.tolist())
+    # A resumed run that had nothing left to do ran no step: nothing to judge.
+    if trainer.throughput.steps and (decoded == 0 or undecodable > decoded):
+        raise UsageError(
+            f"{undecodable} training images could not be decoded and {decoded} could (see the warnings above for "
+            "the files); no model was saved: point --train_dir at your images, or fix or remove the broken files"
+        )
+    return undecodable
 
 
 def train_and_evaluate(
@@ -394,11 +444,11 @@ def train_and_evaluate(
     metrics: dict[str, float] = {}
     if training_args.do_train:
         result = trainer.train(resume_from_checkpoint=find_checkpoint(training_args))
+        undecodable = require_decoded_images(trainer, skipped)
         trainer.save_model()
         if after_save is not None and trainer.is_world_process_zero():
             after_save()
-        # Undecodable images skipped by this process (its DataLoader workers included).
-        result.metrics["train_skipped_images"] = skipped.value
+        result.metrics["train_skipped_images"] = undecodable
         result.metrics["train_skipped_nonfinite_steps"] = trainer.nonfinite_guard.skipped_steps
         metrics.update(result.metrics)
         trainer.log_metrics("train", result.metrics)

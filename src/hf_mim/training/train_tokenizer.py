@@ -26,6 +26,7 @@ from ..data import (
     apply_transform,
     load_image_datasets_from_args,
 )
+from ..errors import UsageError
 from ..hub.cards import hub_dataset_id
 from ..models.configuration_dvae import DvaeConfig
 from ..models.configuration_kmeans import KmeansConfig
@@ -38,6 +39,7 @@ from ..models.image_processing_vqkd import VqkdImageProcessor
 from ..models.modeling_vqkd import VqkdModel
 from .dvae import TEMPERATURE_SCHEDULES, build_dvae_trainer, dvae_image_processor
 from .kmeans import KmeansFitArguments, kmeans_image_processor, train_kmeans_tokenizer
+from .loading import pretrained, saved_model_type
 from .run_mim import MimTrainingArguments, parse_config_overrides, require_action, setup_logging, train_and_evaluate
 from .vqkd import build_vqkd_trainer, vqkd_image_processor
 
@@ -125,7 +127,7 @@ def check_weight_shapes(model_class, saved_config, config, path: str, overrides:
         shapes = {name: tuple(value.shape) for name, value in model_class(config).state_dict().items()}
     changed = sorted(name for name in saved_shapes.keys() | shapes.keys() if saved_shapes.get(name) != shapes.get(name))
     if changed:
-        raise ValueError(
+        raise UsageError(
             f"--config_overrides {overrides} changes the weights of the saved tokenizer {path} (e.g. {changed[0]}: "
             f"{saved_shapes.get(changed[0])} -> {shapes.get(changed[0])}); continued training keeps its architecture. "
             "Drop those overrides, or drop --tokenizer_name_or_path to train a new tokenizer with them."
@@ -137,7 +139,16 @@ def load_tokenizer(tokenizer_args: TokenizerArguments):
     with `--config_overrides` applied."""
     family = TOKENIZER_FAMILIES[tokenizer_args.tokenizer_type]
     path, overrides = tokenizer_args.tokenizer_name_or_path, tokenizer_args.config_overrides
-    saved_config = family.config_class() if path is None else family.config_class.from_pretrained(path)
+    if path is not None:
+        saved_type = saved_model_type(path)
+        if saved_type is not None and saved_type != family.config_class.model_type:
+            # Loading it anyway would start a fresh tokenizer with every weight missing and the other model's fields.
+            raise UsageError(
+                f"--tokenizer_name_or_path {path} holds a {saved_type} model, not a {tokenizer_args.tokenizer_type} "
+                f"tokenizer ({family.config_class.model_type}); pass a folder saved by train_tokenizer.py "
+                f"--tokenizer_type {tokenizer_args.tokenizer_type}, or drop the flag to train a new one"
+            )
+    saved_config = family.config_class() if path is None else pretrained(family.config_class.from_pretrained, path, "tokenizer_name_or_path")
     config = saved_config
     if overrides:
         logger.info("Overriding config: %s", overrides)

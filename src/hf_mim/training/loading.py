@@ -1,0 +1,49 @@
+"""Loading what a user names on the command line (a checkpoint folder or Hub id), with errors that name the flag."""
+
+import json
+import os
+
+from ..errors import UsageError
+
+
+def _looks_local(name: str) -> bool:
+    # A Hub id is "name" or "owner/name"; anything else (./x, /x, ~/x, a/b/c) can only be a folder.
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def pretrained(load, name_or_path: str, flag: str, **kwargs):
+    """`load(name_or_path, **kwargs)` (a `from_pretrained`), with a one-line `UsageError` naming `--flag` when
+    `name_or_path` is neither a folder here nor a loadable Hub repository."""
+    if not os.path.isdir(name_or_path) and (_looks_local(name_or_path) or os.path.exists(name_or_path)):
+        raise UsageError(f"--{flag} {name_or_path}: no such folder; pass the folder of a saved checkpoint or a Hub id")
+    try:
+        return load(name_or_path, **kwargs)
+    except (OSError, ValueError) as error:
+        if isinstance(error, UsageError):
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(f"--{flag} {name_or_path} could not be loaded: {reason}") from error
+
+
+def saved_model_type(name_or_path: str) -> str | None:
+    """The `model_type` of a local checkpoint folder's config.json (None for Hub ids or folders without one)."""
+    path = os.path.join(name_or_path, "config.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as file:
+        return json.load(file).get("model_type")
+
+
+def require_tokenizer(tokenizer, name_or_path: str, flag: str = "tokenizer_name_or_path") -> None:
+    """A one-line error when the model loaded from `--flag` is not a visual tokenizer (no codebook to predict)."""
+    if callable(getattr(tokenizer, "get_codebook_indices", None)) and hasattr(tokenizer.config, "codebook_size"):
+        return
+    model_type = getattr(tokenizer.config, "model_type", type(tokenizer).__name__)
+    if hasattr(tokenizer.config, "tokenizer_config"):
+        fix = "it is a MIM checkpoint: pass it as --model_name_or_path to continue pre-training it"
+    else:
+        fix = "train one with scripts/train_tokenizer.py (dvae, vqkd, kmeans) or convert a released one"
+    raise UsageError(f"--{flag} {name_or_path} is a {model_type} model, not an hf_mim visual tokenizer; {fix}")
+
+
+__all__ = ["pretrained", "require_tokenizer", "saved_model_type"]
