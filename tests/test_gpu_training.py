@@ -147,3 +147,60 @@ def test_gpu_check_dry_run(tmp_path):
     assert entries["run_mim beit"]["train_samples"] == 2 * 4
     assert "| run_mim ccvit | ok |" in result.stdout
     assert report["multi_gpu"]["status"].startswith("skipped")
+
+
+@pytest.mark.parametrize("tokenizer_autocast", [False, True])
+def test_targets_are_computed_in_float32_under_autocast_unless_asked(tokenizer_autocast):
+    from test_beitv2 import batch, tiny_beitv2_config
+
+    from hf_mim import Beitv2ForMaskedImageModeling
+
+    torch.manual_seed(0)
+    model = Beitv2ForMaskedImageModeling(tiny_beitv2_config(tokenizer_autocast=tokenizer_autocast)).eval()
+    dtypes = []
+    first_linear = next(module for module in model.tokenizer.modules() if isinstance(module, torch.nn.Linear))
+    first_linear.register_forward_hook(lambda module, inputs, output: dtypes.append(output.dtype))
+    _, tokenizer_view, _ = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        targets = model.get_targets(tokenizer_view)
+    # VQ-KD's ViT encoder would run in bf16 under the step's autocast; by default the targets are fp32's.
+    assert dtypes == [torch.bfloat16 if tokenizer_autocast else torch.float32]
+    if not tokenizer_autocast:
+        assert torch.equal(targets, model.get_targets(tokenizer_view))
+    assert model.config.to_dict()["tokenizer_autocast"] is tokenizer_autocast
+
+
+def test_mcbeit_soft_targets_come_from_float32_logits_under_autocast():
+    from conftest import tiny_mcbeit_config
+    from test_vqkd import tiny_vqkd_config
+
+    from hf_mim import McBeitForMaskedImageModeling
+
+    torch.manual_seed(0)
+    model = McBeitForMaskedImageModeling(tiny_mcbeit_config(tiny_vqkd_config(kmeans_init=False))).eval()
+    view = torch.rand(2, 3, 32, 32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model.get_tokenizer_logits(view)
+    assert torch.equal(logits, model.get_tokenizer_logits(view))
+
+
+def test_tokenizer_trainer_counts_codes_on_the_device(tmp_path):
+    # bincount has no meta kernel (it reads the largest id back to the host, a sync per step on a GPU).
+    from conftest import tiny_dvae_config
+
+    from hf_mim import DvaeModel
+    from hf_mim.training.tokenizer_trainer import TokenizerTrainer
+
+    args = MimTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = TokenizerTrainer(model=DvaeModel(tiny_dvae_config()), args=args, data_collator=MimDataCollator())
+
+    class Outputs(dict):
+        indices = torch.zeros(2, 16, dtype=torch.long, device=META)
+
+    original = MimTrainer.compute_loss
+    MimTrainer.compute_loss = lambda self, model, inputs, return_outputs=False, num_items_in_batch=None: (torch.zeros((), device=META), Outputs())
+    try:
+        trainer.compute_loss(trainer.model.train(), {})
+    finally:
+        MimTrainer.compute_loss = original
+    assert trainer._code_counts["train"].device == META

@@ -6,6 +6,7 @@ positions (projecting all 196 tokens to 8192 logits is wasted work), and the mod
 frozen tokenizer, so a batch of pixels is all it needs.
 """
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,14 @@ def masked_targets(labels: torch.Tensor, bool_masked_pos: torch.BoolTensor) -> t
         f"labels of shape {tuple(labels.shape)} fit neither the mask {tuple(bool_masked_pos.shape)} "
         f"nor the {num_masked} masked positions"
     )
+
+
+def target_precision(config, tokenizer_pixel_values: torch.Tensor):
+    """The context in which the frozen tokenizer computes targets: float32 whatever the step's autocast, unless
+    `config.tokenizer_autocast` lets it run under that autocast (faster, not equal to fp32's targets)."""
+    if getattr(config, "tokenizer_autocast", False):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=tokenizer_pixel_values.device.type, enabled=False)
 
 
 class BeitMimPreTrainedModel(BeitReferenceInitMixin, BeitPreTrainedModel):
@@ -137,7 +146,8 @@ class BeitMimForMaskedImageModeling(BeitMimPreTrainedModel):
         """Token ids `(batch_size, num_patches)` of the tokenizer's view."""
         if self.tokenizer is None:
             raise ValueError("No tokenizer configured: pass `labels` (token ids) instead of `tokenizer_pixel_values`")
-        return self.tokenizer.get_codebook_indices(tokenizer_pixel_values)
+        with target_precision(self.config, tokenizer_pixel_values):
+            return self.tokenizer.get_codebook_indices(tokenizer_pixel_values)
 
     def forward_features(self, pixel_values: torch.Tensor, bool_masked_pos: torch.BoolTensor, **kwargs):
         """Backbone outputs with masked patches replaced by the mask token (pre-final-norm hidden states)."""
@@ -202,4 +212,5 @@ __all__ = [
     "BeitMimPreTrainedModel",
     "flatten_mask",
     "masked_targets",
+    "target_precision",
 ]

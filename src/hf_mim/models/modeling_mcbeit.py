@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from .beit_backbone import MimBeitModel
 from .configuration_mcbeit import McBeitConfig
-from .modeling_beit import BeitMimForMaskedImageModeling, BeitMimOutput, flatten_mask
+from .modeling_beit import BeitMimForMaskedImageModeling, BeitMimOutput, flatten_mask, target_precision
 from .modeling_tokenizer import host_scalars
 
 
@@ -111,7 +111,8 @@ class McBeitForMaskedImageModeling(BeitMimForMaskedImageModeling):
         """Code logits `(batch_size, num_patches, vocab_size)` of the tokenizer's view, float32."""
         if self.tokenizer is None:
             raise ValueError("No tokenizer configured: pass `tokenizer_logits` instead of `tokenizer_pixel_values`")
-        return self.tokenizer.get_codebook_logits(tokenizer_pixel_values).float()
+        with target_precision(self.config, tokenizer_pixel_values):
+            return self.tokenizer.get_codebook_logits(tokenizer_pixel_values).float()
 
     def forward(
         self,

@@ -3,6 +3,7 @@
 import torch
 
 from ..evaluation.codebook import codebook_metrics
+from ..models.modeling_tokenizer import code_counts
 from .trainer import MimTrainer
 
 
@@ -27,7 +28,7 @@ class TokenizerTrainer(MimTrainer):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         split = "train" if model.training else "eval"
         codebook_size = self.accelerator.unwrap_model(model).config.codebook_size
-        counts = torch.bincount(outputs.indices.detach().flatten(), minlength=codebook_size)
+        counts = code_counts(outputs.indices.detach(), codebook_size)
         self._code_counts[split] = counts if self._code_counts[split] is None else self._code_counts[split] + counts
         return (loss, outputs) if return_outputs else loss
 
