@@ -106,6 +106,7 @@ def messy_folder(tmp_path):
 # --------------------------------------------------------------------------------------------- decoding
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("mode", list(MODE_IMAGES))
 def test_every_mode_decodes_to_rgb_from_file_bytes_and_pil(mode):
     make, file_format = MODE_IMAGES[mode]

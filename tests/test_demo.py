@@ -12,6 +12,7 @@ from hf_mim.training.budget import TimeBudgetCallback
 from hf_mim.training.run_mim import DataArguments, build_replacement_generator
 
 
+@pytest.mark.smoke
 def test_reduced_demo_writes_checkpoint_card_figures_and_probe_results(tmp_path):
     out = tmp_path / "demo"
     summary = main([
@@ -43,6 +44,7 @@ def test_demo_bad_arguments(tmp_path):
         write_sample_crops(str(tmp_path), 0)
 
 
+@pytest.mark.smoke
 def test_sample_crops_and_digits():
     images, labels = digits_images(16)
     assert len(images) == len(labels) == 1797 and set(labels) == set(range(10))

@@ -421,6 +421,7 @@ def first_save_commit(hub):
     return next((c for c in hub.repos["tester/x"].history("dev") if c.message == "Training in progress, step 1"), None)
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("model_type", FAMILY_IDS)
 def test_family_round_trips_through_the_hub(model_type, hub, pushed, loaded):
     if model_type not in pushed["kinds"]:
@@ -457,6 +458,7 @@ def test_private_repo_and_revision_reach_the_server(hub, pushed):
     assert len(hub.repos["tester/open"].history("main")) == 2
 
 
+@pytest.mark.smoke
 def test_trainer_every_save_pushes_are_loadable(hub, pushed, loaded):
     assert "run_mim" not in pushed["errors"], pushed["errors"]["run_mim"]
     repo, output_dir = hub.repos["tester/x"], pushed["work"] / "run"

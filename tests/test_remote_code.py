@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 from conftest import BLOCK_HF_MIM, tiny_beit_config, tiny_dvae_config
 from safetensors.torch import load_file
@@ -59,6 +60,7 @@ def load_remotely(folder, task):
     return json.loads(completed.stdout.strip().splitlines()[-1]), torch.load(os.path.join(folder, "remote.pt"))
 
 
+@pytest.mark.smoke
 def test_mim_checkpoint_loads_without_hf_mim(tmp_path):
     model = BeitMimForMaskedImageModeling(tiny_beit_config()).eval()
     model.save_pretrained(tmp_path)

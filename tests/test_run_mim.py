@@ -32,6 +32,7 @@ def log_steps(output_dir):
     return [entry["step"] for entry in state["log_history"] if "loss" in entry], state
 
 
+@pytest.mark.smoke
 def test_trains_evaluates_and_saves_a_loadable_model(tiny_dvae_dir, image_folder, tmp_path):
     metrics = main(run_mim_args(tiny_dvae_dir, image_folder, tmp_path, "--do_eval", "--train_val_split", "0.25",
                                 "--max_steps", "4", "--save_strategy", "no"))
