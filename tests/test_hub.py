@@ -350,6 +350,28 @@ def test_dry_run_writes_the_upload_folder(tmp_path, capsys):
     assert (REPO / "scripts" / "push_to_hub.py").read_text().count("from hf_mim.hub.push import main") == 1
 
 
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('[{"protocol": "knn", "dataset": "x", "value": 62}]', "accuracy 62 on x is not a fraction in \\[0, 1\\]: give 0.62"),
+        ('[{"protocol": "knn", "dataset": "x", "value": -0.1}]', "not a fraction in \\[0, 1\\]: give a fraction"),
+        ('[{"protocol": "knn", "dataset": "x", "value": "high"}]', "value 'high' is not a number"),
+        ('[{"protocol": "knn", "value": 0.5}]', "has no \\['dataset'\\]"),
+        ('[{"protocol": "knn", "dataset": "x", "value": 0.5, "k": 20}]', "unknown keys \\['k'\\]"),
+        ("{not json", "--results .*results.json is not valid JSON"),
+        ('{"protocol": "knn"}', "must hold a JSON list of objects"),
+    ],
+)
+def test_bad_results_are_refused_with_the_fix(content, message, tmp_path):
+    # Silently, "value": 62 put "accuracy 62" on the card and in its model-index.
+    from hf_mim.errors import UsageError
+    from hf_mim.hub.cards import load_results
+
+    (tmp_path / "results.json").write_text(content)
+    with pytest.raises(UsageError, match=message):
+        load_results(tmp_path / "results.json")
+
+
 def test_train_tokenizer_writes_the_card(tmp_path, image_folder):
     from hf_mim.training import train_tokenizer
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 # The templates: `model_cards/` at the repository root, shipped inside the package through the
@@ -113,8 +115,18 @@ class CardResult:
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
-            raise ValueError(f"Unknown evaluation protocol {self.protocol!r}; use one of {sorted(PROTOCOLS)}")
-        self.value = float(self.value)
+            raise UsageError(f"Unknown evaluation protocol {self.protocol!r}; use one of {sorted(PROTOCOLS)}")
+        try:
+            self.value = float(self.value)
+        except (TypeError, ValueError):
+            raise UsageError(f"The {self.protocol} result's value {self.value!r} is not a number") from None
+        # A percentage written as a fraction's number would put "accuracy 62" on the card and in the model-index.
+        if self.metric == "accuracy" and not 0.0 <= self.value <= 1.0:
+            fix = f"give {self.value / 100:g}" if 1.0 < self.value <= 100.0 else "give a fraction"
+            raise UsageError(
+                f"The {self.protocol} accuracy {self.value:g} on {self.dataset} is not a fraction in [0, 1]: {fix} "
+                "(accuracies are fractions, 0.62 for 62%)"
+            )
 
     def to_eval_result(self) -> EvalResult:
         return EvalResult(
@@ -142,12 +154,29 @@ class CardResult:
         )
 
 
+RESULTS_EXAMPLE = '[{"protocol": "knn", "dataset": "imagenet-1k", "value": 0.41}]'
+
+
 def load_results(path) -> list[CardResult]:
     """Results from a JSON file holding a list of `CardResult` fields, e.g.
     `[{"protocol": "knn", "dataset": "imagenet-1k", "value": 0.41}]`."""
-    entries = json.loads(Path(path).read_text())
-    if not isinstance(entries, list):
-        raise ValueError(f"{path} must hold a JSON list of results, got {type(entries).__name__}")
+    try:
+        entries = json.loads(Path(path).read_text())
+    except OSError as error:
+        raise UsageError(f"--results {path}: cannot read it ({error.strerror or error})") from error
+    except json.JSONDecodeError as error:
+        raise UsageError(f"--results {path} is not valid JSON ({error}); give a list like {RESULTS_EXAMPLE}") from error
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        raise UsageError(f"--results {path} must hold a JSON list of objects, e.g. {RESULTS_EXAMPLE}")
+    fields = {field.name for field in dataclasses.fields(CardResult)}
+    for entry in entries:
+        unknown, missing = set(entry) - fields, {"protocol", "dataset", "value"} - set(entry)
+        if unknown or missing:
+            raise UsageError(
+                f"--results {path}: the entry {entry} has {f'unknown keys {sorted(unknown)}' if unknown else ''}"
+                f"{' and ' if unknown and missing else ''}{f'no {sorted(missing)}' if missing else ''}; "
+                f"each entry takes {sorted(fields)}, e.g. {RESULTS_EXAMPLE}"
+            )
     return [CardResult(**entry) for entry in entries]
 
 
