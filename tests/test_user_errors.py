@@ -72,6 +72,22 @@ CASES = {
                    "--train_dir", p["images"], "--output_dir", str(p["root"] / "tok"), "--do_train", "--use_cpu"],
         "holds a hf_mim_kmeans model, not a dvae tokenizer",
     ),
+    "more centroids than patches (run_mim)": (
+        lambda p: [a for a in mim(p, fit_codebook_size=8192) if a not in ("--tokenizer_name_or_path", p["dvae"])]
+        + ["--fit_tokenizer", "--model_type", "ccvit"],
+        "24 images x 16 patches give 384: lower --fit_codebook_size (e.g. 256)",
+    ),
+    "more centroids than patches (train_tokenizer)": (
+        lambda p: ["train_tokenizer.py", "--tokenizer_type", "kmeans", "--config_overrides",
+                   "image_size=32,patch_size=8,codebook_size=8192", "--train_dir", p["images"], "--output_dir",
+                   str(p["root"] / "km"), "--do_train", "--use_cpu"],
+        "lower codebook_size in --config_overrides (e.g. 256)",
+    ),
+    "k larger than the training set": (
+        lambda p: ["run_knn.py", "--model_name_or_path", p["mim"], "--train_dir", p["images"], "--train_val_split",
+                   "0.25", "--ks", "10", "1000"],
+        "--ks 10 1000: each k must lie between 1 and the number of training examples (18)",
+    ),
 }  # fmt: skip
 
 

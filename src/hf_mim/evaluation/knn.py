@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import HfArgumentParser
 
+from ..errors import UsageError
 from .features import FeatureArguments, load_features, write_results
 
 
@@ -59,7 +60,10 @@ def knn_classify(
         raise ValueError(f"Feature sizes differ: train {train_features.shape[1]}, test {test_features.shape[1]}")
     ks = sorted(set(int(k) for k in ks))
     if not ks or ks[0] < 1 or ks[-1] > len(train_features):
-        raise ValueError(f"Each k must be between 1 and the number of training examples ({len(train_features)}); got {ks}")
+        raise UsageError(
+            f"--ks {' '.join(map(str, ks))}: each k must lie between 1 and the number of training examples "
+            f"({len(train_features)}); pass smaller --ks or more training images"
+        )
     if temperature <= 0:
         raise ValueError(f"temperature must be positive, got {temperature}")
     device = torch.device(device) if device is not None else train_features.device

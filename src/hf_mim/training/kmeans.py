@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from ..data import SkippedImageCounter, TwoViewTransform, apply_transform, decode_image
 from ..data.arguments import require_validation_split
+from ..errors import UsageError
 from ..evaluation.codebook import codebook_metrics
 from ..hub.cards import write_model_card
 from ..hub.push import push_folder
@@ -639,7 +640,26 @@ def select_images(dataset, max_images: int | None, seed: int = 0):
     return dataset.shuffle(seed=seed).select(range(max_images))
 
 
-def _fit_from_arguments(dataset, image_column, config, fit_args: KmeansFitArguments, init, seed, device, num_workers):
+def require_enough_patches(dataset, config: KmeansConfig, fit_args: KmeansFitArguments, codebook_flag: str) -> None:
+    """A one-line error, before any image is read, when the images cannot give one patch per centroid; names the flag
+    that sets the number of centroids. Streaming datasets (no length) are checked by the fit itself."""
+    if not hasattr(dataset, "__len__"):
+        return
+    images = min(len(dataset), fit_args.kmeans_max_images or len(dataset))
+    per_image = fit_args.kmeans_patches_per_image or config.grid_size**2
+    if images * per_image >= config.codebook_size:
+        return
+    fewer = 2 ** int(math.log2(max(images * per_image, 1)))
+    raise UsageError(
+        f"k-means of {config.codebook_size} centroids needs at least as many patches, but {images} images x "
+        f"{per_image} patches give {images * per_image}: lower {codebook_flag} (e.g. {fewer}), or fit on more images"
+    )
+
+
+def _fit_from_arguments(
+    dataset, image_column, config, fit_args: KmeansFitArguments, init, seed, device, num_workers, codebook_flag
+):
+    require_enough_patches(dataset, config, fit_args, codebook_flag)
     return fit_kmeans_tokenizer(
         select_images(dataset, fit_args.kmeans_max_images, seed),
         image_column,
@@ -685,7 +705,7 @@ def fit_tokenizer_for_mim(
     logger.info("Fitting %d k-means centroids of %d px patches on the training images", config.codebook_size,
                 config.patch_size)
     tokenizer, image_processor, fit = _fit_from_arguments(
-        dataset, image_column, config, fit_args, fit_args.kmeans_init, seed, device, num_workers
+        dataset, image_column, config, fit_args, fit_args.kmeans_init, seed, device, num_workers, "--fit_codebook_size"
     )
     if _world()[0] == 0:
         tokenizer.save_pretrained(folder)
@@ -756,7 +776,8 @@ def train_kmeans_tokenizer(
         start = time.perf_counter()
         init = tokenizer.centroids.detach().clone() if args.tokenizer_name_or_path else args.kmeans_init
         _, _, fit = _fit_from_arguments(
-            raw["train"], image_column, tokenizer.config, args, init, seed, training_args.device, workers
+            raw["train"], image_column, tokenizer.config, args, init, seed, training_args.device, workers,
+            "codebook_size in --config_overrides",
         )
         tokenizer.set_centroids(fit.centroids)
         metrics.update(
