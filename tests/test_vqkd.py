@@ -443,6 +443,16 @@ def test_training_needs_a_matching_teacher(vqkd_training_data, tmp_path):
         )
 
 
+def test_a_new_tokenizer_takes_teacher_dim_from_its_teacher(vqkd_training_data, tmp_path):
+    # The tiny teacher's features are 16-d; the config default is CLIP-B's 512, and no override names it.
+    teacher, images = vqkd_training_data
+    overrides = ",".join(f"{key}={value}" for key, value in TINY_VQKD.items() if key != "teacher_dim")
+    args = train_tokenizer_args(teacher, images, tmp_path, "--max_steps", "1")
+    args[args.index("--config_overrides") + 1] = overrides
+    train_tokenizer(args)
+    assert json.loads((tmp_path / "config.json").read_text())["teacher_dim"] == 16
+
+
 @pytest.mark.slow
 def test_two_process_training_ends_with_identical_codebooks(vqkd_training_data, tmp_path):
     teacher, images = vqkd_training_data

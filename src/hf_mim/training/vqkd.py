@@ -113,16 +113,21 @@ class VqkdTeacher(nn.Module):
             )
         return features[:, -num_tokens:].float()
 
+    @torch.no_grad()
+    def feature_dim(self, config: VqkdConfig) -> int:
+        """The size of the teacher's per-patch features for a tokenizer of `config` (one forward of a blank image)."""
+        device = self.image_mean.device
+        return self(torch.zeros(1, 3, config.image_size, config.image_size, device=device)).shape[-1]
+
     def check_compatible(self, config: VqkdConfig) -> None:
         """Errors, with the fix, when the teacher's features do not fit the tokenizer `config`."""
         if config.grid_size != self.grid_size:
             raise ValueError(f"The teacher was built for a {self.grid_size}-token grid, the tokenizer has {config.grid_size}")
-        device = self.image_mean.device
-        features = self(torch.zeros(1, 3, config.image_size, config.image_size, device=device))
-        if features.shape[-1] != config.teacher_dim:
+        feature_dim = self.feature_dim(config)
+        if feature_dim != config.teacher_dim:
             raise ValueError(
-                f"The teacher's features are {features.shape[-1]}-dimensional but the tokenizer's decoder predicts "
-                f"teacher_dim={config.teacher_dim}; pass --config_overrides teacher_dim={features.shape[-1]}"
+                f"The teacher's features are {feature_dim}-dimensional but the tokenizer's decoder predicts "
+                f"teacher_dim={config.teacher_dim}; pass --config_overrides teacher_dim={feature_dim}"
             )
 
 
@@ -201,6 +206,15 @@ def build_vqkd_trainer(model, args: TrainingArguments, tokenizer_args, **trainer
         grid_size=model.config.grid_size,
         feature_layer=tokenizer_args.teacher_feature_layer,
     )
+    feature_dim = teacher.feature_dim(model.config)
+    overrides = tokenizer_args.config_overrides or ""
+    chosen = tokenizer_args.tokenizer_name_or_path or any(
+        item.split("=", 1)[0].strip() == "teacher_dim" for item in overrides.split(",")
+    )
+    if feature_dim != model.config.teacher_dim and not chosen:
+        # A new tokenizer whose teacher_dim nobody set: the teacher decides it (its decoder is not trained yet).
+        logger.info("teacher_dim=%d, the size of %s's features", feature_dim, tokenizer_args.teacher_name_or_path)
+        model = type(model)(VqkdConfig.from_dict({**model.config.to_dict(), "teacher_dim": feature_dim}))
     return VqkdTrainer(model=model, args=args, teacher=teacher, **trainer_kwargs)
 
 
