@@ -204,3 +204,9 @@ def test_tokenizer_trainer_counts_codes_on_the_device(tmp_path):
     finally:
         MimTrainer.compute_loss = original
     assert trainer._code_counts["train"].device == META
+
+
+def test_batches_are_pinned_only_for_a_gpu(tmp_path):
+    # Without a GPU (and without --use_cpu, as the demo runs) transformers pinned batches anyway, and torch warned at
+    # every DataLoader that pinning needs an accelerator.
+    assert MimTrainingArguments(output_dir=str(tmp_path), report_to="none").dataloader_pin_memory is torch.cuda.is_available()

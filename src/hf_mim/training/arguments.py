@@ -4,6 +4,7 @@ defaults for GPUs, and a refusal to run a multi-process launch whose processes a
 import os
 from dataclasses import dataclass, field
 
+import torch
 from transformers import TrainingArguments
 
 from ..errors import UsageError
@@ -45,7 +46,14 @@ class HfMimTrainingArguments(TrainingArguments):
                   "--dataloader_num_workers > 0)"},
     )
 
+    # Pinned host memory only speeds up copies to a GPU; without one torch warns at every DataLoader it builds.
+    dataloader_pin_memory: bool | None = field(
+        default=None, metadata={"help": "Pin batches in page-locked memory (default: on when training on a GPU)"}
+    )
+
     def __post_init__(self):
+        if self.dataloader_pin_memory is None:
+            self.dataloader_pin_memory = torch.cuda.is_available() and not self.use_cpu
         if self.dataloader_persistent_workers is None:
             self.dataloader_persistent_workers = self.dataloader_num_workers > 0
         if self.max_train_seconds is not None and self.max_train_seconds <= 0:
