@@ -1,4 +1,4 @@
-"""End-to-end CCViT demo with no data arguments: `python scripts/demo.py` (see `hf_mim.demo`)."""
+"""End-to-end CCViT demo with no data arguments: `python scripts/demo.py` or `hf-mim demo` (see `hf_mim.demo`)."""
 
 from hf_mim.cli import run_command
 from hf_mim.demo import main

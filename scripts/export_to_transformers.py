@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Export a pretrained hf_mim encoder as a stock transformers BEiT checkpoint. See `--help`.
+"""Export a pretrained hf_mim encoder as a stock transformers BEiT checkpoint: `hf-mim export`. See `--help`.
 
     python scripts/export_to_transformers.py --model_name_or_path ./beit --output_dir ./beit-transformers
 """

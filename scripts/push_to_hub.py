@@ -4,7 +4,7 @@
     python scripts/push_to_hub.py ./beit-out --repo_id you/beit-tiny --dataset ILSVRC/imagenet-1k
     python scripts/push_to_hub.py ./beit-out --repo_id you/beit-tiny --dry_run ./upload   # look first
 
-See `python scripts/push_to_hub.py --help`.
+The same as `hf-mim push`; see `python scripts/push_to_hub.py --help`.
 """
 
 from hf_mim.cli import run_command

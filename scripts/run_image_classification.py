@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Fine-tune a pretrained encoder for image classification. See `python scripts/run_image_classification.py --help`.
+"""Fine-tune a pretrained encoder for image classification: `hf-mim finetune`. See `--help`.
 
     accelerate launch scripts/run_image_classification.py --model_name_or_path ./beit --train_dir ./train \
         --validation_dir ./val --output_dir ./beit-finetuned --do_train --do_eval --layer_decay 0.65 \

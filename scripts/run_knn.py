@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Weighted k-NN (DINO) on frozen features. See `python scripts/run_knn.py --help`.
+"""Weighted k-NN (DINO) on frozen features: `hf-mim knn`. See `python scripts/run_knn.py --help`.
 
     python scripts/run_knn.py --model_name_or_path ./beit --train_dir ./train --validation_dir ./val \
         --ks 10 20 100 200 --temperature 0.07

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Masked image modeling pre-training. See `python scripts/run_mim.py --help`.
+"""Masked image modeling pre-training: `hf-mim pretrain`. See `python scripts/run_mim.py --help`.
 
     accelerate launch scripts/run_mim.py --model_type beit --tokenizer_name_or_path ./dvae \
         --train_dir ./images --output_dir ./beit --do_train

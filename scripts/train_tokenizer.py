@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Visual tokenizer training. See `python scripts/train_tokenizer.py --help`.
+"""Visual tokenizer training: `hf-mim train-tokenizer`. See `python scripts/train_tokenizer.py --help`.
 
     accelerate launch scripts/train_tokenizer.py --tokenizer_type dvae --train_dir ./images \
         --output_dir ./dvae --do_train --max_steps 20000 --learning_rate 1e-3

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """PNG figures of a MIM checkpoint: masks, token maps, tokenizer and predicted reconstructions, codebook usage,
-training curves. See `python scripts/visualize.py --help`.
+training curves: `hf-mim visualize`. See `python scripts/visualize.py --help`.
 
     python scripts/visualize.py --model_name_or_path ./beit --images ./images/cat.jpg ./more_images \
         --output_dir ./figures --tokenizer_name_or_path ./my-dvae

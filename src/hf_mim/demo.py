@@ -242,3 +242,9 @@ def main(argv=None) -> dict:
 
 
 __all__ = ["DemoArguments", "digits_images", "main", "probe_encoder", "results_table", "run_demo", "write_sample_crops"]
+
+
+if __name__ == "__main__":
+    from .cli import run_command
+
+    run_command(main)

@@ -479,3 +479,9 @@ __all__ = [
     "training_curves",
     "write_figures",
 ]
+
+
+if __name__ == "__main__":
+    from .cli import run_command
+
+    run_command(main)

@@ -426,3 +426,9 @@ __all__ = [
     "to_beit_image_processor",
     "to_transformers_beit",
 ]
+
+
+if __name__ == "__main__":
+    from ..cli import run_command
+
+    run_command(main)

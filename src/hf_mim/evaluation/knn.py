@@ -127,3 +127,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 __all__ = ["KnnArguments", "KnnResult", "knn_classify", "main", "run_knn"]
+
+
+if __name__ == "__main__":
+    from ..cli import run_command
+
+    run_command(main)

@@ -257,3 +257,9 @@ __all__ = [
     "main",
     "run_linear_probe",
 ]
+
+
+if __name__ == "__main__":
+    from ..cli import run_command
+
+    run_command(main)

@@ -256,3 +256,9 @@ def main(argv: Sequence[str] | None = None):
 
 
 __all__ = ["UPLOAD_PATTERNS", "complete_code_files", "main", "prepare_repo", "prepare_upload_folder", "push_folder"]
+
+
+if __name__ == "__main__":
+    from ..cli import run_command
+
+    run_command(main)

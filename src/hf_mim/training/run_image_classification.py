@@ -261,3 +261,9 @@ __all__ = [
     "encode_labels",
     "main",
 ]
+
+
+if __name__ == "__main__":
+    from ..cli import run_command
+
+    run_command(main)

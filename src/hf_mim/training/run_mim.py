@@ -546,3 +546,9 @@ __all__ = [
     "parse_config_overrides",
     "resolve_data_defaults",
 ]
+
+
+if __name__ == "__main__":
+    from ..cli import run_command
+
+    run_command(main)

@@ -234,3 +234,9 @@ __all__ = [
     "load_tokenizer",
     "main",
 ]
+
+
+if __name__ == "__main__":
+    from ..cli import run_command
+
+    run_command(main)

@@ -1,0 +1,142 @@
+"""The `hf-mim` command: its list of commands, each command's --help, `python -m hf_mim`, `python -m <module>`, a
+user's mistake through it, and the console script of an installed (not editable) wheel."""
+
+import ast
+import importlib.util
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from hf_mim import __version__
+from hf_mim.cli import COMMANDS, main
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+# Subprocesses import hf_mim (torch, transformers) each time: about 10 s apiece on 2 cores.
+SUBPROCESS_TIMEOUT = 300
+
+
+def test_help_lists_every_command_with_its_description(capsys):
+    main(["--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: hf-mim <command>")
+    for name, command in COMMANDS.items():
+        assert f"  {name} " in out and command.description in out
+    assert "accelerate launch [<launch args>] -m hf_mim <command>" in out
+
+
+def test_no_command_lists_them_and_fails(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([])
+    assert exit_info.value.code == 2
+    assert "convert-vqkd" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    main(["--version"])
+    assert capsys.readouterr().out == f"hf_mim {__version__}\n"
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_each_command_shows_its_help_under_its_own_name(name, capsys):
+    launch_argv = list(sys.argv)
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: hf-mim {name} [-h]") and "--help" in out
+    assert sys.argv == launch_argv
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["pretrian"], "error: unknown command 'pretrian'; did you mean `hf-mim pretrain`? `hf-mim --help` lists"),
+        (["--verbose"], "error: unknown option '--verbose'; `hf-mim --help` lists"),
+    ],
+)
+def test_an_unknown_command_is_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1
+
+
+def test_a_command_flag_error_is_the_commands_own(tmp_path, capsys):
+    # An argparse mistake inside a command names the command, not the `hf-mim` executable.
+    with pytest.raises(SystemExit) as exit_info:
+        main(["convert-ccvit", "--output_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "hf-mim convert-ccvit: error: the following arguments are required: --centroids" in capsys.readouterr().err
+
+
+def test_every_command_module_runs_with_python_m():
+    # `python -m hf_mim.training.run_mim` etc.: each module of a command ends by running its main through run_command.
+    for command in COMMANDS.values():
+        module_name, function_name = command.target.split(":")
+        tree = ast.parse(pathlib.Path(importlib.util.find_spec(module_name).origin).read_text())
+        guards = [node for node in tree.body if isinstance(node, ast.If) and "__main__" in ast.unparse(node.test)]
+        if module_name == "hf_mim.convert.cli":  # several commands in one module: run through hf-mim or the scripts
+            assert not guards
+            continue
+        assert len(guards) == 1 and ast.unparse(guards[0].body[-1]) == f"run_command({function_name})", module_name
+
+
+def run(args, **kwargs):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **kwargs.pop("env", {})}
+    return subprocess.run(args, capture_output=True, text=True, env=env, timeout=SUBPROCESS_TIMEOUT, **kwargs)
+
+
+def test_python_m_module_help(tmp_path):
+    result = run([sys.executable, "-m", "hf_mim.training.run_mim", "--help"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.startswith("usage: run_mim.py [-h]") and "--train_dir" in result.stdout
+
+
+def test_python_m_hf_mim_user_error_is_one_line(tmp_path):
+    missing = tmp_path / "nowhere"
+    args = ["pretrain", "--train_dir", str(missing), "--output_dir", str(tmp_path / "out"), "--do_train", "--use_cpu"]
+    result = run([sys.executable, "-m", "hf_mim", *args], cwd=tmp_path)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(errors) == 1 and f"--train_dir {missing}: no such folder" in errors[0], result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_console_script_of_an_installed_wheel(tmp_path):
+    # Built from a copy, so the build writes nothing into the checkout (build/, egg-info) while others use it.
+    source = tmp_path / "source"
+    ignore = shutil.ignore_patterns("__pycache__", "*.egg-info")
+    shutil.copytree(REPO / "src", source / "src", symlinks=True, ignore=ignore)
+    shutil.copytree(REPO / "model_cards", source / "model_cards")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    wheel_dir, site = tmp_path / "wheel", tmp_path / "site"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    built = run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(wheel_dir), str(source)])
+    assert built.returncode == 0, built.stderr[-3000:]
+    (wheel,) = wheel_dir.glob("hf_mim-*.whl")
+    installed = run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)])
+    assert installed.returncode == 0, installed.stderr[-3000:]
+
+    # The wheel's hf_mim, not the editable checkout the test environment also has (cwd has no src/ either).
+    env = {"PYTHONPATH": str(site)}
+    code = "import importlib.util; print(importlib.util.find_spec('hf_mim').origin)"
+    origin = run([sys.executable, "-c", code], cwd=tmp_path, env=env).stdout.strip()
+    assert pathlib.Path(origin) == site / "hf_mim" / "__init__.py"
+
+    # A real conversion through the console script: dispatch, the converters' module and the model card templates
+    # (package data) all come from the wheel.
+    np.save(tmp_path / "centroids.npy", np.random.default_rng(0).random((16, 48), dtype=np.float32))
+    args = ["convert-ccvit", "--centroids", "centroids.npy", "--output_dir", "kmeans", "--image_size", "16"]
+    result = run([str(site / "bin" / "hf-mim"), *args], cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Saved the k-means tokenizer to kmeans" in result.stdout
+    assert (tmp_path / "kmeans" / "config.json").exists()
+    assert "k-means" in (tmp_path / "kmeans" / "README.md").read_text()
