@@ -45,6 +45,13 @@ def test_trains_evaluates_and_saves_a_loadable_model(tiny_dvae_dir, image_folder
     assert model.config.vocab_size == 64 and model.tokenizer is not None
     assert type(AutoModel.from_pretrained(tmp_path)).__name__ == "BeitMimModel"
     assert (tmp_path / "tokenizer" / "preprocessor_config.json").exists()
+    # The card says what the model saw (it said "not recorded" for a local folder), and keeps it when re-rendered.
+    folder = pathlib.Path(image_folder).name
+    assert f"Training data: the local image folder `{folder}` (18 images)." in (tmp_path / "README.md").read_text()
+    from hf_mim.hub.cards import write_model_card
+
+    write_model_card(tmp_path)
+    assert f"the local image folder `{folder}` (18 images)" in (tmp_path / "README.md").read_text()
 
 
 def test_resume_continues_from_the_saved_step(tiny_dvae_dir, image_folder, tmp_path):

@@ -180,6 +180,14 @@ def load_results(path) -> list[CardResult]:
     return [CardResult(**entry) for entry in entries]
 
 
+def describe_training_data(train_dir: str | None, num_images: int | None) -> str | None:
+    """The card's words for training images that are not a Hub dataset: a local folder's name and image count."""
+    if train_dir is None:
+        return None
+    count = f" ({num_images:,} images)" if num_images is not None else ""
+    return f"the local image folder `{Path(train_dir).resolve().name}`{count}"
+
+
 def hub_dataset_id(dataset_name: str | None) -> str | None:
     """`dataset_name` if it names a Hub dataset; `None` for builders (`imagefolder`) and local paths."""
     if not dataset_name or dataset_name in LOCAL_BUILDERS or Path(dataset_name).exists():
@@ -374,6 +382,7 @@ def card_context(
     tags=None,
     training_args=None,
     trainer_state=None,
+    training_data: str | None = None,
 ) -> tuple[ModelCardData, dict]:
     """The card data and the template variables for the checkpoint in `folder`.
 
@@ -381,13 +390,15 @@ def card_context(
     model's tokenizer config dict, else `None`), `has_tokenizer_subfolder`, `parameters` (`total`,
     `tokenizer`), `image_size`, `fine_tuned`, `training` (see `training_summary`, or `None`),
     `codebook` (tokenizers: see `codebook_summary`), `results` (list of dicts with `protocol`,
-    `dataset`, `metric`, `value`, `split`) and `datasets`.
+    `dataset`, `metric`, `value`, `split`), `datasets` and `training_data`.
 
     Args:
         folder: the checkpoint folder.
         config: the model config as a dict; read from `folder/config.json` when not given.
         training_args / trainer_state: a `TrainingArguments` and `TrainerState` (or their dicts);
             read from `training_args.bin` / `trainer_state.json` in `folder` when not given.
+        training_data: what the model was trained on when that is not a Hub dataset (e.g. "the local image folder
+            `photos` (3,000 images)"); kept in the card's metadata (`training_data`), so later renders keep it.
     """
     folder = Path(folder)
     config = config if config is not None else _read_json(folder / "config.json")
@@ -398,6 +409,8 @@ def card_context(
 
     if datasets is None and existing is not None:
         datasets = existing.datasets
+    if training_data is None and existing is not None:
+        training_data = getattr(existing, "training_data", None)
     if license is None:
         license = existing.license if existing is not None and existing.license else DEFAULT_LICENSE
     if base_model is None and existing is not None:
@@ -431,6 +444,7 @@ def card_context(
         base_model=base_model,
         model_name=model_name,
         eval_results=[result.to_eval_result() for result in results] or None,
+        **({"training_data": training_data} if training_data else {}),
     )
     context = {
         "sections": _sections(),
@@ -443,6 +457,7 @@ def card_context(
         "image_size": config.get("image_size"),
         "fine_tuned": fine_tuned,
         "training": training,
+        "training_data": training_data,
         "codebook": (
             codebook_summary(
                 config["codebook_size"], training["metrics"] if training else {}, _read_json(folder / "all_results.json")
@@ -487,6 +502,7 @@ __all__ = [
     "CardResult",
     "card_context",
     "card_family",
+    "describe_training_data",
     "hub_dataset_id",
     "load_results",
     "read_training_args",

@@ -32,7 +32,7 @@ from ..data import (
 )
 from ..errors import UsageError
 from ..hub.callbacks import HubFilesCallback
-from ..hub.cards import hub_dataset_id
+from ..hub.cards import describe_training_data, hub_dataset_id
 from ..models import (
     BeitMimConfig,
     BeitMimForMaskedImageModeling,
@@ -434,12 +434,14 @@ def train_and_evaluate(
     after_save=None,
     dataset_name: str | None = None,
     model_card: bool = True,
+    train_dir: str | None = None,
 ) -> dict[str, float]:
     """The end of every hf_mim training script: train (resuming if asked), save, evaluate, write the card.
 
     `after_save` runs on the main process after the model is saved (e.g. to add the tokenizer's processor);
     `skipped` is the `SkippedImageCounter` of the datasets; `model_card=False` for outputs that are not hf_mim
-    families (a stock transformers classifier), which get no hf_mim card. Returns train and eval metrics.
+    families (a stock transformers classifier), which get no hf_mim card; the card names `dataset_name` when it is
+    a Hub dataset, else the `train_dir` folder and its image count. Returns train and eval metrics.
     """
     metrics: dict[str, float] = {}
     if training_args.do_train:
@@ -462,6 +464,8 @@ def train_and_evaluate(
     if training_args.do_train and model_card:
         # hf_mim's card (MimTrainer.create_model_card), pushed with everything else under --push_to_hub.
         card = {"dataset_tags": hub_dataset_id(dataset_name)}
+        num_images = len(trainer.train_dataset) if hasattr(trainer.train_dataset, "__len__") else None
+        trainer.training_data = describe_training_data(train_dir, num_images)
         if training_args.push_to_hub:
             trainer.push_to_hub(**card)
         else:
@@ -527,7 +531,12 @@ def main(argv=None, callbacks=None) -> dict[str, float]:
         tokenizer_processor.save_pretrained(os.path.join(training_args.output_dir, TOKENIZER_SUBFOLDER))
 
     return train_and_evaluate(
-        trainer, training_args, skipped, after_save=save_tokenizer_processor, dataset_name=data_args.dataset_name
+        trainer,
+        training_args,
+        skipped,
+        after_save=save_tokenizer_processor,
+        dataset_name=data_args.dataset_name,
+        train_dir=data_args.train_dir,
     )
 
 

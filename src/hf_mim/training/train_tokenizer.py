@@ -222,7 +222,9 @@ def main(argv: list[str] | None = None, callbacks=None) -> dict[str, float]:
         callbacks=callbacks,
     )
 
-    return train_and_evaluate(trainer, training_args, skipped, dataset_name=data_args.dataset_name)
+    return train_and_evaluate(
+        trainer, training_args, skipped, dataset_name=data_args.dataset_name, train_dir=data_args.train_dir
+    )
 
 
 __all__ = [

@@ -112,6 +112,8 @@ class MimTrainer(Trainer):
         if getattr(self.args, "max_train_seconds", None) is not None:
             add_time_budget(self, self.args.max_train_seconds)
         self.layer_decay = layer_decay
+        # The card's description of training images that are not a Hub dataset (`hub.cards.describe_training_data`).
+        self.training_data: str | None = None
         self._metric_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._metric_steps = {"train": 0, "eval": 0}
         # Non-finite training losses since the last check, counted on the device; and the step of that check.
@@ -163,6 +165,7 @@ class MimTrainer(Trainer):
             results=results,
             training_args=self.args,
             trainer_state=self.state,
+            training_data=self.training_data,
         )
 
     def create_optimizer(self, model=None):
