@@ -13,7 +13,7 @@ from hf_mim.training.run_mim import DataArguments, build_replacement_generator
 
 
 @pytest.mark.smoke
-def test_reduced_demo_writes_checkpoint_card_figures_and_probe_results(tmp_path):
+def test_reduced_demo_writes_checkpoint_card_figures_and_probe_results(tmp_path, capsys):
     out = tmp_path / "demo"
     summary = main([
         "--output_dir", str(out), "--num_crops", "16", "--codebook_size", "16", "--kmeans_iterations", "2",
@@ -26,12 +26,14 @@ def test_reduced_demo_writes_checkpoint_card_figures_and_probe_results(tmp_path)
     assert json.loads((model_dir / "config.json").read_text())["model_type"] == "hf_mim_ccvit"
     assert json.loads((model_dir / "trainer_state.json").read_text())["global_step"] == 6
     card = (model_dir / "README.md").read_text()
-    assert "sklearn-digits" in card and "Linear probe" in card
+    assert "sklearn-digits" in card and "Linear probe" in card and "k-NN (frozen features), k = 20" in card
+    printed = capsys.readouterr().out
+    assert all(f"[demo {phase}/4]" in printed for phase in range(1, 5))
     for name in ("mim_panel", "codebook_usage", "training_curves"):
         with Image.open(summary["figures"][name]) as image:
             assert image.format == "PNG"
     written = json.loads((out / "demo_results.json").read_text())
-    assert written["probe_sizes"] == {"train": 100, "test": 50}
+    assert written["probe_sizes"] == {"train": 100, "test": 50} and written["train_steps"] == 6
     for encoder in ("pretrained", "random_init"):
         assert set(written["results"][encoder]) == {"knn_top1_k10", "knn_top1_k20", "linear_probe_top1"}
         assert all(0.0 <= value <= 1.0 for value in written["results"][encoder].values())

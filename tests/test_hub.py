@@ -357,7 +357,8 @@ def test_dry_run_writes_the_upload_folder(tmp_path, capsys):
         ('[{"protocol": "knn", "dataset": "x", "value": -0.1}]', "not a fraction in \\[0, 1\\]: give a fraction"),
         ('[{"protocol": "knn", "dataset": "x", "value": "high"}]', "value 'high' is not a number"),
         ('[{"protocol": "knn", "value": 0.5}]', "has no \\['dataset'\\]"),
-        ('[{"protocol": "knn", "dataset": "x", "value": 0.5, "k": 20}]', "unknown keys \\['k'\\]"),
+        ('[{"protocol": "knn", "dataset": "x", "value": 0.5, "top": 5}]', "unknown keys \\['top'\\]"),
+        ('[{"protocol": "linear_probe", "dataset": "x", "value": 0.5, "k": 20}]', "k=20 belongs to a knn result"),
         ("{not json", "--results .*results.json is not valid JSON"),
         ('{"protocol": "knn"}', "must hold a JSON list of objects"),
     ],
@@ -504,3 +505,12 @@ def test_trainer_every_save_pushes_are_loadable(hub, pushed, loaded):
     assert {"hf_mim", "custom_code", "beit"} <= set(front_matter(text)["tags"])
     assert "fine-tuned version of" not in text and "Trained for 2 optimisation steps" in text
     assert '"tester/x"' in text
+
+
+def test_a_knn_result_keeps_its_k_through_the_model_index(tmp_path):
+    from hf_mim.hub.cards import load_results
+
+    (tmp_path / "results.json").write_text('[{"protocol": "knn", "dataset": "x", "value": 0.5, "k": 20}]')
+    (result,) = load_results(tmp_path / "results.json")
+    again = CardResult.from_eval_result(result.to_eval_result())
+    assert again == result and again.label == "k-NN (frozen features), k = 20"

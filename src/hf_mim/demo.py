@@ -144,6 +144,11 @@ def pretrain_argv(args: DemoArguments, tokenizer_dir: str, model_dir: str) -> li
     ]  # fmt: skip
 
 
+def phase(number: int, what: str) -> None:
+    """One console line per phase: the demo runs for minutes, mostly inside quiet library calls."""
+    print(f"[demo {number}/4] {what}", flush=True)
+
+
 def run_demo(args: DemoArguments) -> dict:
     """Run the demo (see the module docstring); returns what it writes to `output_dir/demo_results.json`."""
     if args.train_dir and args.dataset_name:
@@ -156,6 +161,7 @@ def run_demo(args: DemoArguments) -> dict:
         pretraining_data = f"{args.num_crops} random crops of scikit-learn's sample photos"
 
     # 1. The tokenizer: k-means centroids of the pre-training images' patches.
+    phase(1, f"fitting {args.codebook_size} k-means centroids to the patches of {pretraining_data}")
     raw, image_column = load_image_datasets(dataset_name=args.dataset_name, train_dir=args.train_dir, seed=args.seed)
     tokenizer_config = KmeansConfig(image_size=args.image_size, patch_size=args.patch_size, codebook_size=args.codebook_size)
     tokenizer, tokenizer_processor, fit = fit_kmeans_tokenizer(
@@ -167,6 +173,7 @@ def run_demo(args: DemoArguments) -> dict:
     tokenizer_processor.save_pretrained(tokenizer_dir)
 
     # 2. CCViT pre-training through run_mim (checkpoint, tokenizer sub-folder, trainer_state.json, model card).
+    phase(2, f"pre-training CCViT for {args.budget_seconds:g} s")
     model_dir = os.path.join(args.output_dir, "ccvit")
     train_metrics = run_mim.main(pretrain_argv(args, tokenizer_dir, model_dir))
     model_class = run_mim.MIM_MODELS["ccvit"][1]
@@ -176,17 +183,19 @@ def run_demo(args: DemoArguments) -> dict:
     random_model = model_class(model.config).eval()
 
     # 3. Probes of the frozen encoders.
+    phase(3, "probing the pre-trained and a random-init encoder (k-NN, linear probe)")
     data = probe_data(args)
     results = {"pretrained": probe_encoder(model, image_processor, data, args.seed)}
     results["random_init"] = probe_encoder(random_model, image_processor, data, args.seed)
 
     # 4. Card and figures.
+    phase(4, "writing the model card and figures")
     probe_name = data[4]
     write_model_card(
         model_dir,
         datasets=[args.dataset_name] if args.dataset_name else None,
         results=[
-            CardResult("knn", probe_name, results["pretrained"]["knn_top1_k20"], split="test"),
+            CardResult("knn", probe_name, results["pretrained"]["knn_top1_k20"], split="test", k=20),
             CardResult("linear_probe", probe_name, results["pretrained"]["linear_probe_top1"], split="test"),
         ],
     )

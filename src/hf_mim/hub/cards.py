@@ -105,6 +105,7 @@ class CardResult:
         value (`float`): the metric value (accuracies as fractions in [0, 1]).
         metric (`str`): the metric, `accuracy` by default.
         split (`str`): the evaluated split.
+        k (`int`, *optional*): the number of neighbours of a `knn` result (kept as the model-index's `metric_args`).
     """
 
     protocol: str
@@ -112,10 +113,13 @@ class CardResult:
     value: float
     metric: str = "accuracy"
     split: str = "validation"
+    k: int | None = None
 
     def __post_init__(self):
         if self.protocol not in PROTOCOLS:
             raise UsageError(f"Unknown evaluation protocol {self.protocol!r}; use one of {sorted(PROTOCOLS)}")
+        if self.k is not None and (self.protocol != "knn" or int(self.k) < 1):
+            raise UsageError(f"k={self.k} belongs to a knn result with k >= 1, not to {self.protocol}")
         try:
             self.value = float(self.value)
         except (TypeError, ValueError):
@@ -138,7 +142,13 @@ class CardResult:
             metric_type=self.metric,
             metric_name=PROTOCOLS[self.protocol],
             metric_value=self.value,
+            metric_args={"k": int(self.k)} if self.k is not None else None,
         )
+
+    @property
+    def label(self) -> str:
+        """The protocol as the card's table names it, with k for k-NN."""
+        return PROTOCOLS[self.protocol] + (f", k = {self.k}" if self.k is not None else "")
 
     @classmethod
     def from_eval_result(cls, result: EvalResult) -> "CardResult":
@@ -151,6 +161,7 @@ class CardResult:
             result.metric_value,
             result.metric_type,
             result.dataset_split or "validation",
+            (result.metric_args or {}).get("k"),
         )
 
 
@@ -465,7 +476,7 @@ def card_context(
             if family.kind == "tokenizer"
             else None
         ),
-        "results": [vars(result) | {"label": PROTOCOLS[result.protocol]} for result in results],
+        "results": [vars(result) | {"label": result.label} for result in results],
     }
     return card_data, context
 
