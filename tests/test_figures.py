@@ -196,3 +196,10 @@ def test_a_run_shorter_than_its_logging_steps_gets_its_panels_and_no_curves(load
     assert "mim_panel" in written and "training_curves" not in written
     with pytest.raises(ValueError, match="Nothing to draw"):
         write_figures(str(tmp_path / "state_only"), trainer_state=state)
+
+
+def test_the_codebook_histogram_says_what_it_counts():
+    # Over the 4 images of a panel a healthy codebook looks collapsed; the title says what was counted.
+    plain = np.asarray(codebook_histogram([0, 1, 1], codebook_size=8, size=(400, 120)))
+    titled = np.asarray(codebook_histogram([0, 1, 1], codebook_size=8, size=(400, 120), counted="the 1 image of the panel"))
+    assert (plain[:20] != titled[:20]).any() and (plain[40:] == titled[40:]).all()

@@ -233,9 +233,12 @@ def mim_panel(
     return image_grid(rows, titles, cell_size), {"token_ids": targets, "predicted_ids": predicted}
 
 
-def codebook_histogram(token_ids, codebook_size: int, size: tuple[int, int] = (640, 240)) -> Image.Image:
+def codebook_histogram(
+    token_ids, codebook_size: int, size: tuple[int, int] = (640, 240), counted: str | None = None
+) -> Image.Image:
     """Code frequencies sorted from most to least used (one bar per code, or the largest of each pixel column's codes),
-    with the number of used codes and the perplexity of the distribution in the title."""
+    with the number of used codes and the perplexity of the distribution in the title; `counted` says over what
+    (e.g. "the 4 images of the panel"), since a handful of images uses few codes of a healthy codebook."""
     token_ids = np.asarray(token_ids.cpu() if isinstance(token_ids, torch.Tensor) else token_ids).ravel()
     if token_ids.size == 0:
         raise ValueError("No token ids to count")
@@ -249,7 +252,8 @@ def codebook_histogram(token_ids, codebook_size: int, size: tuple[int, int] = (6
     figure = Image.new("RGB", size, _BACKGROUND)
     draw = ImageDraw.Draw(figure)
     font = _font()
-    title = f"codebook usage: {used}/{codebook_size} codes used, perplexity {perplexity:.1f}"
+    over = f" over {counted}" if counted else ""
+    title = f"codebook usage{over}: {used}/{codebook_size} codes used, perplexity {perplexity:.1f}"
     draw.text((PADDING, 4), title, fill=_TEXT, font=font)
     left, top, right, bottom = 40, TITLE_HEIGHT + PADDING, width - PADDING, height - TITLE_HEIGHT
     draw.rectangle((left, top, right, bottom), outline=_TEXT)
@@ -353,7 +357,8 @@ def write_figures(
         panel.save(written["mim_panel"])
         codebook_size = model.tokenizer.codebook_size
         written["codebook_usage"] = os.path.join(output_dir, "codebook_usage.png")
-        codebook_histogram(tokens["token_ids"], codebook_size).save(written["codebook_usage"])
+        counted = f"the {len(tokens['token_ids'])} images of the panel ({tokens['token_ids'].numel()} tokens)"
+        codebook_histogram(tokens["token_ids"], codebook_size, counted=counted).save(written["codebook_usage"])
         metrics = load_metric("masked_accuracy").compute(
             predictions=tokens["predicted_ids"].tolist(),
             references=tokens["token_ids"].tolist(),
