@@ -10,9 +10,11 @@ import os
 
 import numpy as np
 
+from ..errors import UsageError
 from ..hub.cards import write_model_card
 from ..models.modeling_kmeans import KmeansModel
 from ..training.kmeans import kmeans_image_processor
+from .common import first_line, require_file
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +33,22 @@ def convert_ccvit_centroids(
         image_size: Side of the view the centroids tokenize (CCViT: 224, the ViT's input).
         num_channels: Channels of a patch; the patch size follows from the array's width.
     """
-    centroids = np.load(centroids_path, allow_pickle=False)
-    tokenizer = KmeansModel.from_centroids(centroids, image_size=image_size, num_channels=num_channels)
+    what = "CCViT's centroids.npy (a float array of shape (codebook_size, 3 * patch_size**2))"
+    path = require_file(centroids_path, "--centroids", what)
+    try:
+        centroids = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        # A pickled or object array, an .npz archive's members, a file of another kind.
+        raise UsageError(f"--centroids {path} is not a .npy array ({first_line(error)}); pass {what}") from error
+    if not isinstance(centroids, np.ndarray):
+        raise UsageError(f"--centroids {path} is an .npz archive, not one array; pass {what}")
+    if centroids.ndim != 2 or not np.issubdtype(centroids.dtype, np.floating):
+        raise UsageError(f"--centroids {path} holds a {centroids.dtype} array of shape {centroids.shape}; pass {what}")
+    try:
+        tokenizer = KmeansModel.from_centroids(centroids, image_size=image_size, num_channels=num_channels)
+    except ValueError as error:
+        culprit = f"--image_size {image_size}" if "image_size" in str(error) else f"--centroids {path}"
+        raise UsageError(f"{culprit}: {error}") from error
     config = tokenizer.config
     logger.info(
         "Read %d centroids of %dx%d patches (a %dx%d token grid at %d px)",

@@ -3,6 +3,7 @@ each, parsing the flags and calling the matching `hf_mim.convert` function."""
 
 import argparse
 import inspect
+import logging
 from collections.abc import Callable
 
 from .ccvit import convert_ccvit_centroids
@@ -24,9 +25,14 @@ def beit_main(argv: list[str] | None = None) -> None:
         hf-mim convert-beit --checkpoint beitv2_base_patch16_224_pt1k.pth \\
             --tokenizer_name_or_path vqkd-clip-3x --output_dir beitv2-base-pt1k
 
-    BEiT v2 checkpoints (with `cls_pt_layers`) become hf_mim_beitv2, BEiT ones hf_mim_beit. With a tokenizer (an
-    hf_mim folder, e.g. from `hf-mim convert-vqkd`) the model computes its own targets and can continue pre-training
-    with `hf-mim pretrain --model_name_or_path`.
+    BEiT v2 checkpoints (with `cls_pt_layers`) become hf_mim_beitv2, BEiT ones hf_mim_beit; mc-BEiT checkpoints have
+    BEiT's layout: convert them with --method mcbeit (and a tokenizer with code logits, e.g. `hf-mim convert-taming`).
+    With a tokenizer (an hf_mim folder, e.g. from `hf-mim convert-vqkd`) the model computes its own targets and can
+    continue pre-training with `hf-mim pretrain --model_name_or_path`.
+
+    The config records the stochastic depth the checkpoint was pre-trained with, which continued pre-training uses
+    (the value and its source are logged): the file's own args.drop_path, else BEiT 0.1, BEiT v2 0.1 (the 1600-epoch
+    release; 0 for the 300-epoch *_300e.pth), mc-BEiT 0.1. --drop_path_rate overrides it.
     """
     parser = parser_of(beit_main)
     parser.add_argument("--checkpoint", required=True, help="Path of the unilm .pth file")
@@ -38,7 +44,12 @@ def beit_main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--image_mean", type=float, nargs=3, default=None, help="ViT view mean (default by version)")
     parser.add_argument("--image_std", type=float, nargs=3, default=None, help="ViT view std (default by version)")
+    parser.add_argument("--method", choices=["beit", "beitv2", "mcbeit"], default=None,
+                        help="Default: beitv2 for checkpoints with cls_pt_layers, else beit; mc-BEiT ones need mcbeit")
+    parser.add_argument("--drop_path_rate", type=float, default=None,
+                        help="Stochastic depth to record (default: the one the checkpoint was pre-trained with)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     model = convert_beit_checkpoint(
         args.checkpoint,
         args.output_dir,
@@ -47,8 +58,14 @@ def beit_main(argv: list[str] | None = None) -> None:
         num_attention_heads=args.num_attention_heads,
         image_mean=args.image_mean,
         image_std=args.image_std,
+        method=args.method,
+        drop_path_rate=args.drop_path_rate,
     )
-    print(f"Saved a {model.config.model_type} model ({model.config.num_hidden_layers} layers) to {args.output_dir}")
+    config = model.config
+    print(
+        f"Saved a {config.model_type} model ({config.num_hidden_layers} layers, drop_path_rate "
+        f"{config.drop_path_rate:g}) to {args.output_dir}"
+    )
 
 
 def ccvit_main(argv: list[str] | None = None) -> None:
@@ -91,7 +108,9 @@ def taming_main(argv: list[str] | None = None) -> None:
         hf-mim convert-taming --checkpoint last.ckpt --output_dir vqgan-gumbel-f8
 
     The checkpoint is read with torch.load(weights_only=True): no pickled code is executed, and a file that needs more
-    is refused with an explanation rather than loaded unsafely. Only the encoder path (the code logits) is converted.
+    is refused with an explanation rather than loaded unsafely. The Lightning objects a last.ckpt holds (callback
+    state keyed by ModelCheckpoint, AttributeDict/Namespace hyper-parameters) are read as inert stand-ins, so neither
+    pytorch_lightning nor taming is needed. Only the encoder path (the code logits) is converted.
     """
     parser = parser_of(taming_main)
     parser.add_argument("--checkpoint", required=True, help="taming last.ckpt, a state dict file or .safetensors")
@@ -109,7 +128,8 @@ def vqkd_main(argv: list[str] | None = None) -> None:
             --output_dir vqkd-clip-3x
 
     The file is read with torch.load(weights_only=True); the converted codebook is marked initialised, so it is never
-    overwritten by k-means.
+    overwritten by k-means, and rows whose norm is off 1 (within 1e-3) are re-normalised, so codes are picked as
+    unilm's squared distance picks them on unit rows.
     """
     parser = parser_of(vqkd_main)
     parser.add_argument("--checkpoint", required=True, help="Path of the unilm VQ-KD .pth file")
@@ -117,6 +137,7 @@ def vqkd_main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_attention_heads", type=int, default=None, help="Encoder heads (default: width / 64)")
     parser.add_argument("--decoder_attention_heads", type=int, default=None, help="Decoder heads (default: width / 64)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     model = convert_vqkd_checkpoint(
         args.checkpoint, args.output_dir, args.num_attention_heads, args.decoder_attention_heads
     )

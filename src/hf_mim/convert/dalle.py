@@ -18,16 +18,20 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
 from ..models.configuration_dvae import DvaeConfig
 from ..models.image_processing_dvae import DvaeImageProcessor
 from ..models.modeling_dvae import DvaeModel
 from ..hub.cards import write_model_card
+from .common import first_line, require_file
 
 logger = logging.getLogger(__name__)
 
 
-class ForbiddenGlobalError(pickle.UnpicklingError):
-    """The pickle references a global outside the allow-list; nothing it names was imported or called."""
+class ForbiddenGlobalError(UsageError, pickle.UnpicklingError):
+    """The pickle references a global outside the allow-list; nothing it names was imported or called.
+
+    A [`UsageError`] (the user named a file that is not OpenAI's) and a `pickle.UnpicklingError`."""
 
 
 class PickledObject:
@@ -113,18 +117,41 @@ restricted_pickle.Unpickler = RestrictedUnpickler
 restricted_pickle.load = _restricted_load
 
 
+# The flag and file name of each pickled module, for the errors.
+_FLAGS = {
+    "dall_e.encoder.Encoder": ("--encoder", "encoder.pkl"),
+    "dall_e.decoder.Decoder": ("--decoder", "decoder.pkl"),
+}
+
+
 def load_dalle_state_dict(path: str | Path, expected_class: str) -> tuple[dict[str, torch.Tensor], set[float]]:
     """The `w`/`b` parameters of a pickled DALL-E module, keyed as its `state_dict()` would be, and the residual
-    gains (`post_gain`) its blocks recorded. A plain state dict is accepted too (no gains then)."""
-    with warnings.catch_warnings():
-        # The legacy format compares each module class's source with the pickled one; stand-ins have none.
-        warnings.filterwarnings("ignore", message="Couldn't retrieve source code")
-        loaded = torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
-    if isinstance(loaded, dict) and all(isinstance(value, torch.Tensor) for value in loaded.values()):
+    gains (`post_gain`) its blocks recorded. A plain state dict is accepted too (no gains then).
+
+    Raises:
+        UsageError: naming the flag and path, when the file is missing, is not a pickle, holds another object than
+            `expected_class`, or (`ForbiddenGlobalError`) names a global outside the allow-list (nothing is run).
+    """
+    flag, name = _FLAGS.get(expected_class, ("--encoder", "encoder.pkl"))
+    what = f"OpenAI's {name} (https://cdn.openai.com/dall-e/{name})"
+    path = require_file(path, flag, what)
+    try:
+        with warnings.catch_warnings():
+            # The legacy format compares each module class's source with the pickled one; stand-ins have none.
+            warnings.filterwarnings("ignore", message="Couldn't retrieve source code")
+            loaded = torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
+    except ForbiddenGlobalError as error:
+        raise ForbiddenGlobalError(f"{flag} {path}: {error}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, AttributeError, TypeError) as error:
+        raise UsageError(f"{flag} {path} is not a readable pickle ({first_line(error)}); pass {what}") from error
+    if isinstance(loaded, dict) and loaded and all(isinstance(value, torch.Tensor) for value in loaded.values()):
         return dict(loaded), set()
     if not isinstance(loaded, PickledObject) or loaded.qualified_name != expected_class:
         found = loaded.qualified_name if isinstance(loaded, PickledObject) else type(loaded).__name__
-        raise ValueError(f"{path} holds a {found}, expected a pickled {expected_class}")
+        raise UsageError(
+            f"{flag} {path} holds a {found}, not a pickled {expected_class}; pass encoder.pkl as --encoder and "
+            "decoder.pkl as --decoder"
+        )
 
     parameters, post_gains = {}, set()
 
@@ -170,7 +197,7 @@ def rename_dalle_keys(parameters: dict[str, torch.Tensor], prefix: str) -> dict[
                 renamed[f"{prefix}.{rename(match)}.{_PARAMETER_NAMES[parameter]}"] = tensor
                 break
         else:
-            raise ValueError(f"Unexpected parameter '{key}' in a DALL-E checkpoint; cannot map it to DvaeModel")
+            raise UsageError(f"Unexpected parameter '{key}' in a DALL-E checkpoint; cannot map it to DvaeModel")
     return renamed
 
 
@@ -178,7 +205,7 @@ def _architecture(parameters: dict[str, torch.Tensor], what: str) -> dict:
     """Group count, blocks per group and the input/output conv shapes, read off the tensors."""
     for key in ("blocks.input.w", "blocks.output.conv.w"):
         if key not in parameters:
-            raise ValueError(f"The DALL-E {what} checkpoint has no '{key}'; is it an {what}.pkl?")
+            raise UsageError(f"The DALL-E {what} checkpoint has no '{key}'; is it an {what}.pkl?")
     groups = {int(m[1]) for key in parameters if (m := re.match(r"blocks\.group_(\d+)\.", key))}
     blocks = {int(m[1]) for key in parameters if (m := re.match(r"blocks\.group_1\.block_(\d+)\.", key))}
     return {
@@ -187,6 +214,18 @@ def _architecture(parameters: dict[str, torch.Tensor], what: str) -> dict:
         "input_shape": tuple(parameters["blocks.input.w"].shape),
         "output_shape": tuple(parameters["blocks.output.conv.w"].shape),
     }
+
+
+def _read_module(path: str | Path, expected_class: str) -> tuple[dict, set, dict, dict]:
+    """Parameters, residual gains, architecture and renamed state dict of `encoder.pkl` or `decoder.pkl`; a layout
+    error names the flag and path."""
+    parameters, gains = load_dalle_state_dict(path, expected_class)
+    flag, name = _FLAGS[expected_class]
+    what = name.removesuffix(".pkl")
+    try:
+        return parameters, gains, _architecture(parameters, what), rename_dalle_keys(parameters, what)
+    except UsageError as error:
+        raise UsageError(f"{flag} {path}: {error}") from error
 
 
 def convert_dalle_checkpoint(
@@ -204,8 +243,7 @@ def convert_dalle_checkpoint(
         output_dir: when given, the model (safetensors + config) and a [`DvaeImageProcessor`] are saved there.
         image_size: side of the tokenizer view (112 gives BEiT's 14x14 grid; the dVAE itself is size-agnostic).
     """
-    encoder_parameters, post_gains = load_dalle_state_dict(encoder_path, "dall_e.encoder.Encoder")
-    encoder_shape = _architecture(encoder_parameters, "encoder")
+    encoder_parameters, post_gains, encoder_shape, state_dict = _read_module(encoder_path, "dall_e.encoder.Encoder")
     hidden_size, num_channels = encoder_shape["input_shape"][:2]
     config_kwargs = {
         "image_size": image_size,
@@ -215,11 +253,9 @@ def convert_dalle_checkpoint(
         "num_groups": encoder_shape["num_groups"],
         "num_blocks_per_group": encoder_shape["num_blocks_per_group"],
     }
-    state_dict = rename_dalle_keys(encoder_parameters, "encoder")
 
     if decoder_path is not None:
-        decoder_parameters, decoder_gains = load_dalle_state_dict(decoder_path, "dall_e.decoder.Decoder")
-        decoder_shape = _architecture(decoder_parameters, "decoder")
+        _, decoder_gains, decoder_shape, decoder_state_dict = _read_module(decoder_path, "dall_e.decoder.Decoder")
         decoder_hidden_size, codebook_size = decoder_shape["input_shape"][:2]
         decoder_view = {
             "codebook_size": codebook_size,
@@ -230,19 +266,25 @@ def convert_dalle_checkpoint(
         }
         mismatched = {k: (config_kwargs[k], v) for k, v in decoder_view.items() if config_kwargs[k] != v}
         if mismatched:
-            raise ValueError(
-                f"The encoder and decoder checkpoints do not belong together; (encoder, decoder) values: {mismatched}"
+            raise UsageError(
+                f"--encoder {encoder_path} and --decoder {decoder_path} do not belong together; (encoder, decoder) "
+                f"values: {mismatched}"
             )
         config_kwargs["decoder_hidden_size"] = decoder_hidden_size
-        state_dict.update(rename_dalle_keys(decoder_parameters, "decoder"))
+        state_dict.update(decoder_state_dict)
         post_gains |= decoder_gains
 
     # Without decoder.pkl there is no decoder to convert: a random one would decode to noise without a word.
-    config = DvaeConfig(**config_kwargs, with_decoder=decoder_path is not None)
+    try:
+        config = DvaeConfig(**config_kwargs, with_decoder=decoder_path is not None)
+    except ValueError as error:
+        culprit = f"--image_size {image_size}" if "image_size" in str(error) else f"--encoder {encoder_path}"
+        raise UsageError(f"{culprit}: {error}") from error
     expected_gain = 1.0 / (config.num_groups * config.num_blocks_per_group) ** 2
     if any(abs(gain - expected_gain) > 1e-12 for gain in post_gains):
-        raise ValueError(
-            f"The checkpoint's residual gains {sorted(post_gains)} differ from 1/(groups*blocks)^2 = {expected_gain}; "
+        raise UsageError(
+            f"--encoder {encoder_path}: the checkpoint's residual gains {sorted(post_gains)} differ from "
+            f"1/(groups*blocks)^2 = {expected_gain}; "
             "DvaeModel cannot represent this architecture"
         )
     model = DvaeModel(config)
@@ -251,8 +293,10 @@ def convert_dalle_checkpoint(
         logger.warning("No decoder checkpoint given: the tokenizer is converted without a decoder (it cannot decode).")
     for key, tensor in state_dict.items():
         if key in expected and tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(
-                f"Shape mismatch for {key}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[key].shape)}; "
+            flag, path = ("--decoder", decoder_path) if key.startswith("decoder.") else ("--encoder", encoder_path)
+            raise UsageError(
+                f"{flag} {path}: shape mismatch for {key}: checkpoint {tuple(tensor.shape)} vs model "
+                f"{tuple(expected[key].shape)}; "
                 "the checkpoint's layout differs from the DALL-E architecture"
             )
     model.load_state_dict({key: tensor.float() for key, tensor in state_dict.items()}, strict=True)

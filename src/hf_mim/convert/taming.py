@@ -6,22 +6,29 @@ the encoder path is converted: `encoder.*`, `quant_conv.*` and the Gumbel quanti
 read off the tensors, so `model.yaml` is not needed.
 
 The file is read with `torch.load(weights_only=True)`, which rebuilds tensors and plain containers and refuses any
-other pickled object; there is no fallback to unrestricted unpickling. `.safetensors` files and plain state dicts
-(`{name: tensor}`, with or without Lightning's `state_dict` wrapper) are accepted too.
+other pickled object; there is no fallback to unrestricted unpickling. The released `last.ckpt` was written by
+PyTorch Lightning 1.0.x, which keys its callback state by the callback class (`pytorch_lightning.callbacks.
+model_checkpoint.ModelCheckpoint`); such Lightning names, and Lightning's `AttributeDict` and `argparse.Namespace`
+hyper-parameters, are read as inert stand-ins (`LIGHTNING_SAFE_GLOBALS`), so neither Lightning nor taming is needed
+and nothing from the file runs. Only `state_dict` is used. `.safetensors` files and plain state dicts (`{name:
+tensor}`, with or without Lightning's `state_dict` wrapper) are accepted too.
 """
 
+import argparse
 import logging
-import pickle
 import re
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from ..models.configuration_vqgan import VqganConfig
 from ..models.image_processing_vqgan import VqganImageProcessor
 from ..models.modeling_vqgan import VqganModel
+from ..errors import UsageError
 from ..hub.cards import write_model_card
+from .common import describe, first_line, load_weights_only, require_file
 
 logger = logging.getLogger(__name__)
 
@@ -29,30 +36,100 @@ logger = logging.getLogger(__name__)
 KEPT_PREFIXES = {"encoder.": "encoder.", "quant_conv.": "quant_conv.", "quantize.proj.": "codebook_projection."}
 
 
-def load_taming_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+class LightningStandIn:
+    """Inert stand-in for a Lightning class a checkpoint names (PL 1.0.x keys `callbacks` by the callback class).
+
+    Registered under the pickled module and name, it is what `torch.load(weights_only=True)` puts where the class was;
+    an instance records its pickled arguments and state and runs none of the original code.
+    """
+
+    qualified_name = ""
+
+    def __init__(self, *args):
+        self.args = args
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self):
+        return f"<stand-in for {self.qualified_name}>"
+
+
+def _stand_in(qualified_name: str) -> type:
+    module, name = qualified_name.rsplit(".", 1)
+    attributes = {"__module__": module, "__qualname__": name, "qualified_name": qualified_name}
+    return type(name, (LightningStandIn,), attributes)
+
+
+def _dict_stand_in(qualified_name: str) -> type:
+    """A class named like a Lightning dict subclass that builds a plain `dict`: the weights-only unpickler fills only
+    plain dicts with items."""
+    module, name = qualified_name.rsplit(".", 1)
+
+    def __new__(cls, *args, **kwargs):
+        return dict(*args, **kwargs)
+
+    return type(name, (), {"__module__": module, "__qualname__": name, "__new__": __new__})
+
+
+# Callback classes whose state Lightning saves under `callbacks` (versions before 1.5 key it by the class itself).
+_LIGHTNING_CALLBACKS = [
+    f"{package}.callbacks.{module}.{name}"
+    for package in ("pytorch_lightning", "lightning.pytorch")
+    for module, name in (
+        ("model_checkpoint", "ModelCheckpoint"),
+        ("early_stopping", "EarlyStopping"),
+        ("lr_monitor", "LearningRateMonitor"),
+        ("progress", "ProgressBar"),
+        ("gpu_stats_monitor", "GPUStatsMonitor"),
+    )
+]
+# Lightning's `hparams` container, a dict subclass: read as a plain dict.
+_LIGHTNING_DICTS = (
+    "pytorch_lightning.utilities.parsing.AttributeDict",
+    "lightning.pytorch.utilities.parsing.AttributeDict",
+    "lightning.fabric.utilities.data.AttributeDict",
+    "lightning_fabric.utilities.data.AttributeDict",
+)
+# What `torch.load(weights_only=True)` may build besides tensors and plain containers; each is matched by its
+# `__module__` and `__qualname__`, the name the checkpoint pickled.
+LIGHTNING_SAFE_GLOBALS = [
+    *(_stand_in(name) for name in _LIGHTNING_CALLBACKS),
+    *(_dict_stand_in(name) for name in _LIGHTNING_DICTS),
+    argparse.Namespace,
+]
+_CHECKPOINT = "a taming last.ckpt, a state dict file or a .safetensors file"
+
+
+def load_taming_state_dict(path: str | Path, flag: str = "--checkpoint") -> dict[str, torch.Tensor]:
     """The tensors of a taming checkpoint: Lightning's `state_dict` entry, or the whole file if it is a state dict.
 
+    Lightning's callback classes, `AttributeDict` and `argparse.Namespace` are allowed as inert stand-ins (see
+    `LIGHTNING_SAFE_GLOBALS`); everything else besides tensors and plain containers is refused unrun.
+
     Raises:
-        ValueError: if `torch.load(weights_only=True)` refuses the file (it pickles objects other than tensors and
-            plain containers), or the file holds no state dict.
+        UsageError: naming `flag` and the path, if the file is missing, is not a checkpoint, pickles an object outside
+            the allow-list, or holds no state dict.
     """
-    path = Path(path)
+    path = require_file(path, flag, _CHECKPOINT)
     if path.suffix == ".safetensors":
-        return load_file(path)
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise ValueError(
-            f"torch.load(weights_only=True) refused {path}: it pickles objects besides tensors and plain containers "
-            "(often Lightning hyper-parameters or callback state). hf_mim never unpickles arbitrary objects. If you "
-            "trust the file, extract its weights yourself, e.g. `torch.save(torch.load(path, weights_only=False)"
-            "['state_dict'], 'state_dict.pt')`, and convert that file. The refusal was:\n" + str(error)
-        ) from error
+        try:
+            return load_file(path)
+        except (SafetensorError, OSError, ValueError) as error:
+            raise UsageError(f"{flag} {path} is not a readable .safetensors file ({first_line(error)})") from error
+    loaded = load_weights_only(
+        path,
+        flag,
+        _CHECKPOINT,
+        safe_globals=LIGHTNING_SAFE_GLOBALS,
+        allowed="tensors, plain containers, Lightning callback state and AttributeDict/Namespace hyper-parameters",
+        weights_key="state_dict",
+    )
     state_dict = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else None
     if not isinstance(state_dict, dict) or not any(isinstance(value, torch.Tensor) for value in state_dict.values()):
-        raise ValueError(
-            f"{path} holds no state dict (expected a Lightning checkpoint with a 'state_dict' entry, or a "
-            f"{{name: tensor}} dict); found {type(loaded).__name__}"
+        raise UsageError(
+            f"{flag} {path} holds no state dict (expected a Lightning checkpoint with a 'state_dict' entry, or a "
+            f"{{name: tensor}} dict); found {describe(loaded)}"
         )
     return {key: value for key, value in state_dict.items() if isinstance(value, torch.Tensor)}
 
@@ -61,7 +138,7 @@ def convert_taming_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, 
     """`encoder.*`, `quant_conv.*` and `quantize.proj.*` of a taming GumbelVQ state dict, in [`VqganModel`]'s names."""
     if "quantize.proj.weight" not in state_dict:
         found = "quantize.embedding.weight" in state_dict
-        raise ValueError(
+        raise UsageError(
             "The checkpoint has no 'quantize.proj.weight': it is not a taming GumbelVQ model"
             + (" (it is a nearest-neighbour VectorQuantizer VQGAN, which has no code logits)" if found else "")
             + ". mc-BEiT's tokenizer is taming's vqgan_gumbel_f8."
@@ -86,29 +163,37 @@ def vqgan_config_from_state_dict(state_dict: dict[str, torch.Tensor], image_size
     """
     for key in ("encoder.conv_in.weight", "encoder.conv_out.weight", "quant_conv.weight", "codebook_projection.weight"):
         if key not in state_dict:
-            raise ValueError(f"The checkpoint has no '{key}'; it is not a taming VQGAN encoder")
+            raise UsageError(f"The checkpoint has no '{key}'; it is not a taming VQGAN encoder")
     levels = sorted({int(m[1]) for key in state_dict if (m := re.match(r"encoder\.down\.(\d+)\.", key))})
     if levels != list(range(len(levels))) or not levels:
-        raise ValueError(f"The checkpoint's encoder levels {levels} are not numbered 0..n-1")
+        raise UsageError(f"The checkpoint's encoder levels {levels} are not numbered 0..n-1; it is not a taming VQGAN")
     blocks = {int(m[1]) for key in state_dict if (m := re.match(r"encoder\.down\.0\.block\.(\d+)\.", key))}
     hidden_size = state_dict["encoder.conv_in.weight"].shape[0]
     multipliers = []
     for level in levels:
-        width = state_dict[f"encoder.down.{level}.block.0.conv1.weight"].shape[0]
+        key = f"encoder.down.{level}.block.0.conv1.weight"
+        if key not in state_dict:
+            raise UsageError(f"The checkpoint has no '{key}'; it is not a taming VQGAN encoder")
+        width = state_dict[key].shape[0]
         if width % hidden_size:
-            raise ValueError(f"Level {level} is {width} wide, not a multiple of the stem's {hidden_size} channels")
+            raise UsageError(f"Level {level} is {width} wide, not a multiple of the stem's {hidden_size} channels")
         multipliers.append(width // hidden_size)
-    return VqganConfig(
-        image_size=image_size,
-        num_channels=state_dict["encoder.conv_in.weight"].shape[1],
-        codebook_size=state_dict["codebook_projection.weight"].shape[0],
-        hidden_size=hidden_size,
-        channel_multipliers=multipliers,
-        num_res_blocks=len(blocks),
-        attention_levels=[level for level in levels if f"encoder.down.{level}.attn.0.q.weight" in state_dict],
-        z_channels=state_dict["encoder.conv_out.weight"].shape[0],
-        embed_dim=state_dict["quant_conv.weight"].shape[0],
-    )
+    try:
+        return VqganConfig(
+            image_size=image_size,
+            num_channels=state_dict["encoder.conv_in.weight"].shape[1],
+            codebook_size=state_dict["codebook_projection.weight"].shape[0],
+            hidden_size=hidden_size,
+            channel_multipliers=multipliers,
+            num_res_blocks=len(blocks),
+            attention_levels=[level for level in levels if f"encoder.down.{level}.attn.0.q.weight" in state_dict],
+            z_channels=state_dict["encoder.conv_out.weight"].shape[0],
+            embed_dim=state_dict["quant_conv.weight"].shape[0],
+        )
+    except ValueError as error:
+        # Sizes come from the file except the view: name --image_size when it is the culprit.
+        culprit = f"--image_size {image_size}" if "image_size" in str(error) else "the checkpoint's layout"
+        raise UsageError(f"{culprit}: {error}") from error
 
 
 def vqgan_from_taming_state_dict(
@@ -123,8 +208,8 @@ def vqgan_from_taming_state_dict(
         device: where to build the model; `"meta"` checks names and shapes without allocating the weights.
 
     Raises:
-        ValueError: naming the missing, unexpected or mis-shaped parameters if the checkpoint does not match the
-            architecture read off its own tensors.
+        UsageError: naming the missing, unexpected or mis-shaped parameters if the checkpoint does not match the
+            architecture read off its own tensors (it is not a taming GumbelVQ), or a bad `image_size`.
     """
     state_dict = convert_taming_state_dict(state_dict)
     config = vqgan_config_from_state_dict(state_dict, image_size=image_size)
@@ -134,13 +219,13 @@ def vqgan_from_taming_state_dict(
     missing = sorted(set(expected) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:
-        raise ValueError(
+        raise UsageError(
             f"The checkpoint does not match the taming encoder layout read off its tensors: missing {missing[:8]}, "
             f"unexpected {unexpected[:8]}"
         )
     for key, tensor in state_dict.items():
         if tuple(tensor.shape) != tuple(expected[key].shape):
-            raise ValueError(
+            raise UsageError(
                 f"Shape mismatch for {key}: checkpoint {tuple(tensor.shape)} vs model {tuple(expected[key].shape)}"
             )
     weights = {key: tensor.to(device=expected[key].device, dtype=torch.float32) for key, tensor in state_dict.items()}
@@ -158,7 +243,13 @@ def convert_taming_checkpoint(
         output_dir: when given, the model (safetensors + config) and a [`VqganImageProcessor`] are saved there.
         image_size: side of the tokenizer view (112 gives mc-BEiT's 14x14 grid with an f=8 VQGAN).
     """
-    model = vqgan_from_taming_state_dict(load_taming_state_dict(checkpoint_path), image_size=image_size)
+    state_dict = load_taming_state_dict(checkpoint_path)
+    try:
+        model = vqgan_from_taming_state_dict(state_dict, image_size=image_size)
+    except UsageError as error:
+        if str(error).startswith("--"):  # already names its flag (--image_size)
+            raise
+        raise UsageError(f"--checkpoint {checkpoint_path}: {error}") from error
     if output_dir is not None:
         model.save_pretrained(output_dir)
         size = {"height": image_size, "width": image_size}
@@ -169,6 +260,8 @@ def convert_taming_checkpoint(
 
 __all__ = [
     "KEPT_PREFIXES",
+    "LIGHTNING_SAFE_GLOBALS",
+    "LightningStandIn",
     "convert_taming_checkpoint",
     "convert_taming_state_dict",
     "load_taming_state_dict",
