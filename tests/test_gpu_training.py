@@ -210,3 +210,10 @@ def test_batches_are_pinned_only_for_a_gpu(tmp_path):
     # Without a GPU (and without --use_cpu, as the demo runs) transformers pinned batches anyway, and torch warned at
     # every DataLoader that pinning needs an accelerator.
     assert MimTrainingArguments(output_dir=str(tmp_path), report_to="none").dataloader_pin_memory is torch.cuda.is_available()
+
+
+def test_the_end_of_training_writes_no_checkpoint_save_steps_did_not_ask_for(tiny_dvae_dir, image_folder, tmp_path):
+    # Trainer added checkpoint-5 (model + optimiser state) beside the final model saved in output_dir.
+    main(run_mim_args(tiny_dvae_dir, image_folder, tmp_path, "--max_steps", "5", "--save_steps", "2"))
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+    assert (tmp_path / "model.safetensors").exists()
