@@ -27,6 +27,15 @@ def test_reduced_demo_writes_checkpoint_card_figures_and_probe_results(tmp_path,
     assert json.loads((model_dir / "trainer_state.json").read_text())["global_step"] == 6
     card = (model_dir / "README.md").read_text()
     assert "sklearn-digits" in card and "Linear probe" in card and "k-NN (frozen features), k = 20" in card
+    assert card.count("randomly initialised (baseline)") == 2
+    # A later render (e.g. push_to_hub.py) keeps the baselines, and the model-index holds only this model's results.
+    from huggingface_hub import ModelCard
+
+    from hf_mim.hub.cards import write_model_card
+
+    write_model_card(model_dir)
+    assert (model_dir / "README.md").read_text().count("randomly initialised (baseline)") == 2
+    assert len(ModelCard.load(model_dir / "README.md").data.eval_results) == 2
     printed = capsys.readouterr().out
     assert all(f"[demo {phase}/4]" in printed for phase in range(1, 5))
     for name in ("mim_panel", "codebook_usage", "training_curves"):

@@ -198,6 +198,10 @@ def run_demo(args: DemoArguments) -> dict:
             CardResult("knn", probe_name, results["pretrained"]["knn_top1_k20"], split="test", k=20),
             CardResult("linear_probe", probe_name, results["pretrained"]["linear_probe_top1"], split="test"),
         ],
+        baselines=[
+            CardResult("knn", probe_name, results["random_init"]["knn_top1_k20"], split="test", k=20),
+            CardResult("linear_probe", probe_name, results["random_init"]["linear_probe_top1"], split="test"),
+        ],
     )
     figure_images = [decode_image(raw["train"][index][image_column]) for index in range(min(4, len(raw["train"])))]
     masks = run_mim.build_mask_generator(

@@ -394,6 +394,7 @@ def card_context(
     training_args=None,
     trainer_state=None,
     training_data: str | None = None,
+    baselines: list[CardResult] | None = None,
 ) -> tuple[ModelCardData, dict]:
     """The card data and the template variables for the checkpoint in `folder`.
 
@@ -410,6 +411,9 @@ def card_context(
             read from `training_args.bin` / `trainer_state.json` in `folder` when not given.
         training_data: what the model was trained on when that is not a Hub dataset (e.g. "the local image folder
             `photos` (3,000 images)"); kept in the card's metadata (`training_data`), so later renders keep it.
+        baselines: results of the same architecture randomly initialised, measured like `results`: shown beside
+            them in the card's table, kept in the metadata (`baselines`), never in the model-index (they are not
+            this checkpoint's).
     """
     folder = Path(folder)
     config = config if config is not None else _read_json(folder / "config.json")
@@ -422,6 +426,8 @@ def card_context(
         datasets = existing.datasets
     if training_data is None and existing is not None:
         training_data = getattr(existing, "training_data", None)
+    if baselines is None:
+        baselines = [CardResult(**entry) for entry in getattr(existing, "baselines", None) or []]
     if license is None:
         license = existing.license if existing is not None and existing.license else DEFAULT_LICENSE
     if base_model is None and existing is not None:
@@ -456,6 +462,7 @@ def card_context(
         model_name=model_name,
         eval_results=[result.to_eval_result() for result in results] or None,
         **({"training_data": training_data} if training_data else {}),
+        **({"baselines": [dataclasses.asdict(result) for result in baselines]} if baselines else {}),
     )
     context = {
         "sections": _sections(),
@@ -477,6 +484,7 @@ def card_context(
             else None
         ),
         "results": [vars(result) | {"label": result.label} for result in results],
+        "baselines": [vars(result) | {"label": result.label} for result in baselines],
     }
     return card_data, context
 
