@@ -37,7 +37,7 @@ def test_reduced_demo_writes_checkpoint_card_figures_and_probe_results(tmp_path,
     assert (model_dir / "README.md").read_text().count("randomly initialised (baseline)") == 2
     assert len(ModelCard.load(model_dir / "README.md").data.eval_results) == 2
     printed = capsys.readouterr().out
-    assert all(f"[demo {phase}/4]" in printed for phase in range(1, 5))
+    assert all(f"[demo {phase}/4, " in printed for phase in range(1, 5))
     for name in ("mim_panel", "codebook_usage", "training_curves"):
         with Image.open(summary["figures"][name]) as image:
             assert image.format == "PNG"

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -144,15 +145,17 @@ def pretrain_argv(args: DemoArguments, tokenizer_dir: str, model_dir: str) -> li
     ]  # fmt: skip
 
 
-def phase(number: int, what: str) -> None:
-    """One console line per phase: the demo runs for minutes, mostly inside quiet library calls."""
-    print(f"[demo {number}/4] {what}", flush=True)
+def phase(number: int, what: str, start: float) -> None:
+    """One console line per phase, with the seconds since `start` (the demo's): it runs for minutes, mostly inside
+    quiet library calls."""
+    print(f"[demo {number}/4, {time.monotonic() - start:.0f} s] {what}", flush=True)
 
 
 def run_demo(args: DemoArguments) -> dict:
     """Run the demo (see the module docstring); returns what it writes to `output_dir/demo_results.json`."""
     if args.train_dir and args.dataset_name:
         raise ValueError("Pre-train on --train_dir or --dataset_name, not both")
+    start = time.monotonic()
     set_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)
     pretraining_data = args.dataset_name or args.train_dir
@@ -161,7 +164,7 @@ def run_demo(args: DemoArguments) -> dict:
         pretraining_data = f"{args.num_crops} random crops of scikit-learn's sample photos"
 
     # 1. The tokenizer: k-means centroids of the pre-training images' patches.
-    phase(1, f"fitting {args.codebook_size} k-means centroids to the patches of {pretraining_data}")
+    phase(1, f"fitting {args.codebook_size} k-means centroids to the patches of {pretraining_data}", start)
     raw, image_column = load_image_datasets(dataset_name=args.dataset_name, train_dir=args.train_dir, seed=args.seed)
     tokenizer_config = KmeansConfig(image_size=args.image_size, patch_size=args.patch_size, codebook_size=args.codebook_size)
     tokenizer, tokenizer_processor, fit = fit_kmeans_tokenizer(
@@ -173,7 +176,7 @@ def run_demo(args: DemoArguments) -> dict:
     tokenizer_processor.save_pretrained(tokenizer_dir)
 
     # 2. CCViT pre-training through run_mim (checkpoint, tokenizer sub-folder, trainer_state.json, model card).
-    phase(2, f"pre-training CCViT for {args.budget_seconds:g} s")
+    phase(2, f"pre-training CCViT for {args.budget_seconds:g} s", start)
     model_dir = os.path.join(args.output_dir, "ccvit")
     train_metrics = run_mim.main(pretrain_argv(args, tokenizer_dir, model_dir))
     model_class = run_mim.MIM_MODELS["ccvit"][1]
@@ -183,13 +186,13 @@ def run_demo(args: DemoArguments) -> dict:
     random_model = model_class(model.config).eval()
 
     # 3. Probes of the frozen encoders.
-    phase(3, "probing the pre-trained and a random-init encoder (k-NN, linear probe)")
+    phase(3, "probing the pre-trained and a random-init encoder (k-NN, linear probe)", start)
     data = probe_data(args)
     results = {"pretrained": probe_encoder(model, image_processor, data, args.seed)}
     results["random_init"] = probe_encoder(random_model, image_processor, data, args.seed)
 
     # 4. Card and figures.
-    phase(4, "writing the model card and figures")
+    phase(4, "writing the model card and figures", start)
     probe_name = data[4]
     write_model_card(
         model_dir,
