@@ -54,11 +54,46 @@ def flatten_mask(bool_masked_pos: torch.Tensor | None, num_patches: int) -> torc
     return bool_masked_pos
 
 
-def masked_targets(labels: torch.Tensor, bool_masked_pos: torch.BoolTensor) -> torch.LongTensor:
-    """Target ids of the masked patches from per-patch `(batch, num_patches)` ids or already-selected `(num_masked,)`."""
+def masked_first(bool_masked_pos: torch.BoolTensor) -> torch.LongTensor:
+    """Each image's positions `(batch_size, num_patches)` with its masked ones first, each group in increasing order:
+    the first `k` columns of an image that masks `k` patches are the positions boolean indexing selects, in its order
+    (the sort is stable)."""
+    return torch.argsort((~bool_masked_pos).byte(), dim=1, stable=True)
+
+
+def masked_index(bool_masked_pos: torch.BoolTensor, num_masked: int | None) -> torch.LongTensor | None:
+    """The masked positions `(batch_size, num_masked)` of each image, when the caller says that every image masks
+    exactly `num_masked` patches (exact mask generators); None when it does not say (`num_masked=None`).
+
+    Gathers through these positions have shapes known on the host, unlike boolean-mask gathers, whose size the device
+    must report back (a synchronisation per gather, and a data-dependent shape `torch.compile` cannot trace whole).
+    """
+    if num_masked is None:
+        return None
+    # Checked on the device, in order with the step: a host check would be the synchronisation this path avoids.
+    torch._assert_async(
+        (bool_masked_pos.sum(dim=1) == num_masked).all(),
+        f"every image was said to mask {num_masked} patches (num_masked), but one of the batch masks another number",
+    )
+    return masked_first(bool_masked_pos)[:, :num_masked]
+
+
+def gather_masked(values: torch.Tensor, bool_masked_pos: torch.BoolTensor, index: torch.LongTensor | None):
+    """`values[bool_masked_pos]`: the rows `(num_masked, ...)` of the masked positions of `values`
+    `(batch_size, num_patches, ...)`, in row-major (batch, position) order; through `index` (`masked_index`) if given."""
+    if index is None:
+        return values[bool_masked_pos]
+    index = index.reshape(*index.shape, *[1] * (values.ndim - 2))
+    return torch.take_along_dim(values, index, dim=1).flatten(0, 1)
+
+
+def masked_targets(
+    labels: torch.Tensor, bool_masked_pos: torch.BoolTensor, num_masked: int, index: torch.LongTensor | None = None
+) -> torch.LongTensor:
+    """Target ids of the `num_masked` masked patches from per-patch `(batch, num_patches)` ids or already-selected
+    `(num_masked,)` ones; `num_masked` is the row count of the logits, known on the host once they exist."""
     if labels.shape == bool_masked_pos.shape:
-        return labels[bool_masked_pos]
-    num_masked = int(bool_masked_pos.sum())
+        return gather_masked(labels, bool_masked_pos, index)
     if labels.ndim == 1 and labels.shape[0] == num_masked:
         return labels
     raise ValueError(
@@ -153,10 +188,13 @@ class BeitMimForMaskedImageModeling(BeitMimPreTrainedModel):
         """Backbone outputs with masked patches replaced by the mask token (pre-final-norm hidden states)."""
         return self.beit(pixel_values, bool_masked_pos=bool_masked_pos, **kwargs)
 
-    def forward_head(self, hidden_states: torch.Tensor, bool_masked_pos: torch.BoolTensor) -> torch.Tensor:
-        """Token logits `(num_masked, vocab_size)` of the masked patches of `hidden_states` `(batch, 1 + N, D)`."""
+    def forward_head(
+        self, hidden_states: torch.Tensor, bool_masked_pos: torch.BoolTensor, index: torch.LongTensor | None = None
+    ) -> torch.Tensor:
+        """Token logits `(num_masked, vocab_size)` of the masked patches of `hidden_states` `(batch, 1 + N, D)`;
+        `index` is `masked_index`'s, if known."""
         # LayerNorm is per token, so normalising only the masked tokens is exact and cheaper.
-        return self.lm_head(self.layernorm(hidden_states[:, 1:][bool_masked_pos]))
+        return self.lm_head(self.layernorm(gather_masked(hidden_states[:, 1:], bool_masked_pos, index)))
 
     @staticmethod
     def token_loss(logits: torch.Tensor, masked_labels: torch.LongTensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,6 +210,7 @@ class BeitMimForMaskedImageModeling(BeitMimPreTrainedModel):
         tokenizer_pixel_values: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         return_loss: bool = True,
+        num_masked: int | None = None,
         **kwargs,
     ) -> BeitMimOutput:
         r"""
@@ -184,16 +223,21 @@ class BeitMimForMaskedImageModeling(BeitMimPreTrainedModel):
             Target token ids, for all patches or for the masked ones only.
         return_loss (`bool`, *optional*, defaults to `True`):
             Tells `Trainer` that this model computes its loss without a `labels` input.
+        num_masked (`int`, *optional*):
+            The number of patches that every image of the batch masks, when it is the same for all (exact mask
+            generators). Gathers then have static shapes: the step needs no device synchronisation and compiles
+            whole (`torch.compile(fullgraph=True)`). A batch that breaks the promise fails on the device.
         """
         bool_masked_pos = flatten_mask(bool_masked_pos, self.num_patches)
         if labels is None and tokenizer_pixel_values is not None:
             labels = self.get_targets(tokenizer_pixel_values)
+        index = masked_index(bool_masked_pos, num_masked)
         outputs = self.forward_features(pixel_values, bool_masked_pos, **kwargs)
-        logits = self.forward_head(outputs.last_hidden_state, bool_masked_pos)
+        logits = self.forward_head(outputs.last_hidden_state, bool_masked_pos, index)
 
         loss = masked_labels = accuracy = None
         if labels is not None:
-            masked_labels = masked_targets(labels, bool_masked_pos)
+            masked_labels = masked_targets(labels, bool_masked_pos, logits.shape[0], index)
             loss, accuracy = self.token_loss(logits, masked_labels)
         return BeitMimOutput(
             loss=loss,
@@ -211,6 +255,9 @@ __all__ = [
     "BeitMimOutput",
     "BeitMimPreTrainedModel",
     "flatten_mask",
+    "gather_masked",
+    "masked_first",
+    "masked_index",
     "masked_targets",
     "target_precision",
 ]

@@ -15,7 +15,7 @@ from transformers.models.beit.modeling_beit import BeitLayer
 
 from .beit_backbone import MimBeitModel, mark_output_projections
 from .configuration_beitv2 import Beitv2Config
-from .modeling_beit import BeitMimForMaskedImageModeling, BeitMimOutput, flatten_mask, masked_targets
+from .modeling_beit import BeitMimForMaskedImageModeling, BeitMimOutput, flatten_mask, masked_index, masked_targets
 
 
 @dataclass
@@ -115,6 +115,7 @@ class Beitv2ForMaskedImageModeling(BeitMimForMaskedImageModeling):
         tokenizer_pixel_values: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         return_loss: bool = True,
+        num_masked: int | None = None,
         **kwargs,
     ) -> Beitv2MimOutput:
         r"""
@@ -127,8 +128,12 @@ class Beitv2ForMaskedImageModeling(BeitMimForMaskedImageModeling):
             Target token ids, for all patches or for the masked ones only.
         return_loss (`bool`, *optional*, defaults to `True`):
             Tells `Trainer` that this model computes its loss without a `labels` input.
+        num_masked (`int`, *optional*):
+            The number of patches that every image of the batch masks, when it is the same for all (see
+            [`BeitMimForMaskedImageModeling.forward`]): static shapes, no device synchronisation.
         """
         bool_masked_pos = flatten_mask(bool_masked_pos, self.num_patches)
+        index = masked_index(bool_masked_pos, num_masked)
         if labels is None and tokenizer_pixel_values is not None:
             labels = self.get_targets(tokenizer_pixel_values)
         return_hidden_states = kwargs.pop("output_hidden_states", False)
@@ -142,12 +147,12 @@ class Beitv2ForMaskedImageModeling(BeitMimForMaskedImageModeling):
             self.shared_relative_position_bias(pixel_values),
             tuple(pixel_values.shape[2:]),
         )
-        logits = self.forward_head(hidden_states, bool_masked_pos)
-        aggregation_logits = self.forward_head(aggregated, bool_masked_pos)
+        logits = self.forward_head(hidden_states, bool_masked_pos, index)
+        aggregation_logits = self.forward_head(aggregated, bool_masked_pos, index)
 
         loss = mim_loss = aggregation_loss = masked_labels = accuracy = aggregation_accuracy = None
         if labels is not None:
-            masked_labels = masked_targets(labels, bool_masked_pos)
+            masked_labels = masked_targets(labels, bool_masked_pos, logits.shape[0], index)
             mim_loss, accuracy = self.token_loss(logits, masked_labels)
             aggregation_loss, aggregation_accuracy = self.token_loss(aggregation_logits, masked_labels)
             loss = mim_loss + aggregation_loss

@@ -14,7 +14,7 @@ from torch import nn
 
 from .beit_backbone import MimBeitModel
 from .configuration_ccvit import CcvitConfig
-from .modeling_beit import BeitMimOutput, flatten_mask
+from .modeling_beit import BeitMimOutput, flatten_mask, gather_masked, masked_index
 from .modeling_beitv2 import Beitv2ForMaskedImageModeling
 from .modeling_kmeans import patchify
 from .modeling_tokenizer import host_scalars
@@ -91,15 +91,19 @@ class CcvitForMaskedImageModeling(Beitv2ForMaskedImageModeling):
         return self.normalize_pixels(self.tokenizer.replace_patches(pixel_values, bool_replaced_pos, labels))
 
     @torch.no_grad()
-    def get_pixel_targets(self, pixel_values: torch.Tensor, bool_corrupted_pos: torch.BoolTensor) -> torch.Tensor:
-        """The original patches `(num_corrupted, patch_dim)` at `bool_corrupted_pos`, normalised per patch if
-        `config.norm_pixel_targets`."""
-        patches = patchify(pixel_values.float(), self.config.patch_size)[bool_corrupted_pos]
+    def get_pixel_targets(
+        self, pixel_values: torch.Tensor, bool_corrupted_pos: torch.BoolTensor, index: torch.LongTensor | None = None
+    ) -> torch.Tensor:
+        """The original patches `(num_corrupted, patch_dim)` at `bool_corrupted_pos` (through `masked_index`'s
+        `index`, if known), normalised per patch if `config.norm_pixel_targets`."""
+        patches = gather_masked(patchify(pixel_values.float(), self.config.patch_size), bool_corrupted_pos, index)
         return normalize_patches(patches) if self.config.norm_pixel_targets else patches
 
-    def forward_pixel_head(self, hidden_states: torch.Tensor, bool_corrupted_pos: torch.BoolTensor) -> torch.Tensor:
+    def forward_pixel_head(
+        self, hidden_states: torch.Tensor, bool_corrupted_pos: torch.BoolTensor, index: torch.LongTensor | None = None
+    ) -> torch.Tensor:
         """Reconstructed patches `(num_corrupted, patch_dim)` from the branch's output `(batch, 1 + N, D)`."""
-        return self.pixel_head(self.pixel_layernorm(hidden_states[:, 1:][bool_corrupted_pos]))
+        return self.pixel_head(self.pixel_layernorm(gather_masked(hidden_states[:, 1:], bool_corrupted_pos, index)))
 
     def _check_inputs(self, pixel_values: torch.Tensor, bool_masked_pos, bool_replaced_pos):
         bool_masked_pos = flatten_mask(bool_masked_pos, self.num_patches)
@@ -111,6 +115,9 @@ class CcvitForMaskedImageModeling(Beitv2ForMaskedImageModeling):
                 f"bool_replaced_pos has shape {tuple(bool_replaced_pos.shape)} but bool_masked_pos "
                 f"{tuple(bool_masked_pos.shape)}; both mark positions of the same patch grid"
             )
+        if torch.compiler.is_compiling():
+            # The checks read values back to the host, which a compiled step must not do; the eager step checks.
+            return bool_masked_pos, bool_replaced_pos
         # One device synchronisation per step for both bounds and the overlap.
         low, high, overlap = host_scalars(*torch.aminmax(pixel_values), (bool_masked_pos & bool_replaced_pos).any())
         if low < -1e-3 or high > 1 + 1e-3:
@@ -132,6 +139,8 @@ class CcvitForMaskedImageModeling(Beitv2ForMaskedImageModeling):
         bool_replaced_pos: torch.BoolTensor | None = None,
         labels: torch.LongTensor | None = None,
         return_loss: bool = True,
+        num_masked: int | None = None,
+        num_replaced: int | None = None,
         **kwargs,
     ) -> CcvitMimOutput:
         r"""
@@ -145,7 +154,15 @@ class CcvitForMaskedImageModeling(Beitv2ForMaskedImageModeling):
             Centroid ids of all patches, if already computed; by default the tokenizer computes them.
         return_loss (`bool`, *optional*, defaults to `True`):
             Tells `Trainer` that this model computes its loss without a `labels` input.
+        num_masked (`int`, *optional*):
+            The number of patches that every image of the batch masks, when it is the same for all (see
+            [`BeitMimForMaskedImageModeling.forward`]); with `num_replaced` (0 without `bool_replaced_pos`), the
+            gathers of corrupted patches have static shapes and need no device synchronisation.
+        num_replaced (`int`, *optional*):
+            The number of patches that every image of the batch replaces, when it is the same for all.
         """
+        if bool_replaced_pos is None and num_replaced is None:
+            num_replaced = 0
         bool_masked_pos, bool_replaced_pos = self._check_inputs(pixel_values, bool_masked_pos, bool_replaced_pos)
         if labels is None:
             labels = self.get_targets(pixel_values)
@@ -155,6 +172,8 @@ class CcvitForMaskedImageModeling(Beitv2ForMaskedImageModeling):
                 f"{tuple(labels.shape)} (replacement needs the ids of the replaced patches)"
             )
         bool_corrupted_pos = bool_masked_pos | bool_replaced_pos
+        known = num_masked is not None and num_replaced is not None
+        index = masked_index(bool_corrupted_pos, num_masked + num_replaced if known else None)
         return_hidden_states = kwargs.pop("output_hidden_states", False)
         outputs = self.forward_features(
             self.corrupt(pixel_values, bool_replaced_pos, labels), bool_masked_pos, output_hidden_states=True, **kwargs
@@ -167,13 +186,13 @@ class CcvitForMaskedImageModeling(Beitv2ForMaskedImageModeling):
             self.shared_relative_position_bias(pixel_values),
             tuple(pixel_values.shape[2:]),
         )
-        logits = self.forward_head(hidden_states, bool_corrupted_pos)
-        pixel_predictions = self.forward_pixel_head(branch, bool_corrupted_pos)
+        logits = self.forward_head(hidden_states, bool_corrupted_pos, index)
+        pixel_predictions = self.forward_pixel_head(branch, bool_corrupted_pos, index)
 
-        corrupted_labels = labels[bool_corrupted_pos]
+        corrupted_labels = gather_masked(labels, bool_corrupted_pos, index)
         token_loss, accuracy = self.token_loss(logits, corrupted_labels)
         pixel_loss = nn.functional.mse_loss(
-            pixel_predictions.float(), self.get_pixel_targets(pixel_values, bool_corrupted_pos)
+            pixel_predictions.float(), self.get_pixel_targets(pixel_values, bool_corrupted_pos, index)
         )
         return CcvitMimOutput(
             loss=token_loss + pixel_loss,

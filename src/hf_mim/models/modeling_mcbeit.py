@@ -14,7 +14,15 @@ import torch.nn.functional as F
 
 from .beit_backbone import MimBeitModel
 from .configuration_mcbeit import McBeitConfig
-from .modeling_beit import BeitMimForMaskedImageModeling, BeitMimOutput, flatten_mask, target_precision
+from .modeling_beit import (
+    BeitMimForMaskedImageModeling,
+    BeitMimOutput,
+    flatten_mask,
+    gather_masked,
+    masked_first,
+    masked_index,
+    target_precision,
+)
 from .modeling_tokenizer import host_scalars
 
 
@@ -44,6 +52,7 @@ def soft_targets(
     similarity_weight: float = 0.2,
     detach_similarity_features: bool = False,
     bool_masked_pos: torch.BoolTensor | None = None,
+    index: torch.LongTensor | None = None,
 ) -> torch.Tensor:
     r"""mc-BEiT's multi-choice targets `Q = omega * W @ P + (1 - omega) * P` of every patch, in float32.
 
@@ -62,6 +71,9 @@ def soft_targets(
         bool_masked_pos (`torch.BoolTensor` of shape `(batch_size, num_patches)`, *optional*):
             Compute only the rows of these patches (the loss needs no others): equal to `soft_targets(...)[mask]`,
             but only their rows of `W` and `W @ P` are formed, which at BEiT-style mask ratios is most of the cost.
+        index (`torch.LongTensor` of shape `(batch_size, num_masked)`, *optional*):
+            [`masked_index`] of `bool_masked_pos`, when every image masks the same number of patches: the rows are
+            then chosen without reading the counts back to the host.
 
     Returns:
         `torch.FloatTensor` of shape `(batch_size, num_patches, vocab_size)` whose rows sum to 1, or
@@ -71,17 +83,21 @@ def soft_targets(
     with torch.autocast(device_type=tokenizer_logits.device.type, enabled=False):
         probs = (tokenizer_logits.float() / target_temperature).softmax(dim=-1)
         if similarity_weight == 0:
-            return probs if bool_masked_pos is None else probs[bool_masked_pos]
+            return probs if bool_masked_pos is None else gather_masked(probs, bool_masked_pos, index)
         features = patch_features.detach() if detach_similarity_features else patch_features
         features = F.normalize(features.float(), dim=-1)
         if bool_masked_pos is None:
             weights = (features @ features.transpose(1, 2) / similarity_temperature).softmax(dim=-1)
             return torch.baddbmm(probs, weights, probs, beta=1.0 - similarity_weight, alpha=similarity_weight)
-        # Each image's masked positions, in order, padded to the largest count (a stable sort puts them first).
-        counts = bool_masked_pos.sum(dim=1)
-        # One device synchronisation for the padded size and whether any image needs padding.
-        fewest, most = (int(count) for count in host_scalars(counts.min(), counts.max()))
-        rows = torch.argsort((~bool_masked_pos).byte(), dim=1, stable=True)[:, :most]
+        if index is None:
+            # Each image's masked positions, in order, padded to the largest count.
+            counts = bool_masked_pos.sum(dim=1)
+            # One device synchronisation for the padded size and whether any image needs padding.
+            fewest, most = (int(count) for count in host_scalars(counts.min(), counts.max()))
+            rows = masked_first(bool_masked_pos)[:, :most]
+        else:
+            rows = index
+            fewest = most = index.shape[1]
         query = torch.take_along_dim(features, rows[..., None], dim=1)
         weights = similarity_weight * (query @ features.transpose(1, 2) / similarity_temperature).softmax(dim=-1)
         # (1 - omega) * P_i enters the same product as weight on the patch's own row: no copy of P's masked rows.
@@ -121,6 +137,7 @@ class McBeitForMaskedImageModeling(BeitMimForMaskedImageModeling):
         tokenizer_pixel_values: torch.Tensor | None = None,
         tokenizer_logits: torch.Tensor | None = None,
         return_loss: bool = True,
+        num_masked: int | None = None,
         **kwargs,
     ) -> McBeitOutput:
         r"""
@@ -133,6 +150,9 @@ class McBeitForMaskedImageModeling(BeitMimForMaskedImageModeling):
             Precomputed code logits of every patch, row-major over the patch grid.
         return_loss (`bool`, *optional*, defaults to `True`):
             Tells `Trainer` that this model computes its loss without a `labels` input.
+        num_masked (`int`, *optional*):
+            The number of patches that every image of the batch masks, when it is the same for all (see
+            [`BeitMimForMaskedImageModeling.forward`]): static shapes, no device synchronisation.
         """
         if "labels" in kwargs:
             raise ValueError(
@@ -142,9 +162,10 @@ class McBeitForMaskedImageModeling(BeitMimForMaskedImageModeling):
         bool_masked_pos = flatten_mask(bool_masked_pos, self.num_patches)
         if tokenizer_logits is None and tokenizer_pixel_values is not None:
             tokenizer_logits = self.get_tokenizer_logits(tokenizer_pixel_values)
+        index = masked_index(bool_masked_pos, num_masked)
         outputs = self.forward_features(pixel_values, bool_masked_pos, **kwargs)
         hidden_states = outputs.last_hidden_state
-        logits = self.forward_head(hidden_states, bool_masked_pos)
+        logits = self.forward_head(hidden_states, bool_masked_pos, index)
 
         loss = labels = accuracy = targets = None
         if tokenizer_logits is not None:
@@ -164,9 +185,10 @@ class McBeitForMaskedImageModeling(BeitMimForMaskedImageModeling):
                 similarity_weight=self.config.similarity_weight,
                 detach_similarity_features=self.config.detach_similarity_features,
                 bool_masked_pos=bool_masked_pos,
+                index=index,
             )
             loss = F.cross_entropy(logits.float(), targets)
-            labels = tokenizer_logits.argmax(dim=-1)[bool_masked_pos]
+            labels = gather_masked(tokenizer_logits.argmax(dim=-1), bool_masked_pos, index)
             accuracy = (logits.detach().argmax(dim=-1) == labels).float().mean()
         return McBeitOutput(
             loss=loss,

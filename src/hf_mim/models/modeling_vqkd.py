@@ -147,10 +147,19 @@ class VqkdCodebook(nn.Module):
         self.register_buffer("cluster_size", torch.zeros(config.codebook_size))
         self.register_buffer("initted", torch.zeros(1))
         self.register_buffer("unused_steps", torch.zeros(config.codebook_size, dtype=torch.long))
+        # `initted` once read as 1: a frozen tokenizer then needs no device synchronisation per call to know it.
+        self._known_initialised = False
 
     @property
     def is_initialised(self) -> bool:
-        return bool(self.initted.item())
+        if not self._known_initialised:
+            self._known_initialised = bool(self.initted.item())
+        return self._known_initialised
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        # The loaded `initted` may be 0 (a codebook saved before its k-means): read it again.
+        self._known_initialised = False
 
     def cosine_similarity(self, features: torch.Tensor) -> torch.Tensor:
         """Cosine similarity `(..., codebook_size)` of each feature vector `(..., codebook_dim)` to every code."""
@@ -176,6 +185,7 @@ class VqkdCodebook(nn.Module):
         self.cluster_size.zero_()
         self.unused_steps.zero_()
         self.initted.fill_(1.0)
+        self._known_initialised = True
 
     @torch.no_grad()
     def update(self, vectors: torch.Tensor, indices: torch.LongTensor, counts: torch.Tensor) -> torch.Tensor:
@@ -257,6 +267,7 @@ class VqkdPreTrainedModel(MimTokenizerPreTrainedModel):
             if self.config.kmeans_init:
                 init.zeros_(module.weight)
                 init.zeros_(module.initted)
+                module._known_initialised = False
             else:
                 init.copy_(module.weight, F.normalize(torch.randn_like(module.weight), dim=-1))
                 init.ones_(module.initted)
@@ -299,6 +310,9 @@ class VqkdModel(VqkdPreTrainedModel):
 
     def check_pixel_range(self, pixel_values: torch.Tensor) -> None:
         """Refuse inputs outside [0, 1]: normalised or 0-255 pixels would give plausible but meaningless tokens."""
+        if torch.compiler.is_compiling():
+            # The check reads the pixel range back to the host, which a compiled step must not do; eager calls check.
+            return
         low, high = host_scalars(*pixel_values.aminmax())
         if low < -_PIXEL_RANGE_TOLERANCE:
             raise ValueError(
