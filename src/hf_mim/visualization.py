@@ -24,8 +24,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from transformers import AutoImageProcessor, AutoModel, AutoModelForMaskedImageModeling, HfArgumentParser
+from transformers import AutoImageProcessor, AutoModel, AutoModelForMaskedImageModeling
 
+from .arguments import command_parser
 from .data import TwoViewTransform, decode_image
 from .evaluation.codebook import codebook_metrics
 from .evaluation.export import normalizes_inside
@@ -385,14 +386,14 @@ def write_figures(
 class VisualizeArguments:
     output_dir: str = field(metadata={"help": "Where to write the PNG files"})
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "An hf_mim MIM checkpoint (e.g. the output_dir of run_mim.py)"}
+        default=None, metadata={"help": "An hf_mim MIM checkpoint (e.g. the output_dir of `hf-mim pretrain`)"}
     )
     images: list[str] = field(default_factory=list, metadata={"help": "Image files or folders of images"})
     max_images: int = field(default=8, metadata={"help": "Rows of the panel: the first images, in sorted order within folders"})
     tokenizer_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "The standalone tokenizer the model was pre-trained with (run_mim.py --tokenizer_name_or_path). "
+            "help": "The standalone tokenizer the model was pre-trained with (its --tokenizer_name_or_path). "
             "MIM checkpoints hold their tokenizer without its decoder; this one draws the decoded and predicted "
             "panels, which are left out without it"
         },
@@ -403,9 +404,11 @@ class VisualizeArguments:
     trainer_state: str | None = field(
         default=None, metadata={"help": "trainer_state.json to plot (default: <model>/trainer_state.json if present)"}
     )
-    masking: str = field(default="blockwise", metadata={"help": "blockwise (BEiT) or random, as in run_mim.py"})
-    cell_size: int = 160
-    seed: int = 0
+    masking: str = field(
+        default="blockwise", metadata={"help": "blockwise (BEiT) or random, as `hf-mim pretrain --masking`"}
+    )
+    cell_size: int = field(default=160, metadata={"help": "Side of each image of the panel, in pixels"})
+    seed: int = field(default=0, metadata={"help": "Seed of the masks"})
 
 
 def _image_files(paths: Sequence[str]) -> list[str]:
@@ -422,7 +425,28 @@ def main(argv=None) -> dict[str, str]:
     # Imported here: run_mim pulls in the training stack, which plotting functions do not need.
     from .training.run_mim import TOKENIZER_SUBFOLDER, DataArguments, build_mask_generator
 
-    (args,) = HfArgumentParser(VisualizeArguments).parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    parser = command_parser(
+        VisualizeArguments,
+        description="""
+        PNG figures for inspecting masked image modeling, drawn with PIL only:
+
+        - mim_panel.png (with --model_name_or_path and --images): per image, the ViT's view, the view with its
+          mask, the tokenizer's token map (a colour per code), the tokenizer's reconstruction of its own tokens, and
+          the reconstruction with the model's predicted tokens in the masked patches. The last two need a tokenizer
+          with a pixel decoder, passed as --tokenizer_name_or_path (a MIM checkpoint holds its tokenizer without it).
+        - codebook_usage.png: code frequencies over the panel's images, most to least used, with usage and
+          perplexity; figure_metrics.json: masked-token accuracy and codebook usage of those images.
+        - training_curves.png: loss and accuracy curves of --trainer_state (default: the checkpoint's).
+
+        examples:
+          hf-mim visualize --model_name_or_path ./beit --tokenizer_name_or_path ./my-dvae --images ./val \\
+              --output_dir ./figures
+
+          # Training curves only
+          hf-mim visualize --trainer_state ./beit/trainer_state.json --output_dir ./figures
+        """,
+    )
+    (args,) = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
     trainer_state = args.trainer_state
     if trainer_state is None and args.model_name_or_path is not None:
         candidate = os.path.join(args.model_name_or_path, "trainer_state.json")

@@ -34,21 +34,34 @@ class ImageDatasetArguments:
         default=None, metadata={"help": "The image column (default: 'image', else 'img', else the first Image column)"}
     )
     max_train_samples: int | None = field(
-        default=None,
-        metadata={"help": "Keep this many training images (a seeded random subset; with --streaming, the first "
-                  "this many), for quick runs"},
+        default=None, metadata={"help": "Keep this many training images (a seeded random subset), for quick runs"}
     )
     max_eval_samples: int | None = field(
-        default=None,
-        metadata={"help": "Keep this many validation images (a seeded random subset; with --streaming, the first "
-                  "this many), for quick runs"},
+        default=None, metadata={"help": "Keep this many validation images (a seeded random subset), for quick runs"}
     )
+
+
+def _with_help(name: str, help_text: str):
+    """`ImageDatasetArguments`'s field `name` (same default, same place among the options) with another help."""
+    base = ImageDatasetArguments.__dataclass_fields__[name]
+    return field(default=base.default, metadata={**base.metadata, "help": help_text})
 
 
 @dataclass
 class StreamingImageDatasetArguments(ImageDatasetArguments):
     """For scripts that can train from an `IterableDataset`."""
 
+    # Re-declared only for their help, which says what --streaming keeps (scripts without --streaming do not have it).
+    max_train_samples: int | None = _with_help(
+        "max_train_samples",
+        "Keep this many training images (a seeded random subset; with --streaming, the first this many), for quick "
+        "runs",
+    )
+    max_eval_samples: int | None = _with_help(
+        "max_eval_samples",
+        "Keep this many validation images (a seeded random subset; with --streaming, the first this many), for "
+        "quick runs",
+    )
     streaming: bool = field(
         default=False,
         metadata={"help": "Read the dataset while training instead of downloading it first (needs --max_steps)"},

@@ -43,9 +43,9 @@ from transformers import (
     BeitConfig,
     BeitImageProcessorPil,
     BeitModel,
-    HfArgumentParser,
 )
 
+from ..arguments import command_parser
 from ..models.image_processing_mim import MimImageProcessor
 
 POOLINGS = ("mean", "cls")
@@ -395,11 +395,31 @@ class ExportArguments:
     image_size: int | None = field(
         default=None, metadata={"help": "Export for another input size (e.g. 384): resizes the relative position bias"}
     )
-    token: str | None = None
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)"})
+
+
+def parse_args(argv=None) -> ExportArguments:
+    parser = command_parser(
+        ExportArguments,
+        description=[
+            __doc__,
+            """
+            examples:
+              # For fine-tuning with transformers: mean pooling, one relative position bias table per layer
+              hf-mim export --model_name_or_path ./beit --output_dir ./beit-transformers \\
+                  --per_layer_relative_position_bias
+
+              # BEiT v2's patch-aggregation [CLS] token, for fine-tuning at 384 px
+              hf-mim export --model_name_or_path ./beitv2 --output_dir ./beitv2-384 --pooling cls --image_size 384
+            """,
+        ],
+    )
+    (args,) = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    return args
 
 
 def main(argv=None) -> str:
-    (args,) = HfArgumentParser(ExportArguments).parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
     image_processor = AutoImageProcessor.from_pretrained(args.image_processor_name or args.model_name_or_path, token=args.token)
     model = load_pretrained_beit(args.model_name_or_path, token=args.token)
     export_to_transformers(

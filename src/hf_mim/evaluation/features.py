@@ -229,14 +229,31 @@ class FeatureArguments(LabelledImageDatasetArguments):
         metadata={"help": "Hidden-state indices to evaluate (0 = embeddings, -1 = last block); the best is reported"},
     )
     pooling: str = field(default="mean", metadata={"help": f"Token pooling: {', '.join(POOLINGS)}"})
-    batch_size: int = 64
-    num_workers: int = 0
-    feature_cache_dir: str | None = field(default=None, metadata={"help": "Cache extracted features here"})
+    batch_size: int = field(default=64, metadata={"help": "Images per batch of the feature extraction"})
+    num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes of the feature extraction"})
+    feature_cache_dir: str | None = field(
+        default=None, metadata={"help": "Cache extracted features here (reused by a later probe or k-NN run)"}
+    )
     output_dir: str | None = field(default=None, metadata={"help": "Write the results as JSON here"})
-    seed: int = 0
-    cache_dir: str | None = field(default=None, metadata={"help": "datasets / Hub cache"})
-    token: str | None = None
-    trust_remote_code: bool = False
+    seed: int = field(
+        default=0,
+        metadata={"help": "Seed of the --max_*_samples subsets and of --train_val_split (and of the linear probe's "
+                  "held-out part)"},
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Cache folder of Hub models and datasets"})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)"})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Let Hub models run their own code (not needed for hf_mim's models)"}
+    )
+
+
+# `--help` groups of the commands that parse `FeatureArguments` (`command_parser`), before their own options.
+FEATURE_ARGUMENT_GROUPS = [
+    ("model", ["model_name_or_path", "image_processor_name", "cache_dir", "token", "trust_remote_code"]),
+    ("data", [LabelledImageDatasetArguments]),
+    ("features and results", ["layers", "pooling", "batch_size", "num_workers", "feature_cache_dir", "output_dir",
+                              "seed"]),
+]
 
 
 def load_features(args: FeatureArguments) -> tuple[FeatureSet, FeatureSet]:
@@ -278,6 +295,7 @@ def write_results(args: FeatureArguments, name: str, results: dict) -> None:
 
 
 __all__ = [
+    "FEATURE_ARGUMENT_GROUPS",
     "POOLINGS",
     "FeatureArguments",
     "FeatureSet",

@@ -11,10 +11,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import HfArgumentParser
-
+from ..arguments import command_parser
 from ..errors import UsageError
-from .features import FeatureArguments, load_features, write_results
+from .features import FEATURE_ARGUMENT_GROUPS, FeatureArguments, load_features, write_results
 
 
 @dataclass
@@ -91,8 +90,11 @@ def knn_classify(
 
 @dataclass
 class KnnArguments:
-    ks: list[int] = field(default_factory=lambda: [10, 20, 100, 200], metadata={"help": "Numbers of neighbours"})
-    temperature: float = field(default=0.07, metadata={"help": "Vote weight exp(cosine / temperature) (DINO: 0.07)"})
+    ks: list[int] = field(
+        default_factory=lambda: [10, 20, 100, 200],
+        metadata={"help": "Numbers of neighbours, each scored (the one nearest to 20 picks the best layer)"},
+    )
+    temperature: float = field(default=0.07, metadata={"help": "Votes weigh exp(cosine / temperature), as in DINO"})
 
 
 def run_knn(train, evaluation, knn_args: KnnArguments) -> dict:
@@ -112,10 +114,28 @@ def run_knn(train, evaluation, knn_args: KnnArguments) -> dict:
     return {"layers": per_layer, "best_layer": best_layer, "reference_k": reference_k, "accuracy": per_layer[best_layer][reference_k]}
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    feature_args, knn_args = HfArgumentParser((FeatureArguments, KnnArguments)).parse_args_into_dataclasses(
-        args=sys.argv[1:] if argv is None else argv
+def parse_args(argv: Sequence[str] | None = None) -> tuple[FeatureArguments, KnnArguments]:
+    parser = command_parser(
+        (FeatureArguments, KnnArguments),
+        description=[
+            __doc__,
+            """
+            Features come from each of --layers of a frozen encoder (cached with --feature_cache_dir); every layer is
+            scored and the best is reported. The data needs train and validation splits with class labels.
+
+            examples:
+              # Layers 6, 9 and 12, [CLS] and mean of patch tokens concatenated, reusing a probe run's cached features
+              hf-mim knn --model_name_or_path ./beit --train_dir ./train --validation_dir ./val \\
+                  --layers 6 9 12 --pooling cls+mean --feature_cache_dir ./features --output_dir ./eval
+            """,
+        ],
+        groups=[*FEATURE_ARGUMENT_GROUPS, ("k-NN", [KnnArguments])],
     )
+    return parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    feature_args, knn_args = parse_args(argv)
     train, evaluation = load_features(feature_args)
     results = run_knn(train, evaluation, knn_args)
     results.update(pooling=feature_args.pooling, temperature=knn_args.temperature, num_train=len(train.labels), num_eval=len(evaluation.labels))

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from transformers import HfArgumentParser
-
-from .features import FeatureArguments, load_features, write_results
+from ..arguments import command_parser
+from .features import FEATURE_ARGUMENT_GROUPS, FeatureArguments, load_features, write_results
 
 OPTIMIZERS = ("lbfgs", "adamw")
 
@@ -196,8 +195,13 @@ def linear_probe(
 @dataclass
 class LinearProbeArguments:
     optimizer: str = field(default="lbfgs", metadata={"help": f"Probe optimiser: {', '.join(OPTIMIZERS)}"})
-    weight_decays: list[float] = field(default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2, 1e-1])
-    learning_rates: list[float] = field(default_factory=lambda: [1e-3, 1e-2], metadata={"help": "AdamW only"})
+    weight_decays: list[float] = field(
+        default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
+        metadata={"help": "Weight decays to try; the best on the held-out part is refitted on all of train"},
+    )
+    learning_rates: list[float] = field(
+        default_factory=lambda: [1e-3, 1e-2], metadata={"help": "Learning rates to try (--optimizer adamw only)"}
+    )
     holdout_fraction: float = field(default=0.2, metadata={"help": "Part of train held out to pick the setting"})
     max_iter: int = field(default=100, metadata={"help": "L-BFGS iterations"})
     epochs: int = field(default=50, metadata={"help": "AdamW epochs"})
@@ -232,10 +236,28 @@ def run_linear_probe(train, evaluation, probe_args: LinearProbeArguments, seed: 
     return {"layers": per_layer, "best_layer": best_layer, "accuracy": per_layer[best_layer]["accuracy"]}
 
 
-def main(argv: Sequence[str] | None = None) -> dict:
-    feature_args, probe_args = HfArgumentParser((FeatureArguments, LinearProbeArguments)).parse_args_into_dataclasses(
-        args=sys.argv[1:] if argv is None else argv
+def parse_args(argv: Sequence[str] | None = None) -> tuple[FeatureArguments, LinearProbeArguments]:
+    parser = command_parser(
+        (FeatureArguments, LinearProbeArguments),
+        description=[
+            __doc__,
+            """
+            Features come from each of --layers of a frozen encoder (cached with --feature_cache_dir); every layer is
+            probed and the best is reported. The data needs train and validation splits with class labels.
+
+            examples:
+              # Layers 6, 9 and 12, [CLS] and mean of patch tokens concatenated; results in ./eval
+              hf-mim probe --model_name_or_path ./beit --train_dir ./train --validation_dir ./val \\
+                  --layers 6 9 12 --pooling cls+mean --feature_cache_dir ./features --output_dir ./eval
+            """,
+        ],
+        groups=[*FEATURE_ARGUMENT_GROUPS, ("linear probe", [LinearProbeArguments])],
     )
+    return parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    feature_args, probe_args = parse_args(argv)
     train, evaluation = load_features(feature_args)
     results = run_linear_probe(train, evaluation, probe_args, feature_args.seed)
     results.update(pooling=feature_args.pooling, num_train=len(train.labels), num_eval=len(evaluation.labels))

@@ -60,21 +60,20 @@ class KmeansFitArguments:
     """Command-line options of a k-means fit, shared by `train_tokenizer.py --tokenizer_type kmeans` and
     `run_mim.py --fit_tokenizer`."""
 
-    kmeans_iterations: int = field(default=20, metadata={"help": "k-means: Lloyd iterations (CCViT: 20)."})
-    kmeans_init: str = field(
-        default="random", metadata={"help": "k-means: initial centroids.", "choices": list(INIT_METHODS)}
-    )
+    kmeans_iterations: int = field(default=20, metadata={"help": "Lloyd iterations (CCViT: 20)."})
+    kmeans_init: str = field(default="random", metadata={"help": "Initial centroids.", "choices": list(INIT_METHODS)})
     kmeans_patches_per_image: int | None = field(
-        default=None, metadata={"help": "k-means: patches sampled per image (default: all, as CCViT)."}
+        default=None, metadata={"help": "Patches sampled per image (default: all, as CCViT)."}
     )
     kmeans_max_images: int | None = field(
-        default=None, metadata={"help": "k-means: fit on this many training images (CCViT: 50 per class, 50,000)."}
+        default=None,
+        metadata={"help": "Fit on this many training images (default: all; CCViT: 50 per class, 50,000)."},
     )
     kmeans_backend: str = field(
-        default="torch", metadata={"help": "k-means: 'torch' (any device, multi-process) or 'faiss' (one process).",
-                                   "choices": list(BACKENDS)}
+        default="torch",
+        metadata={"help": "'torch' (any device, multi-process) or 'faiss' (one process).", "choices": list(BACKENDS)},
     )
-    kmeans_batch_size: int = field(default=64, metadata={"help": "k-means: images per data-loading batch."})
+    kmeans_batch_size: int = field(default=64, metadata={"help": "Images per data-loading batch."})
 
 
 # ----------------------------------------------------------------------------------------------------------------

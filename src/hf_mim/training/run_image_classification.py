@@ -13,8 +13,9 @@ from dataclasses import dataclass, field
 
 import torch
 from datasets import ClassLabel
-from transformers import AutoImageProcessor, BeitForImageClassification, HfArgumentParser, set_seed
+from transformers import AutoImageProcessor, BeitForImageClassification, set_seed
 
+from ..arguments import command_parser
 from ..data import (
     LabelledImageDatasetArguments,
     MimDataCollator,
@@ -57,18 +58,23 @@ class ModelArguments:
         metadata={"help": "Fine-tune at another resolution (e.g. 384 after 224 pre-training): the relative position "
                   "bias tables and the image processor are resized (default: the pre-training size)"},
     )
-    cache_dir: str | None = None
-    model_revision: str = "main"
-    token: str | None = None
-    trust_remote_code: bool = False
+    cache_dir: str | None = field(default=None, metadata={"help": "Cache folder of Hub models and datasets"})
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of Hub models"})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)"})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Let Hub models run their own code (not needed for hf_mim's models)"}
+    )
 
 
 @dataclass
 class DataArguments(LabelledImageDatasetArguments):
-    crop_min_scale: float = field(default=0.08, metadata={"help": "Random-resized-crop minimum area"})
+    crop_min_scale: float = field(
+        default=0.08, metadata={"help": "Random-resized-crop minimum area, a fraction of the image"}
+    )
     color_jitter: float | None = field(
-        default=None, metadata={"help": "Colour jitter strength (default 0.4, or 0 with --rand_augment: timm and BEiT's "
-                                "recipe apply no jitter on top of RandAugment)"},
+        default=None,
+        metadata={"help": "Colour jitter strength (default: 0 under RandAugment, as in timm and BEiT's recipe; 0.4 "
+                  "with --rand_augment '')"},
     )
     rand_augment: str = field(
         default="rand-m9-mstd0.5-inc1", metadata={"help": "timm RandAugment config of the training view (BEiT recipe); '' disables"}
@@ -80,13 +86,17 @@ class DataArguments(LabelledImageDatasetArguments):
     cutmix: float = field(default=0.0, metadata={"help": "CutMix alpha (BEiT recipes: 1.0); 0 disables"})
     mixup_prob: float = field(default=1.0, metadata={"help": "Probability of mixing a batch"})
     mixup_switch_prob: float = field(default=0.5, metadata={"help": "Probability of CutMix instead of Mixup when both are on"})
-    label_smoothing: float = 0.1
+    label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the cross-entropy; 0 disables"})
 
 
 @dataclass
 class ClassificationTrainingArguments(HfMimTrainingArguments):
     # The label column is renamed to `labels`; the transform already drops every other column.
-    remove_unused_columns: bool = False
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Drop the dataset columns that the model's forward does not take (off: the image column "
+                  "is transformed when read)"},
+    )
 
 
 def classification_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
@@ -170,7 +180,33 @@ def build_classifier(source, model_args: ModelArguments, class_names: list[str])
 
 
 def parse_args(argv=None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, ClassificationTrainingArguments))
+    parser = command_parser(
+        (ModelArguments, DataArguments, ClassificationTrainingArguments),
+        description="""
+        Fine-tune a pretrained encoder for image classification with BEiT's recipe (unilm run_class_finetuning.py)
+        on the transformers Trainer: the encoder becomes a stock transformers BeitForImageClassification (mean
+        pooling with fc_norm, per-layer relative position bias tables copied from the shared pre-training table),
+        trained with layer-wise learning-rate decay, drop path, label smoothing, RandAugment, random erasing and
+        optional Mixup/CutMix. Accuracy comes from hf_mim's `evaluate` module. --output_dir receives plain
+        transformers BEiT files (model and image processor).
+
+        examples:
+          # BEiT-B recipe (lr 4e-3 at batch 1024, 100 epochs, layer decay 0.65), scaled to batch 64
+          hf-mim finetune --model_name_or_path ./beit --train_dir ./train --validation_dir ./val \\
+              --output_dir ./beit-finetuned --do_train --do_eval --num_train_epochs 100 \\
+              --per_device_train_batch_size 64 --learning_rate 2.5e-4 --weight_decay 0.05 --warmup_steps 0.2 \\
+              --lr_scheduler_type cosine --mixup 0.8 --cutmix 1.0 --eval_strategy epoch --save_strategy epoch
+
+          # Several GPUs
+          accelerate launch --multi_gpu --num_processes 8 -m hf_mim finetune ... --bf16
+        """,
+        groups=[
+            ("model", [ModelArguments]),
+            ("data", [LabelledImageDatasetArguments]),
+            ("augmentation and regularisation", [DataArguments]),
+        ],
+        json_file=True,
+    )
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(argv[0]))

@@ -15,9 +15,10 @@ import datasets
 import torch
 import transformers
 from safetensors import safe_open
-from transformers import AutoImageProcessor, AutoModel, HfArgumentParser, TrainingArguments, set_seed
+from transformers import AutoImageProcessor, AutoModel, TrainingArguments, set_seed
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..arguments import command_parser
 from ..data import (
     BlockwiseMaskingGenerator,
     MimDataCollator,
@@ -91,20 +92,32 @@ TOKENIZER_SUBFOLDER = "tokenizer"
 class ModelArguments(KmeansFitArguments):
     model_type: str = field(default="beit", metadata={"help": f"MIM method: {', '.join(MIM_MODELS)}"})
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "An hf_mim MIM checkpoint to continue pre-training from"}
+        default=None,
+        metadata={"help": "An hf_mim MIM checkpoint (folder or Hub id) to continue pre-training from, with its "
+                  "tokenizer; unset: a new ViT of --model_size"},
     )
     tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "The hf_mim tokenizer (dVAE, ...) folder or Hub id that supplies the targets"}
+        default=None,
+        metadata={"help": "The hf_mim tokenizer (dVAE, VQ-KD, VQGAN, k-means; folder or Hub id) whose tokens are the "
+                  "targets; `hf-mim train-tokenizer` trains one"},
     )
     model_size: str = field(default="base", metadata={"help": f"ViT size when training from scratch: {', '.join(MODEL_SIZES)}"})
-    image_size: int | None = field(default=None, metadata={"help": "ViT input size (default 224)"})
-    patch_size: int | None = field(default=None, metadata={"help": "ViT patch size (default 16)"})
+    image_size: int | None = field(
+        default=None, metadata={"help": "ViT input size when training from scratch (default 224)"}
+    )
+    patch_size: int | None = field(
+        default=None, metadata={"help": "ViT patch size when training from scratch (default 16)"}
+    )
     config_overrides: str | None = field(
         default=None,
         metadata={"help": "Config overrides when training from scratch, e.g. 'drop_path_rate=0.0,layer_scale_init_value=0.1' "
                   "(vocab_size is the tokenizer's codebook size)"},
     )
-    image_processor_name: str | None = field(default=None, metadata={"help": "Image processor of the ViT view"})
+    image_processor_name: str | None = field(
+        default=None,
+        metadata={"help": "Image processor of the ViT's view (default: the checkpoint's, or one for the new ViT's "
+                  "image size)"},
+    )
     fit_tokenizer: bool = field(
         default=False,
         metadata={"help": "Fit a k-means tokenizer (CCViT's centroids of the ViT's patches) on the training images "
@@ -113,42 +126,66 @@ class ModelArguments(KmeansFitArguments):
     fit_codebook_size: int = field(
         default=8192, metadata={"help": "--fit_tokenizer: number of centroids, the MIM vocabulary size (CCViT: 8192)"}
     )
-    cache_dir: str | None = None
-    model_revision: str = "main"
-    token: str | None = None
-    trust_remote_code: bool = False
+    cache_dir: str | None = field(default=None, metadata={"help": "Cache folder of Hub models and datasets"})
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of Hub models"})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)"})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Let Hub models run their own code (not needed for hf_mim's models)"}
+    )
 
 
 @dataclass
 class DataArguments(StreamingImageDatasetArguments):
-    crop_min_scale: float = field(default=0.08, metadata={"help": "Random-resized-crop minimum area (BEiT v2 recipe: 0.2)"})
-    color_jitter: float | None = field(default=None, metadata={"help": "Colour jitter strength (default 0.4; mcbeit: 0)"})
+    crop_min_scale: float = field(
+        default=0.08,
+        metadata={"help": "Random-resized-crop minimum area, a fraction of the image (BEiT v2 recipe: 0.2)"},
+    )
+    color_jitter: float | None = field(
+        default=None, metadata={"help": "Colour jitter strength (default 0.4; mcbeit, ccvit: 0)"}
+    )
     masking: str | None = field(
-        default=None, metadata={"help": "blockwise (default) or random (default for --model_type mcbeit)"}
+        default=None, metadata={"help": "blockwise (BEiT's blocks) or random (default blockwise; mcbeit: random)"}
     )
     num_mask_patches: int | None = field(
-        default=None, metadata={"help": "Patches masked per image (75 of 196, scaled to the patch grid by default)"}
+        default=None,
+        metadata={"help": "Patches masked per image by blockwise masking (default 75 of 196, scaled to the patch "
+                  "grid)"},
     )
-    min_mask_patches_per_block: int | None = field(default=None, metadata={"help": "Smallest block (16 of 196, scaled)"})
-    max_mask_patches_per_block: int | None = None
+    min_mask_patches_per_block: int | None = field(
+        default=None, metadata={"help": "Smallest masked block (default 16 of 196, scaled)"}
+    )
+    max_mask_patches_per_block: int | None = field(
+        default=None, metadata={"help": "Largest masked block (default: --num_mask_patches)"}
+    )
     exact_mask_count: bool = field(
-        default=True, metadata={"help": "Mask exactly num_mask_patches (BEiT v2); False: at most (BEiT v1)"}
+        default=True, metadata={"help": "Mask exactly --num_mask_patches (BEiT v2); false: at most (BEiT v1)"}
     )
     num_replaced_patches: int | None = field(
-        default=None, metadata={"help": "CCViT: visible patches replaced by their centroid (20 of 196, scaled)"}
+        default=None, metadata={"help": "CCViT: visible patches replaced by their centroid (default 20 of 196, scaled)"}
     )
     mask_ratio: float | None = field(
-        default=None, metadata={"help": "Masked fraction for --masking random (default 0.4; mcbeit: 0.75)"}
+        default=None, metadata={"help": "Masked fraction of --masking random (default 0.4; mcbeit: 0.75)"}
     )
 
 
 @dataclass
 class MimTrainingArguments(HfMimTrainingArguments):
     # MIM batches carry more than `labels`, and eval logits (masked tokens x vocabulary) are not needed for metrics.
-    remove_unused_columns: bool = False
-    prediction_loss_only: bool = True
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Drop the dataset columns that the model's forward does not take (off: the image column "
+                  "is transformed when read)"},
+    )
+    prediction_loss_only: bool = field(
+        default=True,
+        metadata={"help": "Evaluate the loss only, without gathering the logits (masked tokens x vocabulary)"},
+    )
     # Targets come from the tokenizer inside the model: with no label names, evaluation still computes the loss.
-    label_names: list[str] = field(default_factory=list)
+    label_names: list[str] = field(
+        default_factory=list,
+        metadata={"help": "The batch keys that hold labels (none: the targets come from the tokenizer inside the "
+                  "model)"},
+    )
 
 
 def resolve_data_defaults(data_args: DataArguments, model_type: str = "beit") -> DataArguments:
@@ -344,7 +381,39 @@ def fit_tokenizer(model_args: ModelArguments, dataset, image_column: str, traini
 
 
 def parse_args(argv=None):
-    parser = HfArgumentParser((ModelArguments, DataArguments, MimTrainingArguments))
+    parser = command_parser(
+        (ModelArguments, DataArguments, MimTrainingArguments),
+        description="""
+        Masked image modeling pre-training (BEiT, BEiT v2, mc-BEiT, CCViT) with the transformers Trainer: a ViT
+        learns to predict, for each masked patch, the token that a visual tokenizer gives it. The tokenizer is a
+        saved one (--tokenizer_name_or_path; `hf-mim train-tokenizer` trains one, `hf-mim convert-*` converts a
+        released one) or k-means centroids fitted on the training images first (--fit_tokenizer, CCViT). Masking and
+        augmentation defaults follow --model_type. One or many processes, CPU or GPU, bf16/fp16, gradient
+        accumulation and resumption come from Trainer (its options are listed last). --output_dir receives the
+        checkpoint (which holds its tokenizer) and a model card.
+
+        examples:
+          # BEiT (ViT-Tiny) on a folder of images, with a dVAE tokenizer
+          hf-mim pretrain --model_type beit --tokenizer_name_or_path ./my-dvae --train_dir ./images \\
+              --output_dir ./beit --do_train --model_size tiny --max_steps 1000
+
+          # CCViT: fit 8192 k-means centroids of the training images' patches, then pre-train with them
+          hf-mim pretrain --model_type ccvit --fit_tokenizer --kmeans_max_images 50000 --train_dir ./images \\
+              --output_dir ./ccvit --do_train --num_train_epochs 300 --bf16
+
+          # 8 GPUs of one machine (on a CPU machine: --use_cpu instead of --bf16)
+          accelerate launch --multi_gpu --num_processes 8 -m hf_mim pretrain ... --bf16
+        """,
+        groups=[
+            ("model", [ModelArguments]),
+            ("tokenizer", ["tokenizer_name_or_path", "fit_tokenizer", "fit_codebook_size"]),
+            ("k-means fit (--fit_tokenizer)", [KmeansFitArguments]),
+            ("data", [StreamingImageDatasetArguments]),
+            ("augmentation", ["crop_min_scale", "color_jitter"]),
+            ("masking", [DataArguments]),
+        ],
+        json_file=True,
+    )
     argv = sys.argv[1:] if argv is None else argv
     if len(argv) == 1 and argv[0].endswith(".json"):
         return parser.parse_json_file(json_file=os.path.abspath(argv[0]))

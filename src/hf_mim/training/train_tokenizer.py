@@ -16,8 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from transformers import HfArgumentParser, set_seed
+from transformers import set_seed
 
+from ..arguments import command_parser
 from ..data import (
     MimDataCollator,
     SkippedImageCounter,
@@ -77,7 +78,9 @@ class TokenizerArguments(KmeansFitArguments):
         default="dvae", metadata={"help": "Which tokenizer to train.", "choices": list(TOKENIZER_FAMILIES)}
     )
     tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "A saved tokenizer (folder or Hub id) to continue training from."}
+        default=None,
+        metadata={"help": "A saved tokenizer of --tokenizer_type (folder or Hub id) to continue training from; "
+                  "unset: a new one."},
     )
     config_overrides: str | None = field(
         default=None,
@@ -85,35 +88,32 @@ class TokenizerArguments(KmeansFitArguments):
                   "--tokenizer_name_or_path, only those that keep the weights' shapes, and the saved image processor "
                   "is rebuilt from the changed config when they change the view (image_size)."},
     )
-    gumbel_temperature_start: float = field(default=1.0, metadata={"help": "dVAE: initial Gumbel temperature."})
-    gumbel_temperature_end: float = field(default=1 / 16, metadata={"help": "dVAE: final Gumbel temperature."})
+    gumbel_temperature_start: float = field(default=1.0, metadata={"help": "Initial Gumbel temperature."})
+    gumbel_temperature_end: float = field(default=1 / 16, metadata={"help": "Final Gumbel temperature."})
     gumbel_temperature_schedule: str = field(
-        default="cosine",
-        metadata={"help": "dVAE: temperature annealing curve.", "choices": list(TEMPERATURE_SCHEDULES)},
+        default="cosine", metadata={"help": "Temperature annealing curve.", "choices": list(TEMPERATURE_SCHEDULES)}
     )
     gumbel_anneal_fraction: float = field(
-        default=1.0, metadata={"help": "dVAE: fraction of the steps over which the temperature is annealed."}
+        default=1.0, metadata={"help": "Fraction of the steps over which the temperature is annealed."}
     )
-    kl_weight: float = field(
-        default=1e-3, metadata={"help": "dVAE: final weight of the KL term to the uniform prior."}
-    )
+    kl_weight: float = field(default=1e-3, metadata={"help": "Final weight of the KL term to the uniform prior."})
     kl_warmup_fraction: float = field(
-        default=0.1, metadata={"help": "dVAE: fraction of the steps over which the KL weight ramps up from 0."}
+        default=0.1, metadata={"help": "Fraction of the steps over which the KL weight ramps up from 0."}
     )
     teacher_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "VQ-KD: the vision model to distil (folder or Hub id), e.g. openai/clip-vit-base-patch16."},
+        metadata={"help": "The vision model to distil (folder or Hub id), e.g. openai/clip-vit-base-patch16."},
     )
     teacher_feature_layer: int | None = field(
         default=None,
-        metadata={"help": "VQ-KD: index into the teacher's hidden_states; default its final features (CLIP: "
-                  "final LayerNorm + visual projection)."},
+        metadata={"help": "Index into the teacher's hidden_states (default: its final features; CLIP: final "
+                  "LayerNorm + visual projection)."},
     )
 
 
 @dataclass
 class DataArguments(StreamingImageDatasetArguments):
-    cache_dir: str | None = field(default=None, metadata={"help": "datasets cache directory."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Cache folder of Hub datasets."})
     crop_min_scale: float = field(
         default=0.08, metadata={"help": "Smallest random crop, as a fraction of the image area."}
     )
@@ -175,20 +175,61 @@ def load_tokenizer(tokenizer_args: TokenizerArguments):
     return model, image_processor
 
 
+def parse_args(argv: list[str] | None = None):
+    """(TokenizerArguments, DataArguments, MimTrainingArguments) of `argv` (default `sys.argv[1:]`; a single `.json`
+    path is read as a file)."""
+    # MimTrainingArguments: TrainingArguments plus hf_mim's, keeping the raw image column (transformed on access) and
+    # evaluating the loss only.
+    parser = command_parser(
+        (TokenizerArguments, DataArguments, MimTrainingArguments),
+        description="""
+        Train a visual tokenizer, whose codes are the targets of `hf-mim pretrain`: a dVAE (BEiT; Gumbel-softmax
+        codes, trained to reconstruct the image) or a VQ-KD tokenizer (BEiT v2; codes trained to reconstruct a frozen
+        teacher's features) with the transformers Trainer, or fit a k-means one (CCViT; centroids of raw patches,
+        Lloyd's algorithm). Works under `accelerate launch` with any number of processes. --output_dir receives the
+        model, its config and code, and the tokenizer's image processor: `AutoModel.from_pretrained(output_dir)`
+        returns it (with hf_mim installed, or trust_remote_code=True without).
+
+        examples:
+          # dVAE with 1024 codes
+          hf-mim train-tokenizer --tokenizer_type dvae --train_dir ./images --output_dir ./my-dvae --do_train \\
+              --max_steps 20000 --per_device_train_batch_size 64 --learning_rate 1e-3 \\
+              --config_overrides codebook_size=1024
+
+          # VQ-KD distilling CLIP
+          hf-mim train-tokenizer --tokenizer_type vqkd --teacher_name_or_path openai/clip-vit-base-patch16 \\
+              --train_dir ./images --output_dir ./my-vqkd --do_train --num_train_epochs 100 --bf16
+
+          # k-means: 8192 centroids of 16x16 patches of 50,000 images, 20 Lloyd iterations
+          hf-mim train-tokenizer --tokenizer_type kmeans --train_dir ./images --output_dir ./ccvit-kmeans \\
+              --do_train --kmeans_max_images 50000 --kmeans_iterations 20
+        """,
+        groups=[
+            ("tokenizer", [TokenizerArguments]),
+            ("dVAE (--tokenizer_type dvae)", [
+                "gumbel_temperature_start", "gumbel_temperature_end", "gumbel_temperature_schedule",
+                "gumbel_anneal_fraction", "kl_weight", "kl_warmup_fraction",
+            ]),
+            ("VQ-KD (--tokenizer_type vqkd)", ["teacher_name_or_path", "teacher_feature_layer"]),
+            ("k-means fit (--tokenizer_type kmeans)", [KmeansFitArguments]),
+            ("data", [StreamingImageDatasetArguments]),
+            ("augmentation", ["crop_min_scale", "color_jitter"]),
+        ],
+        json_file=True,
+    )  # fmt: skip
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return parser.parse_json_file(os.path.abspath(argv[0]))
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
 def main(argv: list[str] | None = None, callbacks=None) -> dict[str, float]:
     """Parse the arguments (`argv`, default `sys.argv[1:]`; a single `.json` path is read as a file), train, save.
     `callbacks` are extra `TrainerCallback`s of a gradient-trained tokenizer (k-means fits have no Trainer).
 
     Returns the training metrics (and `eval_*` metrics with `--do_eval` and a validation split).
     """
-    # MimTrainingArguments: TrainingArguments plus --overwrite_output_dir, keeping the raw image column
-    # (transformed on access) and evaluating the loss only.
-    parser = HfArgumentParser((TokenizerArguments, DataArguments, MimTrainingArguments))
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        tokenizer_args, data_args, training_args = parser.parse_json_file(os.path.abspath(argv[0]))
-    else:
-        tokenizer_args, data_args, training_args = parser.parse_args_into_dataclasses(args=argv)
+    tokenizer_args, data_args, training_args = parse_args(argv)
     require_action(training_args)
     setup_logging(training_args)
     set_seed(training_args.seed)

@@ -1,0 +1,203 @@
+"""The parsers of the hf_mim commands: transformers' `HfArgumentParser` with a description and usage examples, a
+one-line usage, and the options in named groups, hf_mim's own first and transformers' `TrainingArguments` last.
+
+    parser = command_parser(
+        (ModelArguments, DataArguments, MimTrainingArguments),
+        description=DESCRIPTION,
+        groups=[("model", [ModelArguments]), ("data", [ImageDatasetArguments]), ("masking", ["masking", ...])],
+    )
+
+Only `--help` (and the usage line of a flag error) changes: the options, their types, defaults and dataclasses are
+`HfArgumentParser`'s, so every command parses exactly what it parsed before.
+
+An option goes to the group that names its field, else to the group of a dataclass that declares or inherits the
+field (`CommandArgumentParser.group_title`). A field declared by `TrainingArguments` goes to "transformers
+TrainingArguments", one declared (or re-declared with another default) by an hf_mim subclass of it to "hf_mim
+training"; those two groups come after the command's own, in that order.
+"""
+
+import argparse
+import dataclasses
+import inspect
+from collections.abc import Iterable, Sequence
+from typing import get_type_hints
+
+from transformers import HfArgumentParser, TrainingArguments
+from transformers.hf_argparser import string_to_bool
+
+HF_MIM_TRAINING_GROUP = "hf_mim training"
+TRANSFORMERS_TRAINING_GROUP = "transformers TrainingArguments"
+
+BOOLEAN_NOTE = (
+    "A boolean option [true|false] takes an optional value: `--flag` and `--flag true` set it, `--flag false`\n"
+    "clears it (as does `--no_flag`, for one that defaults to true)."
+)
+JSON_NOTE = "Instead of options, a single JSON file of {option: value} may be given: %(prog)s args.json"
+BOOLEAN_METAVAR = "true|false"
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """`--help` of the hf_mim commands.
+
+    - The description and epilog are printed as written, so usage examples keep their lines.
+    - An option's default follows its help as `(default: X)`, except when it is None (unset: the help says what
+      happens then) or the option already shows it (`%(default)s`), and for `--no_*` switches.
+    - An option and its alias share one metavar: `--model_type, --model-type MODEL_TYPE`.
+    """
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if (
+            "%(default)" in help_text
+            or not action.option_strings
+            or action.default is None
+            or action.default is argparse.SUPPRESS
+            or isinstance(action, (argparse._StoreFalseAction, argparse._StoreTrueAction))
+        ):
+            return help_text
+        return f"{help_text} (default: %(default)s)"
+
+    def _format_action_invocation(self, action: argparse.Action) -> str:
+        if not action.option_strings or action.nargs == 0:
+            return super()._format_action_invocation(action)
+        metavar = self._format_args(action, self._get_default_metavar_for_optional(action))
+        return f"{', '.join(action.option_strings)} {metavar}"
+
+
+def _declaring_class(dtype: type, name: str) -> type:
+    """The class of `dtype`'s MRO whose own annotations declare the field `name` (the last to re-declare it)."""
+    for cls in dtype.__mro__:
+        if name in inspect.get_annotations(cls):
+            return cls
+    return dtype
+
+
+class CommandArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` whose options are shown in named groups, in the order of `groups`, then hf_mim's training
+    options, then transformers' `TrainingArguments`.
+
+    Args:
+        dataclass_types: As for `HfArgumentParser`; parsing is unchanged.
+        groups: `(title, selectors)` pairs in the order `--help` shows them; a selector is a field name, or a
+            dataclass: the fields it declares or inherits, unless a class closer to a field's declaration (or the
+            field's name) is selected too.
+        kwargs: Passed to `argparse.ArgumentParser` (description, epilog, usage, ...).
+    """
+
+    def __init__(self, dataclass_types, groups: Sequence[tuple[str, Iterable[type | str]]] = (), **kwargs):
+        titles = [title for title, _ in groups]
+        titles += [title for title in (HF_MIM_TRAINING_GROUP, TRANSFORMERS_TRAINING_GROUP) if title not in titles]
+        self._group_rank = {title: rank for rank, title in enumerate(titles)}
+        self._field_groups: dict[str, str] = {}
+        self._class_groups: dict[type, str] = {}
+        for title, selectors in groups:
+            for selector in selectors:
+                if isinstance(selector, str):
+                    self._field_groups[selector] = title
+                else:
+                    self._class_groups[selector] = title
+        self._groups_by_title: dict[str, argparse._ArgumentGroup] = {}
+        self._action_order: dict[argparse.Action, tuple] = {}
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(dataclass_types, **kwargs)
+        # -h first, then the groups in their order (argparse shows `_action_groups` in list order).
+        named = sorted(self._groups_by_title.values(), key=lambda group: self._group_rank.get(group.title, len(titles)))
+        self._action_groups = [self._positionals, self._optionals, *named]
+        # Within a group, options in the order of their declarations, base classes first: a field re-declared by a
+        # subclass (another default) stays at its base class's place in the dataclass, after the subclass's new ones.
+        for group in named:
+            group._group_actions.sort(key=lambda action: self._action_order[action])
+        if self.usage is None:
+            required = [
+                f"{action.option_strings[0]} {self._get_formatter()._format_args(action, action.dest.upper())}"
+                for action in self._actions
+                if action.required and action.option_strings
+            ]
+            self.usage = " ".join(["%(prog)s [-h]", *required, "[options]"])
+
+    def group_title(self, dtype: type, name: str) -> str | None:
+        """The title of the group that shows the field `name` of `dtype`; None for the plain "options"."""
+        if name in self._field_groups:
+            return self._field_groups[name]
+        owner = _declaring_class(dtype, name)
+        # The selected class closest to the field's declaration: the declaring class or the first selected subclass
+        # of it in `dtype`'s hierarchy (a base class's field goes with the command's dataclass that selects it)...
+        for cls in reversed(dtype.__mro__):
+            if cls in self._class_groups and issubclass(cls, owner):
+                return self._class_groups[cls]
+        # ... else the nearest selected base class of the declaring class.
+        for cls in owner.__mro__:
+            if cls in self._class_groups:
+                return self._class_groups[cls]
+        if issubclass(owner, TrainingArguments):
+            from_transformers = owner.__module__.split(".")[0] == "transformers"
+            return TRANSFORMERS_TRAINING_GROUP if from_transformers else HF_MIM_TRAINING_GROUP
+        return None
+
+    def _container(self, title: str | None):
+        if title is None:
+            return self
+        if title not in self._groups_by_title:
+            self._groups_by_title[title] = self.add_argument_group(title)
+        return self._groups_by_title[title]
+
+    def _add_dataclass_arguments(self, dtype):
+        # HfArgumentParser's, with each field added to its group instead of one group per dataclass.
+        type_hints = get_type_hints(dtype)
+        base_first = list(reversed(dtype.__mro__))
+        for field in dataclasses.fields(dtype):
+            if not field.init:
+                continue
+            field.type = type_hints[field.name]
+            num_actions = len(self._actions)
+            self._parse_dataclass_field(self._container(self.group_title(dtype, field.name)), field)
+            owner = _declaring_class(dtype, field.name)
+            order = (
+                self.dataclass_types.index(dtype),
+                base_first.index(owner),
+                list(inspect.get_annotations(owner)).index(field.name),
+            )
+            for index, action in enumerate(self._actions[num_actions:]):
+                self._action_order[action] = (*order, index)
+                if action.type is string_to_bool:
+                    action.metavar = BOOLEAN_METAVAR
+                # The `--no_<field>` switch HfArgumentParser adds for a boolean that defaults to true repeats the
+                # field's help, which then reads as the opposite of what it does.
+                if isinstance(action, argparse._StoreFalseAction):
+                    action.help = f"Same as --{field.name} false"
+
+
+def command_parser(
+    dataclass_types,
+    description: str | Sequence[str],
+    groups: Sequence[tuple[str, Iterable[type | str]]] = (),
+    epilog: str | None = None,
+    json_file: bool = False,
+) -> CommandArgumentParser:
+    """The parser of an hf_mim command: `description` (dedented; usage examples included; several strings, such as
+    a module docstring and examples, are dedented one by one and joined by blank lines) under the usage line,
+    options in `groups` (see `CommandArgumentParser`), then `epilog`, how boolean options read (when it has any), and
+    with `json_file` that a single `.json` argument holds the options (the command's `parse_args` reads it).
+    `description` and `epilog` may name the command as `%(prog)s` (then a literal percent sign is `%%`)."""
+    parts = [description] if isinstance(description, str) else description
+    description = "\n\n".join(inspect.cleandoc(part) for part in parts)
+    parser = CommandArgumentParser(dataclass_types, groups=groups, description=description)
+    notes = [inspect.cleandoc(epilog)] if epilog else []
+    if any(action.metavar == BOOLEAN_METAVAR for action in parser._actions):
+        notes.append(BOOLEAN_NOTE)
+    if json_file:
+        notes.append(JSON_NOTE)
+    parser.epilog = "\n\n".join(notes) or None
+    return parser
+
+
+__all__ = [
+    "BOOLEAN_METAVAR",
+    "BOOLEAN_NOTE",
+    "HF_MIM_TRAINING_GROUP",
+    "JSON_NOTE",
+    "TRANSFORMERS_TRAINING_GROUP",
+    "CommandArgumentParser",
+    "HelpFormatter",
+    "command_parser",
+]
