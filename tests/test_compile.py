@@ -19,9 +19,11 @@ from conftest import TINY_CONFIGS, tiny_beit_config, tiny_mcbeit_config
 from test_beitv2 import tiny_beitv2_config
 from test_ccvit import tiny_ccvit
 from test_run_mim import log_steps, run_mim_args
+from test_vqkd import tiny_vqkd_config
 
 from hf_mim import BeitMimForMaskedImageModeling, Beitv2ForMaskedImageModeling, McBeitForMaskedImageModeling
 from hf_mim.data import BlockwiseMaskingGenerator, ReplacementPositionGenerator
+from hf_mim.models.modeling_vqkd import VqkdCodebook
 from hf_mim.training.run_mim import main
 
 BATCH = 3
@@ -127,3 +129,12 @@ def test_run_mim_trains_with_torch_compile(tiny_dvae_dir, image_folder, tmp_path
                       "--torch_compile", "--torch_compile_backend", "aot_eager"))
     steps, _ = log_steps(tmp_path)
     assert steps == [1, 2]
+
+
+def test_vqkd_codebook_reads_its_initialised_flag_again_after_a_load():
+    """The frozen VQ-KD keeps `initted` once read as 1 (no host read per call), but a loaded state decides anew."""
+    codebook = VqkdCodebook(tiny_vqkd_config(kmeans_init=False))
+    codebook.initted.fill_(1.0)
+    assert codebook.is_initialised
+    codebook.load_state_dict({**codebook.state_dict(), "initted": torch.zeros(1)})
+    assert not codebook.is_initialised
