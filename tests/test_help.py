@@ -156,3 +156,13 @@ def test_pretrain_parses_the_same_values(tmp_path, capsys, monkeypatch, parsers)
     assert not data_args.exact_mask_count and data_args.max_train_samples == 7
     assert training_args.max_train_seconds == 5 and training_args.learning_rate == 1e-3
     assert (training_args.remove_unused_columns, training_args.prediction_loss_only) == (False, True)
+
+
+def test_an_unknown_option_is_one_argparse_error_not_a_traceback(capsys):
+    from hf_mim.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["pretrain", "--output_dir", "x", "--bogus_flag", "1"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "error: unrecognized arguments: --bogus_flag 1" in err and "Traceback" not in err

@@ -134,6 +134,16 @@ class CommandArgumentParser(HfArgumentParser):
             return TRANSFORMERS_TRAINING_GROUP if from_transformers else HF_MIM_TRAINING_GROUP
         return None
 
+    def parse_args_into_dataclasses(self, args=None, return_remaining_strings=False, **kwargs):
+        # HfArgumentParser raises a ValueError (a traceback) for options it does not know; argparse's own error is the
+        # one line with the usage that a mistyped flag deserves (exit status 2).
+        if return_remaining_strings:
+            return super().parse_args_into_dataclasses(args, return_remaining_strings=True, **kwargs)
+        *parsed, remaining = super().parse_args_into_dataclasses(args, return_remaining_strings=True, **kwargs)
+        if remaining:
+            self.error(f"unrecognized arguments: {' '.join(remaining)}")
+        return tuple(parsed)
+
     def _container(self, title: str | None):
         if title is None:
             return self
