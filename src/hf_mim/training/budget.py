@@ -22,21 +22,17 @@ class TimeBudgetCallback(TrainerCallback):
             raise ValueError(f"max_train_seconds must be positive, got {max_train_seconds}")
         self.max_train_seconds = max_train_seconds
         self.start = None
-        # Whether the budget, rather than max_steps or the epochs, ended the last run.
-        self.stopped_training = False
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.start = time.monotonic()
-        self.stopped_training = False
 
     def elapsed_fraction(self) -> float:
         """The fraction of the budget spent so far (0 before training begins)."""
         return 0.0 if self.start is None else (time.monotonic() - self.start) / self.max_train_seconds
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.elapsed_fraction() >= 1.0 and not control.should_training_stop:
+        if self.elapsed_fraction() >= 1.0:
             control.should_training_stop = True
-            self.stopped_training = state.global_step < state.max_steps
         return control
 
 
@@ -72,12 +68,6 @@ def add_time_budget(trainer, max_train_seconds: float) -> TimeBudgetCallback:
     return budget
 
 
-def budget_stopped(trainer) -> bool:
-    """Whether a time budget, not `max_steps` or the epochs, ended `trainer`'s last run."""
-    callbacks = trainer.callback_handler.callbacks
-    return any(isinstance(callback, TimeBudgetCallback) and callback.stopped_training for callback in callbacks)
-
-
 def training_progress(trainer) -> float:
     """The fraction of `trainer`'s run done: of `max_steps`, or of its wall-clock budget when that ends it first.
 
@@ -91,4 +81,4 @@ def training_progress(trainer) -> float:
     return min(progress, 1.0)
 
 
-__all__ = ["BudgetProgressCallback", "TimeBudgetCallback", "add_time_budget", "budget_stopped", "training_progress"]
+__all__ = ["BudgetProgressCallback", "TimeBudgetCallback", "add_time_budget", "training_progress"]
