@@ -315,7 +315,7 @@ def test_train_tokenizer_fits_saves_and_evaluates(image_folder, tmp_path):
 def test_evaluation_without_a_validation_split_fails_before_the_fit(image_folder, tmp_path, monkeypatch):
     from transformers import TrainingArguments
 
-    from hf_mim.training import kmeans
+    from hf_mim.training.kmeans import tokenizer as kmeans
     from hf_mim.training.train_tokenizer import TokenizerArguments
 
     monkeypatch.setattr(kmeans, "_fit_from_arguments", lambda *args: pytest.fail("fitted before the check"))

@@ -1,0 +1,126 @@
+"""Raw pixel patches of an image dataset, the points of a k-means tokenizer's fit: each process reads its share of the
+images, and every patch carries a global id so that random choices do not depend on that split.
+"""
+
+import torch
+from tqdm.auto import tqdm
+
+from ...data import SkippedImageCounter, TwoViewTransform, apply_transform, decode_image
+from ...models.distributed import world
+from ...models.image_processing_kmeans import KmeansImageProcessor
+from ...models.modeling_kmeans import patchify
+from .lloyd import point_keys
+
+
+class _ShardViews(torch.utils.data.Dataset):
+    """The views of this process's images (`indices` of a map-style dataset), tagged with their global index."""
+
+    def __init__(self, views, indices: range):
+        self.views = views
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, position: int) -> tuple[int, torch.Tensor | None]:
+        index = self.indices[position]
+        return index, self.views[index]["pixel_values"]
+
+
+def _collate_views(items):
+    return items
+
+
+def sample_patches(
+    dataset,
+    image_column: str,
+    image_processor: KmeansImageProcessor,
+    patch_size: int,
+    patches_per_image: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    skipped: SkippedImageCounter | None = None,
+    show_progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's share of the raw [0, 1] patches of an image dataset, as 8-bit pixels.
+
+    Each image is rendered by `image_processor`'s deterministic view (CCViT: 224 px bicubic, not normalised) and
+    cut into `patch_size` patches flattened (C, py, px). Process `r` of `n` reads images `r, r + n, r + 2n, ...`;
+    undecodable images are skipped (and counted in `skipped`).
+
+    Args:
+        dataset (`datasets.Dataset` or `datasets.IterableDataset`): Images, e.g. from `load_image_datasets`.
+            Map-style datasets are decoded by `num_workers` DataLoader workers, streaming ones in this process.
+        image_column (`str`): The image column.
+        image_processor ([`KmeansImageProcessor`]): The tokenizer's view.
+        patch_size (`int`): Side of a patch in pixels.
+        patches_per_image (`int`, *optional*): Keep this many random patches of each image (default: all).
+        seed (`int`, *optional*, defaults to 0): Seed of the patch sampling.
+
+    Returns:
+        `(patches, patch_ids)`: `torch.uint8` of shape `(num_patches, num_channels * patch_size**2)` and the patches'
+        global ids `image_index * patches_per_view + position` (`torch.long`), for [`fit_kmeans`]'s `point_ids`.
+    """
+    if image_processor.do_normalize:
+        raise ValueError(
+            "k-means centroids are fitted on raw [0, 1] pixels, but the image processor normalises them; use a "
+            "KmeansImageProcessor (do_normalize=False)"
+        )
+    rank, world_size = world()
+    transform = TwoViewTransform(image_processor, train=False)
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+        # Streaming: iterated here, so each image's global index is its position in the stream.
+        def images():
+            for index, example in enumerate(dataset):
+                if index % world_size == rank:
+                    image = decode_image(example[image_column])
+                    if image is None and skipped is not None:
+                        skipped.increment()
+                    yield index, None if image is None else transform(image)["pixel_values"]
+
+        batches, total = ([item] for item in images()), None
+    else:
+        views = apply_transform(dataset, image_column, transform, skipped=skipped)
+        shard = _ShardViews(views, range(rank, len(dataset), world_size))
+        batches = torch.utils.data.DataLoader(
+            shard, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_views
+        )
+        total = len(batches)
+
+    patches, patch_ids = [], []
+    for batch in tqdm(batches, total=total, desc="sampling patches", disable=not show_progress or rank != 0):
+        for index, view in batch:
+            if view is None:
+                continue
+            # The view is `uint8 / 255` in float32; rounding recovers the 8-bit values exactly.
+            image_patches = patchify(view.unsqueeze(0), patch_size)[0].mul_(255.0).round_().to(torch.uint8)
+            ids = index * image_patches.shape[0] + torch.arange(image_patches.shape[0])
+            if patches_per_image is not None and patches_per_image < len(ids):
+                keep = torch.argsort(point_keys(ids, seed))[:patches_per_image].sort().values
+                image_patches, ids = image_patches[keep], ids[keep]
+            patches.append(image_patches)
+            patch_ids.append(ids)
+    if not patches:
+        dim = 3 * patch_size**2
+        return torch.empty(0, dim, dtype=torch.uint8), torch.empty(0, dtype=torch.long)
+    return torch.cat(patches), torch.cat(patch_ids)
+
+
+def select_images(dataset, max_images: int | None, seed: int = 0):
+    """At most `max_images` images of `dataset`: a seeded random subset of a map-style dataset, the first ones of a
+    streaming one (CCViT fits on 50 images per ImageNet class, 50,000 in all)."""
+    if max_images is None:
+        return dataset
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+        return dataset.take(max_images)
+    if max_images >= len(dataset):
+        return dataset
+    return dataset.shuffle(seed=seed).select(range(max_images))
+
+
+
+__all__ = [
+    "sample_patches",
+    "select_images",
+]

@@ -1,0 +1,296 @@
+"""Fitting CCViT's centroid tokenizer on an image dataset, for the scripts: `fit_kmeans_tokenizer` samples patches
+([`sample_patches`]) and runs [`fit_kmeans`]; `fit_tokenizer_for_mim` (`run_mim.py --fit_tokenizer`) and
+`train_kmeans_tokenizer` (`train_tokenizer.py --tokenizer_type kmeans`) add the command-line options, evaluation,
+results, model card and upload.
+"""
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from ...data import SkippedImageCounter
+from ...data.arguments import require_validation_split
+from ...errors import UsageError
+from ...evaluation.codebook import codebook_metrics
+from ...hub.cards import write_model_card
+from ...hub.push import push_folder
+from ...models.configuration_kmeans import KmeansConfig
+from ...models.distributed import all_reduce_, barrier, world
+from ...models.image_processing_kmeans import KmeansImageProcessor
+from ...models.modeling_kmeans import KmeansModel, nearest_centroids
+from ...models.modeling_tokenizer import code_counts
+from .lloyd import BACKENDS, INIT_METHODS, KmeansFit, as_float_points, fit_kmeans
+from .patches import sample_patches, select_images
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class KmeansFitArguments:
+    """Command-line options of a k-means fit, shared by `train_tokenizer.py --tokenizer_type kmeans` and
+    `run_mim.py --fit_tokenizer`."""
+
+    kmeans_iterations: int = field(default=20, metadata={"help": "Lloyd iterations (CCViT: 20)."})
+    kmeans_init: str = field(default="random", metadata={"help": "Initial centroids.", "choices": list(INIT_METHODS)})
+    kmeans_patches_per_image: int | None = field(
+        default=None, metadata={"help": "Patches sampled per image (default: all, as CCViT)."}
+    )
+    kmeans_max_images: int | None = field(
+        default=None,
+        metadata={"help": "Fit on this many training images (default: all; CCViT: 50 per class, 50,000)."},
+    )
+    kmeans_backend: str = field(
+        default="torch",
+        metadata={"help": "'torch' (any device, multi-process) or 'faiss' (one process).", "choices": list(BACKENDS)},
+    )
+    kmeans_batch_size: int = field(default=64, metadata={"help": "Images per data-loading batch."})
+
+
+def kmeans_image_processor(config: KmeansConfig) -> KmeansImageProcessor:
+    """The view a tokenizer of `config` reads: `image_size` px, bicubic, raw [0, 1] pixels."""
+    size = {"height": config.image_size, "width": config.image_size}
+    return KmeansImageProcessor(size=size, crop_size=size)
+
+
+def fit_kmeans_tokenizer(
+    dataset,
+    image_column: str,
+    config: KmeansConfig,
+    num_iterations: int = 20,
+    init: str | torch.Tensor = "random",
+    patches_per_image: int | None = None,
+    seed: int = 0,
+    backend: str = "torch",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+    skipped: SkippedImageCounter | None = None,
+    show_progress: bool = True,
+) -> tuple[KmeansModel, KmeansImageProcessor, KmeansFit]:
+    """Fit a centroid tokenizer on the images of `dataset`: sample patches ([`sample_patches`]), run [`fit_kmeans`].
+
+    Args:
+        dataset: Images, e.g. `load_image_datasets(...)[0]["train"]`.
+        image_column (`str`): The image column.
+        config ([`KmeansConfig`]): View size, patch size and number of centroids.
+        device (`torch.device` or `str`, *optional*): Where Lloyd's iterations run (default: the GPU if any).
+        Other arguments: see [`sample_patches`] and [`fit_kmeans`].
+
+    Returns:
+        `(tokenizer, image_processor, fit)`: the [`KmeansModel`] holding the centroids, its
+        [`KmeansImageProcessor`] and the [`KmeansFit`] (inertia per iteration).
+    """
+    image_processor = kmeans_image_processor(config)
+    patches, patch_ids = sample_patches(
+        dataset,
+        image_column,
+        image_processor,
+        config.patch_size,
+        patches_per_image=patches_per_image,
+        seed=seed,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        skipped=skipped,
+        show_progress=show_progress,
+    )
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    fit = fit_kmeans(
+        patches.to(device),
+        config.codebook_size,
+        num_iterations=num_iterations,
+        init=init,
+        seed=seed,
+        point_ids=patch_ids.to(device),
+        backend=backend,
+        show_progress=show_progress,
+    )
+    tokenizer = KmeansModel(config)
+    tokenizer.set_centroids(fit.centroids)
+    return tokenizer, image_processor, fit
+
+
+def require_enough_patches(dataset, config: KmeansConfig, fit_args: KmeansFitArguments, codebook_flag: str) -> None:
+    """A one-line error, before any image is read, when the images cannot give one patch per centroid; names the flag
+    that sets the number of centroids. Streaming datasets (no length) are checked by the fit itself."""
+    if not hasattr(dataset, "__len__"):
+        return
+    images = min(len(dataset), fit_args.kmeans_max_images or len(dataset))
+    per_image = fit_args.kmeans_patches_per_image or config.grid_size**2
+    if images * per_image >= config.codebook_size:
+        return
+    fewer = 2 ** int(math.log2(max(images * per_image, 1)))
+    raise UsageError(
+        f"k-means of {config.codebook_size} centroids needs at least as many patches, but {images} images x "
+        f"{per_image} patches give {images * per_image}: lower {codebook_flag} (e.g. {fewer}), or fit on more images"
+    )
+
+
+def _fit_from_arguments(
+    dataset, image_column, config, fit_args: KmeansFitArguments, init, seed, device, num_workers, codebook_flag
+):
+    require_enough_patches(dataset, config, fit_args, codebook_flag)
+    return fit_kmeans_tokenizer(
+        select_images(dataset, fit_args.kmeans_max_images, seed),
+        image_column,
+        config,
+        num_iterations=fit_args.kmeans_iterations,
+        init=init,
+        patches_per_image=fit_args.kmeans_patches_per_image,
+        seed=seed,
+        backend=fit_args.kmeans_backend,
+        batch_size=fit_args.kmeans_batch_size,
+        num_workers=num_workers,
+        device=device,
+    )
+
+
+def fit_tokenizer_for_mim(
+    dataset,
+    image_column: str,
+    config: KmeansConfig,
+    fit_args: KmeansFitArguments,
+    folder: str,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    num_workers: int = 0,
+    refit: bool = False,
+) -> str:
+    """`run_mim.py --fit_tokenizer`: fit centroids on the pre-training images and save the tokenizer in `folder`.
+
+    Every process takes part in the fit (each reads its share of the images); process 0 writes the folder. A folder
+    that already holds a tokenizer (an interrupted run being resumed) is reused unless `refit`.
+
+    Returns:
+        `folder`, to load as the MIM model's tokenizer.
+    """
+    if os.path.isfile(os.path.join(folder, "config.json")) and not refit:
+        logger.info("Using the k-means tokenizer already fitted in %s (pass --overwrite_output_dir to refit)", folder)
+        return folder
+    logger.info("Fitting %d k-means centroids of %d px patches on the training images", config.codebook_size,
+                config.patch_size)
+    tokenizer, image_processor, fit = _fit_from_arguments(
+        dataset, image_column, config, fit_args, fit_args.kmeans_init, seed, device, num_workers, "--fit_codebook_size"
+    )
+    if world()[0] == 0:
+        tokenizer.save_pretrained(folder)
+        image_processor.save_pretrained(folder)
+    barrier()
+    logger.info("Fitted the tokenizer on %d patches: inertia %.6g -> %.6g", fit.num_points, fit.inertia[0],
+                fit.inertia[-1])
+    return folder
+
+
+@torch.no_grad()
+def _evaluate(tokenizer: KmeansModel, image_processor, dataset, image_column, fit_args, seed, num_workers, device):
+    """Mean squared distance of validation patches to their centroid, and the codebook usage and perplexity of their
+    nearest centroids, computed on `device` (the fit's: where the process group reduces)."""
+    patches, _ = sample_patches(
+        dataset, image_column, image_processor, tokenizer.config.patch_size, seed=seed,
+        batch_size=fit_args.kmeans_batch_size, num_workers=num_workers, show_progress=False,
+    )
+    centroids = tokenizer.centroids.to(device)
+    # Sum of squared distances and number of patches.
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    totals[1] = len(patches)
+    counts = torch.zeros(tokenizer.config.codebook_size, dtype=torch.long, device=device)
+    # Block by block: the float32 copy of a whole validation set need not fit on the device.
+    for block in patches.split(2**16):
+        ids, sq_distances = nearest_centroids(as_float_points(block.to(device)), centroids)
+        totals[0] += sq_distances.sum(dtype=torch.float64)
+        counts += code_counts(ids, tokenizer.config.codebook_size)
+    all_reduce_(totals, counts)
+    return {
+        "eval_mean_sq_distance": float(totals[0] / totals[1].clamp(min=1)),
+        **{f"eval_{name}": value for name, value in codebook_metrics(counts).items()},
+        "eval_num_patches": int(totals[1]),
+    }
+
+
+def train_kmeans_tokenizer(
+    tokenizer: KmeansModel,
+    image_processor: KmeansImageProcessor,
+    raw,
+    image_column: str,
+    args,
+    training_args,
+    dataset_tags: str | None = None,
+) -> dict[str, float]:
+    """`train_tokenizer.py --tokenizer_type kmeans`: fit (`--do_train`) and measure (`--do_eval`), save, card, push.
+
+    k-means is not gradient training, so there is no `Trainer`: the fit is one pass of patch sampling followed by
+    Lloyd iterations, in every process of the launch.
+
+    Args:
+        tokenizer ([`KmeansModel`]): Its config sets view, patch size and number of centroids.
+        image_processor ([`KmeansImageProcessor`]): Saved with the tokenizer.
+        raw (`DatasetDict`): "train" (and "validation" for `--do_eval`, checked before any fit) images.
+        args: The script's tokenizer arguments: the `--kmeans_*` options of [`KmeansFitArguments`], and
+            `tokenizer_name_or_path`, which (when set) makes Lloyd's iterations continue from the loaded centroids
+            instead of starting from `--kmeans_init`.
+        training_args (`TrainingArguments`): `output_dir`, `seed`, `do_train`/`do_eval`, `dataloader_num_workers`,
+            the device and the Hub options.
+        dataset_tags (`str`, *optional*): Hub dataset id for the model card.
+    """
+    if training_args.do_eval:
+        require_validation_split(raw)
+    seed, workers, output_dir = training_args.seed, training_args.dataloader_num_workers, training_args.output_dir
+    is_main = world()[0] == 0
+    metrics = {}
+    if training_args.do_train:
+        start = time.perf_counter()
+        init = tokenizer.centroids.detach().clone() if args.tokenizer_name_or_path else args.kmeans_init
+        _, _, fit = _fit_from_arguments(
+            raw["train"], image_column, tokenizer.config, args, init, seed, training_args.device, workers,
+            "codebook_size in --config_overrides",
+        )
+        tokenizer.set_centroids(fit.centroids)
+        metrics.update(
+            train_inertia=fit.inertia[-1],
+            train_mean_sq_distance=fit.inertia[-1] / fit.num_points,
+            train_num_patches=fit.num_points,
+            train_runtime=time.perf_counter() - start,
+        )
+        if is_main:
+            tokenizer.save_pretrained(output_dir)
+            image_processor.save_pretrained(output_dir)
+    if training_args.do_eval:
+        metrics.update(
+            _evaluate(
+                tokenizer, image_processor, raw["validation"], image_column, args, seed, workers, training_args.device
+            )
+        )
+    if is_main:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "all_results.json"), "w") as file:
+            json.dump(metrics, file, indent=2)
+        for name, value in metrics.items():
+            logger.info("  %s = %s", name, value)
+        if training_args.do_train:
+            write_model_card(output_dir, repo_id=training_args.hub_model_id, datasets=dataset_tags)
+            if training_args.push_to_hub:
+                push_folder(
+                    output_dir,
+                    training_args.hub_model_id or os.path.basename(os.path.abspath(output_dir)),
+                    private=training_args.hub_private_repo,
+                    revision=training_args.hub_revision,
+                    token=training_args.hub_token,
+                    datasets=dataset_tags,
+                )
+    barrier()
+    return metrics
+
+
+__all__ = [
+    "KmeansFitArguments",
+    "fit_kmeans_tokenizer",
+    "fit_tokenizer_for_mim",
+    "kmeans_image_processor",
+    "require_enough_patches",
+    "train_kmeans_tokenizer",
+]
