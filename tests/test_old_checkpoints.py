@@ -91,7 +91,7 @@ def copy_fixture(name: str, target: Path, with_saved_code: bool) -> Path:
     shutil.copytree(FIXTURES / name, folder)
     if with_saved_code:
         for relative in MANIFEST["fixtures"][name]["code_files"]:
-            shutil.copyfile(FIXTURES / "code" / Path(relative).name, folder / relative)
+            shutil.copyfile(FIXTURES / "code" / f"{Path(relative).name}.txt", folder / relative)
     # As `hf-mim push` uploads the folder: code that only a subfolder holds (a MIM checkpoint's tokenizer/ view) is
     # also put at the root, where transformers looks for it; missing files come from today's hf_mim.
     complete_code_files(folder)
