@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from ..errors import UsageError
+from ..safe_loading import UNREADABLE_FILE_ERRORS
 
 # Lines of torch's weights-only refusal that are advice for trusted files, not the reason.
 _BOILERPLATE = (
@@ -87,8 +88,7 @@ def load_weights_only(
                 "convert weights.pth"
             ) from error
         raise UsageError(f"{flag} {path} is not a PyTorch checkpoint ({reason}); pass {what}") from error
-    except (RuntimeError, EOFError, KeyError, ValueError, AttributeError, TypeError) as error:
-        # Truncated archives, text files (torch's legacy reader: KeyError on the magic number), empty files, ...
+    except UNREADABLE_FILE_ERRORS as error:
         raise UsageError(f"{flag} {path} is not a PyTorch checkpoint ({first_line(error)}); pass {what}") from error
 
 

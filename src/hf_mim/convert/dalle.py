@@ -7,11 +7,9 @@ DALL-E and `torch.nn` classes become inert records of their pickled state, tenso
 hooks, and anything else is refused before it is called. The `dall_e` package is not needed.
 """
 
-import _compat_pickle
 import logging
 import pickle
 import re
-import types
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -23,6 +21,7 @@ from ..models.configuration_dvae import DvaeConfig
 from ..models.image_processing_dvae import DvaeImageProcessor
 from ..models.modeling_dvae import DvaeModel
 from ..hub.cards import write_model_card
+from ..safe_loading import UNREADABLE_FILE_ERRORS, StandIn, load_restricted, stand_in
 from .common import first_line, require_file
 
 logger = logging.getLogger(__name__)
@@ -32,27 +31,6 @@ class ForbiddenGlobalError(UsageError, pickle.UnpicklingError):
     """The pickle references a global outside the allow-list; nothing it names was imported or called.
 
     A [`UsageError`] (the user named a file that is not OpenAI's) and a `pickle.UnpicklingError`."""
-
-
-class PickledObject:
-    """Inert stand-in for an allow-listed class: records what the pickle passes, runs none of the original code."""
-
-    qualified_name = ""
-    # Read by torch's legacy loader when it compares pickled module source; never write patch files.
-    dump_patches = False
-
-    def __init__(self, *args):
-        self.args = args
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def __repr__(self):
-        return f"<pickled {self.qualified_name}>"
-
-
-def _stand_in(qualified_name: str) -> type:
-    return type(qualified_name.rsplit(".", 1)[1], (PickledObject,), {"qualified_name": qualified_name})
 
 
 def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
@@ -81,7 +59,7 @@ _STAND_IN_NAMES = (
 # (module, name) -> the object used instead. Storage classes (`torch.FloatStorage`) are resolved by torch.load
 # itself before the unpickler is asked.
 ALLOWED_GLOBALS = {
-    **{tuple(name.rsplit(".", 1)): _stand_in(name) for name in _STAND_IN_NAMES},
+    **{tuple(name.rsplit(".", 1)): stand_in(name) for name in _STAND_IN_NAMES},
     ("collections", "OrderedDict"): OrderedDict,
     ("builtins", "set"): set,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
@@ -89,32 +67,16 @@ ALLOWED_GLOBALS = {
 }
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """`pickle.Unpickler` that resolves globals only through `ALLOWED_GLOBALS`."""
-
-    def find_class(self, module, name):
-        # Protocol-2 pickles (torch.save's default) use Python 2 names such as `__builtin__.set`.
-        if (module, name) in _compat_pickle.NAME_MAPPING:
-            module, name = _compat_pickle.NAME_MAPPING[module, name]
-        module = _compat_pickle.IMPORT_MAPPING.get(module, module)
-        try:
-            return ALLOWED_GLOBALS[(module, name)]
-        except KeyError:
-            raise ForbiddenGlobalError(
-                f"Refusing to unpickle the global '{module}.{name}': a DALL-E dVAE checkpoint only references the "
-                "dall_e Encoder/Decoder classes, torch.nn containers, torch tensor rebuilding and plain containers. "
-                "The file is not an OpenAI encoder.pkl/decoder.pkl (or was modified); nothing from it was executed."
-            ) from None
-
-
-def _restricted_load(file, **kwargs):
-    return RestrictedUnpickler(file, **kwargs).load()
-
-
-# The `pickle_module` torch.load uses for every unpickling step (zip and legacy formats alike).
-restricted_pickle = types.ModuleType("hf_mim_restricted_pickle")
-restricted_pickle.Unpickler = RestrictedUnpickler
-restricted_pickle.load = _restricted_load
+def _allowed_global(module: str, name: str):
+    """What `ALLOWED_GLOBALS` puts where the pickle names `module.name`; a [`ForbiddenGlobalError`] for anything else."""
+    try:
+        return ALLOWED_GLOBALS[(module, name)]
+    except KeyError:
+        raise ForbiddenGlobalError(
+            f"Refusing to unpickle the global '{module}.{name}': a DALL-E dVAE checkpoint only references the "
+            "dall_e Encoder/Decoder classes, torch.nn containers, torch tensor rebuilding and plain containers. "
+            "The file is not an OpenAI encoder.pkl/decoder.pkl (or was modified); nothing from it was executed."
+        ) from None
 
 
 # The flag and file name of each pickled module, for the errors.
@@ -139,15 +101,15 @@ def load_dalle_state_dict(path: str | Path, expected_class: str) -> tuple[dict[s
         with warnings.catch_warnings():
             # The legacy format compares each module class's source with the pickled one; stand-ins have none.
             warnings.filterwarnings("ignore", message="Couldn't retrieve source code")
-            loaded = torch.load(path, map_location="cpu", pickle_module=restricted_pickle, weights_only=False)
+            loaded = load_restricted(path, _allowed_global)
     except ForbiddenGlobalError as error:
         raise ForbiddenGlobalError(f"{flag} {path}: {error}") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError, AttributeError, TypeError) as error:
+    except (pickle.UnpicklingError, *UNREADABLE_FILE_ERRORS) as error:
         raise UsageError(f"{flag} {path} is not a readable pickle ({first_line(error)}); pass {what}") from error
     if isinstance(loaded, dict) and loaded and all(isinstance(value, torch.Tensor) for value in loaded.values()):
         return dict(loaded), set()
-    if not isinstance(loaded, PickledObject) or loaded.qualified_name != expected_class:
-        found = loaded.qualified_name if isinstance(loaded, PickledObject) else type(loaded).__name__
+    if not isinstance(loaded, StandIn) or loaded.qualified_name != expected_class:
+        found = loaded.qualified_name if isinstance(loaded, StandIn) else type(loaded).__name__
         raise UsageError(
             f"{flag} {path} holds a {found}, not a pickled {expected_class}; pass encoder.pkl as --encoder and "
             "decoder.pkl as --decoder"
@@ -155,7 +117,7 @@ def load_dalle_state_dict(path: str | Path, expected_class: str) -> tuple[dict[s
 
     parameters, post_gains = {}, set()
 
-    def collect(node: PickledObject, prefix: str) -> None:
+    def collect(node: StandIn, prefix: str) -> None:
         state = getattr(node, "state", {})
         if "post_gain" in state:
             post_gains.add(state["post_gain"])
@@ -163,7 +125,7 @@ def load_dalle_state_dict(path: str | Path, expected_class: str) -> tuple[dict[s
             if tensor is not None:
                 parameters[prefix + name] = tensor
         for name, child in state.get("_modules", {}).items():
-            if isinstance(child, PickledObject):
+            if isinstance(child, StandIn):
                 collect(child, f"{prefix}{name}.")
 
     collect(loaded, "")
@@ -311,10 +273,7 @@ def convert_dalle_checkpoint(
 __all__ = [
     "ALLOWED_GLOBALS",
     "ForbiddenGlobalError",
-    "PickledObject",
-    "RestrictedUnpickler",
     "convert_dalle_checkpoint",
     "load_dalle_state_dict",
     "rename_dalle_keys",
-    "restricted_pickle",
 ]

@@ -28,37 +28,13 @@ from ..models.image_processing_vqgan import VqganImageProcessor
 from ..models.modeling_vqgan import VqganModel
 from ..errors import UsageError
 from ..hub.cards import write_model_card
+from ..safe_loading import stand_in
 from .common import describe, first_line, load_weights_only, require_file
 
 logger = logging.getLogger(__name__)
 
 # taming name prefix -> VqganModel name prefix, for the parameters the tokenizer needs.
 KEPT_PREFIXES = {"encoder.": "encoder.", "quant_conv.": "quant_conv.", "quantize.proj.": "codebook_projection."}
-
-
-class LightningStandIn:
-    """Inert stand-in for a Lightning class a checkpoint names (PL 1.0.x keys `callbacks` by the callback class).
-
-    Registered under the pickled module and name, it is what `torch.load(weights_only=True)` puts where the class was;
-    an instance records its pickled arguments and state and runs none of the original code.
-    """
-
-    qualified_name = ""
-
-    def __init__(self, *args):
-        self.args = args
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def __repr__(self):
-        return f"<stand-in for {self.qualified_name}>"
-
-
-def _stand_in(qualified_name: str) -> type:
-    module, name = qualified_name.rsplit(".", 1)
-    attributes = {"__module__": module, "__qualname__": name, "qualified_name": qualified_name}
-    return type(name, (LightningStandIn,), attributes)
 
 
 def _dict_stand_in(qualified_name: str) -> type:
@@ -94,7 +70,7 @@ _LIGHTNING_DICTS = (
 # What `torch.load(weights_only=True)` may build besides tensors and plain containers; each is matched by its
 # `__module__` and `__qualname__`, the name the checkpoint pickled.
 LIGHTNING_SAFE_GLOBALS = [
-    *(_stand_in(name) for name in _LIGHTNING_CALLBACKS),
+    *(stand_in(name) for name in _LIGHTNING_CALLBACKS),
     *(_dict_stand_in(name) for name in _LIGHTNING_DICTS),
     argparse.Namespace,
 ]
@@ -261,7 +237,6 @@ def convert_taming_checkpoint(
 __all__ = [
     "KEPT_PREFIXES",
     "LIGHTNING_SAFE_GLOBALS",
-    "LightningStandIn",
     "convert_taming_checkpoint",
     "convert_taming_state_dict",
     "load_taming_state_dict",

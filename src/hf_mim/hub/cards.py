@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import pickle
-import zipfile
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -24,6 +23,7 @@ import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from ..errors import UsageError
+from ..safe_loading import UNREADABLE_FILE_ERRORS, StandIn, load_restricted, stand_in
 
 logger = logging.getLogger(__name__)
 
@@ -220,36 +220,20 @@ def template_names() -> list[str]:
     return sorted(entry.name for entry in TEMPLATE_DIR.iterdir() if entry.name.endswith(".md"))
 
 
-class _Record:
-    """Stands in for every class a pickle names: records what the pickle passes, runs none of its code."""
-
-    args = ()
-
-    def __init__(self, *args):
-        self.args = args
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-class _RecordingUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        if (module, name) == ("copyreg", "__newobj__"):
-            return lambda cls, *args: cls(*args)
-        if (module, name) == ("copyreg", "_reconstructor"):
-            return lambda cls, base, state: cls()
-        if (module, name) in (("builtins", "set"), ("builtins", "frozenset")):
-            return {"set": set, "frozenset": frozenset}[name]
-        return type(name, (_Record,), {"qualified_name": f"{module}.{name}"})
-
-    def persistent_load(self, pid):
-        # Tensor storages: training arguments hold none worth showing.
-        return None
+def _recorded_global(module: str, name: str):
+    """Every class a pickle names becomes a [`StandIn`]; only the builtins that rebuild plain data are themselves."""
+    if (module, name) == ("copyreg", "__newobj__"):
+        return lambda cls, *args: cls(*args)
+    if (module, name) == ("copyreg", "_reconstructor"):
+        return lambda cls, base, state: cls()
+    if (module, name) in (("builtins", "set"), ("builtins", "frozenset")):
+        return {"set": set, "frozenset": frozenset}[name]
+    return stand_in(f"{module}.{name}")
 
 
 def _plain(value):
     """A recorded object as plain data: enums and devices become their value, objects their attribute dict."""
-    if isinstance(value, _Record):
+    if isinstance(value, StandIn):
         if hasattr(value, "state"):
             return _plain(value.state)
         return _plain(value.args[0]) if len(value.args) == 1 else [_plain(arg) for arg in value.args]
@@ -263,15 +247,13 @@ def _plain(value):
 def read_training_args(path) -> dict | None:
     """The fields of a `training_args.bin` that `Trainer` saved, without unpickling it for real.
 
-    The file is a pickled `TrainingArguments`; loading it with `torch.load` would import and run
-    whatever classes it names. Here every class becomes an inert record, so a folder downloaded from
-    anywhere can be read safely. Returns `None` (and logs why) when the file is not such a pickle.
+    The file is a pickled `TrainingArguments`; loading it with a plain `torch.load` would import and run
+    whatever classes it names. Here every class becomes an inert record ([`load_restricted`]), so a folder
+    downloaded from anywhere can be read safely. Returns `None` (and logs why) when the file is not such a pickle.
     """
     try:
-        with zipfile.ZipFile(path) as archive:
-            name = next(name for name in archive.namelist() if name.endswith("data.pkl"))
-            record = _RecordingUnpickler(archive.open(name)).load()
-    except (OSError, StopIteration, zipfile.BadZipFile, pickle.UnpicklingError, EOFError) as error:
+        record = load_restricted(path, _recorded_global)
+    except (OSError, pickle.UnpicklingError, *UNREADABLE_FILE_ERRORS) as error:
         logger.warning("Could not read the training arguments in %s (%s); the card omits them", path, error)
         return None
     fields = _plain(record)
