@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModel
+from transformers import AutoImageProcessor, AutoModel, BeitConfig
 
 from hf_mim import BeitMimForMaskedImageModeling
 from hf_mim.evaluation import knn, probe
-from hf_mim.evaluation.features import extract_features, model_fingerprint, pool_tokens
+from hf_mim.evaluation.export import BEIT_POOLERS, beit_config_for_export
+from hf_mim.evaluation.features import FEATURE_POOLINGS, extract_features, model_fingerprint, pool_tokens
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,19 @@ def test_pooling_modes():
     assert torch.equal(pool_tokens(tokens, "mean"), tokens[:, 1:].mean(1))
     with pytest.raises(ValueError, match="pooling"):
         pool_tokens(tokens, "max")
+
+
+def test_probe_poolings_and_the_exported_poolers_are_two_sets():
+    # Probes pool frozen tokens three ways; an exported BeitModel's pooler does one of two (`use_mean_pooling`).
+    tokens = torch.arange(2 * 3 * 4, dtype=torch.float).view(2, 3, 4)
+    assert {pooling: pool_tokens(tokens, pooling).shape[-1] for pooling in FEATURE_POOLINGS} == {
+        "cls": 4, "mean": 4, "cls+mean": 8
+    }
+    assert {pooler: beit_config_for_export(BeitConfig(), pooler).use_mean_pooling for pooler in BEIT_POOLERS} == {
+        "mean": True, "cls": False
+    }
+    with pytest.raises(ValueError, match=r"pooling must be one of \('mean', 'cls'\), got 'cls\+mean'"):
+        beit_config_for_export(BeitConfig(), "cls+mean")
 
 
 def test_cache_is_reused_and_keyed(model_and_processor, tiny_mim_dir, tmp_path):

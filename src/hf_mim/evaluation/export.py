@@ -48,7 +48,8 @@ from transformers import (
 from ..arguments import command_parser
 from ..models.image_processing_mim import MimImageProcessor
 
-POOLINGS = ("mean", "cls")
+# What the exported `BeitModel`'s pooler returns (its `use_mean_pooling`): see `pooling` in the module docstring.
+BEIT_POOLERS = ("mean", "cls")
 
 # Config entries that describe an hf_mim checkpoint rather than the encoder architecture.
 _NON_ARCHITECTURE_KEYS = ("model_type", "architectures", "auto_map", "transformers_version", "_name_or_path", "dtype")
@@ -119,8 +120,8 @@ def beit_config_for_export(
             shared one (for fine-tuning).
         overrides: Further `BeitConfig` fields, e.g. `num_labels`, `drop_path_rate`.
     """
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if pooling not in BEIT_POOLERS:
+        raise ValueError(f"pooling must be one of {BEIT_POOLERS}, got {pooling!r}")
     source = config.to_dict()
     fields = {key: source[key] for key in BeitConfig().to_dict() if key in source and key not in _NON_ARCHITECTURE_KEYS}
     uses_relative_bias = config.use_shared_relative_position_bias or config.use_relative_position_bias
@@ -430,7 +431,7 @@ def main(argv=None) -> str:
 
 
 __all__ = [
-    "POOLINGS",
+    "BEIT_POOLERS",
     "ExportArguments",
     "beit_config_for_export",
     "encoder_image_processor",

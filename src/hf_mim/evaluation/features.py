@@ -32,7 +32,8 @@ from .export import encoder_image_processor, load_pretrained_beit, resolve_encod
 
 logger = logging.getLogger(__name__)
 
-POOLINGS = ("cls", "mean", "cls+mean")
+# How `pool_tokens` turns a layer's tokens into one feature vector per image, for the probes.
+FEATURE_POOLINGS = ("cls", "mean", "cls+mean")
 
 # Config entries that do not change what an encoder computes.
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "architectures", "auto_map", "transformers_version", "dtype", "id2label", "label2id")
@@ -60,7 +61,7 @@ def pool_tokens(hidden_state: torch.Tensor, pooling: str) -> torch.Tensor:
         return hidden_state[:, 1:].mean(dim=1)
     if pooling == "cls+mean":
         return torch.cat([hidden_state[:, 0], hidden_state[:, 1:].mean(dim=1)], dim=-1)
-    raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    raise ValueError(f"pooling must be one of {FEATURE_POOLINGS}, got {pooling!r}")
 
 
 def normalize_layers(layers: Sequence[int], num_hidden_layers: int) -> list[int]:
@@ -160,8 +161,8 @@ def extract_features(
     Returns:
         A [`FeatureSet`]. Undecodable images are skipped (with a warning), together with their labels.
     """
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if pooling not in FEATURE_POOLINGS:
+        raise ValueError(f"pooling must be one of {FEATURE_POOLINGS}, got {pooling!r}")
     encoder = resolve_encoder(model)
     layers = normalize_layers(layers, encoder.config.num_hidden_layers)
     processor = encoder_image_processor(image_processor, encoder.config)
@@ -228,7 +229,7 @@ class FeatureArguments(LabelledImageDatasetArguments):
         default_factory=lambda: [-1],
         metadata={"help": "Hidden-state indices to evaluate (0 = embeddings, -1 = last block); the best is reported"},
     )
-    pooling: str = field(default="mean", metadata={"help": f"Token pooling: {', '.join(POOLINGS)}"})
+    pooling: str = field(default="mean", metadata={"help": f"Token pooling: {', '.join(FEATURE_POOLINGS)}"})
     batch_size: int = field(default=64, metadata={"help": "Images per batch of the feature extraction"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes of the feature extraction"})
     feature_cache_dir: str | None = field(
@@ -296,7 +297,7 @@ def write_results(args: FeatureArguments, name: str, results: dict) -> None:
 
 __all__ = [
     "FEATURE_ARGUMENT_GROUPS",
-    "POOLINGS",
+    "FEATURE_POOLINGS",
     "FeatureArguments",
     "FeatureSet",
     "encode_batch",

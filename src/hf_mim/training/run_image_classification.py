@@ -26,7 +26,7 @@ from ..data import (
 )
 from ..errors import UsageError
 from ..evaluation.export import (
-    POOLINGS,
+    BEIT_POOLERS,
     encoder_image_processor,
     image_processor_at_size,
     load_pretrained_beit,
@@ -159,8 +159,8 @@ def encode_labels(raw, label_column: str) -> tuple[object, list[str]]:
 def build_classifier(source, model_args: ModelArguments, class_names: list[str]) -> BeitForImageClassification:
     """A stock `BeitForImageClassification` whose encoder is that of `source` (a pretrained model, e.g. from
     `load_pretrained_beit`), with per-layer relative position tables."""
-    if model_args.pooling not in POOLINGS:
-        raise UsageError(f"--pooling must be one of {POOLINGS}, got {model_args.pooling!r}")
+    if model_args.pooling not in BEIT_POOLERS:
+        raise UsageError(f"--pooling must be one of {BEIT_POOLERS}, got {model_args.pooling!r}")
     encoder = to_transformers_beit(
         source,
         pooling=model_args.pooling,
