@@ -8,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from transformers import AutoImageProcessor, AutoModel
 
 from hf_mim import KmeansConfig, KmeansImageProcessor, KmeansModel
@@ -348,3 +350,24 @@ def test_two_process_fit_equals_one_process_fit(image_folder, tmp_path):
     two = load_file(tmp_path / "two" / "model.safetensors")["centroids"]
     # 8-bit patches are summed exactly, so the split over processes changes nothing.
     assert torch.equal(one, two)
+
+
+def _fit_in_two_processes(rank: int, init_file: str, points: torch.Tensor, results) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        # Interleaved shares, so a process's positions are not the points' global ids.
+        ids = torch.arange(rank, len(points), 2)
+        fit = fit_kmeans(points[ids], 6, num_iterations=3, init="k-means++", seed=3, point_ids=ids, show_progress=False)
+        results[rank] = fit.centroids
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_kmeans_plus_plus_under_two_processes_equals_one_process(tmp_path):
+    # k-means++ runs on process 0 only and is broadcast (hf_mim.models.distributed.computed_on_main).
+    points, _ = planted_clusters(torch.uint8)
+    single = fit_kmeans(points, 6, num_iterations=3, init="k-means++", seed=3, show_progress=False).centroids
+    results = mp.Manager().dict()
+    mp.spawn(_fit_in_two_processes, args=(str(tmp_path / "init"), points, results), nprocs=2)
+    assert torch.equal(results[0], single) and torch.equal(results[1], single)
