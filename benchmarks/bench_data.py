@@ -29,7 +29,7 @@ import bench_mim_step
 from common import environment, markdown_table, set_threads, time_interleaved, write_json
 from hf_mim.data import MimDataCollator, TwoViewTransform, apply_transform, load_image_datasets
 from hf_mim.models import MimImageProcessor
-from hf_mim.models.tokenizer_registry import TOKENIZER_CLASSES
+from hf_mim.models.modeling_beit import TOKENIZER_CLASSES
 from hf_mim.registration import FAMILIES
 from hf_mim.training import run_mim
 from hf_mim.training.run_mim import MIM_MODELS, MODEL_SIZES, DataArguments, build_mask_generator, resolve_data_defaults

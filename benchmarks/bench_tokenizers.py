@@ -31,7 +31,7 @@ from common import (
     time_interleaved,
     write_json,
 )
-from hf_mim.models.tokenizer_registry import TOKENIZER_CLASSES
+from hf_mim.models.modeling_beit import TOKENIZER_CLASSES
 from hf_mim.registration import FAMILIES
 
 PEAK = "fp32 matmul"

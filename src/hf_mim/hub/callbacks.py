@@ -14,7 +14,7 @@ class HubFilesCallback(TrainerCallback):
     With `hub_strategy="every_save"` (or `checkpoint`), each save uploads `output_dir` after copying
     only the config and weights into it, so without this the Hub holds an `auto_map` whose code files
     are missing until the final push, and nothing loads with `trust_remote_code=True` in between.
-    This writes the code files, the image processors of `subfolders` (e.g. `{"tokenizer":
+    This writes the config with the code files, the image processors of `subfolders` (e.g. `{"tokenizer":
     tokenizer_processor}` for a MIM model's tokenizer view) with their code also at the root (where
     transformers looks for it), and an hf_mim model card.
 
@@ -31,6 +31,8 @@ class HubFilesCallback(TrainerCallback):
             return
         os.makedirs(args.output_dir, exist_ok=True)
         custom_object_save(model, args.output_dir)
+        # Saving the config copies its code too, and keeps a MIM model's code to its own tokenizer family.
+        model.config.save_pretrained(args.output_dir)
         for name, processor in self.subfolders.items():
             processor.save_pretrained(os.path.join(args.output_dir, name))
             custom_object_save(processor, args.output_dir)

@@ -1,9 +1,112 @@
-"""Configuration of BEiT masked image modeling (BEiT, arXiv 2106.08254)."""
+"""Configuration of BEiT masked image modeling (BEiT, arXiv 2106.08254), and which tokenizer families it serves.
+
+A MIM config stores its tokenizer's config as a plain dict (of any tokenizer family); `tokenizer_config_from_dict`
+resolves it through `TOKENIZER_CONFIG_CLASSES`, and `modeling_beit.TOKENIZER_MODEL_CLASSES` gives the model class.
+
+Which code a checkpoint carries: `save_pretrained` copies a module and every sibling it imports as `from .x import y`
+(transformers finds them with a regex, recursively), and the remote-code loader fetches exactly those files. In hf_mim
+itself these two tuples list every tokenizer family, so a plain copy would ship every family's code with every MIM
+checkpoint. `BeitMimConfig.save_pretrained` therefore rewrites, in the checkpoint's copies of this file and of
+modeling_beit.py, the lines between the `FAMILY_BLOCK` markers to import the checkpoint's own tokenizer family only,
+and removes the other families' files the copy brought along. The rewritten imports are ordinary static imports, so
+the loader fetches the family's files, and a checkpoint loaded without hf_mim and saved again keeps the same files.
+Configuration files import no modeling files: this file resolves configs only, modeling_beit.py the models.
+"""
+
+import os
+from pathlib import Path
 
 from transformers import BeitConfig
+from transformers.dynamic_module_utils import get_relative_import_files
 
 from .configuration_common import complete_auto_map
-from .tokenizer_registry import mim_tokenizer_config, tokenizer_config_from_dict
+
+# Tokenizer families (rewritten per checkpoint, see the module docstring):
+from .configuration_dvae import DvaeConfig
+from .configuration_kmeans import KmeansConfig
+from .configuration_vqgan import VqganConfig
+from .configuration_vqkd import VqkdConfig
+
+TOKENIZER_CONFIG_CLASSES = (DvaeConfig, KmeansConfig, VqganConfig, VqkdConfig)
+# End of the tokenizer families.
+
+# The first and last line around each family block.
+FAMILY_BLOCK = (
+    "# Tokenizer families (rewritten per checkpoint, see the module docstring):",
+    "# End of the tokenizer families.",
+)
+# The files holding a family block: the tuple each defines, and the tokenizer config's auto_map entry naming its class.
+FAMILY_BLOCK_FILES = {
+    "configuration_beit.py": ("TOKENIZER_CONFIG_CLASSES", "AutoConfig"),
+    "modeling_beit.py": ("TOKENIZER_MODEL_CLASSES", "AutoModel"),
+}
+
+
+def tokenizer_config_from_dict(config_dict: dict):
+    """The tokenizer config object described by `config_dict` (a `to_dict()` of a tokenizer config)."""
+    classes = {config_class.model_type: config_class for config_class in TOKENIZER_CONFIG_CLASSES}
+    model_type = config_dict.get("model_type")
+    if model_type not in classes:
+        raise ValueError(
+            f"Unknown tokenizer model_type {model_type!r}; this code serves the tokenizers {sorted(classes)}. "
+            "Pass `tokenizer.config.to_dict()` of an hf_mim tokenizer as `tokenizer_config`."
+        )
+    return classes[model_type].from_dict(config_dict)
+
+
+def mim_tokenizer_config(config_dict: dict) -> dict:
+    """The tokenizer config a MIM model stores: `config_dict` with the decoder switched off (`with_decoder=False`).
+
+    Targets only need the encoder side; the decoder would otherwise ride along in every MIM checkpoint and Hub push
+    (43.8M parameters for the DALL-E dVAE, 22M for VQ-KD). A dict without the `with_decoder` key is kept as it is:
+    its family has no such switch (k-means, VQGAN), or it comes from a MIM checkpoint saved before the switch existed,
+    whose weights hold the decoder, so that checkpoint loads with its decoder and without missing or unexpected keys.
+    """
+    if "with_decoder" not in config_dict:
+        return config_dict
+    return {**config_dict, "with_decoder": False}
+
+
+def render_family_block(tuple_name: str, references: list[str]) -> str:
+    """The lines between the `FAMILY_BLOCK` markers for the classes `references` ("module.Class")."""
+    pairs = [reference.rsplit(".", 1) for reference in references]
+    names = [name for _, name in pairs]
+    imports = "".join(f"from .{module} import {name}\n" for module, name in pairs)
+    return f"{imports}\n{tuple_name} = ({', '.join(names)}{',' if len(names) == 1 else ''})\n"
+
+
+def _code_closure(folder: Path, modules: list[str]) -> set[str]:
+    """File names of `modules` in `folder` and of every sibling they import, as transformers copies and loads them."""
+    files = [folder / f"{module}.py" for module in modules]
+    imported = {Path(path).name for file in files for path in get_relative_import_files(file)}
+    return {path.name for path in files} | imported
+
+
+def keep_only_tokenizer_family(folder, config) -> None:
+    """Narrow the code files of the checkpoint `folder` (of the MIM `config`) to its tokenizer family.
+
+    Rewrites the family blocks of the folder's copies of `FAMILY_BLOCK_FILES` to the family of
+    `config.tokenizer_config` (none without a tokenizer), then removes the files that only the blocks as they were
+    needed. A folder whose blocks already list that family is left as it is.
+    """
+    folder = Path(folder)
+    family = tokenizer_config_from_dict(config.tokenizer_config).auto_map if config.tokenizer_config else None
+    modules = sorted(
+        {reference.rsplit(".", 1)[0] for reference in config.auto_map.values() if "--" not in reference}
+    )
+    modules = [module for module in modules if (folder / f"{module}.py").is_file()]
+    copied = _code_closure(folder, modules)
+    for file_name, (tuple_name, auto_class) in FAMILY_BLOCK_FILES.items():
+        path = folder / file_name
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        start = text.index(f"\n{FAMILY_BLOCK[0]}\n") + len(FAMILY_BLOCK[0]) + 2
+        end = text.index(f"\n{FAMILY_BLOCK[1]}\n", start) + 1
+        block = render_family_block(tuple_name, [family[auto_class]] if family else [])
+        path.write_text(text[:start] + block + text[end:])
+    for name in copied - _code_closure(folder, modules):
+        (folder / name).unlink(missing_ok=True)
 
 
 def check_backbone_geometry(config) -> None:
@@ -82,5 +185,23 @@ class BeitMimConfig(BeitConfig):
         check_backbone_geometry(self)
         complete_auto_map(self, self.auto_map_defaults)
 
+    def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
+        """Save as `PreTrainedConfig.save_pretrained` does, with code files of this tokenizer family only.
 
-__all__ = ["BeitMimConfig", "check_backbone_geometry"]
+        A model's `save_pretrained` saves its config last, after copying its own code, so this also narrows the
+        model's files. With `push_to_hub`, the upload goes through `push_to_hub`, which saves the same way.
+        """
+        super().save_pretrained(save_directory)
+        keep_only_tokenizer_family(save_directory, self)
+        if push_to_hub:
+            self.push_to_hub(kwargs.pop("repo_id", os.path.basename(os.path.normpath(save_directory))), **kwargs)
+
+
+__all__ = [
+    "BeitMimConfig",
+    "TOKENIZER_CONFIG_CLASSES",
+    "check_backbone_geometry",
+    "keep_only_tokenizer_family",
+    "mim_tokenizer_config",
+    "tokenizer_config_from_dict",
+]

@@ -1,7 +1,16 @@
 """Configuration of mc-BEiT masked image modeling with multi-choice targets (arXiv 2203.15371)."""
 
-from .configuration_beit import BeitMimConfig
-from .tokenizer_registry import tokenizer_provides_logits
+from .configuration_beit import BeitMimConfig, tokenizer_config_from_dict
+
+
+def tokenizer_provides_logits(config_dict: dict) -> bool:
+    """Whether the tokenizer of `config_dict` scores every code (`get_codebook_logits`), which soft targets need.
+
+    Decided from its config class alone (configuration files import no modeling files): the tokenizer protocol asks
+    every family for logits, so a family that gives only ids says so with `provides_codebook_logits = False` on its
+    config class.
+    """
+    return getattr(type(tokenizer_config_from_dict(config_dict)), "provides_codebook_logits", True)
 
 
 class McBeitConfig(BeitMimConfig):

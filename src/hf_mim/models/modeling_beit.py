@@ -3,7 +3,8 @@
 The backbone is transformers' `BeitModel` (shared relative position bias, layer scale, mask
 token). Unlike transformers' `BeitForMaskedImageModeling`, the LM head runs only on masked
 positions (projecting all 196 tokens to 8192 logits is wasted work), and the model holds its
-frozen tokenizer, so a batch of pixels is all it needs.
+frozen tokenizer, so a batch of pixels is all it needs. The tokenizer families it can hold are those of the family
+block below, which a checkpoint's copy narrows to its own (see configuration_beit.py).
 """
 
 import contextlib
@@ -15,9 +16,28 @@ from transformers.models.beit.modeling_beit import BeitPreTrainedModel
 from transformers.utils import ModelOutput
 
 from .beit_backbone import BeitReferenceInitMixin, MimBeitModel
-from .configuration_beit import BeitMimConfig
+from .configuration_beit import BeitMimConfig, tokenizer_config_from_dict
 from .configuration_common import decoder_left_out
-from .tokenizer_registry import build_tokenizer
+
+# Tokenizer families (rewritten per checkpoint, see the module docstring):
+from .modeling_dvae import DvaeModel
+from .modeling_kmeans import KmeansModel
+from .modeling_vqgan import VqganModel
+from .modeling_vqkd import VqkdModel
+
+TOKENIZER_MODEL_CLASSES = (DvaeModel, KmeansModel, VqganModel, VqkdModel)
+# End of the tokenizer families.
+
+# model_type -> (config class, model class) of the tokenizers this code serves.
+TOKENIZER_CLASSES = {model.config_class.model_type: (model.config_class, model) for model in TOKENIZER_MODEL_CLASSES}
+
+
+def build_tokenizer(config_dict: dict):
+    """A randomly initialised, frozen tokenizer in eval mode; load weights into it afterwards."""
+    config = tokenizer_config_from_dict(config_dict)
+    tokenizer = TOKENIZER_CLASSES[config.model_type][1](config)
+    tokenizer.requires_grad_(False)
+    return tokenizer.eval()
 
 
 @dataclass
@@ -250,10 +270,13 @@ class BeitMimForMaskedImageModeling(BeitMimPreTrainedModel):
 
 
 __all__ = [
+    "TOKENIZER_CLASSES",
+    "TOKENIZER_MODEL_CLASSES",
     "BeitMimForMaskedImageModeling",
     "BeitMimModel",
     "BeitMimOutput",
     "BeitMimPreTrainedModel",
+    "build_tokenizer",
     "flatten_mask",
     "gather_masked",
     "masked_first",

@@ -1,0 +1,203 @@
+"""A saved checkpoint carries only its own family's code, its tokenizer family's and the shared helpers, and loads
+with `trust_remote_code=True` where hf_mim cannot be imported.
+
+Each family is saved twice over: `save_pretrained` of the model (the checkpoint), then with what a run_mim.py output
+adds and `hf-mim push` uploads (the root image processor, the tokenizer's view under `tokenizer/`, and that view's
+code also at the root, `complete_code_files`). The number of code files and lines of both is printed (`pytest -s`)
+and bounded. At f10a5aa, before the closure was narrowed, BEiT + dVAE saved 14 files (2,297 lines) and CCViT 18.
+"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import BLOCK_HF_MIM
+from fixtures.make_checkpoints import BACKBONE, SIZE, mim_expected, mim_models, tokenizer_expected, tokenizers
+from safetensors.torch import save_file
+from test_old_checkpoints import assert_loaded_as_recorded, run_loader
+
+from transformers import TrainerState, TrainingArguments
+from transformers.utils import hub as transformers_hub
+
+from hf_mim import BeitMimConfig, BeitMimForMaskedImageModeling, MimImageProcessor, MimTokenizerPreTrainedModel
+from hf_mim.hub.callbacks import HubFilesCallback
+from hf_mim.models import configuration_beit, modeling_beit
+from hf_mim.hub.push import complete_code_files
+from hf_mim.models.configuration_beit import FAMILY_BLOCK, FAMILY_BLOCK_FILES, render_family_block
+
+MODELS_DIR = Path(__file__).resolve().parents[1] / "src" / "hf_mim" / "models"
+TOKENIZER_FAMILIES = ("dvae", "vqkd", "vqgan", "kmeans")
+MIM_FAMILIES = ("beit", "beitv2", "mcbeit", "ccvit")
+# name -> (files, lines) at most: of the saved model, and of the upload. Measured, with room for a few lines.
+BOUNDS = {
+    "dvae": ((4, 540), (6, 650)),
+    "vqkd": ((5, 900), (7, 1030)),
+    "vqgan": ((4, 490), (6, 600)),
+    "kmeans": ((4, 530), (6, 640)),
+    "beit": ((4, 700), (5, 790)),
+    "beit_dvae": ((7, 1160), (9, 1270)),
+    "beitv2_vqkd": ((9, 1640), (11, 1780)),
+    "mcbeit_dvae": ((9, 1450), (11, 1560)),
+    "mcbeit_vqgan": ((9, 1400), (11, 1510)),
+    "ccvit_kmeans": ((11, 1700), (13, 1810)),
+}
+
+
+def families(file_name: str) -> set[str]:
+    """The families whose code `file_name` is (none for a shared helper such as configuration_common.py)."""
+    stem = Path(file_name).stem
+    owned = set(stem.split("_")) & {*TOKENIZER_FAMILIES, *MIM_FAMILIES}
+    # beit_backbone.py is the ViT that MIM models and VQ-KD share; configuration/modeling_beit.py are BEiT's.
+    return owned - {"beit"} if stem == "beit_backbone" else owned
+
+
+def allowed_families(name: str) -> set[str]:
+    """A checkpoint `name` ("<mim family>_<tokenizer family>" or a tokenizer family) may carry these families."""
+    parts = set(name.split("_"))
+    if parts & set(MIM_FAMILIES):
+        parts.add("beit")  # every MIM method builds on BEiT
+    if "ccvit" in parts:
+        parts.add("beitv2")  # CCViT on BEiT v2
+    return parts
+
+
+def count(folder: Path) -> tuple[int, int]:
+    files = sorted(folder.glob("*.py"))
+    return len(files), sum(len(path.read_text().splitlines()) for path in files)
+
+
+def cases() -> dict:
+    """name -> (model, image processor of the root, image processor of the tokenizer view or None)."""
+    tokenizer_of = tokenizers()
+    processor = MimImageProcessor(size={"height": SIZE, "width": SIZE}, crop_size={"height": SIZE, "width": SIZE})
+    found = {name: (model.eval(), own_processor, None) for name, (model, own_processor) in tokenizer_of.items()}
+    for name, (model, family) in mim_models(tokenizer_of).items():
+        if not name.endswith("_with_decoder"):
+            found[name] = (model, processor, tokenizer_of[family][1])
+    torch.manual_seed(0)
+    found["beit"] = (BeitMimForMaskedImageModeling(BeitMimConfig(**BACKBONE)).eval(), processor, None)
+    return found
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """name -> (counts of the saved model, counts of the upload, code file names); then every upload folder loaded
+    in one process without hf_mim: (report, outputs folder, root)."""
+    base = tmp_path_factory.mktemp("closure")
+    root = base / "checkpoints"
+    measured = {}
+    for name, (model, processor, tokenizer_processor) in cases().items():
+        folder = root / name
+        model.save_pretrained(folder)
+        saved_counts = count(folder)
+        processor.save_pretrained(folder)
+        if tokenizer_processor is not None:
+            tokenizer_processor.save_pretrained(folder / "tokenizer")
+        complete_code_files(folder)
+        expected = tokenizer_expected(model) if isinstance(model, MimTokenizerPreTrainedModel) else mim_expected(model)
+        save_file({key: value.contiguous() for key, value in expected.items()}, folder / "expected.safetensors")
+        measured[name] = (saved_counts, count(folder), sorted(path.name for path in folder.glob("*.py")))
+        print(f"{name}: saved model {saved_counts[0]} files, {saved_counts[1]} lines; "
+              f"upload {measured[name][1][0]} files, {measured[name][1][1]} lines: {measured[name][2]}")
+    return measured, run_loader("remote", root, base / "outputs"), base / "outputs", root
+
+
+def test_cases_cover_every_family():
+    assert set(BOUNDS) == set(cases())
+    assert {family for name in BOUNDS for family in name.split("_")} == {*TOKENIZER_FAMILIES, *MIM_FAMILIES}
+
+
+@pytest.mark.parametrize("name", sorted(BOUNDS))
+def test_checkpoint_carries_only_its_families_code_and_loads_without_hf_mim(saved, name):
+    measured, report, outputs, root = saved
+    saved_counts, upload_counts, files = measured[name]
+    for counts, bound in zip((saved_counts, upload_counts), BOUNDS[name]):
+        assert counts[0] <= bound[0] and counts[1] <= bound[1], f"{name}: {counts} (files, lines) over {bound}"
+    strangers = {file: families(file) - allowed_families(name) for file in files}
+    assert not any(strangers.values()), f"{name} carries other families' code: {strangers}"
+    assert_loaded_as_recorded("remote", report, name, root / name / "expected.safetensors", outputs)
+
+
+def test_beit_with_dvae_saves_at_most_eight_code_files(saved):
+    measured = saved[0]
+    assert measured["beit_dvae"][0][0] <= 8
+
+
+def test_no_configuration_file_imports_a_modeling_file():
+    for path in MODELS_DIR.glob("configuration_*.py"):
+        imported = re.findall(r"^\s*from\s+\.(\S+)\s+import", path.read_text(), flags=re.MULTILINE)
+        assert not [module for module in imported if not module.startswith("configuration_")], path.name
+
+
+def test_source_family_blocks_list_every_family_in_the_rendered_form():
+    """hf_mim's own copies hold every tokenizer family, in exactly the form a checkpoint's copy is rewritten to, so
+    the rewrite finds its markers and a checkpoint differs from the source only in the family it lists."""
+    modules = {"configuration_beit.py": configuration_beit, "modeling_beit.py": modeling_beit}
+    for file_name, (tuple_name, auto_class) in FAMILY_BLOCK_FILES.items():
+        classes = getattr(modules[file_name], tuple_name)
+        config_classes = [getattr(cls, "config_class", cls) for cls in classes]
+        assert {config_class.model_type for config_class in config_classes} == {
+            f"hf_mim_{family}" for family in TOKENIZER_FAMILIES
+        }
+        # The rewrite names each class by its tokenizer config's auto_map entry: the same class as here.
+        references = [config_class().auto_map[auto_class] for config_class in config_classes]
+        assert references == [f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}" for cls in classes]
+        text = (MODELS_DIR / file_name).read_text()
+        assert f"\n{FAMILY_BLOCK[0]}\n{render_family_block(tuple_name, references)}{FAMILY_BLOCK[1]}\n" in text
+
+
+def test_saving_again_without_hf_mim_keeps_the_narrow_code(saved, tmp_path):
+    """A checkpoint loaded where hf_mim is not installed and saved again carries the same files."""
+    root = saved[3]
+    script = BLOCK_HF_MIM + (
+        "from transformers import AutoModelForMaskedImageModeling\n"
+        "model = AutoModelForMaskedImageModeling.from_pretrained(sys.argv[1], trust_remote_code=True)\n"
+        "model.save_pretrained(sys.argv[2])\n"
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run(
+        [sys.executable, "-c", script, str(root / "beit_dvae"), str(tmp_path / "again")], capture_output=True,
+        text=True, env=env, timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    first = {path.name: path.read_text() for path in root.joinpath("beit_dvae").glob("*.py")}
+    again = {path.name: path.read_text() for path in (tmp_path / "again").glob("*.py")}
+    # The upload also holds the image processors' code, which the model's save does not write.
+    assert again == {name: text for name, text in first.items() if not name.startswith("image_processing_")}
+
+
+def beit_dvae():
+    return mim_models(tokenizers())["beit_dvae"][0]
+
+
+def test_trainer_push_callback_writes_only_the_checkpoints_code(tmp_path):
+    """What Trainer's intermediate pushes upload: the code files written at the start of training."""
+    args = TrainingArguments(output_dir=str(tmp_path), push_to_hub=True, hub_model_id="tester/x", report_to="none")
+    HubFilesCallback().on_train_begin(args, TrainerState(), None, model=beit_dvae())
+    assert sorted(path.name for path in tmp_path.glob("*.py")) == [
+        "beit_backbone.py", "configuration_beit.py", "configuration_common.py", "configuration_dvae.py",
+        "modeling_beit.py", "modeling_dvae.py", "modeling_tokenizer.py",
+    ]
+
+
+def test_config_pushed_from_save_pretrained_uploads_only_its_code(tmp_path, monkeypatch):
+    uploaded = []
+    monkeypatch.setattr(transformers_hub, "hf_api", lambda: SimpleNamespace(
+        create_repo=lambda repo_id, **kwargs: SimpleNamespace(repo_id=repo_id)
+    ))
+    monkeypatch.setattr(transformers_hub, "create_and_tag_model_card", lambda *args, **kwargs: SimpleNamespace(
+        save=lambda path: None
+    ))
+
+    def upload(self, folder, *args, **kwargs):
+        uploaded.append(sorted(path.name for path in Path(folder).glob("*.py")))
+
+    monkeypatch.setattr(transformers_hub.PushToHubMixin, "_upload_modified_files", upload)
+    beit_dvae().config.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="tester/x")
+    narrow = ["configuration_beit.py", "configuration_common.py", "configuration_dvae.py"]
+    assert uploaded == [narrow] and sorted(path.name for path in (tmp_path / "local").glob("*.py")) == narrow
