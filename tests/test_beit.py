@@ -261,8 +261,10 @@ def test_config_auto_map_is_complete():
 
 def test_tokenizer_stays_frozen_after_loading(tmp_path):
     BeitMimForMaskedImageModeling(tiny_beit_config()).save_pretrained(tmp_path)
+    loaded_with_info, info = AutoModelForMaskedImageModeling.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
     for loaded in (BeitMimForMaskedImageModeling.from_pretrained(tmp_path),
-                   AutoModelForMaskedImageModeling.from_pretrained(tmp_path)):
+                   AutoModelForMaskedImageModeling.from_pretrained(tmp_path), loaded_with_info):
         assert not any(p.requires_grad for p in loaded.tokenizer.parameters())
         assert all(p.requires_grad for p in loaded.beit.parameters())
 

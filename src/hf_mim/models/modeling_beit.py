@@ -162,12 +162,14 @@ class BeitMimForMaskedImageModeling(BeitMimPreTrainedModel):
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
-        model = super().from_pretrained(*args, **kwargs)
+        loaded = super().from_pretrained(*args, **kwargs)
+        # (model, loading info) with `output_loading_info=True`.
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
         # Loading replaces parameters with new trainable ones; the tokenizer is a fixed target function and must
         # stay out of the optimiser (and out of DDP's gradient reduction, where an unused trainable parameter fails).
         if model.tokenizer is not None:
             model.tokenizer.requires_grad_(False)
-        return model
+        return loaded
 
     @property
     def num_patches(self) -> int:
