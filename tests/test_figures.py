@@ -162,6 +162,16 @@ def test_histogram_and_curves_bad_input():
     assert codebook_histogram(np.arange(5000) % 3000, 3000, size=(320, 120)).size == (320, 120)
 
 
+def test_tokenizer_curves_show_codebook_usage_and_perplexity():
+    # A dVAE's log: the codebook's usage falling over the run is what tells a collapsing tokenizer.
+    history = [
+        {"step": step, "loss": 0.1 / step, "codebook_usage": 1.0 / step, "codebook_perplexity": 400.0 / step}
+        for step in range(1, 5)
+    ] + [{"step": 4, "eval_codebook_usage": 0.2, "eval_codebook_perplexity": 80.0}]
+    # loss, codebook_perplexity (train + eval), codebook_usage (train + eval): three charts.
+    assert training_curves(history, size=(320, 100)).size == (320, 3 * 100)
+
+
 def test_rare_codes_stay_visible():
     histogram = np.asarray(codebook_histogram([0] * 100_000 + [1], codebook_size=2, size=(200, 100)))
     bars = (histogram == (70, 110, 180)).all(-1)

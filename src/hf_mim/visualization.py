@@ -275,6 +275,10 @@ def codebook_histogram(
     return figure
 
 
+# Parts of the logged keys that `training_curves` plots by default.
+_CURVE_KEYS = ("loss", "accuracy", "codebook_")
+
+
 def _log_history(trainer_state) -> list[dict]:
     if isinstance(trainer_state, (str, os.PathLike)):
         with open(trainer_state) as file:
@@ -290,12 +294,14 @@ def training_curves(trainer_state, keys: Sequence[str] | None = None, size: tupl
 
     Args:
         trainer_state: A `trainer_state.json` path, its loaded dict, or its `log_history` list.
-        keys: Logged keys to plot; by default every key containing "loss" or "accuracy" (the run summary
-            `train_loss` excepted).
+        keys: Logged keys to plot; by default every key containing "loss", "accuracy" or "codebook_" (a tokenizer's
+            usage and perplexity, whose fall shows a codebook collapsing), the run summary `train_loss` excepted.
     """
     history = _log_history(trainer_state)
     if keys is None:
-        keys = sorted({key for entry in history for key in entry if ("loss" in key or "accuracy" in key) and key != "train_loss"})
+        keys = sorted(
+            {key for entry in history for key in entry if any(part in key for part in _CURVE_KEYS) and key != "train_loss"}
+        )
     charts: dict[str, dict[str, list[tuple[float, float]]]] = {}
     for key in keys:
         points = [(float(entry["step"]), float(entry[key])) for entry in history if key in entry and "step" in entry]
@@ -436,7 +442,8 @@ def main(argv=None) -> dict[str, str]:
           with a pixel decoder, passed as --tokenizer_name_or_path (a MIM checkpoint holds its tokenizer without it).
         - codebook_usage.png: code frequencies over the panel's images, most to least used, with usage and
           perplexity; figure_metrics.json: masked-token accuracy and codebook usage of those images.
-        - training_curves.png: loss and accuracy curves of --trainer_state (default: the checkpoint's).
+        - training_curves.png: loss, accuracy and codebook usage curves of --trainer_state (default: the
+          checkpoint's).
 
         examples:
           hf-mim visualize --model_name_or_path ./beit --tokenizer_name_or_path ./my-dvae --images ./val \\

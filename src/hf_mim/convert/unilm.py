@@ -254,6 +254,8 @@ def _vqkd_config(state, encoder, decoder, codebook, num_attention_heads, decoder
         codebook_size=codebook.shape[0],
         codebook_dim=codebook.shape[1],
         teacher_dim=state["decode_task_layer.2.weight"].shape[0],
+        # The released tokenizers were trained without restarts; continued training keeps their recipe.
+        dead_code_restart_steps=0,
     )
 
 

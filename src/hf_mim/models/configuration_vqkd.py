@@ -51,9 +51,11 @@ class VqkdConfig(PreTrainedConfig):
         random unit vectors.
     kmeans_iters (`int`, *optional*, defaults to 10):
         Iterations of that k-means.
-    dead_code_restart_steps (`int`, *optional*, defaults to 0):
+    dead_code_restart_steps (`int`, *optional*, defaults to 100):
         Re-seed a code from the current batch's encoder outputs once it has not been selected (on any process) for
-        this many consecutive training steps. 0 disables it, as in the reference implementation.
+        this many consecutive training steps (looked for every this many steps). 0 disables it, as in the reference
+        implementation; restarts are on by default because without them most codes die within the first steps
+        after the k-means initialisation on a small dataset (README, "BEiT v2").
     logit_scale (`float`, *optional*, defaults to 100.0):
         Multiplies the cosine similarities that `get_codebook_logits` returns, so that a softmax over them (e.g.
         mc-BEiT's soft targets at temperature 4) is peaked rather than uniform. Token ids do not depend on it.
@@ -103,7 +105,7 @@ class VqkdConfig(PreTrainedConfig):
     commitment_weight: float = 1.0
     kmeans_init: bool = True
     kmeans_iters: int = 10
-    dead_code_restart_steps: int = 0
+    dead_code_restart_steps: int = 100
     logit_scale: float = 100.0
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-6

@@ -13,7 +13,6 @@ and passes them to `forward` as `target_features`.
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from transformers import initialization as init
@@ -22,6 +21,7 @@ from transformers.utils import ModelOutput
 from .beit_backbone import MimBeitModel, init_beit_weights
 from .configuration_common import check_decoder
 from .configuration_vqkd import VqkdConfig
+from .distributed import all_gather_rows, all_reduce_, computed_on_main
 from .modeling_tokenizer import MimTokenizerPreTrainedModel, code_counts, host_scalars
 
 # Rows of the (vectors x codes) similarity matrix computed at once by k-means; bounds its memory on large batches.
@@ -78,25 +78,6 @@ class VqkdCodebookOutput(ModelOutput):
     restarted_codes: torch.FloatTensor | None = None
 
 
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
-    """The rows of `tensor` from every process, concatenated in rank order (row counts may differ)."""
-    if not _distributed():
-        return tensor
-    count = torch.tensor([tensor.shape[0]], device=tensor.device)
-    counts = [torch.zeros_like(count) for _ in range(dist.get_world_size())]
-    dist.all_gather(counts, count)
-    counts = [int(c) for c in counts]
-    padded = tensor.new_zeros((max(counts), *tensor.shape[1:]))
-    padded[: tensor.shape[0]] = tensor
-    gathered = [torch.empty_like(padded) for _ in counts]
-    dist.all_gather(gathered, padded)
-    return torch.cat([rows[:n] for rows, n in zip(gathered, counts)])
-
-
 @torch.no_grad()
 def spherical_kmeans(vectors: torch.Tensor, num_clusters: int, iterations: int) -> torch.Tensor:
     """Unit-norm centroids `(num_clusters, dim)` of unit vectors `(n, dim)` by k-means under cosine similarity.
@@ -149,6 +130,8 @@ class VqkdCodebook(nn.Module):
         self.register_buffer("unused_steps", torch.zeros(config.codebook_size, dtype=torch.long))
         # `initted` once read as 1: a frozen tokenizer then needs no device synchronisation per call to know it.
         self._known_initialised = False
+        # Training calls since dead codes were last looked for; every process counts the same calls.
+        self._steps_since_check = 0
 
     @property
     def is_initialised(self) -> bool:
@@ -174,13 +157,11 @@ class VqkdCodebook(nn.Module):
     @torch.no_grad()
     def initialise(self, vectors: torch.Tensor) -> None:
         """Spherical k-means on the unit `vectors` of all processes, computed on rank 0 and broadcast."""
-        vectors = _all_gather_rows(vectors)
-        if not _distributed() or dist.get_rank() == 0:
-            centroids = spherical_kmeans(vectors, self.codebook_size, self.kmeans_iters)
-        else:
-            centroids = torch.empty_like(self.weight, dtype=vectors.dtype)
-        if _distributed():
-            dist.broadcast(centroids, src=0)
+        (vectors,) = all_gather_rows(vectors)
+        centroids = computed_on_main(
+            lambda: spherical_kmeans(vectors, self.codebook_size, self.kmeans_iters),
+            self.weight.shape, vectors.dtype, vectors.device,
+        )
         self.weight.copy_(centroids)
         self.cluster_size.zero_()
         self.unused_steps.zero_()
@@ -193,8 +174,7 @@ class VqkdCodebook(nn.Module):
         sums = torch.zeros_like(self.weight, dtype=vectors.dtype).index_add_(0, indices, vectors)
         # One collective for both statistics.
         statistics = torch.cat([counts[:, None], sums], dim=1)
-        if _distributed():
-            dist.all_reduce(statistics)
+        all_reduce_(statistics)
         counts, sums = statistics[:, 0], statistics[:, 1:]
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
         # The member mean of a code, normalised; codes nobody chose keep their vector.
@@ -205,19 +185,26 @@ class VqkdCodebook(nn.Module):
     @torch.no_grad()
     def restart_dead_codes(self, vectors: torch.Tensor, counts: torch.Tensor) -> int:
         """Re-seed the codes unused for `dead_code_restart_steps` steps with random unit `vectors` of this step;
-        `counts` are this step's all-process selection counts. Returns how many codes were restarted."""
+        `counts` are this step's all-process selection counts. Returns how many codes were restarted.
+
+        Dead codes are looked for once every `dead_code_restart_steps` calls, not every call: finding them needs a
+        host read, which would stall a GPU every step. A code is therefore restarted after `dead_code_restart_steps`
+        to twice that many unused steps.
+        """
         self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
+        self._steps_since_check += 1
+        if self._steps_since_check < self.dead_code_restart_steps:
+            return 0
+        self._steps_since_check = 0
         dead = self.unused_steps >= self.dead_code_restart_steps
         # `counts` are summed over processes, so every process takes this branch together.
         num_dead = int(host_scalars(dead.sum())[0])
         if num_dead == 0:
             return 0
-        if not _distributed() or dist.get_rank() == 0:
-            replacements = vectors[torch.randint(0, vectors.shape[0], (num_dead,), device=vectors.device)]
-        else:
-            replacements = torch.empty(num_dead, self.codebook_dim, dtype=vectors.dtype, device=vectors.device)
-        if _distributed():
-            dist.broadcast(replacements, src=0)
+        replacements = computed_on_main(
+            lambda: vectors[torch.randint(0, vectors.shape[0], (num_dead,), device=vectors.device)],
+            (num_dead, self.codebook_dim), vectors.dtype, vectors.device,
+        )
         self.weight[dead] = replacements.to(self.weight.dtype)
         self.unused_steps[dead] = 0
         return num_dead

@@ -71,6 +71,8 @@ class DvaeTrainer(TokenizerTrainer):
             (0 uses noticeably fewer codes, 1e-2 makes posteriors nearly uniform).
         kl_warmup_fraction (`float`, *optional*, defaults to 0.1):
             Fraction of the training steps over which the KL weight ramps up linearly from 0.
+        diversity_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the model's `diversity_loss` (KL of the batch's mean code posterior to uniform), constant.
     """
 
     def __init__(
@@ -82,6 +84,7 @@ class DvaeTrainer(TokenizerTrainer):
         anneal_fraction: float = 1.0,
         kl_weight: float = 1e-3,
         kl_warmup_fraction: float = 0.1,
+        diversity_weight: float = 0.0,
         **kwargs,
     ):
         if temperature_schedule not in TEMPERATURE_SCHEDULES:
@@ -96,6 +99,8 @@ class DvaeTrainer(TokenizerTrainer):
             raise ValueError(f"anneal_fraction must be in (0, 1], got {anneal_fraction}")
         if kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
+        if diversity_weight < 0:
+            raise ValueError(f"diversity_weight must be >= 0, got {diversity_weight}")
         super().__init__(*args, **kwargs)
         check_decoder(self.accelerator.unwrap_model(self.model).config, "be trained (its loss decodes the codes)")
         self.temperature_start = temperature_start
@@ -104,6 +109,7 @@ class DvaeTrainer(TokenizerTrainer):
         self.anneal_fraction = anneal_fraction
         self.kl_weight = kl_weight
         self.kl_warmup_fraction = kl_warmup_fraction
+        self.diversity_weight = diversity_weight
 
     def current_temperature(self) -> float:
         return gumbel_temperature(
@@ -117,7 +123,12 @@ class DvaeTrainer(TokenizerTrainer):
         return kl_weight_at(training_progress(self), self.kl_weight, self.kl_warmup_fraction)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {**inputs, "temperature": self.current_temperature(), "kl_weight": self.current_kl_weight()}
+        inputs = {
+            **inputs,
+            "temperature": self.current_temperature(),
+            "kl_weight": self.current_kl_weight(),
+            "diversity_weight": self.diversity_weight,
+        }
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -138,6 +149,7 @@ def build_dvae_trainer(model, args: TrainingArguments, tokenizer_args, **trainer
         anneal_fraction=tokenizer_args.gumbel_anneal_fraction,
         kl_weight=tokenizer_args.kl_weight,
         kl_warmup_fraction=tokenizer_args.kl_warmup_fraction,
+        diversity_weight=tokenizer_args.diversity_weight,
         **trainer_kwargs,
     )
 

@@ -1,10 +1,19 @@
 """The `Trainer` base of hf_mim's gradient-trained tokenizers (dVAE, VQ-KD): codebook usage in every log."""
 
+import logging
+
 import torch
 
 from ..evaluation.codebook import codebook_metrics
 from ..models.modeling_tokenizer import code_counts
 from .trainer import MimTrainer
+
+logger = logging.getLogger(__name__)
+
+# A training window using less of the codebook than this is reported as collapsing (see `TokenizerTrainer`).
+LOW_CODEBOOK_USAGE = 0.5
+# Tokens per code a window needs before its usage says anything: a uniform codebook then shows 98% of its codes.
+_TOKENS_PER_CODE_FOR_USAGE = 4
 
 
 class TokenizerTrainer(MimTrainer):
@@ -17,12 +26,20 @@ class TokenizerTrainer(MimTrainer):
     set, counted over all processes: the same numbers as the `codebook_usage` evaluate module and the k-means
     tokenizer's evaluation give for those token ids. Counting whole windows rather than averaging per-batch values
     keeps a small per-device batch from making a healthy codebook look unused.
+
+    The first training window that saw at least 4 tokens per code and used less than `LOW_CODEBOOK_USAGE` of the
+    codebook logs a warning with the family's remedy (`collapse_remedy`): a collapsed tokenizer gives MIM a task
+    over a few classes.
     """
+
+    # How to keep this family's codes in use, for the collapse warning.
+    collapse_remedy = ""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._code_counts: dict[str, torch.Tensor | None] = {"train": None, "eval": None}
         self._eval_prefix: str | None = None
+        self._warned_low_usage = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
@@ -39,9 +56,24 @@ class TokenizerTrainer(MimTrainer):
             counts = torch.zeros(codebook_size, dtype=torch.long, device=self.args.device)
         # Every rank reaches this log together (the Trainer gathers the loss just before), so reduce here.
         counts = self.accelerator.reduce(counts.to(self.accelerator.device), reduction="sum")
-        if counts.sum() == 0:
+        total = counts.sum()
+        if total == 0:
             return {}
-        return {f"{prefix}{name}": value for name, value in codebook_metrics(counts).items()}
+        metrics = codebook_metrics(counts)
+        if split == "train" and total >= _TOKENS_PER_CODE_FOR_USAGE * counts.numel():
+            self._warn_if_collapsing(metrics["codebook_usage"], counts.numel())
+        return {f"{prefix}{name}": value for name, value in metrics.items()}
+
+    def _warn_if_collapsing(self, usage: float, codebook_size: int) -> None:
+        if usage >= LOW_CODEBOOK_USAGE or self._warned_low_usage:
+            return
+        self._warned_low_usage = True
+        if self.is_world_process_zero():
+            logger.warning(
+                "Codebook collapse: the last logging window used %d of %d codes (%.0f%%, below %.0f%%); its tokens "
+                "would give masked image modeling a task over a few classes. %s",
+                round(usage * codebook_size), codebook_size, 100 * usage, 100 * LOW_CODEBOOK_USAGE, self.collapse_remedy,
+            )  # fmt: skip
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
@@ -60,4 +92,4 @@ class TokenizerTrainer(MimTrainer):
             self._eval_prefix = outer_prefix
 
 
-__all__ = ["TokenizerTrainer"]
+__all__ = ["LOW_CODEBOOK_USAGE", "TokenizerTrainer"]

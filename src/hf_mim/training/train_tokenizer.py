@@ -100,6 +100,10 @@ class TokenizerArguments(KmeansFitArguments):
     kl_warmup_fraction: float = field(
         default=0.1, metadata={"help": "Fraction of the steps over which the KL weight ramps up from 0."}
     )
+    diversity_weight: float = field(
+        default=0.0,
+        metadata={"help": "dVAE: weight of the KL of the batch's mean code posterior to uniform (keeps codes in use)."},
+    )
     teacher_name_or_path: str | None = field(
         default=None,
         metadata={"help": "The vision model to distil (folder or Hub id), e.g. openai/clip-vit-base-patch16."},

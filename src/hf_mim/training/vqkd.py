@@ -178,6 +178,11 @@ class VqkdTrainer(TokenizerTrainer):
             The frozen teacher; moved to the training device here and never saved.
     """
 
+    collapse_remedy = (
+        "Restart dead codes sooner (--config_overrides dead_code_restart_steps=20) or lower codebook_size; see the "
+        "README's BEiT v2 section."
+    )
+
     def __init__(self, *args, teacher: VqkdTeacher, **kwargs):
         super().__init__(*args, **kwargs)
         config = self.accelerator.unwrap_model(self.model).config
