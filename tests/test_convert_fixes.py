@@ -18,12 +18,11 @@ from test_convert_unilm import beit_state, ref_vqkd, vqkd_state
 from test_vqgan import REPO, TINY, random_taming_state_dict, taming_reference_logits
 from transformers import AutoConfig
 
-from hf_mim import KmeansConfig, KmeansModel
+from hf_mim import KmeansConfig, KmeansImageProcessor, KmeansModel
 from hf_mim.cli import run_command
 from hf_mim.convert.taming import convert_taming_checkpoint, load_taming_state_dict
 from hf_mim.convert.unilm import convert_beit_checkpoint, convert_vqkd_checkpoint, pretraining_drop_path_rate
 from hf_mim.errors import UsageError
-from hf_mim.training.kmeans import kmeans_image_processor
 
 # --------------------------------------------------------------------------------- a pytorch-lightning 1.0 last.ckpt
 
@@ -254,7 +253,7 @@ def files(tmp_path_factory):
     np.save(root / "centroids.npy", np.random.rand(16, 48).astype(np.float32))
     kmeans = KmeansModel(KmeansConfig(image_size=32, patch_size=8, codebook_size=16))
     kmeans.save_pretrained(root / "kmeans16")
-    kmeans_image_processor(kmeans.config).save_pretrained(root / "kmeans16")
+    KmeansImageProcessor.for_config(kmeans.config).save_pretrained(root / "kmeans16")
     return root
 
 

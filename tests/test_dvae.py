@@ -1,6 +1,7 @@
 """The DALL-E dVAE tokenizer: shapes, parameter count, processor, safe conversion of OpenAI pickles, training."""
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -21,7 +22,7 @@ from transformers import AutoModel
 from hf_mim import DvaeConfig, DvaeImageProcessor, DvaeModel
 from hf_mim.convert.dalle import ForbiddenGlobalError, convert_dalle_checkpoint
 from hf_mim.training import train_tokenizer
-from hf_mim.training.dvae import DvaeTrainer, dvae_image_processor, gumbel_temperature
+from hf_mim.training.dvae import DvaeTrainer, gumbel_temperature
 
 TINY = {"image_size": 32, "hidden_size": 16, "codebook_size": 64, "num_groups": 2, "decoder_hidden_size": 16}
 
@@ -192,8 +193,8 @@ def test_processor_is_the_logit_laplace_map_and_round_trips(tmp_path):
     assert torch.equal(reloaded([black, white], return_tensors="pt")["pixel_values"], pixels)
 
 
-def test_training_processor_follows_the_config():
-    processor = dvae_image_processor(DvaeConfig(image_size=64, logit_laplace_eps=0.05))
+def test_processor_for_a_config_follows_its_size_and_logit_laplace_eps():
+    processor = DvaeImageProcessor.for_config(DvaeConfig(image_size=64, logit_laplace_eps=0.05))
     assert processor.output_size == (64, 64)
     values = torch.rand(3, 4, 4)
     assert torch.allclose(processor.normalize_tensor(values), 0.9 * values + 0.05, atol=1e-6)
@@ -352,6 +353,27 @@ def test_convert_pickled_dall_e_modules_without_dall_e(tmp_path, zipfile_format)
         encoder_only.decode(logits.argmax(-1))
 
 
+@pytest.mark.filterwarnings("ignore:Couldn't retrieve source code")
+def test_converted_processor_is_the_logit_laplace_map_of_the_converted_config(tmp_path, monkeypatch):
+    """The DALL-E converter saves the view of the config it converts to, eps included (it saved the default 0.1 map
+    whatever the config's logit_laplace_eps)."""
+    import hf_mim.convert.dalle as dalle
+
+    modules, Encoder, _ = _fake_dall_e_modules()
+    sys.modules.update(modules)
+    try:
+        torch.save(Encoder(n_hid=16, n_blk_per_group=1, vocab_size=64).eval(), tmp_path / "encoder.pkl")
+    finally:
+        for name in modules:
+            del sys.modules[name]
+    monkeypatch.setattr(dalle, "DvaeConfig", functools.partial(DvaeConfig, logit_laplace_eps=0.05))
+    model = convert_dalle_checkpoint(tmp_path / "encoder.pkl", output_dir=tmp_path / "out", image_size=32)
+    assert model.config.logit_laplace_eps == 0.05
+    values = torch.rand(3, 4, 4)
+    processor = DvaeImageProcessor.from_pretrained(tmp_path / "out")
+    assert torch.allclose(processor.normalize_tensor(values), 0.9 * values + 0.05, atol=1e-6)
+
+
 class _RunsShellCommand:
     def __init__(self, marker):
         self.marker = marker
@@ -411,7 +433,7 @@ def test_training_lowers_reconstruction_error_and_uses_many_codes(tmp_path):
 
     torch.manual_seed(0)
     config = DvaeConfig(image_size=32, hidden_size=16, codebook_size=64, num_groups=3, decoder_hidden_size=16)
-    processor = dvae_image_processor(config)
+    processor = DvaeImageProcessor.for_config(config)
     pixels = processor(_sample_photo_crops(48, 32), return_tensors="pt")["pixel_values"]
     model = DvaeModel(config)
 

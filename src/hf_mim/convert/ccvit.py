@@ -12,8 +12,8 @@ import numpy as np
 
 from ..errors import UsageError
 from ..hub.cards import write_model_card
+from ..models.image_processing_kmeans import KmeansImageProcessor
 from ..models.modeling_kmeans import KmeansModel
-from ..training.kmeans import kmeans_image_processor
 from .common import first_line, require_file
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def convert_ccvit_centroids(
     )
     if output_dir is not None:
         tokenizer.save_pretrained(output_dir)
-        kmeans_image_processor(config).save_pretrained(output_dir)
+        KmeansImageProcessor.for_config(config).save_pretrained(output_dir)
         write_model_card(output_dir)
     return tokenizer
 

@@ -265,7 +265,7 @@ def convert_dalle_checkpoint(
     model.eval()
     if output_dir is not None:
         model.save_pretrained(output_dir)
-        DvaeImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(output_dir)
+        DvaeImageProcessor.for_config(config).save_pretrained(output_dir)
         write_model_card(output_dir)
     return model
 

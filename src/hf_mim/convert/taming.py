@@ -228,8 +228,7 @@ def convert_taming_checkpoint(
         raise UsageError(f"--checkpoint {checkpoint_path}: {error}") from error
     if output_dir is not None:
         model.save_pretrained(output_dir)
-        size = {"height": image_size, "width": image_size}
-        VqganImageProcessor(size=size, crop_size=size).save_pretrained(output_dir)
+        VqganImageProcessor.for_config(model.config).save_pretrained(output_dir)
         write_model_card(output_dir)
     return model
 

@@ -442,8 +442,7 @@ def convert_vqkd_checkpoint(
     model.eval()
     if output_dir is not None:
         model.save_pretrained(output_dir)
-        size = {"height": config.image_size, "width": config.image_size}
-        VqkdImageProcessor(size=size, crop_size=size).save_pretrained(output_dir)
+        VqkdImageProcessor.for_config(config).save_pretrained(output_dir)
         write_model_card(output_dir)
     return model
 
@@ -513,9 +512,8 @@ def convert_beit_checkpoint(
         default_mean, default_std = (
             _INCEPTION_MEAN_STD if type(config) is BeitMimConfig else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)
         )
-        size = {"height": config.image_size, "width": config.image_size}
-        MimImageProcessor(
-            size=size, crop_size=size, image_mean=image_mean or default_mean, image_std=image_std or default_std
+        MimImageProcessor.for_config(
+            config, image_mean=image_mean or default_mean, image_std=image_std or default_std
         ).save_pretrained(output_dir)
         if tokenizer_processor is not None:
             tokenizer_processor.save_pretrained(Path(output_dir) / TOKENIZER_SUBFOLDER)

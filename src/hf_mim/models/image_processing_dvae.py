@@ -11,7 +11,7 @@ class DvaeImageProcessor(MimImageProcessor):
     The map is expressed as a normalisation, `(x - mean) / std` with `mean = -eps / (1 - 2 eps) = -0.125` and
     `std = 1 / (1 - 2 eps) = 1.25` (eps = 0.1), so the standard processor machinery (and `hf_mim.data`'s
     augmentations, which read mean and std from the processor) produce exactly what the released encoder was
-    trained on. A dVAE with another `logit_laplace_eps` needs `image_mean`/`image_std` set accordingly.
+    trained on. `for_config` sets them for a dVAE of another `logit_laplace_eps`.
     """
 
     resample = PILImageResampling.LANCZOS
@@ -19,6 +19,14 @@ class DvaeImageProcessor(MimImageProcessor):
     image_std = (1.25, 1.25, 1.25)
     size = {"height": 112, "width": 112}
     crop_size = {"height": 112, "width": 112}
+
+    @classmethod
+    def for_config(cls, config, **kwargs):
+        """The view of a dVAE of `config`: its `image_size`, normalised by its logit-Laplace map
+        `x -> (1 - 2 eps) x + eps` with `eps = config.logit_laplace_eps`."""
+        eps = config.logit_laplace_eps
+        normalisation = {"image_mean": (-eps / (1 - 2 * eps),) * 3, "image_std": (1 / (1 - 2 * eps),) * 3}
+        return super().for_config(config, **{**normalisation, **kwargs})
 
 
 __all__ = ["DvaeImageProcessor"]

@@ -60,6 +60,14 @@ class MimImageProcessor(PilBackend):
     do_convert_rgb = True
     model_input_names = ["pixel_values"]
 
+    @classmethod
+    def for_config(cls, config, **kwargs):
+        """The processor of the view a model of `config` reads: `config.image_size` px square, this class's defaults
+        otherwise; `kwargs` override them. Every family's processor is built here (or in its class's override), so
+        a trainer, a converter and a fit save the same view for the same config."""
+        side = {"height": config.image_size, "width": config.image_size}
+        return cls(**{"size": side, "crop_size": side, **kwargs})
+
     def process_image(self, image, do_convert_rgb=None, input_data_format=None, **kwargs) -> np.ndarray:
         if isinstance(image, Image.Image) and (do_convert_rgb if do_convert_rgb is not None else self.do_convert_rgb):
             image = to_rgb(image)

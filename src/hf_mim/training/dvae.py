@@ -12,8 +12,6 @@ import math
 from transformers import TrainingArguments
 
 from ..models.configuration_common import check_decoder
-from ..models.configuration_dvae import DvaeConfig
-from ..models.image_processing_dvae import DvaeImageProcessor
 from .budget import training_progress
 from .tokenizer_trainer import TokenizerTrainer
 
@@ -35,17 +33,6 @@ def kl_weight_at(progress: float, kl_weight: float, warmup: float) -> float:
     if warmup <= 0:
         return kl_weight
     return kl_weight * min(max(progress, 0.0) / warmup, 1.0)
-
-
-def dvae_image_processor(config: DvaeConfig) -> DvaeImageProcessor:
-    """The processor whose normalisation is the config's logit-Laplace map `x -> (1 - 2 eps) x + eps`."""
-    eps = config.logit_laplace_eps
-    return DvaeImageProcessor(
-        size={"height": config.image_size, "width": config.image_size},
-        crop_size={"height": config.image_size, "width": config.image_size},
-        image_mean=(-eps / (1 - 2 * eps),) * 3,
-        image_std=(1 / (1 - 2 * eps),) * 3,
-    )
 
 
 class DvaeTrainer(TokenizerTrainer):
@@ -158,7 +145,6 @@ __all__ = [
     "TEMPERATURE_SCHEDULES",
     "DvaeTrainer",
     "build_dvae_trainer",
-    "dvae_image_processor",
     "gumbel_temperature",
     "kl_weight_at",
 ]

@@ -38,11 +38,11 @@ from ..models.modeling_kmeans import KmeansModel
 from ..models.configuration_vqkd import VqkdConfig
 from ..models.image_processing_vqkd import VqkdImageProcessor
 from ..models.modeling_vqkd import VqkdModel
-from .dvae import TEMPERATURE_SCHEDULES, build_dvae_trainer, dvae_image_processor
-from .kmeans import KmeansFitArguments, kmeans_image_processor, train_kmeans_tokenizer
+from .dvae import TEMPERATURE_SCHEDULES, build_dvae_trainer
+from .kmeans import KmeansFitArguments, train_kmeans_tokenizer
 from .loading import pretrained, saved_model_type
 from .run_mim import MimTrainingArguments, parse_config_overrides, require_action, setup_logging, train_and_evaluate
-from .vqkd import build_vqkd_trainer, vqkd_image_processor
+from .vqkd import build_vqkd_trainer
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +54,6 @@ class TokenizerFamily:
     config_class: type
     model_class: type
     image_processor_class: type
-    # Image processor matching a fresh config (view size, normalisation).
-    image_processor_for: Callable
     # (model, training_args, tokenizer_args, **trainer_kwargs) -> Trainer; None for a tokenizer that is fitted instead
     build_trainer: Callable | None
     # (model, image_processor, raw_datasets, image_column, tokenizer_args, training_args, dataset_tags) -> metrics:
@@ -64,10 +62,10 @@ class TokenizerFamily:
 
 
 TOKENIZER_FAMILIES = {
-    "dvae": TokenizerFamily(DvaeConfig, DvaeModel, DvaeImageProcessor, dvae_image_processor, build_dvae_trainer),
-    "vqkd": TokenizerFamily(VqkdConfig, VqkdModel, VqkdImageProcessor, vqkd_image_processor, build_vqkd_trainer),
+    "dvae": TokenizerFamily(DvaeConfig, DvaeModel, DvaeImageProcessor, build_dvae_trainer),
+    "vqkd": TokenizerFamily(VqkdConfig, VqkdModel, VqkdImageProcessor, build_vqkd_trainer),
     "kmeans": TokenizerFamily(
-        KmeansConfig, KmeansModel, KmeansImageProcessor, kmeans_image_processor, None, fit=train_kmeans_tokenizer
+        KmeansConfig, KmeansModel, KmeansImageProcessor, None, fit=train_kmeans_tokenizer
     ),
 }
 
@@ -160,7 +158,7 @@ def load_tokenizer(tokenizer_args: TokenizerArguments):
         config = family.config_class.from_dict(
             {**saved_config.to_dict(), **parse_config_overrides(family.config_class, overrides)}
         )
-    view = family.image_processor_for(config)
+    view = family.image_processor_class.for_config(config)
     if path is None:
         return family.model_class(config), view
     if overrides:
@@ -168,7 +166,7 @@ def load_tokenizer(tokenizer_args: TokenizerArguments):
     model = family.model_class.from_pretrained(path, config=config)
     # The saved processor is the view of the saved config, possibly customised: an override that changes the view
     # (image_size, dVAE logit_laplace_eps) replaces it, any other keeps it.
-    if view.to_dict() != family.image_processor_for(saved_config).to_dict():
+    if view.to_dict() != family.image_processor_class.for_config(saved_config).to_dict():
         logger.info("--config_overrides %s changes the tokenizer's view; rebuilding its image processor", overrides)
         return model, view
     try:

@@ -22,16 +22,9 @@ from transformers import (
 
 from ..models.configuration_common import check_decoder
 from ..models.configuration_vqkd import VqkdConfig
-from ..models.image_processing_vqkd import VqkdImageProcessor
 from .tokenizer_trainer import TokenizerTrainer
 
 logger = logging.getLogger(__name__)
-
-
-def vqkd_image_processor(config: VqkdConfig) -> VqkdImageProcessor:
-    """The [0, 1] view of the config's input size."""
-    size = {"height": config.image_size, "width": config.image_size}
-    return VqkdImageProcessor(size=size, crop_size=size)
 
 
 def _patch_size(config) -> int | None:
@@ -223,4 +216,4 @@ def build_vqkd_trainer(model, args: TrainingArguments, tokenizer_args, **trainer
     return VqkdTrainer(model=model, args=args, teacher=teacher, **trainer_kwargs)
 
 
-__all__ = ["VqkdTeacher", "VqkdTrainer", "build_vqkd_trainer", "load_teacher", "vqkd_image_processor"]
+__all__ = ["VqkdTeacher", "VqkdTrainer", "build_vqkd_trainer", "load_teacher"]

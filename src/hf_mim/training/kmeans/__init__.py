@@ -12,7 +12,6 @@ from .tokenizer import (
     KmeansFitArguments,
     fit_kmeans_tokenizer,
     fit_tokenizer_for_mim,
-    kmeans_image_processor,
     require_enough_patches,
     train_kmeans_tokenizer,
 )
@@ -26,7 +25,6 @@ __all__ = [
     "fit_kmeans_tokenizer",
     "fit_tokenizer_for_mim",
     "init_centroids",
-    "kmeans_image_processor",
     "point_keys",
     "require_enough_patches",
     "sample_patches",

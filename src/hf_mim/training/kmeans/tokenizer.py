@@ -51,12 +51,6 @@ class KmeansFitArguments:
     kmeans_batch_size: int = field(default=64, metadata={"help": "Images per data-loading batch."})
 
 
-def kmeans_image_processor(config: KmeansConfig) -> KmeansImageProcessor:
-    """The view a tokenizer of `config` reads: `image_size` px, bicubic, raw [0, 1] pixels."""
-    size = {"height": config.image_size, "width": config.image_size}
-    return KmeansImageProcessor(size=size, crop_size=size)
-
-
 def fit_kmeans_tokenizer(
     dataset,
     image_column: str,
@@ -85,7 +79,7 @@ def fit_kmeans_tokenizer(
         `(tokenizer, image_processor, fit)`: the [`KmeansModel`] holding the centroids, its
         [`KmeansImageProcessor`] and the [`KmeansFit`] (inertia per iteration).
     """
-    image_processor = kmeans_image_processor(config)
+    image_processor = KmeansImageProcessor.for_config(config)
     patches, patch_ids = sample_patches(
         dataset,
         image_column,
@@ -290,7 +284,6 @@ __all__ = [
     "KmeansFitArguments",
     "fit_kmeans_tokenizer",
     "fit_tokenizer_for_mim",
-    "kmeans_image_processor",
     "require_enough_patches",
     "train_kmeans_tokenizer",
 ]
