@@ -1,13 +1,13 @@
 #!/usr/bin/env python
 """Data pipeline speed: images/s of one DataLoader worker (decode + two-view transform + masking + collate) for every
-method of `run_mim.MIM_MODELS`, next to that method's training-step images/s measured in the same run, and how many
+method of `hf_mim.families.MIM_METHODS`, next to that method's training-step images/s measured in the same run, and how many
 workers keep the step fed.
 
     python benchmarks/bench_data.py --data /work/shared/data/imagenette_224_subset.tar --output data.json
     python benchmarks/bench_data.py --data /path/to/images --sizes tiny base --dataloader_workers 2 --output data.json
 
 `--data` is an image folder (imagefolder layout; a `train` subfolder is used if present) or a `.tar` of one, which is
-extracted to a temporary folder. Each method's pipeline is `run_mim`'s: `TwoViewTransform` with the ViT's 224 px view
+extracted to a temporary folder. Each method's pipeline is pre-training's: `TwoViewTransform` with the ViT's 224 px view
 and its default tokenizer's view (CCViT: the raw k-means view only), the method's colour jitter and crop scale,
 per-example seeded randomness, and `MimDataCollator` with its default mask (and replacement) generator. One worker is
 this process with one torch thread fetching and collating batches, as a DataLoader worker does; pipelines are timed
@@ -28,11 +28,9 @@ import torch
 import bench_mim_step
 from common import environment, markdown_table, set_threads, time_interleaved, write_json
 from hf_mim.data import MimDataCollator, TwoViewTransform, apply_transform, load_image_datasets
-from hf_mim.models import MimImageProcessor
-from hf_mim.models.modeling_beit import TOKENIZER_CLASSES
-from hf_mim.registration import FAMILIES
-from hf_mim.training import run_mim
-from hf_mim.training.run_mim import MIM_MODELS, MODEL_SIZES, DataArguments, build_mask_generator, resolve_data_defaults
+from hf_mim.data import build_mask_generator
+from hf_mim.families import BY_MODEL_TYPE, MIM_METHODS
+from hf_mim.training.pretraining import MODEL_SIZES, DataArguments, build_replacement_generator
 
 PATCH_SIZE = 16
 # The tokenizer each method's papers use; its image processor gives the tokenizer view.
@@ -54,14 +52,14 @@ def image_folder(data: str, workdir: str) -> str:
 
 
 def pipeline(method: str, dataset, image_column: str, image_size: int, seed: int):
-    """`run_mim`'s transformed dataset and collator for `method`, with its default tokenizer's view."""
-    data_args = resolve_data_defaults(DataArguments(), method)
-    config_class, _ = TOKENIZER_CLASSES[DEFAULT_TOKENIZER[method]]
-    tokenizer_processor = next(processor for config, _, processor in FAMILIES if config is config_class)()
+    """Pre-training's transformed dataset and collator for `method`, with its default tokenizer's view."""
+    mim_method = MIM_METHODS[method]
+    data_args = mim_method.with_data_defaults(DataArguments())
+    tokenizer_processor = BY_MODEL_TYPE[DEFAULT_TOKENIZER[method]].image_processor_class()
     side = {"height": image_size, "width": image_size}
-    image_processor = MimImageProcessor(size=side, crop_size=side)
-    # CCViT reads the raw [0, 1] tokenizer view and normalises it itself (run_mim's wiring).
-    raw_view = method == "ccvit"
+    image_processor = mim_method.image_processor_class(size=side, crop_size=side)
+    # CCViT reads the raw [0, 1] tokenizer view and normalises it itself (pre-training's wiring).
+    raw_view = mim_method.reads_tokenizer_view
     transform = TwoViewTransform(
         image_processor=tokenizer_processor if raw_view else image_processor,
         tokenizer_image_processor=None if raw_view else tokenizer_processor,
@@ -69,10 +67,9 @@ def pipeline(method: str, dataset, image_column: str, image_size: int, seed: int
         color_jitter=data_args.color_jitter,
     )
     grid = image_size // PATCH_SIZE
-    replacement = getattr(run_mim, "build_replacement_generator", None)
     collator = MimDataCollator(
         build_mask_generator(data_args, grid),
-        replacement_generator=replacement(data_args, method, grid) if replacement is not None else None,
+        replacement_generator=build_replacement_generator(data_args, mim_method, grid),
     )
     return apply_transform(dataset, image_column, transform, seed=seed), collator, transform
 
@@ -106,7 +103,7 @@ def dataloader_rate(dataset, collator, batch_size: int, workers: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="Image folder or .tar of one (e.g. imagenette_224_subset.tar)")
-    parser.add_argument("--methods", nargs="+", default=None, help=f"Subset of {list(MIM_MODELS)} (default: all)")
+    parser.add_argument("--methods", nargs="+", default=None, help=f"Subset of {list(MIM_METHODS)} (default: all)")
     parser.add_argument("--sizes", nargs="+", default=["tiny"], choices=list(MODEL_SIZES), help="ViT sizes of the step")
     parser.add_argument("--num_images", type=int, default=256, help="Images per pipeline pass")
     parser.add_argument("--batch_size", type=int, default=8)
@@ -120,7 +117,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="bench_data.json", help="Where to write the JSON results")
     args = parser.parse_args()
-    methods = [m for m in (args.methods or list(MIM_MODELS)) if m in MIM_MODELS]
+    methods = [m for m in (args.methods or list(MIM_METHODS)) if m in MIM_METHODS]
     skipped = [m for m in methods if m not in DEFAULT_TOKENIZER]
     if skipped:
         print(f"No default tokenizer known for {skipped}; skipping them (add it to DEFAULT_TOKENIZER)")

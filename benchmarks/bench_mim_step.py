@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""MIM training-step speed and memory: every method of `run_mim.MIM_MODELS` against transformers'
+"""MIM training-step speed and memory: every method of `hf_mim.families.MIM_METHODS` against transformers'
 `BeitForMaskedImageModeling` with the equivalent configuration, in the same process.
 
     python benchmarks/bench_mim_step.py --output mim_step.json
     python benchmarks/bench_mim_step.py --sizes tiny base --batch_size 8 --repeats 5 --output mim_step_base.json
 
 A step is forward + backward + AdamW (fused, `Trainer`'s default) at 224 px, in fp32 and under bf16 autocast. Each
-method and its baseline get the same batch: the same pixels, the method's default masks (`run_mim`'s mask
+method and its baseline get the same batch: the same pixels, the method's default masks (pre-training's mask
 generators), the same precomputed targets (token ids, or tokenizer logits for soft-target methods), so tokenizer cost
 is left out here (`bench_tokenizers.py` measures it), and the same initial weights (the baseline loads the method's
 backbone, final LayerNorm and LM head). Steps are timed interleaved after warm-up; the speed-up is baseline time /
@@ -47,12 +47,13 @@ from common import (
     time_interleaved,
     write_json,
 )
-from hf_mim.training import run_mim
-from hf_mim.training.run_mim import MIM_MODELS, MODEL_SIZES, DataArguments, build_mask_generator, resolve_data_defaults
+from hf_mim.data import build_mask_generator
+from hf_mim.families import MIM_METHODS
+from hf_mim.training.pretraining import MODEL_SIZES, DataArguments, build_replacement_generator
 
 BASELINE = "transformers"
 # What the memory subprocesses' fork server imports once.
-PRELOAD = ("torch", "transformers", "hf_mim.training.run_mim", "common")
+PRELOAD = ("torch", "transformers", "hf_mim.training.pretraining", "common")
 PEAK = "fp32 matmul"
 BACKBONE_ONLY = "beit backbone only"
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
@@ -61,9 +62,8 @@ _NOT_ARCHITECTURE = {"model_type", "architectures", "auto_map", "transformers_ve
 
 
 def method_config(method: str, size: str, image_size: int, patch_size: int):
-    """The method's config at a ViT size of `run_mim.MODEL_SIZES`, with its default recipe otherwise."""
-    config_class, _ = MIM_MODELS[method]
-    return config_class(**MODEL_SIZES[size], image_size=image_size, patch_size=patch_size)
+    """The method's config at a ViT size of `MODEL_SIZES`, with its default recipe otherwise."""
+    return MIM_METHODS[method].config_class(**MODEL_SIZES[size], image_size=image_size, patch_size=patch_size)
 
 
 def baseline_config(config) -> BeitConfig:
@@ -77,7 +77,7 @@ def build_model(method: str, size: str, args, seed: int):
     """The method's model, or with `method=(BASELINE, of_method)` transformers' BEiT with the same initial weights."""
     of_method = method[1] if isinstance(method, tuple) else method
     torch.manual_seed(seed)
-    _, model_class = MIM_MODELS[of_method]
+    model_class = MIM_METHODS[of_method].model_class
     model = model_class(method_config(of_method, size, args.image_size, args.patch_size))
     if isinstance(method, tuple):
         baseline = BeitForMaskedImageModeling(baseline_config(model.config))
@@ -90,10 +90,8 @@ def build_model(method: str, size: str, args, seed: int):
 
 def mask_generators(method: str, grid: int):
     """The method's default mask generator and replacement-position generator (None if it replaces no patches)."""
-    data_args = resolve_data_defaults(DataArguments(), method)
-    replacement = getattr(run_mim, "build_replacement_generator", None)
-    replacer = replacement(data_args, method, grid) if replacement is not None else None
-    return build_mask_generator(data_args, grid), replacer
+    data_args = MIM_METHODS[method].with_data_defaults(DataArguments())
+    return build_mask_generator(data_args, grid), build_replacement_generator(data_args, MIM_METHODS[method], grid)
 
 
 def make_batch(method: str, config, batch_size: int, seed: int) -> dict:
@@ -218,8 +216,8 @@ def run_group(methods: list[str], size: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", nargs="+", default=["tiny"], choices=list(MODEL_SIZES), help="ViT sizes (run_mim's)")
-    parser.add_argument("--methods", nargs="+", default=None, help=f"Subset of {list(MIM_MODELS)} (default: all)")
+    parser.add_argument("--sizes", nargs="+", default=["tiny"], choices=list(MODEL_SIZES), help="ViT sizes (pre-training's)")
+    parser.add_argument("--methods", nargs="+", default=None, help=f"Subset of {list(MIM_METHODS)} (default: all)")
     parser.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--image_size", type=int, default=224)
@@ -234,10 +232,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="bench_mim_step.json", help="Where to write the JSON results")
     args = parser.parse_args()
-    methods = args.methods or list(MIM_MODELS)
-    unknown = set(methods) - set(MIM_MODELS)
+    methods = args.methods or list(MIM_METHODS)
+    unknown = set(methods) - set(MIM_METHODS)
     if unknown:
-        parser.error(f"unknown --methods {sorted(unknown)}; registered: {list(MIM_MODELS)}")
+        parser.error(f"unknown --methods {sorted(unknown)}; registered: {list(MIM_METHODS)}")
 
     set_threads(args.threads)
     results = {"environment": environment(), "config": {k: v for k, v in vars(args).items() if k != "output"}}

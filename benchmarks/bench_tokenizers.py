@@ -31,10 +31,10 @@ from common import (
     time_interleaved,
     write_json,
 )
-from hf_mim.models.modeling_beit import TOKENIZER_CLASSES
-from hf_mim.registration import FAMILIES
+from hf_mim.families import BY_MODEL_TYPE, TOKENIZERS
 
 PEAK = "fp32 matmul"
+TOKENIZER_TYPES = sorted(tokenizer.model_type for tokenizer in TOKENIZERS.values())
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -49,21 +49,20 @@ def smooth_images(count: int, size: int, seed: int) -> list[Image.Image]:
 
 def build_tokenizer(model_type: str):
     """The family's default-size tokenizer with usable random weights, and its default image processor."""
-    config_class, model_class = TOKENIZER_CLASSES[model_type]
-    processor_class = next(processor for config, _, processor in FAMILIES if config is config_class)
-    model = model_class(config_class()).eval()
+    family = BY_MODEL_TYPE[model_type]
+    model = family.model_class(family.config_class()).eval()
     with torch.no_grad():
         if hasattr(model, "codebook") and hasattr(model.codebook, "initted"):
             model.codebook.weight.copy_(F.normalize(torch.randn_like(model.codebook.weight), dim=-1))
             model.codebook.initted.fill_(1)
         if hasattr(model, "set_centroids"):
             model.set_centroids(torch.rand_like(model.centroids))
-    return model, processor_class()
+    return model, family.image_processor_class()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", nargs="+", default=None, help=f"Subset of {sorted(TOKENIZER_CLASSES)}")
+    parser.add_argument("--families", nargs="+", default=None, help=f"Subset of {TOKENIZER_TYPES}")
     parser.add_argument("--dtypes", nargs="+", default=["fp32"], choices=list(DTYPES))
     parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3, help="Timed calls of every tokenizer, interleaved")
@@ -75,10 +74,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="bench_tokenizers.json", help="Where to write the JSON results")
     args = parser.parse_args()
-    families = args.families or list(TOKENIZER_CLASSES)
-    unknown = set(families) - set(TOKENIZER_CLASSES)
+    families = args.families or TOKENIZER_TYPES
+    unknown = set(families) - set(TOKENIZER_TYPES)
     if unknown:
-        parser.error(f"unknown --families {sorted(unknown)}; registered: {sorted(TOKENIZER_CLASSES)}")
+        parser.error(f"unknown --families {sorted(unknown)}; registered: {TOKENIZER_TYPES}")
 
     set_threads(args.threads)
     torch.manual_seed(args.seed)

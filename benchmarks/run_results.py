@@ -36,6 +36,7 @@ import hf_mim  # noqa: F401  (registers the Auto classes)
 from hf_mim.data import load_image_datasets
 from hf_mim.evaluation import extract_features, knn_classify, linear_probe
 from hf_mim.evaluation.codebook import codebook_metrics
+from hf_mim.families import MIM_METHODS
 from hf_mim.models import KmeansConfig
 from hf_mim.training import run_mim, train_tokenizer
 from hf_mim.training.kmeans import fit_kmeans_tokenizer
@@ -224,9 +225,9 @@ def table(rows: list[dict]) -> str:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     methods = [m for m in args.methods.split(",") if m]
-    unknown = sorted(set(methods) - set(run_mim.MIM_MODELS))
+    unknown = sorted(set(methods) - set(MIM_METHODS))
     if unknown:
-        raise ValueError(f"Unknown --methods {unknown}; choose from {list(run_mim.MIM_MODELS)}")
+        raise ValueError(f"Unknown --methods {unknown}; choose from {list(MIM_METHODS)}")
     started = time.monotonic()
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="hf_mim_results_")
     subsets = make_subsets(args.data, work_dir, args.train_per_class, args.test_per_class)

@@ -7,6 +7,7 @@ code also at the root, `complete_code_files`). The number of code files and line
 and bounded. At f10a5aa, before the closure was narrowed, BEiT + dVAE saved 14 files (2,297 lines) and CCViT 18.
 """
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -25,14 +26,13 @@ from transformers import TrainerState, TrainingArguments
 from transformers.utils import hub as transformers_hub
 
 from hf_mim import BeitMimConfig, BeitMimForMaskedImageModeling, MimImageProcessor, MimTokenizerPreTrainedModel
+from hf_mim.checkpoint_folder import complete_code_files
+from hf_mim.families import FAMILIES, MIM_METHODS, TOKENIZERS, closure_blocks, write_closure_blocks
 from hf_mim.hub.callbacks import HubFilesCallback
 from hf_mim.models import configuration_beit, modeling_beit
-from hf_mim.hub.push import complete_code_files
-from hf_mim.models.configuration_beit import FAMILY_BLOCK, FAMILY_BLOCK_FILES, render_family_block
+from hf_mim.models.configuration_beit import FAMILY_BLOCK_FILES
 
 MODELS_DIR = Path(__file__).resolve().parents[1] / "src" / "hf_mim" / "models"
-TOKENIZER_FAMILIES = ("dvae", "vqkd", "vqgan", "kmeans")
-MIM_FAMILIES = ("beit", "beitv2", "mcbeit", "ccvit")
 # name -> (files, lines) at most: of the saved model, and of the upload. Measured, with room for a few lines.
 BOUNDS = {
     "dvae": ((4, 540), (6, 650)),
@@ -51,7 +51,7 @@ BOUNDS = {
 def families(file_name: str) -> set[str]:
     """The families whose code `file_name` is (none for a shared helper such as configuration_common.py)."""
     stem = Path(file_name).stem
-    owned = set(stem.split("_")) & {*TOKENIZER_FAMILIES, *MIM_FAMILIES}
+    owned = set(stem.split("_")) & {family.name for family in FAMILIES}
     # beit_backbone.py is the ViT that MIM models and VQ-KD share; configuration/modeling_beit.py are BEiT's.
     return owned - {"beit"} if stem == "beit_backbone" else owned
 
@@ -59,11 +59,12 @@ def families(file_name: str) -> set[str]:
 def allowed_families(name: str) -> set[str]:
     """A checkpoint `name` ("<mim family>_<tokenizer family>" or a tokenizer family) may carry these families."""
     parts = set(name.split("_"))
-    if parts & set(MIM_FAMILIES):
-        parts.add("beit")  # every MIM method builds on BEiT
-    if "ccvit" in parts:
-        parts.add("beitv2")  # CCViT on BEiT v2
-    return parts
+    # A method's config extends those of the methods it builds on (every one BEiT's, CCViT BEiT v2's).
+    extended = {
+        other.name for part in parts & set(MIM_METHODS) for other in MIM_METHODS.values()
+        if issubclass(MIM_METHODS[part].config_class, other.config_class)
+    }  # fmt: skip
+    return parts | extended
 
 
 def count(folder: Path) -> tuple[int, int]:
@@ -109,7 +110,7 @@ def saved(tmp_path_factory):
 
 def test_cases_cover_every_family():
     assert set(BOUNDS) == set(cases())
-    assert {family for name in BOUNDS for family in name.split("_")} == {*TOKENIZER_FAMILIES, *MIM_FAMILIES}
+    assert {family for name in BOUNDS for family in name.split("_")} == {family.name for family in FAMILIES}
 
 
 @pytest.mark.parametrize("name", sorted(BOUNDS))
@@ -134,21 +135,38 @@ def test_no_configuration_file_imports_a_modeling_file():
         assert not [module for module in imported if not module.startswith("configuration_")], path.name
 
 
-def test_source_family_blocks_list_every_family_in_the_rendered_form():
-    """hf_mim's own copies hold every tokenizer family, in exactly the form a checkpoint's copy is rewritten to, so
-    the rewrite finds its markers and a checkpoint differs from the source only in the family it lists."""
+def test_source_family_blocks_are_the_registrys_rendering(tmp_path):
+    """hf_mim's own copies of the family blocks list every tokenizer of `hf_mim.families.TOKENIZERS`, exactly as
+    `python -m hf_mim.families` writes them (a checkpoint's copy is the same block narrowed to its family)."""
+    for file_name in FAMILY_BLOCK_FILES:
+        (tmp_path / file_name).write_text((MODELS_DIR / file_name).read_text())
+    assert write_closure_blocks(tmp_path) == [], "the closure's family blocks differ: run `python -m hf_mim.families`"
     modules = {"configuration_beit.py": configuration_beit, "modeling_beit.py": modeling_beit}
     for file_name, (tuple_name, auto_class) in FAMILY_BLOCK_FILES.items():
         classes = getattr(modules[file_name], tuple_name)
         config_classes = [getattr(cls, "config_class", cls) for cls in classes]
         assert {config_class.model_type for config_class in config_classes} == {
-            f"hf_mim_{family}" for family in TOKENIZER_FAMILIES
+            tokenizer.model_type for tokenizer in TOKENIZERS.values()
         }
-        # The rewrite names each class by its tokenizer config's auto_map entry: the same class as here.
-        references = [config_class().auto_map[auto_class] for config_class in config_classes]
-        assert references == [f"{cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__}" for cls in classes]
-        text = (MODELS_DIR / file_name).read_text()
-        assert f"\n{FAMILY_BLOCK[0]}\n{render_family_block(tuple_name, references)}{FAMILY_BLOCK[1]}\n" in text
+        # The checkpoint's rewrite names each class by its tokenizer config's auto_map entry: the same classes.
+        assert sorted(config_class().auto_map[auto_class] for config_class in config_classes) == closure_blocks()[file_name]
+
+
+def test_a_new_tokenizer_in_the_registry_is_rendered_into_both_blocks(tmp_path, monkeypatch):
+    for file_name in FAMILY_BLOCK_FILES:
+        (tmp_path / file_name).write_text((MODELS_DIR / file_name).read_text())
+    # Only where the classes live matters to the blocks.
+    new = dataclasses.replace(
+        TOKENIZERS["kmeans"],
+        name="other",
+        config_class=type("OtherConfig", (), {"__module__": "hf_mim.models.configuration_other"}),
+        model_class=type("OtherModel", (), {"__module__": "hf_mim.models.modeling_other"}),
+    )
+    monkeypatch.setitem(TOKENIZERS, "other", new)
+    assert sorted(write_closure_blocks(tmp_path)) == sorted(FAMILY_BLOCK_FILES)
+    configuration, modeling = (tmp_path / "configuration_beit.py").read_text(), (tmp_path / "modeling_beit.py").read_text()
+    assert "from .configuration_other import OtherConfig\n" in configuration and ", OtherConfig," in configuration
+    assert "from .modeling_other import OtherModel\n" in modeling and ", OtherModel," in modeling
 
 
 def test_saving_again_without_hf_mim_keeps_the_narrow_code(saved, tmp_path):

@@ -9,7 +9,8 @@ from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from hf_mim.demo import digits_images, main, write_sample_crops
 from hf_mim.training.budget import TimeBudgetCallback
-from hf_mim.training.run_mim import DataArguments, build_replacement_generator
+from hf_mim.families import MIM_METHODS
+from hf_mim.training.pretraining import DataArguments, build_replacement_generator
 
 
 @pytest.mark.smoke
@@ -78,10 +79,10 @@ def test_time_budget_stops_at_the_first_step_past_it(monkeypatch):
 
 
 def test_replacement_generator_is_ccvit_only():
-    generator = build_replacement_generator(DataArguments(), "ccvit", 8)
+    generator = build_replacement_generator(DataArguments(), MIM_METHODS["ccvit"], 8)
     assert generator.num_replaced_patches == 7  # 20 of 196 scaled to 64 patches
     mask = np.zeros((8, 8), dtype=bool)
     assert generator(mask).sum() == 7
-    assert build_replacement_generator(DataArguments(), "beit", 8) is None
-    with pytest.raises(ValueError, match="CCViT's"):
-        build_replacement_generator(DataArguments(num_replaced_patches=3), "beit", 8)
+    assert build_replacement_generator(DataArguments(), MIM_METHODS["beit"], 8) is None
+    with pytest.raises(ValueError, match=r"methods that replace patches \(ccvit\); --model_type beit replaces no"):
+        build_replacement_generator(DataArguments(num_replaced_patches=3), MIM_METHODS["beit"], 8)

@@ -1,6 +1,5 @@
 """The DALL-E dVAE tokenizer: shapes, parameter count, processor, safe conversion of OpenAI pickles, training."""
 
-import dataclasses
 import functools
 import json
 import math
@@ -491,16 +490,15 @@ def test_temperature_schedules():
 
 
 def test_train_tokenizer_main_saves_a_reloadable_tokenizer(tmp_path, image_folder, monkeypatch):
-    family = train_tokenizer.TOKENIZER_FAMILIES["dvae"]
-    trainers = []
+    from hf_mim.training import dvae
+
+    build_dvae_trainer, trainers = dvae.build_dvae_trainer, []
 
     def build_and_keep(*args, **kwargs):
-        trainers.append(family.build_trainer(*args, **kwargs))
+        trainers.append(build_dvae_trainer(*args, **kwargs))
         return trainers[-1]
 
-    monkeypatch.setitem(
-        train_tokenizer.TOKENIZER_FAMILIES, "dvae", dataclasses.replace(family, build_trainer=build_and_keep)
-    )
+    monkeypatch.setattr(dvae, "build_dvae_trainer", build_and_keep)
     output_dir = tmp_path / "dvae"
     common = [
         "--train_dir", image_folder, "--do_train", "--max_steps", "3", "--per_device_train_batch_size", "4",

@@ -19,7 +19,8 @@ from hf_mim.data.datasets import SeededTransformedDataset
 from hf_mim.errors import UsageError
 from hf_mim.training.arguments import check_distributed_launch
 from hf_mim.training.budget import BudgetProgressCallback
-from hf_mim.training.run_mim import MimTrainingArguments, main
+from hf_mim.training.arguments import MimTrainingArguments
+from hf_mim.training.run_mim import main
 from hf_mim.training.trainer import MimTrainer
 
 META = torch.device("meta")

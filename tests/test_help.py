@@ -11,8 +11,8 @@ from transformers import HfArgumentParser
 from hf_mim import arguments
 from hf_mim.cli import COMMANDS, main
 
-# The commands that parse with `command_parser`; the others (push, demo, convert-*) build their own parsers.
-DATACLASS_COMMANDS = ["pretrain", "train-tokenizer", "finetune", "probe", "knn", "export", "visualize"]
+# The commands that parse with `command_parser`; the others (push, convert-*) build their own parsers.
+DATACLASS_COMMANDS = ["pretrain", "train-tokenizer", "finetune", "probe", "knn", "export", "visualize", "demo"]
 TRAINING_COMMANDS = ["pretrain", "train-tokenizer", "finetune"]
 
 

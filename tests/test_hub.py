@@ -28,14 +28,14 @@ from transformers import AutoImageProcessor, AutoModel, AutoModelForMaskedImageM
 
 from hf_mim import BeitMimForMaskedImageModeling, DvaeImageProcessor, MimImageProcessor
 from hf_mim.hub import CardResult, render_model_card, write_model_card
-from hf_mim.hub.cards import CARD_FAMILIES, read_training_args, template_names
-from hf_mim.hub.push import complete_code_files, prepare_upload_folder
+from hf_mim.hub.cards import read_training_args, template_names
+from hf_mim.checkpoint_folder import complete_code_files
+from hf_mim.hub.push import prepare_upload_folder
 from hf_mim.hub.push import main as push_main
-from hf_mim.registration import FAMILIES
+from hf_mim.families import BY_MODEL_TYPE, FAMILIES
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FAMILY_IDS = [config_class.model_type for config_class, _, _ in FAMILIES]
-PROCESSORS = {config_class.model_type: processor for config_class, _, processor in FAMILIES}
+FAMILY_IDS = [family.model_type for family in FAMILIES]
 TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
 
 
@@ -70,23 +70,22 @@ def python_snippets(readme: str) -> list[str]:
 def processor_for(config_dict: dict):
     """An image processor of the family of `config_dict`, sized for its view."""
     size = {"height": config_dict["image_size"], "width": config_dict["image_size"]}
-    return PROCESSORS[config_dict["model_type"]](size=size, crop_size=size)
+    return BY_MODEL_TYPE[config_dict["model_type"]].image_processor_class(size=size, crop_size=size)
 
 
 def save_tiny_checkpoint(family, folder) -> str:
     """A random tiny model of `family` saved with its image processor(s); returns "mim" or "tokenizer"."""
-    config_class, models, _ = family
-    if config_class.model_type not in TINY_CONFIGS:
-        pytest.fail(f"No tiny config for {config_class.model_type}: add a factory to TINY_CONFIGS in tests/conftest.py")
-    config = TINY_CONFIGS[config_class.model_type]()
+    if family.model_type not in TINY_CONFIGS:
+        pytest.fail(f"No tiny config for {family.model_type}: add a factory to TINY_CONFIGS in tests/conftest.py")
+    config = TINY_CONFIGS[family.model_type]()
     torch.manual_seed(0)
-    model = (models.get(AutoModelForMaskedImageModeling) or models[AutoModel])(config).eval()
+    model = family.model_class(config).eval()
     model.save_pretrained(folder)
     processor_for(config.to_dict()).save_pretrained(folder)
     tokenizer_config = getattr(config, "tokenizer_config", None)
     if tokenizer_config is not None:
         processor_for(tokenizer_config).save_pretrained(pathlib.Path(folder) / "tokenizer")
-    return CARD_FAMILIES[config_class.model_type].kind
+    return family.kind
 
 
 # Loads pushed checkpoints where hf_mim cannot be imported, runs their cards' snippets, saves the outputs.
@@ -193,11 +192,8 @@ def local_outputs(folder, kind, image_path, processor_folder=None):
 
 def test_every_registered_family_has_a_card_template():
     shipped = set(template_names())
-    for config_class, _, _ in FAMILIES:
-        assert config_class.model_type in CARD_FAMILIES, f"add {config_class.model_type} to hf_mim.hub.cards.CARD_FAMILIES"
-        assert CARD_FAMILIES[config_class.model_type].template in shipped
     # One template per family (all eight methods), each shipped from model_cards/ through the package link.
-    assert shipped == {family.template for family in CARD_FAMILIES.values()}
+    assert shipped == {family.card_template for family in FAMILIES}
     assert shipped == {path.name for path in (REPO / "model_cards").glob("*.md")}
     assert (REPO / "src" / "hf_mim" / "hub" / "model_cards").resolve() == (REPO / "model_cards").resolve()
 
@@ -220,14 +216,14 @@ def test_wheel_ships_the_templates(tmp_path):
 
 @pytest.mark.parametrize("model_type", FAMILY_IDS)
 def test_card_metadata_and_sections(model_type, tmp_path):
-    family = next(family for family in FAMILIES if family[0].model_type == model_type)
+    family = BY_MODEL_TYPE[model_type]
     kind = save_tiny_checkpoint(family, tmp_path)
     results = [CardResult("linear_probe", "tester/eval-images", 0.625), CardResult("knn", "tester/eval-images", 0.5)]
     card = render_model_card(tmp_path, repo_id="tester/tiny", datasets=["tester/images"], results=results)
     metadata = front_matter(str(card))
 
     assert metadata["library_name"] == "transformers"
-    assert {"hf_mim", "custom_code", "masked-image-modeling", CARD_FAMILIES[model_type].tag} <= set(metadata["tags"])
+    assert {"hf_mim", "custom_code", "masked-image-modeling", BY_MODEL_TYPE[model_type].card_tag} <= set(metadata["tags"])
     assert metadata["pipeline_tag"] == "image-feature-extraction"
     assert metadata["license"] == "apache-2.0" and metadata["datasets"] == ["tester/images"]
     (entry,) = metadata["model-index"][0]["results"]
@@ -252,7 +248,7 @@ def test_card_metadata_and_sections(model_type, tmp_path):
 
 
 def test_card_shows_training_configuration_and_codebook_usage(tmp_path):
-    family = next(family for family in FAMILIES if family[0].model_type == "hf_mim_dvae")
+    family = BY_MODEL_TYPE["hf_mim_dvae"]
     save_tiny_checkpoint(family, tmp_path)
     torch.save(TrainingArguments(output_dir=str(tmp_path), learning_rate=3e-4, max_steps=40, seed=7), tmp_path / "training_args.bin")
     state = {
@@ -275,7 +271,7 @@ def test_card_shows_training_configuration_and_codebook_usage(tmp_path):
 
 def test_card_shows_the_codebook_usage_of_the_evaluation_set(tmp_path):
     # A k-means fit has no training log: its usage is measured on the validation patches (all_results.json).
-    family = next(family for family in FAMILIES if family[0].model_type == "hf_mim_kmeans")
+    family = BY_MODEL_TYPE["hf_mim_kmeans"]
     save_tiny_checkpoint(family, tmp_path)
     text = render_model_card(tmp_path).text
     assert "No usage was measured during training or evaluation." in text
@@ -332,7 +328,7 @@ def test_upload_folder_is_complete_and_checked(tmp_path):
 
 def test_dry_run_writes_the_upload_folder(tmp_path, capsys):
     folder = tmp_path / "ckpt"
-    family = next(family for family in FAMILIES if family[0].model_type == "hf_mim_dvae")
+    family = BY_MODEL_TYPE["hf_mim_dvae"]
     save_tiny_checkpoint(family, folder)
     # What scripts/push_to_hub.py runs; with --dry_run nothing reaches the network (this process is offline).
     (tmp_path / "results.json").write_text(json.dumps([{"protocol": "knn", "dataset": "tester/images", "value": 0.5}]))
@@ -406,7 +402,7 @@ def pushed(hub, tmp_path_factory, tiny_dvae_dir, image_folder):
     work = tmp_path_factory.mktemp("hub_client")
     kinds, jobs = {}, []
     for family in FAMILIES:
-        model_type = family[0].model_type
+        model_type = family.model_type
         if model_type in TINY_CONFIGS:
             kinds[model_type] = save_tiny_checkpoint(family, work / model_type)
             jobs.append((model_type, [str(work / model_type), "--repo_id", f"tester/{model_type}", "--dataset", "tester/images"]))
@@ -455,7 +451,7 @@ def test_family_round_trips_through_the_hub(model_type, hub, pushed, loaded):
     assert {f"{ref.rsplit('.', 1)[0]}.py" for ref in auto_map.values()} <= set(files)
     assert {"model.safetensors", "preprocessor_config.json", "README.md"} <= set(files)
     metadata = front_matter(files["README.md"].decode())
-    assert {"hf_mim", "custom_code", CARD_FAMILIES[model_type].tag} <= set(metadata["tags"])
+    assert {"hf_mim", "custom_code", BY_MODEL_TYPE[model_type].card_tag} <= set(metadata["tags"])
     assert metadata["datasets"] == ["tester/images"]
     assert (pushed["work"] / model_type / "README.md").read_bytes() == files["README.md"]  # the folder keeps it
 

@@ -318,7 +318,7 @@ def test_evaluation_without_a_validation_split_fails_before_the_fit(image_folder
     from transformers import TrainingArguments
 
     from hf_mim.training.kmeans import tokenizer as kmeans
-    from hf_mim.training.train_tokenizer import TokenizerArguments
+    from hf_mim.training.tokenizer_training import TokenizerArguments
 
     monkeypatch.setattr(kmeans, "_fit_from_arguments", lambda *args: pytest.fail("fitted before the check"))
     raw, column = load_image_datasets(train_dir=image_folder)

@@ -27,7 +27,9 @@ from hf_mim import (
 )
 from hf_mim.data import BlockwiseMaskingGenerator, RandomMaskingGenerator
 from hf_mim.models.modeling_beit import TOKENIZER_CLASSES
-from hf_mim.training.run_mim import build_mask_generator, main, parse_args, resolve_data_defaults
+from hf_mim.data import build_mask_generator
+from hf_mim.families import MIM_METHODS
+from hf_mim.training.run_mim import main, parse_args
 
 
 TINY = "hidden_size=32,num_hidden_layers=2,num_attention_heads=2,intermediate_size=64"
@@ -275,7 +277,7 @@ def test_end_to_end_run_with_each_tokenizer_lowers_the_loss(model_type, image_fo
 
 def parsed_data_args(*flags, model_type="mcbeit"):
     _, data_args, _ = parse_args(["--model_type", model_type, "--output_dir", "unused", *flags])
-    return resolve_data_defaults(data_args, model_type)
+    return MIM_METHODS[model_type].with_data_defaults(data_args)
 
 
 def test_mcbeit_defaults_to_random_75_percent_masking_without_colour_jitter():

@@ -8,7 +8,7 @@ its tokenizer (with and without the tokenizer's decoder). Each is loaded through
 - `saved_code`: hf_mim unavailable, `trust_remote_code=True` runs the code files the checkpoint was saved with (those
   of its `tokenizer/` view also at the root, as `hf-mim push` uploads them);
 - `current_code`: hf_mim unavailable, the checkpoint's code files replaced by today's, as pushing an old folder without
-  its code files completes them (`hf_mim.hub.push.complete_code_files`).
+  its code files completes them (`hf_mim.checkpoint_folder.complete_code_files`).
 
 and must reproduce the recorded outputs: token ids exactly, logits, decoded images and MIM outputs to float tolerance.
 """
@@ -26,7 +26,7 @@ import torch
 from conftest import BLOCK_HF_MIM
 from safetensors.torch import load_file
 
-from hf_mim.hub.push import complete_code_files
+from hf_mim.checkpoint_folder import complete_code_files
 
 FIXTURES = Path(__file__).parent / "fixtures" / "checkpoints_f10a5aa"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())

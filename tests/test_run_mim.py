@@ -171,9 +171,9 @@ def test_config_overrides_that_conflict_with_derived_values_are_clear_errors(
 
 
 def test_vocab_size_override_with_fit_tokenizer_names_fit_codebook_size(image_folder, tmp_path, monkeypatch):
-    import hf_mim.training.run_mim as run_mim
+    from hf_mim.training import pretraining
 
-    monkeypatch.setattr(run_mim, "fit_tokenizer_for_mim", lambda *args, **kwargs: pytest.fail("fitted first"))
+    monkeypatch.setattr(pretraining, "fit_tokenizer_for_mim", lambda *args, **kwargs: pytest.fail("fitted first"))
     with pytest.raises(ValueError, match="vocab_size=32 conflicts .* codebook_size=16.*--fit_codebook_size 32"):
         main(["--model_type", "ccvit", "--fit_tokenizer", "--fit_codebook_size", "16", "--train_dir", image_folder,
               "--image_size", "32", "--patch_size", "8", "--config_overrides", f"{TINY},vocab_size=32",

@@ -305,7 +305,7 @@ def test_checkpoint_round_trip_keeps_the_codebook(tmp_path, monkeypatch):
 def test_an_override_that_keeps_the_view_keeps_the_saved_image_processor(tmp_path):
     from transformers.image_utils import PILImageResampling
 
-    from hf_mim.training.train_tokenizer import TokenizerArguments, load_tokenizer
+    from hf_mim.training.tokenizer_training import TokenizerArguments, load_tokenizer
 
     VqkdModel(tiny_vqkd_config()).save_pretrained(tmp_path)
     # A customised view (bilinear, not the family's bicubic) that the default processor of the config would lose.

@@ -6,7 +6,7 @@ transformers Auto classes.
 
 from .models import *  # noqa: F401,F403
 from .models import __all__ as _model_names
-from .registration import register_all
+from .families import register_all
 
 register_all()
 

@@ -19,6 +19,8 @@ training"; those two groups come after the command's own, in that order.
 import argparse
 import dataclasses
 import inspect
+import os
+import sys
 from collections.abc import Iterable, Sequence
 from typing import get_type_hints
 
@@ -144,6 +146,14 @@ class CommandArgumentParser(HfArgumentParser):
             self.error(f"unrecognized arguments: {' '.join(remaining)}")
         return tuple(parsed)
 
+    def parse_command_line(self, argv: Sequence[str] | None = None) -> tuple:
+        """The dataclasses of the command line `argv` (default `sys.argv[1:]`); a lone `.json` argument is read as a
+        file of options."""
+        argv = sys.argv[1:] if argv is None else list(argv)
+        if len(argv) == 1 and argv[0].endswith(".json"):
+            return self.parse_json_file(json_file=os.path.abspath(argv[0]))
+        return self.parse_args_into_dataclasses(args=argv)
+
     def _container(self, title: str | None):
         if title is None:
             return self
@@ -187,7 +197,7 @@ def command_parser(
     """The parser of an hf_mim command: `description` (dedented; usage examples included; several strings, such as
     a module docstring and examples, are dedented one by one and joined by blank lines) under the usage line,
     options in `groups` (see `CommandArgumentParser`), then `epilog`, how boolean options read (when it has any), and
-    with `json_file` that a single `.json` argument holds the options (the command's `parse_args` reads it).
+    with `json_file` that a single `.json` argument holds the options (`parse_command_line` reads it).
     `description` and `epilog` may name the command as `%(prog)s` (then a literal percent sign is `%%`)."""
     parts = [description] if isinstance(description, str) else description
     description = "\n\n".join(inspect.cleandoc(part) for part in parts)

@@ -5,7 +5,8 @@ With no data arguments it needs no network and no dataset: random crops of sciki
 images in 10 classes, rendered as RGB) are the labelled set for the probes. The steps are the library's own:
 
 1. fit a k-means tokenizer (`hf_mim_kmeans`) on the pre-training images (`fit_kmeans_tokenizer`);
-2. pre-train a small CCViT with it for a wall-clock budget (`run_mim.main`, `--max_train_seconds`);
+2. pre-train a small CCViT with it for a wall-clock budget (`hf_mim.training.pretraining.pretrain`,
+   `max_train_seconds`);
 3. probe the frozen encoder with k-NN and a linear probe (`hf_mim.evaluation`), next to the same architecture
    randomly initialised;
 4. write the checkpoint, its model card with the probe results (`hf_mim.hub.cards`), figures
@@ -18,27 +19,31 @@ images in 10 classes, rendered as RGB) are the labelled set for the probes. The 
 import json
 import logging
 import os
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, HfArgumentParser, set_seed
+from transformers import AutoImageProcessor, set_seed
 
-from .data import decode_image, load_image_datasets
+from .arguments import command_parser
+from .data import MaskingArguments, build_mask_generator, decode_image, load_image_datasets
 from .evaluation import extract_features, knn_classify, linear_probe
+from .families import MIM_METHODS
 from .hub.cards import CardResult, write_model_card
 from .models import KmeansConfig
-from .training import run_mim
+from .training.arguments import MimTrainingArguments
 from .training.kmeans import fit_kmeans_tokenizer
+from .training.pretraining import DataArguments, ModelArguments, pretrain
 from .visualization import write_figures
 
 logger = logging.getLogger(__name__)
 
 # The labelled set of the default demo, as named in the model card.
 DIGITS_NAME = "sklearn-digits"
+# The method the demo pre-trains: its tokenizer is fitted in seconds on any images.
+METHOD = MIM_METHODS["ccvit"]
 
 
 @dataclass
@@ -127,22 +132,24 @@ def probe_encoder(model, image_processor, data, seed: int = 0) -> dict[str, floa
     return {"knn_top1_k10": knn.accuracy[10], "knn_top1_k20": knn.accuracy[20], "linear_probe_top1": probe.accuracy}
 
 
-def pretrain_argv(args: DemoArguments, tokenizer_dir: str, model_dir: str) -> list[str]:
-    """`run_mim.py` flags of the demo's CCViT pre-training."""
-    data = ["--dataset_name", args.dataset_name] if args.dataset_name else ["--train_dir", args.train_dir]
+def pretraining_arguments(
+    args: DemoArguments, tokenizer_dir: str, model_dir: str
+) -> tuple[ModelArguments, DataArguments, MimTrainingArguments]:
+    """The arguments of the demo's CCViT pre-training (`pretrain`), as `hf-mim pretrain` would parse them."""
     overrides = f"hidden_size={args.hidden_size},num_hidden_layers={args.num_hidden_layers},"
     overrides += f"num_attention_heads={args.num_attention_heads},intermediate_size={4 * args.hidden_size}"
-    return [
-        "--model_type", "ccvit", "--tokenizer_name_or_path", tokenizer_dir, *data,
-        "--output_dir", model_dir, "--overwrite_output_dir", "--do_train",
-        "--model_size", "tiny", "--image_size", str(args.image_size), "--patch_size", str(args.patch_size),
-        "--config_overrides", overrides, "--crop_min_scale", "0.2",
-        "--max_steps", str(args.max_steps), "--max_train_seconds", str(args.budget_seconds),
-        "--per_device_train_batch_size", str(args.batch_size), "--learning_rate", str(args.learning_rate),
-        "--weight_decay", "0.05", "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", "20",
-        "--logging_steps", "5", "--save_strategy", "no", "--report_to", "none", "--seed", str(args.seed),
-        "--dataloader_num_workers", "0", "--use_cpu",
-    ]  # fmt: skip
+    model_args = ModelArguments(
+        model_type=METHOD.name, tokenizer_name_or_path=tokenizer_dir, model_size="tiny", image_size=args.image_size,
+        patch_size=args.patch_size, config_overrides=overrides,
+    )  # fmt: skip
+    data_args = DataArguments(dataset_name=args.dataset_name, train_dir=args.train_dir, crop_min_scale=0.2)
+    training_args = MimTrainingArguments(
+        output_dir=model_dir, overwrite_output_dir=True, do_train=True, max_steps=args.max_steps,
+        max_train_seconds=args.budget_seconds, per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate, weight_decay=0.05, lr_scheduler_type="constant_with_warmup", warmup_steps=20,
+        logging_steps=5, save_strategy="no", report_to="none", seed=args.seed, dataloader_num_workers=0, use_cpu=True,
+    )  # fmt: skip
+    return model_args, data_args, training_args
 
 
 def phase(number: int, what: str, start: float) -> None:
@@ -175,11 +182,11 @@ def run_demo(args: DemoArguments) -> dict:
     tokenizer.save_pretrained(tokenizer_dir)
     tokenizer_processor.save_pretrained(tokenizer_dir)
 
-    # 2. CCViT pre-training through run_mim (checkpoint, tokenizer sub-folder, trainer_state.json, model card).
-    phase(2, f"pre-training CCViT for {args.budget_seconds:g} s", start)
-    model_dir = os.path.join(args.output_dir, "ccvit")
-    train_metrics = run_mim.main(pretrain_argv(args, tokenizer_dir, model_dir))
-    model_class = run_mim.MIM_MODELS["ccvit"][1]
+    # 2. CCViT pre-training as `hf-mim pretrain` does it (checkpoint, tokenizer sub-folder, trainer_state.json, card).
+    phase(2, f"pre-training {METHOD.title} for {args.budget_seconds:g} s", start)
+    model_dir = os.path.join(args.output_dir, METHOD.name)
+    train_metrics = pretrain(*pretraining_arguments(args, tokenizer_dir, model_dir))
+    model_class = METHOD.model_class
     model = model_class.from_pretrained(model_dir).eval()
     image_processor = AutoImageProcessor.from_pretrained(model_dir)
     torch.manual_seed(args.seed)
@@ -207,9 +214,7 @@ def run_demo(args: DemoArguments) -> dict:
         ],
     )
     figure_images = [decode_image(raw["train"][index][image_column]) for index in range(min(4, len(raw["train"])))]
-    masks = run_mim.build_mask_generator(
-        run_mim.resolve_data_defaults(run_mim.DataArguments(), "ccvit"), args.image_size // args.patch_size
-    )
+    masks = build_mask_generator(METHOD.with_data_defaults(MaskingArguments()), args.image_size // args.patch_size)
     bool_masked_pos = torch.from_numpy(np.stack([masks() for _ in figure_images]).reshape(len(figure_images), -1))
     figures = write_figures(
         os.path.join(args.output_dir, "figures"),
@@ -249,7 +254,25 @@ def results_table(results: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    (args,) = HfArgumentParser(DemoArguments).parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    parser = command_parser(
+        DemoArguments,
+        description="""
+        The whole pipeline on images that ship with scikit-learn, with no data and no network: fit a k-means
+        tokenizer on random crops of scikit-learn's sample photos, pre-train a small CCViT with it for
+        --budget_seconds, probe the frozen encoder (k-NN, linear probe) on scikit-learn's digits next to the same
+        ViT randomly initialised, and write the checkpoint, its model card with the probe results, figures and
+        demo_results.json to --output_dir. --train_dir or --dataset_name pre-train on your images instead, and
+        --probe_train_dir with --probe_validation_dir probe on a labelled image folder.
+
+        examples:
+          # About 6 minutes on 2 CPU cores
+          hf-mim demo --output_dir ./hf_mim_demo
+
+          # Your images, probed on your labelled folders
+          hf-mim demo --train_dir ./images --probe_train_dir ./train --probe_validation_dir ./val
+        """,
+    )
+    (args,) = parser.parse_args_into_dataclasses(args=argv)
     summary = run_demo(args)
     print(f"\nProbes on {summary['probe_data']} ({summary['probe_sizes']}), top-1 %:\n")
     print(results_table(summary["results"]))
@@ -257,7 +280,17 @@ def main(argv=None) -> dict:
     return summary
 
 
-__all__ = ["DemoArguments", "digits_images", "main", "probe_encoder", "results_table", "run_demo", "write_sample_crops"]
+__all__ = [
+    "METHOD",
+    "DemoArguments",
+    "digits_images",
+    "main",
+    "pretraining_arguments",
+    "probe_encoder",
+    "results_table",
+    "run_demo",
+    "write_sample_crops",
+]
 
 
 if __name__ == "__main__":

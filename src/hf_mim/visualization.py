@@ -27,9 +27,11 @@ from PIL import Image, ImageDraw, ImageFont
 from transformers import AutoImageProcessor, AutoModel, AutoModelForMaskedImageModeling
 
 from .arguments import command_parser
-from .data import TwoViewTransform, decode_image
+from .checkpoint_folder import load_tokenizer_image_processor
+from .data import MaskingArguments, TwoViewTransform, build_mask_generator, decode_image
 from .evaluation.codebook import codebook_metrics
 from .evaluation.export import normalizes_inside
+from .families import family_of
 from .models.configuration_common import decoder_left_out
 from .models.image_processing_mim import to_rgb
 
@@ -428,9 +430,6 @@ def _image_files(paths: Sequence[str]) -> list[str]:
 
 
 def main(argv=None) -> dict[str, str]:
-    # Imported here: run_mim pulls in the training stack, which plotting functions do not need.
-    from .training.run_mim import TOKENIZER_SUBFOLDER, DataArguments, build_mask_generator
-
     parser = command_parser(
         VisualizeArguments,
         description="""
@@ -465,15 +464,18 @@ def main(argv=None) -> dict[str, str]:
         if args.tokenizer_name_or_path is not None:
             decoding_tokenizer = AutoModel.from_pretrained(args.tokenizer_name_or_path)
         image_processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
-        tokenizer_image_processor = AutoImageProcessor.from_pretrained(
-            args.tokenizer_image_processor_name or os.path.join(args.model_name_or_path, TOKENIZER_SUBFOLDER)
-        )
+        if args.tokenizer_image_processor_name:
+            tokenizer_image_processor = AutoImageProcessor.from_pretrained(args.tokenizer_image_processor_name)
+        else:
+            tokenizer_image_processor = load_tokenizer_image_processor(args.model_name_or_path)
         decoded = [(path, decode_image(path)) for path in _image_files(args.images)[: args.max_images]]
         images = [image for _, image in decoded if image is not None]
         if not images:
             raise ValueError(f"None of {[path for path, _ in decoded]} could be read as an image")
         grid = model.config.image_size // model.config.patch_size
-        generator = build_mask_generator(DataArguments(masking=args.masking), grid)
+        # The flags left to the method (--masking random's ratio) take the model's method's defaults.
+        masking = family_of(model.config.model_type).with_data_defaults(MaskingArguments(masking=args.masking))
+        generator = build_mask_generator(masking, grid)
         rng = np.random.default_rng(args.seed)
         masks = torch.from_numpy(np.stack([generator(rng) for _ in images]).reshape(len(images), -1))
     elif args.images:

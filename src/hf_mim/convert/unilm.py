@@ -32,18 +32,15 @@ from transformers import AutoImageProcessor, AutoModel
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from ..models.configuration_beit import BeitMimConfig
-from ..models.configuration_beitv2 import Beitv2Config
-from ..models.configuration_mcbeit import McBeitConfig
 from ..models.configuration_vqkd import VqkdConfig
 from ..models.image_processing_mim import MimImageProcessor
 from ..models.image_processing_vqkd import VqkdImageProcessor
 from ..models.modeling_beit import BeitMimForMaskedImageModeling
-from ..models.modeling_beitv2 import Beitv2ForMaskedImageModeling
-from ..models.modeling_mcbeit import McBeitForMaskedImageModeling
 from ..models.modeling_vqkd import VqkdModel
 from ..training.loading import pretrained, require_tokenizer
-from ..training.run_mim import TOKENIZER_SUBFOLDER
+from ..checkpoint_folder import save_tokenizer_image_processor
 from ..errors import UsageError
+from ..families import MIM_METHODS, family_of
 from ..hub.cards import write_model_card
 from .common import describe, load_weights_only
 
@@ -55,12 +52,8 @@ _VQKD_TRAINING_PREFIXES = ("loss", "teacher", "scaling")
 _INCEPTION_MEAN_STD = ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
-# What a converted MIM model is, per `method`: (config class, model class, name in messages).
-METHODS = {
-    "beit": (BeitMimConfig, BeitMimForMaskedImageModeling, "BEiT"),
-    "beitv2": (Beitv2Config, Beitv2ForMaskedImageModeling, "BEiT v2"),
-    "mcbeit": (McBeitConfig, McBeitForMaskedImageModeling, "mc-BEiT"),
-}
+# The methods whose released checkpoints (unilm's layout) convert; each is its `hf_mim.families.MIM_METHODS` entry.
+METHODS = ("beit", "beitv2", "mcbeit")
 # Stochastic depth of each method's pre-training recipe (BEiT spec §2/§3.7, mc-BEiT spec A9): BEiT 0.1; BEiT v2 0.1
 # for 1600 epochs (the un-suffixed release) and 0 for 300 epochs (`*_300e.pth`); mc-BEiT 0.1 (its README and code).
 PRETRAINING_DROP_PATH = {"beit": 0.1, "beitv2": 0.1, "beitv2_300e": 0.0, "mcbeit": 0.1}
@@ -113,7 +106,7 @@ def pretraining_drop_path_rate(
         return PRETRAINING_DROP_PATH["beitv2"], (
             "BEiT v2's 1600-epoch pre-training recipe (its 300-epoch recipe, the *_300e.pth release, used 0)"
         )
-    return PRETRAINING_DROP_PATH[method], f"{METHODS[method][2]}'s pre-training recipe"
+    return PRETRAINING_DROP_PATH[method], f"{MIM_METHODS[method].title}'s pre-training recipe"
 
 
 class _Keys:
@@ -367,7 +360,7 @@ def convert_beit_state_dict(
         raise UsageError(f"--method {method}: unknown; choose one of {', '.join(METHODS)}")
     if (method == "beitv2") != bool(head_layers):
         raise UsageError(
-            f"--method {method}: the checkpoint is a {METHODS[found][2]} one "
+            f"--method {method}: the checkpoint is a {MIM_METHODS[found].title} one "
             f"({'with' if head_layers else 'without'} BEiT v2's cls_pt_layers); "
             + ("drop --method" if head_layers else "use --method beit or mcbeit")
         )
@@ -384,7 +377,7 @@ def convert_beit_state_dict(
         source = "drop_path_rate (--drop_path_rate)"
     if not 0.0 <= drop_path_rate < 1.0:
         raise UsageError(f"--drop_path_rate {drop_path_rate} must lie in [0, 1)")
-    logger.info(f"{METHODS[method][2]}: drop_path_rate={drop_path_rate:g}, from {source}")
+    logger.info(f"{MIM_METHODS[method].title}: drop_path_rate={drop_path_rate:g}, from {source}")
     kwargs = {
         "hidden_size": geometry["hidden_size"],
         "num_hidden_layers": geometry["num_hidden_layers"],
@@ -404,7 +397,7 @@ def convert_beit_state_dict(
     if method == "beitv2":
         kwargs.update(early_layers=early_layers, head_layers=head_layers)
     try:
-        config = METHODS[method][0](**kwargs)
+        config = MIM_METHODS[method].config_class(**kwargs)
     except ValueError as error:
         if tokenizer_config is None:
             raise
@@ -498,7 +491,7 @@ def convert_beit_checkpoint(
         if str(error).startswith("--"):  # names its flag already
             raise
         raise UsageError(f"--checkpoint {checkpoint_path}: {error}") from error
-    model_class = METHODS[config.model_type.removeprefix("hf_mim_")][1]
+    model_class = family_of(config.model_type).model_class
     model = model_class(config)
     missing, unexpected = model.load_state_dict({key: value.float() for key, value in weights.items()}, strict=False)
     missing = [key for key in missing if not key.startswith("tokenizer.")]
@@ -516,7 +509,7 @@ def convert_beit_checkpoint(
             config, image_mean=image_mean or default_mean, image_std=image_std or default_std
         ).save_pretrained(output_dir)
         if tokenizer_processor is not None:
-            tokenizer_processor.save_pretrained(Path(output_dir) / TOKENIZER_SUBFOLDER)
+            save_tokenizer_image_processor(output_dir, tokenizer_processor)
         write_model_card(output_dir)
     return model
 

@@ -8,7 +8,9 @@ scripts do, so that a resumed run redraws exactly the same data), else from torc
 from .arguments import (
     ImageDatasetArguments,
     LabelledImageDatasetArguments,
+    MaskingArguments,
     StreamingImageDatasetArguments,
+    build_mask_generator,
     load_image_datasets_from_args,
 )
 from .augment import RAND_AUGMENT_OPS, RandAugment, RandomErasing, parse_rand_augment
@@ -29,6 +31,7 @@ __all__ = [
     "BlockwiseMaskingGenerator",
     "ImageDatasetArguments",
     "LabelledImageDatasetArguments",
+    "MaskingArguments",
     "MimDataCollator",
     "RAND_AUGMENT_OPS",
     "RandAugment",
@@ -40,6 +43,7 @@ __all__ = [
     "StreamingImageDatasetArguments",
     "TwoViewTransform",
     "apply_transform",
+    "build_mask_generator",
     "decode_image",
     "example_rng",
     "load_image_datasets",

@@ -1,4 +1,5 @@
-"""Command-line dataset options shared by the training and evaluation scripts, and the loading they describe.
+"""Command-line dataset and masking options shared by the training and evaluation scripts, and the loading and
+masking they describe.
 
 Each script's `HfArgumentParser` dataclass subclasses one of these and adds only its own options, so a flag has the
 same name, default and help in every script.
@@ -10,6 +11,7 @@ from datasets import DatasetDict, IterableDatasetDict
 
 from ..errors import UsageError
 from .datasets import load_image_datasets
+from .masking import BlockwiseMaskingGenerator, RandomMaskingGenerator, scale_num_patches
 
 
 @dataclass
@@ -75,6 +77,53 @@ class LabelledImageDatasetArguments(ImageDatasetArguments):
     label_column_name: str = field(default="label", metadata={"help": "The column of class labels (ids or names)"})
 
 
+@dataclass
+class MaskingArguments:
+    """The masking flags of the commands that mask patches; those left unset (None) take the method's defaults
+    (`hf_mim.families.MimMethod.with_data_defaults`)."""
+
+    masking: str | None = field(
+        default=None, metadata={"help": "blockwise (BEiT's blocks) or random (default blockwise; mcbeit: random)"}
+    )
+    num_mask_patches: int | None = field(
+        default=None,
+        metadata={"help": "Patches masked per image by blockwise masking (default 75 of 196, scaled to the patch "
+                  "grid)"},
+    )
+    min_mask_patches_per_block: int | None = field(
+        default=None, metadata={"help": "Smallest masked block (default 16 of 196, scaled)"}
+    )
+    max_mask_patches_per_block: int | None = field(
+        default=None, metadata={"help": "Largest masked block (default: --num_mask_patches)"}
+    )
+    exact_mask_count: bool = field(
+        default=True, metadata={"help": "Mask exactly --num_mask_patches (BEiT v2); false: at most (BEiT v1)"}
+    )
+    mask_ratio: float | None = field(
+        default=None, metadata={"help": "Masked fraction of --masking random (default 0.4; mcbeit: 0.75)"}
+    )
+
+
+def build_mask_generator(args: MaskingArguments, grid_size: int):
+    """The mask generator of the flags `args` (with the method's defaults filled in) for a `grid_size` patch grid."""
+    num_patches = grid_size * grid_size
+    if args.masking == "random":
+        if args.mask_ratio is None:
+            raise ValueError("--masking random needs a mask_ratio: fill in the method's defaults first")
+        return RandomMaskingGenerator(grid_size, mask_ratio=args.mask_ratio)
+    if args.masking != "blockwise":
+        raise UsageError(f"--masking must be 'blockwise' or 'random', got {args.masking!r}")
+    num_mask = args.num_mask_patches or scale_num_patches(75, to_grid=num_patches)
+    min_block = args.min_mask_patches_per_block or min(num_mask, scale_num_patches(16, to_grid=num_patches))
+    return BlockwiseMaskingGenerator(
+        grid_size,
+        num_masking_patches=num_mask,
+        min_num_patches=min_block,
+        max_num_patches=args.max_mask_patches_per_block,
+        exact=args.exact_mask_count,
+    )
+
+
 def load_image_datasets_from_args(
     args: ImageDatasetArguments,
     seed: int,
@@ -116,7 +165,9 @@ def require_validation_split(raw: DatasetDict | IterableDatasetDict) -> None:
 __all__ = [
     "ImageDatasetArguments",
     "LabelledImageDatasetArguments",
+    "MaskingArguments",
     "StreamingImageDatasetArguments",
+    "build_mask_generator",
     "load_image_datasets_from_args",
     "require_validation_split",
 ]

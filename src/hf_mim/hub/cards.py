@@ -22,7 +22,9 @@ from pathlib import Path
 import jinja2
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from ..checkpoint_folder import has_tokenizer_image_processor
 from ..errors import UsageError
+from ..families import BY_MODEL_TYPE, Family
 from ..safe_loading import UNREADABLE_FILE_ERRORS, StandIn, load_restricted, stand_in
 
 logger = logging.getLogger(__name__)
@@ -38,33 +40,6 @@ LOCAL_BUILDERS = ("imagefolder", "parquet", "json", "csv", "arrow", "webdataset"
 BASE_TAGS = ["hf_mim", "custom_code", "masked-image-modeling", "vision"]
 DEFAULT_LICENSE = "apache-2.0"
 
-
-@dataclass(frozen=True)
-class CardFamily:
-    """How the cards of one model type are made.
-
-    Attributes:
-        template (`str`): file name in `model_cards/`.
-        tag (`str`): the method's Hub tag.
-        kind (`str`): `"tokenizer"` (a visual tokenizer) or `"mim"` (a masked image modeling encoder).
-    """
-
-    template: str
-    tag: str
-    kind: str
-
-
-# model_type -> card family; every family in `hf_mim.registration.FAMILIES` needs an entry.
-CARD_FAMILIES = {
-    "hf_mim_dvae": CardFamily("dvae.md", "dall-e-dvae", "tokenizer"),
-    "hf_mim_vqkd": CardFamily("vqkd.md", "vq-kd", "tokenizer"),
-    "hf_mim_kmeans": CardFamily("kmeans.md", "k-means", "tokenizer"),
-    "hf_mim_vqgan": CardFamily("vqgan.md", "vqgan", "tokenizer"),
-    "hf_mim_beit": CardFamily("beit.md", "beit", "mim"),
-    "hf_mim_beitv2": CardFamily("beitv2.md", "beit-v2", "mim"),
-    "hf_mim_mcbeit": CardFamily("mcbeit.md", "mc-beit", "mim"),
-    "hf_mim_ccvit": CardFamily("ccvit.md", "ccvit", "mim"),
-}
 
 # Evaluation protocols a card reports. The model-index groups metrics by task and dataset, so the protocol
 # is the metric's `name`.
@@ -206,13 +181,14 @@ def hub_dataset_id(dataset_name: str | None) -> str | None:
     return dataset_name
 
 
-def card_family(model_type: str) -> CardFamily:
-    if model_type not in CARD_FAMILIES:
+def card_family(model_type: str) -> Family:
+    """The family whose card template (`card_template`) and Hub tag (`card_tag`) a checkpoint of `model_type` gets."""
+    if model_type not in BY_MODEL_TYPE:
         raise ValueError(
-            f"No model card template for model_type {model_type!r}; hf_mim cards exist for {sorted(CARD_FAMILIES)}. "
-            "A new family needs a template in model_cards/ and an entry in hf_mim.hub.cards.CARD_FAMILIES."
+            f"No model card template for model_type {model_type!r}; hf_mim cards exist for {sorted(BY_MODEL_TYPE)}. "
+            "A new family needs a template in model_cards/ and its entry in hf_mim.families."
         )
-    return CARD_FAMILIES[model_type]
+    return BY_MODEL_TYPE[model_type]
 
 
 def template_names() -> list[str]:
@@ -427,7 +403,7 @@ def card_context(
 
     model_name = model_name or (repo_id.split("/")[-1] if repo_id else folder.resolve().name)
     fine_tuned = any(name.endswith("ForImageClassification") for name in config.get("architectures") or [])
-    tag_list = [*BASE_TAGS, family.tag]
+    tag_list = [*BASE_TAGS, family.card_tag]
     if family.kind == "tokenizer":
         tag_list.append("visual-tokenizer")
     for tag in _as_list(tags) + _as_list(existing.tags if existing else None):
@@ -452,7 +428,7 @@ def card_context(
         "model_name": model_name,
         "config": config,
         "tokenizer": config.get("tokenizer_config"),
-        "has_tokenizer_subfolder": (folder / "tokenizer" / "preprocessor_config.json").is_file(),
+        "has_tokenizer_subfolder": has_tokenizer_image_processor(folder),
         "parameters": count_parameters(folder),
         "image_size": config.get("image_size"),
         "fine_tuned": fine_tuned,
@@ -483,7 +459,7 @@ def _sections():
 def render_model_card(folder, **kwargs) -> ModelCard:
     """The model card of the checkpoint in `folder`; keyword arguments as for `card_context`."""
     card_data, context = card_context(folder, **kwargs)
-    template = card_family(context["config"]["model_type"]).template
+    template = card_family(context["config"]["model_type"]).card_template
     template_str = TEMPLATE_DIR.joinpath(template).read_text(encoding="utf-8")
     return ModelCard.from_template(card_data, template_str=template_str, **context)
 
@@ -497,9 +473,7 @@ def write_model_card(folder, **kwargs) -> Path:
 
 
 __all__ = [
-    "CARD_FAMILIES",
     "PROTOCOLS",
-    "CardFamily",
     "CardResult",
     "card_context",
     "card_family",

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from huggingface_hub import HfApi
-from transformers.dynamic_module_utils import get_relative_imports
 
+from ..checkpoint_folder import PROCESSOR_CONFIG, complete_code_files
 from .cards import DEFAULT_LICENSE, load_results, read_training_args, write_model_card
 
 logger = logging.getLogger(__name__)
@@ -30,66 +30,11 @@ UPLOAD_PATTERNS = (
     "*.safetensors",
     "*.safetensors.index.json",
     "*.py",
-    "preprocessor_config.json",
+    PROCESSOR_CONFIG,
     "trainer_state.json",
     "training_args.bin",
     "*results.json",
 )
-# Subfolders uploaded with their image processor (a MIM checkpoint's tokenizer view).
-PROCESSOR_CONFIG = "preprocessor_config.json"
-MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
-
-
-def _auto_map_modules(config_path: Path) -> set[str]:
-    """Module names the `auto_map` of a config or processor file refers to (code stored in this repo)."""
-    if not config_path.is_file():
-        return set()
-    modules = set()
-    for reference in (json.loads(config_path.read_text()).get("auto_map") or {}).values():
-        if isinstance(reference, dict):
-            references = reference.values()
-        elif isinstance(reference, (list, tuple)):
-            references = reference
-        else:
-            references = [reference]
-        for ref in references:
-            # "other/repo--module.Class" points at code in another repo.
-            if ref and "--" not in ref:
-                modules.add(ref.rsplit(".", 1)[0])
-    return modules
-
-
-def complete_code_files(folder) -> list[str]:
-    """Copy into `folder` every code file its `auto_map`s need that is missing there; returns the copied names.
-
-    transformers loads remote code from the repo root, also for an image processor loaded from a
-    subfolder (`subfolder="tokenizer"`), and then follows the files' `from .x import y` imports. A
-    missing file is taken from a subfolder that has it, else from the installed hf_mim.
-    """
-    folder = Path(folder)
-    subfolders = [path.parent for path in folder.glob(f"*/{PROCESSOR_CONFIG}")]
-    pending = set()
-    for config_path in [folder / "config.json", folder / PROCESSOR_CONFIG, *(sub / PROCESSOR_CONFIG for sub in subfolders)]:
-        pending |= {f"{module}.py" for module in _auto_map_modules(config_path)}
-    seen, copied = set(), []
-    while pending:
-        name = pending.pop()
-        seen.add(name)
-        target = folder / name
-        if not target.is_file():
-            sources = [sub / name for sub in subfolders] + [MODELS_DIR / name]
-            source = next((path for path in sources if path.is_file()), None)
-            if source is None:
-                raise FileNotFoundError(
-                    f"{folder} needs the code file {name} (named in an auto_map or imported by one) but neither the "
-                    "folder nor the installed hf_mim has it; re-save the model with hf_mim installed (save_pretrained)"
-                )
-            shutil.copyfile(source, target)
-            copied.append(name)
-        pending |= {f"{module}.py" for module in get_relative_imports(target)} - seen
-    if copied:
-        logger.info("Added the code files %s to %s", sorted(copied), folder)
-    return sorted(copied)
 
 
 def _check_checkpoint(folder: Path) -> None:
@@ -255,7 +200,7 @@ def main(argv: Sequence[str] | None = None):
     return commit
 
 
-__all__ = ["UPLOAD_PATTERNS", "complete_code_files", "main", "prepare_repo", "prepare_upload_folder", "push_folder"]
+__all__ = ["UPLOAD_PATTERNS", "main", "prepare_repo", "prepare_upload_folder", "push_folder"]
 
 
 if __name__ == "__main__":

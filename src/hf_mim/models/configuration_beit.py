@@ -5,11 +5,12 @@ resolves it through `TOKENIZER_CONFIG_CLASSES`, and `modeling_beit.TOKENIZER_MOD
 
 Which code a checkpoint carries: `save_pretrained` copies a module and every sibling it imports as `from .x import y`
 (transformers finds them with a regex, recursively), and the remote-code loader fetches exactly those files. In hf_mim
-itself these two tuples list every tokenizer family, so a plain copy would ship every family's code with every MIM
-checkpoint. `BeitMimConfig.save_pretrained` therefore rewrites, in the checkpoint's copies of this file and of
-modeling_beit.py, the lines between the `FAMILY_BLOCK` markers to import the checkpoint's own tokenizer family only,
-and removes the other families' files the copy brought along. The rewritten imports are ordinary static imports, so
-the loader fetches the family's files, and a checkpoint loaded without hf_mim and saved again keeps the same files.
+itself these two tuples list every tokenizer family (rendered from the registry, `hf_mim.families`), so a plain copy
+would ship every family's code with every MIM checkpoint. `BeitMimConfig.save_pretrained` therefore rewrites, in the
+checkpoint's copies of this file and of modeling_beit.py, the lines between the `FAMILY_BLOCK` markers to import the
+checkpoint's own tokenizer family only, and removes the other families' files the copy brought along. The rewritten
+imports are ordinary static imports, so the loader fetches the family's files, and a checkpoint loaded without hf_mim
+and saved again keeps the same files.
 Configuration files import no modeling files: this file resolves configs only, modeling_beit.py the models.
 """
 
@@ -75,6 +76,12 @@ def render_family_block(tuple_name: str, references: list[str]) -> str:
     return f"{imports}\n{tuple_name} = ({', '.join(names)}{',' if len(names) == 1 else ''})\n"
 
 
+def replace_family_block(text: str, tuple_name: str, references: list[str]) -> str:
+    """`text` (a file holding a family block) with its block listing the classes `references` ("module.Class")."""
+    start, end = text.index(f"\n{FAMILY_BLOCK[0]}\n") + len(FAMILY_BLOCK[0]) + 2, text.index(f"\n{FAMILY_BLOCK[1]}\n")
+    return text[:start] + render_family_block(tuple_name, references) + text[end + 1 :]
+
+
 def _code_closure(folder: Path, modules: list[str]) -> set[str]:
     """File names of `modules` in `folder` and of every sibling they import, as transformers copies and loads them."""
     files = [folder / f"{module}.py" for module in modules]
@@ -100,11 +107,7 @@ def keep_only_tokenizer_family(folder, config) -> None:
         path = folder / file_name
         if not path.is_file():
             continue
-        text = path.read_text()
-        start = text.index(f"\n{FAMILY_BLOCK[0]}\n") + len(FAMILY_BLOCK[0]) + 2
-        end = text.index(f"\n{FAMILY_BLOCK[1]}\n", start) + 1
-        block = render_family_block(tuple_name, [family[auto_class]] if family else [])
-        path.write_text(text[:start] + block + text[end:])
+        path.write_text(replace_family_block(path.read_text(), tuple_name, [family[auto_class]] if family else []))
     for name in copied - _code_closure(folder, modules):
         (folder / name).unlink(missing_ok=True)
 
@@ -203,5 +206,7 @@ __all__ = [
     "check_backbone_geometry",
     "keep_only_tokenizer_family",
     "mim_tokenizer_config",
+    "render_family_block",
+    "replace_family_block",
     "tokenizer_config_from_dict",
 ]

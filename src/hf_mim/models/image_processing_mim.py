@@ -62,9 +62,7 @@ class MimImageProcessor(PilBackend):
 
     @classmethod
     def for_config(cls, config, **kwargs):
-        """The processor of the view a model of `config` reads: `config.image_size` px square, this class's defaults
-        otherwise; `kwargs` override them. Every family's processor is built here (or in its class's override), so
-        a trainer, a converter and a fit save the same view for the same config."""
+        """The view a model of `config` reads (`config.image_size` px, this class's defaults; `kwargs` override)."""
         side = {"height": config.image_size, "width": config.image_size}
         return cls(**{"size": side, "crop_size": side, **kwargs})
 

@@ -1,5 +1,7 @@
-"""`TrainingArguments` shared by every hf_mim training script: time budget, non-finite guard, resumption, DataLoader
-defaults for GPUs, and a refusal to run a multi-process launch whose processes are not distributed."""
+"""Arguments shared by the hf_mim training commands: `TrainingArguments` with a time budget, non-finite guard,
+resumption, DataLoader defaults for GPUs and a refusal to run a multi-process launch whose processes are not
+distributed (`HfMimTrainingArguments`); those of the commands that train on raw images with targets from a tokenizer
+(`MimTrainingArguments`); and `--config_overrides`."""
 
 import os
 from dataclasses import dataclass, field
@@ -62,4 +64,52 @@ class HfMimTrainingArguments(TrainingArguments):
         check_distributed_launch(self)
 
 
-__all__ = ["HfMimTrainingArguments", "check_distributed_launch"]
+@dataclass
+class MimTrainingArguments(HfMimTrainingArguments):
+    # MIM batches carry more than `labels`, and eval logits (masked tokens x vocabulary) are not needed for metrics.
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Drop the dataset columns that the model's forward does not take (off: the image column "
+                  "is transformed when read)"},
+    )
+    prediction_loss_only: bool = field(
+        default=True,
+        metadata={"help": "Evaluate the loss only, without gathering the logits (masked tokens x vocabulary)"},
+    )
+    # Targets come from the tokenizer inside the model: with no label names, evaluation still computes the loss.
+    label_names: list[str] = field(
+        default_factory=list,
+        metadata={"help": "The batch keys that hold labels (none: the targets come from the tokenizer inside the "
+                  "model)"},
+    )
+
+
+def parse_config_overrides(config_class, overrides: str | None) -> dict:
+    """`'a=1,b=x'` as typed keyword arguments, using the types of the config's defaults: `--config_overrides` of
+    every script (MIM models and tokenizers alike)."""
+    if not overrides:
+        return {}
+    items = [item.split("=", 1) for item in overrides.split(",")]
+    malformed = [item[0] for item in items if len(item) != 2 or not item[0].strip()]
+    if malformed:
+        raise UsageError(
+            f"--config_overrides takes comma-separated name=value pairs, got {malformed[0]!r} in {overrides!r}"
+        )
+    names = [name.strip() for name, _ in items]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        # Picking one of the values would silently drop the other.
+        raise UsageError(
+            f"--config_overrides sets {', '.join(repeated)} more than once in {overrides!r}; give each name once"
+        )
+    probe = config_class()
+    if "tokenizer_config" in names and hasattr(probe, "tokenizer_config"):
+        raise UsageError(
+            "--config_overrides cannot set tokenizer_config: it is the config of the tokenizer that supplies the "
+            "targets; pass that tokenizer with --tokenizer_name_or_path"
+        )
+    probe.update_from_string(",".join(f"{name}={value}" for name, (_, value) in zip(names, items)))
+    return {name: getattr(probe, name) for name in names}
+
+
+__all__ = ["HfMimTrainingArguments", "MimTrainingArguments", "check_distributed_launch", "parse_config_overrides"]

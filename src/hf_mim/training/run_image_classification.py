@@ -7,8 +7,6 @@ path, label smoothing and optional Mixup/CutMix. Accuracy is computed by hf_mim'
 saved model and image processor are plain transformers BEiT files.
 """
 
-import os
-import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -37,8 +35,8 @@ from ..evaluation.export import (
 from ..evaluation.metrics import load_metric
 from .arguments import HfMimTrainingArguments
 from .mixup import MixupCutmix, soft_target_cross_entropy
-from .run_mim import setup_logging, train_and_evaluate
 from .trainer import MimTrainer
+from .workflow import setup_logging, train_and_evaluate
 
 
 @dataclass
@@ -207,10 +205,7 @@ def parse_args(argv=None):
         ],
         json_file=True,
     )
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith(".json"):
-        return parser.parse_json_file(json_file=os.path.abspath(argv[0]))
-    return parser.parse_args_into_dataclasses(args=argv)
+    return parser.parse_command_line(argv)
 
 
 def main(argv=None) -> dict[str, float]:

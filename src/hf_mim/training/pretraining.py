@@ -1,0 +1,338 @@
+"""Masked image modeling pre-training with a visual tokenizer, as a library: `pretrain` is `hf-mim pretrain`.
+
+The method (`--model_type`) is an entry of `hf_mim.families.MIM_METHODS`, which supplies its config and model classes,
+its data defaults and whether it replaces patches; the tokenizer is a saved one (`--tokenizer_name_or_path`) or
+k-means centroids fitted on the training images first (`--fit_tokenizer`). One or many processes, CPU or GPU,
+bf16/fp16, gradient accumulation and resumption come from `Trainer`.
+"""
+
+import os
+from dataclasses import dataclass, field
+
+from transformers import AutoImageProcessor, AutoModel, set_seed
+
+from ..checkpoint_folder import TOKENIZER_SUBFOLDER, load_tokenizer_image_processor, save_tokenizer_image_processor
+from ..data import (
+    MaskingArguments,
+    MimDataCollator,
+    ReplacementPositionGenerator,
+    SkippedImageCounter,
+    StreamingImageDatasetArguments,
+    TwoViewTransform,
+    apply_transform,
+    build_mask_generator,
+    load_image_datasets_from_args,
+    scale_num_patches,
+)
+from ..errors import UsageError
+from ..families import MIM_METHODS, MimMethod
+from ..hub.callbacks import HubFilesCallback
+from ..models import KmeansConfig
+from .arguments import MimTrainingArguments, parse_config_overrides
+from .kmeans import KmeansFitArguments, fit_tokenizer_for_mim
+from .loading import pretrained, require_tokenizer
+from .trainer import MimTrainer
+from .workflow import require_action, setup_logging, train_and_evaluate
+
+
+# ViT sizes of the BEiT papers (and DeiT's tiny/small).
+MODEL_SIZES = {
+    "tiny": {"hidden_size": 192, "num_hidden_layers": 12, "num_attention_heads": 3, "intermediate_size": 768},
+    "small": {"hidden_size": 384, "num_hidden_layers": 12, "num_attention_heads": 6, "intermediate_size": 1536},
+    "base": {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072},
+    "large": {
+        "hidden_size": 1024,
+        "num_hidden_layers": 24,
+        "num_attention_heads": 16,
+        "intermediate_size": 4096,
+        "layer_scale_init_value": 1e-5,
+    },
+}
+
+
+@dataclass
+class ModelArguments(KmeansFitArguments):
+    model_type: str = field(default="beit", metadata={"help": f"MIM method: {', '.join(MIM_METHODS)}"})
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "An hf_mim MIM checkpoint (folder or Hub id) to continue pre-training from, with its "
+                  "tokenizer; unset: a new ViT of --model_size"},
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "The hf_mim tokenizer (dVAE, VQ-KD, VQGAN, k-means; folder or Hub id) whose tokens are the "
+                  "targets; `hf-mim train-tokenizer` trains one"},
+    )
+    model_size: str = field(default="base", metadata={"help": f"ViT size when training from scratch: {', '.join(MODEL_SIZES)}"})
+    image_size: int | None = field(
+        default=None, metadata={"help": "ViT input size when training from scratch (default 224)"}
+    )
+    patch_size: int | None = field(
+        default=None, metadata={"help": "ViT patch size when training from scratch (default 16)"}
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Config overrides when training from scratch, e.g. 'drop_path_rate=0.0,layer_scale_init_value=0.1' "
+                  "(vocab_size is the tokenizer's codebook size)"},
+    )
+    image_processor_name: str | None = field(
+        default=None,
+        metadata={"help": "Image processor of the ViT's view (default: the checkpoint's, or one for the new ViT's "
+                  "image size)"},
+    )
+    fit_tokenizer: bool = field(
+        default=False,
+        metadata={"help": "Fit a k-means tokenizer (CCViT's centroids of the ViT's patches) on the training images "
+                  "first, into output_dir/tokenizer; instead of --tokenizer_name_or_path"},
+    )
+    fit_codebook_size: int = field(
+        default=8192, metadata={"help": "--fit_tokenizer: number of centroids, the MIM vocabulary size (CCViT: 8192)"}
+    )
+    cache_dir: str | None = field(default=None, metadata={"help": "Cache folder of Hub models and datasets"})
+    model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of Hub models"})
+    token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)"})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Let Hub models run their own code (not needed for hf_mim's models)"}
+    )
+
+@dataclass
+class DataArguments(MaskingArguments, StreamingImageDatasetArguments):
+    crop_min_scale: float = field(
+        default=0.08,
+        metadata={"help": "Random-resized-crop minimum area, a fraction of the image (BEiT v2 recipe: 0.2)"},
+    )
+    color_jitter: float | None = field(
+        default=None, metadata={"help": "Colour jitter strength (default 0.4; mcbeit, ccvit: 0)"}
+    )
+    num_replaced_patches: int | None = field(
+        default=None,
+        metadata={"help": "Visible patches replaced by their tokenizer's reconstruction, for the methods that do so "
+                  "(CCViT: its centroid; default 20 of 196, scaled)"},
+    )
+
+
+def mim_method(model_type: str) -> MimMethod:
+    """The registered method `--model_type` names."""
+    if model_type not in MIM_METHODS:
+        raise UsageError(f"--model_type must be one of {list(MIM_METHODS)}, got {model_type!r}")
+    return MIM_METHODS[model_type]
+
+
+def build_replacement_generator(data_args: DataArguments, method: MimMethod, grid_size: int):
+    """The positions a method that replaces patches replaces (`method.replaced_patches` of 196 by default, scaled to
+    the grid); None for the other methods."""
+    num_replaced = data_args.num_replaced_patches
+    if method.replaced_patches is None:
+        if num_replaced is not None:
+            replacing = [name for name, other in MIM_METHODS.items() if other.replaced_patches is not None]
+            raise UsageError(
+                f"--num_replaced_patches is for the methods that replace patches ({', '.join(replacing)}); "
+                f"--model_type {method.name} replaces no patches"
+            )
+        return None
+    if num_replaced is None:
+        num_replaced = scale_num_patches(method.replaced_patches, to_grid=grid_size * grid_size)
+    return ReplacementPositionGenerator(grid_size, num_replaced)
+
+
+def config_kwargs(model_args: ModelArguments) -> dict:
+    """Keyword arguments of a MIM config trained from scratch: the `--model_size` preset, then `--image_size` and
+    `--patch_size`, then `--config_overrides`. A flag and an override that disagree are an error, not a silent pick."""
+    config_class = mim_method(model_args.model_type).config_class
+    if model_args.model_size not in MODEL_SIZES:
+        raise UsageError(f"--model_size must be one of {list(MODEL_SIZES)}, got {model_args.model_size!r}")
+    overrides = parse_config_overrides(config_class, model_args.config_overrides)
+    kwargs = dict(MODEL_SIZES[model_args.model_size])
+    for name in ("image_size", "patch_size"):
+        flag = getattr(model_args, name)
+        if flag is None:
+            continue
+        if overrides.get(name, flag) != flag:
+            raise UsageError(
+                f"--{name} {flag} and --config_overrides {name}={overrides[name]} disagree; give the {name} once"
+            )
+        kwargs[name] = flag
+    return {**kwargs, **overrides}
+
+
+def check_vocab_size(kwargs: dict, codebook_size: int, model_args: ModelArguments) -> None:
+    """The LM head predicts the tokenizer's codes, so a `vocab_size` override may only repeat the codebook size."""
+    vocab_size = kwargs.get("vocab_size", codebook_size)
+    if vocab_size == codebook_size:
+        return
+    if model_args.fit_tokenizer:
+        fix = f"pass --fit_codebook_size {vocab_size} instead"
+    else:
+        fix = (
+            f"use a tokenizer with {vocab_size} codes (scripts/train_tokenizer.py --config_overrides "
+            f"codebook_size={vocab_size}, or run_mim.py --fit_tokenizer --fit_codebook_size {vocab_size} for CCViT)"
+        )
+    raise UsageError(
+        f"--config_overrides vocab_size={vocab_size} conflicts with the tokenizer's codebook_size={codebook_size}: "
+        f"the MIM vocabulary is the tokenizer's codebook. Drop vocab_size from --config_overrides, or to predict "
+        f"{vocab_size} tokens {fix}"
+    )
+
+
+def build_config(model_args: ModelArguments, tokenizer):
+    config_class = mim_method(model_args.model_type).config_class
+    kwargs = config_kwargs(model_args)
+    check_vocab_size(kwargs, tokenizer.codebook_size, model_args)
+    kwargs.update(vocab_size=tokenizer.codebook_size, tokenizer_config=tokenizer.config.to_dict())
+    return config_class(**kwargs)
+
+
+def load_model(model_args: ModelArguments):
+    """The MIM model and the image processors of its two views."""
+    model_class = mim_method(model_args.model_type).model_class
+    hub_kwargs = {
+        "cache_dir": model_args.cache_dir,
+        "revision": model_args.model_revision,
+        "token": model_args.token,
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+    if model_args.model_name_or_path:
+        architecture_flags = [
+            f"--{name}" for name in ("config_overrides", "image_size", "patch_size") if getattr(model_args, name)
+        ]
+        if architecture_flags:
+            raise UsageError(
+                f"{', '.join(architecture_flags)} describe a model trained from scratch, but --model_name_or_path "
+                f"continues {model_args.model_name_or_path}, whose config is fixed; drop them"
+            )
+        model = pretrained(model_class.from_pretrained, model_args.model_name_or_path, "model_name_or_path", **hub_kwargs)
+        if model_args.tokenizer_name_or_path:
+            tokenizer_processor = AutoImageProcessor.from_pretrained(model_args.tokenizer_name_or_path, **hub_kwargs)
+        else:
+            tokenizer_processor = load_tokenizer_image_processor(model_args.model_name_or_path, **hub_kwargs)
+        image_processor = AutoImageProcessor.from_pretrained(
+            model_args.image_processor_name or model_args.model_name_or_path, **hub_kwargs
+        )
+        return model, image_processor, tokenizer_processor
+
+    if not model_args.tokenizer_name_or_path:
+        raise UsageError(
+            f"--model_type {model_args.model_type} needs --tokenizer_name_or_path (an hf_mim tokenizer; train one "
+            "with scripts/train_tokenizer.py) or --model_name_or_path (a checkpoint that holds its tokenizer)"
+        )
+    tokenizer = pretrained(AutoModel.from_pretrained, model_args.tokenizer_name_or_path, "tokenizer_name_or_path", **hub_kwargs)
+    require_tokenizer(tokenizer, model_args.tokenizer_name_or_path)
+    tokenizer_processor = AutoImageProcessor.from_pretrained(model_args.tokenizer_name_or_path, **hub_kwargs)
+    config = build_config(model_args, tokenizer)
+    model = model_class(config)
+    model.set_tokenizer(tokenizer)
+    if model_args.image_processor_name:
+        image_processor = AutoImageProcessor.from_pretrained(model_args.image_processor_name, **hub_kwargs)
+    else:
+        image_processor = mim_method(model_args.model_type).image_processor_class.for_config(config)
+    return model, image_processor, tokenizer_processor
+
+
+def fit_tokenizer(model_args: ModelArguments, dataset, image_column: str, training_args: MimTrainingArguments) -> str:
+    """`--fit_tokenizer`: `--fit_codebook_size` k-means centroids of the ViT's own patches (its image and patch size),
+    fitted on `dataset` by every process and saved in `output_dir/tokenizer`; returns that folder."""
+    if model_args.tokenizer_name_or_path or model_args.model_name_or_path:
+        raise UsageError(
+            "--fit_tokenizer fits a new tokenizer for a model trained from scratch; drop it, or drop "
+            "--tokenizer_name_or_path / --model_name_or_path"
+        )
+    config_class = mim_method(model_args.model_type).config_class
+    kwargs = config_kwargs(model_args)
+    # Checked before the fit, which can take hours, rather than when the model is built after it.
+    check_vocab_size(kwargs, model_args.fit_codebook_size, model_args)
+    defaults = config_class()
+    config = KmeansConfig(
+        image_size=kwargs.get("image_size", defaults.image_size),
+        patch_size=kwargs.get("patch_size", defaults.patch_size),
+        codebook_size=model_args.fit_codebook_size,
+    )
+    return fit_tokenizer_for_mim(
+        dataset,
+        image_column,
+        config,
+        model_args,
+        os.path.join(training_args.output_dir, TOKENIZER_SUBFOLDER),
+        seed=training_args.seed,
+        device=training_args.device,
+        num_workers=training_args.dataloader_num_workers,
+        refit=training_args.overwrite_output_dir,
+    )
+
+
+def pretrain(
+    model_args: ModelArguments, data_args: DataArguments, training_args: MimTrainingArguments, callbacks=None
+) -> dict[str, float]:
+    """Pre-train as `hf-mim pretrain` does with these arguments (its flags' dataclasses); `callbacks` are extra
+    `TrainerCallback`s (e.g. for custom logging). Writes the checkpoint (with its tokenizer and the tokenizer view's
+    image processor), metrics and model card to `output_dir`; returns the train and eval metrics."""
+    require_action(training_args)
+    method = mim_method(model_args.model_type)
+    data_args = method.with_data_defaults(data_args)
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+
+    raw, image_column = load_image_datasets_from_args(
+        data_args, training_args.seed, model_args.cache_dir, model_args.token, require_validation=training_args.do_eval
+    )
+
+    if model_args.fit_tokenizer:
+        model_args.tokenizer_name_or_path = fit_tokenizer(model_args, raw["train"], image_column, training_args)
+    model, image_processor, tokenizer_processor = load_model(model_args)
+    grid_size = model.config.image_size // model.config.patch_size
+    skipped = SkippedImageCounter()
+    # A method that replaces patches (CCViT) reads the tokenizer's view and normalises it itself after replacement; the
+    # saved image processor is its encoder's view for downstream use.
+    raw_view = method.reads_tokenizer_view
+    view_kwargs = {
+        "image_processor": tokenizer_processor if raw_view else image_processor,
+        "tokenizer_image_processor": None if raw_view else tokenizer_processor,
+        "crop_scale": (data_args.crop_min_scale, 1.0),
+        "color_jitter": data_args.color_jitter,
+    }
+    train_dataset = eval_dataset = None
+    # Per-example generators keyed by (seed, epoch, index) make a resumed run redraw the crops and masks of an
+    # uninterrupted one (torch's RNG, saved in checkpoints, is a batch ahead because of DataLoader prefetching).
+    data_seed = None if data_args.streaming else training_args.seed
+    if training_args.do_train:
+        train_dataset = apply_transform(raw["train"], image_column, TwoViewTransform(**view_kwargs), skipped, seed=data_seed)
+    if training_args.do_eval:
+        eval_dataset = apply_transform(
+            raw["validation"], image_column, TwoViewTransform(**view_kwargs, train=False), skipped, seed=data_seed
+        )
+
+    trainer = MimTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=MimDataCollator(
+            build_mask_generator(data_args, grid_size),
+            replacement_generator=build_replacement_generator(data_args, method, grid_size),
+        ),
+        processing_class=image_processor,
+        callbacks=[HubFilesCallback(subfolders={TOKENIZER_SUBFOLDER: tokenizer_processor}), *(callbacks or [])],
+        skip_nonfinite_steps=training_args.skip_nonfinite_steps,
+    )
+
+    return train_and_evaluate(
+        trainer,
+        training_args,
+        skipped,
+        after_save=lambda: save_tokenizer_image_processor(training_args.output_dir, tokenizer_processor),
+        dataset_name=data_args.dataset_name,
+        train_dir=data_args.train_dir,
+    )
+
+
+__all__ = [
+    "MODEL_SIZES",
+    "DataArguments",
+    "ModelArguments",
+    "build_config",
+    "build_replacement_generator",
+    "config_kwargs",
+    "fit_tokenizer",
+    "load_model",
+    "mim_method",
+    "pretrain",
+]

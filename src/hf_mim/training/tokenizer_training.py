@@ -1,0 +1,200 @@
+"""Training a visual tokenizer as a library: `train_tokenizer` is `hf-mim train-tokenizer`.
+
+The tokenizer (`--tokenizer_type`) is an entry of `hf_mim.families.TOKENIZERS` that hf_mim trains with its `Trainer`
+(dVAE, VQ-KD) or fits without gradients (k-means, CCViT's centroids of raw patches, Lloyd's algorithm). Works under
+`accelerate launch` with any number of processes. The output folder holds the model (safetensors), its config and
+code, and the tokenizer's image processor, so `AutoModel.from_pretrained(output_dir)` (with hf_mim installed, or
+`trust_remote_code=True` without) returns the trained tokenizer.
+"""
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from transformers import set_seed
+
+from ..data import (
+    MimDataCollator,
+    SkippedImageCounter,
+    StreamingImageDatasetArguments,
+    TwoViewTransform,
+    apply_transform,
+    load_image_datasets_from_args,
+)
+from ..errors import UsageError
+from ..families import TOKENIZERS, import_target
+from ..hub.cards import hub_dataset_id
+from .arguments import MimTrainingArguments, parse_config_overrides
+from .dvae import TEMPERATURE_SCHEDULES
+from .kmeans import KmeansFitArguments
+from .loading import pretrained, saved_model_type
+from .workflow import require_action, setup_logging, train_and_evaluate
+
+logger = logging.getLogger(__name__)
+
+# `--tokenizer_type`: the registered tokenizers that hf_mim trains or fits (the others are converted from releases).
+TRAINABLE = {name: tokenizer for name, tokenizer in TOKENIZERS.items() if tokenizer.trainable}
+
+
+@dataclass
+class TokenizerArguments(KmeansFitArguments):
+    tokenizer_type: str = field(
+        default="dvae", metadata={"help": "Which tokenizer to train.", "choices": list(TRAINABLE)}
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "A saved tokenizer of --tokenizer_type (folder or Hub id) to continue training from; "
+                  "unset: a new one."},
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata={"help": "Config changes, e.g. 'codebook_size=1024,hidden_size=64' (config.update_from_string); with "
+                  "--tokenizer_name_or_path, only those that keep the weights' shapes, and the saved image processor "
+                  "is rebuilt from the changed config when they change the view (image_size)."},
+    )
+    gumbel_temperature_start: float = field(default=1.0, metadata={"help": "Initial Gumbel temperature."})
+    gumbel_temperature_end: float = field(default=1 / 16, metadata={"help": "Final Gumbel temperature."})
+    gumbel_temperature_schedule: str = field(
+        default="cosine", metadata={"help": "Temperature annealing curve.", "choices": list(TEMPERATURE_SCHEDULES)}
+    )
+    gumbel_anneal_fraction: float = field(
+        default=1.0, metadata={"help": "Fraction of the steps over which the temperature is annealed."}
+    )
+    kl_weight: float = field(default=1e-3, metadata={"help": "Final weight of the KL term to the uniform prior."})
+    kl_warmup_fraction: float = field(
+        default=0.1, metadata={"help": "Fraction of the steps over which the KL weight ramps up from 0."}
+    )
+    diversity_weight: float = field(
+        default=0.0,
+        metadata={"help": "dVAE: weight of the KL of the batch's mean code posterior to uniform (keeps codes in use)."},
+    )
+    teacher_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "The vision model to distil (folder or Hub id), e.g. openai/clip-vit-base-patch16."},
+    )
+    teacher_feature_layer: int | None = field(
+        default=None,
+        metadata={"help": "Index into the teacher's hidden_states (default: its final features; CLIP: final "
+                  "LayerNorm + visual projection)."},
+    )
+
+
+@dataclass
+class DataArguments(StreamingImageDatasetArguments):
+    cache_dir: str | None = field(default=None, metadata={"help": "Cache folder of Hub datasets."})
+    crop_min_scale: float = field(
+        default=0.08, metadata={"help": "Smallest random crop, as a fraction of the image area."}
+    )
+    color_jitter: float = field(default=0.0, metadata={"help": "Brightness/contrast/saturation jitter strength."})
+
+
+def check_weight_shapes(model_class, saved_config, config, path: str, overrides: str) -> None:
+    """A clear error, before any weight is read, for overrides that reshape the weights of a saved tokenizer."""
+    with torch.device("meta"):
+        saved_shapes = {name: tuple(value.shape) for name, value in model_class(saved_config).state_dict().items()}
+        shapes = {name: tuple(value.shape) for name, value in model_class(config).state_dict().items()}
+    changed = sorted(name for name in saved_shapes.keys() | shapes.keys() if saved_shapes.get(name) != shapes.get(name))
+    if changed:
+        raise UsageError(
+            f"--config_overrides {overrides} changes the weights of the saved tokenizer {path} (e.g. {changed[0]}: "
+            f"{saved_shapes.get(changed[0])} -> {shapes.get(changed[0])}); continued training keeps its architecture. "
+            "Drop those overrides, or drop --tokenizer_name_or_path to train a new tokenizer with them."
+        )
+
+
+def load_tokenizer(tokenizer_args: TokenizerArguments):
+    """The model and image processor to train: from `--tokenizer_name_or_path`, or fresh from the family defaults,
+    with `--config_overrides` applied."""
+    family = TRAINABLE[tokenizer_args.tokenizer_type]
+    path, overrides = tokenizer_args.tokenizer_name_or_path, tokenizer_args.config_overrides
+    if path is not None:
+        saved_type = saved_model_type(path)
+        if saved_type is not None and saved_type != family.config_class.model_type:
+            # Loading it anyway would start a fresh tokenizer with every weight missing and the other model's fields.
+            raise UsageError(
+                f"--tokenizer_name_or_path {path} holds a {saved_type} model, not a {tokenizer_args.tokenizer_type} "
+                f"tokenizer ({family.config_class.model_type}); pass a folder saved by train_tokenizer.py "
+                f"--tokenizer_type {tokenizer_args.tokenizer_type}, or drop the flag to train a new one"
+            )
+    saved_config = family.config_class() if path is None else pretrained(family.config_class.from_pretrained, path, "tokenizer_name_or_path")
+    config = saved_config
+    if overrides:
+        logger.info("Overriding config: %s", overrides)
+        # Building the config anew (rather than setting attributes) runs its validation on the overridden values.
+        config = family.config_class.from_dict(
+            {**saved_config.to_dict(), **parse_config_overrides(family.config_class, overrides)}
+        )
+    view = family.image_processor_class.for_config(config)
+    if path is None:
+        return family.model_class(config), view
+    if overrides:
+        check_weight_shapes(family.model_class, saved_config, config, path, overrides)
+    model = family.model_class.from_pretrained(path, config=config)
+    # The saved processor is the view of the saved config, possibly customised: an override that changes the view
+    # (image_size, dVAE logit_laplace_eps) replaces it, any other keeps it.
+    if view.to_dict() != family.image_processor_class.for_config(saved_config).to_dict():
+        logger.info("--config_overrides %s changes the tokenizer's view; rebuilding its image processor", overrides)
+        return model, view
+    try:
+        image_processor = family.image_processor_class.from_pretrained(path)
+    except OSError:
+        logger.warning("%s has no preprocessor_config.json; using the default processor for its config", path)
+        image_processor = view
+    return model, image_processor
+
+
+def train_tokenizer(
+    tokenizer_args: TokenizerArguments, data_args: DataArguments, training_args: MimTrainingArguments, callbacks=None
+) -> dict[str, float]:
+    """Train (or fit), save and describe a tokenizer as `hf-mim train-tokenizer` does with these arguments (its flags'
+    dataclasses). `callbacks` are extra `TrainerCallback`s of a gradient-trained tokenizer (fits have no Trainer).
+
+    Returns the training metrics (and `eval_*` metrics with `--do_eval` and a validation split).
+    """
+    require_action(training_args)
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+
+    model, image_processor = load_tokenizer(tokenizer_args)
+    raw, image_column = load_image_datasets_from_args(
+        data_args, training_args.seed, data_args.cache_dir, require_validation=training_args.do_eval
+    )
+    family = TRAINABLE[tokenizer_args.tokenizer_type]
+    if family.fit is not None:
+        dataset_tags = hub_dataset_id(data_args.dataset_name)
+        fit = import_target(family.fit)
+        return fit(model, image_processor, raw, image_column, tokenizer_args, training_args, dataset_tags)
+    skipped = SkippedImageCounter()
+    train_transform = TwoViewTransform(
+        image_processor, crop_scale=(data_args.crop_min_scale, 1.0), color_jitter=data_args.color_jitter
+    )
+    train_dataset = apply_transform(raw["train"], image_column, train_transform, skipped=skipped)
+    eval_dataset = None
+    if training_args.do_eval:
+        eval_transform = TwoViewTransform(image_processor, train=False)
+        eval_dataset = apply_transform(raw["validation"], image_column, eval_transform, skipped=skipped)
+
+    trainer = import_target(family.trainer)(
+        model,
+        training_args,
+        tokenizer_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=MimDataCollator(),
+        processing_class=image_processor,
+        callbacks=callbacks,
+    )
+
+    return train_and_evaluate(
+        trainer, training_args, skipped, dataset_name=data_args.dataset_name, train_dir=data_args.train_dir
+    )
+
+
+__all__ = [
+    "TRAINABLE",
+    "DataArguments",
+    "TokenizerArguments",
+    "check_weight_shapes",
+    "load_tokenizer",
+    "train_tokenizer",
+]

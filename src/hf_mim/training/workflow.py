@@ -1,0 +1,156 @@
+"""What every hf_mim training command does around its `Trainer`: logging, the checkpoint to resume, and the tail
+(train, check the data, save, evaluate, metrics, model card, push).
+
+`hf-mim pretrain`, `train-tokenizer` and `finetune` build their model, data and `Trainer`, then end in
+`train_and_evaluate`.
+"""
+
+import logging
+import os
+import sys
+
+import datasets
+import torch
+import transformers
+from safetensors import safe_open
+from transformers import TrainingArguments
+from transformers.trainer_utils import get_last_checkpoint
+
+from ..errors import UsageError
+from ..hub.cards import describe_training_data, hub_dataset_id
+
+logger = logging.getLogger(__name__)
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s",
+        datefmt="%m/%d/%Y %H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    log_level = training_args.get_process_log_level()
+    logger.setLevel(log_level)
+    logging.getLogger("hf_mim").setLevel(log_level)
+    datasets.utils.logging.set_verbosity(log_level)
+    transformers.utils.logging.set_verbosity(log_level)
+
+
+def require_action(training_args: TrainingArguments) -> None:
+    """Fail instead of exiting successfully without doing anything (transformers' flags default to off)."""
+    if not (training_args.do_train or training_args.do_eval):
+        raise UsageError("Nothing to do: pass --do_train (and/or --do_eval)")
+
+
+def find_checkpoint(training_args: TrainingArguments) -> str | None:
+    """The checkpoint to resume from: the one given, else the last in output_dir unless --overwrite_output_dir.
+
+    Says which one (a warning: resuming changes what the run does), warns when it lacks the optimiser or scheduler
+    state (they would start afresh), and names an unreadable weights file with the fix.
+    """
+    given = training_args.resume_from_checkpoint
+    if given is not None:
+        if not os.path.isdir(given):
+            raise UsageError(f"--resume_from_checkpoint {given}: no such folder; pass a checkpoint-<step> folder")
+        checkpoint = given
+        fix = "pass another checkpoint to --resume_from_checkpoint"
+    else:
+        if not os.path.isdir(training_args.output_dir) or training_args.overwrite_output_dir or not training_args.do_train:
+            return None
+        checkpoint = get_last_checkpoint(training_args.output_dir)
+        if checkpoint is None:
+            return None
+        fix = "pass --overwrite_output_dir to start afresh, or --resume_from_checkpoint with an earlier checkpoint"
+    check_checkpoint_weights(checkpoint, fix)
+    missing = [name for name in ("optimizer.pt", "scheduler.pt") if not os.path.isfile(os.path.join(checkpoint, name))]
+    if missing:
+        logger.warning(f"{checkpoint} has no {' or '.join(missing)}: that state starts afresh")
+    how = "" if given is not None else " (the last checkpoint in --output_dir; --overwrite_output_dir starts afresh)"
+    logger.warning(f"Resuming training from {checkpoint}{how}")
+    return checkpoint
+
+
+def check_checkpoint_weights(checkpoint: str, fix: str) -> None:
+    """A one-line error naming the file when a checkpoint's safetensors weights are missing or unreadable."""
+    files = [os.path.join(checkpoint, name) for name in sorted(os.listdir(checkpoint)) if name.endswith(".safetensors")]
+    if not files:
+        raise UsageError(f"{checkpoint} holds no *.safetensors weights: {fix}")
+    for path in files:
+        try:
+            with safe_open(path, framework="pt") as weights:
+                weights.keys()
+        except Exception as error:  # safetensors raises its own error types for truncated or corrupt files
+            raise UsageError(f"{path} is unreadable ({error}): {fix}") from error
+
+
+def require_decoded_images(trainer, skipped) -> int:
+    """The undecodable images skipped in training, over all processes and their DataLoader workers; a run that
+    decoded no image, or fewer than it skipped, trained on next to nothing and fails instead of saving a model."""
+    counts = torch.tensor([float(skipped.value), float(trainer.throughput.samples)], device=trainer.args.device)
+    if trainer.accelerator.num_processes > 1:
+        counts = trainer.accelerator.reduce(counts, reduction="sum")
+    undecodable, decoded = (int(value) for value in counts.tolist())
+    # A resumed run that had nothing left to do ran no step: nothing to judge.
+    if trainer.throughput.steps and (decoded == 0 or undecodable > decoded):
+        raise UsageError(
+            f"{undecodable} training images could not be decoded and {decoded} could (see the warnings above for "
+            "the files); no model was saved: point --train_dir at your images, or fix or remove the broken files"
+        )
+    return undecodable
+
+
+def train_and_evaluate(
+    trainer,
+    training_args: TrainingArguments,
+    skipped,
+    after_save=None,
+    dataset_name: str | None = None,
+    model_card: bool = True,
+    train_dir: str | None = None,
+) -> dict[str, float]:
+    """The end of every hf_mim training script: train (resuming if asked), save, evaluate, write the card.
+
+    `after_save` runs on the main process after the model is saved (e.g. to add the tokenizer's processor);
+    `skipped` is the `SkippedImageCounter` of the datasets; `model_card=False` for outputs that are not hf_mim
+    families (a stock transformers classifier), which get no hf_mim card; the card names `dataset_name` when it is
+    a Hub dataset, else the `train_dir` folder and its image count. Returns train and eval metrics.
+    """
+    metrics: dict[str, float] = {}
+    if training_args.do_train:
+        result = trainer.train(resume_from_checkpoint=find_checkpoint(training_args))
+        undecodable = require_decoded_images(trainer, skipped)
+        trainer.save_model()
+        if after_save is not None and trainer.is_world_process_zero():
+            after_save()
+        result.metrics["train_skipped_images"] = undecodable
+        result.metrics["train_skipped_nonfinite_steps"] = trainer.nonfinite_guard.skipped_steps
+        metrics.update(result.metrics)
+        trainer.log_metrics("train", result.metrics)
+        trainer.save_metrics("train", result.metrics)
+        trainer.save_state()
+    if training_args.do_eval:
+        eval_metrics = trainer.evaluate()
+        metrics.update(eval_metrics)
+        trainer.log_metrics("eval", eval_metrics)
+        trainer.save_metrics("eval", eval_metrics)
+    if training_args.do_train and model_card:
+        # hf_mim's card (MimTrainer.create_model_card), pushed with everything else under --push_to_hub.
+        card = {"dataset_tags": hub_dataset_id(dataset_name)}
+        num_images = len(trainer.train_dataset) if hasattr(trainer.train_dataset, "__len__") else None
+        trainer.training_data = describe_training_data(train_dir, num_images)
+        if training_args.push_to_hub:
+            trainer.push_to_hub(**card)
+        else:
+            trainer.create_model_card(**card)
+    if skipped.value:
+        logger.warning(f"{skipped.value} undecodable images were skipped (see the warnings above for the files)")
+    return metrics
+
+
+__all__ = [
+    "check_checkpoint_weights",
+    "find_checkpoint",
+    "require_action",
+    "require_decoded_images",
+    "setup_logging",
+    "train_and_evaluate",
+]
