@@ -195,6 +195,22 @@ def test_script_writes_figures_of_a_checkpoint(pretrained_dir, tiny_dvae_dir, im
 
 
 
+
+def test_script_masks_with_the_checkpoints_method_defaults(image_folder, tmp_path, monkeypatch):
+    """`--masking random` masks the fraction of the checkpoint's method (mc-BEiT: 75%), not BEiT's 40%."""
+    config = TINY_CONFIGS["hf_mim_mcbeit"]()
+    AutoModelForMaskedImageModeling.from_config(config).save_pretrained(tmp_path / "mcbeit")
+    side, tokenizer_side = config.image_size, config.tokenizer_config["image_size"]
+    MimImageProcessor(size={"height": side, "width": side}).save_pretrained(tmp_path / "mcbeit")
+    DvaeImageProcessor(size={"height": tokenizer_side, "width": tokenizer_side}).save_pretrained(
+        tmp_path / "mcbeit" / "tokenizer"
+    )
+    drawn = {}
+    monkeypatch.setattr("hf_mim.visualization.write_figures", lambda *args, **kwargs: drawn.update(masks=args[5]) or {})
+    main(["--model_name_or_path", str(tmp_path / "mcbeit"), "--images", f"{image_folder}/a", "--masking", "random",
+          "--output_dir", str(tmp_path / "figures"), "--max_images", "2"])  # fmt: skip
+    assert drawn["masks"].float().mean().item() == pytest.approx(0.75, abs=1 / drawn["masks"].shape[1])
+
 def test_a_run_shorter_than_its_logging_steps_gets_its_panels_and_no_curves(loaded, tmp_path):
     # What trainer_state.json holds after 2 steps with --logging_steps 10: only the run summary.
     state = {"log_history": [{"step": 2, "epoch": 1.0, "train_runtime": 1.0, "train_loss": 4.1}]}
