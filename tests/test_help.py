@@ -11,8 +11,12 @@ from transformers import HfArgumentParser
 from hf_mim import arguments
 from hf_mim.cli import COMMANDS, main
 
-# The commands that parse with `command_parser`; the others (push, convert-*) build their own parsers.
-DATACLASS_COMMANDS = ["pretrain", "train-tokenizer", "finetune", "probe", "knn", "export", "visualize", "demo"]
+# The commands that parse with `command_parser`: all but push, whose folder is positional and whose --dataset and --tag
+# repeat (argparse's own parser).
+DATACLASS_COMMANDS = [
+    "pretrain", "train-tokenizer", "finetune", "probe", "knn", "export", "visualize", "demo",
+    "convert-beit", "convert-ccvit", "convert-dalle", "convert-taming", "convert-vqkd",
+]  # fmt: skip
 TRAINING_COMMANDS = ["pretrain", "train-tokenizer", "finetune"]
 
 
@@ -41,17 +45,21 @@ def option_entries(help_text: str) -> dict[str, str]:
 def parsers(monkeypatch):
     """The parser each command builds, by command name, filled when its --help runs."""
     built = {}
+    # The converters share one module: its spy files the parser under each of them (a test runs one command).
+    names_of = {}
+    for name in DATACLASS_COMMANDS:
+        names_of.setdefault(COMMANDS[name].target.split(":")[0], []).append(name)
 
-    def spy(name):
+    def spy(names):
         def build(*args, **kwargs):
-            built[name] = arguments.command_parser(*args, **kwargs)
-            return built[name]
+            parser = arguments.command_parser(*args, **kwargs)
+            built.update(dict.fromkeys(names, parser))
+            return parser
 
         return build
 
-    for name in DATACLASS_COMMANDS:
-        module = importlib.import_module(COMMANDS[name].target.split(":")[0])
-        monkeypatch.setattr(module, "command_parser", spy(name))
+    for module_name, names in names_of.items():
+        monkeypatch.setattr(importlib.import_module(module_name), "command_parser", spy(names))
     return built
 
 
