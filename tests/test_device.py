@@ -21,6 +21,7 @@ CPU passes on meta.
 """
 
 import contextlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -214,6 +215,27 @@ def test_dvae_training_loss_stays_on_the_inputs_device(training, on_meta):
     outputs.loss.backward()
     assert outputs.loss.device == META and outputs.reconstruction.shape == (BATCH, 3, 16, 16)
     assert model.encoder.input_conv.weight.grad.device == META
+
+
+@pytest.mark.parametrize("saw_a_batch", [True, False])
+def test_dvae_code_balancing_stays_on_the_model_device(saw_a_batch):
+    """The step's code counts, all-reduced, move the encoder's biases where they live (a process without a batch
+    this step joins the reduction with zeros made there)."""
+    from hf_mim.training.dvae import DvaeTrainer
+
+    model = DvaeModel(tiny_dvae_config()).to(META)
+    reduced = []
+
+    def reduce(tensor, reduction):
+        reduced.append(tensor.device)
+        return tensor
+
+    counts = torch.empty(model.config.codebook_size, dtype=torch.long, device=META) if saw_a_batch else None
+    accelerator = SimpleNamespace(unwrap_model=lambda model: model, reduce=reduce)
+    trainer = SimpleNamespace(accelerator=accelerator, model=model, _step_counts=counts, code_balance_rate=0.1)
+    DvaeTrainer.balance_codes(trainer)
+    assert reduced == [META] and trainer._step_counts is None
+    assert model.encoder.output_conv.bias.device == META
 
 
 def test_vqkd_training_step_stays_on_the_inputs_device(on_meta, monkeypatch):

@@ -5,7 +5,9 @@ import json
 import math
 import os
 import pickle
+import subprocess
 import sys
+import textwrap
 import types
 from collections import OrderedDict
 
@@ -24,6 +26,8 @@ from hf_mim.training import train_tokenizer
 from hf_mim.training.dvae import DvaeTrainer, gumbel_temperature
 
 TINY = {"image_size": 32, "hidden_size": 16, "codebook_size": 64, "num_groups": 2, "decoder_hidden_size": 16}
+# test_balancing_keeps_a_collapsing_setting_in_use: the balancing rate and steps.
+BALANCE_RATE, BALANCE_STEPS = 0.05, 80
 
 
 def mapped_pixels(batch_size: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -562,3 +566,136 @@ def test_schedules_follow_a_wall_clock_budget(tmp_path):
     assert trainer.current_kl_weight() == pytest.approx(1e-3)
     budget.start = time.monotonic() - 500.0
     assert trainer.current_temperature() == pytest.approx(1 / 16)
+
+
+# --- keeping the codebook in use ----------------------------------------------------------------------------------
+
+
+def test_balance_codes_moves_biases_towards_an_even_load():
+    from hf_mim.training.dvae import balance_codes
+
+    bias = torch.zeros(4)
+    balance_codes(bias, torch.tensor([0, 10, 2, 4]), rate=0.5)  # mean load 4
+    assert bias.tolist() == [0.5, -0.5, 0.5, 0.0]
+
+
+def test_trainer_balances_with_the_step_counts_of_every_micro_batch(tmp_path):
+    from transformers import TrainingArguments
+
+    from hf_mim.data import MimDataCollator
+
+    torch.manual_seed(0)
+    model = DvaeModel(DvaeConfig(**TINY))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=2, gradient_accumulation_steps=2,
+        learning_rate=0.0, save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True,
+    )  # fmt: skip
+    pixels = mapped_pixels(8, 32)
+    trainer = DvaeTrainer(
+        model=model, args=args, train_dataset=[{"pixel_values": p} for p in pixels], data_collator=MimDataCollator(),
+        code_balance_rate=0.25,
+    )  # fmt: skip
+    bias = model.encoder.output_conv.bias
+    expected = bias.detach().clone()
+    loads = []
+    original = trainer.balance_codes
+
+    def balance_and_check():
+        loads.append(trainer._step_counts.sum().item())
+        with torch.no_grad():
+            counts = torch.bincount(model.encoder(pixels[len(loads) * 4 - 4 : len(loads) * 4]).argmax(dim=1).flatten(), minlength=64)
+        expected.add_(torch.sign(counts.float().mean() - counts.float()), alpha=0.25)
+        original()
+
+    trainer.balance_codes = balance_and_check
+    trainer.train()
+    # Two optimiser steps of two micro-batches of 2 images x 256 positions; with learning rate 0 only the
+    # balancing moves the bias, by the counts of the step's four images.
+    assert loads == [4 * 256, 4 * 256]
+    torch.testing.assert_close(bias.detach(), expected)
+
+
+def test_balancing_keeps_a_collapsing_setting_in_use(tmp_path):
+    # At learning rate 1e-2 (the setting of test_training_lowers_reconstruction_error_and_uses_many_codes, with 256
+    # codes on an 8x8 grid) DALL-E's recipe ends on 3 codes; balancing keeps about a third in use (89, measured).
+    from transformers import TrainingArguments
+
+    from hf_mim.data import MimDataCollator
+
+    config = DvaeConfig(image_size=32, hidden_size=16, codebook_size=256, num_groups=3, decoder_hidden_size=16)
+    pixels = DvaeImageProcessor.for_config(config)(_sample_photo_crops(48, 32), return_tensors="pt")["pixel_values"]
+    used = {}
+    for rate in (0.0, BALANCE_RATE):
+        torch.manual_seed(0)
+        model = DvaeModel(config)
+        args = TrainingArguments(
+            output_dir=str(tmp_path / str(rate)), max_steps=BALANCE_STEPS, per_device_train_batch_size=16,
+            learning_rate=1e-2, lr_scheduler_type="cosine", warmup_steps=0.05, save_strategy="no", report_to=[],
+            use_cpu=True, disable_tqdm=True, seed=0,
+        )  # fmt: skip
+        DvaeTrainer(
+            model=model, args=args, train_dataset=[{"pixel_values": p} for p in pixels],
+            data_collator=MimDataCollator(), kl_weight=1e-3, code_balance_rate=rate,
+        ).train()  # fmt: skip
+        with torch.no_grad():
+            used[rate] = model.eval().get_codebook_indices(pixels).unique().numel()
+    print(f"codes used of 256 on the 48 training crops: {used}")
+    assert used[0.0] < 0.05 * 256 and used[BALANCE_RATE] >= 0.25 * 256, used
+
+
+def test_a_collapsing_codebook_is_reported_once_with_the_remedy(tmp_path, caplog):
+    from transformers import TrainingArguments
+
+    from hf_mim.data import MimDataCollator
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True)
+    trainer = DvaeTrainer(model=DvaeModel(DvaeConfig(**TINY)), args=args, data_collator=MimDataCollator())
+    few_tokens, collapsed, healthy = torch.zeros(64, dtype=torch.long), torch.zeros(64, dtype=torch.long), torch.ones(64, dtype=torch.long) * 5
+    few_tokens[:3] = 10  # 30 tokens for 64 codes say nothing about usage yet
+    collapsed[:6] = 100
+    with caplog.at_level("WARNING", logger="hf_mim.training.tokenizer_trainer"):
+        for counts in (few_tokens, healthy, collapsed, collapsed):
+            trainer._code_counts["train"] = counts
+            trainer._pop_codebook_metrics("train", "")
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 1, warnings
+    assert "6 of 64 codes" in warnings[0] and "--code_balance_rate" in warnings[0]
+
+
+@pytest.mark.slow
+def test_two_process_balancing_keeps_the_replicas_identical(tmp_path, image_folder):
+    # Balancing moves the encoder's biases outside the gradient, so DDP's all-reduce does not keep them in step: the
+    # step's code counts must be reduced over processes first. With a high rate and learning rate 0, the biases
+    # move only by balancing, by the counts of different images on each process.
+    (tmp_path / "train_and_dump.py").write_text(textwrap.dedent(
+        """
+        import torch
+        from hf_mim.training import dvae, train_tokenizer
+
+        original_train = dvae.DvaeTrainer.train
+
+        def train(self, *args, **kwargs):
+            result = original_train(self, *args, **kwargs)
+            bias = self.accelerator.unwrap_model(self.model).encoder.output_conv.bias
+            torch.save(bias.detach().clone(), f"{self.args.output_dir}/bias_rank{self.args.process_index}.pt")
+            return result
+
+        dvae.DvaeTrainer.train = train
+        train_tokenizer.main()
+        """
+    ))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "29541", str(tmp_path / "train_and_dump.py")]
+    args = [
+        "--tokenizer_type", "dvae", "--config_overrides", ",".join(f"{key}={value}" for key, value in TINY.items()),
+        "--train_dir", image_folder, "--output_dir", str(tmp_path / "out"), "--do_train", "--max_steps", "3",
+        "--per_device_train_batch_size", "2", "--learning_rate", "0", "--code_balance_rate", "0.5",
+        "--save_strategy", "no", "--report_to", "none", "--use_cpu", "--dataloader_num_workers", "0", "--seed", "0",
+    ]  # fmt: skip
+    completed = subprocess.run(launch + args, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    rank0, rank1 = (torch.load(tmp_path / "out" / f"bias_rank{rank}.pt") for rank in (0, 1))
+    assert torch.equal(rank0, rank1)
+    assert rank0.abs().max() > 0  # the biases start at 0; balancing moved them

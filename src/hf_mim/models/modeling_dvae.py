@@ -23,15 +23,11 @@ from .modeling_tokenizer import MimTokenizerPreTrainedModel
 class DvaeOutput(ModelOutput):
     r"""
     loss (`torch.FloatTensor` of shape `()`, *optional*):
-        `reconstruction_loss + kl_weight * kl_loss + diversity_weight * diversity_loss`, returned when
-        `return_loss=True`.
+        `reconstruction_loss + kl_weight * kl_loss`, returned when `return_loss=True`.
     reconstruction_loss (`torch.FloatTensor` of shape `()`):
         Mean squared error between the reconstruction and the input, both in [0, 1] pixel units.
     kl_loss (`torch.FloatTensor` of shape `()`):
         KL divergence (nats) of the per-position code posterior to the uniform prior, averaged over positions.
-    diversity_loss (`torch.FloatTensor` of shape `()`):
-        KL divergence (nats) of the batch's mean code posterior to the uniform prior: 0 when the batch spreads its
-        probability mass evenly over the codebook, `log(codebook_size)` when it puts it all on one code.
     reconstruction (`torch.FloatTensor` of shape `(batch_size, num_channels, image_size, image_size)`):
         Decoded images in [0, 1].
     logits (`torch.FloatTensor` of shape `(batch_size, grid_size**2, codebook_size)`):
@@ -44,7 +40,6 @@ class DvaeOutput(ModelOutput):
     loss: torch.FloatTensor | None = None
     reconstruction_loss: torch.FloatTensor | None = None
     kl_loss: torch.FloatTensor | None = None
-    diversity_loss: torch.FloatTensor | None = None
     reconstruction: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
     indices: torch.LongTensor | None = None
@@ -240,7 +235,6 @@ class DvaeModel(DvaePreTrainedModel):
         pixel_values: torch.Tensor,
         temperature: float = 1.0,
         kl_weight: float = 0.0,
-        diversity_weight: float = 0.0,
         return_loss: bool = True,
     ) -> DvaeOutput:
         r"""
@@ -258,10 +252,6 @@ class DvaeModel(DvaePreTrainedModel):
                 Gumbel-softmax temperature (annealed towards 1/16 during training).
             kl_weight (`float`, *optional*, defaults to 0.0):
                 Weight of the KL divergence to the uniform code prior in `loss`.
-            diversity_weight (`float`, *optional*, defaults to 0.0):
-                Weight of `diversity_loss` in `loss`. Unlike the per-position KL, which flattens every posterior and
-                so leaves the argmax to whichever codes are marginally ahead everywhere, it only asks that the batch
-                as a whole use the codebook evenly, and lets each position be confident.
             return_loss (`bool`, *optional*, defaults to `True`):
                 Whether to return `loss`.
         """
@@ -276,16 +266,11 @@ class DvaeModel(DvaePreTrainedModel):
             codes = F.one_hot(indices, self.config.codebook_size).permute(0, 3, 1, 2).float()
         means = self._pixel_means(self.decoder(codes.to(logits.dtype)))
         reconstruction_loss = F.mse_loss(means, self._unmap_pixels(pixel_values.float()))
-        log_codebook_size = math.log(self.config.codebook_size)
-        kl_loss = (log_probs.exp() * log_probs).sum(dim=1).mean() + log_codebook_size
-        mean_probs = log_probs.exp().mean(dim=(0, 2, 3))
-        diversity_loss = torch.special.xlogy(mean_probs, mean_probs).sum() + log_codebook_size
-        loss = reconstruction_loss + kl_weight * kl_loss + diversity_weight * diversity_loss
+        kl_loss = (log_probs.exp() * log_probs).sum(dim=1).mean() + math.log(self.config.codebook_size)
         return DvaeOutput(
-            loss=loss if return_loss else None,
+            loss=reconstruction_loss + kl_weight * kl_loss if return_loss else None,
             reconstruction_loss=reconstruction_loss,
             kl_loss=kl_loss,
-            diversity_loss=diversity_loss,
             reconstruction=means.clamp(0.0, 1.0),
             logits=logits.flatten(2).transpose(1, 2),
             indices=indices.flatten(1),

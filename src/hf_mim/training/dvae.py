@@ -9,9 +9,11 @@ all processes).
 
 import math
 
-from transformers import TrainingArguments
+import torch
+from transformers import TrainerCallback, TrainingArguments
 
 from ..models.configuration_common import check_decoder
+from ..models.modeling_tokenizer import code_counts
 from .budget import training_progress
 from .tokenizer_trainer import TokenizerTrainer
 
@@ -33,6 +35,30 @@ def kl_weight_at(progress: float, kl_weight: float, warmup: float) -> float:
     if warmup <= 0:
         return kl_weight
     return kl_weight * min(max(progress, 0.0) / warmup, 1.0)
+
+
+@torch.no_grad()
+def balance_codes(bias: torch.Tensor, counts: torch.Tensor, rate: float) -> None:
+    """Move the encoder's code `bias` by `rate` towards an even argmax load: up for the codes chosen less often than
+    the mean in `counts`, down for those chosen more often.
+
+    The update is outside the gradient, like the routing biases of auxiliary-loss-free load balancing in mixtures of
+    experts (Wang et al., 2024): an unused code's score rises step by step until it wins the positions it scores
+    nearly best on, after which the decoder learns what it should mean. The gradient alone never gets there, because a
+    code no position picks receives almost no reconstruction gradient.
+    """
+    load = counts.to(bias.dtype)
+    bias.add_(torch.sign(load.mean() - load), alpha=rate)
+
+
+class _BalanceCodes(TrainerCallback):
+    """Applies [`balance_codes`] after every optimiser step, with the step's argmax counts of all processes."""
+
+    def __init__(self, trainer: "DvaeTrainer"):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.balance_codes()
 
 
 class DvaeTrainer(TokenizerTrainer):
@@ -58,9 +84,13 @@ class DvaeTrainer(TokenizerTrainer):
             (0 uses noticeably fewer codes, 1e-2 makes posteriors nearly uniform).
         kl_warmup_fraction (`float`, *optional*, defaults to 0.1):
             Fraction of the training steps over which the KL weight ramps up linearly from 0.
-        diversity_weight (`float`, *optional*, defaults to 0.0):
-            Weight of the model's `diversity_loss` (KL of the batch's mean code posterior to uniform), constant.
+        code_balance_rate (`float`, *optional*, defaults to 0.0):
+            After every optimiser step, each code's encoder bias moves by this much towards an even use of the
+            codebook ([`balance_codes`]; one all-reduce of the step's code counts, no host read). 0 leaves the
+            codebook to the gradient, DALL-E's recipe.
     """
+
+    collapse_remedy = "Balance the codes (--code_balance_rate 0.01) and check that --learning_rate is not too high; see the README's BEiT section."
 
     def __init__(
         self,
@@ -71,7 +101,7 @@ class DvaeTrainer(TokenizerTrainer):
         anneal_fraction: float = 1.0,
         kl_weight: float = 1e-3,
         kl_warmup_fraction: float = 0.1,
-        diversity_weight: float = 0.0,
+        code_balance_rate: float = 0.0,
         **kwargs,
     ):
         if temperature_schedule not in TEMPERATURE_SCHEDULES:
@@ -86,8 +116,8 @@ class DvaeTrainer(TokenizerTrainer):
             raise ValueError(f"anneal_fraction must be in (0, 1], got {anneal_fraction}")
         if kl_weight < 0:
             raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
-        if diversity_weight < 0:
-            raise ValueError(f"diversity_weight must be >= 0, got {diversity_weight}")
+        if code_balance_rate < 0:
+            raise ValueError(f"code_balance_rate must be >= 0, got {code_balance_rate}")
         super().__init__(*args, **kwargs)
         check_decoder(self.accelerator.unwrap_model(self.model).config, "be trained (its loss decodes the codes)")
         self.temperature_start = temperature_start
@@ -96,7 +126,11 @@ class DvaeTrainer(TokenizerTrainer):
         self.anneal_fraction = anneal_fraction
         self.kl_weight = kl_weight
         self.kl_warmup_fraction = kl_warmup_fraction
-        self.diversity_weight = diversity_weight
+        self.code_balance_rate = code_balance_rate
+        # This process's argmax counts since the last optimiser step.
+        self._step_counts: torch.Tensor | None = None
+        if code_balance_rate:
+            self.add_callback(_BalanceCodes(self))
 
     def current_temperature(self) -> float:
         return gumbel_temperature(
@@ -110,13 +144,21 @@ class DvaeTrainer(TokenizerTrainer):
         return kl_weight_at(training_progress(self), self.kl_weight, self.kl_warmup_fraction)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {
-            **inputs,
-            "temperature": self.current_temperature(),
-            "kl_weight": self.current_kl_weight(),
-            "diversity_weight": self.diversity_weight,
-        }
-        return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
+        inputs = {**inputs, "temperature": self.current_temperature(), "kl_weight": self.current_kl_weight()}
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if self.code_balance_rate and model.training:
+            counts = code_counts(outputs.indices.detach(), self.accelerator.unwrap_model(model).config.codebook_size)
+            self._step_counts = counts if self._step_counts is None else self._step_counts + counts
+        return (loss, outputs) if return_outputs else loss
+
+    def balance_codes(self) -> None:
+        """[`balance_codes`] with the argmax counts of all processes since the last call."""
+        bias = self.accelerator.unwrap_model(self.model).encoder.output_conv.bias
+        counts = self._step_counts
+        if counts is None:  # a process that saw no batch this step still joins the reduction
+            counts = torch.zeros(bias.shape[0], dtype=torch.long, device=bias.device)
+        self._step_counts = None
+        balance_codes(bias, self.accelerator.reduce(counts.to(bias.device), reduction="sum"), self.code_balance_rate)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
@@ -136,7 +178,7 @@ def build_dvae_trainer(model, args: TrainingArguments, tokenizer_args, **trainer
         anneal_fraction=tokenizer_args.gumbel_anneal_fraction,
         kl_weight=tokenizer_args.kl_weight,
         kl_warmup_fraction=tokenizer_args.kl_warmup_fraction,
-        diversity_weight=tokenizer_args.diversity_weight,
+        code_balance_rate=tokenizer_args.code_balance_rate,
         **trainer_kwargs,
     )
 
@@ -144,6 +186,7 @@ def build_dvae_trainer(model, args: TrainingArguments, tokenizer_args, **trainer
 __all__ = [
     "TEMPERATURE_SCHEDULES",
     "DvaeTrainer",
+    "balance_codes",
     "build_dvae_trainer",
     "gumbel_temperature",
     "kl_weight_at",

@@ -64,9 +64,10 @@ class TokenizerArguments(KmeansFitArguments):
     kl_warmup_fraction: float = field(
         default=0.1, metadata={"help": "Fraction of the steps over which the KL weight ramps up from 0."}
     )
-    diversity_weight: float = field(
+    code_balance_rate: float = field(
         default=0.0,
-        metadata={"help": "dVAE: weight of the KL of the batch's mean code posterior to uniform (keeps codes in use)."},
+        metadata={"help": "dVAE: per-step change of each code's encoder bias towards an even use of the codebook "
+                  "(0: DALL-E's recipe, no balancing)."},
     )
     teacher_name_or_path: str | None = field(
         default=None,

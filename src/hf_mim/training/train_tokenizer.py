@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TokenizerArguments, DataA
             ("tokenizer", [TokenizerArguments]),
             ("dVAE (--tokenizer_type dvae)", [
                 "gumbel_temperature_start", "gumbel_temperature_end", "gumbel_temperature_schedule",
-                "gumbel_anneal_fraction", "kl_weight", "kl_warmup_fraction",
+                "gumbel_anneal_fraction", "kl_weight", "kl_warmup_fraction", "code_balance_rate",
             ]),
             ("VQ-KD (--tokenizer_type vqkd)", ["teacher_name_or_path", "teacher_feature_layer"]),
             ("k-means fit (--tokenizer_type kmeans)", [KmeansFitArguments]),
