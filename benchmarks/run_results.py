@@ -68,6 +68,9 @@ def parse_args(argv=None):
         "had 6.08 of at most 6.24 nats entropy at tau 4, 5.47 at 1, 3.92 at 0.25 in the README run (test subset)",
     )  # fmt: skip
     parser.add_argument("--tokenizer_seconds", type=float, default=60.0, help="Budget of each trained tokenizer")
+    parser.add_argument(
+        "--dvae_code_balance_rate", type=float, default=0.05, help="The dVAE's --code_balance_rate (0: DALL-E's recipe)"
+    )
     parser.add_argument("--num_hidden_layers", type=int, default=6)
     parser.add_argument("--hidden_size", type=int, default=192)
     parser.add_argument("--batch_size", type=int, default=64)
@@ -134,13 +137,13 @@ def train_tokenizers(needed: set[str], train_dir: str, work_dir: str, args) -> t
             processor.save_pretrained(folder)
         elif kind == "dvae":
             # Three groups (4x downsampling) give the ViT's 8x8 grid from the 32 px image itself; DALL-E's four
-            # groups would need a 64 px upsampled view at 4x the cost. On this subset with a 200 s budget, KL weight
-            # 1e-2 and lr 5e-3 reconstructed from argmax codes with MSE 0.017 (mean image: 0.040); the library
-            # defaults (1e-3, 1e-3) gave 0.025, and the 64 px view at lr 1e-3 collapsed to 2-4 codes.
+            # groups would need a 64 px upsampled view at 4x the cost. KL weight 1e-2 at lr 1e-3 with code balancing
+            # (README, BEiT): at lr 5e-3 the encoder's last ReLUs died within 100 steps (43/512 codes used on test).
             overrides = f"image_size={IMAGE_SIZE},num_groups=3,codebook_size={CODEBOOK_SIZE},hidden_size=32,decoder_hidden_size=32"
             train_tokenizer.main([
                 "--tokenizer_type", "dvae", "--train_dir", train_dir, "--config_overrides", overrides,
-                "--learning_rate", "5e-3", "--kl_weight", "1e-2", *common_training_flags(folder, args.tokenizer_seconds, args),
+                "--learning_rate", "1e-3", "--kl_weight", "1e-2", "--code_balance_rate", str(args.dvae_code_balance_rate),
+                *common_training_flags(folder, args.tokenizer_seconds, args),
             ])  # fmt: skip
         else:
             teacher = random_clip_teacher(os.path.join(work_dir, "random_clip_teacher"))

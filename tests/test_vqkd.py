@@ -414,21 +414,23 @@ def codes_used(folder, images) -> int:
         return model.get_codebook_indices(processor(pictures, return_tensors="pt")["pixel_values"]).unique().numel()
 
 
-@pytest.mark.parametrize("restart_steps", [0, 20])
+@pytest.mark.parametrize("restart_steps", [0, None], ids=["released_recipe", "default_restarts"])
 def test_training_lowers_the_cosine_loss_and_keeps_codes_in_use(vqkd_training_data, tmp_path, restart_steps):
+    # After 200 steps the released recipe (no restarts) leaves 18 of the 64 codes unused (46 used); the default
+    # restarts (every 100 steps) bring all but two back (62 used).
     teacher, images = vqkd_training_data
+    overrides = {} if restart_steps is None else {"dead_code_restart_steps": restart_steps}
     train_tokenizer(train_tokenizer_args(teacher, images, tmp_path, "--max_steps", "200", "--logging_steps", "10",
-                                         overrides={"dead_code_restart_steps": restart_steps}))
+                                         overrides=overrides))
     logs = [e for e in json.loads((tmp_path / "trainer_state.json").read_text())["log_history"] if "loss" in e]
     assert all({"reconstruction_loss", "commitment_loss", "codebook_usage", "codebook_perplexity"} <= set(e) for e in logs)
     first, last = logs[0]["reconstruction_loss"], logs[-1]["reconstruction_loss"]
     used = codes_used(tmp_path, images)
     print(f"dead_code_restart_steps={restart_steps}: cosine loss {first:.3f} -> {last:.3f}, {used}/64 codes used")
     assert last < 0.5 * first
-    if restart_steps:
-        assert used >= 32
+    assert used >= 56 if restart_steps is None else used < 56
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["model_type"] == "hf_mim_vqkd" and config["dead_code_restart_steps"] == restart_steps
+    assert config["model_type"] == "hf_mim_vqkd" and config["dead_code_restart_steps"] == (100 if restart_steps is None else restart_steps)
     assert not any("teacher" in key for key in load_file(tmp_path / "model.safetensors"))
 
 

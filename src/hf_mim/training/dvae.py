@@ -84,13 +84,16 @@ class DvaeTrainer(TokenizerTrainer):
             (0 uses noticeably fewer codes, 1e-2 makes posteriors nearly uniform).
         kl_warmup_fraction (`float`, *optional*, defaults to 0.1):
             Fraction of the training steps over which the KL weight ramps up linearly from 0.
-        code_balance_rate (`float`, *optional*, defaults to 0.0):
+        code_balance_rate (`float`, *optional*, defaults to 0.05):
             After every optimiser step, each code's encoder bias moves by this much towards an even use of the
             codebook ([`balance_codes`]; one all-reduce of the step's code counts, no host read). 0 leaves the
-            codebook to the gradient, DALL-E's recipe.
+            codebook to the gradient, DALL-E's recipe; the README's BEiT section has the measurements behind 0.05.
     """
 
-    collapse_remedy = "Balance the codes (--code_balance_rate 0.01) and check that --learning_rate is not too high; see the README's BEiT section."
+    collapse_remedy = (
+        "Check that --learning_rate is not so high that the encoder dies, and balance the codes (--code_balance_rate "
+        "0.05, the default); see the README's BEiT section."
+    )
 
     def __init__(
         self,
@@ -101,7 +104,7 @@ class DvaeTrainer(TokenizerTrainer):
         anneal_fraction: float = 1.0,
         kl_weight: float = 1e-3,
         kl_warmup_fraction: float = 0.1,
-        code_balance_rate: float = 0.0,
+        code_balance_rate: float = 0.05,
         **kwargs,
     ):
         if temperature_schedule not in TEMPERATURE_SCHEDULES:

@@ -65,7 +65,7 @@ class TokenizerArguments(KmeansFitArguments):
         default=0.1, metadata={"help": "Fraction of the steps over which the KL weight ramps up from 0."}
     )
     code_balance_rate: float = field(
-        default=0.0,
+        default=0.05,
         metadata={"help": "dVAE: per-step change of each code's encoder bias towards an even use of the codebook "
                   "(0: DALL-E's recipe, no balancing)."},
     )
