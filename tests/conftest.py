@@ -22,6 +22,7 @@ from hf_mim import (
     DvaeConfig,
     DvaeImageProcessor,
     DvaeModel,
+    FeatureKmeansConfig,
     KmeansConfig,
     McBeitConfig,
     MimImageProcessor,
@@ -72,6 +73,32 @@ def tiny_mcbeit_config(tokenizer=None, **kwargs) -> McBeitConfig:
     return McBeitConfig(**{**defaults, **kwargs})
 
 
+# A tiny ViT (32 px, 8 px patches: a 4x4 grid of 32-d features), the teacher of tiny feature k-means tokenizers.
+TINY_TEACHER = {
+    "hidden_size": 32,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "image_size": 32,
+    "patch_size": 8,
+}
+
+
+def tiny_feature_kmeans_config(**kwargs) -> FeatureKmeansConfig:
+    """Feature k-means of a random tiny ViT teacher: 16 centroids of its 32-d features, a 4x4 grid of 32 px views."""
+    from transformers import ViTConfig
+
+    defaults = {
+        "image_size": 32,
+        "patch_size": 8,
+        "codebook_size": 16,
+        "feature_dim": 32,
+        "teacher_config": ViTConfig(**TINY_TEACHER).to_dict(),
+        "teacher_class": "ViTModel",
+    }
+    return FeatureKmeansConfig(**{**defaults, **kwargs})
+
+
 # model_type -> factory of a tiny config of that family; tests that cover every registered family
 # (tests/test_hub.py) build their models from here, so each new family adds its entry.
 TINY_CONFIGS = {
@@ -83,6 +110,7 @@ TINY_CONFIGS = {
     "hf_mim_vqkd": lambda: importlib.import_module("test_vqkd").tiny_vqkd_config(kmeans_init=False),
     "hf_mim_beitv2": lambda: importlib.import_module("test_beitv2").tiny_beitv2_config(),
     "hf_mim_kmeans": lambda: KmeansConfig(image_size=32, patch_size=8, codebook_size=16),
+    "hf_mim_feature_kmeans": tiny_feature_kmeans_config,
     "hf_mim_ccvit": lambda: importlib.import_module("test_ccvit").tiny_ccvit_config(
         tokenizer_config=KmeansConfig(image_size=32, patch_size=8, codebook_size=16).to_dict()
     ),

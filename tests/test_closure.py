@@ -22,10 +22,18 @@ from fixtures.make_checkpoints import BACKBONE, SIZE, mim_expected, mim_models, 
 from safetensors.torch import save_file
 from test_old_checkpoints import assert_loaded_as_recorded, run_loader
 
-from transformers import TrainerState, TrainingArguments
+from transformers import CLIPVisionConfig, TrainerState, TrainingArguments
 from transformers.utils import hub as transformers_hub
 
-from hf_mim import BeitMimConfig, BeitMimForMaskedImageModeling, MimImageProcessor, MimTokenizerPreTrainedModel
+from hf_mim import (
+    BeitMimConfig,
+    BeitMimForMaskedImageModeling,
+    FeatureKmeansConfig,
+    FeatureKmeansImageProcessor,
+    FeatureKmeansModel,
+    MimImageProcessor,
+    MimTokenizerPreTrainedModel,
+)
 from hf_mim.checkpoint_folder import complete_code_files
 from hf_mim.families import FAMILIES, MIM_METHODS, TOKENIZERS, closure_blocks, write_closure_blocks
 from hf_mim.hub.callbacks import HubFilesCallback
@@ -38,27 +46,37 @@ BOUNDS = {
     "dvae": ((4, 540), (6, 650)),
     "vqkd": ((6, 920), (8, 1050)),
     "vqgan": ((4, 490), (6, 600)),
-    "kmeans": ((4, 530), (6, 640)),
+    # The nearest-centroid search is centroids.py, shared with feature k-means.
+    "kmeans": ((5, 540), (7, 650)),
+    "feature_kmeans": ((6, 660), (8, 770)),
     "beit": ((4, 700), (5, 790)),
     "beit_dvae": ((7, 1160), (9, 1270)),
     "beitv2_vqkd": ((10, 1640), (12, 1770)),
     "mcbeit_dvae": ((9, 1450), (11, 1560)),
     "mcbeit_vqgan": ((9, 1400), (11, 1510)),
-    "ccvit_kmeans": ((11, 1700), (13, 1810)),
+    "ccvit_kmeans": ((12, 1700), (14, 1810)),
+    "beit_feature_kmeans": ((9, 1260), (11, 1370)),
 }
+CODE_PREFIXES = ("configuration_", "modeling_", "image_processing_")
 
 
 def families(file_name: str) -> set[str]:
-    """The families whose code `file_name` is (none for a shared helper such as configuration_common.py)."""
+    """The families whose code `file_name` is (none for a shared helper such as configuration_common.py or
+    beit_backbone.py, the ViT that MIM models and VQ-KD share). By prefix: family names hold underscores."""
     stem = Path(file_name).stem
-    owned = set(stem.split("_")) & {family.name for family in FAMILIES}
-    # beit_backbone.py is the ViT that MIM models and VQ-KD share; configuration/modeling_beit.py are BEiT's.
-    return owned - {"beit"} if stem == "beit_backbone" else owned
+    owner = next((stem[len(prefix) :] for prefix in CODE_PREFIXES if stem.startswith(prefix)), None)
+    return {owner} & {family.name for family in FAMILIES}
+
+
+def case_families(name: str) -> set[str]:
+    """The families of a case `name`: "<mim family>_<tokenizer family>", a MIM family, or a tokenizer family."""
+    mim = next((method for method in MIM_METHODS if name == method or name.startswith(f"{method}_")), None)
+    return {name} if mim is None else {mim, name[len(mim) + 1 :]} - {""}
 
 
 def allowed_families(name: str) -> set[str]:
-    """A checkpoint `name` ("<mim family>_<tokenizer family>" or a tokenizer family) may carry these families."""
-    parts = set(name.split("_"))
+    """A checkpoint `name` may carry these families."""
+    parts = case_families(name)
     # A method's config extends those of the methods it builds on (every one BEiT's, CCViT BEiT v2's).
     extended = {
         other.name for part in parts & set(MIM_METHODS) for other in MIM_METHODS.values()
@@ -82,7 +100,29 @@ def cases() -> dict:
             found[name] = (model, processor, tokenizer_of[family][1])
     torch.manual_seed(0)
     found["beit"] = (BeitMimForMaskedImageModeling(BeitMimConfig(**BACKBONE)).eval(), processor, None)
-    return found
+    return {**found, **feature_kmeans_cases(processor)}
+
+
+def feature_kmeans_cases(processor) -> dict:
+    """The feature k-means tokenizer (a tiny CLIP vision teacher inside) and BEiT pre-trained with it, as `cases` holds
+    them. CLIP's weights keep their names on disk (ViT's are renamed on load), so the loader's key check applies."""
+    torch.manual_seed(0)
+    teacher = CLIPVisionConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+                               image_size=SIZE, patch_size=4)  # fmt: skip
+    tokenizer = FeatureKmeansModel(
+        FeatureKmeansConfig(image_size=SIZE, patch_size=4, codebook_size=BACKBONE["vocab_size"], feature_dim=16,
+                            teacher_config=teacher.to_dict(), teacher_class="CLIPVisionModel")
+    ).eval()  # fmt: skip
+    tokenizer.set_centroids(torch.randn(BACKBONE["vocab_size"], 16))
+    view = FeatureKmeansImageProcessor(size={"height": SIZE, "width": SIZE}, crop_size={"height": SIZE, "width": SIZE})
+    torch.manual_seed(1)
+    model = BeitMimForMaskedImageModeling(BeitMimConfig(**BACKBONE, tokenizer_config=tokenizer.config.to_dict()))
+    with torch.no_grad():
+        for key, parameter in model.named_parameters():
+            if not key.startswith("tokenizer."):
+                parameter.add_(0.02 * torch.randn_like(parameter))
+    model.set_tokenizer(tokenizer)
+    return {"feature_kmeans": (tokenizer, view, None), "beit_feature_kmeans": (model.eval(), processor, view)}
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +150,7 @@ def saved(tmp_path_factory):
 
 def test_cases_cover_every_family():
     assert set(BOUNDS) == set(cases())
-    assert {family for name in BOUNDS for family in name.split("_")} == {family.name for family in FAMILIES}
+    assert {family for name in BOUNDS for family in case_families(name)} == {family.name for family in FAMILIES}
 
 
 @pytest.mark.parametrize("name", sorted(BOUNDS))

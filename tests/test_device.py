@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 import torch.fx.experimental._config as fx_config
-from conftest import TINY_CONFIGS, tiny_beit_config, tiny_dvae_config, tiny_mcbeit_config
+from conftest import TINY_CONFIGS, tiny_beit_config, tiny_dvae_config, tiny_feature_kmeans_config, tiny_mcbeit_config
 from PIL import Image
 from test_beitv2 import tiny_beitv2_config
 from test_vqkd import tiny_vqkd_config
@@ -38,6 +38,7 @@ from hf_mim import (
     CcvitForMaskedImageModeling,
     DvaeImageProcessor,
     DvaeModel,
+    FeatureKmeansModel,
     KmeansModel,
     McBeitForMaskedImageModeling,
     MimImageProcessor,
@@ -125,6 +126,13 @@ MIM_MODELS = {
     "hf_mim_mcbeit": (McBeitForMaskedImageModeling, tiny_mcbeit_config, modeling_mcbeit, ((NUM_PATCHES, NUM_PATCHES),)),
     # Pixels in [0, 1], masked and replaced positions disjoint.
     "hf_mim_ccvit": (CcvitForMaskedImageModeling, TINY_CONFIGS["hf_mim_ccvit"], modeling_ccvit, ((0.0, 1.0, 0.0),)),
+    # BEiT on feature k-means targets: the teacher runs inside the tokenizer.
+    "hf_mim_beit+feature_kmeans": (
+        BeitMimForMaskedImageModeling,
+        lambda: tiny_beit_config(vocab_size=16, tokenizer_config=tiny_feature_kmeans_config().to_dict()),
+        None,
+        (),
+    ),
 }
 
 
@@ -176,6 +184,7 @@ TOKENIZERS = {
     "hf_mim_vqkd": (VqkdModel, modeling_vqkd, ((0.0, 1.0),)),
     "hf_mim_vqgan": (VqganModel, None, ()),
     "hf_mim_kmeans": (KmeansModel, None, ()),
+    "hf_mim_feature_kmeans": (FeatureKmeansModel, None, ()),
 }
 
 

@@ -14,7 +14,8 @@ from transformers import AutoImageProcessor, AutoModel
 
 from hf_mim import KmeansConfig, KmeansImageProcessor, KmeansModel
 from hf_mim.data import load_image_datasets
-from hf_mim.models.modeling_kmeans import nearest_centroids, patchify, unpatchify
+from hf_mim.models.centroids import nearest_centroids
+from hf_mim.models.modeling_kmeans import patchify, unpatchify
 from hf_mim.training.kmeans import fit_kmeans, fit_kmeans_tokenizer, init_centroids, sample_patches
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -302,6 +303,8 @@ def test_train_tokenizer_fits_saves_and_evaluates(image_folder, tmp_path):
     assert metrics["train_num_patches"] == 18 * 6
     assert metrics["eval_num_patches"] == 6 * 16 and 0 < metrics["eval_codebook_usage"] <= 1
     assert 1 <= metrics["eval_codebook_perplexity"] <= metrics["eval_codebook_usage"] * 12 + 1e-9
+    # The usage of the training patches at the last assignment, as the trained tokenizers log it.
+    assert 0 < metrics["train_codebook_usage"] <= 1 and 1 <= metrics["train_codebook_perplexity"] <= 12
     tokenizer = AutoModel.from_pretrained(tmp_path)
     assert type(tokenizer) is KmeansModel and tokenizer.config.codebook_size == 12
     assert tokenizer.centroids.abs().sum() > 0

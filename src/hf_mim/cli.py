@@ -33,7 +33,7 @@ COMMANDS = {
         "hf_mim.training.run_mim:main", "Masked image modeling pre-training (BEiT, BEiT v2, mc-BEiT, CCViT)"
     ),
     "train-tokenizer": Command(
-        "hf_mim.training.train_tokenizer:main", "Train a dVAE or VQ-KD tokenizer, or fit a k-means one"
+        "hf_mim.training.train_tokenizer:main", "Train a dVAE or VQ-KD tokenizer, or fit a (feature) k-means one"
     ),
     "finetune": Command(
         "hf_mim.training.run_image_classification:main", "Fine-tune a pretrained encoder for image classification"

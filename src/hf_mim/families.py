@@ -209,6 +209,16 @@ TOKENIZERS = {
             fit="hf_mim.training.kmeans:train_kmeans_tokenizer",
         ),
         TokenizerFamily(
+            name="feature_kmeans",
+            title="feature k-means",
+            config_class=models.FeatureKmeansConfig,
+            model_class=models.FeatureKmeansModel,
+            image_processor_class=models.FeatureKmeansImageProcessor,
+            card_tag="feature-k-means",
+            # Centroids of a frozen teacher's patch features (--teacher_name_or_path), fitted as k-means' are.
+            fit="hf_mim.training.kmeans:train_feature_kmeans_tokenizer",
+        ),
+        TokenizerFamily(
             name="vqgan",
             title="VQGAN",
             config_class=models.VqganConfig,

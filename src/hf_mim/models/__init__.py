@@ -9,11 +9,13 @@ from .configuration_beit import BeitMimConfig
 from .configuration_beitv2 import Beitv2Config
 from .configuration_ccvit import CcvitConfig
 from .configuration_dvae import DvaeConfig
+from .configuration_feature_kmeans import FeatureKmeansConfig
 from .configuration_kmeans import KmeansConfig
 from .configuration_mcbeit import McBeitConfig
 from .configuration_vqgan import VqganConfig
 from .configuration_vqkd import VqkdConfig
 from .image_processing_dvae import DvaeImageProcessor
+from .image_processing_feature_kmeans import FeatureKmeansImageProcessor
 from .image_processing_kmeans import KmeansImageProcessor
 from .image_processing_mim import MimImageProcessor
 from .image_processing_vqgan import VqganImageProcessor
@@ -22,6 +24,7 @@ from .modeling_beit import BeitMimForMaskedImageModeling, BeitMimModel, BeitMimO
 from .modeling_beitv2 import Beitv2ForMaskedImageModeling, Beitv2MimOutput, Beitv2Model
 from .modeling_ccvit import CcvitForMaskedImageModeling, CcvitMimOutput, CcvitModel
 from .modeling_dvae import DvaeModel
+from .modeling_feature_kmeans import FeatureKmeansModel, FeatureKmeansOutput
 from .modeling_kmeans import KmeansModel, KmeansOutput
 from .modeling_mcbeit import McBeitForMaskedImageModeling, McBeitModel, McBeitOutput, soft_targets
 from .modeling_tokenizer import MimTokenizerPreTrainedModel
@@ -44,6 +47,10 @@ __all__ = [
     "DvaeConfig",
     "DvaeImageProcessor",
     "DvaeModel",
+    "FeatureKmeansConfig",
+    "FeatureKmeansImageProcessor",
+    "FeatureKmeansModel",
+    "FeatureKmeansOutput",
     "KmeansConfig",
     "KmeansImageProcessor",
     "KmeansModel",

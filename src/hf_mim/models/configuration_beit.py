@@ -24,11 +24,12 @@ from .configuration_common import complete_auto_map
 
 # Tokenizer families (rewritten per checkpoint, see the module docstring):
 from .configuration_dvae import DvaeConfig
+from .configuration_feature_kmeans import FeatureKmeansConfig
 from .configuration_kmeans import KmeansConfig
 from .configuration_vqgan import VqganConfig
 from .configuration_vqkd import VqkdConfig
 
-TOKENIZER_CONFIG_CLASSES = (DvaeConfig, KmeansConfig, VqganConfig, VqkdConfig)
+TOKENIZER_CONFIG_CLASSES = (DvaeConfig, FeatureKmeansConfig, KmeansConfig, VqganConfig, VqkdConfig)
 # End of the tokenizer families.
 
 # The first and last line around each family block.

@@ -21,11 +21,12 @@ from .configuration_common import decoder_left_out
 
 # Tokenizer families (rewritten per checkpoint, see the module docstring):
 from .modeling_dvae import DvaeModel
+from .modeling_feature_kmeans import FeatureKmeansModel
 from .modeling_kmeans import KmeansModel
 from .modeling_vqgan import VqganModel
 from .modeling_vqkd import VqkdModel
 
-TOKENIZER_MODEL_CLASSES = (DvaeModel, KmeansModel, VqganModel, VqkdModel)
+TOKENIZER_MODEL_CLASSES = (DvaeModel, FeatureKmeansModel, KmeansModel, VqganModel, VqkdModel)
 # End of the tokenizer families.
 
 # model_type -> (config class, model class) of the tokenizers this code serves.

@@ -16,12 +16,9 @@ from torch import nn
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
+from .centroids import check_centroids, float32_centroids, nearest_centroids, negative_sq_distances
 from .configuration_kmeans import KmeansConfig
 from .modeling_tokenizer import MimTokenizerPreTrainedModel
-
-# Rows per block of the nearest-centroid search: a block's distance matrix holds about this many floats (64 MiB),
-# large enough for an efficient matrix product, small enough that 8192 centroids never need gigabytes.
-DISTANCE_BLOCK_ELEMENTS = 2**24
 
 
 def patchify(pixel_values: torch.Tensor, patch_size: int) -> torch.Tensor:
@@ -41,52 +38,6 @@ def unpatchify(patches: torch.Tensor, patch_size: int, num_channels: int) -> tor
         raise ValueError(f"unpatchify needs a square grid of patches, got {num_patches} patches")
     images = patches.reshape(batch_size, grid, grid, num_channels, patch_size, patch_size)
     return images.permute(0, 3, 1, 4, 2, 5).reshape(batch_size, num_channels, grid * patch_size, grid * patch_size)
-
-
-def nearest_centroids(
-    points: torch.Tensor,
-    centroids: torch.Tensor,
-    centroid_sq_norms: torch.Tensor | None = None,
-    chunk_size: int | None = None,
-    point_sq_norms: torch.Tensor | None = None,
-    workspace: torch.Tensor | None = None,
-) -> tuple[torch.LongTensor, torch.Tensor]:
-    """Index of, and squared L2 distance to, the nearest centroid of every point.
-
-    Distances are `||x||^2 - 2 x.c + ||c||^2`, so the search is a matrix product; it runs over blocks of
-    `chunk_size` points so the `(points, centroids)` distance matrix is never held whole.
-
-    Args:
-        points (`torch.FloatTensor` of shape `(num_points, dim)`): The points, float32.
-        centroids (`torch.FloatTensor` of shape `(num_centroids, dim)`): The centroids, float32.
-        centroid_sq_norms (`torch.FloatTensor` of shape `(num_centroids,)`, *optional*):
-            `||c||^2`, when the caller already has it (k-means reuses it across blocks).
-        chunk_size (`int`, *optional*): Points per block; by default about 64 MiB of distances per block.
-        point_sq_norms (`torch.FloatTensor` of shape `(num_points,)`, *optional*): `||x||^2`, likewise.
-        workspace (`torch.FloatTensor` of shape `(chunk_size, num_centroids)`, *optional*):
-            Memory for a block's distances, reused across calls (k-means calls this once per block of every
-            iteration; fresh allocations of this size cost page faults comparable to the product itself).
-
-    Returns:
-        `(indices, sq_distances)`: `torch.LongTensor` and `torch.FloatTensor` of shape `(num_points,)`.
-    """
-    if centroid_sq_norms is None:
-        centroid_sq_norms = centroids.square().sum(dim=1)
-    chunk_size = chunk_size or max(256, DISTANCE_BLOCK_ELEMENTS // centroids.shape[0])
-    indices = torch.empty(points.shape[0], dtype=torch.long, device=points.device)
-    sq_distances = torch.empty(points.shape[0], dtype=centroids.dtype, device=points.device)
-    centroids_t = centroids.t()
-    if workspace is None:
-        workspace = points.new_empty(min(chunk_size, points.shape[0]), centroids.shape[0])
-    for start in range(0, points.shape[0], chunk_size):
-        block = points[start : start + chunk_size]
-        # ||x||^2 does not change which centroid wins; it is added back only to the minima.
-        partial = torch.addmm(centroid_sq_norms, block, centroids_t, alpha=-2.0, out=workspace[: len(block)])
-        torch.min(partial, dim=1, out=(sq_distances[start : start + chunk_size], indices[start : start + chunk_size]))
-    if point_sq_norms is None:
-        point_sq_norms = points.square().sum(dim=1)
-    sq_distances.add_(point_sq_norms).clamp_(min=0.0)
-    return indices, sq_distances
 
 
 @dataclass
@@ -172,13 +123,7 @@ class KmeansModel(KmeansPreTrainedModel):
     def set_centroids(self, centroids: torch.Tensor) -> None:
         """Replace the centroids by `centroids` of shape `(codebook_size, patch_dim)`: [0, 1] pixels, (C, py, px)."""
         centroids = torch.as_tensor(centroids)
-        if tuple(centroids.shape) != tuple(self.centroids.shape):
-            raise ValueError(
-                f"Expected centroids of shape {tuple(self.centroids.shape)} (codebook_size, num_channels * "
-                f"patch_size**2), got {tuple(centroids.shape)}"
-            )
-        if not torch.isfinite(centroids).all():
-            raise ValueError("centroids contain NaN or infinite values")
+        check_centroids(centroids, self.centroids.shape, "codebook_size, num_channels * patch_size**2")
         low, high = centroids.min().item(), centroids.max().item()
         if low < -1e-3 or high > 1 + 1e-3:
             raise ValueError(
@@ -194,12 +139,7 @@ class KmeansModel(KmeansPreTrainedModel):
         return self
 
     def _float_centroids(self) -> torch.Tensor:
-        if self.centroids.dtype != torch.float32:
-            raise ValueError(
-                f"{type(self).__name__} computes distances in float32 (half precision changes which centroid wins), "
-                f"but its centroids are {self.centroids.dtype}; call `.float()` on the tokenizer."
-            )
-        return self.centroids
+        return float32_centroids(self.centroids, type(self).__name__)
 
     def patchify(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`(batch_size, grid_size**2, patch_dim)` float32 patches of a [KmeansImageProcessor] view."""
@@ -223,10 +163,7 @@ class KmeansModel(KmeansPreTrainedModel):
         centroids = self._float_centroids()
         with torch.autocast(device_type=pixel_values.device.type, enabled=False):
             patches = self.patchify(pixel_values)
-            points = patches.reshape(-1, patches.shape[-1])
-            # Written in place into the one output tensor: no (points x centroids) temporaries besides it.
-            logits = torch.addmm(centroids.square().sum(dim=1), points, centroids.t(), beta=1.0, alpha=-2.0)
-            logits.add_(points.square().sum(dim=1, keepdim=True)).clamp_(min=0.0).neg_()
+            logits = negative_sq_distances(patches.reshape(-1, patches.shape[-1]), centroids)
         return logits.reshape(patches.shape[0], patches.shape[1], -1)
 
     @torch.no_grad()
@@ -307,7 +244,6 @@ __all__ = [
     "KmeansModel",
     "KmeansOutput",
     "KmeansPreTrainedModel",
-    "nearest_centroids",
     "patchify",
     "unpatchify",
 ]

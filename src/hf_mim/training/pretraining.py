@@ -27,9 +27,9 @@ from ..data import (
 from ..errors import UsageError
 from ..families import MIM_METHODS, MimMethod
 from ..hub.callbacks import HubFilesCallback
-from ..models import KmeansConfig
+from ..models import FeatureKmeansConfig, KmeansConfig, KmeansModel
 from .arguments import MimTrainingArguments, parse_config_overrides
-from .kmeans import KmeansFitArguments, fit_tokenizer_for_mim
+from .kmeans import KmeansFitArguments, feature_kmeans_tokenizer, fit_tokenizer_for_mim
 from .loading import pretrained, require_tokenizer
 from .trainer import MimTrainer
 from .workflow import require_action, setup_logging, train_and_evaluate
@@ -60,7 +60,8 @@ class ModelArguments(KmeansFitArguments):
     )
     tokenizer_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "The hf_mim tokenizer (dVAE, VQ-KD, VQGAN, k-means; folder or Hub id) whose tokens are the "
+        metadata={"help": "The hf_mim tokenizer (dVAE, VQ-KD, VQGAN, k-means, feature k-means; folder or Hub id) whose "
+                  "tokens are the "
                   "targets; `hf-mim train-tokenizer` trains one"},
     )
     model_size: str = field(default="base", metadata={"help": f"ViT size when training from scratch: {', '.join(MODEL_SIZES)}"})
@@ -87,6 +88,16 @@ class ModelArguments(KmeansFitArguments):
     )
     fit_codebook_size: int = field(
         default=8192, metadata={"help": "--fit_tokenizer: number of centroids, the MIM vocabulary size (CCViT: 8192)"}
+    )
+    fit_teacher_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "--fit_tokenizer: cluster the patch features of this frozen vision model (folder or Hub id, "
+                  "e.g. facebook/dinov2-base, or an hf_mim encoder) instead of raw patches (feature k-means)"},
+    )
+    fit_teacher_feature_layer: int | None = field(
+        default=None,
+        metadata={"help": "--fit_teacher_name_or_path: index into the teacher's hidden_states (default: its final "
+                  "features)"},
     )
     cache_dir: str | None = field(default=None, metadata={"help": "Cache folder of Hub models and datasets"})
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of Hub models"})
@@ -178,6 +189,17 @@ def build_config(model_args: ModelArguments, tokenizer):
     config_class = mim_method(model_args.model_type).config_class
     kwargs = config_kwargs(model_args)
     check_vocab_size(kwargs, tokenizer.codebook_size, model_args)
+    defaults = config_class()
+    image_size = kwargs.get("image_size", defaults.image_size)
+    patch_size = kwargs.get("patch_size", defaults.patch_size)
+    if image_size // patch_size != tokenizer.grid_size:
+        # Every masked patch needs exactly one target token.
+        grid = tokenizer.grid_size
+        raise UsageError(
+            f"--tokenizer_name_or_path {model_args.tokenizer_name_or_path} gives a {grid}x{grid} token grid, but the "
+            f"ViT sees {image_size // patch_size}x{image_size // patch_size} patches (--image_size {image_size}, "
+            f"--patch_size {patch_size}); pass --image_size {grid * patch_size}, or a tokenizer of this grid"
+        )
     kwargs.update(vocab_size=tokenizer.codebook_size, tokenizer_config=tokenizer.config.to_dict())
     return config_class(**kwargs)
 
@@ -230,26 +252,39 @@ def load_model(model_args: ModelArguments):
 
 def fit_tokenizer(model_args: ModelArguments, dataset, image_column: str, training_args: MimTrainingArguments) -> str:
     """`--fit_tokenizer`: `--fit_codebook_size` k-means centroids of the ViT's own patches (its image and patch size),
+    of their pixels or, with `--fit_teacher_name_or_path`, of that teacher's features of them (feature k-means),
     fitted on `dataset` by every process and saved in `output_dir/tokenizer`; returns that folder."""
     if model_args.tokenizer_name_or_path or model_args.model_name_or_path:
         raise UsageError(
             "--fit_tokenizer fits a new tokenizer for a model trained from scratch; drop it, or drop "
             "--tokenizer_name_or_path / --model_name_or_path"
         )
-    config_class = mim_method(model_args.model_type).config_class
+    method = mim_method(model_args.model_type)
+    if model_args.fit_teacher_name_or_path and method.replaced_patches is not None:
+        raise UsageError(
+            f"--fit_teacher_name_or_path fits feature k-means, whose centroids are teacher features, but {method.title} "
+            "replaces patches by their pixel centroids; drop the flag, or use another --model_type"
+        )
     kwargs = config_kwargs(model_args)
     # Checked before the fit, which can take hours, rather than when the model is built after it.
     check_vocab_size(kwargs, model_args.fit_codebook_size, model_args)
-    defaults = config_class()
-    config = KmeansConfig(
-        image_size=kwargs.get("image_size", defaults.image_size),
-        patch_size=kwargs.get("patch_size", defaults.patch_size),
-        codebook_size=model_args.fit_codebook_size,
-    )
+    defaults = method.config_class()
+    view = {
+        "image_size": kwargs.get("image_size", defaults.image_size),
+        "patch_size": kwargs.get("patch_size", defaults.patch_size),
+        "codebook_size": model_args.fit_codebook_size,
+    }
+    if model_args.fit_teacher_name_or_path:
+        tokenizer = feature_kmeans_tokenizer(
+            FeatureKmeansConfig(**view), model_args.fit_teacher_name_or_path, model_args.fit_teacher_feature_layer,
+            flag="fit_teacher_name_or_path",
+        )  # fmt: skip
+    else:
+        tokenizer = KmeansModel(KmeansConfig(**view))
     return fit_tokenizer_for_mim(
         dataset,
         image_column,
-        config,
+        tokenizer,
         model_args,
         os.path.join(training_args.output_dir, TOKENIZER_SUBFOLDER),
         seed=training_args.seed,
@@ -277,6 +312,8 @@ def pretrain(
 
     if model_args.fit_tokenizer:
         model_args.tokenizer_name_or_path = fit_tokenizer(model_args, raw["train"], image_column, training_args)
+    elif model_args.fit_teacher_name_or_path:
+        raise UsageError("--fit_teacher_name_or_path chooses the teacher of --fit_tokenizer; add --fit_tokenizer")
     model, image_processor, tokenizer_processor = load_model(model_args)
     grid_size = model.config.image_size // model.config.patch_size
     skipped = SkippedImageCounter()

@@ -20,7 +20,8 @@ def parse_args(argv=None) -> tuple[ModelArguments, DataArguments, MimTrainingArg
         Masked image modeling pre-training (BEiT, BEiT v2, mc-BEiT, CCViT) with the transformers Trainer: a ViT
         learns to predict, for each masked patch, the token that a visual tokenizer gives it. The tokenizer is a
         saved one (--tokenizer_name_or_path; `hf-mim train-tokenizer` trains one, `hf-mim convert-*` converts a
-        released one) or k-means centroids fitted on the training images first (--fit_tokenizer, CCViT). Masking and
+        released one) or k-means centroids fitted on the training images first (--fit_tokenizer: CCViT's of pixel
+        patches, or with --fit_teacher_name_or_path of a frozen teacher's patch features). Masking and
         augmentation defaults follow --model_type. One or many processes, CPU or GPU, bf16/fp16, gradient
         accumulation and resumption come from Trainer (its options are listed last). --output_dir receives the
         checkpoint (which holds its tokenizer) and a model card.
@@ -39,7 +40,10 @@ def parse_args(argv=None) -> tuple[ModelArguments, DataArguments, MimTrainingArg
         """,
         groups=[
             ("model", [ModelArguments]),
-            ("tokenizer", ["tokenizer_name_or_path", "fit_tokenizer", "fit_codebook_size"]),
+            ("tokenizer", [
+                "tokenizer_name_or_path", "fit_tokenizer", "fit_codebook_size", "fit_teacher_name_or_path",
+                "fit_teacher_feature_layer",
+            ]),
             ("k-means fit (--fit_tokenizer)", [KmeansFitArguments]),
             ("data", [StreamingImageDatasetArguments]),
             ("augmentation", ["crop_min_scale", "color_jitter"]),

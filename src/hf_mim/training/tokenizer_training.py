@@ -71,7 +71,9 @@ class TokenizerArguments(KmeansFitArguments):
     )
     teacher_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "The vision model to distil (folder or Hub id), e.g. openai/clip-vit-base-patch16."},
+        metadata={"help": "The frozen vision model (folder or Hub id) that VQ-KD distils (e.g. "
+                  "openai/clip-vit-base-patch16) or whose patch features feature k-means clusters (e.g. "
+                  "facebook/dinov2-base, or an hf_mim encoder folder)."},
     )
     teacher_feature_layer: int | None = field(
         default=None,

@@ -24,10 +24,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TokenizerArguments, DataA
         description="""
         Train a visual tokenizer, whose codes are the targets of `hf-mim pretrain`: a dVAE (BEiT; Gumbel-softmax
         codes, trained to reconstruct the image) or a VQ-KD tokenizer (BEiT v2; codes trained to reconstruct a frozen
-        teacher's features) with the transformers Trainer, or fit a k-means one (CCViT; centroids of raw patches,
-        Lloyd's algorithm). Works under `accelerate launch` with any number of processes. --output_dir receives the
-        model, its config and code, and the tokenizer's image processor: `AutoModel.from_pretrained(output_dir)`
-        returns it (with hf_mim installed, or trust_remote_code=True without).
+        teacher's features) with the transformers Trainer, or fit a k-means one with Lloyd's algorithm (CCViT;
+        centroids of raw patches) or a feature k-means one (centroids of a frozen teacher's patch features). Works
+        under `accelerate launch` with any number of processes. --output_dir receives the model, its config and code,
+        and the tokenizer's image processor: `AutoModel.from_pretrained(output_dir)` returns it (with hf_mim
+        installed, or trust_remote_code=True without).
 
         examples:
           # dVAE with 1024 codes
@@ -42,6 +43,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[TokenizerArguments, DataA
           # k-means: 8192 centroids of 16x16 patches of 50,000 images, 20 Lloyd iterations
           hf-mim train-tokenizer --tokenizer_type kmeans --train_dir ./images --output_dir ./ccvit-kmeans \\
               --do_train --kmeans_max_images 50000 --kmeans_iterations 20
+
+          # feature k-means: 8192 centroids of DINOv2's patch features (32 patches of each of 50,000 images)
+          hf-mim train-tokenizer --tokenizer_type feature_kmeans --teacher_name_or_path facebook/dinov2-base \\
+              --train_dir ./images --output_dir ./dinov2-kmeans --do_train --kmeans_max_images 50000 \\
+              --kmeans_patches_per_image 32 --kmeans_init k-means++
         """,
         groups=[
             ("tokenizer", [TokenizerArguments]),
@@ -49,8 +55,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TokenizerArguments, DataA
                 "gumbel_temperature_start", "gumbel_temperature_end", "gumbel_temperature_schedule",
                 "gumbel_anneal_fraction", "kl_weight", "kl_warmup_fraction", "code_balance_rate",
             ]),
-            ("VQ-KD (--tokenizer_type vqkd)", ["teacher_name_or_path", "teacher_feature_layer"]),
-            ("k-means fit (--tokenizer_type kmeans)", [KmeansFitArguments]),
+            ("teacher (--tokenizer_type vqkd, feature_kmeans)", ["teacher_name_or_path", "teacher_feature_layer"]),
+            ("k-means fit (--tokenizer_type kmeans, feature_kmeans)", [KmeansFitArguments]),
             ("data", [StreamingImageDatasetArguments]),
             ("augmentation", ["crop_min_scale", "color_jitter"]),
         ],

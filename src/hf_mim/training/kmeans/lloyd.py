@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from ...models.centroids import nearest_centroids
 from ...models.distributed import all_gather_rows, all_reduce_, computed_on_main, is_distributed, world
-from ...models.modeling_kmeans import nearest_centroids
 from ...models.modeling_tokenizer import code_counts
 
 logger = logging.getLogger(__name__)
@@ -37,11 +37,14 @@ class KmeansFit:
         inertia (`list[float]`): Sum of squared distances of all points to their nearest centroid, at the
             assignment step of each iteration (non-increasing).
         num_points (`int`): Points fitted, over all processes.
+        counts (`torch.LongTensor` of shape `(num_clusters,)`, *optional*): Points per cluster at the last
+            assignment step, over all processes (the codebook usage of the training points); None from faiss.
     """
 
     centroids: torch.Tensor
     inertia: list[float]
     num_points: int
+    counts: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -366,7 +369,7 @@ def fit_kmeans(
         "k-means: %d points in %d processes, %d clusters, inertia per iteration %s", num_points, world_size, num_clusters,
         history,
     )
-    return KmeansFit(centroids=centroids.cpu(), inertia=history, num_points=num_points)
+    return KmeansFit(centroids=centroids.cpu(), inertia=history, num_points=num_points, counts=counts.cpu())
 
 
 def _fit_faiss(

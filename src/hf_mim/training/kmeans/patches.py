@@ -31,6 +31,62 @@ def _collate_views(items):
     return items
 
 
+def view_batches(
+    dataset,
+    image_column: str,
+    image_processor,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    skipped: SkippedImageCounter | None = None,
+):
+    """This process's share of the images of `dataset` as batches of `(global index, view)` pairs, and the number of
+    batches (None for a streaming dataset).
+
+    Each image is rendered by `image_processor`'s deterministic view; process `r` of `n` reads images `r, r + n,
+    r + 2n, ...`; an undecodable image has the view None (and is counted in `skipped`). Map-style datasets are decoded
+    by `num_workers` DataLoader workers, streaming ones in this process.
+    """
+    rank, world_size = world()
+    transform = TwoViewTransform(image_processor, train=False)
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+        # Streaming: iterated here, so each image's global index is its position in the stream.
+        def images():
+            for index, example in enumerate(dataset):
+                if index % world_size == rank:
+                    image = decode_image(example[image_column])
+                    if image is None and skipped is not None:
+                        skipped.increment()
+                    yield index, None if image is None else transform(image)["pixel_values"]
+
+        def batches():
+            batch = []
+            for item in images():
+                batch.append(item)
+                if len(batch) == batch_size:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+
+        return batches(), None
+    views = apply_transform(dataset, image_column, transform, skipped=skipped)
+    shard = _ShardViews(views, range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(
+        shard, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_views
+    )
+    return loader, len(loader)
+
+
+def sampled_patches(index: int, num_patches: int, patches_per_image: int | None, seed: int):
+    """`(positions, global ids)` of the patches kept of image `index` (of `num_patches`): `patches_per_image` random
+    ones in increasing position order, keyed by their global ids `index * num_patches + position`, or all of them."""
+    ids = index * num_patches + torch.arange(num_patches)
+    positions = torch.arange(num_patches)
+    if patches_per_image is not None and patches_per_image < num_patches:
+        positions = torch.argsort(point_keys(ids, seed))[:patches_per_image].sort().values
+    return positions, ids[positions]
+
+
 def sample_patches(
     dataset,
     image_column: str,
@@ -45,13 +101,12 @@ def sample_patches(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This process's share of the raw [0, 1] patches of an image dataset, as 8-bit pixels.
 
-    Each image is rendered by `image_processor`'s deterministic view (CCViT: 224 px bicubic, not normalised) and
-    cut into `patch_size` patches flattened (C, py, px). Process `r` of `n` reads images `r, r + n, r + 2n, ...`;
-    undecodable images are skipped (and counted in `skipped`).
+    Each image of this process's share ([`view_batches`]) is rendered by `image_processor`'s deterministic view
+    (CCViT: 224 px bicubic, not normalised) and cut into `patch_size` patches flattened (C, py, px); undecodable
+    images are skipped (and counted in `skipped`).
 
     Args:
         dataset (`datasets.Dataset` or `datasets.IterableDataset`): Images, e.g. from `load_image_datasets`.
-            Map-style datasets are decoded by `num_workers` DataLoader workers, streaming ones in this process.
         image_column (`str`): The image column.
         image_processor ([`KmeansImageProcessor`]): The tokenizer's view.
         patch_size (`int`): Side of a patch in pixels.
@@ -67,39 +122,16 @@ def sample_patches(
             "k-means centroids are fitted on raw [0, 1] pixels, but the image processor normalises them; use a "
             "KmeansImageProcessor (do_normalize=False)"
         )
-    rank, world_size = world()
-    transform = TwoViewTransform(image_processor, train=False)
-    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
-        # Streaming: iterated here, so each image's global index is its position in the stream.
-        def images():
-            for index, example in enumerate(dataset):
-                if index % world_size == rank:
-                    image = decode_image(example[image_column])
-                    if image is None and skipped is not None:
-                        skipped.increment()
-                    yield index, None if image is None else transform(image)["pixel_values"]
-
-        batches, total = ([item] for item in images()), None
-    else:
-        views = apply_transform(dataset, image_column, transform, skipped=skipped)
-        shard = _ShardViews(views, range(rank, len(dataset), world_size))
-        batches = torch.utils.data.DataLoader(
-            shard, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate_views
-        )
-        total = len(batches)
-
+    batches, total = view_batches(dataset, image_column, image_processor, batch_size, num_workers, skipped)
     patches, patch_ids = [], []
-    for batch in tqdm(batches, total=total, desc="sampling patches", disable=not show_progress or rank != 0):
+    for batch in tqdm(batches, total=total, desc="sampling patches", disable=not show_progress or world()[0] != 0):
         for index, view in batch:
             if view is None:
                 continue
             # The view is `uint8 / 255` in float32; rounding recovers the 8-bit values exactly.
             image_patches = patchify(view.unsqueeze(0), patch_size)[0].mul_(255.0).round_().to(torch.uint8)
-            ids = index * image_patches.shape[0] + torch.arange(image_patches.shape[0])
-            if patches_per_image is not None and patches_per_image < len(ids):
-                keep = torch.argsort(point_keys(ids, seed))[:patches_per_image].sort().values
-                image_patches, ids = image_patches[keep], ids[keep]
-            patches.append(image_patches)
+            positions, ids = sampled_patches(index, image_patches.shape[0], patches_per_image, seed)
+            patches.append(image_patches[positions])
             patch_ids.append(ids)
     if not patches:
         dim = 3 * patch_size**2
@@ -119,8 +151,9 @@ def select_images(dataset, max_images: int | None, seed: int = 0):
     return dataset.shuffle(seed=seed).select(range(max_images))
 
 
-
 __all__ = [
     "sample_patches",
+    "sampled_patches",
     "select_images",
+    "view_batches",
 ]

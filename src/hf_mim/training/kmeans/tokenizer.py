@@ -1,7 +1,8 @@
-"""Fitting CCViT's centroid tokenizer on an image dataset, for the scripts: `fit_kmeans_tokenizer` samples patches
-([`sample_patches`]) and runs [`fit_kmeans`]; `fit_tokenizer_for_mim` (`run_mim.py --fit_tokenizer`) and
-`train_kmeans_tokenizer` (`train_tokenizer.py --tokenizer_type kmeans`) add the command-line options, evaluation,
-results, model card and upload.
+"""Fitting a k-means tokenizer on an image dataset, for the scripts: CCViT's centroids of raw patches or feature
+k-means' centroids of a teacher's patch features. `fit_centroids` samples the points ([`sample_points`]) and runs
+[`fit_kmeans`]; `fit_tokenizer_for_mim` (`run_mim.py --fit_tokenizer`) and `train_kmeans_tokenizer`
+(`train_tokenizer.py --tokenizer_type kmeans / feature_kmeans`) add the command-line options, evaluation, results,
+model card and upload.
 """
 
 import json
@@ -17,13 +18,18 @@ from ...data import SkippedImageCounter
 from ...data.arguments import require_validation_split
 from ...errors import UsageError
 from ...evaluation.codebook import codebook_metrics
+from ...families import family_of
 from ...hub.cards import write_model_card
 from ...hub.push import push_folder
+from ...models.centroids import nearest_centroids
 from ...models.configuration_kmeans import KmeansConfig
 from ...models.distributed import all_reduce_, barrier, world
+from ...models.image_processing_feature_kmeans import FeatureKmeansImageProcessor
 from ...models.image_processing_kmeans import KmeansImageProcessor
-from ...models.modeling_kmeans import KmeansModel, nearest_centroids
+from ...models.modeling_feature_kmeans import FeatureKmeansModel
+from ...models.modeling_kmeans import KmeansModel
 from ...models.modeling_tokenizer import code_counts
+from .features import feature_kmeans_tokenizer, sample_features
 from .lloyd import BACKENDS, INIT_METHODS, KmeansFit, as_float_points, fit_kmeans
 from .patches import sample_patches, select_images
 
@@ -51,6 +57,90 @@ class KmeansFitArguments:
     kmeans_batch_size: int = field(default=64, metadata={"help": "Images per data-loading batch."})
 
 
+def sample_points(
+    tokenizer: KmeansModel | FeatureKmeansModel,
+    dataset,
+    image_column: str,
+    image_processor,
+    patches_per_image: int | None = None,
+    seed: int = 0,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+    skipped: SkippedImageCounter | None = None,
+    show_progress: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's points of a k-means tokenizer's fit and their global ids, on `device`: the 8-bit pixel patches
+    of a [`KmeansModel`] ([`sample_patches`]), the teacher features of a [`FeatureKmeansModel`] ([`sample_features`],
+    computed with the tokenizer moved to `device`)."""
+    kwargs = {
+        "patches_per_image": patches_per_image, "seed": seed, "batch_size": batch_size, "num_workers": num_workers,
+        "skipped": skipped, "show_progress": show_progress,
+    }  # fmt: skip
+    if isinstance(tokenizer, FeatureKmeansModel):
+        points, ids = sample_features(dataset, image_column, image_processor, tokenizer.to(device), **kwargs)
+    else:
+        points, ids = sample_patches(dataset, image_column, image_processor, tokenizer.config.patch_size, **kwargs)
+    return points.to(device), ids.to(device)
+
+
+def fit_centroids(
+    tokenizer: KmeansModel | FeatureKmeansModel,
+    image_processor,
+    dataset,
+    image_column: str,
+    num_iterations: int = 20,
+    init: str | torch.Tensor = "random",
+    patches_per_image: int | None = None,
+    seed: int = 0,
+    backend: str = "torch",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: torch.device | str | None = None,
+    skipped: SkippedImageCounter | None = None,
+    show_progress: bool = True,
+) -> KmeansFit:
+    """Fit the centroids of a k-means tokenizer on the images of `dataset` ([`sample_points`], [`fit_kmeans`]) and set
+    them; every process of a launch takes part with its share of the images.
+
+    Args:
+        tokenizer ([`KmeansModel`] or [`FeatureKmeansModel`]): Its config sets view, grid and number of centroids.
+        image_processor: Its view (its family's `image_processor_class.for_config(tokenizer.config)`).
+        dataset: Images, e.g. `load_image_datasets(...)[0]["train"]`.
+        image_column (`str`): The image column.
+        device (`torch.device` or `str`, *optional*): Where teacher features and Lloyd's iterations are computed
+            (default: the GPU if any).
+        Other arguments: see [`sample_patches`] and [`fit_kmeans`].
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    points, point_ids = sample_points(
+        tokenizer,
+        dataset,
+        image_column,
+        image_processor,
+        patches_per_image=patches_per_image,
+        seed=seed,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        device=device,
+        skipped=skipped,
+        show_progress=show_progress,
+    )
+    fit = fit_kmeans(
+        points,
+        tokenizer.config.codebook_size,
+        num_iterations=num_iterations,
+        init=init,
+        seed=seed,
+        point_ids=point_ids,
+        backend=backend,
+        show_progress=show_progress,
+    )
+    tokenizer.set_centroids(fit.centroids)
+    return fit
+
+
 def fit_kmeans_tokenizer(
     dataset,
     image_column: str,
@@ -66,52 +156,38 @@ def fit_kmeans_tokenizer(
     skipped: SkippedImageCounter | None = None,
     show_progress: bool = True,
 ) -> tuple[KmeansModel, KmeansImageProcessor, KmeansFit]:
-    """Fit a centroid tokenizer on the images of `dataset`: sample patches ([`sample_patches`]), run [`fit_kmeans`].
-
-    Args:
-        dataset: Images, e.g. `load_image_datasets(...)[0]["train"]`.
-        image_column (`str`): The image column.
-        config ([`KmeansConfig`]): View size, patch size and number of centroids.
-        device (`torch.device` or `str`, *optional*): Where Lloyd's iterations run (default: the GPU if any).
-        Other arguments: see [`sample_patches`] and [`fit_kmeans`].
+    """Fit a centroid tokenizer of `config` (view size, patch size, number of centroids) on the images of `dataset`
+    ([`fit_centroids`]).
 
     Returns:
         `(tokenizer, image_processor, fit)`: the [`KmeansModel`] holding the centroids, its
         [`KmeansImageProcessor`] and the [`KmeansFit`] (inertia per iteration).
     """
     image_processor = KmeansImageProcessor.for_config(config)
-    patches, patch_ids = sample_patches(
+    tokenizer = KmeansModel(config)
+    fit = fit_centroids(
+        tokenizer,
+        image_processor,
         dataset,
         image_column,
-        image_processor,
-        config.patch_size,
+        num_iterations=num_iterations,
+        init=init,
         patches_per_image=patches_per_image,
         seed=seed,
+        backend=backend,
         batch_size=batch_size,
         num_workers=num_workers,
+        device=device,
         skipped=skipped,
         show_progress=show_progress,
     )
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    fit = fit_kmeans(
-        patches.to(device),
-        config.codebook_size,
-        num_iterations=num_iterations,
-        init=init,
-        seed=seed,
-        point_ids=patch_ids.to(device),
-        backend=backend,
-        show_progress=show_progress,
-    )
-    tokenizer = KmeansModel(config)
-    tokenizer.set_centroids(fit.centroids)
     return tokenizer, image_processor, fit
 
 
-def require_enough_patches(dataset, config: KmeansConfig, fit_args: KmeansFitArguments, codebook_flag: str) -> None:
-    """A one-line error, before any image is read, when the images cannot give one patch per centroid; names the flag
-    that sets the number of centroids. Streaming datasets (no length) are checked by the fit itself."""
+def require_enough_patches(dataset, config, fit_args: KmeansFitArguments, codebook_flag: str) -> None:
+    """A one-line error, before any image is read, when the images cannot give one patch per centroid of a k-means
+    tokenizer of `config` (pixel or feature k-means); names the flag that sets the number of centroids. Streaming
+    datasets (no length) are checked by the fit itself."""
     if not hasattr(dataset, "__len__"):
         return
     images = min(len(dataset), fit_args.kmeans_max_images or len(dataset))
@@ -126,13 +202,15 @@ def require_enough_patches(dataset, config: KmeansConfig, fit_args: KmeansFitArg
 
 
 def _fit_from_arguments(
-    dataset, image_column, config, fit_args: KmeansFitArguments, init, seed, device, num_workers, codebook_flag
-):
-    require_enough_patches(dataset, config, fit_args, codebook_flag)
-    return fit_kmeans_tokenizer(
+    dataset, image_column, tokenizer, image_processor, fit_args: KmeansFitArguments, init, seed, device, num_workers,
+    codebook_flag,
+) -> KmeansFit:
+    require_enough_patches(dataset, tokenizer.config, fit_args, codebook_flag)
+    return fit_centroids(
+        tokenizer,
+        image_processor,
         select_images(dataset, fit_args.kmeans_max_images, seed),
         image_column,
-        config,
         num_iterations=fit_args.kmeans_iterations,
         init=init,
         patches_per_image=fit_args.kmeans_patches_per_image,
@@ -147,7 +225,7 @@ def _fit_from_arguments(
 def fit_tokenizer_for_mim(
     dataset,
     image_column: str,
-    config: KmeansConfig,
+    tokenizer: KmeansModel | FeatureKmeansModel,
     fit_args: KmeansFitArguments,
     folder: str,
     seed: int = 0,
@@ -155,7 +233,8 @@ def fit_tokenizer_for_mim(
     num_workers: int = 0,
     refit: bool = False,
 ) -> str:
-    """`run_mim.py --fit_tokenizer`: fit centroids on the pre-training images and save the tokenizer in `folder`.
+    """`run_mim.py --fit_tokenizer`: fit the centroids of `tokenizer` (unfitted, of the ViT's view and grid) on the
+    pre-training images and save it with its image processor in `folder`.
 
     Every process takes part in the fit (each reads its share of the images); process 0 writes the folder. A folder
     that already holds a tokenizer (an interrupted run being resumed) is reused unless `refit`.
@@ -166,10 +245,13 @@ def fit_tokenizer_for_mim(
     if os.path.isfile(os.path.join(folder, "config.json")) and not refit:
         logger.info("Using the k-means tokenizer already fitted in %s (pass --overwrite_output_dir to refit)", folder)
         return folder
-    logger.info("Fitting %d k-means centroids of %d px patches on the training images", config.codebook_size,
-                config.patch_size)
-    tokenizer, image_processor, fit = _fit_from_arguments(
-        dataset, image_column, config, fit_args, fit_args.kmeans_init, seed, device, num_workers, "--fit_codebook_size"
+    config = tokenizer.config
+    logger.info("Fitting %d %s centroids of a %dx%d grid on the training images", config.codebook_size,
+                config.model_type, config.grid_size, config.grid_size)
+    image_processor = family_of(config.model_type).image_processor_class.for_config(config)
+    fit = _fit_from_arguments(
+        dataset, image_column, tokenizer, image_processor, fit_args, fit_args.kmeans_init, seed, device, num_workers,
+        "--fit_codebook_size",
     )
     if world()[0] == 0:
         tokenizer.save_pretrained(folder)
@@ -181,21 +263,22 @@ def fit_tokenizer_for_mim(
 
 
 @torch.no_grad()
-def _evaluate(tokenizer: KmeansModel, image_processor, dataset, image_column, fit_args, seed, num_workers, device):
-    """Mean squared distance of validation patches to their centroid, and the codebook usage and perplexity of their
-    nearest centroids, computed on `device` (the fit's: where the process group reduces)."""
-    patches, _ = sample_patches(
-        dataset, image_column, image_processor, tokenizer.config.patch_size, seed=seed,
-        batch_size=fit_args.kmeans_batch_size, num_workers=num_workers, show_progress=False,
-    )
+def _evaluate(tokenizer, image_processor, dataset, image_column, fit_args, seed, num_workers, device):
+    """Mean squared distance of validation patches (pixels or teacher features) to their centroid, and the codebook
+    usage and perplexity of their nearest centroids, computed on `device` (the fit's: where the process group
+    reduces)."""
+    points, _ = sample_points(
+        tokenizer, dataset, image_column, image_processor, seed=seed, batch_size=fit_args.kmeans_batch_size,
+        num_workers=num_workers, device=device, show_progress=False,
+    )  # fmt: skip
     centroids = tokenizer.centroids.to(device)
     # Sum of squared distances and number of patches.
     totals = torch.zeros(2, dtype=torch.float64, device=device)
-    totals[1] = len(patches)
+    totals[1] = len(points)
     counts = torch.zeros(tokenizer.config.codebook_size, dtype=torch.long, device=device)
-    # Block by block: the float32 copy of a whole validation set need not fit on the device.
-    for block in patches.split(2**16):
-        ids, sq_distances = nearest_centroids(as_float_points(block.to(device)), centroids)
+    # Block by block: the float32 copy of a whole validation set of pixels need not fit on the device.
+    for block in points.split(2**16):
+        ids, sq_distances = nearest_centroids(as_float_points(block), centroids)
         totals[0] += sq_distances.sum(dtype=torch.float64)
         counts += code_counts(ids, tokenizer.config.codebook_size)
     all_reduce_(totals, counts)
@@ -207,22 +290,23 @@ def _evaluate(tokenizer: KmeansModel, image_processor, dataset, image_column, fi
 
 
 def train_kmeans_tokenizer(
-    tokenizer: KmeansModel,
-    image_processor: KmeansImageProcessor,
+    tokenizer: KmeansModel | FeatureKmeansModel,
+    image_processor: KmeansImageProcessor | FeatureKmeansImageProcessor,
     raw,
     image_column: str,
     args,
     training_args,
     dataset_tags: str | None = None,
 ) -> dict[str, float]:
-    """`train_tokenizer.py --tokenizer_type kmeans`: fit (`--do_train`) and measure (`--do_eval`), save, card, push.
+    """`train_tokenizer.py --tokenizer_type kmeans` (and `feature_kmeans`, [`train_feature_kmeans_tokenizer`]): fit
+    (`--do_train`) and measure (`--do_eval`), save, card, push.
 
-    k-means is not gradient training, so there is no `Trainer`: the fit is one pass of patch sampling followed by
-    Lloyd iterations, in every process of the launch.
+    k-means is not gradient training, so there is no `Trainer`: the fit is one pass of patch sampling (pixels, or
+    teacher features) followed by Lloyd iterations, in every process of the launch.
 
     Args:
-        tokenizer ([`KmeansModel`]): Its config sets view, patch size and number of centroids.
-        image_processor ([`KmeansImageProcessor`]): Saved with the tokenizer.
+        tokenizer ([`KmeansModel`] or [`FeatureKmeansModel`]): Its config sets view, grid and number of centroids.
+        image_processor: Its view, saved with the tokenizer.
         raw (`DatasetDict`): "train" (and "validation" for `--do_eval`, checked before any fit) images.
         args: The script's tokenizer arguments: the `--kmeans_*` options of [`KmeansFitArguments`], and
             `tokenizer_name_or_path`, which (when set) makes Lloyd's iterations continue from the loaded centroids
@@ -239,17 +323,18 @@ def train_kmeans_tokenizer(
     if training_args.do_train:
         start = time.perf_counter()
         init = tokenizer.centroids.detach().clone() if args.tokenizer_name_or_path else args.kmeans_init
-        _, _, fit = _fit_from_arguments(
-            raw["train"], image_column, tokenizer.config, args, init, seed, training_args.device, workers,
+        fit = _fit_from_arguments(
+            raw["train"], image_column, tokenizer, image_processor, args, init, seed, training_args.device, workers,
             "codebook_size in --config_overrides",
         )
-        tokenizer.set_centroids(fit.centroids)
         metrics.update(
             train_inertia=fit.inertia[-1],
             train_mean_sq_distance=fit.inertia[-1] / fit.num_points,
             train_num_patches=fit.num_points,
             train_runtime=time.perf_counter() - start,
         )
+        if fit.counts is not None:
+            metrics.update({f"train_{name}": value for name, value in codebook_metrics(fit.counts).items()})
         if is_main:
             tokenizer.save_pretrained(output_dir)
             image_processor.save_pretrained(output_dir)
@@ -280,10 +365,41 @@ def train_kmeans_tokenizer(
     return metrics
 
 
+def train_feature_kmeans_tokenizer(
+    tokenizer: FeatureKmeansModel,
+    image_processor: FeatureKmeansImageProcessor,
+    raw,
+    image_column: str,
+    args,
+    training_args,
+    dataset_tags: str | None = None,
+) -> dict[str, float]:
+    """`train_tokenizer.py --tokenizer_type feature_kmeans`: [`train_kmeans_tokenizer`] on the patch features of the
+    teacher `--teacher_name_or_path` (layer `--teacher_feature_layer`), or of the teacher a tokenizer loaded from
+    `--tokenizer_name_or_path` holds. A new tokenizer's settings (view, grid, codebook size, feature normalisation) are
+    those of `tokenizer`'s config."""
+    if args.tokenizer_name_or_path and args.teacher_name_or_path:
+        raise UsageError(
+            f"--teacher_name_or_path {args.teacher_name_or_path}: the tokenizer of --tokenizer_name_or_path "
+            f"{args.tokenizer_name_or_path} holds its own teacher; drop one of the two flags"
+        )
+    if not args.tokenizer_name_or_path:
+        if not args.teacher_name_or_path:
+            raise UsageError(
+                "--tokenizer_type feature_kmeans needs --teacher_name_or_path: the vision model whose patch features "
+                "are clustered (e.g. facebook/dinov2-base, or an hf_mim encoder folder)"
+            )
+        tokenizer = feature_kmeans_tokenizer(tokenizer.config, args.teacher_name_or_path, args.teacher_feature_layer)
+    return train_kmeans_tokenizer(tokenizer, image_processor, raw, image_column, args, training_args, dataset_tags)
+
+
 __all__ = [
     "KmeansFitArguments",
+    "fit_centroids",
     "fit_kmeans_tokenizer",
     "fit_tokenizer_for_mim",
     "require_enough_patches",
+    "sample_points",
+    "train_feature_kmeans_tokenizer",
     "train_kmeans_tokenizer",
 ]
