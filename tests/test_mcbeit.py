@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_BACKBONE, tiny_dvae_config, tiny_mcbeit_config, tiny_vqgan_config
+from conftest import TINY_BACKBONE, tiny_dvae_config, tiny_feature_kmeans_config, tiny_mcbeit_config, tiny_vqgan_config
 from test_vqkd import tiny_vqkd_config
 from transformers import AutoModel, AutoModelForMaskedImageModeling
 
@@ -222,6 +222,17 @@ def tiny_kmeans_tokenizer():
     return tokenizer, KmeansImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32})
 
 
+def tiny_feature_kmeans_tokenizer():
+    """Feature k-means of a random tiny ViT teacher, with centroids drawn from its features of random images."""
+    from hf_mim.models.image_processing_feature_kmeans import FeatureKmeansImageProcessor
+    from hf_mim.models.modeling_feature_kmeans import FeatureKmeansModel
+
+    tokenizer = FeatureKmeansModel(tiny_feature_kmeans_config()).eval()
+    features = tokenizer.encode(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    tokenizer.set_centroids(features.reshape(-1, features.shape[-1])[: tokenizer.config.codebook_size])
+    return tokenizer, sized(FeatureKmeansImageProcessor, 32)
+
+
 def sized(processor_class, side):
     return processor_class(size={"height": side, "width": side}, crop_size={"height": side, "width": side})
 
@@ -232,6 +243,8 @@ TOKENIZERS = {
     "hf_mim_vqgan": (lambda: (VqganModel(tiny_vqgan_config()), sized(VqganImageProcessor, 16)), 0.05),
     "hf_mim_vqkd": (lambda: (VqkdModel(tiny_vqkd_config(kmeans_init=False)), sized(VqkdImageProcessor, 32)), 4.0),
     "hf_mim_kmeans": (tiny_kmeans_tokenizer, 0.5),
+    # logit_scale 50 on unit features: VQ-KD's scale, so VQ-KD's temperature.
+    "hf_mim_feature_kmeans": (tiny_feature_kmeans_tokenizer, 4.0),
 }
 
 
