@@ -5,6 +5,13 @@ workers keep the step fed.
 
     python benchmarks/bench_data.py --data /work/shared/data/imagenette_224_subset.tar --output data.json
     python benchmarks/bench_data.py --data /path/to/images --sizes tiny base --dataloader_workers 2 --output data.json
+    python benchmarks/bench_data.py --data /work/shared/data/imagenette_224_subset.tar --resize_to 500x375 --output d.json
+
+Each method's pipeline is timed twice, interleaved: with the default `TwoViewTransform` and with `exact=True` (views
+rendered exactly as torchvision's PIL pipeline, the baseline), and the speed-up is printed with how far the default's
+views are from the exact ones on the same draws, in 8-bit levels of the [0, 1] image (mean, 99.9th percentile, max).
+`--resize_to WxH` re-encodes the selected images at that size (bicubic, JPEG quality `--jpeg_quality`) before timing,
+e.g. ImageNet-size JPEGs (about 500x375) from the 224 px Imagenette subset.
 
 `--data` is an image folder (imagefolder layout; a `train` subfolder is used if present) or a `.tar` of one, which is
 extracted to a temporary folder. Each method's pipeline is pre-training's: `TwoViewTransform` with the ViT's 224 px view
@@ -23,11 +30,13 @@ import tarfile
 import tempfile
 import time
 
+import numpy as np
 import torch
+from PIL import Image
 
 import bench_mim_step
-from common import environment, markdown_table, set_threads, time_interleaved, write_json
-from hf_mim.data import MimDataCollator, TwoViewTransform, apply_transform, load_image_datasets
+from common import environment, markdown_table, paired_ratios, set_threads, time_interleaved, write_json
+from hf_mim.data import MimDataCollator, TwoViewTransform, apply_transform, decode_image, load_image_datasets
 from hf_mim.data import build_mask_generator
 from hf_mim.families import BY_MODEL_TYPE, MIM_METHODS
 from hf_mim.training.pretraining import MODEL_SIZES, DataArguments, build_replacement_generator
@@ -51,7 +60,45 @@ def image_folder(data: str, workdir: str) -> str:
     return data
 
 
-def pipeline(method: str, dataset, image_column: str, image_size: int, seed: int):
+def reencode(folder: str, workdir: str, size: tuple[int, int], quality: int, limit: int) -> str:
+    """The first `limit` images of `folder` (sorted paths) resized to `size` (bicubic) and saved as JPEG at `quality`
+    in a new folder under `workdir`, which is returned."""
+    extensions = {extension.lower() for extension in Image.registered_extensions()}
+    paths = sorted(
+        os.path.join(root, name)
+        for root, _, names in os.walk(folder)
+        for name in names
+        if os.path.splitext(name)[1].lower() in extensions
+    )[:limit]
+    target = os.path.join(workdir, f"reencoded_{size[0]}x{size[1]}", "images")
+    os.makedirs(target)
+    for index, path in enumerate(paths):
+        with Image.open(path) as image:
+            resized = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+        resized.save(os.path.join(target, f"{index:05d}.jpg"), quality=quality)
+    return os.path.dirname(target)
+
+
+def view_differences(exact: TwoViewTransform, fast: TwoViewTransform, images, seed: int) -> dict:
+    """How far `fast`'s views are from `exact`'s on the same draws: absolute differences in 8-bit levels of the
+    [0, 1] image (normalisation undone), over every pixel and channel of every view of `images`."""
+    differences = []
+    for index, image in enumerate(images):
+        reference = exact(image, rng=np.random.default_rng((seed, index)))
+        views = fast(image, rng=np.random.default_rng((seed, index)))
+        for key, processor in exact.views.items():
+            std = torch.tensor(processor.image_std).view(3, 1, 1) if processor.do_normalize else torch.ones(3, 1, 1)
+            differences.append(((views[key] - reference[key]) * std * 255).abs().flatten().numpy())
+    differences = np.concatenate(differences)
+    return {
+        "mean": float(differences.mean()),
+        "p99": float(np.percentile(differences, 99)),
+        "p99.9": float(np.percentile(differences, 99.9)),
+        "max": float(differences.max()),
+    }
+
+
+def pipeline(method: str, dataset, image_column: str, image_size: int, seed: int, exact: bool = False):
     """Pre-training's transformed dataset and collator for `method`, with its default tokenizer's view."""
     mim_method = MIM_METHODS[method]
     data_args = mim_method.with_data_defaults(DataArguments())
@@ -65,6 +112,7 @@ def pipeline(method: str, dataset, image_column: str, image_size: int, seed: int
         tokenizer_image_processor=None if raw_view else tokenizer_processor,
         crop_scale=(data_args.crop_min_scale, 1.0),
         color_jitter=data_args.color_jitter,
+        exact=exact,
     )
     grid = image_size // PATCH_SIZE
     collator = MimDataCollator(
@@ -115,6 +163,9 @@ def main() -> None:
     )
     parser.add_argument("--dataloader_workers", type=int, default=0, help="Also time a DataLoader with N workers")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--resize_to", default=None, help="Re-encode the images at WxH first, e.g. 500x375")
+    parser.add_argument("--jpeg_quality", type=int, default=90, help="JPEG quality of --resize_to")
+    parser.add_argument("--difference_images", type=int, default=64, help="Images compared for the view differences")
     parser.add_argument("--output", default="bench_data.json", help="Where to write the JSON results")
     args = parser.parse_args()
     methods = [m for m in (args.methods or list(MIM_METHODS)) if m in MIM_METHODS]
@@ -126,17 +177,26 @@ def main() -> None:
     results = {"environment": environment(), "config": {k: v for k, v in vars(args).items() if k != "output"}}
     with tempfile.TemporaryDirectory() as workdir:
         folder = image_folder(args.data, workdir)
+        if args.resize_to:
+            size = tuple(int(value) for value in args.resize_to.lower().split("x"))
+            folder = reencode(folder, workdir, size, args.jpeg_quality, args.num_images)
         raw, image_column = load_image_datasets(train_dir=folder, max_train_samples=args.num_images, seed=args.seed)
         dataset = raw["train"]
         print(f"{len(dataset)} images from {folder}")
 
         # Data workers run one torch thread each (DataLoader sets this in its workers).
         set_threads(1)
-        pipelines, runs = {}, {}
+        pipelines, runs, differences = {}, {}, {}
+        images = [decode_image(dataset[index][image_column]) for index in range(min(args.difference_images, len(dataset)))]
         for method in methods:
             transformed, collator, transform = pipeline(method, dataset, image_column, args.image_size, args.seed)
+            exact_transformed, _, exact_transform = pipeline(
+                method, dataset, image_column, args.image_size, args.seed, exact=True
+            )
             pipelines[method] = (transformed, collator)
             runs[method] = worker_pass(transformed, collator, args.batch_size)
+            runs[f"{method}/exact"] = worker_pass(exact_transformed, collator, args.batch_size)
+            differences[method] = view_differences(exact_transform, transform, images, args.seed)
             print(f"{method}: {transform}")
         print("Data pipeline, one worker:")
         data_timings = time_interleaved(runs, args.repeats, warmup=1)
@@ -160,10 +220,25 @@ def main() -> None:
             print(f"Training step, ViT-{size}, fp32, batch {args.batch_size}, {args.threads} threads:")
             step_timings.update(time_interleaved(steps, args.repeats, warmup=1))
 
-    rows, results["methods"] = [], {}
+    rows, results["methods"], speed_rows = [], {}, []
     for method in methods:
         data = data_timings[method].summary(items=len(dataset))
-        entry = {"data_worker": data, "dataloader_images_per_s": loader_rates.get(method), "steps": {}}
+        exact = data_timings[f"{method}/exact"].summary(items=len(dataset))
+        speedup = paired_ratios(data_timings[f"{method}/exact"], data_timings[method])
+        entry = {
+            "data_worker": data,
+            "data_worker_exact": exact,
+            "speedup_vs_exact": speedup,
+            "view_differences_levels": differences[method],
+            "dataloader_images_per_s": loader_rates.get(method),
+            "steps": {},
+        }
+        difference = differences[method]
+        speed_rows.append([
+            method, exact["wall"]["per_s"], data["wall"]["per_s"], speedup["wall"]["median"],
+            f"{speedup['wall']['min']:.3g}-{speedup['wall']['max']:.3g}",
+            difference["mean"], difference["p99.9"], difference["max"],
+        ])
         for size in args.sizes:
             step = step_timings[f"{method}/{size}"].summary(items=args.batch_size)
             workers = math.ceil(step["wall"]["per_s"] / data["wall"]["per_s"])
@@ -175,6 +250,12 @@ def main() -> None:
                 step["wall"]["per_s"] / data["wall"]["per_s"], workers,
             ])
         results["methods"][method] = entry
+    print()
+    print(markdown_table(
+        ["method", "exact img/s", "default img/s", "speed-up", "speed-up range", "view diff mean (levels)",
+         "p99.9", "max"],
+        speed_rows,
+    ))
     print()
     print(markdown_table(
         ["method", "step model", "worker img/s", "worker img/s range", "worker img/s (CPU time)",

@@ -2,6 +2,7 @@
 
 import copy
 import io
+import math
 import logging
 import pickle
 
@@ -221,7 +222,7 @@ def test_both_views_show_the_same_crop_including_flips():
 def test_views_are_exact_renderings_of_the_crop_with_each_processors_size_filter_and_normalisation(hflip_prob):
     vit_processor = MimImageProcessor()  # 224 bicubic, ImageNet mean/std
     dvae_processor = DvaeImageProcessor()  # 112 Lanczos, logit-Laplace map 0.8 x + 0.1
-    transform = TwoViewTransform(vit_processor, dvae_processor, color_jitter=0, hflip_prob=hflip_prob)
+    transform = TwoViewTransform(vit_processor, dvae_processor, color_jitter=0, hflip_prob=hflip_prob, exact=True)
     image = gradient_image(300, 180)
     for seed in range(5):
         views = transform(image, rng=np.random.default_rng(seed))
@@ -246,6 +247,85 @@ def test_views_are_exact_renderings_of_the_crop_with_each_processors_size_filter
             torch.testing.assert_close(views[key], expected, atol=1e-5, rtol=0)
     dvae_view = transform(image, rng=np.random.default_rng(0))["tokenizer_pixel_values"]
     assert dvae_view.min() >= 0.1 - 1e-6 and dvae_view.max() <= 0.9 + 1e-6
+
+
+def photo(width: int = 320, height: int = 240) -> Image.Image:
+    """A real photo (scikit-learn's bundled china.jpg), cropped: edges, textures and saturated sky."""
+    from sklearn.datasets import load_sample_image
+
+    return Image.fromarray(load_sample_image("china.jpg")).crop((100, 60, 100 + width, 60 + height))
+
+
+def levels(views: dict, transform: TwoViewTransform) -> dict[str, torch.Tensor]:
+    """Each view in 8-bit levels of the [0, 1] image (its processor's normalisation undone)."""
+    out = {}
+    for key, processor in transform.views.items():
+        view = views[key]
+        if processor.do_normalize:
+            std = torch.tensor(processor.image_std).view(3, 1, 1)
+            mean = torch.tensor(processor.image_mean).view(3, 1, 1)
+            view = view * std + mean
+        out[key] = view * 255
+    return out
+
+
+@pytest.mark.parametrize("color_jitter", [0.0, 0.4])
+def test_default_views_are_the_exact_views_within_the_stated_tolerance(color_jitter):
+    # BEiT's views: torch resamples the bicubic ViT view, PIL the dVAE's Lanczos view from a margin around the crop.
+    views = (MimImageProcessor(), DvaeImageProcessor())
+    fast = TwoViewTransform(*views, color_jitter=color_jitter)
+    exact = TwoViewTransform(*views, color_jitter=color_jitter, exact=True)
+    image, differences = photo(), {key: [] for key in fast.views}
+    for seed in range(12):
+        fast_rng, exact_rng = np.random.default_rng(seed), np.random.default_rng(seed)
+        got, expected = levels(fast(image, rng=fast_rng), fast), levels(exact(image, rng=exact_rng), exact)
+        # The same draws: both leave the generator in the same state.
+        assert fast_rng.random() == exact_rng.random()
+        for key in got:
+            difference = (got[key] - expected[key]).abs()
+            differences[key].append(difference.flatten())
+            if not color_jitter:
+                # Resampling alone: PIL reads pixels beyond the crop's edges, torch does not; away from the edges
+                # by the bicubic kernel's reach (2 input pixels, in output pixels), they agree.
+                replay = np.random.default_rng(seed)
+                replay.random()
+                _, _, height, width = random_resized_crop_box(*image.size, (0.08, 1.0), (3 / 4, 4 / 3), replay)
+                reach_y = math.ceil(2 * difference.shape[1] / height) + 1
+                reach_x = math.ceil(2 * difference.shape[2] / width) + 1
+                assert difference[:, reach_y:-reach_y, reach_x:-reach_x].max() <= 2.0, (key, seed)
+                if key == "tokenizer_pixel_values":
+                    # PIL renders the Lanczos view in both; only the flip moves to after the resampling.
+                    assert difference.max() <= 1.0, seed
+    for key, values in differences.items():
+        values = torch.cat(values)
+        mean, tail = values.mean().item(), values.quantile(0.999).item()
+        if not color_jitter:
+            assert mean < 0.1 and tail <= 8.0, (key, mean, tail)
+        else:
+            # PIL truncates to 8 bits after each jitter step (about 0.5 level darker each) and clips before
+            # resampling; the float jitter after resampling does neither.
+            assert mean < 2.5 and tail <= 40.0, (key, mean, tail)
+
+
+def test_default_contrast_blends_towards_the_whole_images_mean_not_the_crops():
+    # A bright centre in a black frame: small crops of the centre have a mean far from the whole image's.
+    array = np.zeros((120, 120, 3), dtype=np.uint8)
+    array[30:90, 30:90] = (200, 180, 160)
+    image = Image.fromarray(array)
+    processor = MimImageProcessor(size={"height": 32, "width": 32}, do_normalize=False)
+    options = {"crop_scale": (0.05, 0.05), "crop_ratio": (1.0, 1.0), "color_jitter": 0.4}
+    fast, exact = TwoViewTransform(processor, **options), TwoViewTransform(processor, exact=True, **options)
+    compared = 0
+    for seed in range(20):
+        got = fast(image, rng=np.random.default_rng(seed))["pixel_values"] * 255
+        expected = exact(image, rng=np.random.default_rng(seed))["pixel_values"] * 255
+        difference = (got - expected).abs()
+        # Inside the bright square (away from the frame's edge), the two agree to a few levels of rounding.
+        inside = (expected.min(dim=0).values > 60)
+        if inside.float().mean() > 0.5:
+            compared += 1
+            assert difference[:, inside].median() <= 3.0, seed
+    assert compared >= 5
 
 
 def test_unnormalized_tokenizer_view_and_single_view():

@@ -117,3 +117,37 @@ def test_an_override_that_reshapes_a_saved_tokenizer_is_a_clear_error(tiny_dvae_
     args = tokenizer_training.TokenizerArguments(tokenizer_name_or_path=tiny_dvae_dir, config_overrides="codebook_size=32")
     with pytest.raises(ValueError, match="codebook_size=32 changes the weights of the saved tokenizer.*64.*-> .*32"):
         tokenizer_training.load_tokenizer(args)
+
+
+class _Built(Exception):
+    """Raised by a recording `TwoViewTransform` once the training view is built: the run stops there."""
+
+
+@pytest.mark.parametrize("script", ["run_mim", "train_tokenizer", "run_image_classification"])
+def test_exact_augmentation_reaches_every_training_view(script, tiny_dvae_dir, tiny_mim_dir, image_folder, tmp_path,
+                                                        monkeypatch):
+    from hf_mim.training import run_mim
+
+    module, entry, flags = {
+        "run_mim": (pretraining, run_mim.main, ["--model_type", "beit", "--tokenizer_name_or_path", tiny_dvae_dir,
+                                                "--image_size", "32", "--patch_size", "8"]),
+        "train_tokenizer": (tokenizer_training, train_tokenizer.main, ["--tokenizer_type", "dvae"]),
+        "run_image_classification": (run_image_classification, run_image_classification.main,
+                                     ["--model_name_or_path", tiny_mim_dir]),
+    }[script]
+    built = []
+
+    def recording(*args, **kwargs):
+        if kwargs.get("train", True):
+            built.append(kwargs)
+            raise _Built
+        return module.TwoViewTransform.__wrapped__(*args, **kwargs)
+
+    recording.__wrapped__ = module.TwoViewTransform
+    monkeypatch.setattr(module, "TwoViewTransform", recording)
+    with pytest.raises(_Built):
+        entry([*flags, "--train_dir", image_folder, "--output_dir", str(tmp_path), "--do_train", "--use_cpu",
+               "--report_to", "none", "--exact_augmentation"])  # fmt: skip
+    assert built[-1]["exact"] is True
+    # The default is the fast rendering.
+    assert module.DataArguments.__dataclass_fields__["exact_augmentation"].default is False

@@ -78,6 +78,16 @@ class LabelledImageDatasetArguments(ImageDatasetArguments):
 
 
 @dataclass
+class RenderingArguments:
+    exact_augmentation: bool = field(
+        default=False,
+        metadata={"help": "Render training views exactly as torchvision's PIL pipeline (jitter the whole image, flip, "
+                  "crop; slower). Default: the same draws rendered from the crop alone, torch resampling bicubic "
+                  "views, jitter after resampling (differences in benchmarks/README.md)"},
+    )
+
+
+@dataclass
 class MaskingArguments:
     """The masking flags of the commands that mask patches; those left unset (None) take the method's defaults
     (`hf_mim.families.MimMethod.with_data_defaults`)."""
@@ -166,6 +176,7 @@ __all__ = [
     "ImageDatasetArguments",
     "LabelledImageDatasetArguments",
     "MaskingArguments",
+    "RenderingArguments",
     "StreamingImageDatasetArguments",
     "build_mask_generator",
     "load_image_datasets_from_args",

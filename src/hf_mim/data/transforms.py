@@ -8,10 +8,12 @@ subclasses), which keeps `preprocessor_config.json` the single source of truth f
 """
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image, ImageEnhance
+import torch.nn.functional as F
+from PIL import Image, ImageEnhance, ImageStat
 
 from ..models.image_processing_mim import MimImageProcessor, to_rgb
 from .augment import RandAugment, RandomErasing
@@ -22,6 +24,11 @@ from .masking import numpy_rng_from_torch
 _JITTER_ENHANCERS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
 # timm's RandAugment fill (`_FILL`) when it is given no normalisation mean.
 _TIMM_DEFAULT_FILL = (128, 128, 128)
+# Filters torch resamples with PIL's antialiased kernels (on 8-bit channels-last images, 4x faster than PIL's resize
+# of a ViT view); other filters (the dVAE's Lanczos) stay with PIL.
+_TORCH_FILTERS = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
+# PIL's "L" conversion (ITU-R 601-2 luma), which ImageEnhance.Color and Contrast blend towards.
+_LUMA = (0.299, 0.587, 0.114)
 
 
 def random_resized_crop_box(
@@ -61,6 +68,44 @@ def random_resized_crop_box(
 def _to_tensor(image: Image.Image) -> torch.Tensor:
     """A float32 `(3, H, W)` tensor in [0, 1] from an 8-bit RGB image (torchvision's `ToTensor`)."""
     return torch.from_numpy(np.ascontiguousarray(np.asarray(image, dtype=np.float32).transpose(2, 0, 1) / 255.0))
+
+
+class _Draws(NamedTuple):
+    """One image's random draws: jitter order and factors (None without jitter), flip, crop box (top, left, h, w)."""
+
+    jitter_order: np.ndarray | None
+    jitter_factors: np.ndarray | None
+    flip: bool
+    box: tuple[int, int, int, int]
+
+
+def _jitter_view(view: torch.Tensor, draws: _Draws, grey_mean: float) -> torch.Tensor:
+    """torchvision's ColorJitter (brightness, contrast, saturation) on a float `(3, H, W)` view in [0, 1], in place.
+
+    `grey_mean` is the mean luma of the whole image in [0, 1], which contrast blends towards, as torchvision does
+    when it jitters the image before the crop; a brightness change drawn before the contrast scales it.
+    """
+    for index in draws.jitter_order:
+        factor = float(draws.jitter_factors[index])
+        if index == 0:
+            view.mul_(factor)
+        elif index == 1:
+            view.sub_(grey_mean).mul_(factor).add_(grey_mean)
+        else:
+            grey = view[0] * _LUMA[0] + view[1] * _LUMA[1] + view[2] * _LUMA[2]
+            view.sub_(grey).mul_(factor).add_(grey)
+        view.clamp_(0.0, 1.0)
+    return view
+
+
+def _contrast_mean(image: Image.Image, draws: _Draws) -> float:
+    """The luma mean PIL's Contrast blends towards when the jitter runs on the whole image, in [0, 1]: the image's,
+    times the brightness factor when brightness comes first (exact up to clipping), rounded to 8 bits as PIL does."""
+    mean = ImageStat.Stat(image.convert("L")).mean[0]
+    order = list(draws.jitter_order)
+    if order.index(0) < order.index(1):
+        mean *= float(draws.jitter_factors[0])
+    return min(int(mean + 0.5), 255) / 255.0
 
 
 def _rand_augment_fill(image_processor: MimImageProcessor) -> tuple[int, int, int]:
@@ -120,6 +165,14 @@ class TwoViewTransform:
             The noise is standard normal, so it needs a ViT processor that normalises (`do_normalize=True`).
         train (`bool`, *optional*, defaults to `True`):
             Random augmentation if True, the processors' deterministic preprocessing if False.
+        exact (`bool`, *optional*, defaults to `False`):
+            Render training views exactly as torchvision's PIL pipeline does (colour jitter on the whole 8-bit
+            image, flip, then `resize(box=...)` of each view). By default the same draws are rendered about twice
+            as fast: only the crop is read, bicubic and bilinear views are resampled by torch with PIL's
+            antialiased kernels, and the jitter runs in float on the rendered views, blending contrast towards the
+            whole image's mean as torchvision does. Views differ from the exact ones by PIL's 8-bit rounding
+            between jitter steps, clipping before versus after resampling, and the crop's edge pixels (measured
+            in benchmarks/README.md). RandAugment then runs on the ViT's view rounded to 8 bits.
     """
 
     def __init__(
@@ -133,6 +186,7 @@ class TwoViewTransform:
         rand_augment: str | None = None,
         random_erasing: float = 0.0,
         train: bool = True,
+        exact: bool = False,
     ):
         _check_processor(image_processor, "image_processor")
         if tokenizer_image_processor is not None:
@@ -163,6 +217,7 @@ class TwoViewTransform:
             )
         self.random_erasing = RandomErasing(random_erasing) if random_erasing else None
         self.train = train
+        self.exact = exact
 
     def __repr__(self) -> str:
         views = ", ".join(
@@ -173,38 +228,26 @@ class TwoViewTransform:
         return (
             f"{type(self).__name__}({views}, crop_scale={self.crop_scale}, crop_ratio={self.crop_ratio}, "
             f"hflip_prob={self.hflip_prob}, color_jitter={self.color_jitter}, rand_augment={self.rand_augment}, "
-            f"random_erasing={self.random_erasing}, train={self.train})"
+            f"random_erasing={self.random_erasing}, train={self.train}, exact={self.exact})"
         )
 
-    def _jitter(self, image: Image.Image, rng: np.random.Generator) -> Image.Image:
-        if not self.color_jitter:
-            return image
-        order = rng.permutation(len(_JITTER_ENHANCERS))
-        factors = rng.uniform(max(0.0, 1.0 - self.color_jitter), 1.0 + self.color_jitter, size=len(_JITTER_ENHANCERS))
-        for index in order:
-            image = _JITTER_ENHANCERS[index](image).enhance(float(factors[index]))
-        return image
+    def _draw(self, width: int, height: int, rng: np.random.Generator) -> _Draws:
+        order = factors = None
+        if self.color_jitter:
+            order = rng.permutation(len(_JITTER_ENHANCERS))
+            low = max(0.0, 1.0 - self.color_jitter)
+            factors = rng.uniform(low, 1.0 + self.color_jitter, size=len(_JITTER_ENHANCERS))
+        flip = bool(rng.random() < self.hflip_prob)
+        box = random_resized_crop_box(width, height, self.crop_scale, self.crop_ratio, rng)
+        return _Draws(order, factors, flip, box)
 
-    def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
-        """The views of one image: `pixel_values` and, with a tokenizer processor, `tokenizer_pixel_values`.
-
-        Args:
-            image (`PIL.Image.Image`): The image, in any mode.
-            rng (`numpy.random.Generator`, *optional*): Source of randomness; by default one seeded
-                from torch's global RNG, so DataLoader workers and `set_seed` control it.
-        """
-        image = to_rgb(image)
-        if not self.train:
-            return {
-                key: processor(image, return_tensors="pt")["pixel_values"][0] for key, processor in self.views.items()
-            }
-        rng = numpy_rng_from_torch() if rng is None else rng
-        image = self._jitter(image, rng)
-        if rng.random() < self.hflip_prob:
+    def _render_exact(self, image: Image.Image, draws: _Draws, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        if draws.jitter_order is not None:
+            for index in draws.jitter_order:
+                image = _JITTER_ENHANCERS[index](image).enhance(float(draws.jitter_factors[index]))
+        if draws.flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        top, left, height, width = random_resized_crop_box(
-            image.width, image.height, self.crop_scale, self.crop_ratio, rng
-        )
+        top, left, height, width = draws.box
         box = (left, top, left + width, top + height)
         outputs, rendered = {}, {}
         for key, processor in self.views.items():
@@ -220,6 +263,62 @@ class TwoViewTransform:
                 view = image.resize((out_width, out_height), resample, box=box)
                 rendered[out_height, out_width, resample] = _to_tensor(view)
             outputs[key] = processor.normalize_tensor(rendered[out_height, out_width, resample])
+        return outputs
+
+    def _render_fast(self, image: Image.Image, draws: _Draws, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+        top, left, height, width = draws.box
+        if draws.flip:
+            # The box of the flipped image, in the unflipped one: each view is flipped after resampling instead.
+            left = image.width - left - width
+        grey_mean = _contrast_mean(image, draws) if draws.jitter_order is not None else None
+        crop, outputs, rendered = None, {}, {}
+        for key, processor in self.views.items():
+            out_height, out_width = processor.output_size
+            resample = Image.Resampling(int(processor.resample))
+            if (out_height, out_width, resample) not in rendered:
+                if resample in _TORCH_FILTERS:
+                    if crop is None:
+                        # (1, 3, h, w) in channels-last memory, the layout of torch's fast 8-bit resampling.
+                        crop = np.array(image.crop((left, top, left + width, top + height)))
+                        crop = torch.from_numpy(crop).permute(2, 0, 1)[None]
+                    view = F.interpolate(
+                        crop, size=(out_height, out_width), mode=_TORCH_FILTERS[resample], antialias=True
+                    )[0]
+                else:
+                    # PIL reads only the rows and columns its filter reaches around the box.
+                    view = image.resize((out_width, out_height), resample, box=(left, top, left + width, top + height))
+                    view = torch.from_numpy(np.array(view)).permute(2, 0, 1)
+                if draws.flip:
+                    view = view.flip(-1)
+                view = view.float().div_(255.0)
+                if grey_mean is not None:
+                    view = _jitter_view(view, draws, grey_mean)
+                rendered[out_height, out_width, resample] = view
+            view = rendered[out_height, out_width, resample]
+            if key == "pixel_values" and self.rand_augment is not None:
+                # RandAugment works on 8-bit PIL images, as in timm; the tokenizer's view stays unaugmented.
+                pixels = view.mul(255.0).round_().to(torch.uint8).permute(1, 2, 0).numpy()
+                view = _to_tensor(self.rand_augment(Image.fromarray(pixels), rng))
+            outputs[key] = processor.normalize_tensor(view)
+        return outputs
+
+    def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
+        """The views of one image: `pixel_values` and, with a tokenizer processor, `tokenizer_pixel_values`.
+
+        Args:
+            image (`PIL.Image.Image`): The image, in any mode.
+            rng (`numpy.random.Generator`, *optional*): Source of randomness; by default one seeded
+                from torch's global RNG, so DataLoader workers and `set_seed` control it.
+        """
+        image = to_rgb(image)
+        if not self.train:
+            return {
+                key: processor(image, return_tensors="pt")["pixel_values"][0] for key, processor in self.views.items()
+            }
+        rng = numpy_rng_from_torch() if rng is None else rng
+        draws = self._draw(image.width, image.height, rng)
+        render = self._render_exact if self.exact else self._render_fast
+        outputs = render(image, draws, rng)
         if self.random_erasing is not None:
             outputs["pixel_values"] = self.random_erasing(outputs["pixel_values"], rng)
         return outputs

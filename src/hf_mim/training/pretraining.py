@@ -15,6 +15,7 @@ from ..checkpoint_folder import TOKENIZER_SUBFOLDER, load_tokenizer_image_proces
 from ..data import (
     MaskingArguments,
     MimDataCollator,
+    RenderingArguments,
     ReplacementPositionGenerator,
     SkippedImageCounter,
     StreamingImageDatasetArguments,
@@ -107,7 +108,7 @@ class ModelArguments(KmeansFitArguments):
     )
 
 @dataclass
-class DataArguments(MaskingArguments, StreamingImageDatasetArguments):
+class DataArguments(MaskingArguments, RenderingArguments, StreamingImageDatasetArguments):
     crop_min_scale: float = field(
         default=0.08,
         metadata={"help": "Random-resized-crop minimum area, a fraction of the image (BEiT v2 recipe: 0.2)"},
@@ -325,6 +326,7 @@ def pretrain(
         "tokenizer_image_processor": None if raw_view else tokenizer_processor,
         "crop_scale": (data_args.crop_min_scale, 1.0),
         "color_jitter": data_args.color_jitter,
+        "exact": data_args.exact_augmentation,
     }
     train_dataset = eval_dataset = None
     # Per-example generators keyed by (seed, epoch, index) make a resumed run redraw the crops and masks of an

@@ -17,6 +17,7 @@ from ..arguments import command_parser
 from ..data import (
     LabelledImageDatasetArguments,
     MimDataCollator,
+    RenderingArguments,
     SkippedImageCounter,
     TwoViewTransform,
     apply_transform,
@@ -65,7 +66,7 @@ class ModelArguments:
 
 
 @dataclass
-class DataArguments(LabelledImageDatasetArguments):
+class DataArguments(RenderingArguments, LabelledImageDatasetArguments):
     crop_min_scale: float = field(
         default=0.08, metadata={"help": "Random-resized-crop minimum area, a fraction of the image"}
     )
@@ -248,6 +249,7 @@ def main(argv=None) -> dict[str, float]:
             color_jitter=color_jitter,
             rand_augment=data_args.rand_augment or None,
             random_erasing=data_args.random_erasing,
+            exact=data_args.exact_augmentation,
         )
         train_dataset = apply_transform(raw["train"], image_column, transform, skipped, keep_columns=("labels",))
     if training_args.do_eval:

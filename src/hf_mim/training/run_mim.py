@@ -46,7 +46,7 @@ def parse_args(argv=None) -> tuple[ModelArguments, DataArguments, MimTrainingArg
             ]),
             ("k-means fit (--fit_tokenizer)", [KmeansFitArguments]),
             ("data", [StreamingImageDatasetArguments]),
-            ("augmentation", ["crop_min_scale", "color_jitter"]),
+            ("augmentation", ["crop_min_scale", "color_jitter", "exact_augmentation"]),
             ("masking", [DataArguments]),
         ],
         json_file=True,

@@ -15,6 +15,7 @@ from transformers import set_seed
 
 from ..data import (
     MimDataCollator,
+    RenderingArguments,
     SkippedImageCounter,
     StreamingImageDatasetArguments,
     TwoViewTransform,
@@ -83,7 +84,7 @@ class TokenizerArguments(KmeansFitArguments):
 
 
 @dataclass
-class DataArguments(StreamingImageDatasetArguments):
+class DataArguments(RenderingArguments, StreamingImageDatasetArguments):
     cache_dir: str | None = field(default=None, metadata={"help": "Cache folder of Hub datasets."})
     crop_min_scale: float = field(
         default=0.08, metadata={"help": "Smallest random crop, as a fraction of the image area."}
@@ -169,7 +170,10 @@ def train_tokenizer(
         return fit(model, image_processor, raw, image_column, tokenizer_args, training_args, dataset_tags)
     skipped = SkippedImageCounter()
     train_transform = TwoViewTransform(
-        image_processor, crop_scale=(data_args.crop_min_scale, 1.0), color_jitter=data_args.color_jitter
+        image_processor,
+        crop_scale=(data_args.crop_min_scale, 1.0),
+        color_jitter=data_args.color_jitter,
+        exact=data_args.exact_augmentation,
     )
     train_dataset = apply_transform(raw["train"], image_column, train_transform, skipped=skipped)
     eval_dataset = None

@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[TokenizerArguments, DataA
             ("teacher (--tokenizer_type vqkd, feature_kmeans)", ["teacher_name_or_path", "teacher_feature_layer"]),
             ("k-means fit (--tokenizer_type kmeans, feature_kmeans)", [KmeansFitArguments]),
             ("data", [StreamingImageDatasetArguments]),
-            ("augmentation", ["crop_min_scale", "color_jitter"]),
+            ("augmentation", ["crop_min_scale", "color_jitter", "exact_augmentation"]),
         ],
         json_file=True,
     )  # fmt: skip
