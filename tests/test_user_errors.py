@@ -83,6 +83,16 @@ CASES = {
                    str(p["root"] / "km"), "--do_train", "--use_cpu"],
         "lower codebook_size in --config_overrides (e.g. 256)",
     ),
+    "a dVAE flag with another tokenizer type": (
+        lambda p: ["train_tokenizer.py", "--tokenizer_type", "kmeans", "--code_balance_rate", "0.1", "--train_dir",
+                   p["images"], "--output_dir", str(p["root"] / "km2"), "--do_train", "--use_cpu"],
+        "--code_balance_rate is read by --tokenizer_type dvae only; --tokenizer_type kmeans would ignore it",
+    ),
+    "a k-means flag with a dVAE": (
+        lambda p: ["train_tokenizer.py", "--tokenizer_type", "dvae", "--kmeans_iterations", "5", "--train_dir",
+                   p["images"], "--output_dir", str(p["root"] / "tok2"), "--do_train", "--use_cpu"],
+        "--kmeans_iterations is read by --tokenizer_type kmeans and feature_kmeans only",
+    ),
     "k larger than the training set": (
         lambda p: ["run_knn.py", "--model_name_or_path", p["mim"], "--train_dir", p["images"], "--train_val_split",
                    "0.25", "--ks", "10", "1000"],

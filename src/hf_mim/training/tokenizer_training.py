@@ -7,6 +7,7 @@ code, and the tokenizer's image processor, so `AutoModel.from_pretrained(output_
 `trust_remote_code=True` without) returns the trained tokenizer.
 """
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
 
@@ -92,6 +93,35 @@ class DataArguments(RenderingArguments, StreamingImageDatasetArguments):
     color_jitter: float = field(default=0.0, metadata={"help": "Brightness/contrast/saturation jitter strength."})
 
 
+# Flags that only some tokenizer types read, by help group: (the types, the flags). Given to another type, a flag
+# would be silently ignored, so `check_type_specific_flags` refuses it.
+TYPE_SPECIFIC_FLAGS = {
+    "dVAE": (
+        ("dvae",),
+        (
+            "gumbel_temperature_start", "gumbel_temperature_end", "gumbel_temperature_schedule",
+            "gumbel_anneal_fraction", "kl_weight", "kl_warmup_fraction", "code_balance_rate",
+        ),
+    ),
+    "teacher": (("vqkd", "feature_kmeans"), ("teacher_name_or_path", "teacher_feature_layer")),
+    "k-means fit": (("kmeans", "feature_kmeans"), tuple(f.name for f in dataclasses.fields(KmeansFitArguments))),
+}  # fmt: skip
+
+
+def check_type_specific_flags(tokenizer_args: TokenizerArguments) -> None:
+    """A one-line error for a flag set away from its default that `--tokenizer_type` does not read."""
+    for types, names in TYPE_SPECIFIC_FLAGS.values():
+        if tokenizer_args.tokenizer_type in types:
+            continue
+        for name in names:
+            declared = TokenizerArguments.__dataclass_fields__[name]
+            if getattr(tokenizer_args, name) != declared.default:
+                raise UsageError(
+                    f"--{name} is read by --tokenizer_type {' and '.join(types)} only; --tokenizer_type "
+                    f"{tokenizer_args.tokenizer_type} would ignore it: remove it or change --tokenizer_type"
+                )
+
+
 def check_weight_shapes(model_class, saved_config, config, path: str, overrides: str) -> None:
     """A clear error, before any weight is read, for overrides that reshape the weights of a saved tokenizer."""
     with torch.device("meta"):
@@ -156,6 +186,7 @@ def train_tokenizer(
     Returns the training metrics (and `eval_*` metrics with `--do_eval` and a validation split).
     """
     require_action(training_args)
+    check_type_specific_flags(tokenizer_args)
     setup_logging(training_args)
     set_seed(training_args.seed)
 

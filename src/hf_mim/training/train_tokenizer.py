@@ -10,8 +10,7 @@ The training itself is `hf_mim.training.tokenizer_training.train_tokenizer`.
 from ..arguments import command_parser
 from ..data import StreamingImageDatasetArguments
 from .arguments import MimTrainingArguments
-from .kmeans import KmeansFitArguments
-from .tokenizer_training import DataArguments, TokenizerArguments, train_tokenizer
+from .tokenizer_training import TYPE_SPECIFIC_FLAGS, DataArguments, TokenizerArguments, train_tokenizer
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[TokenizerArguments, DataArguments, MimTrainingArguments]:
@@ -51,12 +50,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[TokenizerArguments, DataA
         """,
         groups=[
             ("tokenizer", [TokenizerArguments]),
-            ("dVAE (--tokenizer_type dvae)", [
-                "gumbel_temperature_start", "gumbel_temperature_end", "gumbel_temperature_schedule",
-                "gumbel_anneal_fraction", "kl_weight", "kl_warmup_fraction", "code_balance_rate",
-            ]),
-            ("teacher (--tokenizer_type vqkd, feature_kmeans)", ["teacher_name_or_path", "teacher_feature_layer"]),
-            ("k-means fit (--tokenizer_type kmeans, feature_kmeans)", [KmeansFitArguments]),
+            *((f"{title} (--tokenizer_type {', '.join(types)})", list(names))
+              for title, (types, names) in TYPE_SPECIFIC_FLAGS.items()),
             ("data", [StreamingImageDatasetArguments]),
             ("augmentation", ["crop_min_scale", "color_jitter", "exact_augmentation"]),
         ],
