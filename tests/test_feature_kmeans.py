@@ -374,7 +374,7 @@ MISTAKES = {
     "teacher without --fit_tokenizer": (
         lambda t, images, out: ["pretrain", *mim_args("beit", images, out, "--tokenizer_name_or_path", t["fitted"],
                                                       "--fit_teacher_name_or_path", t["vit"])],
-        "--fit_teacher_name_or_path chooses the teacher of --fit_tokenizer; add --fit_tokenizer",
+        "--fit_teacher_name_or_path is a flag of --fit_tokenizer, which is not given: add --fit_tokenizer or remove it",
     ),  # fmt: skip
 }
 

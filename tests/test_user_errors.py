@@ -93,6 +93,10 @@ CASES = {
                    p["images"], "--output_dir", str(p["root"] / "tok2"), "--do_train", "--use_cpu"],
         "--kmeans_iterations is read by --tokenizer_type kmeans and feature_kmeans only",
     ),
+    "a k-means fit flag without --fit_tokenizer": (
+        lambda p: mim(p, kmeans_iterations=5),
+        "--kmeans_iterations is a flag of --fit_tokenizer, which is not given: add --fit_tokenizer or remove it",
+    ),
     "k larger than the training set": (
         lambda p: ["run_knn.py", "--model_name_or_path", p["mim"], "--train_dir", p["images"], "--train_val_split",
                    "0.25", "--ks", "10", "1000"],

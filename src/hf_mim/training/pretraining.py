@@ -6,6 +6,7 @@ k-means centroids fitted on the training images first (`--fit_tokenizer`). One o
 bf16/fp16, gradient accumulation and resumption come from `Trainer`.
 """
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 
@@ -295,6 +296,24 @@ def fit_tokenizer(model_args: ModelArguments, dataset, image_column: str, traini
     )
 
 
+# The flags only `--fit_tokenizer` reads: without it they would be silently ignored.
+FIT_TOKENIZER_FLAGS = (
+    "fit_codebook_size",
+    "fit_teacher_name_or_path",
+    "fit_teacher_feature_layer",
+    *(f.name for f in dataclasses.fields(KmeansFitArguments)),
+)
+
+
+def check_fit_flags(model_args: ModelArguments) -> None:
+    """A one-line error for a `--fit_tokenizer` flag set away from its default without `--fit_tokenizer`."""
+    if model_args.fit_tokenizer:
+        return
+    for name in FIT_TOKENIZER_FLAGS:
+        if getattr(model_args, name) != ModelArguments.__dataclass_fields__[name].default:
+            raise UsageError(f"--{name} is a flag of --fit_tokenizer, which is not given: add --fit_tokenizer or remove it")
+
+
 def pretrain(
     model_args: ModelArguments, data_args: DataArguments, training_args: MimTrainingArguments, callbacks=None
 ) -> dict[str, float]:
@@ -302,6 +321,7 @@ def pretrain(
     `TrainerCallback`s (e.g. for custom logging). Writes the checkpoint (with its tokenizer and the tokenizer view's
     image processor), metrics and model card to `output_dir`; returns the train and eval metrics."""
     require_action(training_args)
+    check_fit_flags(model_args)
     method = mim_method(model_args.model_type)
     data_args = method.with_data_defaults(data_args)
     setup_logging(training_args)
@@ -313,8 +333,6 @@ def pretrain(
 
     if model_args.fit_tokenizer:
         model_args.tokenizer_name_or_path = fit_tokenizer(model_args, raw["train"], image_column, training_args)
-    elif model_args.fit_teacher_name_or_path:
-        raise UsageError("--fit_teacher_name_or_path chooses the teacher of --fit_tokenizer; add --fit_tokenizer")
     model, image_processor, tokenizer_processor = load_model(model_args)
     grid_size = model.config.image_size // model.config.patch_size
     skipped = SkippedImageCounter()
