@@ -211,6 +211,13 @@ def command_parser(
     return parser
 
 
+def flags_set(arguments, names: Iterable[str]) -> list[str]:
+    """The flags among `names` whose value in the dataclass instance `arguments` differs from its declared default:
+    those the user gave (or a default-valued flag's value changed), e.g. to refuse flags a setting would ignore."""
+    declared = {field.name: field for field in dataclasses.fields(arguments)}
+    return [name for name in names if getattr(arguments, name) != declared[name].default]
+
+
 __all__ = [
     "BOOLEAN_METAVAR",
     "BOOLEAN_NOTE",
@@ -220,4 +227,5 @@ __all__ = [
     "CommandArgumentParser",
     "HelpFormatter",
     "command_parser",
+    "flags_set",
 ]

@@ -24,8 +24,8 @@ from .masking import numpy_rng_from_torch
 _JITTER_ENHANCERS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
 # timm's RandAugment fill (`_FILL`) when it is given no normalisation mean.
 _TIMM_DEFAULT_FILL = (128, 128, 128)
-# Filters torch resamples with PIL's antialiased kernels (on 8-bit channels-last images, 4x faster than PIL's resize
-# of a ViT view); other filters (the dVAE's Lanczos) stay with PIL.
+# Filters torch resamples with PIL's antialiased kernels (on 8-bit channels-last images, faster than PIL's resize);
+# other filters (the dVAE's Lanczos) stay with PIL.
 _TORCH_FILTERS = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
 # PIL's "L" conversion (ITU-R 601-2 luma), which ImageEnhance.Color and Contrast blend towards.
 _LUMA = (0.299, 0.587, 0.114)
@@ -82,8 +82,8 @@ class _Draws(NamedTuple):
 def _jitter_view(view: torch.Tensor, draws: _Draws, grey_mean: float) -> torch.Tensor:
     """torchvision's ColorJitter (brightness, contrast, saturation) on a float `(3, H, W)` view in [0, 1], in place.
 
-    `grey_mean` is the mean luma of the whole image in [0, 1], which contrast blends towards, as torchvision does
-    when it jitters the image before the crop; a brightness change drawn before the contrast scales it.
+    `grey_mean` ([`_contrast_mean`]) is what contrast blends towards: the whole image's mean luma, as when
+    torchvision jitters the image before the crop.
     """
     for index in draws.jitter_order:
         factor = float(draws.jitter_factors[index])

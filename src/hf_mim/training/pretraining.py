@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from transformers import AutoImageProcessor, AutoModel, set_seed
 
+from ..arguments import flags_set
 from ..checkpoint_folder import TOKENIZER_SUBFOLDER, load_tokenizer_image_processor, save_tokenizer_image_processor
 from ..data import (
     MaskingArguments,
@@ -307,11 +308,9 @@ FIT_TOKENIZER_FLAGS = (
 
 def check_fit_flags(model_args: ModelArguments) -> None:
     """A one-line error for a `--fit_tokenizer` flag set away from its default without `--fit_tokenizer`."""
-    if model_args.fit_tokenizer:
-        return
-    for name in FIT_TOKENIZER_FLAGS:
-        if getattr(model_args, name) != ModelArguments.__dataclass_fields__[name].default:
-            raise UsageError(f"--{name} is a flag of --fit_tokenizer, which is not given: add --fit_tokenizer or remove it")
+    given = [] if model_args.fit_tokenizer else flags_set(model_args, FIT_TOKENIZER_FLAGS)
+    if given:
+        raise UsageError(f"--{given[0]} is a flag of --fit_tokenizer, which is not given: add --fit_tokenizer or remove it")
 
 
 def pretrain(

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import set_seed
 
+from ..arguments import flags_set
 from ..data import (
     MimDataCollator,
     RenderingArguments,
@@ -111,15 +112,12 @@ TYPE_SPECIFIC_FLAGS = {
 def check_type_specific_flags(tokenizer_args: TokenizerArguments) -> None:
     """A one-line error for a flag set away from its default that `--tokenizer_type` does not read."""
     for types, names in TYPE_SPECIFIC_FLAGS.values():
-        if tokenizer_args.tokenizer_type in types:
-            continue
-        for name in names:
-            declared = TokenizerArguments.__dataclass_fields__[name]
-            if getattr(tokenizer_args, name) != declared.default:
-                raise UsageError(
-                    f"--{name} is read by --tokenizer_type {' and '.join(types)} only; --tokenizer_type "
-                    f"{tokenizer_args.tokenizer_type} would ignore it: remove it or change --tokenizer_type"
-                )
+        given = [] if tokenizer_args.tokenizer_type in types else flags_set(tokenizer_args, names)
+        if given:
+            raise UsageError(
+                f"--{given[0]} is read by --tokenizer_type {' and '.join(types)} only; --tokenizer_type "
+                f"{tokenizer_args.tokenizer_type} would ignore it: remove it or change --tokenizer_type"
+            )
 
 
 def check_weight_shapes(model_class, saved_config, config, path: str, overrides: str) -> None:
