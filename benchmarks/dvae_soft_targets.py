@@ -51,18 +51,30 @@ def soft_target_statistics(folder: str, test_dir: str) -> dict:
     return stats
 
 
+def _parse_setting(text: str) -> tuple[str, list[str]]:
+    name, separator, flags = text.partition("=")
+    if not separator:
+        raise SystemExit(f"--setting {text!r}: expected NAME=FLAGS, e.g. 'slow=--learning_rate 5e-4'")
+    return name, flags.split()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", required=True, help="cifar10_jpg.tar.gz")
     parser.add_argument("--output", default="benchmarks/results/dvae_soft_targets_issue19.json")
     parser.add_argument("--tokenizer_seconds", type=float, default=200.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument(
+        "--setting", action="append", metavar="NAME=FLAGS",
+        help="a dVAE to train instead of the before/after pair: a name, '=', then train-tokenizer flags (repeatable)",
+    )  # fmt: skip
     args = parser.parse_args()
+    settings = dict(_parse_setting(text) for text in args.setting) if args.setting else SETTINGS
     with tempfile.TemporaryDirectory() as work_dir:
         subsets = run_results.make_subsets(args.data, work_dir, 400, 300)
         flags_args = argparse.Namespace(batch_size=64, seed=args.seed)
         results = {"command_settings": vars(args), "dvaes": {}}
-        for name, flags in SETTINGS.items():
+        for name, flags in settings.items():
             folder = os.path.join(work_dir, f"dvae_{len(results['dvaes'])}")
             train_tokenizer.main([
                 "--tokenizer_type", "dvae", "--train_dir", subsets["train"], "--config_overrides", OVERRIDES,

@@ -75,9 +75,11 @@ class DvaeTrainer(TokenizerTrainer):
             Temperature at the end of the annealing period (DALL-E's value).
         temperature_schedule (`str`, *optional*, defaults to `"cosine"`):
             `"cosine"` or `"exponential"` interpolation between the two.
-        anneal_fraction (`float`, *optional*, defaults to 1.0):
+        anneal_fraction (`float`, *optional*, defaults to 0.5):
             Fraction of the training steps over which the temperature is annealed; it stays at the end value
-            afterwards.
+            afterwards. Codes die as the temperature nears its end value, and balancing revives them only if
+            training goes on there (1.0 ends a balanced run at the low point of its codebook usage; the README's
+            BEiT section has the measurements). DALL-E also anneals over its first 150,000 updates only.
         kl_weight (`float`, *optional*, defaults to 1e-3):
             Final weight of the KL term. It is a per-position KL in nats against a per-pixel MSE, hence far smaller
             than DALL-E's 6.6 for summed log-likelihoods; it keeps posteriors from collapsing onto a few codes
@@ -101,7 +103,7 @@ class DvaeTrainer(TokenizerTrainer):
         temperature_start: float = 1.0,
         temperature_end: float = 1 / 16,
         temperature_schedule: str = "cosine",
-        anneal_fraction: float = 1.0,
+        anneal_fraction: float = 0.5,
         kl_weight: float = 1e-3,
         kl_warmup_fraction: float = 0.1,
         code_balance_rate: float = 0.05,

@@ -61,7 +61,11 @@ class TokenizerArguments(KmeansFitArguments):
         default="cosine", metadata={"help": "Temperature annealing curve.", "choices": list(TEMPERATURE_SCHEDULES)}
     )
     gumbel_anneal_fraction: float = field(
-        default=1.0, metadata={"help": "Fraction of the steps over which the temperature is annealed."}
+        default=0.5,
+        metadata={
+            "help": "Fraction of the steps over which the temperature is annealed; the rest trains at the end value, "
+            "where code balancing revives the codes that died as it fell (1.0: anneal until the last step)."
+        },
     )
     kl_weight: float = field(default=1e-3, metadata={"help": "Final weight of the KL term to the uniform prior."})
     kl_warmup_fraction: float = field(
