@@ -4,6 +4,8 @@
 
     python benchmarks/bench_mim_step.py --output mim_step.json
     python benchmarks/bench_mim_step.py --sizes tiny base --batch_size 8 --repeats 5 --output mim_step_base.json
+    python benchmarks/bench_mim_step.py --device cuda --sizes base --batch_size 128 --dtypes bf16 --full_step \
+        --repeats 20 --warmup 3 --output mim_step_gpu.json
 
 A step is forward + backward + AdamW (fused, `Trainer`'s default) at 224 px, in fp32 and under bf16 autocast. Each
 method and its baseline get the same batch: the same pixels, the method's default masks (pre-training's mask
@@ -23,6 +25,12 @@ FLOP/s: the FLOPs of one step are counted by `torch.utils.flop_counter.FlopCount
 attention; not elementwise work) and divided by the step time; the machine's peak is the rate of a 2048 x 2048 fp32
 matrix product with the same threads, timed interleaved with the steps, so each repeat gives a fraction of the peak
 under the same load (median and range reported).
+
+`--device cuda` runs everything on the GPU: the clocks wait for the device (`common.device_synchronizer`), peak memory
+is the CUDA allocator's, and the peak is a bf16 8192 x 8192 product. `--full_step` adds the targets to the step: each
+method holds its paper's tokenizer (`PAPER_TOKENIZERS`, default size, random weights) and computes its targets from
+the tokenizer's view inside the step, as pre-training does; the baseline, the eager reference, runs the same tokenizer
+(same weights, float32) before transformers' BEiT.
 """
 
 import argparse
@@ -36,34 +44,51 @@ from transformers import BeitConfig, BeitForMaskedImageModeling
 
 from common import (
     count_flops,
+    device_synchronizer,
     environment,
     in_subprocess,
     markdown_table,
     fraction_of_peak,
-    matmul_probe,
+    measure_peak_cuda_memory,
     measure_peak_memory,
     paired_ratios,
+    peak_probe,
+    random_tokenizer,
     set_threads,
     time_interleaved,
     write_json,
 )
 from hf_mim.data import build_mask_generator
-from hf_mim.families import MIM_METHODS
+from hf_mim.families import MIM_METHODS, TOKENIZERS
 from hf_mim.training.pretraining import MODEL_SIZES, DataArguments, build_replacement_generator
 
 BASELINE = "transformers"
 # What the memory subprocesses' fork server imports once.
 PRELOAD = ("torch", "transformers", "hf_mim.training.pretraining", "common")
-PEAK = "fp32 matmul"
+# The tokenizer each method's paper trains with (mc-BEiT: a VQGAN), for --full_step.
+PAPER_TOKENIZERS = {"beit": "dvae", "beitv2": "vqkd", "mcbeit": "vqgan", "ccvit": "kmeans"}
 BACKBONE_ONLY = "beit backbone only"
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 # BeitConfig fields that do not describe the network.
 _NOT_ARCHITECTURE = {"model_type", "architectures", "auto_map", "transformers_version", "dtype", "torch_dtype"}
 
 
-def method_config(method: str, size: str, image_size: int, patch_size: int):
-    """The method's config at a ViT size of `MODEL_SIZES`, with its default recipe otherwise."""
-    return MIM_METHODS[method].config_class(**MODEL_SIZES[size], image_size=image_size, patch_size=patch_size)
+def method_config(method: str, size: str, args):
+    """The method's config at a ViT size of `MODEL_SIZES`, with its default recipe otherwise; with `--full_step` it
+    holds its paper's tokenizer (default size) and predicts that tokenizer's codebook."""
+    config = MIM_METHODS[method].config_class(**MODEL_SIZES[size], image_size=args.image_size, patch_size=args.patch_size)
+    if args.full_step:
+        tokenizer_config = TOKENIZERS[PAPER_TOKENIZERS[method]].config_class()
+        grid = args.image_size // args.patch_size
+        if tokenizer_config.grid_size != grid:
+            raise SystemExit(
+                f"--full_step: the default {PAPER_TOKENIZERS[method]} tokenizer gives a {tokenizer_config.grid_size}x"
+                f"{tokenizer_config.grid_size} grid, the ViT a {grid}x{grid} one; use --image_size / --patch_size "
+                f"of {tokenizer_config.grid_size} patches per side (e.g. 224 / 16)"
+            )
+        config.tokenizer_config = tokenizer_config.to_dict()
+        config.vocab_size = tokenizer_config.codebook_size
+    return config
 
 
 def baseline_config(config) -> BeitConfig:
@@ -73,19 +98,41 @@ def baseline_config(config) -> BeitConfig:
     return BeitConfig(**fields)
 
 
+class TokenizedBaseline(torch.nn.Module):
+    """The eager reference of a full step: the frozen tokenizer's ids of the masked patches (float32, no gradient),
+    then transformers' BEiT on them. Without a separate tokenizer view (CCViT) the tokenizer reads `pixel_values`."""
+
+    def __init__(self, model: BeitForMaskedImageModeling, tokenizer):
+        super().__init__()
+        self.model, self.tokenizer = model, tokenizer.requires_grad_(False).eval()
+
+    def train(self, mode: bool = True):
+        self.model.train(mode)
+        return self
+
+    def forward(self, pixel_values, bool_masked_pos, tokenizer_pixel_values=None):
+        view = pixel_values if tokenizer_pixel_values is None else tokenizer_pixel_values
+        with torch.no_grad(), torch.autocast(view.device.type, enabled=False):
+            labels = self.tokenizer.get_codebook_indices(view)
+        return self.model(pixel_values=pixel_values, bool_masked_pos=bool_masked_pos, labels=labels[bool_masked_pos])
+
+
 def build_model(method: str, size: str, args, seed: int):
-    """The method's model, or with `method=(BASELINE, of_method)` transformers' BEiT with the same initial weights."""
+    """The method's model on `args.device`, or with `method=(BASELINE, of_method)` transformers' BEiT with the same
+    initial weights (and tokenizer, with `--full_step`)."""
     of_method = method[1] if isinstance(method, tuple) else method
     torch.manual_seed(seed)
     model_class = MIM_METHODS[of_method].model_class
-    model = model_class(method_config(of_method, size, args.image_size, args.patch_size))
+    model = model_class(method_config(of_method, size, args))
+    if args.full_step:
+        model.set_tokenizer(random_tokenizer(PAPER_TOKENIZERS[of_method]))
     if isinstance(method, tuple):
         baseline = BeitForMaskedImageModeling(baseline_config(model.config))
         missing, _ = baseline.load_state_dict(model.state_dict(), strict=False)
         if missing:
             raise RuntimeError(f"The baseline shares no weights named {missing} with {of_method}")
-        model = baseline
-    return model.train()
+        model = TokenizedBaseline(baseline, model.tokenizer) if args.full_step else baseline
+    return model.to(args.device).train()
 
 
 def mask_generators(method: str, grid: int):
@@ -94,8 +141,10 @@ def mask_generators(method: str, grid: int):
     return build_mask_generator(data_args, grid), build_replacement_generator(data_args, MIM_METHODS[method], grid)
 
 
-def make_batch(method: str, config, batch_size: int, seed: int) -> dict:
-    """Pixels in [0, 1], masks from the method's default generators, per-patch token ids and tokenizer logits."""
+def make_batch(method: str, config, batch_size: int, seed: int, device: str = "cpu") -> dict:
+    """Pixels in [0, 1], masks from the method's default generators, per-patch token ids and tokenizer logits, on
+    `device`; for a config holding a tokenizer, no targets but the tokenizer's view (random pixels in [0, 1]), unless
+    the method reads that view from `pixel_values` (CCViT)."""
     grid = config.image_size // config.patch_size
     generator, replacer = mask_generators(method, grid)
     rng = np.random.default_rng(seed)
@@ -108,7 +157,12 @@ def make_batch(method: str, config, batch_size: int, seed: int) -> dict:
     batch["pixel_values"] = torch.rand(batch_size, 3, config.image_size, config.image_size)
     batch["labels"] = torch.randint(0, config.vocab_size, (batch_size, grid * grid))
     batch["tokenizer_logits"] = torch.randn(batch_size, grid * grid, config.vocab_size)
-    return batch
+    if config.tokenizer_config is not None:
+        size = config.tokenizer_config["image_size"]
+        batch = {k: v for k, v in batch.items() if k not in ("labels", "tokenizer_logits")}
+        if not MIM_METHODS[method].reads_tokenizer_view:
+            batch["tokenizer_pixel_values"] = torch.rand(batch_size, 3, size, size)
+    return {key: value.to(device) for key, value in batch.items()}
 
 
 def model_inputs(model, batch: dict) -> dict:
@@ -125,9 +179,10 @@ def model_inputs(model, batch: dict) -> dict:
 
 def training_step(model, inputs: dict, optimizer, dtype: str):
     autocast = DTYPES[dtype]
+    device_type = next(model.parameters()).device.type
 
     def step():
-        with torch.autocast("cpu", dtype=autocast or torch.float32, enabled=autocast is not None):
+        with torch.autocast(device_type, dtype=autocast or torch.float32, enabled=autocast is not None):
             loss = model(**inputs).loss
         loss.backward()
         optimizer.step()
@@ -141,16 +196,19 @@ def make_optimizer(model):
 
 
 def _memory_probe(method, size: str, dtype: str, args, seed: int) -> dict:
-    """Run in a fresh process: peak RSS growth of a warm-up step and a timed step."""
-    set_threads(args.threads)
+    """Peak memory growth of a warm-up step and a timed step: on a CPU run in a fresh process (RSS), on a GPU in
+    this one (the CUDA allocator's peak)."""
+    if torch.device(args.device).type != "cuda":
+        set_threads(args.threads)
 
     def prepare():
         model = build_model(method, size, args, seed)
         of_method = method[1] if isinstance(method, tuple) else method
-        config = method_config(of_method, size, args.image_size, args.patch_size)
-        batch = make_batch(of_method, config, args.batch_size, seed)
+        batch = make_batch(of_method, method_config(of_method, size, args), args.batch_size, seed, args.device)
         return training_step(model, model_inputs(model, batch), make_optimizer(model), dtype)
 
+    if torch.device(args.device).type == "cuda":
+        return measure_peak_cuda_memory(prepare, calls=2)
     return measure_peak_memory(prepare, calls=2)
 
 
@@ -184,23 +242,24 @@ def run_group(methods: list[str], size: str, args) -> dict:
     first = methods[0]
     models = {m: build_model(m, size, args, args.seed) for m in methods}
     models[BASELINE] = build_model((BASELINE, first), size, args, args.seed)
-    batch = make_batch(first, models[first].config, args.batch_size, args.seed)
+    batch = make_batch(first, models[first].config, args.batch_size, args.seed, args.device)
     result = {"methods": methods, "models": {}}
     if "beit" in methods:
         result["beit_loss_difference"] = check_equivalence(models["beit"], models[BASELINE], batch)
         print(f"  beit and {BASELINE} agree on the eval loss (|difference| {result['beit_loss_difference']:.2g})")
-        models[BACKBONE_ONLY] = BackboneOnly(build_model("beit", size, args, args.seed)).train()
-    probe, probe_flops = matmul_probe()
-    steps = {PEAK: probe}
+        if not args.full_step:  # the bound is of the model part; a full step's tokenizer is not in it
+            models[BACKBONE_ONLY] = BackboneOnly(build_model("beit", size, args, args.seed)).train()
+    peak_name, (probe, probe_flops) = peak_probe(args.device)
+    steps = {peak_name: probe}
     for name, model in models.items():
         inputs, optimizer = model_inputs(model, batch), make_optimizer(model)
         flops = count_flops(training_step(model, inputs, optimizer, "fp32"))
         result["models"][name] = {"parameters": sum(p.numel() for p in model.parameters()), "flops_per_step": flops}
         for dtype in args.dtypes:
             steps[f"{name}/{dtype}"] = training_step(model, inputs, optimizer, dtype)
-    timings = time_interleaved(steps, args.repeats, args.warmup)
-    peak = timings.pop(PEAK)
-    result["matmul_peak"] = peak.summary(items=probe_flops)
+    timings = time_interleaved(steps, args.repeats, args.warmup, synchronize=device_synchronizer(args.device))
+    peak = timings.pop(peak_name)
+    result["matmul_peak"] = {"probe": peak_name, **peak.summary(items=probe_flops)}
     for key, timing in timings.items():
         name, dtype = key.split("/")
         entry = result["models"][name].setdefault(dtype, {})
@@ -210,7 +269,10 @@ def run_group(methods: list[str], size: str, args) -> dict:
         entry["fraction_of_matmul_peak"] = fraction_of_peak(flops, timing, probe_flops, peak)
         if not args.no_memory and name != BACKBONE_ONLY:
             probe = (BASELINE, first) if name == BASELINE else name
-            entry["memory"] = in_subprocess(_memory_probe, probe, size, dtype, args, args.seed, preload=PRELOAD)
+            if torch.device(args.device).type == "cuda":
+                entry["memory"] = _memory_probe(probe, size, dtype, args, args.seed)
+            else:
+                entry["memory"] = in_subprocess(_memory_probe, probe, size, dtype, args, args.seed, preload=PRELOAD)
     return result
 
 
@@ -229,6 +291,11 @@ def main() -> None:
         help="torch threads (default 1: repeatable on a shared machine; use all cores on a dedicated one)",
     )
     parser.add_argument("--no_memory", action="store_true", help="Skip the peak-memory subprocesses")
+    parser.add_argument("--device", default="cpu", help="Where the steps run: cpu, cuda, cuda:1 ...")
+    parser.add_argument(
+        "--full_step", action="store_true",
+        help="Targets from each method's paper tokenizer inside the step (PAPER_TOKENIZERS), not precomputed",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="bench_mim_step.json", help="Where to write the JSON results")
     args = parser.parse_args()
@@ -244,9 +311,12 @@ def main() -> None:
         # Methods whose baseline (backbone config and masks) coincide share it.
         groups: dict[str, list[str]] = {}
         for method in methods:
-            config = method_config(method, size, args.image_size, args.patch_size)
+            config = method_config(method, size, args)
             generators = mask_generators(method, config.image_size // config.patch_size)
-            key = json.dumps([baseline_config(config).to_dict(), *map(repr, generators)], sort_keys=True, default=str)
+            tokenizer = PAPER_TOKENIZERS[method] if args.full_step else None
+            key = json.dumps(
+                [baseline_config(config).to_dict(), *map(repr, generators), tokenizer], sort_keys=True, default=str
+            )
             groups.setdefault(key, []).append(method)
         results["sizes"][size] = []
         for group in groups.values():
@@ -293,8 +363,9 @@ def main() -> None:
                     f"runs ({verdict}); per-repeat median {speedup['wall']['median']:.2f}x wall; FLOP ratio "
                     f"transformers / beit {flop_ratio:.2f} (the speed-up at equal FLOP/s)"
                 )
-                bound = group["models"][BACKBONE_ONLY]["fp32"]["speedup_vs_transformers"]["wall"]["best"]
-                print(f"  Bound: the backbone alone (no LM head, no loss) runs {bound:.2f}x faster than transformers")
+                if BACKBONE_ONLY in group["models"]:
+                    bound = group["models"][BACKBONE_ONLY]["fp32"]["speedup_vs_transformers"]["wall"]["best"]
+                    print(f"  Bound: the backbone alone (no LM head, no loss) runs {bound:.2f}x faster than transformers")
     write_json(args.output, results)
 
 

@@ -12,6 +12,10 @@ interleaved across families after warm-up; FLOPs per image are counted by `FlopC
 repeat, with the rate of a 2048 x 2048 fp32 matrix product timed among them (the machine's peak under the same load).
 Since a MIM model runs its tokenizer on every training step, the tokenizer's images/s next to the training step's
 (`bench_mim_step.py`) tells how much of a step it costs.
+
+`--device cuda` runs the tokenizers on the GPU (clocks wait for the device; the peak is a bf16 8192 x 8192 product).
+For every dtype but fp32, `id_agreement_with_fp32` is the fraction of token ids equal to fp32's on the same batch:
+a faster precision is only usable for targets where that is (near) 1.
 """
 
 import argparse
@@ -23,18 +27,20 @@ from PIL import Image
 
 from common import (
     count_flops,
+    device_synchronizer,
     environment,
     fraction_of_peak,
     markdown_table,
-    matmul_probe,
+    peak_probe,
+    random_tokenizer,
     set_threads,
     time_interleaved,
     write_json,
 )
 from hf_mim.families import BY_MODEL_TYPE, TOKENIZERS
 
-PEAK = "fp32 matmul"
-TOKENIZER_TYPES = sorted(tokenizer.model_type for tokenizer in TOKENIZERS.values())
+# Feature k-means has no default: it tokenizes a teacher's features, so its speed is the teacher's the user picks.
+TOKENIZER_TYPES = sorted(tokenizer.model_type for tokenizer in TOKENIZERS.values() if tokenizer.name != "feature_kmeans")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 
 
@@ -45,19 +51,6 @@ def smooth_images(count: int, size: int, seed: int) -> list[Image.Image]:
     images = F.interpolate(coarse, size=size, mode="bicubic", align_corners=False).clamp(0, 1)
     images = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
     return [Image.fromarray(np.ascontiguousarray(image)) for image in images]
-
-
-def build_tokenizer(model_type: str):
-    """The family's default-size tokenizer with usable random weights, and its default image processor."""
-    family = BY_MODEL_TYPE[model_type]
-    model = family.model_class(family.config_class()).eval()
-    with torch.no_grad():
-        if hasattr(model, "codebook") and hasattr(model.codebook, "initted"):
-            model.codebook.weight.copy_(F.normalize(torch.randn_like(model.codebook.weight), dim=-1))
-            model.codebook.initted.fill_(1)
-        if hasattr(model, "set_centroids"):
-            model.set_centroids(torch.rand_like(model.centroids))
-    return model, family.image_processor_class()
 
 
 def main() -> None:
@@ -71,6 +64,7 @@ def main() -> None:
         "--threads", type=int, default=1,
         help="torch threads (default 1: repeatable on a shared machine; use all cores on a dedicated one)",
     )
+    parser.add_argument("--device", default="cpu", help="Where the tokenizers run: cpu, cuda, cuda:1 ...")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", default="bench_tokenizers.json", help="Where to write the JSON results")
     args = parser.parse_args()
@@ -83,11 +77,12 @@ def main() -> None:
     torch.manual_seed(args.seed)
     results = {"environment": environment(), "config": {k: v for k, v in vars(args).items() if k != "output"}}
     images = smooth_images(args.batch_size, 256, args.seed)
-    probe, probe_flops = matmul_probe()
-    runs, models = {PEAK: probe}, {}
+    peak_name, (probe, probe_flops) = peak_probe(args.device)
+    runs, models = {peak_name: probe}, {}
     for model_type in families:
-        model, processor = build_tokenizer(model_type)
-        pixel_values = processor(images, return_tensors="pt")["pixel_values"]
+        family = BY_MODEL_TYPE[model_type]
+        model = random_tokenizer(family.name).to(args.device)
+        pixel_values = family.image_processor_class()(images, return_tensors="pt")["pixel_values"].to(args.device)
         models[model_type] = {
             "parameters": sum(p.numel() for p in model.parameters()),
             "image_size": model.config.image_size,
@@ -97,21 +92,29 @@ def main() -> None:
         with torch.no_grad():
             flops = count_flops(lambda: model.get_codebook_indices(pixel_values))
         models[model_type]["flops_per_image"] = flops / len(images)
+        ids = {}
         for dtype in args.dtypes:
             autocast = DTYPES[dtype]
 
             def run(model=model, pixel_values=pixel_values, autocast=autocast):
                 enabled = autocast is not None
-                with torch.no_grad(), torch.autocast("cpu", dtype=autocast or torch.float32, enabled=enabled):
+                device_type = pixel_values.device.type
+                with torch.no_grad(), torch.autocast(device_type, dtype=autocast or torch.float32, enabled=enabled):
                     return model.get_codebook_indices(pixel_values)
 
             runs[f"{model_type}/{dtype}"] = run
+            ids[dtype] = run()
+        reference = ids["fp32"] if "fp32" in ids else run(autocast=None)
+        for dtype in args.dtypes:
+            if dtype != "fp32":
+                agreement = (ids[dtype] == reference).float().mean().item()
+                models[model_type].setdefault(dtype, {})["id_agreement_with_fp32"] = agreement
         millions = models[model_type]["parameters"] / 1e6
         print(f"{model_type}: {millions:.1f}M parameters, {pixel_values.shape[-1]} px view")
 
-    timings = time_interleaved(runs, args.repeats, args.warmup)
-    peak = timings.pop(PEAK)
-    results["matmul_peak"] = peak.summary(items=probe_flops)
+    timings = time_interleaved(runs, args.repeats, args.warmup, synchronize=device_synchronizer(args.device))
+    peak = timings.pop(peak_name)
+    results["matmul_peak"] = {"probe": peak_name, **peak.summary(items=probe_flops)}
     rows = []
     for key, timing in timings.items():
         model_type, dtype = key.split("/")
@@ -126,12 +129,13 @@ def main() -> None:
             f"{args.batch_size / wall['max_s']:.3g}-{args.batch_size / wall['min_s']:.3g}",
             entry["timing"]["cpu"]["per_s"], models[model_type]["flops_per_image"] / 1e9,
             f"{100 * fraction['wall']['median']:.0f}%", f"{100 * fraction['cpu']['median']:.0f}%",
+            f"{100 * entry['id_agreement_with_fp32']:.2f}%" if "id_agreement_with_fp32" in entry else "-",
         ])
     results["tokenizers"] = models
     print()
     print(markdown_table(
         ["tokenizer", "dtype", "view px", "codes", "params", "img/s", "img/s range", "img/s (CPU time)",
-         "GFLOP/img", "% matmul peak", "% peak (CPU time)"],
+         "GFLOP/img", "% matmul peak", "% peak (CPU time)", "ids equal to fp32"],
         rows,
     ))
     write_json(args.output, results)

@@ -6,6 +6,10 @@ Timing on a shared machine: every measured function runs in the same process, in
 order rotates each repeat), so load from other processes hits all of them alike; ratios are taken per repeat and
 summarised by their median and range. Each measurement records wall-clock time and this process's CPU time
 (`time.process_time`); with one thread the CPU time is what the work costs, whatever else the machine runs.
+
+On a GPU (`--device cuda`), a call returns once its kernels are queued, so `time_interleaved` waits for the device
+before starting and stopping each clock (`device_synchronizer`); the wall-clock time is then the GPU's time, and the
+CPU time only the host's share. Peak memory there is the CUDA allocator's (`measure_peak_cuda_memory`).
 """
 
 import gc
@@ -51,13 +55,27 @@ class Timing:
         return out
 
 
+def device_synchronizer(device: torch.device | str) -> Callable[[], None]:
+    """A function that waits until `device` has run everything queued on it (nothing to wait for on the CPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
 def time_interleaved(
-    runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1, log: Callable[[str], None] = print
+    runs: dict[str, Callable[[], object]],
+    repeats: int,
+    warmup: int = 1,
+    log: Callable[[str], None] = print,
+    synchronize: Callable[[], None] = lambda: None,
 ) -> dict[str, Timing]:
-    """Time every function of `runs` `repeats` times, interleaved, after `warmup` untimed calls of each."""
+    """Time every function of `runs` `repeats` times, interleaved, after `warmup` untimed calls of each;
+    `synchronize` (see `device_synchronizer`) runs before each clock starts and before it stops."""
     for name, run in runs.items():
         for _ in range(warmup):
             run()
+    synchronize()
     timings = {name: Timing() for name in runs}
     names = list(runs)
     for repeat in range(repeats):
@@ -65,8 +83,10 @@ def time_interleaved(
         order = names[repeat % len(names) :] + names[: repeat % len(names)]
         for name in order:
             gc.collect()
+            synchronize()
             wall, cpu = time.perf_counter(), time.process_time()
             runs[name]()
+            synchronize()
             timings[name].wall.append(time.perf_counter() - wall)
             timings[name].cpu.append(time.process_time() - cpu)
         log(f"  repeat {repeat + 1}/{repeats}: " + ", ".join(f"{n} {timings[n].wall[-1]:.2f}s" for n in names))
@@ -130,6 +150,19 @@ def measure_peak_memory(prepare: Callable[[], Callable[[], object]], calls: int 
     }
 
 
+def measure_peak_cuda_memory(prepare: Callable[[], Callable[[], object]], calls: int = 2) -> dict:
+    """`measure_peak_memory` on a GPU: the CUDA allocator's peak while the calls run, minus what was allocated
+    before them (weights and inputs), in this process (the allocator counts per process, no subprocess needed)."""
+    run = prepare()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    for _ in range(calls):
+        run()
+    torch.cuda.synchronize()
+    return {"allocated_before_mib": before / 2**20, "peak_delta_mib": (torch.cuda.max_memory_allocated() - before) / 2**20}
+
+
 def in_subprocess(function: Callable, *args, preload: tuple[str, ...] = ("torch", "transformers")):
     """`function(*args)` in a new process with its own memory high-water mark.
 
@@ -152,17 +185,27 @@ def count_flops(run: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def matmul_probe(size: int = 2048) -> tuple[Callable[[], object], int]:
-    """One fp32 product of two `size` x `size` matrices, and its FLOPs: this machine's matmul peak with the current
-    threads. Time it among the measured functions (`time_interleaved`) so that fractions of the peak compare times
-    taken under the same load."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    out = torch.empty(size, size)
+def matmul_probe(
+    size: int = 2048, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32
+) -> tuple[Callable[[], object], int]:
+    """One product of two `size` x `size` matrices of `dtype` on `device`, and its FLOPs: the device's matmul peak
+    (with the current threads on a CPU). Time it among the measured functions (`time_interleaved`) so that fractions
+    of the peak compare times taken under the same load."""
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
 
     def run():
         torch.mm(a, b, out=out)
 
     return run, 2 * size**3
+
+
+def peak_probe(device: torch.device | str) -> tuple[str, tuple[Callable[[], object], int]]:
+    """The matmul probe a device's fractions of peak are taken against, and its name: an fp32 2048 x 2048 product on
+    a CPU; on a GPU, where training runs in bf16 on tensor cores, a bf16 8192 x 8192 product."""
+    if torch.device(device).type == "cuda":
+        return "bf16 matmul", matmul_probe(8192, device, torch.bfloat16)
+    return "fp32 matmul", matmul_probe(2048, device)
 
 
 def fraction_of_peak(flops: int, timing: Timing, peak_flops: int, peak_timing: Timing) -> dict:
@@ -176,6 +219,23 @@ def fraction_of_peak(flops: int, timing: Timing, peak_flops: int, peak_timing: T
         out[name] = {"median": statistics.median(fractions), "min": min(fractions), "max": max(fractions)}
         out[name]["peak_flops_per_s"] = peak_flops / statistics.median(getattr(peak_timing, name))
     return out
+
+
+def random_tokenizer(name: str):
+    """The tokenizer family `name`'s default-size model in eval mode, with random weights that tokenize like trained
+    ones would (VQ-KD's codebook filled with random unit codes, k-means centroids with random [0, 1] pixels): speed
+    does not depend on the values."""
+    from hf_mim.families import TOKENIZERS
+
+    family = TOKENIZERS[name]
+    model = family.model_class(family.config_class()).eval()
+    with torch.no_grad():
+        if hasattr(model, "codebook") and hasattr(model.codebook, "initted"):
+            model.codebook.weight.copy_(torch.nn.functional.normalize(torch.randn_like(model.codebook.weight), dim=-1))
+            model.codebook.initted.fill_(1)
+        if hasattr(model, "set_centroids"):
+            model.set_centroids(torch.rand_like(model.centroids))
+    return model
 
 
 def environment() -> dict:
@@ -196,6 +256,7 @@ def environment() -> dict:
         "cpu_count": os.cpu_count(),
         "cpu": cpu,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "load_average_at_start": os.getloadavg(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -223,14 +284,18 @@ def write_json(path: str, results: dict) -> None:
 __all__ = [
     "Timing",
     "count_flops",
+    "device_synchronizer",
     "environment",
     "in_subprocess",
     "markdown_table",
     "fraction_of_peak",
     "matmul_probe",
+    "measure_peak_cuda_memory",
+    "peak_probe",
     "measure_peak_memory",
     "paired_ratios",
     "peak_rss_bytes",
+    "random_tokenizer",
     "rss_bytes",
     "set_threads",
     "time_interleaved",

@@ -1,0 +1,96 @@
+"""The GPU benchmarks' code paths, run on the CPU (and on the meta device for placement) so that they are ready the day
+a GPU is lent: device-aware timing, the full step with each method's tokenizer, id agreement of low precision."""
+
+import json
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+from test_device import on_meta  # noqa: F401 (fixture)
+from test_run_mim import REPO
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import bench_mim_step  # noqa: E402
+import common  # noqa: E402
+
+
+def test_timing_waits_for_the_device_around_every_call():
+    events = []
+    runs = {"a": lambda: events.append("a"), "b": lambda: events.append("b")}
+    common.time_interleaved(runs, repeats=2, warmup=1, log=lambda _: None, synchronize=lambda: events.append("sync"))
+    # Warm-ups, one wait for them, then every timed call between two waits.
+    assert events[:3] == ["a", "b", "sync"]
+    assert events[3:] == ["sync", "a", "sync", "sync", "b", "sync"] + ["sync", "b", "sync", "sync", "a", "sync"]
+
+
+def test_the_cpu_needs_no_synchronisation_and_its_peak_is_fp32():
+    assert common.device_synchronizer("cpu")() is None
+    name, (run, flops) = common.peak_probe("cpu")
+    assert name == "fp32 matmul" and flops == 2 * 2048**3
+
+
+def _args(**overrides):
+    defaults = dict(image_size=224, patch_size=16, full_step=True, device="cpu", batch_size=2, seed=0)
+    return SimpleNamespace(**{**defaults, **overrides})
+
+
+@pytest.mark.parametrize("method", sorted(bench_mim_step.PAPER_TOKENIZERS))
+def test_full_step_holds_the_paper_tokenizer_and_stays_on_the_device(method, on_meta):
+    # Built for the meta device, every weight, buffer and input of the step must be there: a CPU one left behind
+    # would fail on a GPU. (test_device.py runs every model and tokenizer on meta; here BEiT's full step runs too.)
+    args = _args(device="meta")
+    model = bench_mim_step.build_model(method, "tiny", args, seed=0)
+    assert type(model.tokenizer).__name__.lower().startswith(bench_mim_step.PAPER_TOKENIZERS[method])
+    assert model.config.vocab_size == model.tokenizer.config.codebook_size
+    assert {tensor.device.type for tensor in [*model.parameters(), *model.buffers()]} == {"meta"}
+    batch = bench_mim_step.make_batch(method, model.config, 2, seed=0, device="meta")
+    assert {tensor.device.type for tensor in batch.values()} == {"meta"}
+    inputs = bench_mim_step.model_inputs(model, batch)
+    assert "labels" not in inputs and "tokenizer_logits" not in inputs
+    # CCViT's tokenizer reads the model's own raw view.
+    assert ("tokenizer_pixel_values" in inputs) == (method != "ccvit")
+    if method == "beit":
+        loss = model(**inputs).loss
+        assert loss.device.type == "meta"
+        loss.backward()
+
+
+def test_full_step_grid_mismatch_is_one_line_naming_the_flags():
+    with pytest.raises(SystemExit, match="--image_size / --patch_size"):
+        bench_mim_step.method_config("beit", "tiny", _args(image_size=128))
+
+
+@pytest.mark.slow
+def test_full_step_benchmark_runs_and_its_eager_reference_agrees_with_beit(tmp_path):
+    output = tmp_path / "step.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_mim_step.py"), "--full_step", "--sizes", "tiny",
+         "--methods", "beit", "--batch_size", "1", "--repeats", "1", "--warmup", "0", "--dtypes", "fp32",
+         "--no_memory", "--output", str(output)],
+        capture_output=True, text=True, timeout=600, cwd=REPO / "benchmarks",
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    (group,) = json.loads(output.read_text())["sizes"]["tiny"]
+    # The reference computes the same dVAE ids and transformers' BEiT the same loss on them.
+    assert group["beit_loss_difference"] < 1e-3
+    beit, reference = group["models"]["beit"], group["models"]["transformers"]
+    assert beit["fp32"]["timing"]["wall"]["per_s"] > 0 and reference["fp32"]["timing"]["wall"]["per_s"] > 0
+    # The tokenizer's FLOPs are in both steps.
+    assert reference["flops_per_step"] > 0 and beit["flops_per_step"] > 0.5 * reference["flops_per_step"]
+    assert group["matmul_peak"]["probe"] == "fp32 matmul"
+
+
+def test_tokenizer_benchmark_reports_how_many_ids_bf16_keeps(tmp_path):
+    output = tmp_path / "tokenizers.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_tokenizers.py"), "--families", "hf_mim_kmeans",
+         "--dtypes", "fp32", "bf16", "--batch_size", "1", "--repeats", "1", "--output", str(output)],
+        capture_output=True, text=True, timeout=600, cwd=REPO / "benchmarks",
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    kmeans = json.loads(output.read_text())["tokenizers"]["hf_mim_kmeans"]
+    assert 0.5 <= kmeans["bf16"]["id_agreement_with_fp32"] <= 1.0
+    assert "id_agreement_with_fp32" not in kmeans["fp32"]
