@@ -71,6 +71,10 @@ def parse_args(argv=None):
     parser.add_argument(
         "--dvae_code_balance_rate", type=float, default=0.05, help="The dVAE's --code_balance_rate (0: DALL-E's recipe)"
     )
+    parser.add_argument(
+        "--dvae_anneal_fraction", type=float, default=0.5,
+        help="The dVAE's --gumbel_anneal_fraction (the library default; 1.0: anneal until the last step)",
+    )
     parser.add_argument("--num_hidden_layers", type=int, default=6)
     parser.add_argument("--hidden_size", type=int, default=192)
     parser.add_argument("--batch_size", type=int, default=64)
@@ -143,6 +147,7 @@ def train_tokenizers(needed: set[str], train_dir: str, work_dir: str, args) -> t
             train_tokenizer.main([
                 "--tokenizer_type", "dvae", "--train_dir", train_dir, "--config_overrides", overrides,
                 "--learning_rate", "1e-3", "--kl_weight", "1e-2", "--code_balance_rate", str(args.dvae_code_balance_rate),
+                "--gumbel_anneal_fraction", str(args.dvae_anneal_fraction),
                 *common_training_flags(folder, args.tokenizer_seconds, args),
             ])  # fmt: skip
         else:

@@ -615,32 +615,58 @@ def test_trainer_balances_with_the_step_counts_of_every_micro_batch(tmp_path):
     torch.testing.assert_close(bias.detach(), expected)
 
 
-def test_balancing_keeps_a_collapsing_setting_in_use(tmp_path):
-    # At learning rate 1e-2 (the setting of test_training_lowers_reconstruction_error_and_uses_many_codes, with 256
-    # codes on an 8x8 grid) DALL-E's recipe ends on 3 codes; balancing keeps about a third in use (89, measured).
+def _codes_used_after_training(tmp_path, *, learning_rate: float, kl_weight: float, **trainer_kwargs) -> int:
+    """Codes used on the 48 photo crops (256 codes, 8x8 grid) by a dVAE trained on them for BALANCE_STEPS."""
     from transformers import TrainingArguments
 
     from hf_mim.data import MimDataCollator
 
     config = DvaeConfig(image_size=32, hidden_size=16, codebook_size=256, num_groups=3, decoder_hidden_size=16)
     pixels = DvaeImageProcessor.for_config(config)(_sample_photo_crops(48, 32), return_tensors="pt")["pixel_values"]
-    used = {}
-    for rate in (0.0, BALANCE_RATE):
-        torch.manual_seed(0)
-        model = DvaeModel(config)
-        args = TrainingArguments(
-            output_dir=str(tmp_path / str(rate)), max_steps=BALANCE_STEPS, per_device_train_batch_size=16,
-            learning_rate=1e-2, lr_scheduler_type="cosine", warmup_steps=0.05, save_strategy="no", report_to=[],
-            use_cpu=True, disable_tqdm=True, seed=0,
-        )  # fmt: skip
-        DvaeTrainer(
-            model=model, args=args, train_dataset=[{"pixel_values": p} for p in pixels],
-            data_collator=MimDataCollator(), kl_weight=1e-3, code_balance_rate=rate,
-        ).train()  # fmt: skip
-        with torch.no_grad():
-            used[rate] = model.eval().get_codebook_indices(pixels).unique().numel()
+    torch.manual_seed(0)
+    model = DvaeModel(config)
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=BALANCE_STEPS, per_device_train_batch_size=16,
+        learning_rate=learning_rate, lr_scheduler_type="cosine", warmup_steps=0.05, save_strategy="no", report_to=[],
+        use_cpu=True, disable_tqdm=True, seed=0,
+    )  # fmt: skip
+    DvaeTrainer(
+        model=model, args=args, train_dataset=[{"pixel_values": p} for p in pixels], data_collator=MimDataCollator(),
+        kl_weight=kl_weight, **trainer_kwargs,
+    ).train()  # fmt: skip
+    with torch.no_grad():
+        return model.eval().get_codebook_indices(pixels).unique().numel()
+
+
+def test_balancing_keeps_a_collapsing_setting_in_use(tmp_path):
+    # At learning rate 1e-2 (the setting of test_training_lowers_reconstruction_error_and_uses_many_codes, with 256
+    # codes on an 8x8 grid) DALL-E's recipe ends on 1 code; balancing keeps a quarter in use (67, measured).
+    used = {
+        rate: _codes_used_after_training(tmp_path / str(rate), learning_rate=1e-2, kl_weight=1e-3, code_balance_rate=rate)
+        for rate in (0.0, BALANCE_RATE)
+    }
     print(f"codes used of 256 on the 48 training crops: {used}")
-    assert used[0.0] < 0.05 * 256 and used[BALANCE_RATE] >= 0.25 * 256, used
+    assert used[0.0] < 0.05 * 256 and used[BALANCE_RATE] >= 0.2 * 256, used
+
+
+def test_the_temperature_reaches_its_end_value_half_way_by_default(tmp_path):
+    # Issue 19: annealing until the last step ended balanced runs at the low point of their codebook usage (329-368
+    # of 512 codes on test vs 495 at 0.5, benchmarks/README.md). Tiny data does not show it (172 vs 173 of 256 codes
+    # on the 48 photo crops after 200 steps), so the default itself is what is checked here.
+    from transformers import TrainingArguments
+
+    from hf_mim.data import MimDataCollator
+    from hf_mim.training.tokenizer_training import TokenizerArguments
+
+    assert TokenizerArguments().gumbel_anneal_fraction == 0.5
+    args = TrainingArguments(str(tmp_path), max_steps=100, use_cpu=True, report_to=[], save_strategy="no")
+    trainer = DvaeTrainer(model=DvaeModel(DvaeConfig(**TINY)), args=args, data_collator=MimDataCollator())
+    trainer.state.max_steps = 100
+    temperatures = []
+    for step in (25, 50, 90):
+        trainer.state.global_step = step
+        temperatures.append(trainer.current_temperature())
+    assert temperatures[0] > 1 / 16 and temperatures[1:] == [pytest.approx(1 / 16)] * 2
 
 
 def test_a_collapsing_codebook_is_reported_once_with_the_remedy(tmp_path, caplog):
