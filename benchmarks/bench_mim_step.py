@@ -76,19 +76,16 @@ _NOT_ARCHITECTURE = {"model_type", "architectures", "auto_map", "transformers_ve
 def method_config(method: str, size: str, args):
     """The method's config at a ViT size of `MODEL_SIZES`, with its default recipe otherwise; with `--full_step` it
     holds its paper's tokenizer (default size) and predicts that tokenizer's codebook."""
-    config = MIM_METHODS[method].config_class(**MODEL_SIZES[size], image_size=args.image_size, patch_size=args.patch_size)
+    tokenizer_fields = {}
     if args.full_step:
-        tokenizer_config = TOKENIZERS[PAPER_TOKENIZERS[method]].config_class()
-        grid = args.image_size // args.patch_size
-        if tokenizer_config.grid_size != grid:
-            raise SystemExit(
-                f"--full_step: the default {PAPER_TOKENIZERS[method]} tokenizer gives a {tokenizer_config.grid_size}x"
-                f"{tokenizer_config.grid_size} grid, the ViT a {grid}x{grid} one; use --image_size / --patch_size "
-                f"of {tokenizer_config.grid_size} patches per side (e.g. 224 / 16)"
-            )
-        config.tokenizer_config = tokenizer_config.to_dict()
-        config.vocab_size = tokenizer_config.codebook_size
-    return config
+        tokenizer = TOKENIZERS[PAPER_TOKENIZERS[method]].config_class()
+        tokenizer_fields = {"tokenizer_config": tokenizer.to_dict(), "vocab_size": tokenizer.codebook_size}
+    try:
+        return MIM_METHODS[method].config_class(
+            **MODEL_SIZES[size], image_size=args.image_size, patch_size=args.patch_size, **tokenizer_fields
+        )
+    except ValueError as error:  # the config checks the patch grid, and the tokenizer's grid against it
+        raise SystemExit(f"{method}: {error} (set with --image_size / --patch_size)") from None
 
 
 def baseline_config(config) -> BeitConfig:
