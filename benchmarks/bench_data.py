@@ -113,9 +113,7 @@ def pipeline(method: str, dataset, image_column: str, image_size: int, seed: int
     transform = TwoViewTransform(
         image_processor=tokenizer_processor if raw_view else image_processor,
         tokenizer_image_processor=None if raw_view else tokenizer_processor,
-        crop_scale=(data_args.crop_min_scale, 1.0),
-        color_jitter=data_args.color_jitter,
-        exact=exact,
+        **{**data_args.view_options(), "exact": exact},
     )
     grid = image_size // PATCH_SIZE
     collator = MimDataCollator(

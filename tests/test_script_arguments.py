@@ -9,6 +9,7 @@ from transformers import HfArgumentParser
 from hf_mim.data import (
     ImageDatasetArguments,
     LabelledImageDatasetArguments,
+    RenderingArguments,
     StreamingImageDatasetArguments,
     load_image_datasets_from_args,
 )
@@ -123,9 +124,15 @@ class _Built(Exception):
     """Raised by a recording `TwoViewTransform` once the training view is built: the run stops there."""
 
 
+# The colour jitter of each command's recipe when --color_jitter is not given (BEiT pre-training; a dVAE; fine-tuning
+# under its default RandAugment, as in timm).
+DEFAULT_COLOR_JITTER = {"run_mim": 0.4, "train_tokenizer": 0.0, "run_image_classification": 0.0}
+
+
+@pytest.mark.parametrize("given", [False, True])
 @pytest.mark.parametrize("script", ["run_mim", "train_tokenizer", "run_image_classification"])
-def test_exact_augmentation_reaches_every_training_view(script, tiny_dvae_dir, tiny_mim_dir, image_folder, tmp_path,
-                                                        monkeypatch):
+def test_rendering_flags_reach_every_training_view(script, given, tiny_dvae_dir, tiny_mim_dir, image_folder, tmp_path,
+                                                   monkeypatch):
     from hf_mim.training import run_mim
 
     module, entry, flags = {
@@ -145,9 +152,19 @@ def test_exact_augmentation_reaches_every_training_view(script, tiny_dvae_dir, t
 
     recording.__wrapped__ = module.TwoViewTransform
     monkeypatch.setattr(module, "TwoViewTransform", recording)
+    rendering = ["--exact_augmentation", "--crop_min_scale", "0.3", "--color_jitter", "0.2"] if given else []
     with pytest.raises(_Built):
         entry([*flags, "--train_dir", image_folder, "--output_dir", str(tmp_path), "--do_train", "--use_cpu",
-               "--report_to", "none", "--exact_augmentation"])  # fmt: skip
-    assert built[-1]["exact"] is True
-    # The default is the fast rendering.
-    assert module.DataArguments.__dataclass_fields__["exact_augmentation"].default is False
+               "--report_to", "none", *rendering])  # fmt: skip
+    expected = (True, (0.3, 1.0), 0.2) if given else (False, (0.08, 1.0), DEFAULT_COLOR_JITTER[script])
+    assert (built[-1]["exact"], built[-1]["crop_scale"], built[-1]["color_jitter"]) == expected
+
+
+def test_rendering_flags_are_declared_once():
+    # One declaration (RenderingArguments) serves every training command, so help and defaults cannot drift apart.
+    declared = {field.name: field for field in dataclasses.fields(RenderingArguments)}
+    for arguments in (pretraining.DataArguments, tokenizer_training.DataArguments, run_image_classification.DataArguments):
+        for name in ("crop_min_scale", "color_jitter", "exact_augmentation"):
+            assert arguments.__dataclass_fields__[name] is declared[name], (arguments, name)
+    with pytest.raises(ValueError, match="color_jitter"):
+        RenderingArguments().view_options()

@@ -93,6 +93,12 @@ CASES = {
                    p["images"], "--output_dir", str(p["root"] / "tok2"), "--do_train", "--use_cpu"],
         "--kmeans_iterations is read by --tokenizer_type kmeans and feature_kmeans only",
     ),
+    "an augmentation flag with a fitted tokenizer": (
+        lambda p: ["train_tokenizer.py", "--tokenizer_type", "kmeans", "--color_jitter", "0.4", "--train_dir",
+                   p["images"], "--output_dir", str(p["root"] / "km3"), "--do_train", "--use_cpu"],
+        "--color_jitter sets the training views of gradient-trained tokenizers; --tokenizer_type kmeans fits on each "
+        "image's deterministic view and would ignore it: remove it",
+    ),
     "a k-means fit flag without --fit_tokenizer": (
         lambda p: mim(p, kmeans_iterations=5),
         "--kmeans_iterations is a flag of --fit_tokenizer, which is not given: add --fit_tokenizer or remove it",

@@ -79,12 +79,31 @@ class LabelledImageDatasetArguments(ImageDatasetArguments):
 
 @dataclass
 class RenderingArguments:
+    """How the training commands draw and render their training views ([`TwoViewTransform`])."""
+
+    crop_min_scale: float = field(
+        default=0.08,
+        metadata={"help": "Random-resized-crop minimum area, a fraction of the image (BEiT v2 and CCViT recipes: 0.2)"},
+    )
+    color_jitter: float | None = field(
+        default=None,
+        metadata={"help": "Brightness/contrast/saturation jitter strength; 0 disables it (default: the recipe's. "
+                  "Pre-training 0.4, mcbeit and ccvit 0; fine-tuning 0 under RandAugment, else 0.4; tokenizers 0)"},
+    )
     exact_augmentation: bool = field(
         default=False,
         metadata={"help": "Render training views exactly as torchvision's PIL pipeline (jitter the whole image, flip, "
                   "crop; slower). Default: the same draws rendered from the crop alone, torch resampling bicubic "
                   "views, jitter after resampling (differences in benchmarks/README.md)"},
     )
+
+    def view_options(self, default_color_jitter: float | None = None) -> dict:
+        """`TwoViewTransform`'s crop, jitter and rendering arguments of these flags, with `default_color_jitter`
+        where `--color_jitter` is unset (pre-training fills in its method's default before)."""
+        color_jitter = default_color_jitter if self.color_jitter is None else self.color_jitter
+        if color_jitter is None:
+            raise ValueError("--color_jitter is unset and no default was given: fill in the recipe's defaults first")
+        return {"crop_scale": (self.crop_min_scale, 1.0), "color_jitter": color_jitter, "exact": self.exact_augmentation}
 
 
 @dataclass

@@ -111,13 +111,6 @@ class ModelArguments(KmeansFitArguments):
 
 @dataclass
 class DataArguments(MaskingArguments, RenderingArguments, StreamingImageDatasetArguments):
-    crop_min_scale: float = field(
-        default=0.08,
-        metadata={"help": "Random-resized-crop minimum area, a fraction of the image (BEiT v2 recipe: 0.2)"},
-    )
-    color_jitter: float | None = field(
-        default=None, metadata={"help": "Colour jitter strength (default 0.4; mcbeit, ccvit: 0)"}
-    )
     num_replaced_patches: int | None = field(
         default=None,
         metadata={"help": "Visible patches replaced by their tokenizer's reconstruction, for the methods that do so "
@@ -341,9 +334,7 @@ def pretrain(
     view_kwargs = {
         "image_processor": tokenizer_processor if raw_view else image_processor,
         "tokenizer_image_processor": None if raw_view else tokenizer_processor,
-        "crop_scale": (data_args.crop_min_scale, 1.0),
-        "color_jitter": data_args.color_jitter,
-        "exact": data_args.exact_augmentation,
+        **data_args.view_options(),
     }
     train_dataset = eval_dataset = None
     # Per-example generators keyed by (seed, epoch, index) make a resumed run redraw the crops and masks of an

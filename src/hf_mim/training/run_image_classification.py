@@ -67,14 +67,6 @@ class ModelArguments:
 
 @dataclass
 class DataArguments(RenderingArguments, LabelledImageDatasetArguments):
-    crop_min_scale: float = field(
-        default=0.08, metadata={"help": "Random-resized-crop minimum area, a fraction of the image"}
-    )
-    color_jitter: float | None = field(
-        default=None,
-        metadata={"help": "Colour jitter strength (default: 0 under RandAugment, as in timm and BEiT's recipe; 0.4 "
-                  "with --rand_augment '')"},
-    )
     rand_augment: str = field(
         default="rand-m9-mstd0.5-inc1", metadata={"help": "timm RandAugment config of the training view (BEiT recipe); '' disables"}
     )
@@ -242,14 +234,12 @@ def main(argv=None) -> dict[str, float]:
     skipped = SkippedImageCounter()
     train_dataset = eval_dataset = None
     if training_args.do_train:
-        color_jitter = data_args.color_jitter if data_args.color_jitter is not None else 0.0 if data_args.rand_augment else 0.4
+        # timm, hence BEiT's fine-tuning recipe, jitters colours only without RandAugment.
         transform = TwoViewTransform(
             view,
-            crop_scale=(data_args.crop_min_scale, 1.0),
-            color_jitter=color_jitter,
             rand_augment=data_args.rand_augment or None,
             random_erasing=data_args.random_erasing,
-            exact=data_args.exact_augmentation,
+            **data_args.view_options(default_color_jitter=0.0 if data_args.rand_augment else 0.4),
         )
         train_dataset = apply_transform(raw["train"], image_column, transform, skipped, keep_columns=("labels",))
     if training_args.do_eval:

@@ -92,10 +92,6 @@ class TokenizerArguments(KmeansFitArguments):
 @dataclass
 class DataArguments(RenderingArguments, StreamingImageDatasetArguments):
     cache_dir: str | None = field(default=None, metadata={"help": "Cache folder of Hub datasets."})
-    crop_min_scale: float = field(
-        default=0.08, metadata={"help": "Smallest random crop, as a fraction of the image area."}
-    )
-    color_jitter: float = field(default=0.0, metadata={"help": "Brightness/contrast/saturation jitter strength."})
 
 
 # Flags that only some tokenizer types read, by help group: (the types, the flags). Given to another type, a flag
@@ -113,14 +109,23 @@ TYPE_SPECIFIC_FLAGS = {
 }  # fmt: skip
 
 
-def check_type_specific_flags(tokenizer_args: TokenizerArguments) -> None:
-    """A one-line error for a flag set away from its default that `--tokenizer_type` does not read."""
+def check_type_specific_flags(tokenizer_args: TokenizerArguments, data_args: DataArguments | None = None) -> None:
+    """A one-line error for a flag set away from its default that `--tokenizer_type` does not read: a flag of another
+    type, or a training-view flag (crop, jitter, rendering) given to a fitted type, whose points come from each image's
+    deterministic view."""
     for types, names in TYPE_SPECIFIC_FLAGS.values():
         given = [] if tokenizer_args.tokenizer_type in types else flags_set(tokenizer_args, names)
         if given:
             raise UsageError(
                 f"--{given[0]} is read by --tokenizer_type {' and '.join(types)} only; --tokenizer_type "
                 f"{tokenizer_args.tokenizer_type} would ignore it: remove it or change --tokenizer_type"
+            )
+    if data_args is not None and TRAINABLE[tokenizer_args.tokenizer_type].fit is not None:
+        given = flags_set(data_args, [view_field.name for view_field in dataclasses.fields(RenderingArguments)])
+        if given:
+            raise UsageError(
+                f"--{given[0]} sets the training views of gradient-trained tokenizers; --tokenizer_type "
+                f"{tokenizer_args.tokenizer_type} fits on each image's deterministic view and would ignore it: remove it"
             )
 
 
@@ -188,7 +193,7 @@ def train_tokenizer(
     Returns the training metrics (and `eval_*` metrics with `--do_eval` and a validation split).
     """
     require_action(training_args)
-    check_type_specific_flags(tokenizer_args)
+    check_type_specific_flags(tokenizer_args, data_args)
     setup_logging(training_args)
     set_seed(training_args.seed)
 
@@ -202,12 +207,7 @@ def train_tokenizer(
         fit = import_target(family.fit)
         return fit(model, image_processor, raw, image_column, tokenizer_args, training_args, dataset_tags)
     skipped = SkippedImageCounter()
-    train_transform = TwoViewTransform(
-        image_processor,
-        crop_scale=(data_args.crop_min_scale, 1.0),
-        color_jitter=data_args.color_jitter,
-        exact=data_args.exact_augmentation,
-    )
+    train_transform = TwoViewTransform(image_processor, **data_args.view_options(default_color_jitter=0.0))
     train_dataset = apply_transform(raw["train"], image_column, train_transform, skipped=skipped)
     eval_dataset = None
     if training_args.do_eval:
