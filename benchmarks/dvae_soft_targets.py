@@ -88,7 +88,7 @@ def main() -> None:
             train_tokenizer.main([
                 "--tokenizer_type", "dvae", "--train_dir", subsets["train"], "--config_overrides", OVERRIDES,
                 "--kl_weight", "1e-2", *flags,
-                *run_results.common_training_flags(folder, args.tokenizer_seconds, flags_args),
+                *run_results.common_training_flags(folder, args.tokenizer_seconds, None, flags_args),
             ])  # fmt: skip
             results["dvaes"][name] = soft_target_statistics(folder, subsets["test"])
             print(name, json.dumps(results["dvaes"][name]), flush=True)

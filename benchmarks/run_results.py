@@ -5,8 +5,10 @@ raw-pixel 1-NN floor.
     python benchmarks/run_results.py --data /work/shared/data/cifar10_jpg.tar.gz
 
 Every step is the library's: tokenizers by `train_tokenizer.main` (dVAE, VQ-KD) and `fit_kmeans_tokenizer`
-(k-means), pre-training by `run_mim.main` with `--max_train_seconds`, probes by `hf_mim.evaluation`. Tokenizer
-training has its own budget (`--tokenizer_seconds` each), outside the pre-training budget. Tokenizers:
+(k-means), pre-training by `run_mim.main` with `--max_train_seconds` (or `--max_steps` with `--budget_steps`: equal work
+whatever the machine's load, where a time budget gives a loaded machine fewer steps), probes by `hf_mim.evaluation`.
+Tokenizer training has its own budget (`--tokenizer_seconds` or `--tokenizer_steps` each), outside the pre-training
+budget. Tokenizers:
 
 - beit: a dVAE trained here on the subset (32 px view, three groups: 4x downsampling to the ViT's 8x8 grid);
 - beitv2: VQ-KD distilled here from a *randomly initialised* tiny CLIP vision tower (no pretrained teacher is
@@ -69,6 +71,13 @@ def parse_args(argv=None):
     )  # fmt: skip
     parser.add_argument("--tokenizer_seconds", type=float, default=60.0, help="Budget of each trained tokenizer")
     parser.add_argument(
+        "--budget_steps", type=int, default=None,
+        help="Pre-training steps per method, instead of --budget_seconds: the same work however loaded the machine is",
+    )
+    parser.add_argument(
+        "--tokenizer_steps", type=int, default=None, help="Steps of each trained tokenizer, instead of --tokenizer_seconds"
+    )
+    parser.add_argument(
         "--dvae_code_balance_rate", type=float, default=0.05, help="The dVAE's --code_balance_rate (0: DALL-E's recipe)"
     )
     parser.add_argument(
@@ -102,10 +111,21 @@ def make_subsets(archive: str, work_dir: str, train_per_class: int, test_per_cla
     return subsets
 
 
-def common_training_flags(output_dir: str, seconds: float, args) -> list[str]:
+def budget_flags(seconds: float, steps: int | None) -> list[str]:
+    """A budget of `steps` when given, else of `seconds` of wall-clock time (with a step cap no run reaches)."""
+    if steps is not None:
+        return ["--max_steps", str(steps)]
+    return ["--max_steps", "100000", "--max_train_seconds", str(seconds)]
+
+
+def budget_words(seconds: float, steps: int | None) -> str:
+    return f"{steps} steps" if steps is not None else f"{seconds:.0f} s"
+
+
+def common_training_flags(output_dir: str, seconds: float, steps: int | None, args) -> list[str]:
     return [
-        "--output_dir", output_dir, "--overwrite_output_dir", "--do_train", "--max_steps", "100000",
-        "--max_train_seconds", str(seconds), "--per_device_train_batch_size", str(args.batch_size),
+        "--output_dir", output_dir, "--overwrite_output_dir", "--do_train", *budget_flags(seconds, steps),
+        "--per_device_train_batch_size", str(args.batch_size),
         "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", "20", "--logging_steps", "20",
         "--save_strategy", "no", "--report_to", "none", "--use_cpu", "--dataloader_num_workers", "0",
         "--seed", str(args.seed),
@@ -148,7 +168,7 @@ def train_tokenizers(needed: set[str], train_dir: str, work_dir: str, args) -> t
                 "--tokenizer_type", "dvae", "--train_dir", train_dir, "--config_overrides", overrides,
                 "--learning_rate", "1e-3", "--kl_weight", "1e-2", "--code_balance_rate", str(args.dvae_code_balance_rate),
                 "--gumbel_anneal_fraction", str(args.dvae_anneal_fraction),
-                *common_training_flags(folder, args.tokenizer_seconds, args),
+                *common_training_flags(folder, args.tokenizer_seconds, args.tokenizer_steps, args),
             ])  # fmt: skip
         else:
             teacher = random_clip_teacher(os.path.join(work_dir, "random_clip_teacher"))
@@ -160,7 +180,7 @@ def train_tokenizers(needed: set[str], train_dir: str, work_dir: str, args) -> t
             train_tokenizer.main([
                 "--tokenizer_type", "vqkd", "--teacher_name_or_path", teacher, "--train_dir", train_dir,
                 "--config_overrides", overrides, "--learning_rate", "1e-3",
-                *common_training_flags(folder, args.tokenizer_seconds, args),
+                *common_training_flags(folder, args.tokenizer_seconds, args.tokenizer_steps, args),
             ])  # fmt: skip
         folders[kind] = folder
         seconds[kind] = time.monotonic() - start
@@ -176,7 +196,7 @@ def pretrain(method: str, tokenizer_dir: str, train_dir: str, work_dir: str, arg
         "--model_type", method, "--tokenizer_name_or_path", tokenizer_dir, "--train_dir", train_dir,
         "--model_size", "tiny", "--image_size", str(IMAGE_SIZE), "--patch_size", str(PATCH_SIZE),
         "--config_overrides", overrides, "--crop_min_scale", "0.2", "--learning_rate", "1.5e-3", "--weight_decay", "0.05",
-        *common_training_flags(output_dir, args.budget_seconds, args),
+        *common_training_flags(output_dir, args.budget_seconds, args.budget_steps, args),
     ])  # fmt: skip
     return output_dir, metrics
 
@@ -299,7 +319,7 @@ def main(argv=None) -> dict:
 
     result = write_results(rows, complete=True)
     print(f"\nCIFAR-10, {len(data['train'])} train / {len(data['validation'])} test images; pre-training budget "
-          f"{args.budget_seconds:.0f} s per method; raw-pixel 1-NN on the subset {100 * floor:.1f}% "
+          f"{budget_words(args.budget_seconds, args.budget_steps)} per method; raw-pixel 1-NN on the subset {100 * floor:.1f}% "
           f"(full data: {100 * RAW_PIXEL_FLOOR_FULL:.1f}%)\n")  # fmt: skip
     print(table(rows))
     if args.work_dir is None:

@@ -31,6 +31,7 @@ from run_results import (
     IMAGE_SIZE,
     PATCH_SIZE,
     TOKENIZER_NOTE,
+    budget_words,
     make_subsets,
     pretrain,
     probe,
@@ -54,6 +55,8 @@ def parse_args(argv=None):
     parser.add_argument("--train_per_class", type=int, default=500, help="Pre-training / probe images per class")
     parser.add_argument("--test_per_class", type=int, default=200, help="Test images per class")
     parser.add_argument("--budget_seconds", type=float, default=120.0, help="Pre-training budget of both stages")
+    parser.add_argument("--budget_steps", type=int, default=None,
+                        help="Pre-training steps of both stages, instead of --budget_seconds (split likewise)")
     parser.add_argument("--stage1_fraction", type=float, default=0.5, help="Share of the budget of stage 1 (CCViT)")
     parser.add_argument("--teacher_feature_layer", type=int, default=None,
                         help="hidden_states index of the stage-1 encoder to cluster (default: its final features)")
@@ -70,9 +73,9 @@ def parse_args(argv=None):
     return args
 
 
-def with_budget(args, seconds: float) -> argparse.Namespace:
+def with_budget(args, seconds: float, steps: int | None) -> argparse.Namespace:
     """`args` with another pre-training budget (what `run_results.pretrain` reads)."""
-    return argparse.Namespace(**{**vars(args), "budget_seconds": seconds})
+    return argparse.Namespace(**{**vars(args), "budget_seconds": seconds, "budget_steps": steps})
 
 
 def fit_feature_kmeans(teacher_dir: str, train_dir: str, folder: str, args) -> None:
@@ -105,17 +108,21 @@ def main(argv=None) -> dict:
     data = {split: raw[split].cast_column("image", datasets.Image(decode=True)) for split in ("train", "validation")}
     test_images = list(data["validation"]["image"])
     stage1_seconds = args.budget_seconds * args.stage1_fraction
+    stage1_steps = None if args.budget_steps is None else round(args.budget_steps * args.stage1_fraction)
+    stage2_steps = None if args.budget_steps is None else args.budget_steps - stage1_steps
+    stage1_budget, all_budget = (budget_words(stage1_seconds, stage1_steps),
+                                 budget_words(args.budget_seconds, args.budget_steps))  # fmt: skip
 
     # Stage 1: CCViT with k-means of pixel patches, as run_results.py trains it, for its share of the budget.
     tokenizer_dirs, seconds = train_tokenizers({"kmeans"}, subsets["train"], work_dir, args)
-    stage1_args = with_budget(args, stage1_seconds)
+    stage1_args = with_budget(args, stage1_seconds, stage1_steps)
     stage1_dir, stage1 = pretrain("ccvit", tokenizer_dirs["kmeans"], subsets["train"], work_dir, stage1_args)
     # Stage 2: feature k-means of the stage-1 encoder, and BEiT pre-trained on it for the rest of the budget.
     start = time.monotonic()
     feature_dir = os.path.join(work_dir, "tokenizer_feature_kmeans")
     fit_feature_kmeans(stage1_dir, subsets["train"], feature_dir, args)
     seconds["feature_kmeans"] = time.monotonic() - start
-    stage2_args = with_budget(args, args.budget_seconds - stage1_seconds)
+    stage2_args = with_budget(args, args.budget_seconds - stage1_seconds, stage2_steps)
     stage2_dir, stage2 = pretrain("beit", feature_dir, subsets["train"], work_dir, stage2_args)
 
     usage = {kind: tokenizer_usage(folder, test_images) for kind, folder in
@@ -124,7 +131,7 @@ def main(argv=None) -> dict:
             for kind, value in usage.items()}  # fmt: skip
     floor = raw_pixel_1nn(data)
     rows = [{"encoder": "raw pixels (L2 1-NN)", "tokenizer": "-", "knn_top1_k1": floor}]
-    stage1_row = encoder_row(f"ccvit (stage 1 alone, {stage1_seconds:.0f} s)",
+    stage1_row = encoder_row(f"ccvit (stage 1 alone, {stage1_budget})",
                              f"{TOKENIZER_NOTE['kmeans']} ({used['kmeans']})", stage1_dir, data, args)  # fmt: skip
     encoder = AutoModel.from_pretrained(stage1_dir)
     torch.manual_seed(args.seed)
@@ -132,7 +139,7 @@ def main(argv=None) -> dict:
     random_row = {"encoder": "random init (same ViT)", "tokenizer": "-", "steps": 0,
                   **probe(random_model, AutoImageProcessor.from_pretrained(stage1_dir), data, args.seed)}  # fmt: skip
     stage2_row = encoder_row(
-        f"beit (stage 2, after {stage1_seconds:.0f} s of stage 1: {args.budget_seconds:.0f} s in all)",
+        f"beit (stage 2, after {stage1_budget} of stage 1: {all_budget} in all)",
         f"feature k-means of the stage-1 encoder ({used['feature_kmeans']})", stage2_dir, data, args,
     )  # fmt: skip
     rows += [random_row, stage1_row, stage2_row]
@@ -157,7 +164,7 @@ def main(argv=None) -> dict:
     with open(args.output, "w") as file:
         json.dump(result, file, indent=2)
     print(f"\nCIFAR-10, {len(data['train'])} train / {len(data['validation'])} test images; pre-training budget "
-          f"{args.budget_seconds:.0f} s in all ({stage1_seconds:.0f} s stage 1); k-means fits "
+          f"{all_budget} in all ({stage1_budget} stage 1); k-means fits "
           f"{seconds['kmeans']:.0f} s (pixels) and {seconds['feature_kmeans']:.0f} s (features), outside the budget\n")  # fmt: skip
     print(table(rows))
     if args.work_dir is None:

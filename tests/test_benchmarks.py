@@ -94,3 +94,34 @@ def test_tokenizer_benchmark_reports_how_many_ids_bf16_keeps(tmp_path):
     kmeans = json.loads(output.read_text())["tokenizers"]["hf_mim_kmeans"]
     assert 0.5 <= kmeans["bf16"]["id_agreement_with_fp32"] <= 1.0
     assert "id_agreement_with_fp32" not in kmeans["fp32"]
+
+
+def test_results_run_with_a_step_budget_trains_exactly_that_many_steps(tmp_path):
+    # A time budget gives a loaded machine fewer steps; --budget_steps / --tokenizer_steps give every run the same work.
+    import tarfile
+
+    import numpy as np
+    import run_results
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 12), ("test", 4)):
+        for label in ("cat", "dog"):
+            folder = tmp_path / "cifar10_jpg" / split / label
+            folder.mkdir(parents=True)
+            for index in range(count):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / f"{index}.jpg")
+    archive = tmp_path / "cifar10_jpg.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "cifar10_jpg", arcname="cifar10_jpg")
+    result = run_results.main([
+        "--data", str(archive), "--methods", "beit", "--train_per_class", "12", "--test_per_class", "4",
+        "--budget_steps", "3", "--tokenizer_steps", "2", "--budget_seconds", "0.001", "--tokenizer_seconds", "0.001",
+        "--hidden_size", "24", "--num_hidden_layers", "1", "--batch_size", "8", "--output", str(tmp_path / "r.json"),
+        "--work_dir", str(tmp_path / "work"),
+    ])  # fmt: skip
+    beit = next(row for row in result["rows"] if row["encoder"] == "beit")
+    assert beit["steps"] == 3
+    dvae_state = json.loads((tmp_path / "work" / "tokenizer_dvae" / "trainer_state.json").read_text())
+    assert dvae_state["global_step"] == 2
+    assert run_results.budget_flags(60.0, None) == ["--max_steps", "100000", "--max_train_seconds", "60.0"]
