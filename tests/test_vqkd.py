@@ -187,6 +187,21 @@ def test_spherical_kmeans_with_fewer_vectors_than_codes_reuses_vectors():
     assert all(any(torch.allclose(row, vector) for vector in vectors) for row in centroids)
 
 
+def test_a_new_vqkd_takes_the_fine_tuning_vit_initialisation():
+    # VQ-KD's encoder, decoder and task layers are the reference's fine-tuning ViT: N(0, 0.02^2) with timm's +-2
+    # bounds (a normal in effect), not the MIM models' +-1 sigma truncation (std 0.0108).
+    torch.manual_seed(0)
+    model = VqkdModel(tiny_vqkd_config(hidden_size=64, intermediate_size=256, decoder_hidden_size=64, num_hidden_layers=2))
+    for weight in (model.encoder.layers[0].mlp.fc1.weight, model.decoder.layers[0].attention.q_proj.weight,
+                   model.encode_task_layer[0].weight, model.decode_task_layer[0].weight,
+                   model.encoder.embeddings.position_embeddings):  # fmt: skip
+        assert weight.std().item() == pytest.approx(0.02, rel=0.1) and weight.abs().max() > 0.04
+    for depth, layer in enumerate(model.encoder.layers, start=1):
+        # The same 1/sqrt(2l) rescale of the output projections.
+        assert layer.mlp.fc2.weight.std().item() == pytest.approx(0.02 / math.sqrt(2 * depth), rel=0.1)
+    assert torch.all(model.encoder.layers[0].attention.q_proj.bias == 0)
+
+
 def test_kmeans_initialises_once_on_the_first_training_batch(monkeypatch):
     calls = []
     original = modeling_vqkd.spherical_kmeans

@@ -22,8 +22,13 @@ from transformers.models.beit.modeling_beit import (
 
 
 def trunc_normal_beit_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
-    """BEiT's initialiser: N(0, std²) truncated at ±std (±1σ, not timm's default ±2 absolute)."""
+    """BEiT's pre-training initialiser: N(0, std²) truncated at ±std (±1σ, not timm's default ±2 absolute)."""
     return init.trunc_normal_(tensor, mean=0.0, std=std, a=-std, b=std)
+
+
+def trunc_normal_timm_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
+    """The reference fine-tuning ViT's initialiser (timm's default bounds, ±2 absolute): for std 0.02, a normal."""
+    return init.trunc_normal_(tensor, mean=0.0, std=std, a=-2.0, b=2.0)
 
 
 def mark_output_projections(layers: nn.ModuleList, first_layer_id: int = 1) -> None:
@@ -41,11 +46,12 @@ def mark_output_projections(layers: nn.ModuleList, first_layer_id: int = 1) -> N
 
 
 @torch.no_grad()
-def init_beit_weights(module: nn.Module, config) -> None:
-    """BEiT's pre-training initialisation of one module; call from a model's `_init_weights`."""
+def init_beit_weights(module: nn.Module, config, trunc_normal_=trunc_normal_beit_) -> None:
+    """BEiT's pre-training initialisation of one module; call from a model's `_init_weights`. `trunc_normal_`
+    draws every weight, token and position embedding (`trunc_normal_timm_`: the reference fine-tuning ViT's)."""
     std = config.initializer_range
     if isinstance(module, (nn.Linear, nn.Conv2d)):
-        trunc_normal_beit_(module.weight, std)
+        trunc_normal_(module.weight, std)
         depth = getattr(module, "beit_depth", None)
         # A weight loaded from a checkpoint carries this flag and must keep its values.
         if depth is not None and not getattr(module.weight, "_is_hf_initialized", False):
@@ -56,11 +62,11 @@ def init_beit_weights(module: nn.Module, config) -> None:
         init.ones_(module.weight)
         init.zeros_(module.bias)
     elif isinstance(module, BeitEmbeddings):
-        trunc_normal_beit_(module.cls_token, std)
+        trunc_normal_(module.cls_token, std)
         if module.mask_token is not None:
-            trunc_normal_beit_(module.mask_token, std)
+            trunc_normal_(module.mask_token, std)
         if module.position_embeddings is not None:
-            trunc_normal_beit_(module.position_embeddings, std)
+            trunc_normal_(module.position_embeddings, std)
     elif isinstance(module, BeitRelativePositionBias):
         init.zeros_(module.relative_position_bias_table)
     elif isinstance(module, BeitLayer):
@@ -105,4 +111,5 @@ __all__ = [
     "init_beit_weights",
     "mark_output_projections",
     "trunc_normal_beit_",
+    "trunc_normal_timm_",
 ]

@@ -18,7 +18,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .beit_backbone import MimBeitModel, init_beit_weights
+from .beit_backbone import MimBeitModel, init_beit_weights, trunc_normal_timm_
 from .configuration_common import check_decoder
 from .configuration_vqkd import VqkdConfig
 from .distributed import all_gather_rows, all_reduce_, computed_on_main
@@ -261,8 +261,17 @@ class VqkdPreTrainedModel(MimTokenizerPreTrainedModel):
             init.zeros_(module.cluster_size)
             init.zeros_(module.unused_steps)
         else:
-            # The encoder and decoder are `MimBeitModel`s and initialise themselves; this covers the task layers.
-            init_beit_weights(module, self.config)
+            # The encoder and decoder are `VqkdBeitModel`s and initialise themselves; this covers the task layers.
+            init_beit_weights(module, self.config, trunc_normal_timm_)
+
+
+class VqkdBeitModel(MimBeitModel):
+    """VQ-KD's encoder and decoder: BEiT's ViT initialised as the reference's fine-tuning ViT that VQ-KD builds on
+    (weights, [CLS] and position embeddings N(0, 0.02²) untruncated, not ±1σ; the same 1/sqrt(2l) rescale)."""
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        init_beit_weights(module, self.config, trunc_normal_timm_)
 
 
 class VqkdModel(VqkdPreTrainedModel):
@@ -280,14 +289,14 @@ class VqkdModel(VqkdPreTrainedModel):
         super().__init__(config)
         # BeitModel's mean-pooling LayerNorm (`pooler.layernorm`) is the reference's `fc_norm`; VQ-KD applies it to
         # every patch token, and keeping it there lets the encoder export to a stock transformers BEiT checkpoint.
-        self.encoder = MimBeitModel(config.encoder_config(), add_pooling_layer=True)
+        self.encoder = VqkdBeitModel(config.encoder_config(), add_pooling_layer=True)
         self.encode_task_layer = nn.Sequential(
             nn.Linear(config.hidden_size, config.hidden_size), nn.Tanh(), nn.Linear(config.hidden_size, config.codebook_dim)
         )
         self.codebook = VqkdCodebook(config)
         self.decoder = self.decode_task_layer = None
         if config.with_decoder:
-            self.decoder = MimBeitModel(config.decoder_config(), add_pooling_layer=True)
+            self.decoder = VqkdBeitModel(config.decoder_config(), add_pooling_layer=True)
             self.decode_task_layer = nn.Sequential(
                 nn.Linear(config.decoder_hidden_size, config.decoder_hidden_size),
                 nn.Tanh(),
@@ -393,6 +402,7 @@ class VqkdModel(VqkdPreTrainedModel):
 
 
 __all__ = [
+    "VqkdBeitModel",
     "VqkdCodebook",
     "VqkdCodebookOutput",
     "VqkdModel",
