@@ -567,3 +567,24 @@ def test_dataloader_spawned_workers_count_skips_in_the_parent(messy_folder):
     batches = list(_loader(train, seed=0, num_workers=1, multiprocessing_context="spawn"))
     assert skipped.value == 3
     assert sum(len(batch.get("pixel_values", [])) for batch in batches) == 6
+
+
+def test_center_crop_view_is_the_papers_evaluation_crop():
+    from hf_mim.data import center_crop_view
+
+    # A 400x200 photo whose left quarter is white: resized whole, a quarter of the view is white; BEiT's evaluation
+    # crop (shorter side to 256, centre 224) leaves none of it.
+    pixels = np.zeros((200, 400, 3), dtype=np.uint8)
+    pixels[:, :100] = 255
+    image = Image.fromarray(pixels)
+    whole = MimImageProcessor(do_normalize=False)
+    cropped = center_crop_view(whole)
+    assert cropped.size == {"shortest_edge": 256} and cropped.crop_size == {"height": 224, "width": 224}
+    assert cropped.output_size == (224, 224)
+    white = {name: float((view(image, return_tensors="pt")["pixel_values"][0, 0] > 0.99).float().mean())
+             for name, view in (("whole", whole), ("cropped", cropped))}  # fmt: skip
+    assert white["whole"] == pytest.approx(0.25, abs=0.01) and white["cropped"] == 0.0
+    # Already cropping, or 384 px and more (BEiT evaluates those resized whole): unchanged.
+    assert center_crop_view(cropped) is cropped
+    large = MimImageProcessor(size={"height": 384, "width": 384})
+    assert center_crop_view(large) is large

@@ -91,6 +91,9 @@ def test_script_fine_tunes_and_saves_a_stock_classifier(tiny_mim_dir, image_fold
     assert config["id2label"] == {"0": "a", "1": "b"}
     processor = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert processor["image_processor_type"] == "BeitImageProcessor"
+    # BEiT's evaluation view, which the reported accuracy used: shorter side to floor(32 / (224 / 256)), centre crop.
+    assert processor["do_center_crop"] and processor["size"] == {"shortest_edge": 36}
+    assert processor["crop_size"] == {"height": 32, "width": 32}
     _, info = BeitForImageClassification.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
 
@@ -149,4 +152,4 @@ def test_fine_tuning_at_a_larger_resolution(tiny_mim_dir, image_folder, tmp_path
     assert model.config.image_size == side
     assert model.beit.layers[0].relative_position_bias.relative_position_bias_table.shape[0] == (2 * grid - 1) ** 2 + 3
     processor = json.loads((tmp_path / "preprocessor_config.json").read_text())
-    assert processor["size"] == {"height": side, "width": side}
+    assert processor["size"] == {"shortest_edge": 73} and processor["crop_size"] == {"height": side, "width": side}

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from PIL import Image
 from transformers import AutoImageProcessor, AutoModel
 
 from hf_mim import KmeansConfig, KmeansImageProcessor, KmeansModel
@@ -281,6 +282,25 @@ def test_fit_a_tokenizer_on_images(image_folder):
     assert torch.equal(tokenizer.centroids, fit.centroids)
     assert processor.size == {"height": 32, "width": 32} and not processor.do_normalize
     assert 0 <= tokenizer.centroids.min() and tokenizer.centroids.max() <= 1
+
+
+def test_pixel_points_come_from_ccvit_fitting_view(tmp_path):
+    # CCViT's train_faiss_kmeans.py: Resize(256) + CenterCrop(224), i.e. the shorter side to 36 for a 32 px view.
+    from hf_mim.data import center_crop_view
+    from hf_mim.training.kmeans import sample_points
+
+    rng = np.random.default_rng(0)
+    (tmp_path / "a").mkdir()
+    for index in range(3):
+        Image.fromarray(rng.integers(0, 256, (40, 64, 3), dtype=np.uint8)).save(tmp_path / "a" / f"{index}.png")
+    raw, column = load_image_datasets(train_dir=str(tmp_path))
+    processor = KmeansImageProcessor(size={"height": 32, "width": 32})
+    tokenizer = KmeansModel(KmeansConfig(image_size=32, patch_size=8, codebook_size=4))
+    points, _ = sample_points(tokenizer, raw["train"], column, processor, show_progress=False)
+    cropped = center_crop_view(processor)
+    assert cropped.size == {"shortest_edge": 36} and cropped.crop_size == {"height": 32, "width": 32}
+    assert torch.equal(points, sample_patches(raw["train"], column, cropped, 8, show_progress=False)[0])
+    assert not torch.equal(points, sample_patches(raw["train"], column, processor, 8, show_progress=False)[0])
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -25,11 +25,12 @@ from .masking import (
     numpy_rng_from_torch,
     scale_num_patches,
 )
-from .transforms import TwoViewTransform, random_resized_crop_box
+from .transforms import CENTER_CROP_FRACTION, TwoViewTransform, center_crop_view, random_resized_crop_box
 
 
 __all__ = [
     "BlockwiseMaskingGenerator",
+    "CENTER_CROP_FRACTION",
     "ImageDatasetArguments",
     "LabelledImageDatasetArguments",
     "MaskingArguments",
@@ -46,6 +47,7 @@ __all__ = [
     "TwoViewTransform",
     "apply_transform",
     "build_mask_generator",
+    "center_crop_view",
     "decode_image",
     "example_rng",
     "load_image_datasets",

@@ -29,6 +29,10 @@ _TIMM_DEFAULT_FILL = (128, 128, 128)
 _TORCH_FILTERS = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
 # PIL's "L" conversion (ITU-R 601-2 luma), which ImageEnhance.Color and Contrast blend towards.
 _LUMA = (0.299, 0.587, 0.114)
+# The papers' evaluation crop (timm's crop_pct): the shorter side resized to 256 for a 224 crop.
+CENTER_CROP_FRACTION = 224 / 256
+# BEiT (as timm) evaluates 384 px and larger views whole: resized to the square, not cropped.
+WHOLE_VIEW_SIZE = 384
 
 
 def random_resized_crop_box(
@@ -63,6 +67,25 @@ def random_resized_crop_box(
     else:
         crop_width, crop_height = width, height
     return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
+
+
+def center_crop_view(processor: MimImageProcessor, crop_fraction: float = CENTER_CROP_FRACTION) -> MimImageProcessor:
+    """`processor`'s view as the papers evaluate and sample images: the shorter side resized to
+    floor(size / `crop_fraction`), then the centre size x size crop (Resize(256) + CenterCrop(224): BEiT's fine-tuning
+    and linear-probe evaluation, CCViT's k-means fit). A processor that already centre-crops, or of 384 px and more
+    (which BEiT evaluates resized whole), is returned as it is."""
+    height, width = processor.output_size
+    if processor.do_center_crop or height >= WHOLE_VIEW_SIZE:
+        return processor
+    if height != width:
+        raise ValueError(f"Expected a processor of square images to centre-crop, got {height}x{width}")
+    fields = processor.to_dict()
+    fields.pop("image_processor_type", None)
+    fields.update(
+        size={"shortest_edge": math.floor(height / crop_fraction)}, crop_size={"height": height, "width": width},
+        do_center_crop=True,
+    )
+    return type(processor)(**fields)
 
 
 def _to_tensor(image: Image.Image) -> torch.Tensor:
@@ -324,4 +347,4 @@ class TwoViewTransform:
         return outputs
 
 
-__all__ = ["TwoViewTransform", "random_resized_crop_box"]
+__all__ = ["CENTER_CROP_FRACTION", "TwoViewTransform", "center_crop_view", "random_resized_crop_box"]

@@ -21,6 +21,7 @@ from ..data import (
     SkippedImageCounter,
     TwoViewTransform,
     apply_transform,
+    center_crop_view,
     load_image_datasets_from_args,
 )
 from ..errors import UsageError
@@ -231,6 +232,9 @@ def main(argv=None) -> dict[str, float]:
             f"{side}x{side}; pass --image_processor_name with a processor of the model's size"
         )
 
+    # BEiT's evaluation view (Resize(256) + CenterCrop(224) below 384 px), also saved as the fine-tuned model's
+    # processor so that its users preprocess as the reported accuracy did.
+    eval_view = center_crop_view(view)
     skipped = SkippedImageCounter()
     train_dataset = eval_dataset = None
     if training_args.do_train:
@@ -243,7 +247,9 @@ def main(argv=None) -> dict[str, float]:
         )
         train_dataset = apply_transform(raw["train"], image_column, transform, skipped, keep_columns=("labels",))
     if training_args.do_eval:
-        eval_dataset = apply_transform(raw["validation"], image_column, TwoViewTransform(view, train=False), skipped, ("labels",))
+        eval_dataset = apply_transform(
+            raw["validation"], image_column, TwoViewTransform(eval_view, train=False), skipped, ("labels",)
+        )
 
     mixup = None
     if data_args.mixup > 0 or data_args.cutmix > 0 or data_args.label_smoothing > 0:
@@ -262,7 +268,7 @@ def main(argv=None) -> dict[str, float]:
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
         data_collator=MimDataCollator(),
-        processing_class=to_beit_image_processor(view),
+        processing_class=to_beit_image_processor(eval_view),
         compute_metrics=lambda prediction: accuracy.compute(
             predictions=prediction.predictions, references=prediction.label_ids
         ),

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ...data import SkippedImageCounter
+from ...data import SkippedImageCounter, center_crop_view
 from ...data.arguments import require_validation_split
 from ...errors import UsageError
 from ...evaluation.codebook import codebook_metrics
@@ -71,8 +71,9 @@ def sample_points(
     show_progress: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """This process's points of a k-means tokenizer's fit and their global ids, on `device`: the 8-bit pixel patches
-    of a [`KmeansModel`] ([`sample_patches`]), the teacher features of a [`FeatureKmeansModel`] ([`sample_features`],
-    computed with the tokenizer moved to `device`)."""
+    of a [`KmeansModel`] ([`sample_patches`]) from each image's centre crop (CCViT's fit view: Resize(256) +
+    CenterCrop(224), [`center_crop_view`]), the teacher features of a [`FeatureKmeansModel`] ([`sample_features`],
+    computed with the tokenizer moved to `device`, on its teacher's view)."""
     kwargs = {
         "patches_per_image": patches_per_image, "seed": seed, "batch_size": batch_size, "num_workers": num_workers,
         "skipped": skipped, "show_progress": show_progress,
@@ -80,7 +81,8 @@ def sample_points(
     if isinstance(tokenizer, FeatureKmeansModel):
         points, ids = sample_features(dataset, image_column, image_processor, tokenizer.to(device), **kwargs)
     else:
-        points, ids = sample_patches(dataset, image_column, image_processor, tokenizer.config.patch_size, **kwargs)
+        view = center_crop_view(image_processor)
+        points, ids = sample_patches(dataset, image_column, view, tokenizer.config.patch_size, **kwargs)
     return points.to(device), ids.to(device)
 
 
