@@ -2,12 +2,14 @@
 printed once, with no traceback."""
 
 import os
+import runpy
 import shutil
 import subprocess
 import sys
 
 import pytest
-from test_run_mim import REPO, run_mim_args
+from conftest import write_images
+from test_run_mim import REPO, TINY, run_mim_args
 
 from hf_mim import KmeansConfig, KmeansModel
 
@@ -30,7 +32,10 @@ def mistakes(tmp_path_factory, tiny_dvae_dir, image_folder, tiny_mim_dir):
     checkpoint.mkdir(parents=True)
     shutil.copy(os.path.join(tiny_mim_dir, "config.json"), checkpoint)
     (checkpoint / "model.safetensors").write_bytes(open(os.path.join(tiny_mim_dir, "model.safetensors"), "rb").read()[:100])
-    return {"root": root, "dvae": tiny_dvae_dir, "images": image_folder, "mim": tiny_mim_dir}
+    # At the depth of the training images: datasets infers the classes of an imagefolder only then.
+    val_zebra = tmp_path_factory.mktemp("val_zebra")
+    write_images(val_zebra, 4, classes=("a", "zebra"))
+    return {"root": root, "dvae": tiny_dvae_dir, "images": image_folder, "mim": tiny_mim_dir, "val_zebra": val_zebra}
 
 
 def mim(paths, **replace):
@@ -42,6 +47,19 @@ def mim(paths, **replace):
         else:
             args += [f"--{flag}", str(value)]
     return ["run_mim.py", *args]
+
+
+def continued(paths, *extra):
+    """run_mim.py continuing the tiny MIM checkpoint (no architecture or tokenizer flags)."""
+    return ["run_mim.py", "--model_name_or_path", str(paths["mim"]), "--train_dir", paths["images"], "--output_dir",
+            str(paths["root"] / "continued"), "--do_train", "--max_steps", "1", "--use_cpu", "--report_to", "none",
+            *extra]  # fmt: skip
+
+
+def finetune(paths, *extra):
+    return ["run_image_classification.py", "--model_name_or_path", str(paths["mim"]), "--train_dir", paths["images"],
+            "--output_dir", str(paths["root"] / "finetuned"), "--max_steps", "1", "--use_cpu", "--report_to", "none",
+            *extra]  # fmt: skip
 
 
 CASES = {
@@ -103,6 +121,58 @@ CASES = {
         lambda p: mim(p, kmeans_iterations=5),
         "--kmeans_iterations is a flag of --fit_tokenizer, which is not given: add --fit_tokenizer or remove it",
     ),
+    "a checkpoint of another method": (
+        lambda p: continued(p, "--model_type", "mcbeit"),
+        "is a hf_mim_beit checkpoint, not one of --model_type mcbeit (hf_mim_mcbeit); pass --model_type beit to "
+        "continue it",
+    ),
+    "a tokenizer as the checkpoint to continue": (
+        lambda p: [*continued(p)[:2], p["dvae"], *continued(p)[3:]], "is a hf_mim_dvae checkpoint, not one of --model_type beit"
+    ),
+    "a model size with a checkpoint": (
+        lambda p: continued(p, "--model_size", "large"), "--model_size describe a model trained from scratch"
+    ),
+    "a tokenizer with a checkpoint": (
+        lambda p: continued(p, "--tokenizer_name_or_path", p["dvae"]), "continues a checkpoint with its own tokenizer"
+    ),
+    "resuming from another model": (
+        lambda p: mim(p, resume_from_checkpoint=p["dvae"]), "is a hf_mim_dvae checkpoint, but this run trains a hf_mim_beit"
+    ),
+    "evaluating only undecodable images": (
+        lambda p: [*mim(p, validation_dir=p["root"] / "broken"), "--do_eval"], "no validation image could be decoded"
+    ),
+    "evaluating a new model": (
+        lambda p: [a for a in mim(p, train_val_split=0.25) if a != "--do_train"] + ["--do_eval"],
+        "--do_eval without --do_train evaluates the checkpoint of --model_name_or_path, which is not given",
+    ),
+    "a flag of the other masking": (
+        lambda p: mim(p, mask_ratio=0.5), "--mask_ratio sets random masking, but the masking is blockwise and would ignore it"
+    ),
+    "no masked patch": (lambda p: mim(p, num_mask_patches=0), "--num_mask_patches must be at least 1"),
+    "every patch masked": (lambda p: mim(p, num_mask_patches=16), "--num_mask_patches 16 masks every patch of the 4x4 grid"),
+    "a crop larger than the image": (lambda p: mim(p, crop_min_scale=1.5), "--crop_min_scale is a fraction of the image's area"),
+    "a zero batch": (lambda p: mim(p, per_device_train_batch_size=0), "--per_device_train_batch_size must be at least 1"),
+    "a split out of range": (lambda p: mim(p, train_val_split=1.5), "--train_val_split is the fraction of training images"),
+    "an unknown config override": (
+        lambda p: mim(p, config_overrides="foo=1"), "--config_overrides 'foo=1': key foo isn't in the original config dict"
+    ),
+    "an impossible config": (
+        lambda p: mim(p, model_type="beitv2", config_overrides=f"{TINY},early_layers=5"),
+        "--model_type beitv2 with --tokenizer_name_or_path",
+    ),
+    "fine-tuning with nothing to do": (lambda p: finetune(p), "Nothing to do: pass --do_train"),
+    "a validation class without training images": (
+        lambda p: finetune(p, "--do_eval", "--validation_dir", str(p["val_zebra"])),
+        "The validation split has classes that train does not: ['zebra']",
+    ),
+    "no layer decay": (lambda p: finetune(p, "--do_train", "--layer_decay", "0"), "--layer_decay scales each earlier layer"),
+    "a mixup setting without mixup": (
+        lambda p: finetune(p, "--do_train", "--mixup_prob", "0.5"), "--mixup_prob tunes --mixup / --cutmix, which are off"
+    ),
+    "an unknown RandAugment": (lambda p: finetune(p, "--do_train", "--rand_augment", "foo"), "--rand_augment 'foo'"),
+    "a fine-tuning size off the patch grid": (
+        lambda p: finetune(p, "--do_train", "--image_size", "30"), "--image_size 30 is not a multiple of the encoder's 8 px"
+    ),
     "k larger than the training set": (
         lambda p: ["run_knn.py", "--model_name_or_path", p["mim"], "--train_dir", p["images"], "--train_val_split",
                    "0.25", "--ks", "10", "1000"],
@@ -111,14 +181,27 @@ CASES = {
 }  # fmt: skip
 
 
+# These run as their own process, as users launch the scripts; the others run the same scripts in this process
+# (runpy, as `__main__`), which spares an interpreter start and the imports of torch and transformers per case.
+IN_OWN_PROCESS = {"missing train_dir", "a dVAE flag with another tokenizer type", "k larger than the training set"}
+
+
 @pytest.mark.parametrize("case", list(CASES))
-def test_a_mistake_ends_with_one_line_naming_the_fix(mistakes, case):
+def test_a_mistake_ends_with_one_line_naming_the_fix(mistakes, case, monkeypatch, capsys):
     build, fragment = CASES[case]
     script, *args = build(mistakes)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / script), *args], capture_output=True, text=True, env=env,
-                            timeout=300)  # fmt: skip
-    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert len(errors) == 1 and fragment.format(root=mistakes["root"]) in errors[0], result.stderr[-3000:]
-    assert "Traceback" not in result.stderr
+    path, args = REPO / "scripts" / script, [str(arg) for arg in args]
+    if case in IN_OWN_PROCESS:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        result = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, env=env, timeout=300)
+        code, stderr = result.returncode, result.stderr
+    else:
+        monkeypatch.setattr(sys, "argv", [str(path), *args])
+        # Any exception but the exit would fail the test with its traceback.
+        with pytest.raises(SystemExit) as exited:
+            runpy.run_path(str(path), run_name="__main__")
+        code, stderr = exited.value.code, capsys.readouterr().err
+    errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
+    assert code == 2, stderr[-3000:]
+    assert len(errors) == 1 and fragment.format(root=mistakes["root"]) in errors[0], stderr[-3000:]
+    assert "Traceback" not in stderr

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 from datasets import DatasetDict, IterableDatasetDict
 
+from ..arguments import flags_set
 from ..errors import UsageError
 from .datasets import load_image_datasets
 from .masking import BlockwiseMaskingGenerator, RandomMaskingGenerator, scale_num_patches
@@ -41,6 +42,25 @@ class ImageDatasetArguments:
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Keep this many validation images (a seeded random subset), for quick runs"}
     )
+
+    def __post_init__(self):
+        if not 0.0 <= self.train_val_split < 1.0:
+            raise UsageError(
+                f"--train_val_split is the fraction of training images held out, in [0, 1); got {self.train_val_split}"
+            )
+        for name in ("max_train_samples", "max_eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name} keeps that many images: pass at least 1 (or leave it unset), got {value}")
+        _continue_post_init(self, ImageDatasetArguments)
+
+
+def _continue_post_init(arguments, declaring_class) -> None:
+    """Run the next `__post_init__` in the MRO after `declaring_class`'s: the scripts' argument dataclasses combine
+    several of these, and each one's checks must run."""
+    parent = getattr(super(declaring_class, arguments), "__post_init__", None)
+    if parent is not None:
+        parent()
 
 
 def _with_help(name: str, help_text: str):
@@ -97,6 +117,13 @@ class RenderingArguments:
                   "views, jitter after resampling (differences in benchmarks/README.md)"},
     )
 
+    def __post_init__(self):
+        if not 0.0 < self.crop_min_scale <= 1.0:
+            raise UsageError(f"--crop_min_scale is a fraction of the image's area, in (0, 1]; got {self.crop_min_scale}")
+        if self.color_jitter is not None and self.color_jitter < 0:
+            raise UsageError(f"--color_jitter is a strength >= 0 (0 disables it), got {self.color_jitter}")
+        _continue_post_init(self, RenderingArguments)
+
     def view_options(self, default_color_jitter: float | None = None) -> dict:
         """`TwoViewTransform`'s crop, jitter and rendering arguments of these flags, with `default_color_jitter`
         where `--color_jitter` is unset (pre-training fills in its method's default before)."""
@@ -104,6 +131,13 @@ class RenderingArguments:
         if color_jitter is None:
             raise ValueError("--color_jitter is unset and no default was given: fill in the recipe's defaults first")
         return {"crop_scale": (self.crop_min_scale, 1.0), "color_jitter": color_jitter, "exact": self.exact_augmentation}
+
+
+# The flags each masking reads.
+MASKING_FLAGS = {
+    "blockwise": ("num_mask_patches", "min_mask_patches_per_block", "max_mask_patches_per_block", "exact_mask_count"),
+    "random": ("mask_ratio",),
+}
 
 
 @dataclass
@@ -132,6 +166,29 @@ class MaskingArguments:
         default=None, metadata={"help": "Masked fraction of --masking random (default 0.4; mcbeit: 0.75)"}
     )
 
+    def __post_init__(self):
+        if self.masking is not None and self.masking not in MASKING_FLAGS:
+            raise UsageError(f"--masking must be one of {list(MASKING_FLAGS)}, got {self.masking!r}")
+        for name in ("num_mask_patches", "min_mask_patches_per_block", "max_mask_patches_per_block"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name} must be at least 1 (or unset for the default), got {value}")
+        if self.mask_ratio is not None and not 0.0 < self.mask_ratio < 1.0:
+            raise UsageError(f"--mask_ratio is the masked fraction of the patches, in (0, 1); got {self.mask_ratio}")
+        _continue_post_init(self, MaskingArguments)
+
+    def check_masking_flags(self, default_masking: str) -> None:
+        """A one-line error for a flag of the other masking than the one that applies (`--masking`, else the method's
+        `default_masking`): it would be ignored."""
+        masking = self.masking or default_masking
+        for kind, names in MASKING_FLAGS.items():
+            given = [] if kind == masking else flags_set(self, names)
+            if given:
+                raise UsageError(
+                    f"--{given[0]} sets {kind} masking, but the masking is {masking} and would ignore it: remove it "
+                    f"or pass --masking {kind}"
+                )
+
 
 def build_mask_generator(args: MaskingArguments, grid_size: int):
     """The mask generator of the flags `args` (with the method's defaults filled in) for a `grid_size` patch grid."""
@@ -141,9 +198,22 @@ def build_mask_generator(args: MaskingArguments, grid_size: int):
             raise ValueError("--masking random needs a mask_ratio: fill in the method's defaults first")
         return RandomMaskingGenerator(grid_size, mask_ratio=args.mask_ratio)
     if args.masking != "blockwise":
-        raise UsageError(f"--masking must be 'blockwise' or 'random', got {args.masking!r}")
-    num_mask = args.num_mask_patches or scale_num_patches(75, to_grid=num_patches)
-    min_block = args.min_mask_patches_per_block or min(num_mask, scale_num_patches(16, to_grid=num_patches))
+        raise ValueError(f"masking is {args.masking!r}: fill in the method's defaults first")
+    num_mask = scale_num_patches(75, to_grid=num_patches) if args.num_mask_patches is None else args.num_mask_patches
+    if num_mask >= num_patches:
+        raise UsageError(
+            f"--num_mask_patches {num_mask} masks every patch of the {grid_size}x{grid_size} grid: pass fewer than "
+            f"{num_patches}"
+        )
+    min_block = args.min_mask_patches_per_block
+    if min_block is None:
+        min_block = min(num_mask, scale_num_patches(16, to_grid=num_patches))
+    max_block = num_mask if args.max_mask_patches_per_block is None else args.max_mask_patches_per_block
+    if not min_block <= min(max_block, num_mask):
+        raise UsageError(
+            f"--min_mask_patches_per_block {min_block} exceeds --max_mask_patches_per_block {max_block} or "
+            f"--num_mask_patches {num_mask}: no block fits; lower it"
+        )
     return BlockwiseMaskingGenerator(
         grid_size,
         num_masking_patches=num_mask,

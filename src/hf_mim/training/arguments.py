@@ -60,6 +60,9 @@ class HfMimTrainingArguments(TrainingArguments):
             self.dataloader_persistent_workers = self.dataloader_num_workers > 0
         if self.max_train_seconds is not None and self.max_train_seconds <= 0:
             raise UsageError(f"--max_train_seconds must be positive, got {self.max_train_seconds}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
         super().__post_init__()
         check_distributed_launch(self)
 
@@ -108,7 +111,14 @@ def parse_config_overrides(config_class, overrides: str | None) -> dict:
             "--config_overrides cannot set tokenizer_config: it is the config of the tokenizer that supplies the "
             "targets; pass that tokenizer with --tokenizer_name_or_path"
         )
-    probe.update_from_string(",".join(f"{name}={value}" for name, (_, value) in zip(names, items)))
+    try:
+        probe.update_from_string(",".join(f"{name}={value}" for name, (_, value) in zip(names, items)))
+    except ValueError as error:
+        # transformers names the unknown key or the value it could not convert.
+        raise UsageError(
+            f"--config_overrides {overrides!r}: {error} (the names are {config_class.model_type} config fields, "
+            "the values of their types)"
+        ) from error
     return {name: getattr(probe, name) for name in names}
 
 

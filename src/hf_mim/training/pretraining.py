@@ -10,7 +10,7 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
-from transformers import AutoImageProcessor, AutoModel, set_seed
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, set_seed
 
 from ..arguments import flags_set
 from ..checkpoint_folder import TOKENIZER_SUBFOLDER, load_tokenizer_image_processor, save_tokenizer_image_processor
@@ -109,6 +109,22 @@ class ModelArguments(KmeansFitArguments):
         default=False, metadata={"help": "Let Hub models run their own code (not needed for hf_mim's models)"}
     )
 
+    def __post_init__(self):
+        for name in ("image_size", "patch_size"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name} must be a positive number of pixels, got {value}")
+        if self.fit_codebook_size < 2:
+            raise UsageError(f"--fit_codebook_size is the number of centroids: pass at least 2, got {self.fit_codebook_size}")
+        if self.fit_teacher_feature_layer is not None and not self.fit_teacher_name_or_path:
+            raise UsageError(
+                "--fit_teacher_feature_layer picks a layer of --fit_teacher_name_or_path, which is not given: add the "
+                "teacher or remove it"
+            )
+        parent = getattr(super(), "__post_init__", None)
+        if parent is not None:
+            parent()
+
 @dataclass
 class DataArguments(MaskingArguments, RenderingArguments, StreamingImageDatasetArguments):
     num_replaced_patches: int | None = field(
@@ -197,7 +213,16 @@ def build_config(model_args: ModelArguments, tokenizer):
             f"--patch_size {patch_size}); pass --image_size {grid * patch_size}, or a tokenizer of this grid"
         )
     kwargs.update(vocab_size=tokenizer.codebook_size, tokenizer_config=tokenizer.config.to_dict())
-    return config_class(**kwargs)
+    try:
+        return config_class(**kwargs)
+    except ValueError as error:
+        if isinstance(error, UsageError):
+            raise
+        # The config's own checks (e.g. early_layers within the depth, a tokenizer the method can use) name the field.
+        raise UsageError(
+            f"--model_type {model_args.model_type} with --tokenizer_name_or_path {model_args.tokenizer_name_or_path} "
+            f"and --config_overrides {model_args.config_overrides!r} is not a valid model: {error}"
+        ) from error
 
 
 def load_model(model_args: ModelArguments):
@@ -210,22 +235,21 @@ def load_model(model_args: ModelArguments):
         "trust_remote_code": model_args.trust_remote_code,
     }
     if model_args.model_name_or_path:
-        architecture_flags = [
-            f"--{name}" for name in ("config_overrides", "image_size", "patch_size") if getattr(model_args, name)
-        ]
-        if architecture_flags:
+        given = flags_set(model_args, ("config_overrides", "image_size", "patch_size", "model_size"))
+        if given:
             raise UsageError(
-                f"{', '.join(architecture_flags)} describe a model trained from scratch, but --model_name_or_path "
-                f"continues {model_args.model_name_or_path}, whose config is fixed; drop them"
+                f"{', '.join('--' + name for name in given)} describe a model trained from scratch, but "
+                f"--model_name_or_path continues {model_args.model_name_or_path}, whose config is fixed; drop them"
             )
-        model = pretrained(model_class.from_pretrained, model_args.model_name_or_path, "model_name_or_path", **hub_kwargs)
         if model_args.tokenizer_name_or_path:
-            tokenizer_processor = AutoImageProcessor.from_pretrained(model_args.tokenizer_name_or_path, **hub_kwargs)
-        else:
-            tokenizer_processor = load_tokenizer_image_processor(model_args.model_name_or_path, **hub_kwargs)
-        image_processor = AutoImageProcessor.from_pretrained(
-            model_args.image_processor_name or model_args.model_name_or_path, **hub_kwargs
-        )
+            raise UsageError(
+                f"--model_name_or_path {model_args.model_name_or_path} continues a checkpoint with its own tokenizer; "
+                "drop --tokenizer_name_or_path (a new tokenizer needs a new model: drop --model_name_or_path)"
+            )
+        check_checkpoint_method(model_args, hub_kwargs)
+        model = pretrained(model_class.from_pretrained, model_args.model_name_or_path, "model_name_or_path", **hub_kwargs)
+        tokenizer_processor = load_tokenizer_image_processor(model_args.model_name_or_path, **hub_kwargs)
+        image_processor = load_image_processor(model_args, model.config, hub_kwargs)
         return model, image_processor, tokenizer_processor
 
     if not model_args.tokenizer_name_or_path:
@@ -239,11 +263,42 @@ def load_model(model_args: ModelArguments):
     config = build_config(model_args, tokenizer)
     model = model_class(config)
     model.set_tokenizer(tokenizer)
-    if model_args.image_processor_name:
-        image_processor = AutoImageProcessor.from_pretrained(model_args.image_processor_name, **hub_kwargs)
+    return model, load_image_processor(model_args, config, hub_kwargs), tokenizer_processor
+
+
+def check_checkpoint_method(model_args: ModelArguments, hub_kwargs: dict) -> None:
+    """A one-line error when `--model_name_or_path` is not a MIM checkpoint of `--model_type`: loading it as one would
+    keep only the weights both share and train the rest from scratch, with nothing but a warning."""
+    expected = mim_method(model_args.model_type).config_class.model_type
+    config = pretrained(AutoConfig.from_pretrained, model_args.model_name_or_path, "model_name_or_path", **hub_kwargs)
+    if config.model_type == expected:
+        return
+    methods = {method.config_class.model_type: name for name, method in MIM_METHODS.items()}
+    if config.model_type in methods:
+        fix = f"pass --model_type {methods[config.model_type]} to continue it"
     else:
-        image_processor = mim_method(model_args.model_type).image_processor_class.for_config(config)
-    return model, image_processor, tokenizer_processor
+        fix = "pass an hf_mim MIM checkpoint (a tokenizer goes to --tokenizer_name_or_path of a new model)"
+    raise UsageError(
+        f"--model_name_or_path {model_args.model_name_or_path} is a {config.model_type} checkpoint, not one of "
+        f"--model_type {model_args.model_type} ({expected}); {fix}"
+    )
+
+
+def load_image_processor(model_args: ModelArguments, config, hub_kwargs: dict):
+    """The ViT view's processor: `--image_processor_name`'s, else the checkpoint's, else one for a new model's size;
+    a one-line error when it does not produce the model's input size."""
+    name = model_args.image_processor_name or model_args.model_name_or_path
+    if name is None:
+        return mim_method(model_args.model_type).image_processor_class.for_config(config)
+    flag = "image_processor_name" if model_args.image_processor_name else "model_name_or_path"
+    processor = pretrained(AutoImageProcessor.from_pretrained, name, flag, **hub_kwargs)
+    size = getattr(processor, "output_size", None)
+    if size is not None and tuple(size) != (config.image_size, config.image_size):
+        raise UsageError(
+            f"--{flag} {name} gives {size[0]}x{size[1]} images but the model takes {config.image_size}x"
+            f"{config.image_size}; pass an image processor of the model's size"
+        )
+    return processor
 
 
 def fit_tokenizer(model_args: ModelArguments, dataset, image_column: str, training_args: MimTrainingArguments) -> str:
@@ -315,6 +370,12 @@ def pretrain(
     require_action(training_args)
     check_fit_flags(model_args)
     method = mim_method(model_args.model_type)
+    if training_args.do_eval and not training_args.do_train and not model_args.model_name_or_path:
+        raise UsageError(
+            "--do_eval without --do_train evaluates the checkpoint of --model_name_or_path, which is not given (a "
+            "new model would score its random weights): add --model_name_or_path or --do_train"
+        )
+    data_args.check_masking_flags(method.data_defaults.get("masking", "blockwise"))
     data_args = method.with_data_defaults(data_args)
     setup_logging(training_args)
     set_seed(training_args.seed)

@@ -13,7 +13,7 @@ import torch
 from datasets import ClassLabel
 from transformers import AutoImageProcessor, BeitForImageClassification, set_seed
 
-from ..arguments import command_parser
+from ..arguments import command_parser, flags_set
 from ..data import (
     LabelledImageDatasetArguments,
     MimDataCollator,
@@ -22,6 +22,7 @@ from ..data import (
     TwoViewTransform,
     apply_transform,
     center_crop_view,
+    parse_rand_augment,
     load_image_datasets_from_args,
 )
 from ..errors import UsageError
@@ -38,7 +39,7 @@ from ..evaluation.metrics import load_metric
 from .arguments import HfMimTrainingArguments
 from .mixup import MixupCutmix, soft_target_cross_entropy
 from .trainer import MimTrainer
-from .workflow import setup_logging, train_and_evaluate
+from .workflow import require_action, setup_logging, train_and_evaluate
 
 
 @dataclass
@@ -65,6 +66,16 @@ class ModelArguments:
         default=False, metadata={"help": "Let Hub models run their own code (not needed for hf_mim's models)"}
     )
 
+    def __post_init__(self):
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise UsageError(f"--drop_path_rate is a probability in [0, 1), got {self.drop_path_rate}")
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise UsageError(f"--layer_decay scales each earlier layer's rate, in (0, 1] (1 disables), got {self.layer_decay}")
+        if self.head_init_scale <= 0:
+            raise UsageError(f"--head_init_scale must be positive, got {self.head_init_scale}")
+        if self.image_size is not None and self.image_size < 1:
+            raise UsageError(f"--image_size must be a positive number of pixels, got {self.image_size}")
+
 
 @dataclass
 class DataArguments(RenderingArguments, LabelledImageDatasetArguments):
@@ -79,6 +90,27 @@ class DataArguments(RenderingArguments, LabelledImageDatasetArguments):
     mixup_prob: float = field(default=1.0, metadata={"help": "Probability of mixing a batch"})
     mixup_switch_prob: float = field(default=0.5, metadata={"help": "Probability of CutMix instead of Mixup when both are on"})
     label_smoothing: float = field(default=0.1, metadata={"help": "Label smoothing of the cross-entropy; 0 disables"})
+
+    def __post_init__(self):
+        for name in ("random_erasing", "mixup_prob", "mixup_switch_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UsageError(f"--{name} is a probability in [0, 1], got {getattr(self, name)}")
+        for name in ("mixup", "cutmix"):
+            if getattr(self, name) < 0:
+                raise UsageError(f"--{name} is an alpha >= 0 (0 disables it), got {getattr(self, name)}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UsageError(f"--label_smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if self.mixup == 0 and self.cutmix == 0:
+            given = flags_set(self, ("mixup_prob", "mixup_switch_prob"))
+            if given:
+                raise UsageError(f"--{given[0]} tunes --mixup / --cutmix, which are off and would ignore it: remove it or "
+                                 "turn one on")
+        if self.rand_augment:
+            try:
+                parse_rand_augment(self.rand_augment)
+            except ValueError as error:
+                raise UsageError(f"--rand_augment {self.rand_augment!r}: {error}") from error
+        super().__post_init__()
 
 
 @dataclass
@@ -130,6 +162,13 @@ def encode_labels(raw, label_column: str) -> tuple[object, list[str]]:
     feature = raw["train"].features[label_column]
     if isinstance(feature, ClassLabel):
         names = list(feature.names)
+        # An imagefolder names the classes of every split: a class with no training image cannot be learnt.
+        trained = set(raw["train"].unique(label_column))
+        for split in raw:
+            unseen = sorted(names[label] for label in set(raw[split].unique(label_column)) - trained)
+            if unseen:
+                raise UsageError(f"The {split} split has classes that train does not: {unseen[:10]}; give every "
+                                 "class training images, or remove those from the evaluation data")
     else:
         values = sorted(raw["train"].unique(label_column))
         index = {value: i for i, value in enumerate(values)}
@@ -204,6 +243,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> dict[str, float]:
     model_args, data_args, training_args = parse_args(argv)
+    require_action(training_args)
     setup_logging(training_args)
     set_seed(training_args.seed)
 
@@ -219,6 +259,12 @@ def main(argv=None) -> dict[str, float]:
         "trust_remote_code": model_args.trust_remote_code,
     }
     source = load_pretrained_beit(model_args.model_name_or_path, **hub_kwargs)
+    patch_size = resolve_encoder(source).config.patch_size
+    if model_args.image_size is not None and model_args.image_size % patch_size:
+        raise UsageError(
+            f"--image_size {model_args.image_size} is not a multiple of the encoder's {patch_size} px patches; pass "
+            f"e.g. {max(1, round(model_args.image_size / patch_size)) * patch_size}"
+        )
     model = build_classifier(source, model_args, class_names)
     image_processor = AutoImageProcessor.from_pretrained(model_args.image_processor_name or model_args.model_name_or_path, **hub_kwargs)
     view = encoder_image_processor(image_processor, resolve_encoder(source).config)

@@ -18,6 +18,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import UsageError
 from ..hub.cards import describe_training_data, hub_dataset_id
+from .loading import saved_model_type
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +42,12 @@ def require_action(training_args: TrainingArguments) -> None:
         raise UsageError("Nothing to do: pass --do_train (and/or --do_eval)")
 
 
-def find_checkpoint(training_args: TrainingArguments) -> str | None:
+def find_checkpoint(training_args: TrainingArguments, model=None) -> str | None:
     """The checkpoint to resume from: the one given, else the last in output_dir unless --overwrite_output_dir.
 
     Says which one (a warning: resuming changes what the run does), warns when it lacks the optimiser or scheduler
-    state (they would start afresh), and names an unreadable weights file with the fix.
+    state (they would start afresh), and names an unreadable weights file, or one of another model than `model`
+    (Trainer would load the weights both share and start the rest afresh, with only a warning), with the fix.
     """
     given = training_args.resume_from_checkpoint
     if given is not None:
@@ -60,7 +62,7 @@ def find_checkpoint(training_args: TrainingArguments) -> str | None:
         if checkpoint is None:
             return None
         fix = "pass --overwrite_output_dir to start afresh, or --resume_from_checkpoint with an earlier checkpoint"
-    check_checkpoint_weights(checkpoint, fix)
+    check_checkpoint_weights(checkpoint, fix, model)
     missing = [name for name in ("optimizer.pt", "scheduler.pt") if not os.path.isfile(os.path.join(checkpoint, name))]
     if missing:
         logger.warning(f"{checkpoint} has no {' or '.join(missing)}: that state starts afresh")
@@ -69,17 +71,29 @@ def find_checkpoint(training_args: TrainingArguments) -> str | None:
     return checkpoint
 
 
-def check_checkpoint_weights(checkpoint: str, fix: str) -> None:
-    """A one-line error naming the file when a checkpoint's safetensors weights are missing or unreadable."""
+def check_checkpoint_weights(checkpoint: str, fix: str, model=None) -> None:
+    """A one-line error naming the file when a checkpoint's safetensors weights are missing or unreadable, or, given
+    the `model` to resume, when the checkpoint is of another model type or holds weights of other shapes."""
     files = [os.path.join(checkpoint, name) for name in sorted(os.listdir(checkpoint)) if name.endswith(".safetensors")]
     if not files:
         raise UsageError(f"{checkpoint} holds no *.safetensors weights: {fix}")
+    if model is not None:
+        saved_type = saved_model_type(checkpoint)
+        if saved_type is not None and saved_type != model.config.model_type:
+            raise UsageError(f"{checkpoint} is a {saved_type} checkpoint, but this run trains a {model.config.model_type}: {fix}")
+    shapes = {} if model is None else {name: tuple(value.shape) for name, value in model.state_dict().items()}
     for path in files:
         try:
             with safe_open(path, framework="pt") as weights:
-                weights.keys()
+                saved = {name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()}
         except Exception as error:  # safetensors raises its own error types for truncated or corrupt files
             raise UsageError(f"{path} is unreadable ({error}): {fix}") from error
+        changed = sorted(name for name in saved.keys() & shapes.keys() if saved[name] != shapes[name])
+        if changed:
+            raise UsageError(
+                f"{checkpoint} holds {changed[0]} of shape {saved[changed[0]]}, but this run's model has "
+                f"{shapes[changed[0]]} (another architecture): {fix}"
+            )
 
 
 def require_decoded_images(trainer, skipped) -> int:
@@ -116,7 +130,7 @@ def train_and_evaluate(
     """
     metrics: dict[str, float] = {}
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=find_checkpoint(training_args))
+        result = trainer.train(resume_from_checkpoint=find_checkpoint(training_args, trainer.model))
         undecodable = require_decoded_images(trainer, skipped)
         trainer.save_model()
         if after_save is not None and trainer.is_world_process_zero():
@@ -129,6 +143,12 @@ def train_and_evaluate(
         trainer.save_state()
     if training_args.do_eval:
         eval_metrics = trainer.evaluate()
+        if "eval_loss" not in eval_metrics:
+            # No batch reached the model: every validation image was undecodable (the warnings above name them).
+            raise UsageError(
+                "no validation image could be decoded, so there is nothing to evaluate: point --validation_dir (or "
+                "--train_val_split) at your images, or fix or remove the broken files"
+            )
         metrics.update(eval_metrics)
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
