@@ -8,6 +8,7 @@ from PIL import Image
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from hf_mim.demo import digits_images, main, write_sample_crops
+from hf_mim.errors import UsageError
 from hf_mim.training.budget import TimeBudgetCallback
 from hf_mim.families import MIM_METHODS
 from hf_mim.training.pretraining import DataArguments, build_replacement_generator
@@ -50,8 +51,10 @@ def test_reduced_demo_writes_checkpoint_card_figures_and_probe_results(tmp_path,
 
 
 def test_demo_bad_arguments(tmp_path):
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(UsageError, match="not both"):
         main(["--output_dir", str(tmp_path), "--train_dir", str(tmp_path), "--dataset_name", "x"])
+    with pytest.raises(UsageError, match="leaves none of scikit-learn's 1797 digits"):
+        main(["--output_dir", str(tmp_path), "--num_probe_train", "1797"])
     with pytest.raises(ValueError, match="num_crops"):
         write_sample_crops(str(tmp_path), 0)
 

@@ -173,6 +173,22 @@ CASES = {
     "a fine-tuning size off the patch grid": (
         lambda p: finetune(p, "--do_train", "--image_size", "30"), "--image_size 30 is not a multiple of the encoder's 8 px"
     ),
+    "streaming without a step count": (
+        lambda p: [a for a in mim(p) if a not in ("--max_steps", "2")] + ["--streaming"],
+        "--streaming reads images as they come, so epochs have no length: pass --max_steps",
+    ),
+    "half of the demo's probe data": (
+        lambda p: ["demo.py", "--output_dir", str(p["root"] / "demo"), "--probe_train_dir", p["images"]],
+        "Give both --probe_train_dir and --probe_validation_dir",
+    ),
+    "a demo image off the patch grid": (
+        lambda p: ["demo.py", "--output_dir", str(p["root"] / "demo"), "--image_size", "30", "--patch_size", "8"],
+        "--image_size 30 is not a multiple of --patch_size 8",
+    ),
+    "a negative demo budget": (
+        lambda p: ["demo.py", "--output_dir", str(p["root"] / "demo"), "--budget_seconds", "-1"],
+        "--budget_seconds must be positive, got -1.0",
+    ),
     "k larger than the training set": (
         lambda p: ["run_knn.py", "--model_name_or_path", p["mim"], "--train_dir", p["images"], "--train_val_split",
                    "0.25", "--ks", "10", "1000"],

@@ -28,6 +28,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, set_seed
 
 from .arguments import command_parser
+from .errors import UsageError
 from .data import MaskingArguments, build_mask_generator, decode_image, load_image_datasets
 from .evaluation import extract_features, knn_classify, linear_probe
 from .families import MIM_METHODS
@@ -42,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 # The labelled set of the default demo, as named in the model card.
 DIGITS_NAME = "sklearn-digits"
+# scikit-learn's handwritten digits (`load_digits`), the default probe data.
+NUM_DIGITS = 1797
 # The method the demo pre-trains: its tokenizer is fitted in seconds on any images.
 METHOD = MIM_METHODS["ccvit"]
 
@@ -70,6 +73,29 @@ class DemoArguments:
     num_probe_train: int = field(default=1000, metadata={"help": "Digits used to fit the probes (the rest score them)"})
     num_probe_test: int | None = field(default=None, metadata={"help": "Score on only this many of the other digits"})
     seed: int = 0
+
+    def __post_init__(self):
+        # Checked before the fit and the pre-training budget are spent, not when the step that reads them comes.
+        if self.train_dir and self.dataset_name:
+            raise UsageError("Pre-train on --train_dir or --dataset_name, not both")
+        if (self.probe_train_dir is None) != (self.probe_validation_dir is None):
+            raise UsageError("Give both --probe_train_dir and --probe_validation_dir (or neither, for the digits)")
+        positive = ("budget_seconds", "max_steps", "num_crops", "image_size", "patch_size", "hidden_size",
+                    "num_hidden_layers", "num_attention_heads", "codebook_size", "kmeans_iterations", "batch_size",
+                    "learning_rate", "num_probe_train")  # fmt: skip
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UsageError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.probe_train_dir is None and self.num_probe_train >= NUM_DIGITS:
+            raise UsageError(
+                f"--num_probe_train {self.num_probe_train} leaves none of scikit-learn's {NUM_DIGITS} digits to score "
+                f"the probes on: pass at most {NUM_DIGITS - 1}"
+            )
+        if self.image_size % self.patch_size:
+            raise UsageError(
+                f"--image_size {self.image_size} is not a multiple of --patch_size {self.patch_size}; pass e.g. "
+                f"--image_size {max(1, self.image_size // self.patch_size) * self.patch_size}"
+            )
 
 
 def write_sample_crops(folder: str, num_crops: int, seed: int = 0) -> str:
@@ -105,18 +131,14 @@ def digits_images(image_size: int) -> tuple[list[Image.Image], list[int]]:
 
 def probe_data(args: DemoArguments):
     """`(train_images, train_labels, test_images, test_labels, name)` of the labelled set."""
-    if (args.probe_train_dir is None) != (args.probe_validation_dir is None):
-        raise ValueError("Give both --probe_train_dir and --probe_validation_dir (or neither, for the digits)")
     if args.probe_train_dir is None:
         images, labels = digits_images(args.image_size)
-        if not 0 < args.num_probe_train < len(images):
-            raise ValueError(f"num_probe_train must lie between 1 and {len(images) - 1}, got {args.num_probe_train}")
         cut = args.num_probe_train
         stop = len(images) if args.num_probe_test is None else cut + args.num_probe_test
         return images[:cut], labels[:cut], images[cut:stop], labels[cut:stop], DIGITS_NAME
     raw, image_column = load_image_datasets(train_dir=args.probe_train_dir, validation_dir=args.probe_validation_dir)
     if "label" not in raw["train"].column_names:
-        raise ValueError(f"{args.probe_train_dir} has no class sub-folders, so no labels to probe with")
+        raise UsageError(f"--probe_train_dir {args.probe_train_dir} has no class sub-folders, so no labels to probe with")
     split = lambda name: ([row[image_column] for row in raw[name]], list(raw[name]["label"]))
     return (*split("train"), *split("validation"), os.path.basename(os.path.normpath(args.probe_train_dir)))
 
@@ -160,8 +182,6 @@ def phase(number: int, what: str, start: float) -> None:
 
 def run_demo(args: DemoArguments) -> dict:
     """Run the demo (see the module docstring); returns what it writes to `output_dir/demo_results.json`."""
-    if args.train_dir and args.dataset_name:
-        raise ValueError("Pre-train on --train_dir or --dataset_name, not both")
     start = time.monotonic()
     set_seed(args.seed)
     os.makedirs(args.output_dir, exist_ok=True)

@@ -35,7 +35,7 @@ from .arguments import MimTrainingArguments, parse_config_overrides
 from .kmeans import KmeansFitArguments, feature_kmeans_tokenizer, fit_tokenizer_for_mim
 from .loading import pretrained, require_tokenizer
 from .trainer import MimTrainer
-from .workflow import require_action, setup_logging, train_and_evaluate
+from .workflow import require_action, require_steps_when_streaming, setup_logging, train_and_evaluate
 
 
 # ViT sizes of the BEiT papers (and DeiT's tiny/small).
@@ -368,6 +368,7 @@ def pretrain(
     `TrainerCallback`s (e.g. for custom logging). Writes the checkpoint (with its tokenizer and the tokenizer view's
     image processor), metrics and model card to `output_dir`; returns the train and eval metrics."""
     require_action(training_args)
+    require_steps_when_streaming(data_args, training_args)
     check_fit_flags(model_args)
     method = mim_method(model_args.model_type)
     if training_args.do_eval and not training_args.do_train and not model_args.model_name_or_path:

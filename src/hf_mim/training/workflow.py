@@ -42,6 +42,12 @@ def require_action(training_args: TrainingArguments) -> None:
         raise UsageError("Nothing to do: pass --do_train (and/or --do_eval)")
 
 
+def require_steps_when_streaming(data_args, training_args: TrainingArguments) -> None:
+    """A stream has no length, so Trainer cannot count epochs: a training run on one needs `--max_steps`."""
+    if getattr(data_args, "streaming", False) and training_args.do_train and training_args.max_steps <= 0:
+        raise UsageError("--streaming reads images as they come, so epochs have no length: pass --max_steps")
+
+
 def find_checkpoint(training_args: TrainingArguments, model=None) -> str | None:
     """The checkpoint to resume from: the one given, else the last in output_dir unless --overwrite_output_dir.
 
@@ -171,6 +177,7 @@ __all__ = [
     "find_checkpoint",
     "require_action",
     "require_decoded_images",
+    "require_steps_when_streaming",
     "setup_logging",
     "train_and_evaluate",
 ]
