@@ -167,16 +167,23 @@ class GpuCheck:
     def path(self, name: str) -> str:
         return os.path.join(self.work_dir, name)
 
-    def training_flags(self, output_dir: str) -> list[str]:
+    def fit_flags(self, output_dir: str) -> list[str]:
+        """The flags of a run; a k-means fit takes only these (it refuses optimisation flags, which it would ignore)."""
         flags = [
             "--output_dir", output_dir, "--overwrite_output_dir", "--do_train", "--train_dir", self.train_dir,
-            "--per_device_train_batch_size", str(self.args.batch_size), "--bf16",
-            "--dataloader_num_workers", str(self.args.num_workers), "--learning_rate", "1e-4",
-            "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", "10", "--logging_steps", "10",
-            "--save_strategy", "no", "--report_to", "none", "--seed", "0", "--disable_tqdm", "true",
+            "--dataloader_num_workers", str(self.args.num_workers), "--report_to", "none", "--seed", "0",
+            "--disable_tqdm", "true",
+        ]  # fmt: skip
+        return [*flags, "--use_cpu"] if self.args.dry_run else flags
+
+    def training_flags(self, output_dir: str) -> list[str]:
+        flags = [
+            *self.fit_flags(output_dir), "--per_device_train_batch_size", str(self.args.batch_size), "--bf16",
+            "--learning_rate", "1e-4", "--lr_scheduler_type", "constant_with_warmup", "--warmup_steps", "10",
+            "--logging_steps", "10", "--save_strategy", "no",
         ]  # fmt: skip
         if self.args.dry_run:
-            return [*flags, "--use_cpu", "--max_steps", "2", "--per_device_train_batch_size", "4"]
+            return [*flags, "--max_steps", "2", "--per_device_train_batch_size", "4"]
         return [*flags, "--max_steps", "100000", "--max_train_seconds", str(self.args.seconds)]
 
     def run(self, name: str, function, *args) -> dict | None:
@@ -247,7 +254,7 @@ class GpuCheck:
     def kmeans(self, window):
         folder = self.folders["kmeans"] = self.path("kmeans")
         overrides = "image_size=32,patch_size=8,codebook_size=16" if self.args.dry_run else "codebook_size=8192"
-        flags = ["--tokenizer_type", "kmeans", "--config_overrides", overrides, *self.training_flags(folder)]
+        flags = ["--tokenizer_type", "kmeans", "--config_overrides", overrides, *self.fit_flags(folder)]
         start = time.monotonic()
         window.start = start
         metrics = train_tokenizer.main(flags)

@@ -168,3 +168,15 @@ def test_rendering_flags_are_declared_once():
             assert arguments.__dataclass_fields__[name] is declared[name], (arguments, name)
     with pytest.raises(ValueError, match="color_jitter"):
         RenderingArguments().view_options()
+
+
+def test_flags_set_compares_list_flags_with_their_factory_default():
+    from hf_mim.arguments import flags_set
+
+    @dataclasses.dataclass
+    class Flags:
+        ks: list[int] = dataclasses.field(default_factory=lambda: [10, 20])
+        rate: float = 0.5
+
+    assert flags_set(Flags(), ["ks", "rate"]) == []
+    assert flags_set(Flags(ks=[5], rate=0.1), ["ks", "rate"]) == ["ks", "rate"]

@@ -1,6 +1,8 @@
 """A user's mistake through the real commands: exit status 2 and one line that names the path or flag and the fix,
 printed once, with no traceback."""
 
+import contextlib
+import io
 import os
 import runpy
 import shutil
@@ -202,22 +204,32 @@ CASES = {
 IN_OWN_PROCESS = {"missing train_dir", "a dVAE flag with another tokenizer type", "k larger than the training set"}
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_a_mistake_ends_with_one_line_naming_the_fix(mistakes, case, monkeypatch, capsys):
-    build, fragment = CASES[case]
-    script, *args = build(mistakes)
+def assert_one_line_error(script: str, args, fragment: str, own_process: bool = False) -> None:
+    """Run `scripts/<script>` with `args` and check it exits with 2 after printing one `error:` line that contains
+    `fragment`, and no traceback; in this process unless `own_process` (pytest captures stderr: `capfd`-free)."""
     path, args = REPO / "scripts" / script, [str(arg) for arg in args]
-    if case in IN_OWN_PROCESS:
+    if own_process:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         result = subprocess.run([sys.executable, str(path), *args], capture_output=True, text=True, env=env, timeout=300)
         code, stderr = result.returncode, result.stderr
     else:
-        monkeypatch.setattr(sys, "argv", [str(path), *args])
-        # Any exception but the exit would fail the test with its traceback.
-        with pytest.raises(SystemExit) as exited:
-            runpy.run_path(str(path), run_name="__main__")
-        code, stderr = exited.value.code, capsys.readouterr().err
+        stderr_file, argv = io.StringIO(), sys.argv
+        sys.argv = [str(path), *args]
+        try:
+            # Any exception but the exit fails the test with its traceback.
+            with contextlib.redirect_stderr(stderr_file), pytest.raises(SystemExit) as exited:
+                runpy.run_path(str(path), run_name="__main__")
+        finally:
+            sys.argv = argv
+        code, stderr = exited.value.code, stderr_file.getvalue()
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert code == 2, stderr[-3000:]
-    assert len(errors) == 1 and fragment.format(root=mistakes["root"]) in errors[0], stderr[-3000:]
+    assert len(errors) == 1 and fragment in errors[0], stderr[-3000:]
     assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_mistake_ends_with_one_line_naming_the_fix(mistakes, case):
+    build, fragment = CASES[case]
+    script, *args = build(mistakes)
+    assert_one_line_error(script, args, fragment.format(root=mistakes["root"]), own_process=case in IN_OWN_PROCESS)

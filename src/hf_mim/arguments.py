@@ -215,7 +215,12 @@ def flags_set(arguments, names: Iterable[str]) -> list[str]:
     """The flags among `names` whose value in the dataclass instance `arguments` differs from its declared default:
     those the user gave (or a default-valued flag's value changed), e.g. to refuse flags a setting would ignore."""
     declared = {field.name: field for field in dataclasses.fields(arguments)}
-    return [name for name in names if getattr(arguments, name) != declared[name].default]
+
+    def default(field):
+        # A list flag's default comes from its factory.
+        return field.default_factory() if field.default is dataclasses.MISSING else field.default
+
+    return [name for name in names if getattr(arguments, name) != default(declared[name])]
 
 
 __all__ = [

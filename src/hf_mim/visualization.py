@@ -24,16 +24,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
-from transformers import AutoImageProcessor, AutoModel, AutoModelForMaskedImageModeling
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForMaskedImageModeling
 
-from .arguments import command_parser
-from .checkpoint_folder import load_tokenizer_image_processor
+from .arguments import command_parser, flags_set
+from .checkpoint_folder import PROCESSOR_CONFIG, TOKENIZER_SUBFOLDER, load_tokenizer_image_processor
 from .data import MaskingArguments, TwoViewTransform, build_mask_generator, decode_image
+from .data.datasets import require_image_folder
+from .errors import UsageError
 from .evaluation.codebook import codebook_metrics
 from .evaluation.export import normalizes_inside
 from .families import family_of
 from .models.configuration_common import decoder_left_out
 from .models.image_processing_mim import to_rgb
+from .training.loading import pretrained, require_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -140,14 +143,14 @@ def check_same_tokenizer(tokenizer, held) -> None:
     """Refuse a `tokenizer` that is not the one a MIM model `held`: it would decode the codes into other pixels."""
     if tokenizer.config.model_type != held.config.model_type:
         raise ValueError(
-            f"The decoding tokenizer is a {tokenizer.config.model_type} but the model's targets come from a "
+            f"the decoding tokenizer is a {tokenizer.config.model_type} but the model's targets come from a "
             f"{held.config.model_type}; pass the tokenizer that pre-training used (run_mim.py --tokenizer_name_or_path)"
         )
     weights = tokenizer.state_dict()
     for name, value in held.state_dict().items():
         if name not in weights or not torch.equal(weights[name].to(value.device), value):
             raise ValueError(
-                f"The decoding tokenizer is not the one this model was pre-trained with: its {name} differs from the "
+                f"the decoding tokenizer is not the one this model was pre-trained with: its {name} differs from the "
                 "model's own; pass the tokenizer that pre-training used (run_mim.py --tokenizer_name_or_path)"
             )
 
@@ -290,6 +293,15 @@ def _log_history(trainer_state) -> list[dict]:
     return list(trainer_state)
 
 
+def _has_training_log(trainer_state) -> bool:
+    """Whether `trainer_state` (as [`training_curves`] takes it) logged a loss or accuracy to draw curves of."""
+    return any(
+        key != "train_loss" and ("loss" in key or "accuracy" in key)
+        for entry in _log_history(trainer_state)
+        for key in entry
+    )
+
+
 def training_curves(trainer_state, keys: Sequence[str] | None = None, size: tuple[int, int] = (640, 180)) -> Image.Image:
     """Line charts of logged metrics, one per metric with its training (red) and evaluation (blue, `eval_` prefix)
     series together, stacked vertically; `size` is one chart's (width, height).
@@ -377,8 +389,7 @@ def write_figures(
         written["figure_metrics"] = os.path.join(output_dir, "figure_metrics.json")
         with open(written["figure_metrics"], "w") as file:
             json.dump(metrics, file, indent=2)
-    curve_keys = [key for entry in _log_history(trainer_state or []) for key in entry if key != "train_loss" and ("loss" in key or "accuracy" in key)]
-    if trainer_state is not None and not curve_keys:
+    if trainer_state is not None and not _has_training_log(trainer_state):
         # A run shorter than --logging_steps logs only its summary: there is no curve to draw, which is not an error.
         logger.warning("The trainer state has no training log (fewer steps ran than --logging_steps): no training curves")
         trainer_state = None
@@ -388,6 +399,12 @@ def write_figures(
     if not written:
         raise ValueError("Nothing to draw: pass a model with images, and/or a trainer state")
     return written
+
+
+# The flags only the MIM panel (--model_name_or_path with --images) reads.
+_PANEL_FLAGS = (
+    "max_images", "tokenizer_name_or_path", "tokenizer_image_processor_name", "masking", "cell_size", "seed"
+)  # fmt: skip
 
 
 @dataclass
@@ -418,6 +435,32 @@ class VisualizeArguments:
     cell_size: int = field(default=160, metadata={"help": "Side of each image of the panel, in pixels"})
     seed: int = field(default=0, metadata={"help": "Seed of the masks"})
 
+    def __post_init__(self):
+        if self.images and self.model_name_or_path is None:
+            raise UsageError(
+                "--images needs --model_name_or_path (the MIM checkpoint whose tokens and predictions to draw)"
+            )
+        if not self.images:
+            given = flags_set(self, _PANEL_FLAGS)
+            if given:
+                raise UsageError(
+                    f"--{given[0]} sets the MIM panel, which needs --images (and --model_name_or_path); without them "
+                    "it would be ignored: remove it, or pass --images"
+                )
+        for path in self.images:
+            if os.path.isdir(path):
+                require_image_folder("images", path)
+            elif not os.path.isfile(path):
+                raise UsageError(f"--images {path}: no such file or folder; pass image files or folders of images")
+        for name in ("max_images", "cell_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.trainer_state is not None and not os.path.isfile(self.trainer_state):
+            raise UsageError(
+                f"--trainer_state {self.trainer_state}: no such file; pass the trainer_state.json of a run's "
+                "output_dir or checkpoint"
+            )
+
 
 def _image_files(paths: Sequence[str]) -> list[str]:
     files = []
@@ -427,6 +470,81 @@ def _image_files(paths: Sequence[str]) -> list[str]:
         else:
             files.append(path)
     return files
+
+
+def _read_trainer_state(args: VisualizeArguments) -> dict | None:
+    """The trainer state to plot (`--trainer_state`, else the model folder's), loaded; refuses a run with nothing to
+    draw before any model loads."""
+    path, source = args.trainer_state, f"--trainer_state {args.trainer_state}"
+    if path is None and args.model_name_or_path is not None:
+        candidate = os.path.join(args.model_name_or_path, "trainer_state.json")
+        path, source = (candidate, f"{candidate} (of --model_name_or_path)") if os.path.isfile(candidate) else (None, "")
+    if path is None:
+        if args.images:
+            return None
+        if args.model_name_or_path is not None:
+            raise UsageError(
+                f"--model_name_or_path {args.model_name_or_path} has no trainer_state.json to plot, and without "
+                "--images there is no MIM panel to draw: pass --images, or --trainer_state"
+            )
+        raise UsageError(
+            "nothing to draw: pass --model_name_or_path with --images (the MIM panel), and/or --trainer_state "
+            "(training curves)"
+        )
+    try:
+        with open(path) as file:
+            state = json.load(file)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise UsageError(f"{source} cannot be read as a trainer_state.json ({error}); pass the one a run saved") from error
+    if not isinstance(state, dict):
+        raise UsageError(f"{source} is not a trainer_state.json (no log_history); pass the one a run saved")
+    if not args.images and not _has_training_log(state):
+        raise UsageError(
+            f"{source} logged no loss or accuracy (the run took fewer steps than its --logging_steps): there are no "
+            "curves to draw; pass a longer run's trainer_state.json, or --model_name_or_path with --images"
+        )
+    return state
+
+
+def _load_mim_model(name_or_path: str):
+    """The MIM model of `--model_name_or_path`; a checkpoint of another kind is refused before its weights load."""
+    config = pretrained(AutoConfig.from_pretrained, name_or_path, "model_name_or_path")
+    if getattr(config, "tokenizer_config", None) is None:
+        if hasattr(config, "codebook_size"):
+            fix = (
+                "it is a visual tokenizer: pass it as --tokenizer_name_or_path, and the MIM checkpoint pre-trained "
+                "with it as --model_name_or_path"
+            )
+        else:
+            fix = "pass the output_dir of `hf-mim pretrain`"
+        raise UsageError(
+            f"--model_name_or_path {name_or_path} holds a {config.model_type} model, not an hf_mim MIM checkpoint "
+            f"with its tokenizer; {fix}"
+        )
+    return pretrained(AutoModelForMaskedImageModeling.from_pretrained, name_or_path, "model_name_or_path", config=config)
+
+
+def _load_decoding_tokenizer(name_or_path: str, model):
+    """The standalone tokenizer of `--tokenizer_name_or_path`, refused unless it is the one `model` was pre-trained
+    with."""
+    tokenizer = pretrained(AutoModel.from_pretrained, name_or_path, "tokenizer_name_or_path")
+    require_tokenizer(tokenizer, name_or_path)
+    try:
+        check_same_tokenizer(tokenizer, model.tokenizer)
+    except ValueError as error:
+        raise UsageError(f"--tokenizer_name_or_path {name_or_path}: {error}") from error
+    return tokenizer
+
+
+def _load_tokenizer_image_processor(name_or_path: str):
+    """The tokenizer view's processor saved with the MIM checkpoint `name_or_path`."""
+    saved = os.path.join(name_or_path, TOKENIZER_SUBFOLDER, PROCESSOR_CONFIG)
+    if os.path.isdir(name_or_path) and not os.path.isfile(saved):
+        raise UsageError(
+            f"--model_name_or_path {name_or_path} has no {TOKENIZER_SUBFOLDER}/{PROCESSOR_CONFIG}; pass the "
+            "tokenizer's image processor as --tokenizer_image_processor_name"
+        )
+    return pretrained(load_tokenizer_image_processor, name_or_path, "model_name_or_path")
 
 
 def main(argv=None) -> dict[str, str]:
@@ -453,33 +571,35 @@ def main(argv=None) -> dict[str, str]:
         """,
     )
     (args,) = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
-    trainer_state = args.trainer_state
-    if trainer_state is None and args.model_name_or_path is not None:
-        candidate = os.path.join(args.model_name_or_path, "trainer_state.json")
-        trainer_state = candidate if os.path.isfile(candidate) else None
+    # Refused before anything loads; the flags left to the method (--masking random's ratio) take the model's
+    # method's defaults once it is loaded.
+    masking_args = MaskingArguments(masking=args.masking)
+    trainer_state = _read_trainer_state(args)
     model = image_processor = tokenizer_image_processor = masks = decoding_tokenizer = None
     images = []
-    if args.model_name_or_path is not None and args.images:
-        model = AutoModelForMaskedImageModeling.from_pretrained(args.model_name_or_path)
+    if args.images:
+        model = _load_mim_model(args.model_name_or_path)
         if args.tokenizer_name_or_path is not None:
-            decoding_tokenizer = AutoModel.from_pretrained(args.tokenizer_name_or_path)
-        image_processor = AutoImageProcessor.from_pretrained(args.model_name_or_path)
+            decoding_tokenizer = _load_decoding_tokenizer(args.tokenizer_name_or_path, model)
+        image_processor = pretrained(AutoImageProcessor.from_pretrained, args.model_name_or_path, "model_name_or_path")
         if args.tokenizer_image_processor_name:
-            tokenizer_image_processor = AutoImageProcessor.from_pretrained(args.tokenizer_image_processor_name)
+            tokenizer_image_processor = pretrained(
+                AutoImageProcessor.from_pretrained, args.tokenizer_image_processor_name, "tokenizer_image_processor_name"
+            )
         else:
-            tokenizer_image_processor = load_tokenizer_image_processor(args.model_name_or_path)
-        decoded = [(path, decode_image(path)) for path in _image_files(args.images)[: args.max_images]]
-        images = [image for _, image in decoded if image is not None]
+            tokenizer_image_processor = _load_tokenizer_image_processor(args.model_name_or_path)
+        files = _image_files(args.images)[: args.max_images]
+        images = [image for image in map(decode_image, files) if image is not None]
         if not images:
-            raise ValueError(f"None of {[path for path, _ in decoded]} could be read as an image")
+            raise UsageError(
+                f"--images {' '.join(args.images)}: none of the {len(files)} files read could be decoded as an image "
+                "(the warnings above name them); pass image files or folders of images"
+            )
         grid = model.config.image_size // model.config.patch_size
-        # The flags left to the method (--masking random's ratio) take the model's method's defaults.
-        masking = family_of(model.config.model_type).with_data_defaults(MaskingArguments(masking=args.masking))
+        masking = family_of(model.config.model_type).with_data_defaults(masking_args)
         generator = build_mask_generator(masking, grid)
         rng = np.random.default_rng(args.seed)
         masks = torch.from_numpy(np.stack([generator(rng) for _ in images]).reshape(len(images), -1))
-    elif args.images:
-        raise ValueError("--images needs --model_name_or_path (the MIM checkpoint whose tokens and predictions to draw)")
 
     written = write_figures(
         args.output_dir,

@@ -46,7 +46,10 @@ from transformers import (
 )
 
 from ..arguments import command_parser
+from ..checkpoint_folder import PROCESSOR_CONFIG
+from ..errors import UsageError
 from ..models.image_processing_mim import MimImageProcessor
+from ..training.loading import pretrained
 
 # What the exported `BeitModel`'s pooler returns (its `use_mean_pooling`): see `pooling` in the module docstring.
 BEIT_POOLERS = ("mean", "cls")
@@ -94,9 +97,19 @@ def load_pretrained_beit(model_name_or_path: str, **kwargs) -> nn.Module:
     """Load a checkpoint with the class that keeps its final LayerNorm: the MIM model for MIM checkpoints.
 
     Works for hf_mim MIM checkpoints (their final norm sits in the MIM head), hf_mim encoders, and stock
-    transformers BEiT checkpoints of any head. `kwargs` go to `from_pretrained` (revision, token, ...).
+    transformers BEiT checkpoints of any head. `kwargs` go to `from_pretrained` (revision, token, ...). A path or
+    Hub id that does not load, or a checkpoint of another kind (a tokenizer, a ViT), is a `UsageError` naming
+    `--model_name_or_path`, raised from the config before any weight is read.
     """
-    config = AutoConfig.from_pretrained(model_name_or_path, **kwargs)
+    flag = "model_name_or_path"
+    config = pretrained(AutoConfig.from_pretrained, model_name_or_path, flag, **kwargs)
+    # Every BEiT encoder's config, hf_mim's MIM families included, is a BeitConfig.
+    if not isinstance(config, BeitConfig):
+        kind = " (a visual tokenizer)" if hasattr(config, "codebook_size") else ""
+        raise UsageError(
+            f"--{flag} {model_name_or_path} holds a {config.model_type} model{kind}, not a BEiT encoder; pass an "
+            "hf_mim MIM checkpoint (the output_dir of `hf-mim pretrain`), its encoder, or a transformers BEiT checkpoint"
+        )
     architecture = (config.architectures or [""])[0]
     if config.model_type == "beit":
         # transformers keeps BEiT out of AutoModelForMaskedImageModeling (its head predicts tokens, not pixels).
@@ -105,7 +118,20 @@ def load_pretrained_beit(model_name_or_path: str, **kwargs) -> nn.Module:
         model_class = AutoModelForMaskedImageModeling
     else:
         model_class = AutoModel
-    return model_class.from_pretrained(model_name_or_path, **kwargs)
+    return pretrained(model_class.from_pretrained, model_name_or_path, flag, config=config, **kwargs)
+
+
+def load_image_processor(model_name_or_path: str, image_processor_name: str | None = None, **kwargs):
+    """The image processor of `--image_processor_name`, else the one saved with `--model_name_or_path`, with a
+    one-line `UsageError` naming the flag when it does not load; `kwargs` go to `from_pretrained`."""
+    if image_processor_name is not None:
+        return pretrained(AutoImageProcessor.from_pretrained, image_processor_name, "image_processor_name", **kwargs)
+    if os.path.isdir(model_name_or_path) and not os.path.isfile(os.path.join(model_name_or_path, PROCESSOR_CONFIG)):
+        raise UsageError(
+            f"--model_name_or_path {model_name_or_path} has no {PROCESSOR_CONFIG}; pass the processor the encoder "
+            "was trained with as --image_processor_name"
+        )
+    return pretrained(AutoImageProcessor.from_pretrained, model_name_or_path, "model_name_or_path", **kwargs)
 
 
 def beit_config_for_export(
@@ -398,6 +424,34 @@ class ExportArguments:
     )
     token: str | None = field(default=None, metadata={"help": "Hub token (default: the logged-in one)"})
 
+    def __post_init__(self):
+        if self.pooling not in BEIT_POOLERS:
+            raise UsageError(f"--pooling must be one of {', '.join(BEIT_POOLERS)}, got {self.pooling!r}")
+        if self.image_size is not None and self.image_size <= 0:
+            raise UsageError(
+                f"--image_size is the side in pixels of the exported model's input, got {self.image_size}; pass a "
+                "positive multiple of the patch size (e.g. 384), or leave it out to keep the pre-training size"
+            )
+
+
+def _check_export_size(encoder_config, image_size: int | None, model_name_or_path: str) -> None:
+    """Refuse an `--image_size` that the encoder of `model_name_or_path` cannot be exported at, before the export."""
+    if image_size is None or image_size == encoder_config.image_size:
+        return
+    patch_size = encoder_config.patch_size
+    if image_size % patch_size:
+        multiple = max(patch_size, round(image_size / patch_size) * patch_size)
+        raise UsageError(
+            f"--image_size {image_size} is not a multiple of the patch size {patch_size} of {model_name_or_path} (the "
+            f"patch embedding would drop the remainder); pass e.g. --image_size {multiple}"
+        )
+    if encoder_config.use_absolute_position_embeddings:
+        raise UsageError(
+            f"--image_size {image_size}: {model_name_or_path} has absolute position embeddings, which cannot be "
+            "resized (only a relative position bias resizes); leave --image_size out to export at "
+            f"{encoder_config.image_size}"
+        )
+
 
 def parse_args(argv=None) -> ExportArguments:
     parser = command_parser(
@@ -421,8 +475,9 @@ def parse_args(argv=None) -> ExportArguments:
 
 def main(argv=None) -> str:
     args = parse_args(argv)
-    image_processor = AutoImageProcessor.from_pretrained(args.image_processor_name or args.model_name_or_path, token=args.token)
     model = load_pretrained_beit(args.model_name_or_path, token=args.token)
+    _check_export_size(resolve_encoder(model).config, args.image_size, args.model_name_or_path)
+    image_processor = load_image_processor(args.model_name_or_path, args.image_processor_name, token=args.token)
     export_to_transformers(
         model, args.output_dir, image_processor, args.pooling, args.per_layer_relative_position_bias, args.image_size
     )
@@ -439,6 +494,7 @@ __all__ = [
     "export_to_transformers",
     "geometric_offset_positions",
     "image_processor_at_size",
+    "load_image_processor",
     "load_pretrained_beit",
     "main",
     "normalizes_inside",

@@ -18,7 +18,6 @@ import datasets
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
-from transformers import AutoImageProcessor
 
 from ..data import (
     LabelledImageDatasetArguments,
@@ -28,7 +27,8 @@ from ..data import (
     apply_transform,
     load_image_datasets_from_args,
 )
-from .export import encoder_image_processor, load_pretrained_beit, resolve_encoder
+from ..errors import UsageError
+from .export import encoder_image_processor, load_image_processor, load_pretrained_beit, resolve_encoder
 
 logger = logging.getLogger(__name__)
 
@@ -201,7 +201,10 @@ def extract_features(
     if skipped.value:
         logger.warning(f"{skipped.value} undecodable images were skipped")
     if not chunks[layers[0]]:
-        raise ValueError("None of the images could be decoded (see the warnings above for the files)")
+        raise UsageError(
+            f"none of the {skipped.value} images could be decoded (the warnings above name the files); fix or remove "
+            "the broken files, or pass a folder of readable images"
+        )
     result = FeatureSet(
         {layer: torch.cat(parts) for layer, parts in chunks.items()},
         torch.cat(label_chunks) if label_column is not None else None,
@@ -247,6 +250,14 @@ class FeatureArguments(LabelledImageDatasetArguments):
         default=False, metadata={"help": "Let Hub models run their own code (not needed for hf_mim's models)"}
     )
 
+    def __post_init__(self):
+        if self.pooling not in FEATURE_POOLINGS:
+            raise UsageError(f"--pooling must be one of {', '.join(FEATURE_POOLINGS)}, got {self.pooling!r}")
+        for name, least in (("batch_size", 1), ("num_workers", 0)):
+            if getattr(self, name) < least:
+                raise UsageError(f"--{name} must be at least {least}, got {getattr(self, name)}")
+        super().__post_init__()
+
 
 # `--help` groups of the commands that parse `FeatureArguments` (`command_parser`), before their own options.
 FEATURE_ARGUMENT_GROUPS = [
@@ -257,22 +268,51 @@ FEATURE_ARGUMENT_GROUPS = [
 ]
 
 
-def load_features(args: FeatureArguments) -> tuple[FeatureSet, FeatureSet]:
-    """Training and evaluation features as `args` describe them."""
-    raw, image_column = load_image_datasets_from_args(
-        args, args.seed, args.cache_dir, args.token, require_validation=True
-    )
+def _split_source(args: FeatureArguments, split: str) -> str:
+    """Where the user's `split` images come from, as the flag that names them."""
+    if split == "validation" and args.validation_dir is not None:
+        return f"--validation_dir {args.validation_dir}"
+    if args.train_dir is not None:
+        held_out = " (held out by --train_val_split)" if split == "validation" else ""
+        return f"--train_dir {args.train_dir}{held_out}"
+    return f"the {split} split of --dataset_name {args.dataset_name}"
+
+
+def _check_labels(raw, args: FeatureArguments) -> None:
+    """Refuse splits without labels, and evaluation labels that no training image has: no probe or neighbour can
+    predict them, and an imagefolder gives a class found only under --validation_dir an id all the same."""
+    label_column = args.label_column_name
     for split in ("train", "validation"):
-        if args.label_column_name not in raw[split].column_names:
-            raise ValueError(
-                f"The {split} split has no {args.label_column_name!r} column (columns: {raw[split].column_names}); "
+        if label_column not in raw[split].column_names:
+            raise UsageError(
+                f"{_split_source(args, split)} has no {label_column!r} column (columns: {raw[split].column_names}); "
                 "pass --label_column_name, or use an imagefolder with one folder per class"
             )
+    unseen = sorted(set(raw["validation"].unique(label_column)) - set(raw["train"].unique(label_column)))
+    if unseen:
+        feature = raw["validation"].features[label_column]
+        names = [feature.int2str(label) for label in unseen] if isinstance(feature, datasets.ClassLabel) else unseen
+        raise UsageError(
+            f"{_split_source(args, 'validation')} has labels that {_split_source(args, 'train')} does not: "
+            f"{names[:10]}; evaluate on the training classes only"
+        )
+
+
+def load_features(args: FeatureArguments) -> tuple[FeatureSet, FeatureSet]:
+    """Training and evaluation features as `args` describe them."""
     hub_kwargs = {"cache_dir": args.cache_dir, "token": args.token, "trust_remote_code": args.trust_remote_code}
     # The class that uses every weight of the checkpoint: a MIM checkpoint loaded as its bare encoder would list its
     # heads and tokenizer as unexpected keys.
     model = load_pretrained_beit(args.model_name_or_path, **hub_kwargs)
-    image_processor = AutoImageProcessor.from_pretrained(args.image_processor_name or args.model_name_or_path, **hub_kwargs)
+    try:
+        normalize_layers(args.layers, resolve_encoder(model).config.num_hidden_layers)
+    except ValueError as error:
+        raise UsageError(f"--layers {' '.join(map(str, args.layers))}: {error}; pass layers in that range") from error
+    image_processor = load_image_processor(args.model_name_or_path, args.image_processor_name, **hub_kwargs)
+    raw, image_column = load_image_datasets_from_args(
+        args, args.seed, args.cache_dir, args.token, require_validation=True
+    )
+    _check_labels(raw, args)
     kwargs = {
         "layers": args.layers,
         "pooling": args.pooling,
@@ -282,9 +322,13 @@ def load_features(args: FeatureArguments) -> tuple[FeatureSet, FeatureSet]:
         "num_workers": args.num_workers,
         "cache_dir": args.feature_cache_dir,
     }
-    train = extract_features(model, image_processor, raw["train"], **kwargs)
-    evaluation = extract_features(model, image_processor, raw["validation"], **kwargs)
-    return train, evaluation
+    features = {}
+    for split in ("train", "validation"):
+        try:
+            features[split] = extract_features(model, image_processor, raw[split], **kwargs)
+        except UsageError as error:
+            raise UsageError(f"{_split_source(args, split)}: {error}") from error
+    return features["train"], features["validation"]
 
 
 def write_results(args: FeatureArguments, name: str, results: dict) -> None:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
+
 from ..arguments import command_parser
 from ..errors import UsageError
 from .features import FEATURE_ARGUMENT_GROUPS, FeatureArguments, load_features, write_results
@@ -95,6 +96,12 @@ class KnnArguments:
         metadata={"help": "Numbers of neighbours, each scored (the one nearest to 20 picks the best layer)"},
     )
     temperature: float = field(default=0.07, metadata={"help": "Votes weigh exp(cosine / temperature), as in DINO"})
+
+    def __post_init__(self):
+        if self.temperature <= 0:
+            raise UsageError(f"--temperature must be positive (DINO uses 0.07), got {self.temperature}")
+        if any(k < 1 for k in self.ks):
+            raise UsageError(f"--ks are numbers of neighbours, each at least 1; got {' '.join(map(str, self.ks))}")
 
 
 def run_knn(train, evaluation, knn_args: KnnArguments) -> dict:

@@ -15,10 +15,18 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from ..arguments import command_parser
+
+from ..arguments import command_parser, flags_set
+from ..errors import UsageError
 from .features import FEATURE_ARGUMENT_GROUPS, FeatureArguments, load_features, write_results
 
 OPTIMIZERS = ("lbfgs", "adamw")
+
+# The flags each optimiser reads; the other's would be ignored.
+OPTIMIZER_FLAGS = {"lbfgs": ("max_iter",), "adamw": ("learning_rates", "epochs", "probe_batch_size")}
+
+# The learning rates AdamW sweeps when none are given.
+ADAMW_LEARNING_RATES = (1e-3, 1e-2)
 
 
 class LinearProbe(nn.Module):
@@ -129,7 +137,7 @@ def linear_probe(
     eval_features: torch.Tensor | None = None,
     eval_labels: torch.Tensor | None = None,
     weight_decays: Sequence[float] = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
-    learning_rates: Sequence[float] = (1e-3, 1e-2),
+    learning_rates: Sequence[float] = ADAMW_LEARNING_RATES,
     optimizer: str = "lbfgs",
     holdout_fraction: float = 0.2,
     seed: int = 0,
@@ -199,17 +207,63 @@ class LinearProbeArguments:
         default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
         metadata={"help": "Weight decays to try; the best on the held-out part is refitted on all of train"},
     )
-    learning_rates: list[float] = field(
-        default_factory=lambda: [1e-3, 1e-2], metadata={"help": "Learning rates to try (--optimizer adamw only)"}
+    # None rather than a default list, so that flags_set sees whether it was given.
+    learning_rates: list[float] | None = field(
+        default=None,
+        metadata={"help": "Learning rates to try (--optimizer adamw only; default: "
+                  f"{' '.join(map(str, ADAMW_LEARNING_RATES))})"},
     )
-    holdout_fraction: float = field(default=0.2, metadata={"help": "Part of train held out to pick the setting"})
-    max_iter: int = field(default=100, metadata={"help": "L-BFGS iterations"})
-    epochs: int = field(default=50, metadata={"help": "AdamW epochs"})
-    probe_batch_size: int = field(default=256, metadata={"help": "AdamW mini-batch size"})
+    holdout_fraction: float = field(
+        default=0.2, metadata={"help": "Part of train held out to pick the setting (when several are tried)"}
+    )
+    max_iter: int = field(default=100, metadata={"help": "L-BFGS iterations (--optimizer lbfgs only)"})
+    epochs: int = field(default=50, metadata={"help": "AdamW epochs (--optimizer adamw only)"})
+    probe_batch_size: int = field(default=256, metadata={"help": "AdamW mini-batch size (--optimizer adamw only)"})
+
+    def __post_init__(self):
+        if self.optimizer not in OPTIMIZERS:
+            raise UsageError(f"--optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        for other, names in OPTIMIZER_FLAGS.items():
+            given = [] if other == self.optimizer else flags_set(self, names)
+            if given:
+                raise UsageError(
+                    f"--{given[0]} is read by --optimizer {other} only; --optimizer {self.optimizer} would ignore it: "
+                    f"remove it, or pass --optimizer {other}"
+                )
+        if any(weight_decay < 0 for weight_decay in self.weight_decays):
+            raise UsageError(f"--weight_decays must be >= 0, got {' '.join(map(str, self.weight_decays))}")
+        if any(learning_rate <= 0 for learning_rate in self.learning_rates or ()):
+            raise UsageError(f"--learning_rates must be positive, got {' '.join(map(str, self.learning_rates))}")
+        for name in ("max_iter", "epochs", "probe_batch_size"):
+            if getattr(self, name) < 1:
+                raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.holdout_fraction < 1:
+            raise UsageError(
+                f"--holdout_fraction is the part of the training images held out to pick the setting, in (0, 1); "
+                f"got {self.holdout_fraction}"
+            )
+        if self.num_settings == 1 and flags_set(self, ["holdout_fraction"]):
+            sweep = "--weight_decays" + (" and --learning_rates" if self.optimizer == "adamw" else "")
+            raise UsageError(
+                f"--holdout_fraction picks the best of several settings, and {sweep} leave one, which would ignore "
+                "it: remove it, or give several values"
+            )
+
+    @property
+    def num_settings(self) -> int:
+        """The size of the sweep: weight decays, times learning rates for AdamW."""
+        learning_rates = self.learning_rates or ADAMW_LEARNING_RATES
+        return len(self.weight_decays) * (len(learning_rates) if self.optimizer == "adamw" else 1)
 
 
 def run_linear_probe(train, evaluation, probe_args: LinearProbeArguments, seed: int = 0) -> dict:
     """Probe every layer of two [`FeatureSet`]s; returns `{"layers": {layer: {...}}, "best_layer", "accuracy"}`."""
+    num_holdout = int(len(train.labels) * probe_args.holdout_fraction)
+    if probe_args.num_settings > 1 and num_holdout == 0:
+        raise UsageError(
+            f"--holdout_fraction {probe_args.holdout_fraction} of {len(train.labels)} training images holds out none "
+            "to pick the setting with; pass a larger fraction or more training images"
+        )
     per_layer = {}
     for layer in train.features:
         result = linear_probe(
@@ -218,7 +272,7 @@ def run_linear_probe(train, evaluation, probe_args: LinearProbeArguments, seed: 
             evaluation.features[layer],
             evaluation.labels,
             weight_decays=probe_args.weight_decays,
-            learning_rates=probe_args.learning_rates,
+            learning_rates=probe_args.learning_rates or ADAMW_LEARNING_RATES,
             optimizer=probe_args.optimizer,
             holdout_fraction=probe_args.holdout_fraction,
             seed=seed,
@@ -269,6 +323,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
 
 
 __all__ = [
+    "ADAMW_LEARNING_RATES",
     "LinearProbe",
     "LinearProbeArguments",
     "LinearProbeResult",

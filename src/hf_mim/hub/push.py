@@ -18,6 +18,7 @@ from pathlib import Path
 from huggingface_hub import HfApi
 
 from ..checkpoint_folder import PROCESSOR_CONFIG, complete_code_files
+from ..errors import UsageError
 from .cards import DEFAULT_LICENSE, load_results, read_training_args, write_model_card
 
 logger = logging.getLogger(__name__)
@@ -38,14 +39,23 @@ UPLOAD_PATTERNS = (
 
 
 def _check_checkpoint(folder: Path) -> None:
+    if not folder.is_dir():
+        raise FileNotFoundError(
+            f"{folder}: no such folder; pass an hf_mim checkpoint folder (the output_dir of `hf-mim pretrain` or "
+            "`hf-mim train-tokenizer`, or a converted model)"
+        )
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"{folder} has no config.json; is it an hf_mim checkpoint folder (save_pretrained)?")
-    model_type = json.loads(config_path.read_text()).get("model_type", "")
+    try:
+        model_type = json.loads(config_path.read_text()).get("model_type", "")
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{config_path} is not valid JSON ({error}); save the model again with save_pretrained") from error
     if not model_type.startswith("hf_mim_"):
         raise ValueError(
             f"{folder} holds a {model_type or 'model without model_type'!r} checkpoint, not an hf_mim one "
-            "(model_type hf_mim_*); push other models with their own tools"
+            "(model_type hf_mim_*); push other models, such as the stock transformers classifiers of `hf-mim "
+            "finetune`, with their own push_to_hub or `hf upload`"
         )
     if not any(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"{folder} has no *.safetensors weights; save the model with save_pretrained first")
@@ -54,6 +64,14 @@ def _check_checkpoint(folder: Path) -> None:
             f"{folder} has no {PROCESSOR_CONFIG}: without its image processor the model cannot be used from the Hub. "
             "Save it there, e.g. AutoImageProcessor.from_pretrained(<source>).save_pretrained(folder)"
         )
+
+
+def _check_upload_dir(folder: Path, upload_dir: Path, name: str) -> None:
+    """Refuse an upload folder (called `name` in the messages) that holds files or is the checkpoint itself."""
+    if upload_dir.exists() and (not upload_dir.is_dir() or any(upload_dir.iterdir())):
+        raise FileExistsError(f"{name} is not empty; pass a new or empty folder for the upload")
+    if upload_dir.resolve() == folder.resolve():
+        raise ValueError(f"{name} is the checkpoint folder; pass another, new or empty, folder for the upload")
 
 
 def _copy_matching(source: Path, target: Path) -> None:
@@ -71,10 +89,7 @@ def prepare_upload_folder(folder, upload_dir, *, repo_id: str | None = None, **c
     """
     folder, upload_dir = Path(folder), Path(upload_dir)
     _check_checkpoint(folder)
-    if upload_dir.exists() and any(upload_dir.iterdir()):
-        raise FileExistsError(f"{upload_dir} is not empty; pass a new or empty folder for the upload")
-    if upload_dir.resolve() == folder.resolve():
-        raise ValueError("The upload folder must differ from the checkpoint folder")
+    _check_upload_dir(folder, upload_dir, str(upload_dir))
     _copy_matching(folder, upload_dir)
     for processor_config in sorted(folder.glob(f"*/{PROCESSOR_CONFIG}")):
         _copy_matching(processor_config.parent, upload_dir / processor_config.parent.name)
@@ -173,6 +188,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None):
     args = parse_args(argv)
+    folder = Path(args.folder)
+    # Before any Hub request: both library checks name the folder and the fix, as a user's mistake needs.
+    try:
+        _check_checkpoint(folder)
+        if args.dry_run is not None:
+            upload_dir = Path(args.dry_run or f"{args.repo_id.split('/')[-1]}-upload")
+            _check_upload_dir(folder, upload_dir, f"--dry_run {upload_dir}")
+    except (OSError, ValueError) as error:
+        raise UsageError(str(error)) from error
     logging.basicConfig(format="%(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     card_options = {
         "datasets": args.dataset,
@@ -182,7 +206,6 @@ def main(argv: Sequence[str] | None = None):
         "tags": args.tag,
     }
     if args.dry_run is not None:
-        upload_dir = Path(args.dry_run or f"{args.repo_id.split('/')[-1]}-upload")
         files = prepare_upload_folder(args.folder, upload_dir, repo_id=args.repo_id, **card_options)
         print(f"Dry run: wrote the {len(files)} files that would be uploaded to {args.repo_id} into {upload_dir}:")
         print("\n".join(f"  {name}" for name in files))

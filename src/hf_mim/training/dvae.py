@@ -12,12 +12,24 @@ import math
 import torch
 from transformers import TrainerCallback, TrainingArguments
 
+from ..errors import UsageError
 from ..models.configuration_common import check_decoder
 from ..models.modeling_tokenizer import code_counts
 from .budget import training_progress
 from .tokenizer_trainer import TokenizerTrainer
 
 TEMPERATURE_SCHEDULES = ("cosine", "exponential")
+
+# The `train-tokenizer` flag (a `TokenizerArguments` field) of each schedule argument of `DvaeTrainer`.
+DVAE_FLAGS = {
+    "temperature_start": "gumbel_temperature_start",
+    "temperature_end": "gumbel_temperature_end",
+    "temperature_schedule": "gumbel_temperature_schedule",
+    "anneal_fraction": "gumbel_anneal_fraction",
+    "kl_weight": "kl_weight",
+    "kl_warmup_fraction": "kl_warmup_fraction",
+    "code_balance_rate": "code_balance_rate",
+}
 
 
 def gumbel_temperature(progress: float, start: float = 1.0, end: float = 1 / 16, schedule: str = "cosine") -> float:
@@ -35,6 +47,56 @@ def kl_weight_at(progress: float, kl_weight: float, warmup: float) -> float:
     if warmup <= 0:
         return kl_weight
     return kl_weight * min(max(progress, 0.0) / warmup, 1.0)
+
+
+def check_schedule(
+    temperature_start: float,
+    temperature_end: float,
+    temperature_schedule: str,
+    anneal_fraction: float,
+    kl_weight: float,
+    kl_warmup_fraction: float,
+    code_balance_rate: float,
+    flags: dict[str, str] | None = None,
+) -> None:
+    """A one-line `UsageError` for a schedule of [`DvaeTrainer`] that no run can follow. `flags` maps each argument to
+    the flag the user typed ([`DVAE_FLAGS`]), so that the message names it; without it, the argument is named."""
+
+    def name(argument: str) -> str:
+        return f"--{flags[argument]}" if flags else argument
+
+    if temperature_schedule not in TEMPERATURE_SCHEDULES:
+        raise UsageError(
+            f"{name('temperature_schedule')} {temperature_schedule!r} is no temperature schedule; choose one of "
+            f"{', '.join(TEMPERATURE_SCHEDULES)}"
+        )
+    # Written as `not (ok)` so that NaN fails too.
+    if not (math.isfinite(temperature_start) and 0 < temperature_end <= temperature_start):
+        raise UsageError(
+            f"{name('temperature_start')} {temperature_start} and {name('temperature_end')} {temperature_end}: the "
+            f"Gumbel temperature anneals down from the start to the end value, so pass 0 < {name('temperature_end')} "
+            f"<= {name('temperature_start')} (DALL-E: 1 and 0.0625)"
+        )
+    if not 0 < anneal_fraction <= 1:
+        raise UsageError(
+            f"{name('anneal_fraction')} {anneal_fraction} is not a fraction of the training steps in (0, 1]; pass "
+            "e.g. 0.5 (the default), or 1.0 to anneal until the last step"
+        )
+    if not (math.isfinite(kl_weight) and kl_weight >= 0):
+        raise UsageError(
+            f"{name('kl_weight')} {kl_weight} must be finite and >= 0; pass e.g. 0.001 (the default), or 0 for no KL "
+            "term"
+        )
+    if not 0 <= kl_warmup_fraction <= 1:
+        raise UsageError(
+            f"{name('kl_warmup_fraction')} {kl_warmup_fraction} is not a fraction of the training steps in [0, 1]; "
+            "pass e.g. 0.1 (the default), or 0 for the full KL weight from the first step"
+        )
+    if not (math.isfinite(code_balance_rate) and code_balance_rate >= 0):
+        raise UsageError(
+            f"{name('code_balance_rate')} {code_balance_rate} must be finite and >= 0; pass e.g. 0.05 (the default), "
+            "or 0 for no balancing"
+        )
 
 
 @torch.no_grad()
@@ -109,20 +171,15 @@ class DvaeTrainer(TokenizerTrainer):
         code_balance_rate: float = 0.05,
         **kwargs,
     ):
-        if temperature_schedule not in TEMPERATURE_SCHEDULES:
-            raise ValueError(
-                f"Unknown temperature schedule {temperature_schedule!r}; choose one of {TEMPERATURE_SCHEDULES}"
-            )
-        if not 0 < temperature_end <= temperature_start:
-            raise ValueError(
-                f"Need 0 < temperature_end <= temperature_start, got {temperature_end} and {temperature_start}"
-            )
-        if not 0 < anneal_fraction <= 1:
-            raise ValueError(f"anneal_fraction must be in (0, 1], got {anneal_fraction}")
-        if kl_weight < 0:
-            raise ValueError(f"kl_weight must be >= 0, got {kl_weight}")
-        if code_balance_rate < 0:
-            raise ValueError(f"code_balance_rate must be >= 0, got {code_balance_rate}")
+        check_schedule(
+            temperature_start=temperature_start,
+            temperature_end=temperature_end,
+            temperature_schedule=temperature_schedule,
+            anneal_fraction=anneal_fraction,
+            kl_weight=kl_weight,
+            kl_warmup_fraction=kl_warmup_fraction,
+            code_balance_rate=code_balance_rate,
+        )
         super().__init__(*args, **kwargs)
         check_decoder(self.accelerator.unwrap_model(self.model).config, "be trained (its loss decodes the codes)")
         self.temperature_start = temperature_start
@@ -174,25 +231,17 @@ class DvaeTrainer(TokenizerTrainer):
 
 def build_dvae_trainer(model, args: TrainingArguments, tokenizer_args, **trainer_kwargs) -> DvaeTrainer:
     """A [`DvaeTrainer`] configured from the `--gumbel_*`/`--kl_*` fields of `TokenizerArguments`."""
-    return DvaeTrainer(
-        model=model,
-        args=args,
-        temperature_start=tokenizer_args.gumbel_temperature_start,
-        temperature_end=tokenizer_args.gumbel_temperature_end,
-        temperature_schedule=tokenizer_args.gumbel_temperature_schedule,
-        anneal_fraction=tokenizer_args.gumbel_anneal_fraction,
-        kl_weight=tokenizer_args.kl_weight,
-        kl_warmup_fraction=tokenizer_args.kl_warmup_fraction,
-        code_balance_rate=tokenizer_args.code_balance_rate,
-        **trainer_kwargs,
-    )
+    schedule = {argument: getattr(tokenizer_args, flag) for argument, flag in DVAE_FLAGS.items()}
+    return DvaeTrainer(model=model, args=args, **schedule, **trainer_kwargs)
 
 
 __all__ = [
+    "DVAE_FLAGS",
     "TEMPERATURE_SCHEDULES",
     "DvaeTrainer",
     "balance_codes",
     "build_dvae_trainer",
+    "check_schedule",
     "gumbel_temperature",
     "kl_weight_at",
 ]

@@ -2,9 +2,11 @@
 
 import logging
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, CLIPVisionModelWithProjection
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, BeitConfig, CLIPVisionModelWithProjection
 
+from ..errors import UsageError
 from ..evaluation.export import encoder_image_processor, to_transformers_beit
+from ..models.teacher import PatchFeatureTeacher
 
 logger = logging.getLogger(__name__)
 
@@ -27,13 +29,13 @@ def load_teacher_model(name_or_path: str, trust_remote_code: bool = False):
     elif config.model_type == "clip_vision_model":
         model = CLIPVisionModelWithProjection.from_pretrained(name_or_path)
     elif config.model_type.startswith("hf_mim_"):
-        try:
-            model = to_transformers_beit(name_or_path, pooling="cls")
-        except TypeError as error:
+        # Every hf_mim model with an encoder (MIM models, encoders) has a BeitConfig; tokenizers have none to teach.
+        if not isinstance(config, BeitConfig):
             raise ValueError(
                 f"it holds an {config.model_type} model, which has no encoder to be a teacher; pass an hf_mim MIM "
                 "checkpoint (its encoder is the teacher) or a transformers vision model"
-            ) from error
+            )
+        model = to_transformers_beit(name_or_path, pooling="cls")
     else:
         model = AutoModel.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     try:
@@ -56,4 +58,15 @@ def load_teacher_model(name_or_path: str, trust_remote_code: bool = False):
     return model.eval(), mean, std
 
 
-__all__ = ["load_teacher_model"]
+def teacher_feature_dim(teacher: PatchFeatureTeacher, image_size: int, name_or_path: str, flag: str) -> int:
+    """The size of `teacher`'s per-patch features of `image_size` views, or a one-line `UsageError` naming
+    `--flag name_or_path` when its output has no patch tokens on the tokenizer's grid or it has no
+    `hidden_states[feature_layer]`: one forward of a blank image finds both before any training image is read."""
+    try:
+        return teacher.feature_dim(image_size)
+    except (ValueError, IndexError) as error:
+        reason = str(error) if isinstance(error, ValueError) else f"it has no hidden_states[{teacher.feature_layer}]"
+        raise UsageError(f"--{flag} {name_or_path}: {reason}") from error
+
+
+__all__ = ["load_teacher_model", "teacher_feature_dim"]

@@ -12,7 +12,7 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
-from transformers import set_seed
+from transformers import TrainingArguments, set_seed
 
 from ..arguments import flags_set
 from ..data import (
@@ -28,10 +28,10 @@ from ..errors import UsageError
 from ..families import TOKENIZERS, import_target
 from ..hub.cards import hub_dataset_id
 from .arguments import MimTrainingArguments, parse_config_overrides
-from .dvae import TEMPERATURE_SCHEDULES
+from .dvae import DVAE_FLAGS, TEMPERATURE_SCHEDULES, check_schedule
 from .kmeans import KmeansFitArguments
 from .loading import pretrained, saved_model_type
-from .workflow import require_action, setup_logging, train_and_evaluate
+from .workflow import require_action, require_steps_when_streaming, setup_logging, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +88,11 @@ class TokenizerArguments(KmeansFitArguments):
                   "LayerNorm + visual projection)."},
     )
 
+    def __post_init__(self):
+        super().__post_init__()
+        schedule = {argument: getattr(self, flag) for argument, flag in DVAE_FLAGS.items()}
+        check_schedule(**schedule, flags=DVAE_FLAGS)
+
 
 @dataclass
 class DataArguments(RenderingArguments, StreamingImageDatasetArguments):
@@ -97,35 +102,62 @@ class DataArguments(RenderingArguments, StreamingImageDatasetArguments):
 # Flags that only some tokenizer types read, by help group: (the types, the flags). Given to another type, a flag
 # would be silently ignored, so `check_type_specific_flags` refuses it.
 TYPE_SPECIFIC_FLAGS = {
-    "dVAE": (
-        ("dvae",),
-        (
-            "gumbel_temperature_start", "gumbel_temperature_end", "gumbel_temperature_schedule",
-            "gumbel_anneal_fraction", "kl_weight", "kl_warmup_fraction", "code_balance_rate",
-        ),
-    ),
+    "dVAE": (("dvae",), tuple(DVAE_FLAGS.values())),
     "teacher": (("vqkd", "feature_kmeans"), ("teacher_name_or_path", "teacher_feature_layer")),
     "k-means fit": (("kmeans", "feature_kmeans"), tuple(f.name for f in dataclasses.fields(KmeansFitArguments))),
 }  # fmt: skip
 
 
-def check_type_specific_flags(tokenizer_args: TokenizerArguments, data_args: DataArguments | None = None) -> None:
+# The TrainingArguments that a fit reads (output folder, what to do, seed, device and launch, data workers, logging,
+# progress bars, upload) or that cannot change what it does (--report_to; --overwrite_output_dir: a fit always starts
+# afresh). The others set up the Trainer of the gradient-trained types, which a fit does without.
+FIT_TRAINING_FLAGS = (
+    "output_dir", "overwrite_output_dir", "do_train", "do_eval", "seed", "use_cpu", "local_rank", "ddp_backend",
+    "ddp_timeout", "dataloader_num_workers", "log_level", "log_level_replica", "log_on_each_node", "disable_tqdm",
+    "report_to", "push_to_hub", "hub_model_id", "hub_private_repo", "hub_revision", "hub_token",
+)  # fmt: skip
+
+
+def check_type_specific_flags(
+    tokenizer_args: TokenizerArguments,
+    data_args: DataArguments | None = None,
+    training_args: TrainingArguments | None = None,
+) -> None:
     """A one-line error for a flag set away from its default that `--tokenizer_type` does not read: a flag of another
-    type, or a training-view flag (crop, jitter, rendering) given to a fitted type, whose points come from each image's
-    deterministic view."""
+    type, or, given to a fitted type, a training-view flag (crop, jitter, rendering; its points come from each image's
+    deterministic view) or a Trainer flag outside `FIT_TRAINING_FLAGS` (learning rate, steps, precision, ...)."""
+    tokenizer_type = tokenizer_args.tokenizer_type
     for types, names in TYPE_SPECIFIC_FLAGS.values():
-        given = [] if tokenizer_args.tokenizer_type in types else flags_set(tokenizer_args, names)
+        given = [] if tokenizer_type in types else flags_set(tokenizer_args, names)
         if given:
             raise UsageError(
                 f"--{given[0]} is read by --tokenizer_type {' and '.join(types)} only; --tokenizer_type "
-                f"{tokenizer_args.tokenizer_type} would ignore it: remove it or change --tokenizer_type"
+                f"{tokenizer_type} would ignore it: remove it or change --tokenizer_type"
             )
-    if data_args is not None and TRAINABLE[tokenizer_args.tokenizer_type].fit is not None:
+    if TRAINABLE[tokenizer_type].fit is None:
+        return
+    if data_args is not None:
         given = flags_set(data_args, [view_field.name for view_field in dataclasses.fields(RenderingArguments)])
         if given:
             raise UsageError(
                 f"--{given[0]} sets the training views of gradient-trained tokenizers; --tokenizer_type "
-                f"{tokenizer_args.tokenizer_type} fits on each image's deterministic view and would ignore it: remove it"
+                f"{tokenizer_type} fits on each image's deterministic view and would ignore it: remove it"
+            )
+    if training_args is not None:
+        read = {name: getattr(training_args, name) for name in FIT_TRAINING_FLAGS if hasattr(training_args, name)}
+        # The same arguments without the unread flags: the fields derived from the read ones (the DataLoader
+        # defaults) are derived alike, so only the unread flags the user set differ.
+        reference = type(training_args)(**read)
+        given = [
+            argument.name
+            for argument in dataclasses.fields(training_args)
+            if argument.init and getattr(training_args, argument.name) != getattr(reference, argument.name)
+        ]
+        if given:
+            trained = " and ".join(name for name, tokenizer in TRAINABLE.items() if tokenizer.fit is None)
+            raise UsageError(
+                f"--{given[0]} sets up the Trainer of --tokenizer_type {trained}; --tokenizer_type {tokenizer_type} "
+                "is fitted without one and would ignore it: remove it"
             )
 
 
@@ -193,7 +225,8 @@ def train_tokenizer(
     Returns the training metrics (and `eval_*` metrics with `--do_eval` and a validation split).
     """
     require_action(training_args)
-    check_type_specific_flags(tokenizer_args, data_args)
+    require_steps_when_streaming(data_args, training_args)
+    check_type_specific_flags(tokenizer_args, data_args, training_args)
     setup_logging(training_args)
     set_seed(training_args.seed)
 

@@ -10,10 +10,12 @@ import logging
 
 from transformers import TrainingArguments
 
+from ..errors import UsageError
 from ..models.configuration_common import check_decoder
 from ..models.configuration_vqkd import VqkdConfig
 from ..models.teacher import PatchFeatureTeacher
-from .teacher import load_teacher_model
+from .loading import pretrained
+from .teacher import load_teacher_model, teacher_feature_dim
 from .tokenizer_trainer import TokenizerTrainer
 
 logger = logging.getLogger(__name__)
@@ -28,18 +30,23 @@ class VqkdTeacher(PatchFeatureTeacher):
             raise ValueError(f"The teacher was built for a {self.grid_size}-token grid, the tokenizer has {config.grid_size}")
         feature_dim = self.feature_dim(config.image_size)
         if feature_dim != config.teacher_dim:
-            raise ValueError(
-                f"The teacher's features are {feature_dim}-dimensional but the tokenizer's decoder predicts "
-                f"teacher_dim={config.teacher_dim}; pass --config_overrides teacher_dim={feature_dim}"
+            raise UsageError(
+                f"the teacher's features are {feature_dim}-dimensional but the tokenizer's decoder predicts "
+                f"teacher_dim={config.teacher_dim}: pass --config_overrides teacher_dim={feature_dim} (a new "
+                f"tokenizer), or a --teacher_name_or_path whose features are {config.teacher_dim}-dimensional"
             )
 
 
 def load_teacher(
-    name_or_path: str, grid_size: int, feature_layer: int | None = None, trust_remote_code: bool = False
+    name_or_path: str,
+    grid_size: int,
+    feature_layer: int | None = None,
+    trust_remote_code: bool = False,
+    flag: str = "teacher_name_or_path",
 ) -> VqkdTeacher:
     """A [`VqkdTeacher`] from a checkpoint folder or Hub id ([`load_teacher_model`]), with its image processor's
-    normalisation."""
-    model, mean, std = load_teacher_model(name_or_path, trust_remote_code=trust_remote_code)
+    normalisation; a path that does not hold a teacher is a one-line `UsageError` naming `--flag`."""
+    model, mean, std = pretrained(load_teacher_model, name_or_path, flag, trust_remote_code=trust_remote_code)
     return VqkdTeacher(model, mean, std, grid_size=grid_size, feature_layer=feature_layer)
 
 
@@ -78,24 +85,21 @@ class VqkdTrainer(TokenizerTrainer):
 
 def build_vqkd_trainer(model, args: TrainingArguments, tokenizer_args, **trainer_kwargs) -> VqkdTrainer:
     """A [`VqkdTrainer`] whose teacher comes from `--teacher_name_or_path` / `--teacher_feature_layer`."""
-    if not tokenizer_args.teacher_name_or_path:
-        raise ValueError(
+    path = tokenizer_args.teacher_name_or_path
+    if not path:
+        raise UsageError(
             "--tokenizer_type vqkd needs --teacher_name_or_path: the vision model whose features the tokenizer "
             "distils (BEiT v2 uses openai/clip-vit-base-patch16)"
         )
-    teacher = load_teacher(
-        tokenizer_args.teacher_name_or_path,
-        grid_size=model.config.grid_size,
-        feature_layer=tokenizer_args.teacher_feature_layer,
-    )
-    feature_dim = teacher.feature_dim(model.config.image_size)
+    teacher = load_teacher(path, grid_size=model.config.grid_size, feature_layer=tokenizer_args.teacher_feature_layer)
+    feature_dim = teacher_feature_dim(teacher, model.config.image_size, path, "teacher_name_or_path")
     overrides = tokenizer_args.config_overrides or ""
     chosen = tokenizer_args.tokenizer_name_or_path or any(
         item.split("=", 1)[0].strip() == "teacher_dim" for item in overrides.split(",")
     )
     if feature_dim != model.config.teacher_dim and not chosen:
         # A new tokenizer whose teacher_dim nobody set: the teacher decides it (its decoder is not trained yet).
-        logger.info("teacher_dim=%d, the size of %s's features", feature_dim, tokenizer_args.teacher_name_or_path)
+        logger.info("teacher_dim=%d, the size of %s's features", feature_dim, path)
         model = type(model)(VqkdConfig.from_dict({**model.config.to_dict(), "teacher_dim": feature_dim}))
     return VqkdTrainer(model=model, args=args, teacher=teacher, **trainer_kwargs)
 

@@ -5,14 +5,13 @@ import torch
 from tqdm.auto import tqdm
 
 from ...data import SkippedImageCounter
-from ...errors import UsageError
 from ...models.configuration_feature_kmeans import FeatureKmeansConfig
 from ...models.distributed import world
 from ...models.image_processing_feature_kmeans import FeatureKmeansImageProcessor
 from ...models.modeling_feature_kmeans import FeatureKmeansModel
 from ...models.teacher import PatchFeatureTeacher
 from ..loading import pretrained
-from ..teacher import load_teacher_model
+from ..teacher import load_teacher_model, teacher_feature_dim
 from .patches import sampled_patches, view_batches
 
 
@@ -29,12 +28,8 @@ def feature_kmeans_tokenizer(
     tokenizer. A teacher whose output has no patch tokens on the tokenizer's grid is refused with a one-line error.
     """
     model, mean, std = pretrained(load_teacher_model, teacher_name_or_path, flag)
-    try:
-        teacher = PatchFeatureTeacher(model, mean, std, config.grid_size, feature_layer)
-        feature_dim = teacher.feature_dim(config.image_size)
-    except (ValueError, IndexError) as error:
-        reason = str(error) if isinstance(error, ValueError) else f"it has no hidden_states[{feature_layer}]"
-        raise UsageError(f"--{flag} {teacher_name_or_path}: {reason}") from error
+    teacher = PatchFeatureTeacher(model, mean, std, config.grid_size, feature_layer)
+    feature_dim = teacher_feature_dim(teacher, config.image_size, teacher_name_or_path, flag)
     config = FeatureKmeansConfig.from_dict(
         {
             **config.to_dict(),

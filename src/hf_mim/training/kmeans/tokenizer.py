@@ -5,6 +5,7 @@ k-means' centroids of a teacher's patch features. `fit_centroids` samples the po
 model card and upload.
 """
 
+import importlib.util
 import json
 import logging
 import math
@@ -56,6 +57,23 @@ class KmeansFitArguments:
     )
     kmeans_batch_size: int = field(default=64, metadata={"help": "Images per data-loading batch."})
 
+    def __post_init__(self):
+        positive = {
+            "kmeans_iterations": "e.g. 20 (CCViT's)",
+            "kmeans_patches_per_image": "or leave it unset to take every patch of each image",
+            "kmeans_max_images": "or leave it unset to fit on every training image",
+            "kmeans_batch_size": "e.g. 64 (the default)",
+        }
+        for name, fix in positive.items():
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UsageError(f"--{name} {value} must be at least 1: pass a positive number, {fix}")
+        if self.kmeans_backend == "faiss" and importlib.util.find_spec("faiss") is None:
+            raise UsageError(
+                "--kmeans_backend faiss needs the faiss package, which is not installed: pip install 'hf_mim[faiss]' "
+                "(faiss-cpu), or pass --kmeans_backend torch"
+            )
+
 
 def sample_points(
     tokenizer: KmeansModel | FeatureKmeansModel,
@@ -86,6 +104,10 @@ def sample_points(
     return points.to(device), ids.to(device)
 
 
+def _fit_device(device: torch.device | str | None) -> torch.device | str:
+    return ("cuda" if torch.cuda.is_available() else "cpu") if device is None else device
+
+
 def fit_centroids(
     tokenizer: KmeansModel | FeatureKmeansModel,
     image_processor,
@@ -114,8 +136,6 @@ def fit_centroids(
             (default: the GPU if any).
         Other arguments: see [`sample_patches`] and [`fit_kmeans`].
     """
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
     points, point_ids = sample_points(
         tokenizer,
         dataset,
@@ -125,7 +145,7 @@ def fit_centroids(
         seed=seed,
         batch_size=batch_size,
         num_workers=num_workers,
-        device=device,
+        device=_fit_device(device),
         skipped=skipped,
         show_progress=show_progress,
     )
@@ -193,7 +213,7 @@ def require_enough_patches(dataset, config, fit_args: KmeansFitArguments, codebo
     if not hasattr(dataset, "__len__"):
         return
     images = min(len(dataset), fit_args.kmeans_max_images or len(dataset))
-    per_image = fit_args.kmeans_patches_per_image or config.grid_size**2
+    per_image = _patches_per_image(config, fit_args)
     if images * per_image >= config.codebook_size:
         return
     fewer = 2 ** int(math.log2(max(images * per_image, 1)))
@@ -203,25 +223,65 @@ def require_enough_patches(dataset, config, fit_args: KmeansFitArguments, codebo
     )
 
 
+def _patches_per_image(config, fit_args: KmeansFitArguments) -> int:
+    # More than the grid holds takes every patch.
+    return min(fit_args.kmeans_patches_per_image or config.grid_size**2, config.grid_size**2)
+
+
+def _require_decoded_images(points: torch.Tensor, skipped: SkippedImageCounter, per_image: int) -> int:
+    """The undecodable images skipped by a fit, over all processes; a fit that decoded fewer images than it skipped
+    (none, at worst) fails as the trainers' `require_decoded_images` does, instead of fitting on next to nothing."""
+    counts = torch.tensor([skipped.value, len(points) // per_image], dtype=torch.long, device=points.device)
+    all_reduce_(counts)
+    undecodable, decoded = counts.tolist()
+    if undecodable > decoded:
+        raise UsageError(
+            f"{undecodable} training images could not be decoded and {decoded} could (see the warnings above for "
+            "the files); no tokenizer was fitted: point --train_dir at your images, or fix or remove the broken files"
+        )
+    return undecodable
+
+
 def _fit_from_arguments(
     dataset, image_column, tokenizer, image_processor, fit_args: KmeansFitArguments, init, seed, device, num_workers,
-    codebook_flag,
-) -> KmeansFit:
+    codebook_flag, show_progress=True,
+) -> tuple[KmeansFit, int]:
+    """[`fit_centroids`]'s sampling and fit with the scripts' options, and one-line errors for a fit that they or the
+    images cannot give; returns the fit and the number of undecodable images it skipped (over all processes)."""
     require_enough_patches(dataset, tokenizer.config, fit_args, codebook_flag)
-    return fit_centroids(
+    processes = world()[1]
+    if fit_args.kmeans_backend == "faiss" and processes > 1:
+        raise UsageError(
+            f"--kmeans_backend faiss fits in one process, but this launch runs {processes}: pass --kmeans_backend "
+            "torch, or launch a single process"
+        )
+    skipped = SkippedImageCounter()
+    points, point_ids = sample_points(
         tokenizer,
-        image_processor,
         select_images(dataset, fit_args.kmeans_max_images, seed),
         image_column,
-        num_iterations=fit_args.kmeans_iterations,
-        init=init,
+        image_processor,
         patches_per_image=fit_args.kmeans_patches_per_image,
         seed=seed,
-        backend=fit_args.kmeans_backend,
         batch_size=fit_args.kmeans_batch_size,
         num_workers=num_workers,
-        device=device,
+        device=_fit_device(device),
+        skipped=skipped,
+        show_progress=show_progress,
     )
+    undecodable = _require_decoded_images(points, skipped, _patches_per_image(tokenizer.config, fit_args))
+    fit = fit_kmeans(
+        points,
+        tokenizer.config.codebook_size,
+        num_iterations=fit_args.kmeans_iterations,
+        init=init,
+        seed=seed,
+        point_ids=point_ids,
+        backend=fit_args.kmeans_backend,
+        show_progress=show_progress,
+    )
+    tokenizer.set_centroids(fit.centroids)
+    return fit, undecodable
 
 
 def fit_tokenizer_for_mim(
@@ -251,7 +311,7 @@ def fit_tokenizer_for_mim(
     logger.info("Fitting %d %s centroids of a %dx%d grid on the training images", config.codebook_size,
                 config.model_type, config.grid_size, config.grid_size)
     image_processor = family_of(config.model_type).image_processor_class.for_config(config)
-    fit = _fit_from_arguments(
+    fit, _ = _fit_from_arguments(
         dataset, image_column, tokenizer, image_processor, fit_args, fit_args.kmeans_init, seed, device, num_workers,
         "--fit_codebook_size",
     )
@@ -269,14 +329,15 @@ def _evaluate(tokenizer, image_processor, dataset, image_column, fit_args, seed,
     """Mean squared distance of validation patches (pixels or teacher features) to their centroid, and the codebook
     usage and perplexity of their nearest centroids, computed on `device` (the fit's: where the process group
     reduces)."""
+    skipped = SkippedImageCounter()
     points, _ = sample_points(
         tokenizer, dataset, image_column, image_processor, seed=seed, batch_size=fit_args.kmeans_batch_size,
-        num_workers=num_workers, device=device, show_progress=False,
+        num_workers=num_workers, device=device, skipped=skipped, show_progress=False,
     )  # fmt: skip
     centroids = tokenizer.centroids.to(device)
-    # Sum of squared distances and number of patches.
-    totals = torch.zeros(2, dtype=torch.float64, device=device)
-    totals[1] = len(points)
+    # Sum of squared distances, number of patches and of undecodable images.
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    totals[1], totals[2] = len(points), skipped.value
     counts = torch.zeros(tokenizer.config.codebook_size, dtype=torch.long, device=device)
     # Block by block: the float32 copy of a whole validation set of pixels need not fit on the device.
     for block in points.split(2**16):
@@ -284,8 +345,14 @@ def _evaluate(tokenizer, image_processor, dataset, image_column, fit_args, seed,
         totals[0] += sq_distances.sum(dtype=torch.float64)
         counts += code_counts(ids, tokenizer.config.codebook_size)
     all_reduce_(totals, counts)
+    if not totals[1]:
+        raise UsageError(
+            f"no validation image could be decoded ({int(totals[2])} could not; see the warnings above for the files), "
+            "so there is nothing to evaluate: point --validation_dir (or --train_val_split) at your images, or fix or "
+            "remove the broken files"
+        )
     return {
-        "eval_mean_sq_distance": float(totals[0] / totals[1].clamp(min=1)),
+        "eval_mean_sq_distance": float(totals[0] / totals[1]),
         **{f"eval_{name}": value for name, value in codebook_metrics(counts).items()},
         "eval_num_patches": int(totals[1]),
     }
@@ -314,7 +381,7 @@ def train_kmeans_tokenizer(
             `tokenizer_name_or_path`, which (when set) makes Lloyd's iterations continue from the loaded centroids
             instead of starting from `--kmeans_init`.
         training_args (`TrainingArguments`): `output_dir`, `seed`, `do_train`/`do_eval`, `dataloader_num_workers`,
-            the device and the Hub options.
+            `disable_tqdm`, the device and the Hub options.
         dataset_tags (`str`, *optional*): Hub dataset id for the model card.
     """
     if training_args.do_eval:
@@ -325,15 +392,16 @@ def train_kmeans_tokenizer(
     if training_args.do_train:
         start = time.perf_counter()
         init = tokenizer.centroids.detach().clone() if args.tokenizer_name_or_path else args.kmeans_init
-        fit = _fit_from_arguments(
+        fit, undecodable = _fit_from_arguments(
             raw["train"], image_column, tokenizer, image_processor, args, init, seed, training_args.device, workers,
-            "codebook_size in --config_overrides",
+            "codebook_size in --config_overrides", show_progress=not training_args.disable_tqdm,
         )
         metrics.update(
             train_inertia=fit.inertia[-1],
             train_mean_sq_distance=fit.inertia[-1] / fit.num_points,
             train_num_patches=fit.num_points,
             train_runtime=time.perf_counter() - start,
+            train_skipped_images=undecodable,
         )
         if fit.counts is not None:
             metrics.update({f"train_{name}": value for name, value in codebook_metrics(fit.counts).items()})

@@ -1,0 +1,173 @@
+"""A user's mistake with the evaluation, figure and upload commands (finetune, probe, knn, export, visualize, push):
+exit status 2 and one line that names the path or flag and the fix, with no traceback."""
+
+import json
+
+import pytest
+from conftest import TINY_BACKBONE, write_images
+from test_user_errors import assert_one_line_error
+
+from hf_mim import KmeansConfig, KmeansModel
+
+
+@pytest.fixture(scope="module")
+def mistakes(tmp_path_factory, tiny_dvae_dir, tiny_mim_dir):
+    from transformers import BeitConfig, BeitForImageClassification, ViTConfig, ViTModel
+
+    root = tmp_path_factory.mktemp("evaluation_mistakes")
+    # Train and validation folders side by side: imagefolder infers class labels only for folders at one depth.
+    write_images(root / "train", 12)
+    write_images(root / "val_extra_class", 4, classes=("a", "c"))
+    write_images(root / "flat", 6, classes=("",))
+    (root / "empty").mkdir()
+    broken = root / "broken" / "a"
+    broken.mkdir(parents=True)
+    for index in range(4):
+        (broken / f"{index}.png").write_bytes(b"not an image")
+    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(root / "vit")
+    KmeansModel(KmeansConfig(image_size=32, patch_size=8, codebook_size=16)).save_pretrained(root / "kmeans")
+    BeitForImageClassification(BeitConfig(**TINY_BACKBONE)).save_pretrained(root / "classifier")
+    (root / "upload").mkdir()
+    (root / "upload" / "README.md").write_text("an earlier dry run")
+    (root / "short_state.json").write_text(json.dumps({"log_history": [{"step": 2, "train_loss": 4.1}]}))
+    return {"root": root, "dvae": tiny_dvae_dir, "mim": tiny_mim_dir}
+
+
+def probe(paths, *flags):
+    return ["run_linear_probe.py", "--model_name_or_path", paths["mim"], "--train_dir", str(paths["root"] / "train"),
+            "--train_val_split", "0.25", *flags]  # fmt: skip
+
+
+def knn(paths, *flags, train="train", validation=None):
+    # Without --validation_dir, a quarter of --train_dir is held out.
+    data = ["--validation_dir", str(paths["root"] / validation)] if validation else ["--train_val_split", "0.25"]
+    return ["run_knn.py", "--model_name_or_path", paths["mim"], "--train_dir", str(paths["root"] / train), *data,
+            "--ks", "2", *flags]  # fmt: skip
+
+
+def export(paths, *flags, model=None):
+    return ["export_to_transformers.py", "--model_name_or_path", model or paths["mim"], "--output_dir",
+            str(paths["root"] / "exported"), *flags]  # fmt: skip
+
+
+def visualize(paths, *flags, model=None, images=None):
+    return ["visualize.py", "--output_dir", str(paths["root"] / "figures"), "--model_name_or_path", model or paths["mim"],
+            "--images", images or str(paths["root"] / "train"), *flags]  # fmt: skip
+
+
+CASES = {
+    # Loading the encoder (export, probe, knn and finetune share it)
+    "export: missing model folder": (
+        lambda p: export(p, model=str(p["root"] / "nowhere")), "--model_name_or_path {root}/nowhere: no such folder"
+    ),
+    "export: a dVAE as model": (
+        lambda p: export(p, model=p["dvae"]), "holds a hf_mim_dvae model (a visual tokenizer), not a BEiT encoder"
+    ),
+    "export: a ViT as model": (lambda p: export(p, model=str(p["root"] / "vit")), "holds a vit model, not a BEiT encoder"),
+    "finetune: a k-means folder as model": (
+        lambda p: ["run_image_classification.py", "--model_name_or_path", str(p["root"] / "kmeans"), "--train_dir",
+                   str(p["root"] / "train"), "--train_val_split", "0.25", "--output_dir", str(p["root"] / "ft"),
+                   "--do_train", "--max_steps", "1", "--use_cpu"],
+        "--model_name_or_path {root}/kmeans holds a hf_mim_kmeans model (a visual tokenizer), not a BEiT encoder",
+    ),
+    # export's flags
+    "export: image size not a multiple of the patch": (
+        lambda p: export(p, "--image_size", "30"), "--image_size 30 is not a multiple of the patch size 8"
+    ),
+    "export: negative image size": (lambda p: export(p, "--image_size", "-32"), "--image_size is the side in pixels"),
+    "export: unknown pooling": (lambda p: export(p, "--pooling", "max"), "--pooling must be one of mean, cls, got 'max'"),
+    # probe and knn
+    "probe: a layer the model lacks": (lambda p: probe(p, "--layers", "7"), "--layers 7: layer 7 does not exist"),
+    "probe: unknown pooling": (lambda p: probe(p, "--pooling", "max"), "--pooling must be one of cls, mean, cls+mean"),
+    "probe: zero batch size": (lambda p: probe(p, "--batch_size", "0"), "--batch_size must be at least 1, got 0"),
+    "probe: holdout fraction 0": (lambda p: probe(p, "--holdout_fraction", "0"), "--holdout_fraction is the part"),
+    "probe: holdout fraction 1.5": (lambda p: probe(p, "--holdout_fraction", "1.5"), "in (0, 1); got 1.5"),
+    "probe: unknown optimizer": (lambda p: probe(p, "--optimizer", "sgd"), "--optimizer must be one of lbfgs, adamw"),
+    "probe: --epochs with lbfgs": (
+        lambda p: probe(p, "--epochs", "3"), "--epochs is read by --optimizer adamw only; --optimizer lbfgs would ignore it"
+    ),
+    "probe: --learning_rates with lbfgs": (
+        lambda p: probe(p, "--learning_rates", "0.1"), "--learning_rates is read by --optimizer adamw only"
+    ),
+    "probe: --probe_batch_size with lbfgs": (
+        lambda p: probe(p, "--probe_batch_size", "8"), "--probe_batch_size is read by --optimizer adamw only"
+    ),
+    "probe: negative weight decay": (lambda p: probe(p, "--weight_decays", "-1"), "--weight_decays must be >= 0"),
+    "knn: zero temperature": (lambda p: knn(p, "--temperature", "0"), "--temperature must be positive"),
+    "knn: negative temperature": (lambda p: knn(p, "--temperature", "-1"), "--temperature must be positive"),
+    "knn: unlabelled flat folder": (
+        lambda p: knn(p, train="flat"), "--train_dir {root}/flat has no 'label' column"
+    ),
+    "knn: undecodable validation images": (
+        lambda p: knn(p, validation="broken"), "--validation_dir {root}/broken: none of the 4 images could be decoded"
+    ),
+    "knn: a validation class train lacks": (
+        lambda p: knn(p, validation="val_extra_class"),
+        "--validation_dir {root}/val_extra_class has labels that --train_dir {root}/train does not: ['c']",
+    ),
+    # visualize
+    "visualize: missing model folder": (
+        lambda p: visualize(p, model=str(p["root"] / "nowhere")), "--model_name_or_path {root}/nowhere: no such folder"
+    ),
+    "visualize: a dVAE as model": (
+        lambda p: visualize(p, model=p["dvae"]), "pass it as --tokenizer_name_or_path, and the MIM checkpoint"
+    ),
+    "visualize: a ViT as tokenizer": (
+        lambda p: visualize(p, "--tokenizer_name_or_path", str(p["root"] / "vit")),
+        "--tokenizer_name_or_path {root}/vit is a vit model, not an hf_mim visual tokenizer",
+    ),
+    "visualize: another tokenizer than the model's": (
+        lambda p: visualize(p, "--tokenizer_name_or_path", str(p["root"] / "kmeans")),
+        "--tokenizer_name_or_path {root}/kmeans: the decoding tokenizer is a hf_mim_kmeans",
+    ),
+    "visualize: missing images": (
+        lambda p: visualize(p, images=str(p["root"] / "nowhere")), "--images {root}/nowhere: no such file or folder"
+    ),
+    "visualize: empty image folder": (
+        lambda p: visualize(p, images=str(p["root"] / "empty")), "--images {root}/empty holds no image files"
+    ),
+    "visualize: zero images": (lambda p: visualize(p, "--max_images", "0"), "--max_images must be at least 1, got 0"),
+    "visualize: zero cell size": (lambda p: visualize(p, "--cell_size", "0"), "--cell_size must be at least 1, got 0"),
+    "visualize: missing trainer state": (
+        lambda p: ["visualize.py", "--output_dir", str(p["root"] / "figures"), "--trainer_state",
+                   str(p["root"] / "nope.json")],
+        "--trainer_state {root}/nope.json: no such file",
+    ),
+    "visualize: a trainer state without curves": (
+        lambda p: ["visualize.py", "--output_dir", str(p["root"] / "figures"), "--trainer_state",
+                   str(p["root"] / "short_state.json")],
+        "--trainer_state {root}/short_state.json logged no loss or accuracy",
+    ),
+    "visualize: nothing to draw": (
+        lambda p: ["visualize.py", "--output_dir", str(p["root"] / "figures")], "nothing to draw: pass --model_name_or_path"
+    ),
+    "visualize: a panel flag without images": (
+        lambda p: ["visualize.py", "--output_dir", str(p["root"] / "figures"), "--trainer_state",
+                   str(p["root"] / "short_state.json"), "--cell_size", "40"],
+        "--cell_size sets the MIM panel, which needs --images",
+    ),
+    # push
+    "push: missing folder": (
+        lambda p: ["push_to_hub.py", str(p["root"] / "nowhere"), "--repo_id", "tester/tiny", "--dry_run"],
+        "{root}/nowhere: no such folder",
+    ),
+    "push: a stock transformers classifier": (
+        lambda p: ["push_to_hub.py", str(p["root"] / "classifier"), "--repo_id", "tester/tiny", "--dry_run"],
+        "{root}/classifier holds a 'beit' checkpoint, not an hf_mim one",
+    ),
+    "push: a ViT folder": (
+        lambda p: ["push_to_hub.py", str(p["root"] / "vit"), "--repo_id", "tester/tiny", "--dry_run"],
+        "{root}/vit holds a 'vit' checkpoint, not an hf_mim one",
+    ),
+    "push: a non-empty dry-run folder": (
+        lambda p: ["push_to_hub.py", p["mim"], "--repo_id", "tester/tiny", "--dry_run", str(p["root"] / "upload")],
+        "--dry_run {root}/upload is not empty",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_mistake_ends_with_one_line_naming_the_fix(mistakes, case):
+    build, fragment = CASES[case]
+    script, *args = build(mistakes)
+    assert_one_line_error(script, args, fragment.format(root=mistakes["root"]))
