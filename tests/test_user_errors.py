@@ -16,20 +16,26 @@ from test_run_mim import REPO, TINY, run_mim_args
 from hf_mim import KmeansConfig, KmeansModel
 
 
-@pytest.fixture(scope="module")
-def mistakes(tmp_path_factory, tiny_dvae_dir, image_folder, tiny_mim_dir):
+def write_wrong_inputs(root) -> None:
+    """What users point commands at by mistake, under `root`: an empty folder, a folder of undecodable images
+    (`broken`), a plain ViT (`vit`) and a k-means tokenizer (`kmeans`)."""
     from transformers import ViTConfig, ViTModel
 
-    root = tmp_path_factory.mktemp("mistakes")
     (root / "empty").mkdir()
-    (root / "text_only").mkdir()
-    (root / "text_only" / "notes.txt").write_text("no images here")
     broken = root / "broken" / "a"
     broken.mkdir(parents=True)
     for index in range(4):
         (broken / f"{index}.png").write_bytes(b"not an image")
     ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(root / "vit")
     KmeansModel(KmeansConfig(image_size=32, patch_size=8, codebook_size=16)).save_pretrained(root / "kmeans")
+
+
+@pytest.fixture(scope="module")
+def mistakes(tmp_path_factory, tiny_dvae_dir, image_folder, tiny_mim_dir):
+    root = tmp_path_factory.mktemp("mistakes")
+    write_wrong_inputs(root)
+    (root / "text_only").mkdir()
+    (root / "text_only" / "notes.txt").write_text("no images here")
     checkpoint = root / "run" / "checkpoint-2"
     checkpoint.mkdir(parents=True)
     shutil.copy(os.path.join(tiny_mim_dir, "config.json"), checkpoint)
@@ -165,7 +171,7 @@ CASES = {
     "fine-tuning with nothing to do": (lambda p: finetune(p), "Nothing to do: pass --do_train"),
     "a validation class without training images": (
         lambda p: finetune(p, "--do_eval", "--validation_dir", str(p["val_zebra"])),
-        "The validation split has classes that train does not: ['zebra']",
+        "The validation split has labels that train does not: ['zebra']",
     ),
     "no layer decay": (lambda p: finetune(p, "--do_train", "--layer_decay", "0"), "--layer_decay scales each earlier layer"),
     "a mixup setting without mixup": (

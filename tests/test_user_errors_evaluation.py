@@ -5,27 +5,19 @@ import json
 
 import pytest
 from conftest import TINY_BACKBONE, write_images
-from test_user_errors import assert_one_line_error
-
-from hf_mim import KmeansConfig, KmeansModel
+from test_user_errors import assert_one_line_error, write_wrong_inputs
 
 
 @pytest.fixture(scope="module")
 def mistakes(tmp_path_factory, tiny_dvae_dir, tiny_mim_dir):
-    from transformers import BeitConfig, BeitForImageClassification, ViTConfig, ViTModel
+    from transformers import BeitConfig, BeitForImageClassification
 
     root = tmp_path_factory.mktemp("evaluation_mistakes")
     # Train and validation folders side by side: imagefolder infers class labels only for folders at one depth.
     write_images(root / "train", 12)
     write_images(root / "val_extra_class", 4, classes=("a", "c"))
     write_images(root / "flat", 6, classes=("",))
-    (root / "empty").mkdir()
-    broken = root / "broken" / "a"
-    broken.mkdir(parents=True)
-    for index in range(4):
-        (broken / f"{index}.png").write_bytes(b"not an image")
-    ViTModel(ViTConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)).save_pretrained(root / "vit")
-    KmeansModel(KmeansConfig(image_size=32, patch_size=8, codebook_size=16)).save_pretrained(root / "kmeans")
+    write_wrong_inputs(root)
     BeitForImageClassification(BeitConfig(**TINY_BACKBONE)).save_pretrained(root / "classifier")
     (root / "upload").mkdir()
     (root / "upload" / "README.md").write_text("an earlier dry run")

@@ -16,7 +16,7 @@ from .arguments import (
 )
 from .augment import RAND_AUGMENT_OPS, RandAugment, RandomErasing, parse_rand_augment
 from .collator import MimDataCollator
-from .datasets import SeededTransformedDataset, apply_transform, example_rng, load_image_datasets
+from .datasets import SeededTransformedDataset, apply_transform, example_rng, load_image_datasets, unseen_labels
 from .images import SkippedImageCounter, decode_image
 from .masking import (
     BlockwiseMaskingGenerator,
@@ -56,4 +56,5 @@ __all__ = [
     "parse_rand_augment",
     "random_resized_crop_box",
     "scale_num_patches",
+    "unseen_labels",
 ]

@@ -52,6 +52,14 @@ def _resolve_image_column(dataset: datasets.Dataset | IterableDataset, image_col
     )
 
 
+def unseen_labels(raw, label_column: str, split: str) -> list:
+    """The labels of `raw[split]` that no example of `raw["train"]` has, sorted (class names for a `ClassLabel`
+    column: an imagefolder names the classes of every split, so a class found only in validation has an id too)."""
+    unseen = sorted(set(raw[split].unique(label_column)) - set(raw["train"].unique(label_column)))
+    feature = raw[split].features[label_column]
+    return [feature.int2str(label) for label in unseen] if isinstance(feature, datasets.ClassLabel) else unseen
+
+
 def _undecoded(dataset: datasets.Dataset | IterableDataset, image_column: str):
     """The dataset with its image column left as bytes/paths, for `decode_image` to decode (or skip)."""
     feature = dataset.features.get(image_column) if dataset.features is not None else None
@@ -279,4 +287,11 @@ def apply_transform(
     return dataset.with_transform(function.transform_batch, columns=[image_column, *keep_columns])
 
 
-__all__ = ["SeededTransformedDataset", "apply_transform", "example_rng", "load_image_datasets", "require_image_folder"]
+__all__ = [
+    "SeededTransformedDataset",
+    "apply_transform",
+    "example_rng",
+    "load_image_datasets",
+    "require_image_folder",
+    "unseen_labels",
+]

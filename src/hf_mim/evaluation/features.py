@@ -26,6 +26,7 @@ from ..data import (
     TwoViewTransform,
     apply_transform,
     load_image_datasets_from_args,
+    unseen_labels,
 )
 from ..errors import UsageError
 from .export import encoder_image_processor, load_image_processor, load_pretrained_beit, resolve_encoder
@@ -288,13 +289,11 @@ def _check_labels(raw, args: FeatureArguments) -> None:
                 f"{_split_source(args, split)} has no {label_column!r} column (columns: {raw[split].column_names}); "
                 "pass --label_column_name, or use an imagefolder with one folder per class"
             )
-    unseen = sorted(set(raw["validation"].unique(label_column)) - set(raw["train"].unique(label_column)))
+    unseen = unseen_labels(raw, label_column, "validation")
     if unseen:
-        feature = raw["validation"].features[label_column]
-        names = [feature.int2str(label) for label in unseen] if isinstance(feature, datasets.ClassLabel) else unseen
         raise UsageError(
             f"{_split_source(args, 'validation')} has labels that {_split_source(args, 'train')} does not: "
-            f"{names[:10]}; evaluate on the training classes only"
+            f"{unseen[:10]}; evaluate on the training classes only"
         )
 
 

@@ -23,6 +23,7 @@ from ..data import (
     apply_transform,
     center_crop_view,
     parse_rand_augment,
+    unseen_labels,
     load_image_datasets_from_args,
 )
 from ..errors import UsageError
@@ -159,23 +160,19 @@ def encode_labels(raw, label_column: str) -> tuple[object, list[str]]:
                 f"The {split} split has no {label_column!r} column (columns: {raw[split].column_names}); pass "
                 "--label_column_name, or use an imagefolder with one folder per class"
             )
+    for split in raw:
+        # A class with no training image cannot be learnt.
+        unseen = unseen_labels(raw, label_column, split)
+        if unseen:
+            raise UsageError(f"The {split} split has labels that train does not: {unseen[:10]}; give every class "
+                             "training images, or remove those from the evaluation data")
     feature = raw["train"].features[label_column]
     if isinstance(feature, ClassLabel):
         names = list(feature.names)
-        # An imagefolder names the classes of every split: a class with no training image cannot be learnt.
-        trained = set(raw["train"].unique(label_column))
-        for split in raw:
-            unseen = sorted(names[label] for label in set(raw[split].unique(label_column)) - trained)
-            if unseen:
-                raise UsageError(f"The {split} split has classes that train does not: {unseen[:10]}; give every "
-                                 "class training images, or remove those from the evaluation data")
     else:
         values = sorted(raw["train"].unique(label_column))
         index = {value: i for i, value in enumerate(values)}
         for split in raw:
-            unseen = set(raw[split].unique(label_column)) - set(index)
-            if unseen:
-                raise UsageError(f"The {split} split has labels that train does not: {sorted(unseen)[:10]}")
             raw[split] = raw[split].map(
                 lambda batch: {label_column: [index[value] for value in batch[label_column]]},
                 batched=True,
