@@ -3,6 +3,7 @@ printed once, with no traceback."""
 
 import contextlib
 import io
+import logging
 import os
 import runpy
 import shutil
@@ -166,7 +167,7 @@ CASES = {
     ),
     "an impossible config": (
         lambda p: mim(p, model_type="beitv2", config_overrides=f"{TINY},early_layers=5"),
-        "--model_type beitv2 with --tokenizer_name_or_path",
+        "--model_type beitv2, --tokenizer_name_or_path",
     ),
     "fine-tuning with nothing to do": (lambda p: finetune(p), "Nothing to do: pass --do_train"),
     "a validation class without training images": (
@@ -220,6 +221,9 @@ def assert_one_line_error(script: str, args, fragment: str, own_process: bool = 
         code, stderr = result.returncode, result.stderr
     else:
         stderr_file, argv = io.StringIO(), sys.argv
+        # The commands set the levels of the transformers, datasets and hf_mim loggers; later tests read their logs.
+        levels = {name: logger.level for name, logger in logging.root.manager.loggerDict.items()
+                  if isinstance(logger, logging.Logger)}  # fmt: skip
         sys.argv = [str(path), *args]
         try:
             # Any exception but the exit fails the test with its traceback.
@@ -227,6 +231,8 @@ def assert_one_line_error(script: str, args, fragment: str, own_process: bool = 
                 runpy.run_path(str(path), run_name="__main__")
         finally:
             sys.argv = argv
+            for name, level in levels.items():
+                logging.getLogger(name).setLevel(level)
         code, stderr = exited.value.code, stderr_file.getvalue()
     errors = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert code == 2, stderr[-3000:]

@@ -41,6 +41,15 @@ def kmeans(p, *flags, train_dir=None, output_dir=None, tokenizer_type="kmeans"):
 
 
 CASES = {
+    "a dVAE image size off its downsampling": (
+        lambda p: dvae(p, "--config_overrides", "image_size=30"),
+        "--config_overrides 'image_size=30' give an invalid config: DvaeConfig.image_size=30 is not divisible",
+    ),
+    "a k-means image size off its patches": (
+        lambda p: ["--tokenizer_type", "kmeans", "--config_overrides", "image_size=30", "--train_dir", p["images"],
+                   "--output_dir", str(p["root"] / "km_size"), "--do_train", "--use_cpu", "--report_to", "none"],
+        "KmeansConfig.image_size=30 is not a multiple of patch_size=16",
+    ),
     "anneal fraction above 1": (
         lambda p: dvae(p, "--gumbel_anneal_fraction", "2"),
         "--gumbel_anneal_fraction 2.0 is not a fraction of the training steps in (0, 1]",
@@ -121,7 +130,7 @@ def test_a_kmeans_fit_reports_its_skipped_images(paths, tmp_path):
     for index in range(2):
         (tmp_path / "images" / "a" / f"broken{index}.png").write_bytes(b"not an image")
     # The flags that a fit reads, or that cannot change it, are accepted.
-    metrics = main(kmeans(paths, "--overwrite_output_dir", "--log_level", "info", "--dataloader_num_workers", "0",
+    metrics = main(kmeans(paths, "--overwrite_output_dir", "--disable_tqdm", "true", "--dataloader_num_workers", "0",
                           "--seed", "1", train_dir=str(tmp_path / "images"), output_dir=str(tmp_path / "out")))
     assert metrics["train_skipped_images"] == 2 and metrics["train_num_patches"] == 6 * 16
     assert json.loads((tmp_path / "out" / "all_results.json").read_text())["train_skipped_images"] == 2

@@ -87,6 +87,17 @@ class MimTrainingArguments(HfMimTrainingArguments):
     )
 
 
+def config_from_flags(build, flags: str):
+    """`build()`, a config's construction, with the config's own validation errors (which name the field and a fix)
+    as a one-line `UsageError` that names the `flags` that set it."""
+    try:
+        return build()
+    except ValueError as error:
+        if isinstance(error, UsageError):
+            raise
+        raise UsageError(f"{flags} give an invalid config: {error}") from error
+
+
 def parse_config_overrides(config_class, overrides: str | None) -> dict:
     """`'a=1,b=x'` as typed keyword arguments, using the types of the config's defaults: `--config_overrides` of
     every script (MIM models and tokenizers alike)."""
@@ -122,4 +133,10 @@ def parse_config_overrides(config_class, overrides: str | None) -> dict:
     return {name: getattr(probe, name) for name in names}
 
 
-__all__ = ["HfMimTrainingArguments", "MimTrainingArguments", "check_distributed_launch", "parse_config_overrides"]
+__all__ = [
+    "HfMimTrainingArguments",
+    "MimTrainingArguments",
+    "check_distributed_launch",
+    "config_from_flags",
+    "parse_config_overrides",
+]

@@ -31,7 +31,7 @@ from ..errors import UsageError
 from ..families import MIM_METHODS, MimMethod
 from ..hub.callbacks import HubFilesCallback
 from ..models import FeatureKmeansConfig, KmeansConfig, KmeansModel
-from .arguments import MimTrainingArguments, parse_config_overrides
+from .arguments import MimTrainingArguments, config_from_flags, parse_config_overrides
 from .kmeans import KmeansFitArguments, feature_kmeans_tokenizer, fit_tokenizer_for_mim
 from .loading import pretrained, require_tokenizer
 from .trainer import MimTrainer
@@ -213,16 +213,11 @@ def build_config(model_args: ModelArguments, tokenizer):
             f"--patch_size {patch_size}); pass --image_size {grid * patch_size}, or a tokenizer of this grid"
         )
     kwargs.update(vocab_size=tokenizer.codebook_size, tokenizer_config=tokenizer.config.to_dict())
-    try:
-        return config_class(**kwargs)
-    except ValueError as error:
-        if isinstance(error, UsageError):
-            raise
-        # The config's own checks (e.g. early_layers within the depth, a tokenizer the method can use) name the field.
-        raise UsageError(
-            f"--model_type {model_args.model_type} with --tokenizer_name_or_path {model_args.tokenizer_name_or_path} "
-            f"and --config_overrides {model_args.config_overrides!r} is not a valid model: {error}"
-        ) from error
+    flags = (
+        f"--model_type {model_args.model_type}, --tokenizer_name_or_path {model_args.tokenizer_name_or_path} and "
+        f"--config_overrides {model_args.config_overrides!r}"
+    )
+    return config_from_flags(lambda: config_class(**kwargs), flags)
 
 
 def load_model(model_args: ModelArguments):

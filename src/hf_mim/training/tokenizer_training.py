@@ -27,7 +27,7 @@ from ..data import (
 from ..errors import UsageError
 from ..families import TOKENIZERS, import_target
 from ..hub.cards import hub_dataset_id
-from .arguments import MimTrainingArguments, parse_config_overrides
+from .arguments import MimTrainingArguments, config_from_flags, parse_config_overrides
 from .dvae import DVAE_FLAGS, TEMPERATURE_SCHEDULES, check_schedule
 from .kmeans import KmeansFitArguments
 from .loading import pretrained, saved_model_type
@@ -194,9 +194,8 @@ def load_tokenizer(tokenizer_args: TokenizerArguments):
     if overrides:
         logger.info("Overriding config: %s", overrides)
         # Building the config anew (rather than setting attributes) runs its validation on the overridden values.
-        config = family.config_class.from_dict(
-            {**saved_config.to_dict(), **parse_config_overrides(family.config_class, overrides)}
-        )
+        values = {**saved_config.to_dict(), **parse_config_overrides(family.config_class, overrides)}
+        config = config_from_flags(lambda: family.config_class.from_dict(values), f"--config_overrides {overrides!r}")
     view = family.image_processor_class.for_config(config)
     if path is None:
         return family.model_class(config), view
