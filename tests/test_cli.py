@@ -140,3 +140,15 @@ def test_console_script_of_an_installed_wheel(tmp_path):
     assert "Saved the k-means tokenizer to kmeans" in result.stdout
     assert (tmp_path / "kmeans" / "config.json").exists()
     assert "k-means" in (tmp_path / "kmeans" / "README.md").read_text()
+
+
+def test_a_command_ends_its_process_group_before_exiting(tmp_path):
+    # Left to interpreter shutdown, gloo's threads can abort a finished process ("terminate called without an active
+    # exception"), failing the whole launch.
+    import torch.distributed as dist
+
+    from hf_mim.cli import run_command
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert run_command(lambda argv: "done", []) == "done"
+    assert not dist.is_initialized()

@@ -69,6 +69,17 @@ def run_command(main: Callable, argv: list[str] | None = None):
         if is_main_launch_process():
             print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    finally:
+        end_process_group()
+
+
+def end_process_group() -> None:
+    """Tear down the process group of a launch (`accelerate launch`) before the interpreter exits: left to shutdown,
+    the communication threads of gloo (and NCCL) can abort a process whose work is done ("terminate called without
+    an active exception", exit -6), failing the launch."""
+    distributed = sys.modules.get("torch.distributed")  # not imported: no group to end
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 def command_list(prog: str = PROG) -> str:
@@ -137,6 +148,7 @@ __all__ = [
     "Command",
     "command_list",
     "dispatch",
+    "end_process_group",
     "is_main_launch_process",
     "main",
     "run_command",
