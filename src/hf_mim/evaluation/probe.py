@@ -207,11 +207,9 @@ class LinearProbeArguments:
         default_factory=lambda: [1e-5, 1e-4, 1e-3, 1e-2, 1e-1],
         metadata={"help": "Weight decays to try; the best on the held-out part is refitted on all of train"},
     )
-    # None rather than a default list, so that flags_set sees whether it was given.
-    learning_rates: list[float] | None = field(
-        default=None,
-        metadata={"help": "Learning rates to try (--optimizer adamw only; default: "
-                  f"{' '.join(map(str, ADAMW_LEARNING_RATES))})"},
+    learning_rates: list[float] = field(
+        default_factory=lambda: list(ADAMW_LEARNING_RATES),
+        metadata={"help": "Learning rates to try (--optimizer adamw only)"},
     )
     holdout_fraction: float = field(
         default=0.2, metadata={"help": "Part of train held out to pick the setting (when several are tried)"}
@@ -232,7 +230,7 @@ class LinearProbeArguments:
                 )
         if any(weight_decay < 0 for weight_decay in self.weight_decays):
             raise UsageError(f"--weight_decays must be >= 0, got {' '.join(map(str, self.weight_decays))}")
-        if any(learning_rate <= 0 for learning_rate in self.learning_rates or ()):
+        if any(learning_rate <= 0 for learning_rate in self.learning_rates):
             raise UsageError(f"--learning_rates must be positive, got {' '.join(map(str, self.learning_rates))}")
         for name in ("max_iter", "epochs", "probe_batch_size"):
             if getattr(self, name) < 1:
@@ -252,8 +250,7 @@ class LinearProbeArguments:
     @property
     def num_settings(self) -> int:
         """The size of the sweep: weight decays, times learning rates for AdamW."""
-        learning_rates = self.learning_rates or ADAMW_LEARNING_RATES
-        return len(self.weight_decays) * (len(learning_rates) if self.optimizer == "adamw" else 1)
+        return len(self.weight_decays) * (len(self.learning_rates) if self.optimizer == "adamw" else 1)
 
 
 def run_linear_probe(train, evaluation, probe_args: LinearProbeArguments, seed: int = 0) -> dict:
@@ -272,7 +269,7 @@ def run_linear_probe(train, evaluation, probe_args: LinearProbeArguments, seed: 
             evaluation.features[layer],
             evaluation.labels,
             weight_decays=probe_args.weight_decays,
-            learning_rates=probe_args.learning_rates or ADAMW_LEARNING_RATES,
+            learning_rates=probe_args.learning_rates,
             optimizer=probe_args.optimizer,
             holdout_fraction=probe_args.holdout_fraction,
             seed=seed,
