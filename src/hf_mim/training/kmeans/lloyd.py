@@ -39,12 +39,15 @@ class KmeansFit:
         num_points (`int`): Points fitted, over all processes.
         counts (`torch.LongTensor` of shape `(num_clusters,)`, *optional*): Points per cluster at the last
             assignment step, over all processes (the codebook usage of the training points); None from faiss.
+        skipped_images (`int`, *optional*): Undecodable images left out of the points, over all processes; set by
+            [`fit_centroids`] when it counts them.
     """
 
     centroids: torch.Tensor
     inertia: list[float]
     num_points: int
     counts: torch.Tensor | None = None
+    skipped_images: int | None = None
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,7 @@ k-means' centroids of a teacher's patch features. `fit_centroids` samples the po
 model card and upload.
 """
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -104,10 +105,6 @@ def sample_points(
     return points.to(device), ids.to(device)
 
 
-def _fit_device(device: torch.device | str | None) -> torch.device | str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device is None else device
-
-
 def fit_centroids(
     tokenizer: KmeansModel | FeatureKmeansModel,
     image_processor,
@@ -145,10 +142,13 @@ def fit_centroids(
         seed=seed,
         batch_size=batch_size,
         num_workers=num_workers,
-        device=_fit_device(device),
+        device=("cuda" if torch.cuda.is_available() else "cpu") if device is None else device,
         skipped=skipped,
         show_progress=show_progress,
     )
+    undecodable = None
+    if skipped is not None:
+        undecodable = _require_decoded_images(points, skipped, _patches_per_image(tokenizer.config, patches_per_image))
     fit = fit_kmeans(
         points,
         tokenizer.config.codebook_size,
@@ -160,7 +160,7 @@ def fit_centroids(
         show_progress=show_progress,
     )
     tokenizer.set_centroids(fit.centroids)
-    return fit
+    return dataclasses.replace(fit, skipped_images=undecodable)
 
 
 def fit_kmeans_tokenizer(
@@ -213,7 +213,7 @@ def require_enough_patches(dataset, config, fit_args: KmeansFitArguments, codebo
     if not hasattr(dataset, "__len__"):
         return
     images = min(len(dataset), fit_args.kmeans_max_images or len(dataset))
-    per_image = _patches_per_image(config, fit_args)
+    per_image = _patches_per_image(config, fit_args.kmeans_patches_per_image)
     if images * per_image >= config.codebook_size:
         return
     fewer = 2 ** int(math.log2(max(images * per_image, 1)))
@@ -223,9 +223,9 @@ def require_enough_patches(dataset, config, fit_args: KmeansFitArguments, codebo
     )
 
 
-def _patches_per_image(config, fit_args: KmeansFitArguments) -> int:
+def _patches_per_image(config, patches_per_image: int | None) -> int:
     # More than the grid holds takes every patch.
-    return min(fit_args.kmeans_patches_per_image or config.grid_size**2, config.grid_size**2)
+    return min(patches_per_image or config.grid_size**2, config.grid_size**2)
 
 
 def _require_decoded_images(points: torch.Tensor, skipped: SkippedImageCounter, per_image: int) -> int:
@@ -245,9 +245,9 @@ def _require_decoded_images(points: torch.Tensor, skipped: SkippedImageCounter, 
 def _fit_from_arguments(
     dataset, image_column, tokenizer, image_processor, fit_args: KmeansFitArguments, init, seed, device, num_workers,
     codebook_flag, show_progress=True,
-) -> tuple[KmeansFit, int]:
-    """[`fit_centroids`]'s sampling and fit with the scripts' options, and one-line errors for a fit that they or the
-    images cannot give; returns the fit and the number of undecodable images it skipped (over all processes)."""
+) -> KmeansFit:
+    """[`fit_centroids`] with the scripts' options, and one-line errors for a fit that they or the images cannot give;
+    the fit counts the undecodable images it skipped (`skipped_images`, over all processes)."""
     require_enough_patches(dataset, tokenizer.config, fit_args, codebook_flag)
     processes = world()[1]
     if fit_args.kmeans_backend == "faiss" and processes > 1:
@@ -255,33 +255,22 @@ def _fit_from_arguments(
             f"--kmeans_backend faiss fits in one process, but this launch runs {processes}: pass --kmeans_backend "
             "torch, or launch a single process"
         )
-    skipped = SkippedImageCounter()
-    points, point_ids = sample_points(
+    return fit_centroids(
         tokenizer,
+        image_processor,
         select_images(dataset, fit_args.kmeans_max_images, seed),
         image_column,
-        image_processor,
-        patches_per_image=fit_args.kmeans_patches_per_image,
-        seed=seed,
-        batch_size=fit_args.kmeans_batch_size,
-        num_workers=num_workers,
-        device=_fit_device(device),
-        skipped=skipped,
-        show_progress=show_progress,
-    )
-    undecodable = _require_decoded_images(points, skipped, _patches_per_image(tokenizer.config, fit_args))
-    fit = fit_kmeans(
-        points,
-        tokenizer.config.codebook_size,
         num_iterations=fit_args.kmeans_iterations,
         init=init,
+        patches_per_image=fit_args.kmeans_patches_per_image,
         seed=seed,
-        point_ids=point_ids,
         backend=fit_args.kmeans_backend,
+        batch_size=fit_args.kmeans_batch_size,
+        num_workers=num_workers,
+        device=device,
+        skipped=SkippedImageCounter(),
         show_progress=show_progress,
     )
-    tokenizer.set_centroids(fit.centroids)
-    return fit, undecodable
 
 
 def fit_tokenizer_for_mim(
@@ -311,7 +300,7 @@ def fit_tokenizer_for_mim(
     logger.info("Fitting %d %s centroids of a %dx%d grid on the training images", config.codebook_size,
                 config.model_type, config.grid_size, config.grid_size)
     image_processor = family_of(config.model_type).image_processor_class.for_config(config)
-    fit, _ = _fit_from_arguments(
+    fit = _fit_from_arguments(
         dataset, image_column, tokenizer, image_processor, fit_args, fit_args.kmeans_init, seed, device, num_workers,
         "--fit_codebook_size",
     )
@@ -392,7 +381,7 @@ def train_kmeans_tokenizer(
     if training_args.do_train:
         start = time.perf_counter()
         init = tokenizer.centroids.detach().clone() if args.tokenizer_name_or_path else args.kmeans_init
-        fit, undecodable = _fit_from_arguments(
+        fit = _fit_from_arguments(
             raw["train"], image_column, tokenizer, image_processor, args, init, seed, training_args.device, workers,
             "codebook_size in --config_overrides", show_progress=not training_args.disable_tqdm,
         )
@@ -401,7 +390,7 @@ def train_kmeans_tokenizer(
             train_mean_sq_distance=fit.inertia[-1] / fit.num_points,
             train_num_patches=fit.num_points,
             train_runtime=time.perf_counter() - start,
-            train_skipped_images=undecodable,
+            train_skipped_images=fit.skipped_images,
         )
         if fit.counts is not None:
             metrics.update({f"train_{name}": value for name, value in codebook_metrics(fit.counts).items()})
