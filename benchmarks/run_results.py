@@ -259,7 +259,7 @@ def main(argv=None) -> dict:
     started = time.monotonic()
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="hf_mim_results_")
     subsets = make_subsets(args.data, work_dir, args.train_per_class, args.test_per_class)
-    raw, _ = load_image_datasets(train_dir=subsets["train"], validation_dir=subsets["test"])
+    raw, _ = load_image_datasets(train_dir=subsets["train"], validation_dir=subsets["test"], class_folders=True)
     data = {split: raw[split].cast_column("image", datasets.Image(decode=True)) for split in ("train", "validation")}
 
     tokenizer_dirs, tokenizer_seconds = train_tokenizers({TOKENIZER_OF[m] for m in methods}, subsets["train"], work_dir, args)

@@ -104,7 +104,7 @@ def main(argv=None) -> dict:
     started = time.monotonic()
     work_dir = args.work_dir or tempfile.mkdtemp(prefix="hf_mim_two_stage_")
     subsets = make_subsets(args.data, work_dir, args.train_per_class, args.test_per_class)
-    raw, _ = load_image_datasets(train_dir=subsets["train"], validation_dir=subsets["test"])
+    raw, _ = load_image_datasets(train_dir=subsets["train"], validation_dir=subsets["test"], class_folders=True)
     data = {split: raw[split].cast_column("image", datasets.Image(decode=True)) for split in ("train", "validation")}
     test_images = list(data["validation"]["image"])
     stage1_seconds = args.budget_seconds * args.stage1_fraction

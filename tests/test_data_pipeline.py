@@ -2,8 +2,9 @@
 
 import copy
 import io
-import math
 import logging
+import math
+import os
 import pickle
 
 import datasets
@@ -23,6 +24,7 @@ from hf_mim.data import (
     load_image_datasets,
     random_resized_crop_box,
 )
+from hf_mim.errors import UsageError
 from hf_mim.models import DvaeImageProcessor, MimImageProcessor
 
 
@@ -527,6 +529,82 @@ def test_image_column_resolution_and_validation_split(tmp_path):
         load_image_datasets()
     with pytest.raises(ValueError, match="streaming"):
         load_image_datasets(str(tmp_path / "image"), streaming=True, train_val_split=0.1)
+
+
+def _class_folders(root, classes, depth_below_class: int = 0) -> str:
+    for index, name in enumerate(classes):
+        folder = root.joinpath(name, *["sub"] * depth_below_class)
+        folder.mkdir(parents=True)
+        gradient_image(20, 20 + index).save(folder / f"{index}.png")
+    return str(root)
+
+
+def test_class_folders_label_a_validation_folder_at_another_depth(tmp_path):
+    """datasets labels imagefolder images only when all images of all splits sit at one depth of the file system;
+    a validation folder elsewhere lost the labels of both splits."""
+    from hf_mim.data import LabelledImageDatasetArguments
+    from hf_mim.data.arguments import load_image_datasets_from_args
+
+    train = _class_folders(tmp_path / "train", ["cats", "dogs"])
+    validation = _class_folders(tmp_path / "elsewhere" / "deeper" / "validation", ["dogs", "cats"])
+    args = LabelledImageDatasetArguments(train_dir=train, validation_dir=validation)
+    raw, _ = load_image_datasets_from_args(args, seed=0)
+    names = raw["train"].features["label"].names
+    assert names == ["cats", "dogs"] and raw["validation"].features["label"].names == names
+    assert [names[label] for label in raw["validation"]["label"]] == ["cats", "dogs"]
+    assert [os.path.basename(os.path.dirname(row["image"]["path"])) for row in raw["validation"]] == ["cats", "dogs"]
+
+
+@pytest.mark.parametrize(
+    "layout, error",
+    [
+        ("flat validation", "--validation_dir {validation}: {validation}/0.png sits directly in it, outside any class"),
+        ("deep validation", "--validation_dir {validation}: {validation}/dogs/sub/0.png sits 2 folders down"),
+        ("one class", "--train_dir {train} has one class folder ('dogs'); a classifier needs the images of two"),
+    ],
+)
+def test_class_folders_refuse_layouts_whose_labels_would_be_wrong(tmp_path, layout, error):
+    train = _class_folders(tmp_path / "train", ["dogs"] if layout == "one class" else ["cats", "dogs"])
+    validation = tmp_path / "validation"
+    if layout == "flat validation":
+        validation.mkdir()
+        gradient_image(20, 20).save(validation / "0.png")
+    else:
+        _class_folders(validation, ["dogs"], depth_below_class=1 if layout == "deep validation" else 0)
+    with pytest.raises(UsageError) as raised:
+        load_image_datasets(train_dir=train, validation_dir=str(validation), class_folders=True)
+    assert str(raised.value).startswith(error.format(train=train, validation=validation))
+    # Pre-training reads no labels, so any layout is fine for it.
+    raw, _ = load_image_datasets(train_dir=train, validation_dir=str(validation))
+    assert raw["validation"].num_rows == 1
+
+
+def test_files_that_are_not_read_are_counted_once_and_named_by_kind(tmp_path, caplog, monkeypatch):
+    train = _class_folders(tmp_path / "train", ["cats", "dogs"])
+    for name in ("a.heic", "b.HEIC", "notes.txt", "README"):
+        (tmp_path / "train" / "cats" / name).write_bytes(b"x")
+    (tmp_path / "train" / ".DS_Store").write_bytes(b"x")
+    for skipped in (".ipynb_checkpoints", "__MACOSX"):  # folders datasets does not read
+        (tmp_path / "train" / "cats" / skipped).mkdir()
+        gradient_image(20, 20).save(tmp_path / "train" / "cats" / skipped / "0.png")
+    with caplog.at_level(logging.WARNING, logger="hf_mim.data.datasets"):
+        raw, _ = load_image_datasets(train_dir=train, class_folders=True)
+    assert raw["train"].num_rows == 2
+    warnings = [record.getMessage() for record in caplog.records if record.name == "hf_mim.data.datasets"]
+    assert warnings == [
+        f"--train_dir {train}: left out 4 file(s) that imagefolder does not read as images (2 .heic, 1 .txt, 1 README)"
+    ]
+    caplog.clear()
+    monkeypatch.setenv("RANK", "1")  # the other processes of a launch stay quiet
+    with caplog.at_level(logging.WARNING, logger="hf_mim.data.datasets"):
+        load_image_datasets(train_dir=train)
+    assert not [record for record in caplog.records if record.name == "hf_mim.data.datasets"]
+    # A folder of files PIL knows but imagefolder does not read is a folder without images, and says what it holds.
+    only_pdf = tmp_path / "pdf"
+    only_pdf.mkdir()
+    (only_pdf / "scan.pdf").write_bytes(b"x")
+    with pytest.raises(UsageError, match=r"holds no image files .* \(it holds 1 \.pdf\)"):
+        load_image_datasets(train_dir=str(only_pdf))
 
 
 # --------------------------------------------------------------------------------------- DataLoader workers

@@ -41,7 +41,6 @@ def mistakes(tmp_path_factory, tiny_dvae_dir, image_folder, tiny_mim_dir):
     checkpoint.mkdir(parents=True)
     shutil.copy(os.path.join(tiny_mim_dir, "config.json"), checkpoint)
     (checkpoint / "model.safetensors").write_bytes(open(os.path.join(tiny_mim_dir, "model.safetensors"), "rb").read()[:100])
-    # At the depth of the training images: datasets infers the classes of an imagefolder only then.
     val_zebra = tmp_path_factory.mktemp("val_zebra")
     write_images(val_zebra, 4, classes=("a", "zebra"))
     return {"root": root, "dvae": tiny_dvae_dir, "images": image_folder, "mim": tiny_mim_dir, "val_zebra": val_zebra}
@@ -174,6 +173,14 @@ CASES = {
         lambda p: finetune(p, "--do_eval", "--validation_dir", str(p["val_zebra"])),
         "The validation split has labels that train does not: ['zebra']",
     ),
+    "a training folder of one class": (
+        lambda p: finetune(p, "--do_train", "--train_dir", str(p["root"] / "broken")),
+        "--train_dir {root}/broken has one class folder ('a'); a classifier needs the images of two classes at least",
+    ),
+    "a validation folder without class folders": (
+        lambda p: finetune(p, "--do_train", "--validation_dir", str(p["val_zebra"] / "a")),
+        "--validation_dir {val_zebra}/a: {val_zebra}/a/0000.png sits directly in it",
+    ),
     "no layer decay": (lambda p: finetune(p, "--do_train", "--layer_decay", "0"), "--layer_decay scales each earlier layer"),
     "a mixup setting without mixup": (
         lambda p: finetune(p, "--do_train", "--mixup_prob", "0.5"), "--mixup_prob tunes --mixup / --cutmix, which are off"
@@ -189,6 +196,11 @@ CASES = {
     "half of the demo's probe data": (
         lambda p: ["demo.py", "--output_dir", str(p["root"] / "demo"), "--probe_train_dir", p["images"]],
         "Give both --probe_train_dir and --probe_validation_dir",
+    ),
+    "demo: a probe folder without class folders": (
+        lambda p: ["demo.py", "--output_dir", str(p["root"] / "demo"), "--probe_train_dir", p["images"],
+                   "--probe_validation_dir", str(p["val_zebra"] / "a")],  # fmt: skip
+        "--probe_validation_dir {val_zebra}/a: {val_zebra}/a/0000.png sits directly in it",
     ),
     "a demo image off the patch grid": (
         lambda p: ["demo.py", "--output_dir", str(p["root"] / "demo"), "--image_size", "30", "--patch_size", "8"],
@@ -244,4 +256,4 @@ def assert_one_line_error(script: str, args, fragment: str, own_process: bool = 
 def test_a_mistake_ends_with_one_line_naming_the_fix(mistakes, case):
     build, fragment = CASES[case]
     script, *args = build(mistakes)
-    assert_one_line_error(script, args, fragment.format(root=mistakes["root"]), own_process=case in IN_OWN_PROCESS)
+    assert_one_line_error(script, args, fragment.format(**mistakes), own_process=case in IN_OWN_PROCESS)

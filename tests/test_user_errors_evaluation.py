@@ -13,7 +13,6 @@ def mistakes(tmp_path_factory, tiny_dvae_dir, tiny_mim_dir):
     from transformers import BeitConfig, BeitForImageClassification
 
     root = tmp_path_factory.mktemp("evaluation_mistakes")
-    # Train and validation folders side by side: imagefolder infers class labels only for folders at one depth.
     write_images(root / "train", 12)
     write_images(root / "val_extra_class", 4, classes=("a", "c"))
     write_images(root / "flat", 6, classes=("",))
@@ -88,7 +87,7 @@ CASES = {
     "knn: zero temperature": (lambda p: knn(p, "--temperature", "0"), "--temperature must be positive"),
     "knn: negative temperature": (lambda p: knn(p, "--temperature", "-1"), "--temperature must be positive"),
     "knn: unlabelled flat folder": (
-        lambda p: knn(p, train="flat"), "--train_dir {root}/flat has no 'label' column"
+        lambda p: knn(p, train="flat"), "--train_dir {root}/flat: {root}/flat/0000.png sits directly in it, outside any class folder"
     ),
     "knn: undecodable validation images": (
         lambda p: knn(p, validation="broken"), "--validation_dir {root}/broken: none of the 4 images could be decoded"
@@ -154,6 +153,10 @@ CASES = {
     "push: a non-empty dry-run folder": (
         lambda p: ["push_to_hub.py", p["mim"], "--repo_id", "tester/tiny", "--dry_run", str(p["root"] / "upload")],
         "--dry_run {root}/upload is not empty",
+    ),
+    "push: a repo id with a space": (
+        lambda p: ["push_to_hub.py", p["mim"], "--repo_id", "tester/my model", "--dry_run", str(p["root"] / "up")],
+        "--repo_id 'tester/my model' is not a Hub repo id",
     ),
 }  # fmt: skip
 

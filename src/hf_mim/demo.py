@@ -136,9 +136,17 @@ def probe_data(args: DemoArguments):
         cut = args.num_probe_train
         stop = len(images) if args.num_probe_test is None else cut + args.num_probe_test
         return images[:cut], labels[:cut], images[cut:stop], labels[cut:stop], DIGITS_NAME
-    raw, image_column = load_image_datasets(train_dir=args.probe_train_dir, validation_dir=args.probe_validation_dir)
+    raw, image_column = load_image_datasets(
+        train_dir=args.probe_train_dir,
+        validation_dir=args.probe_validation_dir,
+        class_folders=True,
+        dir_flags=("probe_train_dir", "probe_validation_dir"),
+    )
     if "label" not in raw["train"].column_names:
-        raise UsageError(f"--probe_train_dir {args.probe_train_dir} has no class sub-folders, so no labels to probe with")
+        raise UsageError(
+            f"--probe_train_dir {args.probe_train_dir}: its metadata file gives no 'label' column to probe with; add "
+            "one, or lay the images out in class folders without a metadata file"
+        )
     split = lambda name: ([row[image_column] for row in raw[name]], list(raw[name]["label"]))
     return (*split("train"), *split("validation"), os.path.basename(os.path.normpath(args.probe_train_dir)))
 
@@ -190,6 +198,9 @@ def run_demo(args: DemoArguments) -> dict:
         args.train_dir = write_sample_crops(os.path.join(args.output_dir, "sample_photos"), args.num_crops, args.seed)
         pretraining_data = f"{args.num_crops} random crops of scikit-learn's sample photos"
 
+    # Read first: a mistake in the probe folders ends the demo before its fit and pre-training budget are spent.
+    data = probe_data(args)
+
     # 1. The tokenizer: k-means centroids of the pre-training images' patches.
     phase(1, f"fitting {args.codebook_size} k-means centroids to the patches of {pretraining_data}", start)
     raw, image_column = load_image_datasets(dataset_name=args.dataset_name, train_dir=args.train_dir, seed=args.seed)
@@ -214,7 +225,6 @@ def run_demo(args: DemoArguments) -> dict:
 
     # 3. Probes of the frozen encoders.
     phase(3, "probing the pre-trained and a random-init encoder (k-NN, linear probe)", start)
-    data = probe_data(args)
     results = {"pretrained": probe_encoder(model, image_processor, data, args.seed)}
     results["random_init"] = probe_encoder(random_model, image_processor, data, args.seed)
 

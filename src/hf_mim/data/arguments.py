@@ -245,6 +245,7 @@ def load_image_datasets_from_args(
         max_eval_samples=args.max_eval_samples,
         seed=seed,
         token=token,
+        class_folders=isinstance(args, LabelledImageDatasetArguments),
     )
     if require_validation:
         require_validation_split(raw)

@@ -1,7 +1,10 @@
 """Loading image datasets (Hub or local imagefolder, map-style or streaming) and attaching a transform lazily."""
 
+import logging
 import os
+from collections import Counter
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import datasets
 import numpy as np
@@ -9,22 +12,96 @@ import torch
 from datasets import DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
 from PIL import Image
 
+from ..cli import is_main_launch_process
 from ..errors import UsageError
 from .images import SkippedImageCounter, decode_image
 
 
-def require_image_folder(flag: str, folder: str) -> None:
+logger = logging.getLogger(__name__)
+
+_METADATA_FILENAMES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
+
+
+def _read_extensions() -> frozenset[str]:
+    """The extensions of the files `datasets`' imagefolder reads; it leaves any other file out without a word."""
+    from datasets.packaged_modules.imagefolder.imagefolder import ImageFolder
+
+    return frozenset(ImageFolder.EXTENSIONS)
+
+
+@dataclass
+class ImageFolderScan:
+    """What a folder of images holds, as an imagefolder reads it."""
+
+    folder: str
+    images_at_depth: dict[int, str] = field(default_factory=dict)
+    """The first image path, in name order, at each depth below the folder (1: directly in it, 2: in a class
+    folder, ...)."""
+    class_folders: set[str] = field(default_factory=set)
+    """The folders directly under the folder that hold images of a class folder (depth 2)."""
+    left_out: Counter = field(default_factory=Counter)
+    """How many files of each extension are neither images nor metadata files, and so are not read."""
+    has_metadata: bool = False
+    """Whether a metadata file (metadata.csv/.jsonl/.parquet) gives the images their columns, labels included."""
+
+
+def require_image_folder(flag: str, folder: str, extensions: Iterable[str] | None = None) -> ImageFolderScan:
     """A one-line error naming `--flag` unless `folder` exists and holds at least one image file (recursively):
-    `datasets` would only say that a split "corresponds to no data"."""
+    `datasets` would only say that a split "corresponds to no data". `extensions` are those of the files read
+    (default: PIL's); the scan says what the folder holds besides."""
     if not os.path.isdir(folder):
         raise UsageError(f"--{flag} {folder}: no such folder; pass a folder of images (searched recursively)")
-    extensions = {extension.lower() for extension in Image.registered_extensions()}
-    for _, _, names in os.walk(folder):
-        if any(os.path.splitext(name)[1].lower() in extensions for name in names):
-            return
-    raise UsageError(
-        f"--{flag} {folder} holds no image files (.jpg, .png, ..., searched recursively); pass the folder of your images"
-    )
+    if extensions is None:
+        extensions = (extension.lower() for extension in Image.registered_extensions())
+    extensions = set(extensions)
+    scan = ImageFolderScan(folder)
+    for root, folders, names in os.walk(folder):
+        # datasets skips hidden and special folders (.ipynb_checkpoints, __MACOSX); errors name the first path in
+        # name order.
+        folders[:] = sorted(name for name in folders if not name.startswith((".", "__")))
+        depth = 1 if root == folder else len(os.path.relpath(root, folder).split(os.sep)) + 1
+        for name in sorted(names):
+            extension = os.path.splitext(name)[1].lower()
+            if extension in extensions:
+                scan.images_at_depth.setdefault(depth, os.path.join(root, name))
+                if depth == 2:
+                    scan.class_folders.add(os.path.basename(root))
+            elif name in _METADATA_FILENAMES:
+                scan.has_metadata = True
+            elif not name.startswith("."):
+                scan.left_out[extension or name] += 1
+    if not scan.images_at_depth:
+        left_out = f" (it holds {_describe_counts(scan.left_out)})" if scan.left_out else ""
+        raise UsageError(
+            f"--{flag} {folder} holds no image files (.jpg, .png, ..., searched recursively){left_out}; pass the "
+            "folder of your images"
+        )
+    return scan
+
+
+def _describe_counts(counts: Counter) -> str:
+    commonest = sorted(counts.items(), key=lambda item: (-item[1], item[0]))[:5]
+    return ", ".join(f"{count} {extension}" for extension, count in commonest) + (", ..." if len(counts) > 5 else "")
+
+
+def _require_class_folders(flag: str, scan: ImageFolderScan, training: bool) -> None:
+    """Labels come from the folder each image sits in, so every image must sit in a class folder right under the
+    folder given, and training needs two classes at least."""
+    if scan.has_metadata:
+        return
+    misplaced = {depth: path for depth, path in scan.images_at_depth.items() if depth != 2}
+    if misplaced:
+        depth, path = min(misplaced.items())
+        where = "directly in it, outside any class folder" if depth == 1 else f"{depth - 1} folders down"
+        raise UsageError(
+            f"--{flag} {scan.folder}: {path} sits {where}; labels are the names of the folders right under "
+            f"{scan.folder}: lay the images out as {os.path.join(scan.folder, '<class>', '<image>')}"
+        )
+    if training and len(scan.class_folders) < 2:
+        raise UsageError(
+            f"--{flag} {scan.folder} has one class folder ({sorted(scan.class_folders)[0]!r}); a classifier needs "
+            f"the images of two classes at least, in {os.path.join(scan.folder, '<class>', '<image>')}"
+        )
 
 
 def _resolve_image_column(dataset: datasets.Dataset | IterableDataset, image_column_name: str | None) -> str:
@@ -81,6 +158,8 @@ def load_image_datasets(
     max_eval_samples: int | None = None,
     seed: int = 42,
     token: str | bool | None = None,
+    class_folders: bool = False,
+    dir_flags: tuple[str, str] = ("train_dir", "validation_dir"),
 ) -> tuple[DatasetDict | IterableDatasetDict, str]:
     """Load the training (and validation) images and find the image column.
 
@@ -99,6 +178,10 @@ def load_image_datasets(
         max_train_samples, max_eval_samples: Truncate the splits (after a seeded shuffle for
             map-style datasets; the first examples for streaming ones), for debugging or quick runs.
         seed: Seed of the validation split and of the truncation shuffle.
+        class_folders: Label the images of `train_dir` and `validation_dir` by their class folder
+            (`<dir>/<class>/<image>`; a "label" column), refusing other layouts and a single training class,
+            unless a metadata file gives the labels.
+        dir_flags: The command's flags for `train_dir` and `validation_dir`, which its errors name.
 
     Returns:
         The datasets with a "train" split (and "validation" when available), the image column
@@ -107,13 +190,29 @@ def load_image_datasets(
     """
     if dataset_name is None and train_dir is None:
         raise UsageError("Pass dataset_name (a Hub dataset or 'imagefolder') or train_dir (a local image folder)")
-    data_files = None
+    data_files, builder_options = None, {}
     if train_dir is not None or validation_dir is not None:
         if train_dir is None:
             raise UsageError("validation_dir needs train_dir as well: pass the folder of the training images")
-        require_image_folder("train_dir", train_dir)
-        if validation_dir is not None:
-            require_image_folder("validation_dir", validation_dir)
+        folders = dict(zip(dir_flags, (train_dir, validation_dir)))
+        scans = {
+            flag: require_image_folder(flag, folder, _read_extensions())
+            for flag, folder in folders.items()
+            if folder is not None
+        }
+        for flag, scan in scans.items():
+            if class_folders:
+                _require_class_folders(flag, scan, training=flag == dir_flags[0])
+            if scan.left_out and is_main_launch_process():
+                logger.warning(
+                    "--%s %s: left out %d file(s) that %s does not read as images (%s)", flag, scan.folder,
+                    sum(scan.left_out.values()), dataset_name or "imagefolder", _describe_counts(scan.left_out),
+                )
+        if class_folders and (dataset_name or "imagefolder") == "imagefolder":
+            if not any(scan.has_metadata for scan in scans.values()):
+                # datasets labels images by their folder only when every image of every split sits at one depth of
+                # the file system, so a validation folder elsewhere would drop the labels of both splits.
+                builder_options["drop_labels"] = False
         # The split key must be "validation": run_mim's "val" key made --validation_dir a silent no-op.
         data_files = {"train": os.path.join(train_dir, "**")}
         if validation_dir is not None:
@@ -125,6 +224,7 @@ def load_image_datasets(
         cache_dir=cache_dir,
         token=token,
         streaming=streaming,
+        **builder_options,
     )
     if "train" not in raw:
         raise UsageError(f"The dataset has no 'train' split (its splits: {list(raw)}); pick a dataset that has one")
@@ -288,6 +388,7 @@ def apply_transform(
 
 
 __all__ = [
+    "ImageFolderScan",
     "SeededTransformedDataset",
     "apply_transform",
     "example_rng",
