@@ -72,7 +72,32 @@ def test_a_command_flag_error_is_the_commands_own(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["convert-ccvit", "--output_dir", str(tmp_path)])
     assert exit_info.value.code == 2
-    assert "hf-mim convert-ccvit: error: the following arguments are required: --centroids" in capsys.readouterr().err
+    assert capsys.readouterr().err == (
+        "error: hf-mim convert-ccvit: the following arguments are required: --centroids; `hf-mim convert-ccvit --help` "
+        "lists the options\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["visualize"], "error: hf-mim visualize: the following arguments are required: --output_dir"),
+        (["push", "./ckpt"], "error: hf-mim push: the following arguments are required: --repo_id"),
+        (["knn", "--ks", "ten"], "error: hf-mim knn: argument --ks: invalid int value: 'ten'"),
+        (["pretrain", "--output_dir", "x", "--bogus_flag", "1"], "error: hf-mim pretrain: unrecognized arguments: --bogus"),
+    ],
+)
+def test_a_flag_argparse_refuses_is_one_line_printed_once_per_launch(argv, message, capsys, monkeypatch):
+    """No usage line above it, and the other processes of an `accelerate launch` stay quiet."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and err.count("\n") == 1 and err.endswith("--help` lists the options\n"), err
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and capsys.readouterr().err == ""
 
 
 def test_every_command_module_runs_with_python_m():

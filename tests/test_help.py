@@ -173,4 +173,4 @@ def test_an_unknown_option_is_one_argparse_error_not_a_traceback(capsys):
         main(["pretrain", "--output_dir", "x", "--bogus_flag", "1"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert "error: unrecognized arguments: --bogus_flag 1" in err and "Traceback" not in err
+    assert "error: hf-mim pretrain: unrecognized arguments: --bogus_flag 1" in err and "Traceback" not in err

@@ -334,7 +334,7 @@ def test_dry_run_writes_the_upload_folder(tmp_path, capsys):
     (tmp_path / "results.json").write_text(json.dumps([{"protocol": "knn", "dataset": "tester/images", "value": 0.5}]))
     push_main([str(folder), "--repo_id", "tester/tiny", "--dry_run", str(tmp_path / "upload"), "--dataset",
                "tester/images", "--tag", "tiny", "--results", str(tmp_path / "results.json")])  # fmt: skip
-    assert "Dry run: wrote the" in capsys.readouterr().out
+    assert "Dry run, nothing uploaded" in capsys.readouterr().out
     metadata = front_matter((tmp_path / "upload" / "README.md").read_text())
     assert "tiny" in metadata["tags"] and metadata["datasets"] == ["tester/images"]
     assert metadata["model-index"][0]["results"][0]["metrics"][0]["value"] == 0.5
@@ -344,6 +344,21 @@ def test_dry_run_writes_the_upload_folder(tmp_path, capsys):
         push_main([str(folder), "--repo_id", "tester/tiny", "--dry_run", str(tmp_path / "u2"), "--results",
                    str(tmp_path / "results.json")])  # fmt: skip
     assert (REPO / "scripts" / "push_to_hub.py").read_text().count("from hf_mim.hub.push import main") == 1
+
+
+def test_dry_run_reports_what_the_push_flags_would_do(tmp_path, capsys):
+    folder = tmp_path / "ckpt"
+    save_tiny_checkpoint(BY_MODEL_TYPE["hf_mim_dvae"], folder)
+    push_main([str(folder), "--repo_id", "tester/tiny", "--dry_run", str(tmp_path / "upload")])
+    assert "in one commit 'Upload ckpt with hf_mim' to main of tester/tiny, the repo (public if created):" in (
+        capsys.readouterr().out
+    )
+    push_main([str(folder), "--repo_id", "tester/tiny", "--dry_run", str(tmp_path / "upload2"), "--private",
+               "--revision", "v2", "--commit_message", "second run"])  # fmt: skip
+    assert (
+        "in one commit 'second run' to branch v2 (created from main if missing) of tester/tiny, a private repo (an "
+        "existing public one is an error):"
+    ) in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(

@@ -27,6 +27,8 @@ from typing import get_type_hints
 from transformers import HfArgumentParser, TrainingArguments
 from transformers.hf_argparser import string_to_bool
 
+from .errors import UsageError
+
 HF_MIM_TRAINING_GROUP = "hf_mim training"
 TRANSFORMERS_TRAINING_GROUP = "transformers TrainingArguments"
 
@@ -74,7 +76,15 @@ def _declaring_class(dtype: type, name: str) -> type:
     return dtype
 
 
-class CommandArgumentParser(HfArgumentParser):
+class OneLineErrorParser(argparse.ArgumentParser):
+    """An `argparse.ArgumentParser` whose errors (a missing, unknown or malformed flag) are a `UsageError`: one line,
+    printed once per launch by `run_command`, where argparse would print its usage line too, on every rank."""
+
+    def error(self, message: str):
+        raise UsageError(f"{self.prog}: {message}; `{self.prog} --help` lists the options")
+
+
+class CommandArgumentParser(HfArgumentParser, OneLineErrorParser):
     """`HfArgumentParser` whose options are shown in named groups, in the order of `groups`, then hf_mim's training
     options, then transformers' `TrainingArguments`.
 
@@ -231,6 +241,7 @@ __all__ = [
     "TRANSFORMERS_TRAINING_GROUP",
     "CommandArgumentParser",
     "HelpFormatter",
+    "OneLineErrorParser",
     "command_parser",
     "flags_set",
 ]

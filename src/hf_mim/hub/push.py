@@ -16,7 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from huggingface_hub import HfApi
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from ..arguments import OneLineErrorParser
 from ..checkpoint_folder import PROCESSOR_CONFIG, complete_code_files
 from ..errors import UsageError
 from .cards import DEFAULT_LICENSE, load_results, read_training_args, write_model_card
@@ -122,6 +124,17 @@ def prepare_repo(api: HfApi, repo_id: str, *, private: bool | None = None, revis
     return repo_id
 
 
+def default_commit_message(folder) -> str:
+    return f"Upload {Path(folder).resolve().name} with hf_mim"
+
+
+def describe_push(repo_id: str, *, private: bool, revision: str | None, commit_message: str) -> str:
+    """Where and how a push commits, as a dry run reports it."""
+    branch = f"branch {revision} (created from main if missing)" if revision else "main"
+    visibility = "a private repo (an existing public one is an error)" if private else "the repo (public if created)"
+    return f"one commit {commit_message!r} to {branch} of {repo_id}, {visibility}"
+
+
 def push_folder(
     folder,
     repo_id: str,
@@ -146,7 +159,7 @@ def push_folder(
             folder_path=upload_dir,
             repo_id=repo_id,
             revision=revision,
-            commit_message=commit_message or f"Upload {Path(folder).resolve().name} with hf_mim",
+            commit_message=commit_message or default_commit_message(folder),
         )
         # The folder keeps the card it was pushed with, so the next push starts from its datasets and results.
         try:
@@ -157,7 +170,7 @@ def push_folder(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         description="Upload an hf_mim checkpoint folder (weights, config, code, image processors, model card) to the Hub.",
     )
     parser.add_argument("folder", help="The checkpoint folder (a run_mim.py / train_tokenizer.py output_dir, a converted model)")
@@ -191,6 +204,13 @@ def main(argv: Sequence[str] | None = None):
     folder = Path(args.folder)
     # Before any Hub request: both library checks name the folder and the fix, as a user's mistake needs.
     try:
+        validate_repo_id(args.repo_id)
+    except HFValidationError as error:
+        raise UsageError(
+            f"--repo_id {args.repo_id!r} is not a Hub repo id (namespace/name, or name in your own namespace: letters, "
+            "digits, '-', '_' and '.', at most 96 characters); pass e.g. --repo_id your-name/beit-base"
+        ) from error
+    try:
         _check_checkpoint(folder)
         if args.dry_run is not None:
             upload_dir = Path(args.dry_run or f"{args.repo_id.split('/')[-1]}-upload")
@@ -207,7 +227,14 @@ def main(argv: Sequence[str] | None = None):
     }
     if args.dry_run is not None:
         files = prepare_upload_folder(args.folder, upload_dir, repo_id=args.repo_id, **card_options)
-        print(f"Dry run: wrote the {len(files)} files that would be uploaded to {args.repo_id} into {upload_dir}:")
+        push = describe_push(
+            args.repo_id,
+            private=args.private,
+            revision=args.revision,
+            commit_message=args.commit_message or default_commit_message(args.folder),
+        )
+        print(f"Dry run, nothing uploaded: wrote the {len(files)} files into {upload_dir} that the push would upload in "
+              f"{push}:")  # fmt: skip
         print("\n".join(f"  {name}" for name in files))
         return upload_dir
     commit = push_folder(
@@ -223,7 +250,15 @@ def main(argv: Sequence[str] | None = None):
     return commit
 
 
-__all__ = ["UPLOAD_PATTERNS", "main", "prepare_repo", "prepare_upload_folder", "push_folder"]
+__all__ = [
+    "UPLOAD_PATTERNS",
+    "default_commit_message",
+    "describe_push",
+    "main",
+    "prepare_repo",
+    "prepare_upload_folder",
+    "push_folder",
+]
 
 
 if __name__ == "__main__":
