@@ -118,3 +118,25 @@ def test_probe_and_knn_scripts(tiny_mim_dir, image_folder, tmp_path, capsys):
     assert set(results["layers"][1]) == {1, 5} and results["reference_k"] == 5
     assert len(os.listdir(tmp_path / "features")) == 4
     assert (tmp_path / "knn_results.json").exists()
+
+
+@pytest.mark.parametrize("view", ["center_crop", "whole"])
+def test_probe_and_knn_features_take_the_papers_evaluation_view(model_and_processor, image_folder, view):
+    """BEiT's linear probe evaluates, and DINO's k-NN embeds, Resize(256) + CenterCrop(224) views: the commands' default.
+    The images here are 40x48, so the view decides what the features see."""
+    from hf_mim.data import center_crop_view, load_image_datasets_from_args
+    from hf_mim.evaluation.features import FeatureArguments, load_features
+
+    model, processor = model_and_processor
+    args = FeatureArguments(
+        model_name_or_path=model.name_or_path, train_dir=image_folder, train_val_split=0.25, layers=[-1], view=view
+    )
+    train, evaluation = load_features(args)
+    raw, _ = load_image_datasets_from_args(args, args.seed)
+    expected_processor = center_crop_view(processor) if view == "center_crop" else processor
+    assert expected_processor.do_center_crop == (view == "center_crop")
+    for split, features in (("train", train), ("validation", evaluation)):
+        expected = extract_features(model, expected_processor, raw[split], layers=[-1])
+        torch.testing.assert_close(features.features[2], expected.features[2])
+    other = extract_features(model, processor if view == "center_crop" else center_crop_view(processor), raw["train"], layers=[-1])
+    assert not torch.allclose(train.features[2], other.features[2], atol=1e-3)

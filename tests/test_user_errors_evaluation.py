@@ -70,6 +70,7 @@ CASES = {
     # probe and knn
     "probe: a layer the model lacks": (lambda p: probe(p, "--layers", "7"), "--layers 7: layer 7 does not exist"),
     "probe: unknown pooling": (lambda p: probe(p, "--pooling", "max"), "--pooling must be one of cls, mean, cls+mean"),
+    "probe: unknown view": (lambda p: probe(p, "--view", "resize"), "--view must be one of center_crop, whole"),
     "probe: zero batch size": (lambda p: probe(p, "--batch_size", "0"), "--batch_size must be at least 1, got 0"),
     "probe: holdout fraction 0": (lambda p: probe(p, "--holdout_fraction", "0"), "--holdout_fraction is the part"),
     "probe: holdout fraction 1.5": (lambda p: probe(p, "--holdout_fraction", "1.5"), "in (0, 1); got 1.5"),

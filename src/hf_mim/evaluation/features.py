@@ -4,7 +4,8 @@ Features are taken from `hidden_states[layer]` of the encoder (index 0 = the emb
 of block `l`, before any final LayerNorm), pooled as the [CLS] token, the mean of the patch tokens, or
 both concatenated (BEiT's linear-probe features). BEiT probes best at intermediate layers (unilm#419), so
 several layers can be extracted in one pass. Preprocessing is the model's own deterministic image
-processor (`AutoImageProcessor`), through the same transform and collator as training.
+processor (`AutoImageProcessor`), through the same transform and collator as training; the probe and k-NN commands
+take the papers' evaluation view of it by default (`FEATURE_VIEWS`).
 """
 
 import hashlib
@@ -25,6 +26,7 @@ from ..data import (
     SkippedImageCounter,
     TwoViewTransform,
     apply_transform,
+    center_crop_view,
     load_image_datasets_from_args,
     unseen_labels,
 )
@@ -35,6 +37,10 @@ logger = logging.getLogger(__name__)
 
 # How `pool_tokens` turns a layer's tokens into one feature vector per image, for the probes.
 FEATURE_POOLINGS = ("cls", "mean", "cls+mean")
+
+# The views of the probe and k-NN commands: "center_crop" is the papers' (BEiT's linear probe evaluates
+# Resize(256) + CenterCrop(224), DINO's k-NN embeds train and val images so), "whole" the image resized whole.
+FEATURE_VIEWS = ("center_crop", "whole")
 
 # Config entries that do not change what an encoder computes.
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "architectures", "auto_map", "transformers_version", "dtype", "id2label", "label2id")
@@ -234,6 +240,12 @@ class FeatureArguments(LabelledImageDatasetArguments):
         metadata={"help": "Hidden-state indices to evaluate (0 = embeddings, -1 = last block); the best is reported"},
     )
     pooling: str = field(default="mean", metadata={"help": f"Token pooling: {', '.join(FEATURE_POOLINGS)}"})
+    view: str = field(
+        default="center_crop",
+        metadata={"help": "The images' view, for training and evaluation features alike: center_crop, the papers' "
+                  "(shorter side to 256/224 of the model's size, centre crop; BEiT's linear probe, DINO's k-NN), or "
+                  "whole (resized whole, as the model's image processor does)"},
+    )
     batch_size: int = field(default=64, metadata={"help": "Images per batch of the feature extraction"})
     num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes of the feature extraction"})
     feature_cache_dir: str | None = field(
@@ -254,6 +266,8 @@ class FeatureArguments(LabelledImageDatasetArguments):
     def __post_init__(self):
         if self.pooling not in FEATURE_POOLINGS:
             raise UsageError(f"--pooling must be one of {', '.join(FEATURE_POOLINGS)}, got {self.pooling!r}")
+        if self.view not in FEATURE_VIEWS:
+            raise UsageError(f"--view must be one of {', '.join(FEATURE_VIEWS)}, got {self.view!r}")
         for name, least in (("batch_size", 1), ("num_workers", 0)):
             if getattr(self, name) < least:
                 raise UsageError(f"--{name} must be at least {least}, got {getattr(self, name)}")
@@ -264,7 +278,7 @@ class FeatureArguments(LabelledImageDatasetArguments):
 FEATURE_ARGUMENT_GROUPS = [
     ("model", ["model_name_or_path", "image_processor_name", "cache_dir", "token", "trust_remote_code"]),
     ("data", [LabelledImageDatasetArguments]),
-    ("features and results", ["layers", "pooling", "batch_size", "num_workers", "feature_cache_dir", "output_dir",
+    ("features and results", ["layers", "pooling", "view", "batch_size", "num_workers", "feature_cache_dir", "output_dir",
                               "seed"]),
 ]
 
@@ -307,7 +321,15 @@ def load_features(args: FeatureArguments) -> tuple[FeatureSet, FeatureSet]:
         normalize_layers(args.layers, resolve_encoder(model).config.num_hidden_layers)
     except ValueError as error:
         raise UsageError(f"--layers {' '.join(map(str, args.layers))}: {error}; pass layers in that range") from error
-    image_processor = load_image_processor(args.model_name_or_path, args.image_processor_name, **hub_kwargs)
+    image_processor = encoder_image_processor(
+        load_image_processor(args.model_name_or_path, args.image_processor_name, **hub_kwargs),
+        resolve_encoder(model).config,
+    )
+    if args.view == "center_crop":
+        try:
+            image_processor = center_crop_view(image_processor)
+        except ValueError as error:
+            raise UsageError(f"--view center_crop: {error}; pass --view whole") from error
     raw, image_column = load_image_datasets_from_args(
         args, args.seed, args.cache_dir, args.token, require_validation=True
     )
@@ -341,6 +363,7 @@ def write_results(args: FeatureArguments, name: str, results: dict) -> None:
 __all__ = [
     "FEATURE_ARGUMENT_GROUPS",
     "FEATURE_POOLINGS",
+    "FEATURE_VIEWS",
     "FeatureArguments",
     "FeatureSet",
     "encode_batch",
