@@ -20,6 +20,7 @@ from hf_mim.data import (
     SkippedImageCounter,
     TwoViewTransform,
     apply_transform,
+    center_crop_view,
     decode_image,
     load_image_datasets,
     random_resized_crop_box,
@@ -648,8 +649,6 @@ def test_dataloader_spawned_workers_count_skips_in_the_parent(messy_folder):
 
 
 def test_center_crop_view_is_the_papers_evaluation_crop():
-    from hf_mim.data import center_crop_view
-
     # A 400x200 photo whose left quarter is white: resized whole, a quarter of the view is white; BEiT's evaluation
     # crop (shorter side to 256, centre 224) leaves none of it.
     pixels = np.zeros((200, 400, 3), dtype=np.uint8)
@@ -666,3 +665,21 @@ def test_center_crop_view_is_the_papers_evaluation_crop():
     assert center_crop_view(cropped) is cropped
     large = MimImageProcessor(size={"height": 384, "width": 384})
     assert center_crop_view(large) is large
+
+
+def test_evaluation_views_are_the_papers_centre_crops_of_one_region():
+    """Resize(256) + CenterCrop(224) for the ViT's view and the same centre region for the tokenizer's 112 px view."""
+    processor, tokenizer_processor = small_processor(), DvaeImageProcessor()
+    transform = TwoViewTransform.for_evaluation(processor, tokenizer_processor)
+    image = gradient_image(60, 90)
+    outputs = transform(image)
+    expected = {
+        "pixel_values": center_crop_view(processor)(image, return_tensors="pt")["pixel_values"][0],
+        "tokenizer_pixel_values": center_crop_view(tokenizer_processor)(image, return_tensors="pt")["pixel_values"][0],
+    }
+    assert set(outputs) == set(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(outputs[key], value)
+    squashed = TwoViewTransform(processor, tokenizer_processor, train=False)(image)
+    assert not torch.allclose(squashed["pixel_values"], outputs["pixel_values"], atol=1e-2)
+    assert transform(image)["pixel_values"].equal(outputs["pixel_values"])  # deterministic

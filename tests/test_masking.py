@@ -98,7 +98,7 @@ def test_every_patch_gets_masked_and_random_masking_is_uniform():
 
 @pytest.mark.parametrize(
     "kwargs, expected",
-    [({"mask_ratio": 0.75}, 147), ({"mask_ratio": 0.4}, 78), ({"num_masking_patches": 100}, 100)],
+    [({"mask_ratio": 0.75}, 147), ({"mask_ratio": 0.4}, 78), ({"mask_ratio": 0.6}, 117), ({"num_masking_patches": 100}, 100)],
 )
 def test_random_masking_masks_exactly(kwargs, expected):
     masks = draw(RandomMaskingGenerator(14, **kwargs), 1000)

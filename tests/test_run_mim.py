@@ -33,10 +33,19 @@ def log_steps(output_dir):
 
 
 @pytest.mark.smoke
-def test_trains_evaluates_and_saves_a_loadable_model(tiny_dvae_dir, image_folder, tmp_path):
+def test_trains_evaluates_and_saves_a_loadable_model(tiny_dvae_dir, image_folder, tmp_path, monkeypatch):
+    from hf_mim.data import TwoViewTransform
+
+    evaluation_views = []
+    for_evaluation = TwoViewTransform.for_evaluation.__func__
+    monkeypatch.setattr(TwoViewTransform, "for_evaluation", classmethod(
+        lambda cls, *processors: evaluation_views.append(processors) or for_evaluation(cls, *processors)
+    ))  # fmt: skip
     metrics = main(run_mim_args(tiny_dvae_dir, image_folder, tmp_path, "--do_eval", "--train_val_split", "0.25",
                                 "--max_steps", "4", "--save_strategy", "no"))
     assert {"eval_loss", "eval_masked_accuracy", "train_loss"} <= set(metrics)
+    # Validated on the papers' centre-crop views of both the ViT's and the tokenizer's inputs.
+    assert [[processor.size for processor in views] for views in evaluation_views] == [[{"height": 32, "width": 32}, {"height": 16, "width": 16}]]
     assert metrics["train_skipped_images"] == 0
     steps, state = log_steps(tmp_path)
     assert steps == [1, 2, 3, 4]

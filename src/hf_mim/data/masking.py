@@ -178,7 +178,7 @@ class RandomMaskingGenerator:
         input_size (`int` or `tuple[int, int]`):
             Grid size in patches, or (height, width).
         mask_ratio (`float`, *optional*):
-            Fraction of patches to mask; `round(mask_ratio * num_patches)` are masked (mc-BEiT: 0.75 -> 147 of 196).
+            Fraction of patches to mask; `int(mask_ratio * num_patches)` are masked (mc-BEiT: 0.75 -> 147 of 196).
         num_masking_patches (`int`, *optional*):
             Exact number of patches to mask. Give exactly one of `mask_ratio` and `num_masking_patches`.
     """
@@ -199,7 +199,8 @@ class RandomMaskingGenerator:
         if mask_ratio is not None:
             if not 0.0 <= mask_ratio <= 1.0:
                 raise ValueError(f"mask_ratio must be in [0, 1], got {mask_ratio}")
-            num_masking_patches = round(mask_ratio * self.num_patches)
+            # Truncated as mc-BEiT's code does: int(0.6 * 196) = 117 (rounding would mask 118).
+            num_masking_patches = int(mask_ratio * self.num_patches)
         if not 0 <= num_masking_patches <= self.num_patches:
             raise ValueError(
                 f"num_masking_patches must be between 0 and the {self.num_patches} patches of a "

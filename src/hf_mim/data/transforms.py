@@ -163,7 +163,7 @@ class TwoViewTransform:
 
     Evaluation mode (`train=False`): each view is the processor's own deterministic
     preprocessing (resize, optional centre crop), so validation losses are comparable across
-    evaluations.
+    evaluations; [`TwoViewTransform.for_evaluation`] takes the papers' centre-crop views.
 
     Args:
         image_processor ([`MimImageProcessor`]):
@@ -324,6 +324,15 @@ class TwoViewTransform:
                 view = _to_tensor(self.rand_augment(Image.fromarray(pixels), rng))
             outputs[key] = processor.normalize_tensor(view)
         return outputs
+
+    @classmethod
+    def for_evaluation(
+        cls, image_processor: MimImageProcessor, tokenizer_image_processor: MimImageProcessor | None = None
+    ) -> "TwoViewTransform":
+        """The deterministic views the papers evaluate on: each processor's [`center_crop_view`] (Resize(256) +
+        CenterCrop(224) at 224 px; the same centre region for a 112 px tokenizer view), e.g. for validation losses."""
+        tokenizer_view = None if tokenizer_image_processor is None else center_crop_view(tokenizer_image_processor)
+        return cls(center_crop_view(image_processor), tokenizer_view, train=False)
 
     def __call__(self, image: Image.Image, rng: np.random.Generator | None = None) -> dict[str, torch.Tensor]:
         """The views of one image: `pixel_values` and, with a tokenizer processor, `tokenizer_pixel_values`.

@@ -148,7 +148,8 @@ class DvaePreTrainedModel(MimTokenizerPreTrainedModel):
     config_class = DvaeConfig
     base_model_prefix = "dvae"
     _no_split_modules = ["DvaeEncoderBlock", "DvaeDecoderBlock"]
-    # Token ids are defined by the fp32 forward; loading in fp16/bf16 must not change which code wins.
+    # Token ids come from an fp32 forward whatever the load dtype, so they do not depend on the device. (The official
+    # GPU pipeline ran every conv but the last in fp16, so its ids differ from these on a small fraction of patches.)
     _keep_in_fp32_modules_strict = ["encoder", "decoder"]
 
     @torch.no_grad()
@@ -194,7 +195,8 @@ class DvaeModel(DvaePreTrainedModel):
         return self._unmap_pixels(torch.sigmoid(decoder_output[:, : self.config.num_channels].float()))
 
     def get_codebook_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Code logits in float32 (autocast disabled), as the released tokenizer defines its tokens.
+        """Code logits in float32 (autocast disabled): device-independent ids, where the official GPU pipeline's fp16
+        convolutions differ from them on a small fraction of patches.
 
         Args:
             pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, image_size, image_size)`):

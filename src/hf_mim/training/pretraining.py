@@ -400,9 +400,10 @@ def pretrain(
     if training_args.do_train:
         train_dataset = apply_transform(raw["train"], image_column, TwoViewTransform(**view_kwargs), skipped, seed=data_seed)
     if training_args.do_eval:
-        eval_dataset = apply_transform(
-            raw["validation"], image_column, TwoViewTransform(**view_kwargs, train=False), skipped, seed=data_seed
+        eval_transform = TwoViewTransform.for_evaluation(
+            view_kwargs["image_processor"], view_kwargs["tokenizer_image_processor"]
         )
+        eval_dataset = apply_transform(raw["validation"], image_column, eval_transform, skipped, seed=data_seed)
 
     trainer = MimTrainer(
         model=model,

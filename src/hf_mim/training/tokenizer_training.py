@@ -243,7 +243,7 @@ def train_tokenizer(
     train_dataset = apply_transform(raw["train"], image_column, train_transform, skipped=skipped)
     eval_dataset = None
     if training_args.do_eval:
-        eval_transform = TwoViewTransform(image_processor, train=False)
+        eval_transform = TwoViewTransform.for_evaluation(image_processor)
         eval_dataset = apply_transform(raw["validation"], image_column, eval_transform, skipped=skipped)
 
     trainer = import_target(family.trainer)(
