@@ -2,6 +2,8 @@
 user's mistake through it, and the console script of an installed (not editable) wheel."""
 
 import ast
+import dataclasses
+import json
 import importlib.util
 import os
 import pathlib
@@ -177,3 +179,20 @@ def test_a_command_ends_its_process_group_before_exiting(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     assert run_command(lambda argv: "done", []) == "done"
     assert not dist.is_initialized()
+
+
+def test_a_json_options_file_parses_as_the_same_flags(tmp_path):
+    from hf_mim.training import run_image_classification
+
+    flags = ["--model_name_or_path", "m", "--train_dir", "t", "--output_dir", str(tmp_path / "o"), "--do_train",
+             "--use_cpu", "--report_to", "none", "--lr_scheduler_kwargs", '{"min_lr": 1e-06}', "--mixup", "0.8",
+             "--dataloader_drop_last", "--skip_nonfinite_steps", "false"]  # fmt: skip
+    options = {"model_name_or_path": "m", "train_dir": "t", "output_dir": str(tmp_path / "o"), "do_train": True,
+               "use_cpu": True, "report_to": ["none"], "lr_scheduler_kwargs": {"min_lr": 1e-6}, "mixup": 0.8,
+               "dataloader_drop_last": True, "skip_nonfinite_steps": False, "validation_dir": None}  # fmt: skip
+    path = tmp_path / "options.json"
+    path.write_text(json.dumps(options))
+    from_flags = run_image_classification.parse_args(flags)
+    from_file = run_image_classification.parse_args([str(path)])
+    assert [dataclasses.asdict(parsed) for parsed in from_file] == [dataclasses.asdict(parsed) for parsed in from_flags]
+    assert from_file[-1].lr_scheduler_kwargs == {"min_lr": 1e-6} and from_file[-1].dataloader_drop_last

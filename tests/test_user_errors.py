@@ -2,7 +2,9 @@
 printed once, with no traceback."""
 
 import contextlib
+import importlib.util
 import io
+import json
 import logging
 import os
 import runpy
@@ -41,6 +43,9 @@ def mistakes(tmp_path_factory, tiny_dvae_dir, image_folder, tiny_mim_dir):
     checkpoint.mkdir(parents=True)
     shutil.copy(os.path.join(tiny_mim_dir, "config.json"), checkpoint)
     (checkpoint / "model.safetensors").write_bytes(open(os.path.join(tiny_mim_dir, "model.safetensors"), "rb").read()[:100])
+    options = {"train_dir": str(image_folder), "output_dir": str(root / "from_json"), "do_train": True, "lerning_rate": 1e-3}
+    (root / "typo.json").write_text(json.dumps(options))
+    (root / "unfinished.json").write_text('{"train_dir": ')
     val_zebra = tmp_path_factory.mktemp("val_zebra")
     write_images(val_zebra, 4, classes=("a", "zebra"))
     return {"root": root, "dvae": tiny_dvae_dir, "images": image_folder, "mim": tiny_mim_dir, "val_zebra": val_zebra}
@@ -168,6 +173,28 @@ CASES = {
         lambda p: mim(p, model_type="beitv2", config_overrides=f"{TINY},early_layers=5"),
         "--model_type beitv2, --tokenizer_name_or_path",
     ),
+    "an unknown option in a JSON options file": (
+        lambda p: ["run_mim.py", p["root"] / "typo.json"],
+        "{root}/typo.json: run_mim.py: unrecognized arguments: --lerning_rate 0.001",
+    ),
+    "an options file that is not JSON": (
+        lambda p: ["run_mim.py", p["root"] / "unfinished.json"], "{root}/unfinished.json is not valid JSON (Expecting value"
+    ),
+    "a missing options file": (
+        lambda p: ["run_image_classification.py", p["root"] / "nowhere.json"],
+        "{root}/nowhere.json: cannot read this options file (No such file or directory)",
+    ),
+    "a TrainingArguments combination it refuses": (
+        lambda p: mim(p, load_best_model_at_end="true", eval_strategy="steps", eval_steps=1),
+        "--load_best_model_at_end requires the save and eval strategy to match",
+    ),
+    "a negative warm-up": (lambda p: mim(p, warmup_steps=-1), "Got warmup_steps = -1.0, Expected value warmup_steps >= 0"),
+    "saving the best without a metric": (
+        lambda p: mim(p, save_strategy="best"), "--save_strategy best saves when --metric_for_best_model improves"
+    ),
+    "negative loader workers": (
+        lambda p: mim(p, dataloader_num_workers=-1), "--dataloader_num_workers must be 0 (load in the main process) or more"
+    ),
     "fine-tuning with nothing to do": (lambda p: finetune(p), "Nothing to do: pass --do_train"),
     "a validation class without training images": (
         lambda p: finetune(p, "--do_eval", "--validation_dir", str(p["val_zebra"])),
@@ -257,3 +284,18 @@ def test_a_mistake_ends_with_one_line_naming_the_fix(mistakes, case):
     build, fragment = CASES[case]
     script, *args = build(mistakes)
     assert_one_line_error(script, args, fragment.format(**mistakes), own_process=case in IN_OWN_PROCESS)
+
+
+@pytest.mark.parametrize(
+    "flags, package, fragment",
+    [
+        (("--report_to", "wandb"), "wandb", "--report_to wandb: WandbCallback requires wandb to be installed"),
+        (("--optim", "adamw_bnb_8bit"), "bitsandbytes", "--optim adamw_bnb_8bit: You need to install `bitsandbytes`"),
+    ],
+)
+def test_a_logger_or_optimiser_whose_package_is_missing_is_refused_at_launch(mistakes, flags, package, fragment):
+    if importlib.util.find_spec(package) is not None:
+        pytest.skip(f"{package} is installed here")
+    flag, value = flags
+    script, *args = mim(mistakes, **{flag[2:]: value})
+    assert_one_line_error(script, args, fragment)

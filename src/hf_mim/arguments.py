@@ -19,7 +19,7 @@ training"; those two groups come after the command's own, in that order.
 import argparse
 import dataclasses
 import inspect
-import os
+import json
 import sys
 from collections.abc import Iterable, Sequence
 from typing import get_type_hints
@@ -161,8 +161,48 @@ class CommandArgumentParser(HfArgumentParser, OneLineErrorParser):
         file of options."""
         argv = sys.argv[1:] if argv is None else list(argv)
         if len(argv) == 1 and argv[0].endswith(".json"):
-            return self.parse_json_file(json_file=os.path.abspath(argv[0]))
+            path = argv[0]
+            options = self.json_options_as_argv(path)
+            try:
+                return self.parse_args_into_dataclasses(args=options)
+            except UsageError as error:
+                raise UsageError(f"{path}: {error}") from error
         return self.parse_args_into_dataclasses(args=argv)
+
+    def json_options_as_argv(self, path: str) -> list[str]:
+        """The options of the JSON file `path` (`{option: value}`) as the command line that gives them, so a file
+        is parsed, converted and checked exactly as flags are (an unknown option, a bad value or a missing required
+        one is argparse's one-line error). `null` leaves an option that defaults to None unset."""
+        try:
+            with open(path, encoding="utf-8") as file:
+                options = json.load(file)
+        except OSError as error:
+            raise UsageError(f"{path}: cannot read this options file ({error.strerror}); pass an existing JSON file "
+                             "or the options as flags") from error
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise UsageError(f"{path} is not valid JSON ({error}); it holds one object of {{option: value}}") from error
+        if not isinstance(options, dict):
+            raise UsageError(f"{path} holds a JSON {type(options).__name__}; it holds one object of {{option: value}}")
+        defaults = {action.dest: action.default for action in self._actions}
+        argv = []
+        for name, value in options.items():
+            if value is None and name in defaults:
+                if defaults[name] is not None:
+                    raise UsageError(f"{path}: {name} is null, but it defaults to {defaults[name]!r}; give it a value "
+                                     "or leave it out")
+                continue
+            values = value if isinstance(value, list) else [] if value is None else [value]
+            argv += [f"--{name}", *(self._json_value_as_flag(item) for item in values)]
+        return argv
+
+    @staticmethod
+    def _json_value_as_flag(value) -> str:
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, (dict, list)):
+            # What a flag such as --lr_scheduler_kwargs takes on the command line.
+            return json.dumps(value)
+        return str(value)
 
     def _container(self, title: str | None):
         if title is None:

@@ -7,7 +7,8 @@ import os
 from dataclasses import dataclass, field
 
 import torch
-from transformers import TrainingArguments
+from transformers import Trainer, TrainingArguments
+from transformers.integrations import INTEGRATION_TO_CALLBACK
 
 from ..errors import UsageError
 
@@ -26,6 +27,21 @@ def check_distributed_launch(training_args: TrainingArguments) -> None:
             "script's flags (accelerate launch --multi_gpu --num_processes N script.py ... --use_cpu), on a GPU "
             "machine check that torch.cuda.device_count() sees the GPUs"
         )
+
+
+def check_optional_packages(training_args: TrainingArguments) -> None:
+    """Refuse `--report_to` integrations and `--optim` optimisers whose packages are not installed, at launch:
+    `Trainer` finds them missing only after the data is read (the loggers) or as training starts (the optimiser)."""
+    for name in training_args.report_to:
+        if name in INTEGRATION_TO_CALLBACK:
+            try:
+                INTEGRATION_TO_CALLBACK[name]()
+            except (ImportError, RuntimeError) as error:
+                raise UsageError(f"--report_to {name}: {error} (or leave {name} out of --report_to)") from error
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(training_args)
+    except ImportError as error:
+        raise UsageError(f"--optim {training_args.optim.value}: {error} (or pick another --optim)") from error
 
 
 @dataclass
@@ -63,7 +79,20 @@ class HfMimTrainingArguments(TrainingArguments):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        super().__post_init__()
+        if self.dataloader_num_workers < 0:
+            raise UsageError(f"--dataloader_num_workers must be 0 (load in the main process) or more, got "
+                             f"{self.dataloader_num_workers}")
+        try:
+            super().__post_init__()
+        except UsageError:
+            raise
+        except ValueError as error:
+            # TrainingArguments' own checks of its flags' combinations, several lines each, naming the flags.
+            raise UsageError(" ".join(str(error).split())) from error
+        if self.save_strategy == "best" and self.metric_for_best_model is None:
+            raise UsageError("--save_strategy best saves when --metric_for_best_model improves, which is not given: "
+                             "pass e.g. --metric_for_best_model eval_loss")
+        check_optional_packages(self)
         check_distributed_launch(self)
 
 
@@ -137,6 +166,7 @@ __all__ = [
     "HfMimTrainingArguments",
     "MimTrainingArguments",
     "check_distributed_launch",
+    "check_optional_packages",
     "config_from_flags",
     "parse_config_overrides",
 ]
