@@ -43,6 +43,10 @@ def mistakes(tmp_path_factory, tiny_dvae_dir, image_folder, tiny_mim_dir):
     checkpoint.mkdir(parents=True)
     shutil.copy(os.path.join(tiny_mim_dir, "config.json"), checkpoint)
     (checkpoint / "model.safetensors").write_bytes(open(os.path.join(tiny_mim_dir, "model.safetensors"), "rb").read()[:100])
+    shutil.copytree(tiny_mim_dir, root / "no_processor")
+    os.remove(root / "no_processor" / "preprocessor_config.json")
+    shutil.copytree(tiny_dvae_dir, root / "dvae_no_processor")
+    os.remove(root / "dvae_no_processor" / "preprocessor_config.json")
     options = {"train_dir": str(image_folder), "output_dir": str(root / "from_json"), "do_train": True, "lerning_rate": 1e-3}
     (root / "typo.json").write_text(json.dumps(options))
     (root / "unfinished.json").write_text('{"train_dir": ')
@@ -194,6 +198,23 @@ CASES = {
     ),
     "negative loader workers": (
         lambda p: mim(p, dataloader_num_workers=-1), "--dataloader_num_workers must be 0 (load in the main process) or more"
+    ),
+    "fine-tuning a checkpoint saved without its processor": (
+        lambda p: finetune(p, "--do_train", "--model_name_or_path", p["root"] / "no_processor"),
+        "--model_name_or_path {root}/no_processor has no preprocessor_config.json; pass the processor the encoder was "
+        "trained with as --image_processor_name",
+    ),
+    "fine-tuning with a missing processor folder": (
+        lambda p: finetune(p, "--do_train", "--image_processor_name", p["root"] / "nowhere"),
+        "--image_processor_name {root}/nowhere: no such folder",
+    ),
+    "continuing a checkpoint saved without its processor": (
+        lambda p: [*continued(p)[:2], p["root"] / "no_processor", *continued(p)[3:]],
+        "--model_name_or_path {root}/no_processor has no preprocessor_config.json",
+    ),
+    "a tokenizer saved without its processor": (
+        lambda p: mim(p, tokenizer_name_or_path=p["root"] / "dvae_no_processor"),
+        "--tokenizer_name_or_path {root}/dvae_no_processor could not be loaded: Can't load image processor",
     ),
     "fine-tuning with nothing to do": (lambda p: finetune(p), "Nothing to do: pass --do_train"),
     "a validation class without training images": (

@@ -28,6 +28,7 @@ from ..data import (
     scale_num_patches,
 )
 from ..errors import UsageError
+from ..evaluation.export import load_image_processor
 from ..families import MIM_METHODS, MimMethod
 from ..hub.callbacks import HubFilesCallback
 from ..models import FeatureKmeansConfig, KmeansConfig, KmeansModel
@@ -244,7 +245,7 @@ def load_model(model_args: ModelArguments):
         check_checkpoint_method(model_args, hub_kwargs)
         model = pretrained(model_class.from_pretrained, model_args.model_name_or_path, "model_name_or_path", **hub_kwargs)
         tokenizer_processor = load_tokenizer_image_processor(model_args.model_name_or_path, **hub_kwargs)
-        image_processor = load_image_processor(model_args, model.config, hub_kwargs)
+        image_processor = vit_image_processor(model_args, model.config, hub_kwargs)
         return model, image_processor, tokenizer_processor
 
     if not model_args.tokenizer_name_or_path:
@@ -254,11 +255,13 @@ def load_model(model_args: ModelArguments):
         )
     tokenizer = pretrained(AutoModel.from_pretrained, model_args.tokenizer_name_or_path, "tokenizer_name_or_path", **hub_kwargs)
     require_tokenizer(tokenizer, model_args.tokenizer_name_or_path)
-    tokenizer_processor = AutoImageProcessor.from_pretrained(model_args.tokenizer_name_or_path, **hub_kwargs)
+    tokenizer_processor = pretrained(
+        AutoImageProcessor.from_pretrained, model_args.tokenizer_name_or_path, "tokenizer_name_or_path", **hub_kwargs
+    )
     config = build_config(model_args, tokenizer)
     model = model_class(config)
     model.set_tokenizer(tokenizer)
-    return model, load_image_processor(model_args, config, hub_kwargs), tokenizer_processor
+    return model, vit_image_processor(model_args, config, hub_kwargs), tokenizer_processor
 
 
 def check_checkpoint_method(model_args: ModelArguments, hub_kwargs: dict) -> None:
@@ -279,14 +282,14 @@ def check_checkpoint_method(model_args: ModelArguments, hub_kwargs: dict) -> Non
     )
 
 
-def load_image_processor(model_args: ModelArguments, config, hub_kwargs: dict):
+def vit_image_processor(model_args: ModelArguments, config, hub_kwargs: dict):
     """The ViT view's processor: `--image_processor_name`'s, else the checkpoint's, else one for a new model's size;
-    a one-line error when it does not produce the model's input size."""
+    a one-line error when it does not load or does not produce the model's input size."""
     name = model_args.image_processor_name or model_args.model_name_or_path
     if name is None:
         return mim_method(model_args.model_type).image_processor_class.for_config(config)
     flag = "image_processor_name" if model_args.image_processor_name else "model_name_or_path"
-    processor = pretrained(AutoImageProcessor.from_pretrained, name, flag, **hub_kwargs)
+    processor = load_image_processor(model_args.model_name_or_path, model_args.image_processor_name, **hub_kwargs)
     size = getattr(processor, "output_size", None)
     if size is not None and tuple(size) != (config.image_size, config.image_size):
         raise UsageError(

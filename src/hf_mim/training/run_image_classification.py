@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from datasets import ClassLabel
-from transformers import AutoImageProcessor, BeitForImageClassification, set_seed
+from transformers import BeitForImageClassification, set_seed
 
 from ..arguments import command_parser, flags_set
 from ..data import (
@@ -31,6 +31,7 @@ from ..evaluation.export import (
     BEIT_POOLERS,
     encoder_image_processor,
     image_processor_at_size,
+    load_image_processor,
     load_pretrained_beit,
     resolve_encoder,
     to_beit_image_processor,
@@ -263,7 +264,7 @@ def main(argv=None) -> dict[str, float]:
             f"e.g. {max(1, round(model_args.image_size / patch_size)) * patch_size}"
         )
     model = build_classifier(source, model_args, class_names)
-    image_processor = AutoImageProcessor.from_pretrained(model_args.image_processor_name or model_args.model_name_or_path, **hub_kwargs)
+    image_processor = load_image_processor(model_args.model_name_or_path, model_args.image_processor_name, **hub_kwargs)
     view = encoder_image_processor(image_processor, resolve_encoder(source).config)
     if model_args.image_size is not None:
         view = image_processor_at_size(view, model_args.image_size)
