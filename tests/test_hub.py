@@ -488,7 +488,8 @@ def test_private_repo_and_revision_reach_the_server(hub, pushed):
     assert secret.files("main") == {}  # only the branch got the commit
     assert secret.history("dev")[-1].message == "draft" and "model.safetensors" in secret.files("dev")
     # A private push into an existing public repo is an error, not a silent public upload.
-    assert "PermissionError: tester/open already exists and is public" in pushed["errors"]["open-private"]
+    assert "UsageError: tester/open already exists and is public" in pushed["errors"]["open-private"]
+    assert "or push without --private" in pushed["errors"]["open-private"]
     assert len(hub.repos["tester/open"].history("main")) == 2
 
 
@@ -525,3 +526,37 @@ def test_a_knn_result_keeps_its_k_through_the_model_index(tmp_path):
     (result,) = load_results(tmp_path / "results.json")
     again = CardResult.from_eval_result(result.to_eval_result())
     assert again == result and again.label == "k-NN (frozen features), k = 20"
+
+
+def assert_one_line_exit(completed, fragment):
+    errors = [line for line in completed.stderr.splitlines() if line.startswith("error: ")]
+    assert completed.returncode == 2 and len(errors) == 1 and fragment in errors[0], completed.stderr[-3000:]
+    assert "Traceback" not in completed.stderr
+
+
+@pytest.mark.parametrize(
+    "env_change, fragment",
+    [
+        ({"HF_TOKEN": "hf_wrong"}, "the Hub refused the token for tester/denied (401 Unauthorized): log in with "
+         "`hf auth login`, set HF_TOKEN or pass --token with a write token"),
+        ({"HF_ENDPOINT": "http://127.0.0.1:9"}, "cannot reach the Hub at http://127.0.0.1:9 to push tester/denied"),
+    ],
+    ids=["wrong token", "unreachable"],
+)
+def test_a_push_the_hub_refuses_or_cannot_reach_is_one_line(hub, tmp_path, env_change, fragment):
+    folder = tmp_path / "dvae"
+    save_tiny_checkpoint(BY_MODEL_TYPE["hf_mim_dvae"], folder)
+    env = {**client_env(hub, tmp_path), **env_change}
+    command = [sys.executable, str(REPO / "scripts" / "push_to_hub.py"), str(folder), "--repo_id", "tester/denied"]
+    assert_one_line_exit(subprocess.run(command, capture_output=True, text=True, env=env, timeout=300), fragment)
+    assert "tester/denied" not in hub.repos
+
+
+def test_a_training_run_whose_token_the_hub_refuses_stops_before_training(hub, tmp_path, tiny_dvae_dir, image_folder):
+    flags = [*RUN_MIM_FLAGS, "--tokenizer_name_or_path", tiny_dvae_dir, "--train_dir", image_folder, "--output_dir",
+             str(tmp_path / "run"), "--hub_model_id", "tester/denied", "--hub_token", "hf_wrong"]  # fmt: skip
+    command = [sys.executable, str(REPO / "scripts" / "run_mim.py"), *map(str, flags)]
+    completed = subprocess.run(command, capture_output=True, text=True, env=client_env(hub, tmp_path), timeout=300)
+    assert_one_line_exit(completed, "the Hub refused the token for tester/denied (401 Unauthorized)")
+    assert "pass --hub_token with a write token" in completed.stderr
+    assert not (tmp_path / "run" / "model.safetensors").exists() and "tester/denied" not in hub.repos

@@ -216,6 +216,10 @@ CASES = {
         lambda p: mim(p, tokenizer_name_or_path=p["root"] / "dvae_no_processor"),
         "--tokenizer_name_or_path {root}/dvae_no_processor could not be loaded: Can't load image processor",
     ),
+    "a Hub repo without --push_to_hub": (
+        lambda p: mim(p, hub_model_id="me/beit", hub_private_repo="true"),
+        "--hub_model_id, --hub_private_repo set where the run pushes to the Hub, but --push_to_hub is not given",
+    ),
     "fine-tuning with nothing to do": (lambda p: finetune(p), "Nothing to do: pass --do_train"),
     "a validation class without training images": (
         lambda p: finetune(p, "--do_eval", "--validation_dir", str(p["val_zebra"])),

@@ -7,6 +7,7 @@ results and training arguments, every code file the `auto_map`s need, and a fres
 """
 
 import argparse
+import contextlib
 import fnmatch
 import json
 import logging
@@ -15,7 +16,8 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, constants
+from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..arguments import OneLineErrorParser
@@ -107,17 +109,61 @@ def prepare_upload_folder(folder, upload_dir, *, repo_id: str | None = None, **c
     return sorted(str(path.relative_to(upload_dir)) for path in upload_dir.rglob("*") if path.is_file())
 
 
-def prepare_repo(api: HfApi, repo_id: str, *, private: bool | None = None, revision: str | None = None, token=None) -> str:
+def _unreachable(error: Exception) -> bool:
+    # huggingface_hub's HTTP client (httpx, or httpx2 in newer releases) raises its TransportError when no answer
+    # comes; offline mode is a ConnectionError.
+    return isinstance(error, ConnectionError) or any(cls.__name__ == "TransportError" for cls in type(error).__mro__)
+
+
+@contextlib.contextmanager
+def hub_request_errors(repo_id: str, token_flag: str = "--token"):
+    """The Hub refusing the token (401) or the repo (403), or not answering, as a one-line `UsageError` naming the
+    fix; `token_flag` is the command's token flag. Other errors (a server failure) keep their tracebacks."""
+    try:
+        yield
+    except HfHubHTTPError as error:
+        status = getattr(error.response, "status_code", None)
+        if status == 401:
+            raise UsageError(
+                f"the Hub refused the token for {repo_id} (401 Unauthorized): log in with `hf auth login`, set "
+                f"HF_TOKEN or pass {token_flag} with a write token"
+            ) from error
+        if status == 403:
+            raise UsageError(
+                f"the token may not write to {repo_id} (403 Forbidden): pass {token_flag} with write access to its "
+                "namespace, or a repo id in your own namespace"
+            ) from error
+        raise
+    except Exception as error:
+        if not _unreachable(error):
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise UsageError(
+            f"cannot reach the Hub at {constants.ENDPOINT} to push {repo_id} ({reason}); check the network "
+            "connection (and that HF_HUB_OFFLINE is unset), or push later with scripts/push_to_hub.py"
+        ) from error
+
+
+def prepare_repo(
+    api: HfApi,
+    repo_id: str,
+    *,
+    private: bool | None = None,
+    revision: str | None = None,
+    token=None,
+    private_flag: str = "--private",
+) -> str:
     """Create the repo (if needed) and the branch `revision` (if needed); returns the full repo id.
 
     The Hub refuses commits to a branch that does not exist, and `create_repo` ignores `private` for a
-    repo that exists: a public repo asked to be private is an error rather than a silent public upload.
+    repo that exists: a public repo asked to be private is an error (naming `private_flag`, the command's flag)
+    rather than a silent public upload.
     """
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True, token=token).repo_id
     if private and not api.repo_info(repo_id, token=token).private:
-        raise PermissionError(
+        raise UsageError(
             f"{repo_id} already exists and is public, but a private push was asked for; make it private first "
-            f"(HfApi().update_repo_settings({repo_id!r}, private=True)) or push without --private"
+            f"(HfApi().update_repo_settings({repo_id!r}, private=True)) or push without {private_flag}"
         )
     if revision:
         api.create_branch(repo_id, branch=revision, exist_ok=True, token=token)
@@ -143,15 +189,16 @@ def push_folder(
     revision: str | None = None,
     commit_message: str | None = None,
     token: str | None = None,
+    private_flag: str = "--private",
     **card_options,
 ):
     """Upload the hf_mim checkpoint in `folder` to `repo_id` (on branch `revision`) in one commit.
 
     Returns the `CommitInfo`. Card options as for `prepare_upload_folder`; the card pushed is also written to
-    `folder/README.md`.
+    `folder/README.md`. `private_flag` names the command's flag of `private` in the error of a public repo.
     """
     api = HfApi(token=token)
-    repo_id = prepare_repo(api, repo_id, private=private, revision=revision)
+    repo_id = prepare_repo(api, repo_id, private=private, revision=revision, private_flag=private_flag)
     with tempfile.TemporaryDirectory() as upload_dir:
         files = prepare_upload_folder(folder, upload_dir, repo_id=repo_id, **card_options)
         logger.info("Uploading %d files to %s%s", len(files), repo_id, f"@{revision}" if revision else "")
@@ -237,15 +284,16 @@ def main(argv: Sequence[str] | None = None):
               f"{push}:")  # fmt: skip
         print("\n".join(f"  {name}" for name in files))
         return upload_dir
-    commit = push_folder(
-        args.folder,
-        args.repo_id,
-        private=args.private or None,
-        revision=args.revision,
-        commit_message=args.commit_message,
-        token=args.token,
-        **card_options,
-    )
+    with hub_request_errors(args.repo_id):
+        commit = push_folder(
+            args.folder,
+            args.repo_id,
+            private=args.private or None,
+            revision=args.revision,
+            commit_message=args.commit_message,
+            token=args.token,
+            **card_options,
+        )
     print(f"Pushed {args.folder} to {commit.repo_url.repo_id}{'@' + args.revision if args.revision else ''}: {commit.commit_url}")
     return commit
 
@@ -254,6 +302,7 @@ __all__ = [
     "UPLOAD_PATTERNS",
     "default_commit_message",
     "describe_push",
+    "hub_request_errors",
     "main",
     "prepare_repo",
     "prepare_upload_folder",

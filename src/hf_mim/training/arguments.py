@@ -82,6 +82,11 @@ class HfMimTrainingArguments(TrainingArguments):
         if self.dataloader_num_workers < 0:
             raise UsageError(f"--dataloader_num_workers must be 0 (load in the main process) or more, got "
                              f"{self.dataloader_num_workers}")
+        if not self.push_to_hub:
+            ignored = [f"--{name}" for name in ("hub_model_id", "hub_private_repo", "hub_revision") if getattr(self, name)]
+            if ignored:
+                raise UsageError(f"{', '.join(ignored)} set where the run pushes to the Hub, but --push_to_hub is not "
+                                 "given: add --push_to_hub or remove them")
         try:
             super().__post_init__()
         except UsageError:

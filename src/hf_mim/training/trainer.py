@@ -10,7 +10,7 @@ from transformers.utils.hub import hf_api
 
 from ..hub.callbacks import HubFilesCallback
 from ..hub.cards import write_model_card
-from ..hub.push import prepare_repo
+from ..hub.push import hub_request_errors, prepare_repo
 from .budget import add_time_budget
 from .optim import build_param_groups
 
@@ -138,13 +138,16 @@ class MimTrainer(Trainer):
         # Trainer commits to `hub_revision` without creating it, and the Hub refuses commits to a missing branch.
         if not self.is_world_process_zero():
             return
-        self.hub_model_id = prepare_repo(
-            hf_api(),
-            self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir)),
-            private=private if private is not None else self.args.hub_private_repo,
-            revision=self.args.hub_revision,
-            token=token if token is not None else self.args.hub_token,
-        )
+        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        with hub_request_errors(repo_id, token_flag="--hub_token"):
+            self.hub_model_id = prepare_repo(
+                hf_api(),
+                repo_id,
+                private=private if private is not None else self.args.hub_private_repo,
+                revision=self.args.hub_revision,
+                token=token if token is not None else self.args.hub_token,
+                private_flag="--hub_private_repo",
+            )
         self.push_in_progress = None
 
     def create_model_card(

@@ -18,6 +18,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import UsageError
 from ..hub.cards import describe_training_data, hub_dataset_id
+from ..hub.push import hub_request_errors
 from .loading import saved_model_type
 
 logger = logging.getLogger(__name__)
@@ -164,7 +165,10 @@ def train_and_evaluate(
         num_images = len(trainer.train_dataset) if hasattr(trainer.train_dataset, "__len__") else None
         trainer.training_data = describe_training_data(train_dir, num_images)
         if training_args.push_to_hub:
-            trainer.push_to_hub(**card)
+            # Trainer names the repo on the main process only.
+            repo_id = getattr(trainer, "hub_model_id", None) or training_args.hub_model_id or training_args.output_dir
+            with hub_request_errors(repo_id, token_flag="--hub_token"):
+                trainer.push_to_hub(**card)
         else:
             trainer.create_model_card(**card)
     if skipped.value:

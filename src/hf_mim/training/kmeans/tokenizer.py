@@ -22,7 +22,7 @@ from ...errors import UsageError
 from ...evaluation.codebook import codebook_metrics
 from ...families import family_of
 from ...hub.cards import write_model_card
-from ...hub.push import push_folder
+from ...hub.push import hub_request_errors, push_folder
 from ...models.centroids import nearest_centroids
 from ...models.configuration_kmeans import KmeansConfig
 from ...models.distributed import all_reduce_, barrier, world
@@ -412,14 +412,17 @@ def train_kmeans_tokenizer(
         if training_args.do_train:
             write_model_card(output_dir, repo_id=training_args.hub_model_id, datasets=dataset_tags)
             if training_args.push_to_hub:
-                push_folder(
-                    output_dir,
-                    training_args.hub_model_id or os.path.basename(os.path.abspath(output_dir)),
-                    private=training_args.hub_private_repo,
-                    revision=training_args.hub_revision,
-                    token=training_args.hub_token,
-                    datasets=dataset_tags,
-                )
+                repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(output_dir))
+                with hub_request_errors(repo_id, token_flag="--hub_token"):
+                    push_folder(
+                        output_dir,
+                        repo_id,
+                        private=training_args.hub_private_repo,
+                        revision=training_args.hub_revision,
+                        token=training_args.hub_token,
+                        private_flag="--hub_private_repo",
+                        datasets=dataset_tags,
+                    )
     barrier()
     return metrics
 
