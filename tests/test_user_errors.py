@@ -66,6 +66,11 @@ def mim(paths, **replace):
     return ["run_mim.py", *args]
 
 
+def without_train_dir(args):
+    index = args.index("--train_dir")
+    return args[:index] + args[index + 2:]
+
+
 def continued(paths, *extra):
     """run_mim.py continuing the tiny MIM checkpoint (no architecture or tokenizer flags)."""
     return ["run_mim.py", "--model_name_or_path", str(paths["mim"]), "--train_dir", paths["images"], "--output_dir",
@@ -220,6 +225,10 @@ CASES = {
         lambda p: mim(p, hub_model_id="me/beit", hub_private_repo="true"),
         "--hub_model_id, --hub_private_repo set where the run pushes to the Hub, but --push_to_hub is not given",
     ),
+    "a local-files builder without a folder": (
+        lambda p: [*without_train_dir(mim(p)), "--dataset_name", "imagefolder"],
+        "--dataset_name imagefolder reads local image folders: pass the training images as --train_dir",
+    ),
     "fine-tuning with nothing to do": (lambda p: finetune(p), "Nothing to do: pass --do_train"),
     "a validation class without training images": (
         lambda p: finetune(p, "--do_eval", "--validation_dir", str(p["val_zebra"])),
@@ -324,3 +333,17 @@ def test_a_logger_or_optimiser_whose_package_is_missing_is_refused_at_launch(mis
     flag, value = flags
     script, *args = mim(mistakes, **{flag[2:]: value})
     assert_one_line_error(script, args, fragment)
+
+
+def test_a_hub_dataset_that_cannot_be_reached_is_one_line(mistakes, monkeypatch):
+    import datasets
+    import huggingface_hub
+
+    # Offline mode answers at once where an unreachable Hub is retried for half a minute; the error is the same.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    script, *args = [*without_train_dir(mim(mistakes)), "--dataset_name", "someone/no-such-images"]
+    assert_one_line_error(
+        script, args, "--dataset_name someone/no-such-images could not be loaded: Couldn't reach 'someone/no-such-images' "
+        "on the Hub (OfflineModeIsEnabled); check the name (and the network, or HF_HUB_OFFLINE)",
+    )

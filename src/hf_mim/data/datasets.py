@@ -19,6 +19,8 @@ from .images import SkippedImageCounter, decode_image
 
 logger = logging.getLogger(__name__)
 
+# datasets' builders of local files, which read the working directory when given no data files.
+LOCAL_BUILDERS = ("imagefolder", "webdataset", "parquet", "arrow", "json", "csv")
 _METADATA_FILENAMES = ("metadata.csv", "metadata.jsonl", "metadata.parquet")
 
 
@@ -217,15 +219,30 @@ def load_image_datasets(
         data_files = {"train": os.path.join(train_dir, "**")}
         if validation_dir is not None:
             data_files["validation"] = os.path.join(validation_dir, "**")
-    raw = load_dataset(
-        dataset_name or "imagefolder",
-        dataset_config_name,
-        data_files=data_files,
-        cache_dir=cache_dir,
-        token=token,
-        streaming=streaming,
-        **builder_options,
-    )
+    elif dataset_name in LOCAL_BUILDERS:
+        # Without data files the builder reads the working directory, whatever it holds.
+        raise UsageError(f"--dataset_name {dataset_name} reads local image folders: pass the training images as "
+                         "--train_dir")
+    try:
+        raw = load_dataset(
+            dataset_name or "imagefolder",
+            dataset_config_name,
+            data_files=data_files,
+            cache_dir=cache_dir,
+            token=token,
+            streaming=streaming,
+            **builder_options,
+        )
+    except (ConnectionError, FileNotFoundError, ValueError) as error:
+        # A Hub dataset that cannot be reached or found, or a configuration it does not have.
+        if data_files is not None or isinstance(error, UsageError):
+            raise
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        named = f"--dataset_name {dataset_name}" + (f" --dataset_config_name {dataset_config_name}" if dataset_config_name else "")
+        raise UsageError(
+            f"{named} could not be loaded: {reason}; check the name (and the network, or HF_HUB_OFFLINE), or pass "
+            "a local folder of images as --train_dir"
+        ) from error
     if "train" not in raw:
         raise UsageError(f"The dataset has no 'train' split (its splits: {list(raw)}); pick a dataset that has one")
 
