@@ -25,6 +25,7 @@ from hf_mim.data import (
     load_image_datasets,
     random_resized_crop_box,
 )
+from conftest import write_images
 from hf_mim.errors import UsageError
 from hf_mim.models import DvaeImageProcessor, MimImageProcessor
 
@@ -683,3 +684,13 @@ def test_evaluation_views_are_the_papers_centre_crops_of_one_region():
     squashed = TwoViewTransform(processor, tokenizer_processor, train=False)(image)
     assert not torch.allclose(squashed["pixel_values"], outputs["pixel_values"], atol=1e-2)
     assert transform(image)["pixel_values"].equal(outputs["pixel_values"])  # deterministic
+
+
+def test_a_split_of_a_dataset_that_has_a_validation_split_is_refused(tmp_path):
+    # A dataset folder with train/ and validation/ splits, as a Hub dataset would have them.
+    write_images(tmp_path / "train", 4)
+    write_images(tmp_path / "validation", 2)
+    raw, _ = load_image_datasets(dataset_name=str(tmp_path))
+    assert set(raw) == {"train", "validation"}
+    with pytest.raises(UsageError, match="has a validation split, so --train_val_split would not be used: remove it"):
+        load_image_datasets(dataset_name=str(tmp_path), train_val_split=0.25)

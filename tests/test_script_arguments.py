@@ -87,7 +87,7 @@ def test_the_loader_follows_the_arguments(image_folder):
 
 def test_a_missing_validation_split_fails_before_any_work(image_folder):
     with pytest.raises(ValueError, match="Evaluation needs a validation split.*--train_val_split"):
-        load_image_datasets_from_args(ImageDatasetArguments(train_dir=image_folder), seed=0, require_validation=True)
+        load_image_datasets_from_args(ImageDatasetArguments(train_dir=image_folder), seed=0, evaluate=True)
 
 
 def test_train_tokenizer_checks_the_validation_split_before_a_kmeans_fit(image_folder, tmp_path, monkeypatch):

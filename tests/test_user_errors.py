@@ -229,9 +229,32 @@ CASES = {
         lambda p: [*without_train_dir(mim(p)), "--dataset_name", "imagefolder"],
         "--dataset_name imagefolder reads local image folders: pass the training images as --train_dir",
     ),
+    "a split without evaluation": (
+        lambda p: mim(p, train_val_split=0.25),
+        "--train_val_split only gives images to evaluate on, and the run does not evaluate: add --do_eval or remove "
+        "them",
+    ),
+    "validation images without evaluation": (
+        lambda p: finetune(p, "--do_train", "--validation_dir", p["images"], "--max_eval_samples", "4"),
+        "--validation_dir, --max_eval_samples only give images to evaluate on, and the run does not evaluate",
+    ),
+    "a split beside a validation folder": (
+        lambda p: [*mim(p, train_val_split=0.25, validation_dir=p["images"]), "--do_eval"],
+        "--train_val_split holds training images out for validation, but --validation_dir gives the validation images: "
+        "remove one of them",
+    ),
+    "evaluating a new classifier head": (
+        lambda p: finetune(p, "--do_eval", "--train_val_split", "0.25"),
+        "--do_eval without --do_train would score a new, untrained classifier head: add --do_train",
+    ),
+    "resuming without training": (
+        lambda p: [a for a in continued(p, "--do_eval", "--train_val_split", "0.25", "--resume_from_checkpoint",
+                                         p["root"] / "run" / "checkpoint-2") if a != "--do_train"],  # fmt: skip
+        "--resume_from_checkpoint {root}/run/checkpoint-2 resumes training, and --do_train is not given",
+    ),
     "fine-tuning with nothing to do": (lambda p: finetune(p), "Nothing to do: pass --do_train"),
     "a validation class without training images": (
-        lambda p: finetune(p, "--do_eval", "--validation_dir", str(p["val_zebra"])),
+        lambda p: finetune(p, "--do_train", "--do_eval", "--validation_dir", str(p["val_zebra"])),
         "The validation split has labels that train does not: ['zebra']",
     ),
     "a training folder of one class": (
@@ -239,7 +262,7 @@ CASES = {
         "--train_dir {root}/broken has one class folder ('a'); a classifier needs the images of two classes at least",
     ),
     "a validation folder without class folders": (
-        lambda p: finetune(p, "--do_train", "--validation_dir", str(p["val_zebra"] / "a")),
+        lambda p: finetune(p, "--do_train", "--do_eval", "--validation_dir", str(p["val_zebra"] / "a")),
         "--validation_dir {val_zebra}/a: {val_zebra}/a/0000.png sits directly in it",
     ),
     "no layer decay": (lambda p: finetune(p, "--do_train", "--layer_decay", "0"), "--layer_decay scales each earlier layer"),

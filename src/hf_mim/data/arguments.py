@@ -228,10 +228,19 @@ def load_image_datasets_from_args(
     seed: int,
     cache_dir: str | None = None,
     token: str | bool | None = None,
-    require_validation: bool = False,
+    evaluate: bool | None = None,
 ) -> tuple[DatasetDict | IterableDatasetDict, str]:
     """[`load_image_datasets`] with the options of `args`; `seed` splits and truncates, `cache_dir` and `token` go to
-    `datasets.load_dataset`. `require_validation` fails before any work is done when no validation split results."""
+    `datasets.load_dataset`. `evaluate=True` (the command evaluates) fails before any work is done when no validation
+    split results; `evaluate=False` (it does not) refuses the options that only make a validation split, which it
+    would ignore (a `--train_val_split` would even hold images back from training)."""
+    if evaluate is False:
+        given = [f"--{name}" for name in ("validation_dir", "train_val_split", "max_eval_samples") if getattr(args, name)]
+        if given:
+            raise UsageError(
+                f"{', '.join(given)} only {'give' if len(given) > 1 else 'gives'} images to evaluate on, and the run "
+                "does not evaluate: add --do_eval or remove them"
+            )
     raw, image_column = load_image_datasets(
         dataset_name=args.dataset_name,
         dataset_config_name=args.dataset_config_name,
@@ -247,7 +256,7 @@ def load_image_datasets_from_args(
         token=token,
         class_folders=isinstance(args, LabelledImageDatasetArguments),
     )
-    if require_validation:
+    if evaluate:
         require_validation_split(raw)
     return raw, image_column
 

@@ -193,6 +193,11 @@ def load_image_datasets(
     if dataset_name is None and train_dir is None:
         raise UsageError("Pass dataset_name (a Hub dataset or 'imagefolder') or train_dir (a local image folder)")
     data_files, builder_options = None, {}
+    if validation_dir is not None and train_val_split > 0:
+        raise UsageError(
+            f"--train_val_split holds training images out for validation, but --{dir_flags[1]} gives the validation "
+            "images: remove one of them"
+        )
     if train_dir is not None or validation_dir is not None:
         if train_dir is None:
             raise UsageError("validation_dir needs train_dir as well: pass the folder of the training images")
@@ -246,6 +251,10 @@ def load_image_datasets(
     if "train" not in raw:
         raise UsageError(f"The dataset has no 'train' split (its splits: {list(raw)}); pick a dataset that has one")
 
+    if "validation" in raw and train_val_split > 0:
+        raise UsageError(
+            f"--dataset_name {dataset_name} has a validation split, so --train_val_split would not be used: remove it"
+        )
     if "validation" not in raw and train_val_split > 0:
         if streaming:
             raise UsageError(

@@ -331,7 +331,7 @@ def load_features(args: FeatureArguments) -> tuple[FeatureSet, FeatureSet]:
         except ValueError as error:
             raise UsageError(f"--view center_crop: {error}; pass --view whole") from error
     raw, image_column = load_image_datasets_from_args(
-        args, args.seed, args.cache_dir, args.token, require_validation=True
+        args, args.seed, args.cache_dir, args.token, evaluate=True
     )
     _check_labels(raw, args)
     kwargs = {

@@ -380,7 +380,7 @@ def pretrain(
     set_seed(training_args.seed)
 
     raw, image_column = load_image_datasets_from_args(
-        data_args, training_args.seed, model_args.cache_dir, model_args.token, require_validation=training_args.do_eval
+        data_args, training_args.seed, model_args.cache_dir, model_args.token, evaluate=training_args.do_eval
     )
 
     if model_args.fit_tokenizer:

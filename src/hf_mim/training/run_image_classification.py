@@ -242,11 +242,17 @@ def parse_args(argv=None):
 def main(argv=None) -> dict[str, float]:
     model_args, data_args, training_args = parse_args(argv)
     require_action(training_args)
+    if training_args.do_eval and not training_args.do_train:
+        # The classifier head is always new (build_classifier): evaluating alone would score random weights.
+        raise UsageError(
+            "--do_eval without --do_train would score a new, untrained classifier head: add --do_train (a fine-tuned "
+            "classifier in --output_dir loads with BeitForImageClassification.from_pretrained for evaluation)"
+        )
     setup_logging(training_args)
     set_seed(training_args.seed)
 
     raw, image_column = load_image_datasets_from_args(
-        data_args, training_args.seed, model_args.cache_dir, model_args.token, require_validation=training_args.do_eval
+        data_args, training_args.seed, model_args.cache_dir, model_args.token, evaluate=training_args.do_eval
     )
     raw, class_names = encode_labels(raw, data_args.label_column_name)
 

@@ -231,7 +231,7 @@ def train_tokenizer(
 
     model, image_processor = load_tokenizer(tokenizer_args)
     raw, image_column = load_image_datasets_from_args(
-        data_args, training_args.seed, data_args.cache_dir, require_validation=training_args.do_eval
+        data_args, training_args.seed, data_args.cache_dir, evaluate=training_args.do_eval
     )
     family = TRAINABLE[tokenizer_args.tokenizer_type]
     if family.fit is not None:

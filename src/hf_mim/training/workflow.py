@@ -38,9 +38,15 @@ def setup_logging(training_args: TrainingArguments) -> None:
 
 
 def require_action(training_args: TrainingArguments) -> None:
-    """Fail instead of exiting successfully without doing anything (transformers' flags default to off)."""
+    """Fail instead of exiting successfully without doing anything (transformers' flags default to off), or without
+    doing what a flag asked for."""
     if not (training_args.do_train or training_args.do_eval):
         raise UsageError("Nothing to do: pass --do_train (and/or --do_eval)")
+    if training_args.resume_from_checkpoint is not None and not training_args.do_train:
+        raise UsageError(
+            f"--resume_from_checkpoint {training_args.resume_from_checkpoint} resumes training, and --do_train is not "
+            "given: add --do_train, or pass the checkpoint as --model_name_or_path to evaluate it"
+        )
 
 
 def require_steps_when_streaming(data_args, training_args: TrainingArguments) -> None:
