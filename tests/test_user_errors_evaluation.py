@@ -57,8 +57,8 @@ CASES = {
     "export: a ViT as model": (lambda p: export(p, model=str(p["root"] / "vit")), "holds a vit model, not a BEiT encoder"),
     "finetune: a k-means folder as model": (
         lambda p: ["run_image_classification.py", "--model_name_or_path", str(p["root"] / "kmeans"), "--train_dir",
-                   str(p["root"] / "train"), "--train_val_split", "0.25", "--output_dir", str(p["root"] / "ft"),
-                   "--do_train", "--max_steps", "1", "--use_cpu"],
+                   str(p["root"] / "train"), "--output_dir", str(p["root"] / "ft"), "--do_train", "--max_steps", "1",
+                   "--use_cpu"],
         "--model_name_or_path {root}/kmeans holds a hf_mim_kmeans model (a visual tokenizer), not a BEiT encoder",
     ),
     # export's flags
