@@ -18,6 +18,10 @@ def mistakes(tmp_path_factory, tiny_dvae_dir, tiny_mim_dir):
     write_images(root / "flat", 6, classes=("",))
     write_wrong_inputs(root)
     BeitForImageClassification(BeitConfig(**TINY_BACKBONE)).save_pretrained(root / "classifier")
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(tiny_mim_dir)
+    type(processor)(size={"height": 64, "width": 64}).save_pretrained(root / "processor64")
     (root / "upload").mkdir()
     (root / "upload" / "README.md").write_text("an earlier dry run")
     (root / "short_state.json").write_text(json.dumps({"log_history": [{"step": 2, "train_loss": 4.1}]}))
@@ -85,6 +89,14 @@ CASES = {
         lambda p: probe(p, "--probe_batch_size", "8"), "--probe_batch_size is read by --optimizer adamw only"
     ),
     "probe: negative weight decay": (lambda p: probe(p, "--weight_decays", "-1"), "--weight_decays must be >= 0"),
+    "probe: a processor of another size": (
+        lambda p: probe(p, "--image_processor_name", str(p["root"] / "processor64")),
+        "--image_processor_name {root}/processor64 gives 64x64 images but the model takes 32x32",
+    ),
+    "export: a processor of another size": (
+        lambda p: export(p, "--image_processor_name", str(p["root"] / "processor64")),
+        "--image_processor_name {root}/processor64 gives 64x64 images but the model takes 32x32",
+    ),
     "knn: zero temperature": (lambda p: knn(p, "--temperature", "0"), "--temperature must be positive"),
     "knn: negative temperature": (lambda p: knn(p, "--temperature", "-1"), "--temperature must be positive"),
     "knn: unlabelled flat folder": (

@@ -134,6 +134,22 @@ def load_image_processor(model_name_or_path: str, image_processor_name: str | No
     return pretrained(AutoImageProcessor.from_pretrained, model_name_or_path, "model_name_or_path", **kwargs)
 
 
+def check_processor_size(processor, image_size: int, model_name_or_path: str, image_processor_name: str | None = None):
+    """A one-line error naming the flag that gave `processor` (`--image_processor_name`, else `--model_name_or_path`)
+    when it produces other than the `image_size` square images the model takes (a processor without `output_size`,
+    such as a stock one, is not checked)."""
+    size = getattr(processor, "output_size", None)
+    if size is None or tuple(size) == (image_size, image_size):
+        return
+    flag, name = (
+        ("image_processor_name", image_processor_name) if image_processor_name else ("model_name_or_path", model_name_or_path)
+    )
+    raise UsageError(
+        f"--{flag} {name} gives {size[0]}x{size[1]} images but the model takes {image_size}x{image_size}; pass an "
+        "image processor of the model's size"
+    )
+
+
 def beit_config_for_export(
     config, pooling: str = "mean", per_layer_relative_position_bias: bool = False, **overrides
 ) -> BeitConfig:
@@ -478,6 +494,9 @@ def main(argv=None) -> str:
     model = load_pretrained_beit(args.model_name_or_path, token=args.token)
     _check_export_size(resolve_encoder(model).config, args.image_size, args.model_name_or_path)
     image_processor = load_image_processor(args.model_name_or_path, args.image_processor_name, token=args.token)
+    check_processor_size(
+        image_processor, resolve_encoder(model).config.image_size, args.model_name_or_path, args.image_processor_name
+    )
     export_to_transformers(
         model, args.output_dir, image_processor, args.pooling, args.per_layer_relative_position_bias, args.image_size
     )
@@ -489,6 +508,7 @@ __all__ = [
     "BEIT_POOLERS",
     "ExportArguments",
     "beit_config_for_export",
+    "check_processor_size",
     "encoder_image_processor",
     "export_state_dict",
     "export_to_transformers",

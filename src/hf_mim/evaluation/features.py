@@ -31,7 +31,13 @@ from ..data import (
     unseen_labels,
 )
 from ..errors import UsageError
-from .export import encoder_image_processor, load_image_processor, load_pretrained_beit, resolve_encoder
+from .export import (
+    check_processor_size,
+    encoder_image_processor,
+    load_image_processor,
+    load_pretrained_beit,
+    resolve_encoder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -321,10 +327,11 @@ def load_features(args: FeatureArguments) -> tuple[FeatureSet, FeatureSet]:
         normalize_layers(args.layers, resolve_encoder(model).config.num_hidden_layers)
     except ValueError as error:
         raise UsageError(f"--layers {' '.join(map(str, args.layers))}: {error}; pass layers in that range") from error
+    encoder_config = resolve_encoder(model).config
     image_processor = encoder_image_processor(
-        load_image_processor(args.model_name_or_path, args.image_processor_name, **hub_kwargs),
-        resolve_encoder(model).config,
+        load_image_processor(args.model_name_or_path, args.image_processor_name, **hub_kwargs), encoder_config
     )
+    check_processor_size(image_processor, encoder_config.image_size, args.model_name_or_path, args.image_processor_name)
     if args.view == "center_crop":
         try:
             image_processor = center_crop_view(image_processor)

@@ -28,7 +28,7 @@ from ..data import (
     scale_num_patches,
 )
 from ..errors import UsageError
-from ..evaluation.export import load_image_processor
+from ..evaluation.export import check_processor_size, load_image_processor
 from ..families import MIM_METHODS, MimMethod
 from ..hub.callbacks import HubFilesCallback
 from ..models import FeatureKmeansConfig, KmeansConfig, KmeansModel
@@ -285,17 +285,10 @@ def check_checkpoint_method(model_args: ModelArguments, hub_kwargs: dict) -> Non
 def vit_image_processor(model_args: ModelArguments, config, hub_kwargs: dict):
     """The ViT view's processor: `--image_processor_name`'s, else the checkpoint's, else one for a new model's size;
     a one-line error when it does not load or does not produce the model's input size."""
-    name = model_args.image_processor_name or model_args.model_name_or_path
-    if name is None:
+    if model_args.image_processor_name is None and model_args.model_name_or_path is None:
         return mim_method(model_args.model_type).image_processor_class.for_config(config)
-    flag = "image_processor_name" if model_args.image_processor_name else "model_name_or_path"
     processor = load_image_processor(model_args.model_name_or_path, model_args.image_processor_name, **hub_kwargs)
-    size = getattr(processor, "output_size", None)
-    if size is not None and tuple(size) != (config.image_size, config.image_size):
-        raise UsageError(
-            f"--{flag} {name} gives {size[0]}x{size[1]} images but the model takes {config.image_size}x"
-            f"{config.image_size}; pass an image processor of the model's size"
-        )
+    check_processor_size(processor, config.image_size, model_args.model_name_or_path, model_args.image_processor_name)
     return processor
 
 
