@@ -252,6 +252,19 @@ CASES = {
                                          p["root"] / "run" / "checkpoint-2") if a != "--do_train"],  # fmt: skip
         "--resume_from_checkpoint {root}/run/checkpoint-2 resumes training, and --do_train is not given",
     ),
+    "a metric the evaluation does not report": (
+        lambda p: [*mim(p, train_val_split=0.25, metric_for_best_model="accuracy", eval_strategy="steps", eval_steps=1),
+                   "--do_eval"],  # fmt: skip
+        "--metric_for_best_model accuracy: the evaluation reports no eval_accuracy; pass one of [",
+    ),
+    "fp16 on the CPU": (lambda p: [*mim(p), "--fp16"], "--fp16 has no effect on the CPU (the run would be float32)"),
+    "an output folder that is a file": (
+        lambda p: mim(p, output_dir=p["root"] / "typo.json"), "--output_dir {root}/typo.json is a file; pass a folder"
+    ),
+    "no epoch to train": (
+        lambda p: [a for a in mim(p) if a not in ("--max_steps", "2")] + ["--num_train_epochs", "0"],
+        "--num_train_epochs 0.0 trains for no step (and saves the model as it started)",
+    ),
     "fine-tuning with nothing to do": (lambda p: finetune(p), "Nothing to do: pass --do_train"),
     "a validation class without training images": (
         lambda p: finetune(p, "--do_train", "--do_eval", "--validation_dir", str(p["val_zebra"])),

@@ -67,10 +67,19 @@ def run_command(main: Callable, argv: list[str] | None = None):
         if os.environ.get(DEBUG_VARIABLE, "") not in ("", "0"):
             raise
         if is_main_launch_process():
+            close_progress_bars()
             print(f"error: {error}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     finally:
         end_process_group()
+
+
+def close_progress_bars() -> None:
+    """Close the progress bars a mistake found mid-run interrupts (Trainer's training and evaluation bars), so that
+    the error starts a line of its own instead of continuing a bar's."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
+        bar.close()
 
 
 def end_process_group() -> None:
@@ -146,6 +155,7 @@ __all__ = [
     "DEBUG_VARIABLE",
     "PROG",
     "Command",
+    "close_progress_bars",
     "command_list",
     "dispatch",
     "end_process_group",

@@ -79,6 +79,13 @@ class HfMimTrainingArguments(TrainingArguments):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
+        if self.output_dir is not None and os.path.isfile(self.output_dir):
+            raise UsageError(f"--output_dir {self.output_dir} is a file; pass a folder (new, or a run's to continue)")
+        if self.do_train and self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise UsageError(
+                f"--num_train_epochs {self.num_train_epochs} trains for no step (and saves the model as it started): "
+                "pass a positive --num_train_epochs or --max_steps"
+            )
         if self.dataloader_num_workers < 0:
             raise UsageError(f"--dataloader_num_workers must be 0 (load in the main process) or more, got "
                              f"{self.dataloader_num_workers}")
@@ -97,6 +104,10 @@ class HfMimTrainingArguments(TrainingArguments):
         if self.save_strategy == "best" and self.metric_for_best_model is None:
             raise UsageError("--save_strategy best saves when --metric_for_best_model improves, which is not given: "
                              "pass e.g. --metric_for_best_model eval_loss")
+        if self.fp16 and self.device.type == "cpu":
+            # accelerate accepts fp16 on the CPU and then runs in float32.
+            raise UsageError("--fp16 has no effect on the CPU (the run would be float32): remove it, or pass --bf16 "
+                             "for bfloat16 autocast on the CPU")
         check_optional_packages(self)
         check_distributed_launch(self)
 

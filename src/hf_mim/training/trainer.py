@@ -8,6 +8,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 from transformers.utils.hub import hf_api
 
+from ..errors import UsageError
 from ..hub.callbacks import HubFilesCallback
 from ..hub.cards import write_model_card
 from ..hub.push import hub_request_errors, prepare_repo
@@ -324,9 +325,19 @@ class MimTrainer(Trainer):
             logs.update({f"{prefixes[0]}{name}": value for name, value in self._pop_metrics("eval").items()})
         super().log(logs, start_time)
 
-    def evaluate(self, *args, **kwargs):
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         self._metric_sums["eval"], self._metric_steps["eval"] = {}, 0
-        return super().evaluate(*args, **kwargs)
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        wanted = self.args.metric_for_best_model
+        if wanted is not None and metric_key_prefix == "eval":
+            # Trainer looks the metric up right after this, with a KeyError traceback mid-run when it is missing.
+            key = wanted if wanted.startswith("eval_") else f"eval_{wanted}"
+            if key not in metrics:
+                names = sorted(name.removeprefix("eval_") for name in metrics)
+                raise UsageError(
+                    f"--metric_for_best_model {wanted}: the evaluation reports no {key}; pass one of {names}"
+                )
+        return metrics
 
 
 __all__ = [
