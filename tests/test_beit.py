@@ -314,3 +314,11 @@ def test_mim_model_still_reports_stray_head_and_tokenizer_weights(tmp_path):
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     report = load_report(lambda: AutoModelForMaskedImageModeling.from_pretrained(tmp_path))
     assert "tokenizer.stray" in report and "lm_head.stray" in report
+
+
+@pytest.mark.parametrize("name", ["hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"])
+def test_a_rate_outside_zero_to_one_is_refused(name):
+    BeitMimConfig(**{name: 0.9})
+    for value in (1.0, -0.1):
+        with pytest.raises(ValueError, match=rf"{name} is a probability in \[0, 1\), got {value}"):
+            BeitMimConfig(**{name: value})

@@ -265,6 +265,14 @@ CASES = {
         lambda p: [a for a in mim(p) if a not in ("--max_steps", "2")] + ["--num_train_epochs", "0"],
         "--num_train_epochs 0.0 trains for no step (and saves the model as it started)",
     ),
+    "a dropout rate above 1": (
+        lambda p: mim(p, config_overrides=f"{TINY},hidden_dropout_prob=1.5"),
+        "give an invalid config: hidden_dropout_prob is a probability in [0, 1), got 1.5",
+    ),
+    "a MIM model without its mask token": (
+        lambda p: mim(p, config_overrides=f"{TINY},use_mask_token=false"),
+        "give an invalid config: use_mask_token=False leaves masked image modeling no [MASK] embedding",
+    ),
     "fine-tuning with nothing to do": (lambda p: finetune(p), "Nothing to do: pass --do_train"),
     "a validation class without training images": (
         lambda p: finetune(p, "--do_train", "--do_eval", "--validation_dir", str(p["val_zebra"])),

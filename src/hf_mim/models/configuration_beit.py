@@ -138,6 +138,20 @@ def check_backbone_geometry(config) -> None:
         )
 
 
+def check_mim_settings(config) -> None:
+    """Errors for dropout and drop-path rates outside [0, 1) (at 1 nothing passes), and for a masked-image-modeling
+    model without the [MASK] embedding (masked patches would be seen as they are)."""
+    for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
+        value = getattr(config, name)
+        if not 0 <= value < 1:
+            raise ValueError(f"{name} is a probability in [0, 1), got {value}")
+    if not config.use_mask_token:
+        raise ValueError(
+            "use_mask_token=False leaves masked image modeling no [MASK] embedding to put in place of masked patches; "
+            "keep it True (the exported encoder, export_to_transformers, leaves it out)"
+        )
+
+
 class BeitMimConfig(BeitConfig):
     r"""
     A `BeitConfig` whose defaults are BEiT's pre-training recipe (shared relative position bias, no absolute
@@ -187,6 +201,7 @@ class BeitMimConfig(BeitConfig):
             self.tokenizer_config = mim_tokenizer_config(self.tokenizer_config)
         super().__post_init__(**kwargs)
         check_backbone_geometry(self)
+        check_mim_settings(self)
         complete_auto_map(self, self.auto_map_defaults)
 
     def save_pretrained(self, save_directory, push_to_hub: bool = False, **kwargs):
@@ -205,6 +220,7 @@ __all__ = [
     "BeitMimConfig",
     "TOKENIZER_CONFIG_CLASSES",
     "check_backbone_geometry",
+    "check_mim_settings",
     "keep_only_tokenizer_family",
     "mim_tokenizer_config",
     "render_family_block",
