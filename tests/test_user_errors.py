@@ -273,6 +273,16 @@ CASES = {
         lambda p: mim(p, config_overrides=f"{TINY},use_mask_token=false"),
         "give an invalid config: use_mask_token=False leaves masked image modeling no [MASK] embedding",
     ),
+    "more replaced patches than the grid, before a k-means fit": (
+        lambda p: [a for a in mim(p, fit_codebook_size=16, num_replaced_patches=20) if a not in ("--tokenizer_name_or_path", p["dvae"])]
+        + ["--fit_tokenizer", "--model_type", "ccvit"],
+        "num_replaced_patches must be between 0 and the 16 patches",
+    ),
+    "masked and replaced patches beyond the grid": (
+        lambda p: [a for a in mim(p, fit_codebook_size=16, num_replaced_patches=12, num_mask_patches=6)
+                   if a not in ("--tokenizer_name_or_path", p["dvae"])] + ["--fit_tokenizer", "--model_type", "ccvit"],
+        "6 masked plus 12 replaced patches exceed the 16 patches of the grid",
+    ),
     "fine-tuning with nothing to do": (lambda p: finetune(p), "Nothing to do: pass --do_train"),
     "a validation class without training images": (
         lambda p: finetune(p, "--do_train", "--do_eval", "--validation_dir", str(p["val_zebra"])),

@@ -292,6 +292,26 @@ def vit_image_processor(model_args: ModelArguments, config, hub_kwargs: dict):
     return processor
 
 
+def new_model_geometry(model_args: ModelArguments) -> tuple[int, int]:
+    """The image and patch size of the model the flags describe, trained from scratch."""
+    kwargs, defaults = config_kwargs(model_args), mim_method(model_args.model_type).config_class()
+    return kwargs.get("image_size", defaults.image_size), kwargs.get("patch_size", defaults.patch_size)
+
+
+def build_collator(data_args: DataArguments, method: MimMethod, grid_size: int) -> MimDataCollator:
+    """The batches of `method` on a `grid_size` x `grid_size` patch grid: masks, and the replaced positions of a
+    method that replaces patches; masking flags that cannot go together end in one line."""
+    try:
+        return MimDataCollator(
+            build_mask_generator(data_args, grid_size),
+            replacement_generator=build_replacement_generator(data_args, method, grid_size),
+        )
+    except ValueError as error:
+        if isinstance(error, UsageError):
+            raise
+        raise UsageError(str(error)) from error
+
+
 def fit_tokenizer(model_args: ModelArguments, dataset, image_column: str, training_args: MimTrainingArguments) -> str:
     """`--fit_tokenizer`: `--fit_codebook_size` k-means centroids of the ViT's own patches (its image and patch size),
     of their pixels or, with `--fit_teacher_name_or_path`, of that teacher's features of them (feature k-means),
@@ -307,15 +327,10 @@ def fit_tokenizer(model_args: ModelArguments, dataset, image_column: str, traini
             f"--fit_teacher_name_or_path fits feature k-means, whose centroids are teacher features, but {method.title} "
             "replaces patches by their pixel centroids; drop the flag, or use another --model_type"
         )
-    kwargs = config_kwargs(model_args)
     # Checked before the fit, which can take hours, rather than when the model is built after it.
-    check_vocab_size(kwargs, model_args.fit_codebook_size, model_args)
-    defaults = method.config_class()
-    view = {
-        "image_size": kwargs.get("image_size", defaults.image_size),
-        "patch_size": kwargs.get("patch_size", defaults.patch_size),
-        "codebook_size": model_args.fit_codebook_size,
-    }
+    check_vocab_size(config_kwargs(model_args), model_args.fit_codebook_size, model_args)
+    image_size, patch_size = new_model_geometry(model_args)
+    view = {"image_size": image_size, "patch_size": patch_size, "codebook_size": model_args.fit_codebook_size}
     if model_args.fit_teacher_name_or_path:
         tokenizer = feature_kmeans_tokenizer(
             FeatureKmeansConfig(**view), model_args.fit_teacher_name_or_path, model_args.fit_teacher_feature_layer,
@@ -377,6 +392,9 @@ def pretrain(
     )
 
     if model_args.fit_tokenizer:
+        # The masking flags are checked before the fit, which can take hours.
+        image_size, patch_size = new_model_geometry(model_args)
+        build_collator(data_args, method, image_size // patch_size)
         model_args.tokenizer_name_or_path = fit_tokenizer(model_args, raw["train"], image_column, training_args)
     model, image_processor, tokenizer_processor = load_model(model_args)
     grid_size = model.config.image_size // model.config.patch_size
@@ -406,10 +424,7 @@ def pretrain(
         args=training_args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
-        data_collator=MimDataCollator(
-            build_mask_generator(data_args, grid_size),
-            replacement_generator=build_replacement_generator(data_args, method, grid_size),
-        ),
+        data_collator=build_collator(data_args, method, grid_size),
         processing_class=image_processor,
         callbacks=[HubFilesCallback(subfolders={TOKENIZER_SUBFOLDER: tokenizer_processor}), *(callbacks or [])],
         skip_nonfinite_steps=training_args.skip_nonfinite_steps,
@@ -429,11 +444,13 @@ __all__ = [
     "MODEL_SIZES",
     "DataArguments",
     "ModelArguments",
+    "build_collator",
     "build_config",
     "build_replacement_generator",
     "config_kwargs",
     "fit_tokenizer",
     "load_model",
     "mim_method",
+    "new_model_geometry",
     "pretrain",
 ]
