@@ -283,6 +283,18 @@ CASES = {
                    if a not in ("--tokenizer_name_or_path", p["dvae"])] + ["--fit_tokenizer", "--model_type", "ccvit"],
         "6 masked plus 12 replaced patches exceed the 16 patches of the grid",
     ),
+    "the label column as images": (
+        lambda p: mim(p, image_column_name="label"),
+        "image_column_name 'label' holds ClassLabel values, not images; pass the image column ('image')",
+    ),
+    "the image column as labels": (
+        lambda p: finetune(p, "--do_train", "--label_column_name", "image"),
+        "--label_column_name 'image' is the image column of the train split; pass the column of class labels",
+    ),
+    "a label column the dataset lacks": (
+        lambda p: finetune(p, "--do_train", "--label_column_name", "class"),
+        "--label_column_name 'class': the train split has no such column (columns: ['image', 'label'])",
+    ),
     "fine-tuning with nothing to do": (lambda p: finetune(p), "Nothing to do: pass --do_train"),
     "a validation class without training images": (
         lambda p: finetune(p, "--do_train", "--do_eval", "--validation_dir", str(p["val_zebra"])),

@@ -97,6 +97,10 @@ CASES = {
         lambda p: export(p, "--image_processor_name", str(p["root"] / "processor64")),
         "--image_processor_name {root}/processor64 gives 64x64 images but the model takes 32x32",
     ),
+    "knn: the image column as labels": (
+        lambda p: knn(p, "--label_column_name", "image"),
+        "--label_column_name 'image' is the image column of --train_dir {root}/train; pass the column of class labels",
+    ),
     "knn: zero temperature": (lambda p: knn(p, "--temperature", "0"), "--temperature must be positive"),
     "knn: negative temperature": (lambda p: knn(p, "--temperature", "-1"), "--temperature must be positive"),
     "knn: unlabelled flat folder": (

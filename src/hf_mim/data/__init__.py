@@ -16,7 +16,14 @@ from .arguments import (
 )
 from .augment import RAND_AUGMENT_OPS, RandAugment, RandomErasing, parse_rand_augment
 from .collator import MimDataCollator
-from .datasets import SeededTransformedDataset, apply_transform, example_rng, load_image_datasets, unseen_labels
+from .datasets import (
+    SeededTransformedDataset,
+    apply_transform,
+    example_rng,
+    load_image_datasets,
+    require_label_column,
+    unseen_labels,
+)
 from .images import SkippedImageCounter, decode_image
 from .masking import (
     BlockwiseMaskingGenerator,
@@ -55,6 +62,7 @@ __all__ = [
     "numpy_rng_from_torch",
     "parse_rand_augment",
     "random_resized_crop_box",
+    "require_label_column",
     "scale_num_patches",
     "unseen_labels",
 ]

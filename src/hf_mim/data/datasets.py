@@ -118,6 +118,16 @@ def _resolve_image_column(dataset: datasets.Dataset | IterableDataset, image_col
                 f"image_column_name {image_column_name!r} is not a column of the dataset; its columns are "
                 f"{column_names}"
             )
+        feature = features[image_column_name]
+        # Images may be stored as paths or bytes without an Image feature, but never as class ids or numbers.
+        if isinstance(feature, datasets.ClassLabel) or (
+            isinstance(feature, datasets.Value) and feature.dtype not in ("string", "large_string", "binary", "large_binary")
+        ):
+            images = [name for name, other in features.items() if isinstance(other, datasets.Image)]
+            raise UsageError(
+                f"image_column_name {image_column_name!r} holds {type(feature).__name__} values, not images; pass "
+                f"the image column ({', '.join(map(repr, images)) or 'none has an Image feature'})"
+            )
         return image_column_name
     for name in ("image", "img"):
         if name in column_names:
@@ -129,6 +139,23 @@ def _resolve_image_column(dataset: datasets.Dataset | IterableDataset, image_col
         f"Could not find an image column among {column_names} (looked for 'image', 'img' and any Image-typed "
         f"column); pass image_column_name"
     )
+
+
+def require_label_column(raw, label_column: str, describe: Callable[[str], str] = lambda split: f"the {split} split"):
+    """A one-line error when a split of `raw` has no `label_column`, or when that column holds the images;
+    `describe(split)` names where the user's split comes from."""
+    for split in raw:
+        columns = raw[split].column_names
+        if label_column not in columns:
+            raise UsageError(
+                f"--label_column_name {label_column!r}: {describe(split)} has no such column (columns: {columns}); "
+                "pass the column of class labels, or use an imagefolder with one folder per class"
+            )
+        if isinstance(raw[split].features[label_column], datasets.Image):
+            raise UsageError(
+                f"--label_column_name {label_column!r} is the image column of {describe(split)}; pass the column of "
+                f"class labels (columns: {columns})"
+            )
 
 
 def unseen_labels(raw, label_column: str, split: str) -> list:
@@ -420,5 +447,6 @@ __all__ = [
     "example_rng",
     "load_image_datasets",
     "require_image_folder",
+    "require_label_column",
     "unseen_labels",
 ]

@@ -28,6 +28,7 @@ from ..data import (
     apply_transform,
     center_crop_view,
     load_image_datasets_from_args,
+    require_label_column,
     unseen_labels,
 )
 from ..errors import UsageError
@@ -303,12 +304,7 @@ def _check_labels(raw, args: FeatureArguments) -> None:
     """Refuse splits without labels, and evaluation labels that no training image has: no probe or neighbour can
     predict them, and an imagefolder gives a class found only under --validation_dir an id all the same."""
     label_column = args.label_column_name
-    for split in ("train", "validation"):
-        if label_column not in raw[split].column_names:
-            raise UsageError(
-                f"{_split_source(args, split)} has no {label_column!r} column (columns: {raw[split].column_names}); "
-                "pass --label_column_name, or use an imagefolder with one folder per class"
-            )
+    require_label_column(raw, label_column, lambda split: _split_source(args, split))
     unseen = unseen_labels(raw, label_column, "validation")
     if unseen:
         raise UsageError(

@@ -23,6 +23,7 @@ from ..data import (
     apply_transform,
     center_crop_view,
     parse_rand_augment,
+    require_label_column,
     unseen_labels,
     load_image_datasets_from_args,
 )
@@ -155,12 +156,7 @@ class ImageClassificationTrainer(MimTrainer):
 
 def encode_labels(raw, label_column: str) -> tuple[object, list[str]]:
     """Class names, and the splits with integer ids in a `labels` column (the name `BeitForImageClassification` takes)."""
-    for split in raw:
-        if label_column not in raw[split].column_names:
-            raise UsageError(
-                f"The {split} split has no {label_column!r} column (columns: {raw[split].column_names}); pass "
-                "--label_column_name, or use an imagefolder with one folder per class"
-            )
+    require_label_column(raw, label_column)
     for split in raw:
         # A class with no training image cannot be learnt.
         unseen = unseen_labels(raw, label_column, split)
