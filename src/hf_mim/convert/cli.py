@@ -71,9 +71,18 @@ def _parse(arguments_class, description: str, argv: list[str] | None):
 
 
 def _rgb(values: list[float] | None, flag: str) -> tuple[float, float, float] | None:
-    if values is not None and len(values) != 3:
-        raise UsageError(f"--{flag} takes 3 values (R G B), got {len(values)}: {' '.join(map(str, values))}")
-    return None if values is None else tuple(values)
+    """`--image_mean` / `--image_std`: three values on the [0, 1] scale of the rescaled pixels, std positive."""
+    if values is None:
+        return None
+    given = " ".join(map(str, values))
+    if len(values) != 3:
+        raise UsageError(f"--{flag} takes 3 values (R G B), got {len(values)}: {given}")
+    if max(abs(value) for value in values) > 1:
+        # The processor rescales pixels to [0, 1] before normalising: 0-255 statistics would silently shrink them.
+        raise UsageError(f"--{flag} {given}: the statistics are of pixels in [0, 1]; divide 0-255 values by 255")
+    if flag == "image_std" and min(values) <= 0:
+        raise UsageError(f"--image_std {given}: each std must be positive")
+    return tuple(values)
 
 
 def beit_main(argv: list[str] | None = None) -> None:
