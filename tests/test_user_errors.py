@@ -329,6 +329,15 @@ CASES = {
                    "--probe_validation_dir", str(p["val_zebra"] / "a")],  # fmt: skip
         "--probe_validation_dir {val_zebra}/a: {val_zebra}/a/0000.png sits directly in it",
     ),
+    "no digit to score the demo's probes on": (
+        lambda p: ["demo.py", "--output_dir", str(p["root"] / "demo"), "--num_probe_test", "0"],
+        "--num_probe_test must be positive, got 0",
+    ),
+    "a digits split with the demo's probe folders": (
+        lambda p: ["demo.py", "--output_dir", str(p["root"] / "demo"), "--probe_train_dir", p["images"],
+                   "--probe_validation_dir", p["images"], "--num_probe_train", "100"],  # fmt: skip
+        "--num_probe_train splits scikit-learn's digits, which --probe_train_dir replaces: remove it",
+    ),
     "a demo image off the patch grid": (
         lambda p: ["demo.py", "--output_dir", str(p["root"] / "demo"), "--image_size", "30", "--patch_size", "8"],
         "--image_size 30 is not a multiple of --patch_size 8",

@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, set_seed
 
-from .arguments import command_parser
+from .arguments import command_parser, flags_set
 from .errors import UsageError
 from .data import MaskingArguments, build_mask_generator, decode_image, load_image_datasets
 from .evaluation import extract_features, knn_classify, linear_probe
@@ -86,6 +86,15 @@ class DemoArguments:
         for name in positive:
             if getattr(self, name) <= 0:
                 raise UsageError(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.num_probe_test is not None and self.num_probe_test <= 0:
+            raise UsageError(f"--num_probe_test must be positive, got {self.num_probe_test} (leave it out to score on "
+                             "every other digit)")
+        if self.probe_train_dir is not None:
+            ignored = flags_set(self, ("num_probe_train", "num_probe_test"))
+            if ignored:
+                raise UsageError(
+                    f"--{ignored[0]} splits scikit-learn's digits, which --probe_train_dir replaces: remove it"
+                )
         if self.probe_train_dir is None and self.num_probe_train >= NUM_DIGITS:
             raise UsageError(
                 f"--num_probe_train {self.num_probe_train} leaves none of scikit-learn's {NUM_DIGITS} digits to score "
