@@ -295,6 +295,10 @@ CASES = {
         lambda p: finetune(p, "--do_train", "--label_column_name", "class"),
         "--label_column_name 'class': the train split has no such column (columns: ['image', 'label'])",
     ),
+    "a dataset configuration for a local folder": (
+        lambda p: mim(p, dataset_config_name="plain_text"),
+        "--dataset_config_name plain_text picks a configuration of a Hub dataset; the images of --train_dir have none",
+    ),
     "fine-tuning with nothing to do": (lambda p: finetune(p), "Nothing to do: pass --do_train"),
     "a validation class without training images": (
         lambda p: finetune(p, "--do_train", "--do_eval", "--validation_dir", str(p["val_zebra"])),

@@ -225,6 +225,12 @@ def load_image_datasets(
             f"--train_val_split holds training images out for validation, but --{dir_flags[1]} gives the validation "
             "images: remove one of them"
         )
+    if train_dir is not None and dataset_config_name is not None and (dataset_name or "imagefolder") in LOCAL_BUILDERS:
+        # The builder would take it as a cache name and read the folder all the same.
+        raise UsageError(
+            f"--dataset_config_name {dataset_config_name} picks a configuration of a Hub dataset; the images of "
+            f"--{dir_flags[0]} have none: remove it"
+        )
     if train_dir is not None or validation_dir is not None:
         if train_dir is None:
             raise UsageError("validation_dir needs train_dir as well: pass the folder of the training images")
