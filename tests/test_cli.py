@@ -196,3 +196,8 @@ def test_a_json_options_file_parses_as_the_same_flags(tmp_path):
     from_file = run_image_classification.parse_args([str(path)])
     assert [dataclasses.asdict(parsed) for parsed in from_file] == [dataclasses.asdict(parsed) for parsed in from_flags]
     assert from_file[-1].lr_scheduler_kwargs == {"min_lr": 1e-6} and from_file[-1].dataloader_drop_last
+
+    # Lists the command line cannot give: several values of an option of one string, and an empty list.
+    path.write_text(json.dumps({**options, "optim_target_modules": ["attn", "mlp"], "label_names": []}))
+    training_args = run_image_classification.parse_args([str(path)])[-1]
+    assert training_args.optim_target_modules == ["attn", "mlp"] and training_args.label_names == []

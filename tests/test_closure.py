@@ -51,11 +51,11 @@ BOUNDS = {
     "feature_kmeans": ((6, 660), (8, 770)),
     "beit": ((4, 700), (5, 790)),
     "beit_dvae": ((7, 1160), (9, 1270)),
-    "beitv2_vqkd": ((10, 1660), (12, 1790)),
+    "beitv2_vqkd": ((10, 1680), (12, 1810)),
     "mcbeit_dvae": ((9, 1450), (11, 1560)),
     "mcbeit_vqgan": ((9, 1400), (11, 1510)),
     "ccvit_kmeans": ((12, 1700), (14, 1810)),
-    "beit_feature_kmeans": ((9, 1260), (11, 1370)),
+    "beit_feature_kmeans": ((9, 1280), (11, 1390)),
 }
 CODE_PREFIXES = ("configuration_", "modeling_", "image_processing_")
 

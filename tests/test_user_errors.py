@@ -184,7 +184,7 @@ CASES = {
     ),
     "an unknown option in a JSON options file": (
         lambda p: ["run_mim.py", p["root"] / "typo.json"],
-        "{root}/typo.json: run_mim.py: unrecognized arguments: --lerning_rate 0.001",
+        "{root}/typo.json: run_mim.py: unrecognized arguments: --lerning_rate;",
     ),
     "an options file that is not JSON": (
         lambda p: ["run_mim.py", p["root"] / "unfinished.json"], "{root}/unfinished.json is not valid JSON (Expecting value"
@@ -404,6 +404,7 @@ def test_a_mistake_ends_with_one_line_naming_the_fix(mistakes, case):
     [
         (("--report_to", "wandb"), "wandb", "--report_to wandb: WandbCallback requires wandb to be installed"),
         (("--optim", "adamw_bnb_8bit"), "bitsandbytes", "--optim adamw_bnb_8bit: You need to install `bitsandbytes`"),
+        (("--optim", "grokadamw"), "grokadamw", "--optim grokadamw: Please install grokadamw"),
     ],
 )
 def test_a_logger_or_optimiser_whose_package_is_missing_is_refused_at_launch(mistakes, flags, package, fragment):
@@ -426,3 +427,17 @@ def test_a_hub_dataset_that_cannot_be_reached_is_one_line(mistakes, monkeypatch)
         script, args, "--dataset_name someone/no-such-images could not be loaded: Couldn't reach 'someone/no-such-images' "
         "on the Hub (OfflineModeIsEnabled); check the name (and the network, or HF_HUB_OFFLINE)",
     )
+
+
+def test_what_a_flag_check_must_not_refuse(mistakes, monkeypatch):
+    from hf_mim.training import arguments
+    from hf_mim.training.run_mim import main
+
+    # trackio creates its Space private with --hub_private_repo, whether or not the run pushes.
+    monkeypatch.setitem(arguments.INTEGRATION_TO_CALLBACK, "trackio", lambda: None)
+    arguments.HfMimTrainingArguments(output_dir=str(mistakes["root"] / "t"), report_to="trackio", hub_private_repo=True)
+    # Trainer reads --metric_for_best_model only while training: an evaluation alone reports what it has.
+    metrics = main(["--model_name_or_path", str(mistakes["mim"]), "--train_dir", mistakes["images"], "--train_val_split",
+                    "0.25", "--do_eval", "--metric_for_best_model", "accuracy", "--output_dir",
+                    str(mistakes["root"] / "evaluated"), "--use_cpu", "--report_to", "none"])  # fmt: skip
+    assert "eval_loss" in metrics and "train_loss" not in metrics

@@ -68,6 +68,21 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return f"{', '.join(action.option_strings)} {metavar}"
 
 
+def _read_json_object(path: str) -> dict:
+    """The JSON object in the file `path`, or a one-line error naming the file."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            options = json.load(file)
+    except OSError as error:
+        raise UsageError(f"{path}: cannot read this options file ({error.strerror}); pass an existing JSON file or the "
+                         "options as flags") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise UsageError(f"{path} is not valid JSON ({error}); it holds one object of {{option: value}}") from error
+    if not isinstance(options, dict):
+        raise UsageError(f"{path} holds a JSON {type(options).__name__}; it holds one object of {{option: value}}")
+    return options
+
+
 def _declaring_class(dtype: type, name: str) -> type:
     """The class of `dtype`'s MRO whose own annotations declare the field `name` (the last to re-declare it)."""
     for cls in dtype.__mro__:
@@ -161,39 +176,43 @@ class CommandArgumentParser(HfArgumentParser, OneLineErrorParser):
         file of options."""
         argv = sys.argv[1:] if argv is None else list(argv)
         if len(argv) == 1 and argv[0].endswith(".json"):
-            path = argv[0]
-            options = self.json_options_as_argv(path)
-            try:
-                return self.parse_args_into_dataclasses(args=options)
-            except UsageError as error:
-                raise UsageError(f"{path}: {error}") from error
+            return self.parse_json_options(argv[0])
         return self.parse_args_into_dataclasses(args=argv)
 
-    def json_options_as_argv(self, path: str) -> list[str]:
-        """The options of the JSON file `path` (`{option: value}`) as the command line that gives them, so a file
-        is parsed, converted and checked exactly as flags are (an unknown option, a bad value or a missing required
-        one is argparse's one-line error). `null` leaves an option that defaults to None unset."""
-        try:
-            with open(path, encoding="utf-8") as file:
-                options = json.load(file)
-        except OSError as error:
-            raise UsageError(f"{path}: cannot read this options file ({error.strerror}); pass an existing JSON file "
-                             "or the options as flags") from error
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise UsageError(f"{path} is not valid JSON ({error}); it holds one object of {{option: value}}") from error
-        if not isinstance(options, dict):
-            raise UsageError(f"{path} holds a JSON {type(options).__name__}; it holds one object of {{option: value}}")
-        defaults = {action.dest: action.default for action in self._actions}
-        argv = []
+    def parse_json_options(self, path: str) -> tuple:
+        """The dataclasses of the JSON file `path` of options (`{option: value}`), each parsed, converted and checked
+        as the flag that gives it, so an unknown option, a bad value or a missing required one is argparse's one-line
+        error (naming the file). A list for an option of one value (`report_to`, `fsdp`, which the command line
+        takes as one string) is the field's value as it is, and `null` leaves an option that defaults to None unset.
+        """
+        options = _read_json_object(path)
+        # `--no_<field>` switches share their field's dest; the field's own option holds its default and nargs.
+        actions = {
+            action.dest: action
+            for action in self._actions
+            if action.option_strings and not isinstance(action, argparse._StoreFalseAction)
+        }
+        argv, whole = [], {}
         for name, value in options.items():
-            if value is None and name in defaults:
-                if defaults[name] is not None:
-                    raise UsageError(f"{path}: {name} is null, but it defaults to {defaults[name]!r}; give it a value "
+            action = actions.get(name)
+            if action is None:
+                argv.append(f"--{name}")  # argparse reports it as unrecognised
+            elif value is None:
+                if action.default is not None:
+                    raise UsageError(f"{path}: {name} is null, but it defaults to {action.default!r}; give it a value "
                                      "or leave it out")
-                continue
-            values = value if isinstance(value, list) else [] if value is None else [value]
-            argv += [f"--{name}", *(self._json_value_as_flag(item) for item in values)]
-        return argv
+            elif isinstance(value, list) and (action.nargs not in ("+", "*") or not value):
+                whole[name] = value
+            else:
+                values = value if isinstance(value, list) else [value]
+                argv += [f"--{name}", *(self._json_value_as_flag(item) for item in values)]
+        try:
+            namespace, remaining = self.parse_known_args(argv)
+            if remaining:
+                self.error(f"unrecognized arguments: {' '.join(remaining)}")
+            return self.parse_dict({**vars(namespace), **whole})
+        except UsageError as error:
+            raise UsageError(f"{path}: {error}") from error
 
     @staticmethod
     def _json_value_as_flag(value) -> str:

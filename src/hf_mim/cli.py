@@ -79,7 +79,10 @@ def close_progress_bars() -> None:
     the error starts a line of its own instead of continuing a bar's."""
     tqdm = sys.modules.get("tqdm")
     for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", ())):
-        bar.close()
+        try:
+            bar.close()
+        except Exception:  # a bar that cannot close must not replace the error being reported
+            pass
 
 
 def end_process_group() -> None:

@@ -121,7 +121,7 @@ def _resolve_image_column(dataset: datasets.Dataset | IterableDataset, image_col
         feature = features[image_column_name]
         # Images may be stored as paths or bytes without an Image feature, but never as class ids or numbers.
         if isinstance(feature, datasets.ClassLabel) or (
-            isinstance(feature, datasets.Value) and feature.dtype not in ("string", "large_string", "binary", "large_binary")
+            isinstance(feature, datasets.Value) and feature.dtype not in ("string", "large_string", "string_view", "binary", "large_binary", "binary_view")
         ):
             images = [name for name, other in features.items() if isinstance(other, datasets.Image)]
             raise UsageError(

@@ -110,9 +110,11 @@ def prepare_upload_folder(folder, upload_dir, *, repo_id: str | None = None, **c
 
 
 def _unreachable(error: Exception) -> bool:
-    # huggingface_hub's HTTP client (httpx, or httpx2 in newer releases) raises its TransportError when no answer
-    # comes; offline mode is a ConnectionError.
-    return isinstance(error, ConnectionError) or any(cls.__name__ == "TransportError" for cls in type(error).__mro__)
+    # huggingface_hub's HTTP client (httpx, or httpx2 in newer releases) raises ConnectError or ConnectTimeout when
+    # no connection opens, offline mode is a ConnectionError; a timeout mid-upload is not the user's to fix and keeps
+    # its traceback.
+    names = {"ConnectError", "ConnectTimeout"}
+    return isinstance(error, ConnectionError) or any(cls.__name__ in names for cls in type(error).__mro__)
 
 
 @contextlib.contextmanager

@@ -38,10 +38,17 @@ def check_optional_packages(training_args: TrainingArguments) -> None:
                 INTEGRATION_TO_CALLBACK[name]()
             except (ImportError, RuntimeError) as error:
                 raise UsageError(f"--report_to {name}: {error} (or leave {name} out of --report_to)") from error
+    optim = training_args.optim.value
     try:
         Trainer.get_optimizer_cls_and_kwargs(training_args)
-    except ImportError as error:
-        raise UsageError(f"--optim {training_args.optim.value}: {error} (or pick another --optim)") from error
+    except (ImportError, ValueError) as error:
+        if isinstance(error, ImportError) or "install" in str(error):
+            raise UsageError(f"--optim {optim}: {error} (or pick another --optim)") from error
+        # GaLore, APOLLO and LOMO build their optimiser from the model itself.
+        raise UsageError(
+            f"--optim {optim} builds its optimiser from the model, not from the parameter groups (layer decay, no "
+            "weight decay on norms and biases) hf_mim's commands train with: pick another --optim"
+        ) from error
 
 
 @dataclass
@@ -89,11 +96,6 @@ class HfMimTrainingArguments(TrainingArguments):
         if self.dataloader_num_workers < 0:
             raise UsageError(f"--dataloader_num_workers must be 0 (load in the main process) or more, got "
                              f"{self.dataloader_num_workers}")
-        if not self.push_to_hub:
-            ignored = [f"--{name}" for name in ("hub_model_id", "hub_private_repo", "hub_revision") if getattr(self, name)]
-            if ignored:
-                raise UsageError(f"{', '.join(ignored)} set where the run pushes to the Hub, but --push_to_hub is not "
-                                 "given: add --push_to_hub or remove them")
         try:
             super().__post_init__()
         except UsageError:
@@ -101,6 +103,14 @@ class HfMimTrainingArguments(TrainingArguments):
         except ValueError as error:
             # TrainingArguments' own checks of its flags' combinations, several lines each, naming the flags.
             raise UsageError(" ".join(str(error).split())) from error
+        if not self.push_to_hub:
+            hub_flags = ["hub_model_id", "hub_revision"]
+            if "trackio" not in self.report_to:  # the trackio logger creates its Space private with it
+                hub_flags.append("hub_private_repo")
+            ignored = [f"--{name}" for name in hub_flags if getattr(self, name)]
+            if ignored:
+                raise UsageError(f"{', '.join(ignored)} set where the run pushes to the Hub, but --push_to_hub is not "
+                                 "given: add --push_to_hub or remove them")
         if self.save_strategy == "best" and self.metric_for_best_model is None:
             raise UsageError("--save_strategy best saves when --metric_for_best_model improves, which is not given: "
                              "pass e.g. --metric_for_best_model eval_loss")

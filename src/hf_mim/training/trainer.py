@@ -329,7 +329,7 @@ class MimTrainer(Trainer):
         self._metric_sums["eval"], self._metric_steps["eval"] = {}, 0
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         wanted = self.args.metric_for_best_model
-        if wanted is not None and metric_key_prefix == "eval":
+        if wanted is not None and metric_key_prefix == "eval" and self.is_in_train:
             # Trainer looks the metric up right after this, with a KeyError traceback mid-run when it is missing.
             key = wanted if wanted.startswith("eval_") else f"eval_{wanted}"
             if key not in metrics:
