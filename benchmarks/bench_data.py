@@ -36,10 +36,9 @@ from PIL import Image
 
 import bench_mim_step
 from common import environment, markdown_table, paired_ratios, set_threads, time_interleaved, write_json
-from hf_mim.data import MimDataCollator, TwoViewTransform, apply_transform, decode_image, load_image_datasets
-from hf_mim.data import build_mask_generator
+from hf_mim.data import TwoViewTransform, apply_transform, decode_image, load_image_datasets
 from hf_mim.families import BY_MODEL_TYPE, MIM_METHODS
-from hf_mim.training.pretraining import MODEL_SIZES, DataArguments, build_replacement_generator
+from hf_mim.training.pretraining import MODEL_SIZES, DataArguments, build_collator
 
 PATCH_SIZE = 16
 # The tokenizer each method's papers use; its image processor gives the tokenizer view.
@@ -116,10 +115,7 @@ def pipeline(method: str, dataset, image_column: str, image_size: int, seed: int
         **{**data_args.view_options(), "exact": exact},
     )
     grid = image_size // PATCH_SIZE
-    collator = MimDataCollator(
-        build_mask_generator(data_args, grid),
-        replacement_generator=build_replacement_generator(data_args, mim_method, grid),
-    )
+    collator = build_collator(data_args, mim_method, grid)
     return apply_transform(dataset, image_column, transform, seed=seed), collator, transform
 
 
@@ -211,7 +207,10 @@ def main() -> None:
                 print(f"  DataLoader, {args.dataloader_workers} workers, {method}: {loader_rates[method]:.1f} images/s")
 
         set_threads(args.threads)
-        step_args = argparse.Namespace(image_size=args.image_size, patch_size=PATCH_SIZE, batch_size=args.batch_size)
+        step_args = argparse.Namespace(
+            image_size=args.image_size, patch_size=PATCH_SIZE, batch_size=args.batch_size, full_step=False,
+            device="cpu",
+        )
         step_timings = {}
         for size in args.sizes:
             steps = {}

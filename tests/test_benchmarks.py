@@ -2,6 +2,7 @@
 a GPU is lent: device-aware timing, the full step with each method's tokenizer, id agreement of low precision."""
 
 import json
+import os
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -125,3 +126,16 @@ def test_results_run_with_a_step_budget_trains_exactly_that_many_steps(tmp_path)
     dvae_state = json.loads((tmp_path / "work" / "tokenizer_dvae" / "trainer_state.json").read_text())
     assert dvae_state["global_step"] == 2
     assert run_results.budget_flags(60.0, None) == ["--max_steps", "100000", "--max_train_seconds", "60.0"]
+
+
+def test_data_pipeline_benchmark_runs_with_its_training_step(tmp_path, image_folder):
+    output = tmp_path / "data.json"
+    completed = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_data.py"), "--data", image_folder, "--methods", "ccvit",
+         "--num_images", "8", "--batch_size", "2", "--repeats", "1", "--difference_images", "2", "--output",
+         str(output)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    ccvit = json.loads(output.read_text())["methods"]["ccvit"]
+    assert ccvit["data_worker"]["wall"]["per_s"] > 0 and ccvit["steps"]["tiny"]["workers_needed"] >= 1
