@@ -101,6 +101,14 @@ CASES = {
         lambda p: knn(p, "--label_column_name", "image"),
         "--label_column_name 'image' is the image column of --train_dir {root}/train; pass the column of class labels",
     ),
+    "knn: a feature cache that is a file": (
+        lambda p: knn(p, "--feature_cache_dir", str(p["root"] / "short_state.json")),
+        "--feature_cache_dir {root}/short_state.json is a file; pass a folder",
+    ),
+    "probe: results into a file": (
+        lambda p: probe(p, "--output_dir", str(p["root"] / "short_state.json")),
+        "--output_dir {root}/short_state.json is a file; pass a folder",
+    ),
     "knn: zero temperature": (lambda p: knn(p, "--temperature", "0"), "--temperature must be positive"),
     "knn: negative temperature": (lambda p: knn(p, "--temperature", "-1"), "--temperature must be positive"),
     "knn: unlabelled flat folder": (
@@ -127,6 +135,10 @@ CASES = {
     "visualize: another tokenizer than the model's": (
         lambda p: visualize(p, "--tokenizer_name_or_path", str(p["root"] / "kmeans")),
         "--tokenizer_name_or_path {root}/kmeans: the decoding tokenizer is a hf_mim_kmeans",
+    ),
+    "visualize: a tokenizer processor of another size": (
+        lambda p: visualize(p, "--tokenizer_image_processor_name", str(p["root"] / "processor64")),
+        "--tokenizer_image_processor_name {root}/processor64 gives 64x64 images but the tokenizer takes",
     ),
     "visualize: missing images": (
         lambda p: visualize(p, images=str(p["root"] / "nowhere")), "--images {root}/nowhere: no such file or folder"

@@ -32,7 +32,7 @@ from .data import MaskingArguments, TwoViewTransform, build_mask_generator, deco
 from .data.datasets import require_image_folder
 from .errors import UsageError
 from .evaluation.codebook import codebook_metrics
-from .evaluation.export import normalizes_inside
+from .evaluation.export import check_processor_size, load_image_processor, normalizes_inside
 from .families import family_of
 from .models.configuration_common import decoder_left_out
 from .models.image_processing_mim import to_rgb
@@ -581,13 +581,19 @@ def main(argv=None) -> dict[str, str]:
         model = _load_mim_model(args.model_name_or_path)
         if args.tokenizer_name_or_path is not None:
             decoding_tokenizer = _load_decoding_tokenizer(args.tokenizer_name_or_path, model)
-        image_processor = pretrained(AutoImageProcessor.from_pretrained, args.model_name_or_path, "model_name_or_path")
+        image_processor = load_image_processor(args.model_name_or_path)
+        check_processor_size(image_processor, model.config.image_size, args.model_name_or_path)
         if args.tokenizer_image_processor_name:
             tokenizer_image_processor = pretrained(
                 AutoImageProcessor.from_pretrained, args.tokenizer_image_processor_name, "tokenizer_image_processor_name"
             )
         else:
             tokenizer_image_processor = _load_tokenizer_image_processor(args.model_name_or_path)
+        if model.config.tokenizer_config is not None:
+            check_processor_size(
+                tokenizer_image_processor, model.config.tokenizer_config["image_size"], args.model_name_or_path,
+                args.tokenizer_image_processor_name, "tokenizer_image_processor_name", "the tokenizer",
+            )  # fmt: skip
         files = _image_files(args.images)[: args.max_images]
         images = [image for image in map(decode_image, files) if image is not None]
         if not images:

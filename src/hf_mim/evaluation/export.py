@@ -134,19 +134,26 @@ def load_image_processor(model_name_or_path: str, image_processor_name: str | No
     return pretrained(AutoImageProcessor.from_pretrained, model_name_or_path, "model_name_or_path", **kwargs)
 
 
-def check_processor_size(processor, image_size: int, model_name_or_path: str, image_processor_name: str | None = None):
-    """A one-line error naming the flag that gave `processor` (`--image_processor_name`, else `--model_name_or_path`)
-    when it produces other than the `image_size` square images the model takes (a processor without `output_size`,
+def check_processor_size(
+    processor,
+    image_size: int,
+    model_name_or_path: str,
+    image_processor_name: str | None = None,
+    processor_flag: str = "image_processor_name",
+    reader: str = "the model",
+):
+    """A one-line error naming the flag that gave `processor` (`--<processor_flag>`, else `--model_name_or_path`)
+    when it produces other than the `image_size` square images `reader` takes (a processor without `output_size`,
     such as a stock one, is not checked)."""
     size = getattr(processor, "output_size", None)
     if size is None or tuple(size) == (image_size, image_size):
         return
     flag, name = (
-        ("image_processor_name", image_processor_name) if image_processor_name else ("model_name_or_path", model_name_or_path)
+        (processor_flag, image_processor_name) if image_processor_name else ("model_name_or_path", model_name_or_path)
     )
     raise UsageError(
-        f"--{flag} {name} gives {size[0]}x{size[1]} images but the model takes {image_size}x{image_size}; pass an "
-        "image processor of the model's size"
+        f"--{flag} {name} gives {size[0]}x{size[1]} images but {reader} takes {image_size}x{image_size}; pass an "
+        f"image processor of that size"
     )
 
 

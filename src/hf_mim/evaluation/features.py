@@ -278,6 +278,11 @@ class FeatureArguments(LabelledImageDatasetArguments):
         for name, least in (("batch_size", 1), ("num_workers", 0)):
             if getattr(self, name) < least:
                 raise UsageError(f"--{name} must be at least {least}, got {getattr(self, name)}")
+        # Found before the features are extracted, not when they or the results are written.
+        for name in ("feature_cache_dir", "output_dir"):
+            folder = getattr(self, name)
+            if folder is not None and os.path.isfile(folder):
+                raise UsageError(f"--{name} {folder} is a file; pass a folder (new or existing)")
         super().__post_init__()
 
 
