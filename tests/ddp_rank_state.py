@@ -10,6 +10,7 @@ import sys
 from safetensors.torch import save_file
 from transformers import TrainerCallback
 
+from hf_mim.cli import run_command
 from hf_mim.training.run_mim import main
 
 
@@ -20,4 +21,6 @@ class SaveRankState(TrainerCallback):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:], callbacks=[SaveRankState()])
+    # As the real script: through run_command, which ends the process group before exit (left to interpreter
+    # shutdown, gloo's threads can abort a finished rank: "terminate called without an active exception").
+    run_command(lambda argv: main(argv, callbacks=[SaveRankState()]), sys.argv[1:])

@@ -696,6 +696,7 @@ def test_two_process_balancing_keeps_the_replicas_identical(tmp_path, image_fold
     (tmp_path / "train_and_dump.py").write_text(textwrap.dedent(
         """
         import torch
+        from hf_mim.cli import run_command
         from hf_mim.training import dvae, train_tokenizer
 
         original_train = dvae.DvaeTrainer.train
@@ -707,7 +708,7 @@ def test_two_process_balancing_keeps_the_replicas_identical(tmp_path, image_fold
             return result
 
         dvae.DvaeTrainer.train = train
-        train_tokenizer.main()
+        run_command(train_tokenizer.main)  # as the script: it ends the process group before exit
         """
     ))
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

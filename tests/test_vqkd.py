@@ -477,6 +477,7 @@ def test_two_process_training_ends_with_identical_codebooks(vqkd_training_data, 
     (tmp_path / "train_and_dump.py").write_text(textwrap.dedent(
         """
         import torch
+        from hf_mim.cli import run_command
         from hf_mim.training import train_tokenizer, vqkd
 
         original_train = vqkd.VqkdTrainer.train
@@ -488,7 +489,7 @@ def test_two_process_training_ends_with_identical_codebooks(vqkd_training_data, 
             return result
 
         vqkd.VqkdTrainer.train = train
-        train_tokenizer.main()
+        run_command(train_tokenizer.main)  # as the script: it ends the process group before exit
         """
     ))
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
