@@ -394,3 +394,19 @@ def test_kmeans_plus_plus_under_two_processes_equals_one_process(tmp_path):
     results = mp.Manager().dict()
     mp.spawn(_fit_in_two_processes, args=(str(tmp_path / "init"), points, results), nprocs=2)
     assert torch.equal(results[0], single) and torch.equal(results[1], single)
+
+
+@pytest.mark.parametrize("family", ["kmeans", "feature_kmeans"])
+def test_a_fit_resumed_with_the_same_flags_reuses_the_saved_tokenizer_and_other_flags_are_refused(family, tmp_path):
+    from conftest import tiny_feature_kmeans_config
+
+    from hf_mim.errors import UsageError
+    from hf_mim.training.kmeans.tokenizer import _require_same_fit
+
+    make = tiny_feature_kmeans_config if family == "feature_kmeans" else lambda **kw: KmeansConfig(
+        **{"image_size": 32, "patch_size": 8, "codebook_size": 16, **kw})  # fmt: skip
+    make().save_pretrained(tmp_path)
+    # Defaults left out of config.json and tuples read back as lists are the same fit.
+    _require_same_fit(str(tmp_path / "config.json"), make())
+    with pytest.raises(UsageError, match="with codebook_size=16, where these flags ask for 8"):
+        _require_same_fit(str(tmp_path / "config.json"), make(codebook_size=8))

@@ -13,7 +13,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import write_images
+from conftest import tiny_beit_config, write_images
 from test_run_mim import REPO, TINY, run_mim_args
 
 from hf_mim import KmeansConfig, KmeansModel
@@ -43,6 +43,10 @@ def mistakes(tmp_path_factory, tiny_dvae_dir, image_folder, tiny_mim_dir):
     checkpoint.mkdir(parents=True)
     shutil.copy(os.path.join(tiny_mim_dir, "config.json"), checkpoint)
     (checkpoint / "model.safetensors").write_bytes(open(os.path.join(tiny_mim_dir, "model.safetensors"), "rb").read()[:100])
+    from hf_mim import BeitMimForMaskedImageModeling
+
+    BeitMimForMaskedImageModeling(tiny_beit_config(tokenizer_config=None)).save_pretrained(root / "no_tokenizer")
+    shutil.copytree(root / "kmeans", root / "refit" / "tokenizer")
     shutil.copytree(tiny_mim_dir, root / "no_processor")
     os.remove(root / "no_processor" / "preprocessor_config.json")
     shutil.copytree(tiny_dvae_dir, root / "dvae_no_processor")
@@ -298,6 +302,49 @@ CASES = {
     "a dataset configuration for a local folder": (
         lambda p: mim(p, dataset_config_name="plain_text"),
         "--dataset_config_name plain_text picks a configuration of a Hub dataset; the images of --train_dir have none",
+    ),
+    "scheduler kwargs the schedule does not read": (
+        lambda p: mim(p, lr_scheduler_kwargs='{"min_lr": 1e-5}'),
+        "--lr_scheduler_kwargs {{\"min_lr\": 1e-05}}: --lr_scheduler_type linear does not read min_lr",
+    ),
+    "a minimum-rate schedule without its minimum": (
+        lambda p: mim(p, lr_scheduler_type="cosine_with_min_lr"),
+        "--lr_scheduler_type cosine_with_min_lr decays to a minimum that is not given",
+    ),
+    "epochs beside a step count": (
+        lambda p: mim(p, num_train_epochs=10), "--num_train_epochs 10.0 is ignored where --max_steps 2 gives the length"
+    ),
+    "a zero learning rate": (lambda p: mim(p, learning_rate=0), "--learning_rate must be positive, got 0.0"),
+    "transformers' label smoothing": (
+        lambda p: mim(p, label_smoothing_factor=0.1), "--label_smoothing_factor is transformers' smoother of `labels`"
+    ),
+    "evaluating a new tokenizer": (
+        lambda p: ["train_tokenizer.py", "--tokenizer_type", "dvae", "--train_dir", p["images"], "--train_val_split",
+                   "0.25", "--output_dir", str(p["root"] / "tok_eval"), "--do_eval", "--use_cpu"],  # fmt: skip
+        "--do_eval without --do_train evaluates the tokenizer of --tokenizer_name_or_path, which is not given",
+    ),
+    "continuing a checkpoint without a tokenizer": (
+        lambda p: [*continued(p)[:2], p["root"] / "no_tokenizer", *continued(p)[3:]],
+        "--model_name_or_path {root}/no_tokenizer holds no tokenizer to compute its targets",
+    ),
+    "a fit of a size off the patch grid": (
+        lambda p: [a for a in mim(p, fit_codebook_size=8, image_size=36) if a not in ("--tokenizer_name_or_path", p["dvae"])]
+        + ["--fit_tokenizer", "--model_type", "beit"],
+        "--image_size, --patch_size and --fit_codebook_size give an invalid config: KmeansConfig.image_size=36",
+    ),
+    "a fitted tokenizer of other flags in the folder": (
+        lambda p: [a for a in mim(p, fit_codebook_size=8, output_dir=p["root"] / "refit")
+                   if a not in ("--tokenizer_name_or_path", p["dvae"])] + ["--fit_tokenizer", "--model_type", "ccvit"],
+        "{root}/refit/tokenizer holds a tokenizer fitted by an earlier run with codebook_size=16, where these flags ask "
+        "for 8: pass --overwrite_output_dir",
+    ),
+    "fine-tuning into its own checkpoint": (
+        lambda p: finetune(p, "--do_train", "--output_dir", p["mim"]),
+        "--output_dir {mim} is the folder of --model_name_or_path, which the new checkpoint would overwrite",
+    ),
+    "a Hub dataset beside a local folder": (
+        lambda p: mim(p, dataset_name="imagenet-1k"),
+        "--dataset_name imagenet-1k loads a Hub dataset, but --train_dir gives local images",
     ),
     "fine-tuning with nothing to do": (lambda p: finetune(p), "Nothing to do: pass --do_train"),
     "a validation class without training images": (

@@ -93,6 +93,10 @@ CASES = {
         lambda p: probe(p, "--image_processor_name", str(p["root"] / "processor64")),
         "--image_processor_name {root}/processor64 gives 64x64 images but the model takes 32x32",
     ),
+    "export: over its own checkpoint": (
+        lambda p: export(p, "--output_dir", p["mim"]),
+        "--output_dir {mim} is the folder of --model_name_or_path, which the new checkpoint would overwrite",
+    ),
     "export: a processor of another size": (
         lambda p: export(p, "--image_processor_name", str(p["root"] / "processor64")),
         "--image_processor_name {root}/processor64 gives 64x64 images but the model takes 32x32",
@@ -194,4 +198,4 @@ CASES = {
 def test_a_mistake_ends_with_one_line_naming_the_fix(mistakes, case):
     build, fragment = CASES[case]
     script, *args = build(mistakes)
-    assert_one_line_error(script, args, fragment.format(root=mistakes["root"]))
+    assert_one_line_error(script, args, fragment.format(**mistakes))

@@ -225,6 +225,11 @@ def load_image_datasets(
             f"--train_val_split holds training images out for validation, but --{dir_flags[1]} gives the validation "
             "images: remove one of them"
         )
+    if train_dir is not None and dataset_name is not None and dataset_name not in LOCAL_BUILDERS:
+        raise UsageError(
+            f"--dataset_name {dataset_name} loads a Hub dataset, but --{dir_flags[0]} gives local images: pass one of "
+            "them (a model card names its datasets with `hf-mim push --dataset`)"
+        )
     if train_dir is not None and dataset_config_name is not None and (dataset_name or "imagefolder") in LOCAL_BUILDERS:
         # The builder would take it as a cache name and read the folder all the same.
         raise UsageError(

@@ -49,7 +49,7 @@ from ..arguments import command_parser
 from ..checkpoint_folder import PROCESSOR_CONFIG
 from ..errors import UsageError
 from ..models.image_processing_mim import MimImageProcessor
-from ..training.loading import pretrained
+from ..training.loading import pretrained, require_new_output_dir
 
 # What the exported `BeitModel`'s pooler returns (its `use_mean_pooling`): see `pooling` in the module docstring.
 BEIT_POOLERS = ("mean", "cls")
@@ -498,6 +498,7 @@ def parse_args(argv=None) -> ExportArguments:
 
 def main(argv=None) -> str:
     args = parse_args(argv)
+    require_new_output_dir(args.output_dir, args.model_name_or_path)
     model = load_pretrained_beit(args.model_name_or_path, token=args.token)
     _check_export_size(resolve_encoder(model).config, args.image_size, args.model_name_or_path)
     image_processor = load_image_processor(args.model_name_or_path, args.image_processor_name, token=args.token)

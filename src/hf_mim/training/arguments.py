@@ -3,13 +3,18 @@ resumption, DataLoader defaults for GPUs and a refusal to run a multi-process la
 distributed (`HfMimTrainingArguments`); those of the commands that train on raw images with targets from a tokenizer
 (`MimTrainingArguments`); and `--config_overrides`."""
 
+import inspect
+import json
 import os
 from dataclasses import dataclass, field
 
 import torch
 from transformers import Trainer, TrainingArguments
 from transformers.integrations import INTEGRATION_TO_CALLBACK
+from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION
+from transformers.trainer_utils import SchedulerType
 
+from ..arguments import flags_set
 from ..errors import UsageError
 
 
@@ -49,6 +54,34 @@ def check_optional_packages(training_args: TrainingArguments) -> None:
             f"--optim {optim} builds its optimiser from the model, not from the parameter groups (layer decay, no "
             "weight decay on norms and biases) hf_mim's commands train with: pick another --optim"
         ) from error
+
+
+# What Trainer passes the schedule itself; the rest of a schedule function's parameters come from --lr_scheduler_kwargs.
+_SCHEDULER_ARGUMENTS_FROM_TRAINER = {"optimizer", "num_warmup_steps", "num_training_steps", "last_epoch"}
+
+
+def check_scheduler_kwargs(training_args: TrainingArguments) -> None:
+    """Refuse `--lr_scheduler_kwargs` that `--lr_scheduler_type` does not read (a `TypeError` when training starts),
+    and a minimum-rate schedule without its minimum (a `ValueError` then)."""
+    schedule = SchedulerType(training_args.lr_scheduler_type)
+    function = TYPE_TO_SCHEDULER_FUNCTION[schedule]
+    parameters = inspect.signature(function).parameters
+    kwargs = training_args.lr_scheduler_kwargs or {}
+    if any(parameter.kind is parameter.VAR_KEYWORD for parameter in parameters.values()):
+        return
+    readable = [name for name in parameters if name not in _SCHEDULER_ARGUMENTS_FROM_TRAINER]
+    unread = [name for name in kwargs if name not in readable]
+    if unread:
+        raise UsageError(
+            f"--lr_scheduler_kwargs {json.dumps(kwargs)}: --lr_scheduler_type {schedule.value} does not read "
+            f"{', '.join(unread)} (it reads {', '.join(readable) or 'nothing'}); pick the schedule that reads them "
+            "(min_lr: cosine_with_min_lr) or remove them"
+        )
+    if "min_lr" in parameters and "min_lr_rate" in parameters and not {"min_lr", "min_lr_rate"} & set(kwargs):
+        raise UsageError(
+            f"--lr_scheduler_type {schedule.value} decays to a minimum that is not given: pass --lr_scheduler_kwargs "
+            "'{\"min_lr\": 1e-6}' (or min_lr_rate, a fraction of --learning_rate)"
+        )
 
 
 @dataclass
@@ -93,6 +126,18 @@ class HfMimTrainingArguments(TrainingArguments):
                 f"--num_train_epochs {self.num_train_epochs} trains for no step (and saves the model as it started): "
                 "pass a positive --num_train_epochs or --max_steps"
             )
+        if self.max_steps > 0 and "num_train_epochs" in flags_set(self, ["num_train_epochs"]):
+            raise UsageError(
+                f"--num_train_epochs {self.num_train_epochs} is ignored where --max_steps {self.max_steps} gives the "
+                "length of training: pass one of them"
+            )
+        if self.learning_rate <= 0:
+            raise UsageError(f"--learning_rate must be positive, got {self.learning_rate} (at 0 nothing would train)")
+        if self.label_smoothing_factor != 0:
+            raise UsageError(
+                "--label_smoothing_factor is transformers' smoother of `labels`, which hf_mim's losses do not read "
+                "(MIM targets are tokenizer ids): remove it; fine-tuning smooths with --label_smoothing"
+            )
         if self.dataloader_num_workers < 0:
             raise UsageError(f"--dataloader_num_workers must be 0 (load in the main process) or more, got "
                              f"{self.dataloader_num_workers}")
@@ -118,6 +163,7 @@ class HfMimTrainingArguments(TrainingArguments):
             # accelerate accepts fp16 on the CPU and then runs in float32.
             raise UsageError("--fp16 has no effect on the CPU (the run would be float32): remove it, or pass --bf16 "
                              "for bfloat16 autocast on the CPU")
+        check_scheduler_kwargs(self)
         check_optional_packages(self)
         check_distributed_launch(self)
 
@@ -193,6 +239,7 @@ __all__ = [
     "MimTrainingArguments",
     "check_distributed_launch",
     "check_optional_packages",
+    "check_scheduler_kwargs",
     "config_from_flags",
     "parse_config_overrides",
 ]

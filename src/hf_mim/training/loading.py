@@ -25,6 +25,18 @@ def pretrained(load, name_or_path: str, flag: str, **kwargs):
         raise UsageError(f"--{flag} {name_or_path} could not be loaded: {reason}") from error
 
 
+def require_new_output_dir(output_dir: str, model_name_or_path: str) -> None:
+    """Refuse an `--output_dir` that is a file, or the folder of `--model_name_or_path`, which writing the new
+    checkpoint would overwrite (the source's heads and tokenizer with it)."""
+    if os.path.isfile(output_dir):
+        raise UsageError(f"--output_dir {output_dir} is a file; pass a folder (new or existing)")
+    if os.path.isdir(model_name_or_path) and os.path.realpath(output_dir) == os.path.realpath(model_name_or_path):
+        raise UsageError(
+            f"--output_dir {output_dir} is the folder of --model_name_or_path, which the new checkpoint would "
+            "overwrite: pass another folder"
+        )
+
+
 def saved_model_type(name_or_path: str) -> str | None:
     """The `model_type` of a local checkpoint folder's config.json (None for Hub ids or folders without one)."""
     path = os.path.join(name_or_path, "config.json")
@@ -46,4 +58,4 @@ def require_tokenizer(tokenizer, name_or_path: str, flag: str = "tokenizer_name_
     raise UsageError(f"--{flag} {name_or_path} is a {model_type} model, not an hf_mim visual tokenizer; {fix}")
 
 
-__all__ = ["pretrained", "require_tokenizer", "saved_model_type"]
+__all__ = ["pretrained", "require_new_output_dir", "require_tokenizer", "saved_model_type"]

@@ -244,6 +244,11 @@ def load_model(model_args: ModelArguments):
             )
         check_checkpoint_method(model_args, hub_kwargs)
         model = pretrained(model_class.from_pretrained, model_args.model_name_or_path, "model_name_or_path", **hub_kwargs)
+        if model.config.tokenizer_config is None:
+            raise UsageError(
+                f"--model_name_or_path {model_args.model_name_or_path} holds no tokenizer to compute its targets (a "
+                "released checkpoint converted without one?): convert it again with --tokenizer_name_or_path"
+            )
         tokenizer_processor = load_tokenizer_image_processor(model_args.model_name_or_path, **hub_kwargs)
         image_processor = vit_image_processor(model_args, model.config, hub_kwargs)
         return model, image_processor, tokenizer_processor
@@ -331,13 +336,15 @@ def fit_tokenizer(model_args: ModelArguments, dataset, image_column: str, traini
     check_vocab_size(config_kwargs(model_args), model_args.fit_codebook_size, model_args)
     image_size, patch_size = new_model_geometry(model_args)
     view = {"image_size": image_size, "patch_size": patch_size, "codebook_size": model_args.fit_codebook_size}
+    config_class = FeatureKmeansConfig if model_args.fit_teacher_name_or_path else KmeansConfig
+    config = config_from_flags(lambda: config_class(**view), "--image_size, --patch_size and --fit_codebook_size")
     if model_args.fit_teacher_name_or_path:
         tokenizer = feature_kmeans_tokenizer(
-            FeatureKmeansConfig(**view), model_args.fit_teacher_name_or_path, model_args.fit_teacher_feature_layer,
+            config, model_args.fit_teacher_name_or_path, model_args.fit_teacher_feature_layer,
             flag="fit_teacher_name_or_path",
         )  # fmt: skip
     else:
-        tokenizer = KmeansModel(KmeansConfig(**view))
+        tokenizer = KmeansModel(config)
     return fit_tokenizer_for_mim(
         dataset,
         image_column,

@@ -40,6 +40,7 @@ from ..evaluation.export import (
 )
 from ..evaluation.metrics import load_metric
 from .arguments import HfMimTrainingArguments
+from .loading import require_new_output_dir
 from .mixup import MixupCutmix, soft_target_cross_entropy
 from .trainer import MimTrainer
 from .workflow import require_action, setup_logging, train_and_evaluate
@@ -238,6 +239,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict[str, float]:
     model_args, data_args, training_args = parse_args(argv)
     require_action(training_args)
+    require_new_output_dir(training_args.output_dir, model_args.model_name_or_path)
     if training_args.do_eval and not training_args.do_train:
         # The classifier head is always new (build_classifier): evaluating alone would score random weights.
         raise UsageError(

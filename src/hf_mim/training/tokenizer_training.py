@@ -224,6 +224,11 @@ def train_tokenizer(
     Returns the training metrics (and `eval_*` metrics with `--do_eval` and a validation split).
     """
     require_action(training_args)
+    if training_args.do_eval and not training_args.do_train and not tokenizer_args.tokenizer_name_or_path:
+        raise UsageError(
+            "--do_eval without --do_train evaluates the tokenizer of --tokenizer_name_or_path, which is not given (a "
+            "new tokenizer would score its random weights): add --tokenizer_name_or_path or --do_train"
+        )
     require_steps_when_streaming(data_args, training_args)
     check_type_specific_flags(tokenizer_args, data_args, training_args)
     setup_logging(training_args)

@@ -293,8 +293,10 @@ def fit_tokenizer_for_mim(
     Returns:
         `folder`, to load as the MIM model's tokenizer.
     """
-    if os.path.isfile(os.path.join(folder, "config.json")) and not refit:
-        logger.info("Using the k-means tokenizer already fitted in %s (pass --overwrite_output_dir to refit)", folder)
+    saved_config = os.path.join(folder, "config.json")
+    if os.path.isfile(saved_config) and not refit:
+        _require_same_fit(saved_config, tokenizer.config)
+        logger.warning("Using the k-means tokenizer already fitted in %s (pass --overwrite_output_dir to refit)", folder)
         return folder
     config = tokenizer.config
     logger.info("Fitting %d %s centroids of a %dx%d grid on the training images", config.codebook_size,
@@ -311,6 +313,34 @@ def fit_tokenizer_for_mim(
     logger.info("Fitted the tokenizer on %d patches: inertia %.6g -> %.6g", fit.num_points, fit.inertia[0],
                 fit.inertia[-1])
     return folder
+
+
+# What the flags of a fit decide; a tokenizer saved by an earlier run is reused only if it agrees on each.
+_FIT_FIELDS = ("model_type", "codebook_size", "image_size", "patch_size", "num_channels", "teacher_config",
+               "teacher_feature_layer")  # fmt: skip
+
+
+def _require_same_fit(saved_config: str, config) -> None:
+    """Refuse to resume with the tokenizer an earlier run fitted in the same folder with other fit flags."""
+    with open(saved_config) as file:
+        saved = json.load(file)
+    wanted = json.loads(config.to_json_string(use_diff=False))
+    if saved.get("model_type") == config.model_type:
+        # Both as full JSON, so that defaults left out of the saved file and tuples read back as lists compare equal.
+        saved = json.loads(type(config).from_pretrained(os.path.dirname(saved_config)).to_json_string(use_diff=False))
+    differing = [name for name in _FIT_FIELDS if saved.get(name) != wanted.get(name)]
+    if differing:
+        name = differing[0]
+        raise UsageError(
+            f"{os.path.dirname(saved_config)} holds a tokenizer fitted by an earlier run with {name}="
+            f"{_brief(saved.get(name))}, where these flags ask for {_brief(wanted.get(name))}: pass "
+            "--overwrite_output_dir to fit again, or another --output_dir"
+        )
+
+
+def _brief(value) -> str:
+    # A teacher's config is a long dict: its model type says enough.
+    return repr(value.get("model_type", "a teacher")) if isinstance(value, dict) else repr(value)
 
 
 @torch.no_grad()
