@@ -384,6 +384,14 @@ def test_bad_results_are_refused_with_the_fix(content, message, tmp_path):
         load_results(tmp_path / "results.json")
 
 
+def test_inline_json_as_results_says_the_flag_takes_a_file():
+    from hf_mim.errors import UsageError
+    from hf_mim.hub.cards import load_results
+
+    with pytest.raises(UsageError, match="--results takes the path of a JSON file, not the JSON itself"):
+        load_results('[{"protocol": "knn", "dataset": "x", "value": 0.5}]')
+
+
 def test_train_tokenizer_writes_the_card(tmp_path, image_folder):
     from hf_mim.training import train_tokenizer
 

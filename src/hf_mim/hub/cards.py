@@ -149,7 +149,9 @@ def load_results(path) -> list[CardResult]:
     try:
         entries = json.loads(Path(path).read_text())
     except OSError as error:
-        raise UsageError(f"--results {path}: cannot read it ({error.strerror or error})") from error
+        inline = str(path).lstrip().startswith(("[", "{"))
+        hint = "; --results takes the path of a JSON file, not the JSON itself" if inline else ""
+        raise UsageError(f"--results {path}: cannot read it ({error.strerror or error}){hint}") from error
     except json.JSONDecodeError as error:
         raise UsageError(f"--results {path} is not valid JSON ({error}); give a list like {RESULTS_EXAMPLE}") from error
     if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):

@@ -234,7 +234,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--results",
         default=None,
-        help='JSON list of evaluation results, e.g. [{"protocol": "knn", "dataset": "imagenet-1k", "value": 0.41}]',
+        help='A JSON file of evaluation results: a list such as [{"protocol": "knn", "dataset": "imagenet-1k", '
+        '"value": 0.41}]',
     )
     parser.add_argument("--tag", action="append", default=None, help="Extra Hub tag (repeatable)")
     parser.add_argument(
