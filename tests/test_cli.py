@@ -185,10 +185,10 @@ def test_a_json_options_file_parses_as_the_same_flags(tmp_path):
     from hf_mim.training import run_image_classification
 
     flags = ["--model_name_or_path", "m", "--train_dir", "t", "--output_dir", str(tmp_path / "o"), "--do_train",
-             "--use_cpu", "--report_to", "none", "--lr_scheduler_kwargs", '{"min_lr": 1e-06}', "--mixup", "0.8",
+             "--use_cpu", "--report_to", "none", "--lr_scheduler_type", "cosine_with_min_lr", "--lr_scheduler_kwargs", '{"min_lr": 1e-06}', "--mixup", "0.8",
              "--dataloader_drop_last", "--skip_nonfinite_steps", "false"]  # fmt: skip
     options = {"model_name_or_path": "m", "train_dir": "t", "output_dir": str(tmp_path / "o"), "do_train": True,
-               "use_cpu": True, "report_to": ["none"], "lr_scheduler_kwargs": {"min_lr": 1e-6}, "mixup": 0.8,
+               "use_cpu": True, "report_to": ["none"], "lr_scheduler_type": "cosine_with_min_lr", "lr_scheduler_kwargs": {"min_lr": 1e-6}, "mixup": 0.8,
                "dataloader_drop_last": True, "skip_nonfinite_steps": False, "validation_dir": None}  # fmt: skip
     path = tmp_path / "options.json"
     path.write_text(json.dumps(options))

@@ -314,7 +314,7 @@ CASES = {
     "epochs beside a step count": (
         lambda p: mim(p, num_train_epochs=10), "--num_train_epochs 10.0 is ignored where --max_steps 2 gives the length"
     ),
-    "a zero learning rate": (lambda p: mim(p, learning_rate=0), "--learning_rate must be positive, got 0.0"),
+    "a negative learning rate": (lambda p: mim(p, learning_rate=-1), "--learning_rate must not be negative, got -1.0"),
     "transformers' label smoothing": (
         lambda p: mim(p, label_smoothing_factor=0.1), "--label_smoothing_factor is transformers' smoother of `labels`"
     ),
