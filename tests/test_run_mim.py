@@ -194,3 +194,12 @@ def test_architecture_flags_with_a_checkpoint_are_an_error_not_ignored(tiny_mim_
         main(["--model_type", "beit", "--model_name_or_path", tiny_mim_dir, "--train_dir", image_folder,
               "--config_overrides", "drop_path_rate=0.2", "--image_size", "32", "--output_dir", str(tmp_path),
               "--do_train", "--use_cpu", "--report_to", "none"])
+
+
+def test_a_warm_up_longer_than_the_run_is_said(tiny_dvae_dir, image_folder, tmp_path, caplog):
+    import logging
+
+    with caplog.at_level(logging.WARNING, logger="hf_mim.training.trainer"):
+        main(run_mim_args(tiny_dvae_dir, image_folder, tmp_path, "--max_steps", "2", "--warmup_steps", "10",
+                          "--save_strategy", "no"))  # fmt: skip
+    assert "--warmup_steps 10 is 10 steps, longer than the run's 2: the learning rate never reaches" in caplog.text

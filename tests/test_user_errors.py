@@ -346,6 +346,10 @@ CASES = {
         lambda p: mim(p, dataset_name="imagenet-1k"),
         "--dataset_name imagenet-1k loads a Hub dataset, but --train_dir gives local images",
     ),
+    "a fine-tuning metric it does not report": (
+        lambda p: finetune(p, "--do_train", "--metric_for_best_model", "top5"),
+        "--metric_for_best_model top5: fine-tuning's evaluation reports accuracy, loss; pass one of them",
+    ),
     "fine-tuning with nothing to do": (lambda p: finetune(p), "Nothing to do: pass --do_train"),
     "a validation class without training images": (
         lambda p: finetune(p, "--do_train", "--do_eval", "--validation_dir", str(p["val_zebra"])),

@@ -182,6 +182,10 @@ def encode_labels(raw, label_column: str) -> tuple[object, list[str]]:
     return raw, names
 
 
+# What a fine-tuning evaluation reports besides its timings: the loss and compute_metrics' accuracy.
+CLASSIFICATION_METRICS = ("accuracy", "loss")
+
+
 def build_classifier(source, model_args: ModelArguments, class_names: list[str]) -> BeitForImageClassification:
     """A stock `BeitForImageClassification` whose encoder is that of `source` (a pretrained model, e.g. from
     `load_pretrained_beit`), with per-layer relative position tables."""
@@ -240,6 +244,12 @@ def main(argv=None) -> dict[str, float]:
     model_args, data_args, training_args = parse_args(argv)
     require_action(training_args)
     require_new_output_dir(training_args.output_dir, model_args.model_name_or_path)
+    wanted = training_args.metric_for_best_model
+    if wanted is not None and wanted.removeprefix("eval_") not in CLASSIFICATION_METRICS:
+        raise UsageError(
+            f"--metric_for_best_model {wanted}: fine-tuning's evaluation reports {', '.join(CLASSIFICATION_METRICS)}; "
+            "pass one of them"
+        )
     if training_args.do_eval and not training_args.do_train:
         # The classifier head is always new (build_classifier): evaluating alone would score random weights.
         raise UsageError(
@@ -329,6 +339,7 @@ def main(argv=None) -> dict[str, float]:
 
 
 __all__ = [
+    "CLASSIFICATION_METRICS",
     "ClassificationTrainingArguments",
     "DataArguments",
     "ImageClassificationTrainer",

@@ -196,6 +196,17 @@ class MimTrainer(Trainer):
             self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         return self.optimizer
 
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        warmup = self.args.get_warmup_steps(num_training_steps)
+        if warmup > num_training_steps and self.is_world_process_zero():
+            # Allowed (a short trial of a long recipe), but the rate never reaches --learning_rate: said, not silent.
+            logger.warning(
+                "--warmup_steps %g is %d steps, longer than the run's %d: the learning rate never reaches "
+                "--learning_rate; lower it (or give it as a fraction of the run, e.g. 0.1)",
+                self.args.warmup_steps, warmup, num_training_steps,
+            )  # fmt: skip
+        return super().create_scheduler(num_training_steps, optimizer)
+
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not inputs:
             # The collator returns {} when every image of a batch was undecodable (already logged and counted).
