@@ -568,3 +568,30 @@ def test_a_training_run_whose_token_the_hub_refuses_stops_before_training(hub, t
     assert_one_line_exit(completed, "the Hub refused the token for tester/denied (401 Unauthorized)")
     assert "pass --hub_token with a write token" in completed.stderr
     assert not (tmp_path / "run" / "model.safetensors").exists() and "tester/denied" not in hub.repos
+
+
+def test_hub_refusals_and_connection_failures_are_one_line_and_other_failures_keep_their_traceback():
+    from types import SimpleNamespace
+
+    from huggingface_hub.errors import HfHubHTTPError
+
+    from hf_mim.errors import UsageError
+    from hf_mim.hub.push import hub_request_errors
+
+    def refused(status):
+        return HfHubHTTPError(f"{status}", response=SimpleNamespace(status_code=status, headers={}, request=None))
+
+    ConnectTimeout = type("ConnectTimeout", (Exception,), {})  # the name huggingface_hub's HTTP client gives it
+    ReadTimeout = type("ReadTimeout", (Exception,), {})
+    for error, message in [
+        (refused(401), re.escape("the Hub refused the token for me/x (401 Unauthorized): log in with `hf auth login`")),
+        (refused(403), re.escape("the token may not write to me/x (403 Forbidden): pass --hub_token with write access")),
+        (ConnectTimeout("no route"), "cannot reach the Hub at .* to push me/x \\(no route\\)"),
+        (ConnectionError("offline"), "cannot reach the Hub at .* to push me/x \\(offline\\)"),
+    ]:
+        with pytest.raises(UsageError, match=message), hub_request_errors("me/x", token_flag="--hub_token"):
+            raise error
+    # A server failure or a timeout mid-upload is not the user's to fix.
+    for error in (refused(500), ReadTimeout("slow")):
+        with pytest.raises(type(error)), hub_request_errors("me/x"):
+            raise error

@@ -10,4 +10,11 @@ class UsageError(ValueError):
     """
 
 
-__all__ = ["UsageError"]
+def first_line(error: BaseException) -> str:
+    """The first line of `error`'s message (libraries write several), or its type's name when it has none: the reason
+    a one-line `UsageError` quotes."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+__all__ = ["UsageError", "first_line"]

@@ -13,7 +13,7 @@ from datasets import DatasetDict, IterableDataset, IterableDatasetDict, load_dat
 from PIL import Image
 
 from ..cli import is_main_launch_process
-from ..errors import UsageError
+from ..errors import UsageError, first_line
 from .images import SkippedImageCounter, decode_image
 
 
@@ -280,11 +280,11 @@ def load_image_datasets(
         # A Hub dataset that cannot be reached or found, or a configuration it does not have.
         if data_files is not None or isinstance(error, UsageError):
             raise
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        named = f"--dataset_name {dataset_name}" + (f" --dataset_config_name {dataset_config_name}" if dataset_config_name else "")
+        configuration = f" --dataset_config_name {dataset_config_name}" if dataset_config_name else ""
+        named = f"--dataset_name {dataset_name}{configuration}"
         raise UsageError(
-            f"{named} could not be loaded: {reason}; check the name (and the network, or HF_HUB_OFFLINE), or pass "
-            "a local folder of images as --train_dir"
+            f"{named} could not be loaded: {first_line(error)}; check the name (and the network, or HF_HUB_OFFLINE), "
+            "or pass a local folder of images as --train_dir"
         ) from error
     if "train" not in raw:
         raise UsageError(f"The dataset has no 'train' split (its splits: {list(raw)}); pick a dataset that has one")

@@ -32,6 +32,7 @@ from ..data import (
     unseen_labels,
 )
 from ..errors import UsageError
+from ..training.loading import require_folder_path
 from .export import (
     check_processor_size,
     encoder_image_processor,
@@ -280,9 +281,7 @@ class FeatureArguments(LabelledImageDatasetArguments):
                 raise UsageError(f"--{name} must be at least {least}, got {getattr(self, name)}")
         # Found before the features are extracted, not when they or the results are written.
         for name in ("feature_cache_dir", "output_dir"):
-            folder = getattr(self, name)
-            if folder is not None and os.path.isfile(folder):
-                raise UsageError(f"--{name} {folder} is a file; pass a folder (new or existing)")
+            require_folder_path(name, getattr(self, name))
         super().__post_init__()
 
 

@@ -22,7 +22,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..arguments import OneLineErrorParser
 from ..checkpoint_folder import PROCESSOR_CONFIG, complete_code_files
-from ..errors import UsageError
+from ..errors import UsageError, first_line
 from .cards import DEFAULT_LICENSE, load_results, read_training_args, write_model_card
 
 logger = logging.getLogger(__name__)
@@ -109,6 +109,11 @@ def prepare_upload_folder(folder, upload_dir, *, repo_id: str | None = None, **c
     return sorted(str(path.relative_to(upload_dir)) for path in upload_dir.rglob("*") if path.is_file())
 
 
+def default_repo_id(training_args) -> str:
+    """The repo a training run pushes to: `--hub_model_id`, else its `--output_dir`'s name (Trainer's rule)."""
+    return training_args.hub_model_id or Path(training_args.output_dir).absolute().name
+
+
 def _unreachable(error: Exception) -> bool:
     # huggingface_hub's HTTP client (httpx, or httpx2 in newer releases) raises ConnectError or ConnectTimeout when
     # no connection opens, offline mode is a ConnectionError; a timeout mid-upload is not the user's to fix and keeps
@@ -139,10 +144,9 @@ def hub_request_errors(repo_id: str, token_flag: str = "--token"):
     except Exception as error:
         if not _unreachable(error):
             raise
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise UsageError(
-            f"cannot reach the Hub at {constants.ENDPOINT} to push {repo_id} ({reason}); check the network "
-            "connection (and that HF_HUB_OFFLINE is unset), or push later with scripts/push_to_hub.py"
+            f"cannot reach the Hub at {constants.ENDPOINT} to push {repo_id} ({first_line(error)}); check the "
+            "network connection (and that HF_HUB_OFFLINE is unset), or push later with scripts/push_to_hub.py"
         ) from error
 
 
@@ -304,6 +308,7 @@ def main(argv: Sequence[str] | None = None):
 __all__ = [
     "UPLOAD_PATTERNS",
     "default_commit_message",
+    "default_repo_id",
     "describe_push",
     "hub_request_errors",
     "main",

@@ -16,6 +16,7 @@ from transformers.trainer_utils import SchedulerType
 
 from ..arguments import flags_set
 from ..errors import UsageError
+from .loading import require_folder_path
 
 
 def check_distributed_launch(training_args: TrainingArguments) -> None:
@@ -119,8 +120,7 @@ class HfMimTrainingArguments(TrainingArguments):
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
-        if self.output_dir is not None and os.path.isfile(self.output_dir):
-            raise UsageError(f"--output_dir {self.output_dir} is a file; pass a folder (new, or a run's to continue)")
+        require_folder_path("output_dir", self.output_dir)
         if self.do_train and self.max_steps <= 0 and self.num_train_epochs <= 0:
             raise UsageError(
                 f"--num_train_epochs {self.num_train_epochs} trains for no step (and saves the model as it started): "

@@ -3,7 +3,7 @@
 import json
 import os
 
-from ..errors import UsageError
+from ..errors import UsageError, first_line
 
 
 def _looks_local(name: str) -> bool:
@@ -21,15 +21,19 @@ def pretrained(load, name_or_path: str, flag: str, **kwargs):
     except (OSError, ValueError) as error:
         if isinstance(error, UsageError):
             raise
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise UsageError(f"--{flag} {name_or_path} could not be loaded: {reason}") from error
+        raise UsageError(f"--{flag} {name_or_path} could not be loaded: {first_line(error)}") from error
+
+
+def require_folder_path(flag: str, path: str | None) -> None:
+    """A one-line error when `--flag`, a folder the command writes into, names an existing file."""
+    if path is not None and os.path.isfile(path):
+        raise UsageError(f"--{flag} {path} is a file; pass a folder (new or existing)")
 
 
 def require_new_output_dir(output_dir: str, model_name_or_path: str) -> None:
     """Refuse an `--output_dir` that is a file, or the folder of `--model_name_or_path`, which writing the new
     checkpoint would overwrite (the source's heads and tokenizer with it)."""
-    if os.path.isfile(output_dir):
-        raise UsageError(f"--output_dir {output_dir} is a file; pass a folder (new or existing)")
+    require_folder_path("output_dir", output_dir)
     if os.path.isdir(model_name_or_path) and os.path.realpath(output_dir) == os.path.realpath(model_name_or_path):
         raise UsageError(
             f"--output_dir {output_dir} is the folder of --model_name_or_path, which the new checkpoint would "
@@ -58,4 +62,4 @@ def require_tokenizer(tokenizer, name_or_path: str, flag: str = "tokenizer_name_
     raise UsageError(f"--{flag} {name_or_path} is a {model_type} model, not an hf_mim visual tokenizer; {fix}")
 
 
-__all__ = ["pretrained", "require_new_output_dir", "require_tokenizer", "saved_model_type"]
+__all__ = ["pretrained", "require_folder_path", "require_new_output_dir", "require_tokenizer", "saved_model_type"]

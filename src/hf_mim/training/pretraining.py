@@ -36,7 +36,13 @@ from .arguments import MimTrainingArguments, config_from_flags, parse_config_ove
 from .kmeans import KmeansFitArguments, feature_kmeans_tokenizer, fit_tokenizer_for_mim
 from .loading import pretrained, require_tokenizer
 from .trainer import MimTrainer
-from .workflow import require_action, require_steps_when_streaming, setup_logging, train_and_evaluate
+from .workflow import (
+    require_action,
+    require_steps_when_streaming,
+    require_weights_to_evaluate,
+    setup_logging,
+    train_and_evaluate,
+)
 
 
 # ViT sizes of the BEiT papers (and DeiT's tiny/small).
@@ -384,11 +390,7 @@ def pretrain(
     require_steps_when_streaming(data_args, training_args)
     check_fit_flags(model_args)
     method = mim_method(model_args.model_type)
-    if training_args.do_eval and not training_args.do_train and not model_args.model_name_or_path:
-        raise UsageError(
-            "--do_eval without --do_train evaluates the checkpoint of --model_name_or_path, which is not given (a "
-            "new model would score its random weights): add --model_name_or_path or --do_train"
-        )
+    require_weights_to_evaluate(training_args, model_args.model_name_or_path, "model_name_or_path", "checkpoint", "model")
     data_args.check_masking_flags(method.data_defaults.get("masking", "blockwise"))
     data_args = method.with_data_defaults(data_args)
     setup_logging(training_args)

@@ -31,7 +31,13 @@ from .arguments import MimTrainingArguments, config_from_flags, parse_config_ove
 from .dvae import DVAE_FLAGS, TEMPERATURE_SCHEDULES, check_schedule
 from .kmeans import KmeansFitArguments
 from .loading import pretrained, saved_model_type
-from .workflow import require_action, require_steps_when_streaming, setup_logging, train_and_evaluate
+from .workflow import (
+    require_action,
+    require_steps_when_streaming,
+    require_weights_to_evaluate,
+    setup_logging,
+    train_and_evaluate,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -224,11 +230,9 @@ def train_tokenizer(
     Returns the training metrics (and `eval_*` metrics with `--do_eval` and a validation split).
     """
     require_action(training_args)
-    if training_args.do_eval and not training_args.do_train and not tokenizer_args.tokenizer_name_or_path:
-        raise UsageError(
-            "--do_eval without --do_train evaluates the tokenizer of --tokenizer_name_or_path, which is not given (a "
-            "new tokenizer would score its random weights): add --tokenizer_name_or_path or --do_train"
-        )
+    require_weights_to_evaluate(
+        training_args, tokenizer_args.tokenizer_name_or_path, "tokenizer_name_or_path", "tokenizer", "tokenizer"
+    )
     require_steps_when_streaming(data_args, training_args)
     check_type_specific_flags(tokenizer_args, data_args, training_args)
     setup_logging(training_args)

@@ -2,7 +2,6 @@
 
 import logging
 import math
-import os
 
 import torch
 from transformers import Trainer, TrainerCallback
@@ -11,7 +10,7 @@ from transformers.utils.hub import hf_api
 from ..errors import UsageError
 from ..hub.callbacks import HubFilesCallback
 from ..hub.cards import write_model_card
-from ..hub.push import hub_request_errors, prepare_repo
+from ..hub.push import default_repo_id, hub_request_errors, prepare_repo
 from .budget import add_time_budget
 from .optim import build_param_groups
 
@@ -139,7 +138,7 @@ class MimTrainer(Trainer):
         # Trainer commits to `hub_revision` without creating it, and the Hub refuses commits to a missing branch.
         if not self.is_world_process_zero():
             return
-        repo_id = self.args.hub_model_id or os.path.basename(os.path.abspath(self.args.output_dir))
+        repo_id = default_repo_id(self.args)
         with hub_request_errors(repo_id, token_flag="--hub_token"):
             self.hub_model_id = prepare_repo(
                 hf_api(),

@@ -18,7 +18,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import UsageError
 from ..hub.cards import describe_training_data, hub_dataset_id
-from ..hub.push import hub_request_errors
+from ..hub.push import default_repo_id, hub_request_errors
 from .loading import saved_model_type
 
 logger = logging.getLogger(__name__)
@@ -46,6 +46,17 @@ def require_action(training_args: TrainingArguments) -> None:
         raise UsageError(
             f"--resume_from_checkpoint {training_args.resume_from_checkpoint} resumes training, and --do_train is not "
             "given: add --do_train, or pass the checkpoint as --model_name_or_path to evaluate it"
+        )
+
+
+def require_weights_to_evaluate(training_args: TrainingArguments, name_or_path: str | None, flag: str, what: str,
+                                new: str) -> None:
+    """Refuse an evaluation alone (`--do_eval` without `--do_train`) of a model built afresh, which would score its
+    random weights: `--flag` (the `what` of `name_or_path`) gives the weights to evaluate; `new` names the fresh one."""
+    if training_args.do_eval and not training_args.do_train and not name_or_path:
+        raise UsageError(
+            f"--do_eval without --do_train evaluates the {what} of --{flag}, which is not given (a new {new} would "
+            f"score its random weights): add --{flag} or --do_train"
         )
 
 
@@ -171,9 +182,7 @@ def train_and_evaluate(
         num_images = len(trainer.train_dataset) if hasattr(trainer.train_dataset, "__len__") else None
         trainer.training_data = describe_training_data(train_dir, num_images)
         if training_args.push_to_hub:
-            # Trainer names the repo on the main process only.
-            repo_id = getattr(trainer, "hub_model_id", None) or training_args.hub_model_id or training_args.output_dir
-            with hub_request_errors(repo_id, token_flag="--hub_token"):
+            with hub_request_errors(default_repo_id(training_args), token_flag="--hub_token"):
                 trainer.push_to_hub(**card)
         else:
             trainer.create_model_card(**card)
@@ -188,6 +197,7 @@ __all__ = [
     "require_action",
     "require_decoded_images",
     "require_steps_when_streaming",
+    "require_weights_to_evaluate",
     "setup_logging",
     "train_and_evaluate",
 ]

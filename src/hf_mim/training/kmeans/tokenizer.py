@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+from transformers import AutoConfig
 
 from ...data import SkippedImageCounter, center_crop_view
 from ...data.arguments import require_validation_split
@@ -22,7 +23,7 @@ from ...errors import UsageError
 from ...evaluation.codebook import codebook_metrics
 from ...families import family_of
 from ...hub.cards import write_model_card
-from ...hub.push import hub_request_errors, push_folder
+from ...hub.push import default_repo_id, hub_request_errors, push_folder
 from ...models.centroids import nearest_centroids
 from ...models.configuration_kmeans import KmeansConfig
 from ...models.distributed import all_reduce_, barrier, world
@@ -322,12 +323,9 @@ _FIT_FIELDS = ("model_type", "codebook_size", "image_size", "patch_size", "num_c
 
 def _require_same_fit(saved_config: str, config) -> None:
     """Refuse to resume with the tokenizer an earlier run fitted in the same folder with other fit flags."""
-    with open(saved_config) as file:
-        saved = json.load(file)
+    # Both as full JSON, so that defaults left out of the saved file and tuples read back as lists compare equal.
+    saved = json.loads(AutoConfig.from_pretrained(os.path.dirname(saved_config)).to_json_string(use_diff=False))
     wanted = json.loads(config.to_json_string(use_diff=False))
-    if saved.get("model_type") == config.model_type:
-        # Both as full JSON, so that defaults left out of the saved file and tuples read back as lists compare equal.
-        saved = json.loads(type(config).from_pretrained(os.path.dirname(saved_config)).to_json_string(use_diff=False))
     differing = [name for name in _FIT_FIELDS if saved.get(name) != wanted.get(name)]
     if differing:
         name = differing[0]
@@ -442,7 +440,7 @@ def train_kmeans_tokenizer(
         if training_args.do_train:
             write_model_card(output_dir, repo_id=training_args.hub_model_id, datasets=dataset_tags)
             if training_args.push_to_hub:
-                repo_id = training_args.hub_model_id or os.path.basename(os.path.abspath(output_dir))
+                repo_id = default_repo_id(training_args)
                 with hub_request_errors(repo_id, token_flag="--hub_token"):
                     push_folder(
                         output_dir,
