@@ -139,3 +139,18 @@ def test_data_pipeline_benchmark_runs_with_its_training_step(tmp_path, image_fol
     assert completed.returncode == 0, completed.stderr[-3000:]
     ccvit = json.loads(output.read_text())["methods"]["ccvit"]
     assert ccvit["data_worker"]["wall"]["per_s"] > 0 and ccvit["steps"]["tiny"]["workers_needed"] >= 1
+
+
+def test_kmeans_benchmark_compares_distance_precisions_without_faiss(tmp_path):
+    # The GPU machine has no faiss: the benchmark times hf_mim's precisions against each other then.
+    output = tmp_path / "kmeans.json"
+    subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_kmeans.py"), "--num_patches", "3000", "--num_clusters",
+         "32", "--num_iterations", "3", "--repeats", "1", "--threads", "1", "--precisions", "float32", "bfloat16",
+         "--no_faiss", "--no_sklearn", "--output", str(output)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    results = json.loads(output.read_text())
+    assert results["reference"] == "hf_mim/float32" and set(results["inertia"]) == {"hf_mim/float32", "hf_mim/bfloat16"}
+    assert abs(results["inertia_rel_diff_vs_reference"]["hf_mim/bfloat16"]) < 1e-6
+    assert results["time_ratio_vs_reference"]["hf_mim/float32"] == 1.0

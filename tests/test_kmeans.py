@@ -410,3 +410,101 @@ def test_a_fit_resumed_with_the_same_flags_reuses_the_saved_tokenizer_and_other_
     _require_same_fit(str(tmp_path / "config.json"), make())
     with pytest.raises(UsageError, match="with codebook_size=16, where these flags ask for 8"):
         _require_same_fit(str(tmp_path / "config.json"), make(codebook_size=8))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# bfloat16 distances (a GPU's default): one bfloat16 product, its two nearest centroids re-checked in float32.
+
+
+def near_duplicate_centroids(num_points=3000, dim=48, seed=0):
+    """Points around 32 centres, and 64 centroids: the centres and copies of them moved by 1e-3, closer to each
+    other than bfloat16 products of these points resolve."""
+    generator = torch.Generator().manual_seed(seed)
+    centres = torch.rand(32, dim, generator=generator)
+    centroids = torch.cat([centres, centres + 1e-3 * torch.randn(32, dim, generator=generator)])
+    points = centres[torch.randint(0, 32, (num_points,), generator=generator)]
+    return points + 0.05 * torch.randn(num_points, dim, generator=generator), centroids
+
+
+def assign_all(assignment, num_points, chunk_size):
+    ids, sq_distances = zip(*(assignment(start, min(start + chunk_size, num_points))[1:]
+                              for start in range(0, num_points, chunk_size)))
+    return torch.cat(ids), torch.cat(sq_distances)
+
+
+def test_bfloat16_distances_find_the_exact_nearest_centroid_where_bfloat16_alone_does_not():
+    from hf_mim.training.kmeans.lloyd import _Bfloat16Assignment
+
+    points, centroids = near_duplicate_centroids()
+    exact = torch.cdist(points.double(), centroids.double()).square()
+    assignment = _Bfloat16Assignment(points, len(centroids), chunk_size=1000)
+    assignment.set_centroids(centroids)
+    ids, sq_distances = assign_all(assignment, len(points), 1000)
+    assert torch.equal(ids, exact.argmin(dim=1))
+    assert torch.allclose(sq_distances.double(), exact.min(dim=1).values, rtol=1e-6, atol=0)
+    # The product alone (the same bfloat16 operands, no re-check) gets a sixth of these points wrong.
+    shift = centroids.mean(dim=0)
+    rounded_points, rounded_centroids = ((t - shift).bfloat16().float() for t in (points, centroids))
+    product_only = (rounded_centroids.square().sum(dim=1) - 2 * rounded_points @ rounded_centroids.t()).argmin(dim=1)
+    assert (product_only != exact.argmin(dim=1)).float().mean() > 0.1
+
+
+def test_bfloat16_fit_of_pixels_equals_the_exact_fit():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from bench_kmeans import synthetic_patches
+
+    points = synthetic_patches(6000, 8, seed=0)
+    init = init_centroids(points, 64, "random", seed=0)
+    fits = {
+        precision: fit_kmeans(points, 64, num_iterations=6, init=init, show_progress=False,
+                              distance_precision=precision)
+        for precision in ("float32", "bfloat16")
+    }
+    # Same assignments at every iteration, so the same byte sums and centroids as the exact integer products.
+    assert torch.equal(fits["bfloat16"].counts, fits["float32"].counts)
+    assert torch.allclose(fits["bfloat16"].centroids, fits["float32"].centroids, atol=1e-6, rtol=0)
+    assert np.allclose(fits["bfloat16"].inertia, fits["float32"].inertia, rtol=1e-6)
+
+
+def test_distance_precision_chooses_the_assignment_and_refuses_unknown_ones():
+    from hf_mim.training.kmeans.lloyd import _assignment_class, _Bfloat16Assignment, _FloatAssignment, _PixelAssignment
+
+    pixels, floats = torch.zeros(4, 3, dtype=torch.uint8), torch.zeros(4, 3)
+    assert _assignment_class(pixels, "auto") is _PixelAssignment and _assignment_class(floats, "auto") is _FloatAssignment
+    assert _assignment_class(pixels, "float32") is _PixelAssignment
+    assert _assignment_class(floats, "bfloat16") is _Bfloat16Assignment
+    with pytest.raises(ValueError, match="float16.*choose one of"):
+        fit_kmeans(floats, 2, distance_precision="float16", show_progress=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.uint8], ids=["float", "pixels"])
+def test_bfloat16_assignment_stays_on_the_points_device(dtype):
+    # The meta device takes the GPU's branch (bfloat16 product with a float32 result) and fails on any CPU tensor.
+    from hf_mim.training.kmeans.lloyd import _Bfloat16Assignment
+
+    points = torch.empty(10, 48, dtype=dtype, device="meta")
+    assignment = _Bfloat16Assignment(points, 6, chunk_size=4)
+    assert not assignment.emulated
+    assignment.set_centroids(torch.empty(6, 48, device="meta"))
+    block, ids, sq_distances = assignment(4, 8)
+    assert block.device.type == ids.device.type == sq_distances.device.type == "meta"
+    assert block.shape == (4, 48) and ids.shape == sq_distances.shape == (4,) and ids.dtype == torch.long
+
+
+def test_train_tokenizer_fits_with_the_distance_precision_it_is_given(image_folder, tmp_path, monkeypatch):
+    from hf_mim.training.kmeans import tokenizer as kmeans_tokenizer
+    from hf_mim.training.train_tokenizer import main
+
+    precisions = []
+
+    def recording_fit(*args, distance_precision, **kwargs):
+        precisions.append(distance_precision)
+        return fit_kmeans(*args, distance_precision=distance_precision, **kwargs)
+
+    monkeypatch.setattr(kmeans_tokenizer, "fit_kmeans", recording_fit)
+    main(train_tokenizer_args(image_folder, tmp_path / "bf16", "--kmeans_distance_precision", "bfloat16"))
+    main(train_tokenizer_args(image_folder, tmp_path / "default"))
+    assert precisions == ["bfloat16", "auto"]
+    # 8-bit patches: the same centroids as the exact integer products of the CPU.
+    assert torch.equal(AutoModel.from_pretrained(tmp_path / "bf16").centroids,
+                       AutoModel.from_pretrained(tmp_path / "default").centroids)

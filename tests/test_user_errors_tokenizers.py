@@ -90,6 +90,11 @@ CASES = {
     ),
     "no image to fit on": (lambda p: kmeans(p, "--kmeans_max_images", "0"), "--kmeans_max_images 0 must be at least 1"),
     "empty batches": (lambda p: kmeans(p, "--kmeans_batch_size", "0"), "--kmeans_batch_size 0 must be at least 1"),
+    "distance precision for faiss": (
+        lambda p: kmeans(p, "--kmeans_backend", "faiss", "--kmeans_distance_precision", "bfloat16"),
+        "--kmeans_distance_precision bfloat16 sets the torch backend's products, and faiss computes its own: pass "
+        "--kmeans_backend torch",
+    ),
     "faiss not installed": (
         lambda p: kmeans(p, "--kmeans_backend", "faiss"),
         "--kmeans_backend faiss needs the faiss package, which is not installed",

@@ -2,7 +2,8 @@
 
 `fit_kmeans` assigns points to centroids by a blocked matrix product with a fused argmin (the same
 `nearest_centroids` the tokenizer uses at training time), on the points' device; 8-bit pixel points on CPU use an exact
-integer kernel instead (`_PixelAssignment`). `init_centroids` draws the initial centroids ("random" or k-means++).
+integer kernel instead (`_PixelAssignment`), and a GPU one bfloat16 product whose two nearest centroids are re-checked
+in float32 (`_Bfloat16Assignment`). `init_centroids` draws the initial centroids ("random" or k-means++).
 
 Under `accelerate launch` (any `torch.distributed` process group) every process holds its own share of the points,
 and per-cluster sums, counts and the inertia are all-reduced each iteration. Every random choice is keyed by a
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 
 INIT_METHODS = ("random", "k-means++")
 BACKENDS = ("torch", "faiss")
+DISTANCE_PRECISIONS = ("auto", "float32", "bfloat16")
 
 
 @dataclass
@@ -202,6 +204,75 @@ class _FloatAssignment:
         return block, ids, sq_distances
 
 
+class _Bfloat16Assignment:
+    """Nearest centroids from one bfloat16 matrix product (tensor cores on a GPU), its two best re-checked in float32.
+
+    Points and centroids are shifted by the centroids' mean (distances do not change; the rounding shrinks with the
+    coordinates) and rounded to bfloat16. One product of `[x, 1, 1, 1]` with `[-2c, n_1, n_2, n_3]`, where
+    `n_1 + n_2 + n_3` is `||c||^2` of the rounded centroid split into three bfloat16 terms (float32's precision),
+    accumulated in float32, gives `||x - c||^2 - ||x||^2` of the rounded vectors. The two smallest per point are
+    the candidates, and their float32 distances `sum (x - c)^2` pick the nearest and are the distances returned.
+    Rounding moves a score by about `2 (x - c).delta` (delta: the rounding, 2^-9 of a shifted coordinate), so the
+    nearest centroid is missed only where two others are within that margin of it, and then one of those is taken.
+    8-bit pixels are summed as bytes, exactly in any order: a GPU's atomic sums give the same centroids every time.
+    """
+
+    accumulate = staticmethod(_FloatAssignment.accumulate)
+
+    def __init__(self, points: torch.Tensor, num_clusters: int, chunk_size: int):
+        self.points = points
+        dim, device = points.shape[1], points.device
+        rows = max(1, min(chunk_size, len(points)))
+        self.pixels = points.dtype == torch.uint8
+        self.sum_scale = 255.0 if self.pixels else 1.0
+        self.values = torch.empty(rows, dim, device=device)
+        self.block = torch.empty(rows, dim, device=device) if self.pixels else self.values
+        self.differences = torch.empty(rows, dim, device=device)
+        # The product's inner size: the coordinates and the three ones, padded to a multiple of 8 (tensor cores).
+        width = -(-(dim + 3) // 8) * 8
+        self.rounded = torch.zeros(rows, width, dtype=torch.bfloat16, device=device)
+        self.rounded[:, dim : dim + 3] = 1
+        # CPUs have no bfloat16 product with a float32 result; float32 products of the same bfloat16 values are the
+        # same sums (each product of two bfloat16 values is exact in float32), so the CPU computes those.
+        self.emulated = device.type == "cpu"
+        self.workspace = torch.empty(rows, num_clusters, device=device) if self.emulated else None
+
+    def set_centroids(self, centroids: torch.Tensor) -> None:
+        self.centroids = centroids
+        dim = centroids.shape[1]
+        self.shift = centroids.mean(dim=0)
+        rounded = (centroids - self.shift).to(torch.bfloat16)
+        operand = torch.zeros(len(centroids), self.rounded.shape[1], dtype=torch.bfloat16, device=centroids.device)
+        operand[:, :dim] = rounded * -2
+        remainder = rounded.float().square().sum(dim=1)
+        for column in range(dim, dim + 3):
+            operand[:, column] = remainder.to(torch.bfloat16)
+            remainder = remainder - operand[:, column].float()
+        self.operand = operand.t().float() if self.emulated else operand.t()
+
+    def _sq_distances(self, block: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        differences = torch.sub(block, self.centroids[ids], out=self.differences[: len(block)])
+        return differences.square_().sum(dim=1)
+
+    def __call__(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(block in summing units, nearest-centroid ids, float32 squared distances) of points `start:stop`."""
+        rows, dim = stop - start, self.points.shape[1]
+        values = self.values[:rows].copy_(self.points[start:stop])
+        block = torch.div(values, 255.0, out=self.block[:rows]) if self.pixels else values
+        rounded = self.rounded[:rows]
+        rounded[:, :dim].copy_(torch.sub(block, self.shift, out=self.differences[:rows]))
+        if self.emulated:
+            scores = torch.mm(rounded.float(), self.operand, out=self.workspace[:rows])
+        else:
+            scores = torch.mm(rounded, self.operand, out_dtype=torch.float32)
+        first = scores.argmin(dim=1)
+        scores.scatter_(1, first.unsqueeze(1), float("inf"))
+        candidates = torch.stack([first, scores.argmin(dim=1)], dim=1)
+        sq_distances = torch.stack([self._sq_distances(block, ids) for ids in candidates.unbind(dim=1)], dim=1)
+        sq_distances, nearest = sq_distances.min(dim=1)
+        return values, candidates.gather(1, nearest.unsqueeze(1)).squeeze(1), sq_distances
+
+
 class _PixelAssignment:
     """Nearest centroids of 8-bit pixel points by exact integer products, faster than float32 on CPU.
 
@@ -279,13 +350,14 @@ def fit_kmeans(
     chunk_size: int | None = None,
     backend: str = "torch",
     show_progress: bool = True,
+    distance_precision: str = "auto",
 ) -> KmeansFit:
     """Lloyd's k-means of `points` (of this process; under several processes, of all of them together).
 
     Each iteration assigns every point to its nearest centroid (blocked matrix products with a fused argmin),
     then moves every centroid to the mean of its points; a cluster left empty is moved onto a point far from its
-    centroid. 8-bit pixel points on CPU use exact integer products (see `_PixelAssignment`), everything else
-    float32 `||c||^2 - 2 x.c`. Sums are accumulated in float32 over at most 65536 points (exact for 8-bit pixels)
+    centroid. 8-bit pixel points on CPU use exact integer products (see `_PixelAssignment`), a GPU bfloat16 products
+    with float32 re-checks (`distance_precision`), everything else float32 `||c||^2 - 2 x.c`. Sums are accumulated in float32 over at most 65536 points (exact for 8-bit pixels)
     and in float64 beyond, so a multi-process fit of pixels matches a single-process one exactly.
 
     Args:
@@ -304,6 +376,11 @@ def fit_kmeans(
         backend (`str`, *optional*, defaults to `"torch"`): `"faiss"` uses `faiss.Kmeans` (CPU, one process) from the
             same initial centroids.
         show_progress (`bool`, *optional*, defaults to `True`): A progress bar with the inertia, on process 0.
+        distance_precision (`str`, *optional*, defaults to `"auto"`): How the assignment step's products are computed.
+            `"bfloat16"`: one bfloat16 product (tensor cores), the two nearest centroids it finds re-checked in
+            float32 (see `_Bfloat16Assignment`); `"float32"`: float32 products (exact integer ones for 8-bit pixels
+            on CPU); `"auto"`: bfloat16 on a CUDA GPU whose torch has bfloat16 products with float32 results,
+            float32 elsewhere.
     """
     if backend not in BACKENDS:
         raise ValueError(f"Unknown k-means backend {backend!r}; choose one of {list(BACKENDS)}")
@@ -311,6 +388,10 @@ def fit_kmeans(
         raise ValueError(f"points must be a (num_points, dim) tensor, got shape {tuple(points.shape)}")
     if points.dtype != torch.uint8 and not points.is_floating_point():
         raise ValueError(f"points must be float or uint8 pixels, got {points.dtype}")
+    if distance_precision not in DISTANCE_PRECISIONS:
+        raise ValueError(
+            f"Unknown distance precision {distance_precision!r}; choose one of {list(DISTANCE_PRECISIONS)}"
+        )
     rank, world_size = world()
     num_points = torch.tensor([points.shape[0]], dtype=torch.long, device=points.device)
     all_reduce_(num_points)
@@ -336,9 +417,11 @@ def fit_kmeans(
             raise ValueError("The faiss backend runs in one process; use backend='torch' under accelerate launch")
         return _fit_faiss(points, centroids, num_iterations, seed, show_progress)
 
-    chunk_size = min(chunk_size or max(256, 2**24 // num_clusters), 2**16)
-    pixels_on_cpu = points.dtype == torch.uint8 and points.device.type == "cpu"
-    assignment = (_PixelAssignment if pixels_on_cpu else _FloatAssignment)(points, num_clusters, chunk_size)
+    assignment_class = _assignment_class(points, distance_precision)
+    # bfloat16 products are fast enough on a GPU that larger blocks pay: fewer, longer kernels (512 MiB of scores).
+    block_elements = 2**27 if assignment_class is _Bfloat16Assignment and points.device.type != "cpu" else 2**24
+    chunk_size = min(chunk_size or max(256, block_elements // num_clusters), 2**16)
+    assignment = assignment_class(points, num_clusters, chunk_size)
     keys = point_keys(point_ids, seed)
     # float32 partial sums of 8-bit pixels stay exact up to 2^24 / 255 > 65535 points per cluster.
     flush_every = 2**16 // chunk_size * chunk_size
@@ -375,6 +458,22 @@ def fit_kmeans(
     return KmeansFit(centroids=centroids.cpu(), inertia=history, num_points=num_points, counts=counts.cpu())
 
 
+def _assignment_class(points: torch.Tensor, distance_precision: str) -> type:
+    """The assignment step of a fit of `points` at `distance_precision` (see [`fit_kmeans`])."""
+    # torch.mm(..., out_dtype=torch.float32) of bfloat16 operands: torch 2.8 and later.
+    bfloat16_products = "dtype" in torch.ops.aten.mm.overloads()
+    if distance_precision == "auto":
+        distance_precision = "bfloat16" if points.device.type == "cuda" and bfloat16_products else "float32"
+    if distance_precision == "bfloat16":
+        if points.device.type != "cpu" and not bfloat16_products:
+            raise ValueError(
+                f"bfloat16 k-means distances need torch.mm with out_dtype (torch 2.8 or later; this is "
+                f"{torch.__version__}): upgrade torch or use float32 distances"
+            )
+        return _Bfloat16Assignment
+    return _PixelAssignment if points.dtype == torch.uint8 and points.device.type == "cpu" else _FloatAssignment
+
+
 def _fit_faiss(
     points: torch.Tensor, centroids: torch.Tensor, num_iterations: int, seed: int, show_progress: bool
 ) -> KmeansFit:
@@ -400,6 +499,7 @@ def _fit_faiss(
 
 __all__ = [
     "BACKENDS",
+    "DISTANCE_PRECISIONS",
     "INIT_METHODS",
     "KmeansFit",
     "as_float_points",

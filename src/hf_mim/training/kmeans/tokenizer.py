@@ -33,7 +33,7 @@ from ...models.modeling_feature_kmeans import FeatureKmeansModel
 from ...models.modeling_kmeans import KmeansModel
 from ...models.modeling_tokenizer import code_counts
 from .features import feature_kmeans_tokenizer, sample_features
-from .lloyd import BACKENDS, INIT_METHODS, KmeansFit, as_float_points, fit_kmeans
+from .lloyd import BACKENDS, DISTANCE_PRECISIONS, INIT_METHODS, KmeansFit, as_float_points, fit_kmeans
 from .patches import sample_patches, select_images
 
 logger = logging.getLogger(__name__)
@@ -57,6 +57,14 @@ class KmeansFitArguments:
         default="torch",
         metadata={"help": "'torch' (any device, multi-process) or 'faiss' (one process).", "choices": list(BACKENDS)},
     )
+    kmeans_distance_precision: str = field(
+        default="auto",
+        metadata={
+            "help": "Products of the assignment step: 'bfloat16' (tensor cores; the two nearest centroids re-checked "
+            "in float32), 'float32', or 'auto' (bfloat16 on a GPU, float32 elsewhere).",
+            "choices": list(DISTANCE_PRECISIONS),
+        },
+    )
     kmeans_batch_size: int = field(default=64, metadata={"help": "Images per data-loading batch."})
 
     def __post_init__(self):
@@ -70,6 +78,11 @@ class KmeansFitArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"--{name} {value} must be at least 1: pass a positive number, {fix}")
+        if self.kmeans_backend == "faiss" and self.kmeans_distance_precision != "auto":
+            raise UsageError(
+                f"--kmeans_distance_precision {self.kmeans_distance_precision} sets the torch backend's products, "
+                "and faiss computes its own: pass --kmeans_backend torch, or remove --kmeans_distance_precision"
+            )
         if self.kmeans_backend == "faiss" and importlib.util.find_spec("faiss") is None:
             raise UsageError(
                 "--kmeans_backend faiss needs the faiss package, which is not installed: pip install 'hf_mim[faiss]' "
@@ -121,6 +134,7 @@ def fit_centroids(
     device: torch.device | str | None = None,
     skipped: SkippedImageCounter | None = None,
     show_progress: bool = True,
+    distance_precision: str = "auto",
 ) -> KmeansFit:
     """Fit the centroids of a k-means tokenizer on the images of `dataset` ([`sample_points`], [`fit_kmeans`]) and set
     them; every process of a launch takes part with its share of the images.
@@ -159,6 +173,7 @@ def fit_centroids(
         point_ids=point_ids,
         backend=backend,
         show_progress=show_progress,
+        distance_precision=distance_precision,
     )
     tokenizer.set_centroids(fit.centroids)
     return dataclasses.replace(fit, skipped_images=undecodable)
@@ -178,6 +193,7 @@ def fit_kmeans_tokenizer(
     device: torch.device | str | None = None,
     skipped: SkippedImageCounter | None = None,
     show_progress: bool = True,
+    distance_precision: str = "auto",
 ) -> tuple[KmeansModel, KmeansImageProcessor, KmeansFit]:
     """Fit a centroid tokenizer of `config` (view size, patch size, number of centroids) on the images of `dataset`
     ([`fit_centroids`]).
@@ -203,6 +219,7 @@ def fit_kmeans_tokenizer(
         device=device,
         skipped=skipped,
         show_progress=show_progress,
+        distance_precision=distance_precision,
     )
     return tokenizer, image_processor, fit
 
@@ -271,6 +288,7 @@ def _fit_from_arguments(
         device=device,
         skipped=SkippedImageCounter(),
         show_progress=show_progress,
+        distance_precision=fit_args.kmeans_distance_precision,
     )
 
 
