@@ -234,3 +234,29 @@ def test_fit_tokenizer_conflicts_with_a_given_tokenizer(image_folder, tmp_path):
 
     with pytest.raises(ValueError, match="--fit_tokenizer fits a new tokenizer"):
         main(run_mim_args(image_folder, tmp_path, "--fit_tokenizer", "--tokenizer_name_or_path", "somewhere"))
+
+
+def test_normalising_the_corrupted_view_copies_no_host_values_to_the_device():
+    # A tensor made from config values and moved to a GPU is a copy from pageable memory that waits for the GPU.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostCopies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            output = func(*args, **(kwargs or {}))
+            host = [arg for arg in args if isinstance(arg, torch.Tensor) and arg.device.type == "cpu"]
+            if host and isinstance(output, torch.Tensor) and output.device.type == "meta":
+                self.count += 1
+            return output
+
+    model = tiny_ccvit()
+    pixels = torch.rand(2, 3, 32, 32)
+    with HostCopies() as copies:
+        normalized = model.normalize_pixels(pixels.to("meta"))
+    assert copies.count == 0 and normalized.device.type == "meta"
+    expected = (pixels - torch.tensor(model.config.image_mean).view(1, 3, 1, 1)) / torch.tensor(
+        model.config.image_std).view(1, 3, 1, 1)
+    assert torch.equal(model.normalize_pixels(pixels), expected)

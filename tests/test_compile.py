@@ -138,3 +138,46 @@ def test_vqkd_codebook_reads_its_initialised_flag_again_after_a_load():
     assert codebook.is_initialised
     codebook.load_state_dict({**codebook.state_dict(), "initted": torch.zeros(1)})
     assert not codebook.is_initialised
+
+
+class GatherCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the operations whose output size only the data decides: each reads a count back to the host."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        indices = args[1] if func is torch.ops.aten.index.Tensor else ()
+        if func in (torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default) or any(
+            getattr(index, "dtype", None) == torch.bool for index in indices
+        ):
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("exact", [True, False], ids=["exact masks", "at most N masked"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_trainer_gives_the_model_the_collators_exact_counts(case, exact, tmp_path):
+    # Without the counts every training step gathers the masked rows by boolean masks: a synchronisation each.
+    from hf_mim.data import MimDataCollator
+    from hf_mim.training.arguments import MimTrainingArguments
+    from hf_mim.training.trainer import MimTrainer
+
+    model, inputs = CASES[case]()
+    views = {key: value for key, value in inputs.items() if key in ("pixel_values", "tokenizer_pixel_values")}
+    examples = [{key: value[index] for key, value in views.items()} for index in range(BATCH)]
+    replacing = "num_replaced" in inputs
+    collator = MimDataCollator(
+        BlockwiseMaskingGenerator(4, NUM_MASKED, min_num_patches=2, exact=exact),
+        replacement_generator=ReplacementPositionGenerator(4, NUM_REPLACED) if replacing else None,
+    )
+    args = MimTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = MimTrainer(model=model, args=args, data_collator=collator)
+    batch = collator(examples)
+    expected = {"num_masked": NUM_MASKED, **({"num_replaced": NUM_REPLACED} if replacing else {})} if exact else {}
+    assert collator.exact_counts() == expected
+    model.train()
+    with GatherCounter() as counter:
+        trainer.compute_loss(model, batch).backward()
+    assert (counter.count == 0) == exact

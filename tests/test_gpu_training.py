@@ -213,6 +213,24 @@ def test_batches_are_pinned_only_for_a_gpu(tmp_path):
     assert MimTrainingArguments(output_dir=str(tmp_path), report_to="none").dataloader_pin_memory is torch.cuda.is_available()
 
 
+def test_pinned_batches_are_copied_without_waiting_for_the_host(tmp_path):
+    pinned = MimTrainingArguments(output_dir=str(tmp_path), report_to="none", dataloader_pin_memory=True)
+    assert pinned.accelerator_config.non_blocking
+    unpinned = MimTrainingArguments(output_dir=str(tmp_path), report_to="none", dataloader_pin_memory=False)
+    assert not unpinned.accelerator_config.non_blocking
+    # A user's own accelerator config is left as given.
+    given = MimTrainingArguments(output_dir=str(tmp_path), report_to="none", dataloader_pin_memory=True,
+                                 accelerator_config={"non_blocking": False})
+    assert not given.accelerator_config.non_blocking
+
+
+@pytest.mark.parametrize("skip", [False, True])
+def test_the_logged_loss_is_only_filtered_on_the_host_when_non_finite_steps_are_skipped(skip, tmp_path):
+    # transformers' filter reads every step's loss on the host; a non-finite loss stops the run at the next log.
+    args = MimTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, skip_nonfinite_steps=skip)
+    assert args.logging_nan_inf_filter is skip
+
+
 def test_the_end_of_training_writes_no_checkpoint_save_steps_did_not_ask_for(tiny_dvae_dir, image_folder, tmp_path):
     # Trainer added checkpoint-5 (model + optimiser state) beside the final model saved in output_dir.
     main(run_mim_args(tiny_dvae_dir, image_folder, tmp_path, "--max_steps", "5", "--save_steps", "2"))

@@ -300,6 +300,14 @@ def test_mcbeit_defaults_to_random_75_percent_masking_without_colour_jitter():
     assert data_args.color_jitter == 0.0
 
 
+@pytest.mark.parametrize("model_type, crop_min_scale", [("beit", 0.08), ("beitv2", 0.2), ("mcbeit", 0.08), ("ccvit", 0.2)])
+def test_each_method_crops_at_its_recipes_minimum_scale_unless_told(model_type, crop_min_scale):
+    # BEiT v2's released models and CCViT's code crop at least 0.2 of the image; BEiT and mc-BEiT at 0.08.
+    assert parsed_data_args(model_type=model_type).view_options()["crop_scale"] == (crop_min_scale, 1.0)
+    given = parsed_data_args("--crop_min_scale", "0.5", model_type=model_type)
+    assert given.view_options()["crop_scale"] == (0.5, 1.0)
+
+
 def test_beit_defaults_are_unchanged_and_flags_win():
     beit = parsed_data_args(model_type="beit")
     assert isinstance(build_mask_generator(beit, 14), BlockwiseMaskingGenerator) and beit.color_jitter == 0.4

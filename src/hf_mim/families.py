@@ -107,7 +107,7 @@ class MimMethod(Family):
     Attributes:
         encoder_class (`type`): The ViT without its LM head (`AutoModel`; features, export, fine-tuning).
         data_defaults (`dict`): The values of `hf-mim pretrain`'s data flags left unset (`masking`, `mask_ratio`,
-            `color_jitter`).
+            `color_jitter`, `crop_min_scale`).
         replaced_patches (`int`, *optional*): Visible patches replaced by their tokenizer's reconstruction, of a
             196-patch grid (scaled to others); `None` for a method that replaces none.
         reads_tokenizer_view (`bool`): Whether the model reads the tokenizer's view and normalises it itself (after
@@ -150,6 +150,8 @@ MIM_METHODS = {
             model_class=models.Beitv2ForMaskedImageModeling,
             encoder_class=models.Beitv2Model,
             card_tag="beit-v2",
+            # The recipe of the released models (PRETRAINING.md); the script's own default is 0.08.
+            data_defaults={**BEIT_DATA_DEFAULTS, "crop_min_scale": 0.2},
         ),
         MimMethod(
             name="mcbeit",
@@ -169,7 +171,7 @@ MIM_METHODS = {
             encoder_class=models.CcvitModel,
             card_tag="ccvit",
             # BEiT's blockwise 75 of 196, no colour jitter: its centroids are fitted on un-jittered pixels.
-            data_defaults={**BEIT_DATA_DEFAULTS, "color_jitter": 0.0},
+            data_defaults={**BEIT_DATA_DEFAULTS, "color_jitter": 0.0, "crop_min_scale": 0.2},
             replaced_patches=20,
             # Centroid replacement works on raw [0, 1] patches; the saved (normalising) image processor is the
             # encoder's view for downstream use.

@@ -101,9 +101,10 @@ class LabelledImageDatasetArguments(ImageDatasetArguments):
 class RenderingArguments:
     """How the training commands draw and render their training views ([`TwoViewTransform`])."""
 
-    crop_min_scale: float = field(
-        default=0.08,
-        metadata={"help": "Random-resized-crop minimum area, a fraction of the image (BEiT v2 and CCViT recipes: 0.2)"},
+    crop_min_scale: float | None = field(
+        default=None,
+        metadata={"help": "Random-resized-crop minimum area, a fraction of the image (default: the recipe's. "
+                  "BEiT v2 and CCViT pre-training 0.2, otherwise 0.08)"},
     )
     color_jitter: float | None = field(
         default=None,
@@ -118,7 +119,7 @@ class RenderingArguments:
     )
 
     def __post_init__(self):
-        if not 0.0 < self.crop_min_scale <= 1.0:
+        if self.crop_min_scale is not None and not 0.0 < self.crop_min_scale <= 1.0:
             raise UsageError(f"--crop_min_scale is a fraction of the image's area, in (0, 1]; got {self.crop_min_scale}")
         if self.color_jitter is not None and self.color_jitter < 0:
             raise UsageError(f"--color_jitter is a strength >= 0 (0 disables it), got {self.color_jitter}")
@@ -130,7 +131,9 @@ class RenderingArguments:
         color_jitter = default_color_jitter if self.color_jitter is None else self.color_jitter
         if color_jitter is None:
             raise ValueError("--color_jitter is unset and no default was given: fill in the recipe's defaults first")
-        return {"crop_scale": (self.crop_min_scale, 1.0), "color_jitter": color_jitter, "exact": self.exact_augmentation}
+        # torchvision's RandomResizedCrop default, BEiT's and mc-BEiT's recipe.
+        crop_min_scale = 0.08 if self.crop_min_scale is None else self.crop_min_scale
+        return {"crop_scale": (crop_min_scale, 1.0), "color_jitter": color_jitter, "exact": self.exact_augmentation}
 
 
 # The flags each masking reads.

@@ -64,6 +64,21 @@ class MimDataCollator:
         self.skipped = skipped
         self.replacement_generator = replacement_generator
 
+    def exact_counts(self) -> dict[str, int]:
+        """`{"num_masked": ...}` (with `"num_replaced"` when patches are replaced too): the patches every image of
+        this collator's batches masks (and replaces), when its generators draw exact counts; `{}` when they do not.
+        Given to the model's forward, the counts let it gather the masked rows with static shapes: no device
+        synchronisation per step, and one compiled graph."""
+        generator = self.mask_generator
+        if not (getattr(generator, "exact", False) and hasattr(generator, "num_masking_patches")):
+            return {}
+        counts = {"num_masked": generator.num_masking_patches}
+        if self.replacement_generator is not None:
+            if not hasattr(self.replacement_generator, "num_replaced_patches"):
+                return {}
+            counts["num_replaced"] = self.replacement_generator.num_replaced_patches
+        return counts
+
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         kept = [example for example in examples if example is not None and example.get("pixel_values") is not None]
         if len(kept) < len(examples):

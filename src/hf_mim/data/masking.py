@@ -183,6 +183,9 @@ class RandomMaskingGenerator:
             Exact number of patches to mask. Give exactly one of `mask_ratio` and `num_masking_patches`.
     """
 
+    # Every mask has exactly `num_masking_patches` patches (see `MimDataCollator.exact_counts`).
+    exact = True
+
     def __init__(
         self,
         input_size: int | tuple[int, int],

@@ -79,8 +79,11 @@ class CcvitForMaskedImageModeling(Beitv2ForMaskedImageModeling):
 
     def normalize_pixels(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[0, 1] pixels normalised with `config.image_mean` and `config.image_std`."""
-        mean = pixel_values.new_tensor(self.config.image_mean).view(1, -1, 1, 1)
-        std = pixel_values.new_tensor(self.config.image_std).view(1, -1, 1, 1)
+        # Filled on the device: a tensor of host values is a copy from pageable memory, which waits for the GPU.
+        mean, std = (
+            torch.stack([pixel_values.new_full((), value) for value in values]).view(1, -1, 1, 1)
+            for values in (self.config.image_mean, self.config.image_std)
+        )
         return (pixel_values - mean) / std
 
     @torch.no_grad()

@@ -232,7 +232,8 @@ class VqkdCodebook(nn.Module):
             indices=indices.view(features.shape[:-1]),
             commitment_loss=commitment_loss,
             counts=counts,
-            restarted_codes=torch.tensor(float(restarted), device=features.device),
+            # Filled on the device (a tensor of a host value would be a copy that waits for the GPU).
+            restarted_codes=features.new_full((), float(restarted), dtype=torch.float32),
         )
 
 

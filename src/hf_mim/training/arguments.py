@@ -110,9 +110,22 @@ class HfMimTrainingArguments(TrainingArguments):
         default=None, metadata={"help": "Pin batches in page-locked memory (default: on when training on a GPU)"}
     )
 
+    # transformers' filter tests every step's loss on the host (`torch.isnan(loss) or ...`), a synchronisation per
+    # step; a non-finite loss stops the run at the next logging step anyway, unless such steps are skipped.
+    logging_nan_inf_filter: bool | None = field(
+        default=None,
+        metadata={"help": "Leave non-finite losses out of the logged loss (default: with --skip_nonfinite_steps "
+                  "only; costs one host synchronisation per step)"},
+    )
+
     def __post_init__(self):
         if self.dataloader_pin_memory is None:
             self.dataloader_pin_memory = torch.cuda.is_available() and not self.use_cpu
+        if self.logging_nan_inf_filter is None:
+            self.logging_nan_inf_filter = self.skip_nonfinite_steps
+        if self.dataloader_pin_memory and self.accelerator_config is None:
+            # Copies of pinned batches to the GPU need not wait for the host (accelerate's default waits).
+            self.accelerator_config = {"non_blocking": True}
         if self.dataloader_persistent_workers is None:
             self.dataloader_persistent_workers = self.dataloader_num_workers > 0
         if self.max_train_seconds is not None and self.max_train_seconds <= 0:

@@ -73,7 +73,9 @@ class TokenizerArguments(KmeansFitArguments):
             "where code balancing revives the codes that died as it fell (1.0: anneal until the last step)."
         },
     )
-    kl_weight: float = field(default=1e-3, metadata={"help": "Final weight of the KL term to the uniform prior."})
+    kl_weight: float = field(
+        default=1e-2, metadata={"help": "Final weight of the KL term to the uniform prior (dVAE; the README's measurements)."}
+    )
     kl_warmup_fraction: float = field(
         default=0.1, metadata={"help": "Fraction of the steps over which the KL weight ramps up from 0."}
     )

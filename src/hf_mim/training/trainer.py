@@ -227,6 +227,10 @@ class MimTrainer(Trainer):
         return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # Exact mask counts make the model's gathers static: no device synchronisation per step, one compiled graph.
+        exact_counts = getattr(self.data_collator, "exact_counts", None)
+        if exact_counts is not None:
+            inputs = {**exact_counts(), **inputs}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if model.training and not self.skip_nonfinite_steps:
             self.count_nonfinite_loss(loss)
