@@ -81,6 +81,27 @@ def test_time_budget_stops_at_the_first_step_past_it(monkeypatch):
         TimeBudgetCallback(0)
 
 
+def test_every_process_stops_when_one_is_past_its_budget(monkeypatch):
+    # Clocks of processes differ: a process stopping a step early left the others waiting in DDP's all-reduce.
+    from hf_mim.training import budget
+
+    clock = iter([100.0, 100.5])
+    monkeypatch.setattr(budget.time, "monotonic", lambda: next(clock))
+    monkeypatch.setattr(budget, "is_distributed", lambda: True)
+    reduced = []
+
+    def other_process_is_over(flag):
+        reduced.append(float(flag))
+        flag.add_(1.0)
+
+    monkeypatch.setattr(budget, "all_reduce_", other_process_is_over)
+    callback, control = TimeBudgetCallback(1.0), TrainerControl()
+    args, state = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True), TrainerState()
+    callback.on_train_begin(args, state, control)
+    callback.on_step_end(args, state, control)
+    assert reduced == [0.0] and control.should_training_stop
+
+
 def test_replacement_generator_is_ccvit_only():
     generator = build_replacement_generator(DataArguments(), MIM_METHODS["ccvit"], 8)
     assert generator.num_replaced_patches == 7  # 20 of 196 scaled to 64 patches

@@ -320,3 +320,55 @@ def test_kmeans_fit_makes_every_tensor_on_the_points_device(dtype, init, caplog)
     assert np.all(np.diff(fit.inertia) <= 1e-6 * fit.inertia[0])
     if isinstance(init, torch.Tensor):
         assert "Re-seeding 1 empty clusters" in caplog.text
+
+
+class HostTensorsMeetingMeta(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts operations that read a CPU tensor of one element or more into a meta result: on a GPU, a copy from
+    pageable memory that waits for the device (meta accepts such indices where a CUDA table would copy them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.operations = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        output = func(*args, **(kwargs or {}))
+        flat = torch.utils._pytree.tree_leaves((args, kwargs))
+        host = [arg for arg in flat if isinstance(arg, torch.Tensor) and arg.device.type == "cpu" and arg.numel() > 1]
+        outputs = [out for out in torch.utils._pytree.tree_leaves(output) if isinstance(out, torch.Tensor)]
+        if host and any(out.device.type == "meta" for out in outputs):
+            self.operations.append(str(func))
+        return output
+
+
+@pytest.mark.parametrize("model_type", ["hf_mim_beit", "hf_mim_beitv2"])
+def test_relative_position_index_is_copied_to_the_device_once(model_type, on_meta, monkeypatch):
+    model_class, config, module, answers = MIM_MODELS[model_type]
+    model = model_class(config()).to(META).train()
+    vqkd_initialised(monkeypatch)
+    inputs = {"pixel_values": meta_pixels(32), "bool_masked_pos": meta_mask(),
+              "tokenizer_pixel_values": meta_pixels(model.tokenizer.config.image_size)}
+    pending = answer_host_reads(monkeypatch, module, *(answers * 2)) if module is not None else []
+    model(**inputs).loss.backward()
+    with HostTensorsMeetingMeta() as counter:
+        model(**inputs).loss.backward()
+    assert counter.operations == [] and not pending
+
+
+def test_relative_position_bias_kept_on_the_device_equals_transformers():
+    from transformers import BeitConfig
+    from transformers.models.beit.modeling_beit import BeitRelativePositionBias
+
+    from hf_mim.models.beit_backbone import DeviceRelativePositionBias, keep_position_index_on_device
+
+    config = BeitConfig(image_size=32, patch_size=8, num_attention_heads=2, use_shared_relative_position_bias=True,
+                        hidden_size=16, num_hidden_layers=1, intermediate_size=32)
+    reference = BeitRelativePositionBias(config)
+    torch.nn.init.normal_(reference.relative_position_bias_table)
+    holder = torch.nn.Module()
+    holder.bias = reference
+    keep_position_index_on_device(holder)
+    assert type(holder.bias) is DeviceRelativePositionBias
+    assert holder.bias.relative_position_bias_table is reference.relative_position_bias_table
+    for window, interpolate, dim_size in [((4, 4), False, 17), ((4, 4), True, 17), ((6, 5), False, 31)]:
+        assert torch.equal(holder.bias(window, interpolate, dim_size=dim_size),
+                           BeitRelativePositionBias.forward(reference, window, interpolate, dim_size=dim_size))

@@ -75,6 +75,43 @@ def init_beit_weights(module: nn.Module, config, trunc_normal_=trunc_normal_beit
             init.constant_(module.lambda_2, config.layer_scale_init_value)
 
 
+class DeviceRelativePositionBias(BeitRelativePositionBias):
+    """transformers' `BeitRelativePositionBias` with its position index kept on the table's device.
+
+    transformers indexes the table with an index it builds (and caches) on the CPU, so every use on a GPU copies it
+    from pageable memory, which waits for the GPU: a synchronisation per layer and step, forward and backward. This
+    copies it once per device. At the table's own window size it also skips resampling the table to that size (the
+    identity). Other sizes, and traced graphs (where the index is a constant), take transformers' path.
+    """
+
+    def forward(self, window_size, interpolate_pos_encoding: bool = False, dim_size=None) -> torch.Tensor:
+        window_size = tuple(window_size)
+        area = window_size[0] * window_size[1] + 1
+        resized = interpolate_pos_encoding and dim_size is not None and dim_size != area
+        if torch.compiler.is_compiling() or window_size != tuple(self.window_size) or resized:
+            return super().forward(window_size, interpolate_pos_encoding, dim_size=dim_size)
+        table = self.relative_position_bias_table
+        cached = getattr(self, "_device_index", None)
+        if cached is None or cached.device != table.device:
+            cached = self.generate_relative_position_index(window_size).view(-1).to(table.device)
+            self._device_index = cached
+        return table[cached].view(area, area, -1).permute(2, 0, 1).contiguous().unsqueeze(0)
+
+
+def keep_position_index_on_device(model: nn.Module) -> None:
+    """Replace every transformers `BeitRelativePositionBias` of `model` by a [`DeviceRelativePositionBias`] holding
+    the same table (parameter names, values and exports are unchanged)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is BeitRelativePositionBias:
+                replacement = DeviceRelativePositionBias.__new__(DeviceRelativePositionBias)
+                nn.Module.__init__(replacement)
+                replacement.window_size = child.window_size
+                replacement.num_relative_distance = child.num_relative_distance
+                replacement.relative_position_bias_table = child.relative_position_bias_table
+                setattr(parent, name, replacement)
+
+
 class BeitReferenceInitMixin:
     """Gives a `PreTrainedModel` BEiT's pre-training initialisation."""
 
@@ -102,13 +139,16 @@ class MimBeitModel(BeitReferenceInitMixin, BeitModel):
     def post_init(self):
         # `BeitModel.__init__` ends with `post_init()`; the layers exist by then and must be marked first.
         mark_output_projections(self.layers)
+        keep_position_index_on_device(self)
         super().post_init()
 
 
 __all__ = [
     "BeitReferenceInitMixin",
+    "DeviceRelativePositionBias",
     "MimBeitModel",
     "init_beit_weights",
+    "keep_position_index_on_device",
     "mark_output_projections",
     "trunc_normal_beit_",
     "trunc_normal_timm_",

@@ -2,9 +2,12 @@
 
 import time
 
+import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
+
+from ..models.distributed import all_reduce_, is_distributed
 
 
 class TimeBudgetCallback(TrainerCallback):
@@ -14,7 +17,9 @@ class TimeBudgetCallback(TrainerCallback):
     `constant_with_warmup`) or a `max_steps` the budget reaches. Schedules of a method (the dVAE's temperature
     and KL ramp) read `training_progress`, which counts the budget. The budget is per launch: a resumed run gets a
     new one and its budget-driven schedules start over, so resume budgeted runs with a `max_steps` they reach.
-    Each process times its own budget; under DDP they agree to within a step, not bitwise.
+    Each process times its own budget, and under several processes every one stops at the first step where any one
+    is past it (one all-reduce of a flag per step): a process stopping a step before another would wait in a
+    collective the other never enters.
     """
 
     def __init__(self, max_train_seconds: float):
@@ -31,7 +36,12 @@ class TimeBudgetCallback(TrainerCallback):
         return 0.0 if self.start is None else (time.monotonic() - self.start) / self.max_train_seconds
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.elapsed_fraction() >= 1.0:
+        over = self.elapsed_fraction() >= 1.0
+        if is_distributed():
+            flag = torch.full((), float(over), device=args.device)
+            all_reduce_(flag)
+            over = flag.item() > 0
+        if over:
             control.should_training_stop = True
         return control
 

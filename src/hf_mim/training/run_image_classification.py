@@ -39,6 +39,7 @@ from ..evaluation.export import (
     to_transformers_beit,
 )
 from ..evaluation.metrics import load_metric
+from ..models.beit_backbone import keep_position_index_on_device
 from .arguments import HfMimTrainingArguments
 from .loading import require_new_output_dir
 from .mixup import MixupCutmix, soft_target_cross_entropy
@@ -202,6 +203,7 @@ def build_classifier(source, model_args: ModelArguments, class_names: list[str])
     )
     model = BeitForImageClassification(encoder.config)
     model.beit.load_state_dict(encoder.state_dict(), strict=True)
+    keep_position_index_on_device(model)
     with torch.no_grad():
         # A near-zero head keeps the first steps from disturbing the pretrained features (unilm `init_scale`).
         model.classifier.weight.mul_(model_args.head_init_scale)
