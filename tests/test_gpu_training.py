@@ -236,3 +236,19 @@ def test_the_end_of_training_writes_no_checkpoint_save_steps_did_not_ask_for(tin
     main(run_mim_args(tiny_dvae_dir, image_folder, tmp_path, "--max_steps", "5", "--save_steps", "2"))
     assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
     assert (tmp_path / "model.safetensors").exists()
+
+
+def test_training_with_transformers_learning_rate_and_weight_decay_is_warned_of(tmp_path, caplog):
+    from hf_mim.training.arguments import warn_of_transformers_optimisation_defaults
+
+    def warned(**flags):
+        caplog.clear()
+        args = MimTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, do_train=True, **flags)
+        with caplog.at_level("WARNING", logger="hf_mim.training.arguments"):
+            warn_of_transformers_optimisation_defaults(args, "the recipe: --learning_rate 1")
+        return caplog.text
+
+    text = warned()
+    assert "--learning_rate and --weight_decay are unset, so transformers' defaults apply (5e-05, 0)" in text
+    assert "the recipe: --learning_rate 1" in text
+    assert warned(learning_rate=1e-3) == "" and warned(weight_decay=0.05) == ""

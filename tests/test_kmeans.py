@@ -508,3 +508,45 @@ def test_train_tokenizer_fits_with_the_distance_precision_it_is_given(image_fold
     # 8-bit patches: the same centroids as the exact integer products of the CPU.
     assert torch.equal(AutoModel.from_pretrained(tmp_path / "bf16").centroids,
                        AutoModel.from_pretrained(tmp_path / "default").centroids)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The images of a fit: CCViT fits on 50 images per ImageNet class.
+
+
+def test_images_per_class_takes_that_many_of_each_class_at_random(caplog):
+    from datasets import Dataset
+
+    from hf_mim.training.kmeans import select_images
+
+    labels = [0] * 10 + [1] * 3 + [2] * 7
+    dataset = Dataset.from_dict({"label": labels, "index": list(range(len(labels)))})
+    with caplog.at_level("WARNING", logger="hf_mim.training.kmeans"):
+        chosen = select_images(dataset, None, seed=0, per_class=4)
+    counts = np.bincount(chosen["label"])
+    assert counts.tolist() == [4, 3, 4]
+    assert "1 of 3 classes have fewer than 4 images" in caplog.text
+    assert select_images(dataset, None, seed=0, per_class=4)["index"] == chosen["index"]
+    assert any(select_images(dataset, None, seed=seed, per_class=4)["index"] != chosen["index"] for seed in (1, 2, 3))
+
+
+def test_images_per_class_needs_labels_and_a_map_style_dataset():
+    from datasets import Dataset
+
+    from hf_mim.errors import UsageError
+    from hf_mim.training.kmeans import KmeansFitArguments, select_images
+
+    with pytest.raises(UsageError, match="no 'label' column"):
+        select_images(Dataset.from_dict({"image": [1, 2]}), None, per_class=1)
+    with pytest.raises(UsageError, match="remove --streaming"):
+        select_images(Dataset.from_dict({"label": [1, 2]}).to_iterable_dataset(), None, per_class=1)
+    with pytest.raises(UsageError, match="pass one of them"):
+        KmeansFitArguments(kmeans_max_images=10, kmeans_images_per_class=2)
+
+
+def test_train_tokenizer_fits_on_the_images_per_class_it_is_given(image_folder, tmp_path):
+    from hf_mim.training.train_tokenizer import main
+
+    metrics = main(train_tokenizer_args(image_folder, tmp_path, "--kmeans_images_per_class", "2"))
+    # Two classes, two images each, six patches per image.
+    assert metrics["train_num_patches"] == 2 * 2 * 6

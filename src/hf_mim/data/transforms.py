@@ -190,12 +190,12 @@ class TwoViewTransform:
             Random augmentation if True, the processors' deterministic preprocessing if False.
         exact (`bool`, *optional*, defaults to `False`):
             Render training views exactly as torchvision's PIL pipeline does (colour jitter on the whole 8-bit
-            image, flip, then `resize(box=...)` of each view). By default the same draws are rendered about twice
-            as fast: only the crop is read, bicubic and bilinear views are resampled by torch with PIL's
+            image, flip, then `resized_crop`: the crop alone resampled to each view). By default the same draws are
+            rendered faster: only the crop is read, bicubic and bilinear views are resampled by torch with PIL's
             antialiased kernels, and the jitter runs in float on the rendered views, blending contrast towards the
             whole image's mean as torchvision does. Views differ from the exact ones by PIL's 8-bit rounding
-            between jitter steps, clipping before versus after resampling, and the crop's edge pixels (measured
-            in benchmarks/README.md). RandAugment then runs on the ViT's view rounded to 8 bits.
+            between jitter steps and clipping before versus after resampling (measured in benchmarks/README.md).
+            RandAugment then runs on the ViT's view rounded to 8 bits.
     """
 
     def __init__(
@@ -271,19 +271,20 @@ class TwoViewTransform:
         if draws.flip:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         top, left, height, width = draws.box
-        box = (left, top, left + width, top + height)
+        # torchvision's resized_crop: crop, then resample the crop alone (PIL's `box=` would read pixels around it).
+        crop = image.crop((left, top, left + width, top + height))
         outputs, rendered = {}, {}
         for key, processor in self.views.items():
             out_height, out_width = processor.output_size
             resample = Image.Resampling(int(processor.resample))
             if key == "pixel_values" and self.rand_augment is not None:
                 # timm's order: RandAugment on the cropped, flipped image at the ViT's size. Its view is its own.
-                view = self.rand_augment(image.resize((out_width, out_height), resample, box=box), rng)
+                view = self.rand_augment(crop.resize((out_width, out_height), resample), rng)
                 outputs[key] = processor.normalize_tensor(_to_tensor(view))
                 continue
             # Views with the same size and filter (e.g. CCViT's two 224 bicubic views) are rendered once.
             if (out_height, out_width, resample) not in rendered:
-                view = image.resize((out_width, out_height), resample, box=box)
+                view = crop.resize((out_width, out_height), resample)
                 rendered[out_height, out_width, resample] = _to_tensor(view)
             outputs[key] = processor.normalize_tensor(rendered[out_height, out_width, resample])
         return outputs
@@ -294,22 +295,22 @@ class TwoViewTransform:
             # The box of the flipped image, in the unflipped one: each view is flipped after resampling instead.
             left = image.width - left - width
         grey_mean = _contrast_mean(image, draws) if draws.jitter_order is not None else None
-        crop, outputs, rendered = None, {}, {}
+        # Every view resamples the crop alone, as torchvision's resized_crop does.
+        crop = image.crop((left, top, left + width, top + height))
+        crop_tensor, outputs, rendered = None, {}, {}
         for key, processor in self.views.items():
             out_height, out_width = processor.output_size
             resample = Image.Resampling(int(processor.resample))
             if (out_height, out_width, resample) not in rendered:
                 if resample in _TORCH_FILTERS:
-                    if crop is None:
+                    if crop_tensor is None:
                         # (1, 3, h, w) in channels-last memory, the layout of torch's fast 8-bit resampling.
-                        crop = np.array(image.crop((left, top, left + width, top + height)))
-                        crop = torch.from_numpy(crop).permute(2, 0, 1)[None]
+                        crop_tensor = torch.from_numpy(np.array(crop)).permute(2, 0, 1)[None]
                     view = F.interpolate(
-                        crop, size=(out_height, out_width), mode=_TORCH_FILTERS[resample], antialias=True
+                        crop_tensor, size=(out_height, out_width), mode=_TORCH_FILTERS[resample], antialias=True
                     )[0]
                 else:
-                    # PIL reads only the rows and columns its filter reaches around the box.
-                    view = image.resize((out_width, out_height), resample, box=(left, top, left + width, top + height))
+                    view = crop.resize((out_width, out_height), resample)
                     view = torch.from_numpy(np.array(view)).permute(2, 0, 1)
                 if draws.flip:
                     view = view.flip(-1)

@@ -9,7 +9,13 @@ one `preprocessor_config.json` is the single source of truth for a view.
 import numpy as np
 from PIL import Image
 from transformers.image_processing_backends import PilBackend
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ChannelDimension,
+    PILImageResampling,
+    infer_channel_dimension_format,
+)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -70,6 +76,18 @@ class MimImageProcessor(PilBackend):
         if isinstance(image, Image.Image) and (do_convert_rgb if do_convert_rgb is not None else self.do_convert_rgb):
             image = to_rgb(image)
         return super().process_image(image, do_convert_rgb=False, input_data_format=input_data_format, **kwargs)
+
+    def center_crop(self, image: np.ndarray, size, **kwargs) -> np.ndarray:
+        """The centre crop as torchvision's `CenterCrop` (the papers' evaluation and CCViT's k-means fit) takes it:
+        offsets rounded to the nearest pixel, where transformers' own floor them (a pixel apart for odd margins)."""
+        crop_height, crop_width = size["height"], size["width"]
+        channels_first = infer_channel_dimension_format(image) == ChannelDimension.FIRST
+        height, width = image.shape[-2:] if channels_first else image.shape[:2]
+        if crop_height > height or crop_width > width:
+            return super().center_crop(image, size, **kwargs)
+        top, left = int(round((height - crop_height) / 2.0)), int(round((width - crop_width) / 2.0))
+        rows, columns = slice(top, top + crop_height), slice(left, left + crop_width)
+        return image[..., rows, columns] if channels_first else image[rows, columns]
 
     @property
     def output_size(self) -> tuple[int, int]:

@@ -5,6 +5,7 @@ distributed (`HfMimTrainingArguments`); those of the commands that train on raw 
 
 import inspect
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 
@@ -17,6 +18,8 @@ from transformers.trainer_utils import SchedulerType
 from ..arguments import flags_set
 from ..errors import UsageError
 from .loading import require_folder_path
+
+logger = logging.getLogger(__name__)
 
 
 def check_distributed_launch(training_args: TrainingArguments) -> None:
@@ -249,6 +252,17 @@ def parse_config_overrides(config_class, overrides: str | None) -> dict:
     return {name: getattr(probe, name) for name in names}
 
 
+def warn_of_transformers_optimisation_defaults(args: TrainingArguments, recipe: str) -> None:
+    """A warning, before training, that `--learning_rate` and `--weight_decay` are both left at transformers'
+    defaults (5e-5, 0), which no MIM paper trains with; `recipe` names the values to pass instead."""
+    if args.do_train and not flags_set(args, ("learning_rate", "weight_decay")):
+        logger.warning(
+            f"--learning_rate and --weight_decay are unset, so transformers' defaults apply ({args.learning_rate:g}, "
+            f"{args.weight_decay:g}), far from the papers' recipes ({recipe}; the README lists each method's): pass "
+            "them to train as the papers do"
+        )
+
+
 __all__ = [
     "HfMimTrainingArguments",
     "MimTrainingArguments",
@@ -257,4 +271,5 @@ __all__ = [
     "check_scheduler_kwargs",
     "config_from_flags",
     "parse_config_overrides",
+    "warn_of_transformers_optimisation_defaults",
 ]

@@ -32,7 +32,12 @@ from ..evaluation.export import check_processor_size, load_image_processor
 from ..families import MIM_METHODS, MimMethod
 from ..hub.callbacks import HubFilesCallback
 from ..models import FeatureKmeansConfig, KmeansConfig, KmeansModel
-from .arguments import MimTrainingArguments, config_from_flags, parse_config_overrides
+from .arguments import (
+    MimTrainingArguments,
+    config_from_flags,
+    parse_config_overrides,
+    warn_of_transformers_optimisation_defaults,
+)
 from .kmeans import KmeansFitArguments, feature_kmeans_tokenizer, fit_tokenizer_for_mim
 from .loading import pretrained, require_tokenizer
 from .trainer import MimTrainer
@@ -394,6 +399,9 @@ def pretrain(
     data_args.check_masking_flags(method.data_defaults.get("masking", "blockwise"))
     data_args = method.with_data_defaults(data_args)
     setup_logging(training_args)
+    warn_of_transformers_optimisation_defaults(
+        training_args, "pre-training at batch 2048: --learning_rate 1.5e-3 --weight_decay 0.05"
+    )
     set_seed(training_args.seed)
 
     raw, image_column = load_image_datasets_from_args(

@@ -40,7 +40,7 @@ from ..evaluation.export import (
 )
 from ..evaluation.metrics import load_metric
 from ..models.beit_backbone import keep_position_index_on_device
-from .arguments import HfMimTrainingArguments
+from .arguments import HfMimTrainingArguments, warn_of_transformers_optimisation_defaults
 from .loading import require_new_output_dir
 from .mixup import MixupCutmix, soft_target_cross_entropy
 from .trainer import MimTrainer
@@ -259,6 +259,9 @@ def main(argv=None) -> dict[str, float]:
             "classifier in --output_dir loads with BeitForImageClassification.from_pretrained for evaluation)"
         )
     setup_logging(training_args)
+    warn_of_transformers_optimisation_defaults(
+        training_args, "BEiT-B fine-tuning at batch 1024: --learning_rate 4e-3 --weight_decay 0.05 --layer_decay 0.65"
+    )
     set_seed(training_args.seed)
 
     raw, image_column = load_image_datasets_from_args(

@@ -2,14 +2,20 @@
 images, and every patch carries a global id so that random choices do not depend on that split.
 """
 
+import logging
+
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from ...data import SkippedImageCounter, TwoViewTransform, apply_transform, decode_image
+from ...errors import UsageError
 from ...models.distributed import world
 from ...models.image_processing_kmeans import KmeansImageProcessor
 from ...models.modeling_kmeans import patchify
 from .lloyd import point_keys
+
+logger = logging.getLogger(__name__)
 
 
 class _ShardViews(torch.utils.data.Dataset):
@@ -139,9 +145,12 @@ def sample_patches(
     return torch.cat(patches), torch.cat(patch_ids)
 
 
-def select_images(dataset, max_images: int | None, seed: int = 0):
-    """At most `max_images` images of `dataset`: a seeded random subset of a map-style dataset, the first ones of a
-    streaming one (CCViT fits on 50 images per ImageNet class, 50,000 in all)."""
+def select_images(dataset, max_images: int | None, seed: int = 0, per_class: int | None = None):
+    """The images a k-means fit reads: all of `dataset`, at most `max_images` (a seeded random subset of a map-style
+    dataset, the first ones of a streaming one), or `per_class` of each class of its `label` column (a seeded random
+    choice within each class; all of a class with fewer), as CCViT fits on 50 images per ImageNet class."""
+    if per_class is not None:
+        return _images_per_class(dataset, per_class, seed)
     if max_images is None:
         return dataset
     if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
@@ -149,6 +158,33 @@ def select_images(dataset, max_images: int | None, seed: int = 0):
     if max_images >= len(dataset):
         return dataset
     return dataset.shuffle(seed=seed).select(range(max_images))
+
+
+def _images_per_class(dataset, per_class: int, seed: int):
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+        raise UsageError(
+            "--kmeans_images_per_class draws from each class of the whole dataset, which a streamed one is not: "
+            "remove --streaming, or use --kmeans_max_images"
+        )
+    if "label" not in dataset.column_names:
+        raise UsageError(
+            "--kmeans_images_per_class needs the class of each image, and the training images have no 'label' "
+            "column (imagefolder gives one when images sit in class folders): use --kmeans_max_images instead"
+        )
+    labels = np.asarray(dataset["label"])
+    # Images ordered by class, then by a seeded random rank within it; each class keeps its first `per_class`.
+    order = np.lexsort((np.random.default_rng(seed).permutation(len(labels)), labels))
+    sorted_labels = labels[order]
+    starts = np.searchsorted(sorted_labels, sorted_labels, side="left")
+    chosen = np.sort(order[np.arange(len(order)) - starts < per_class])
+    classes, counts = np.unique(labels, return_counts=True)
+    short = classes[counts < per_class]
+    if len(short):
+        logger.warning(
+            "%d of %d classes have fewer than %d images (--kmeans_images_per_class); all of theirs are used",
+            len(short), len(classes), per_class,
+        )
+    return dataset.select(chosen)
 
 
 __all__ = [

@@ -51,7 +51,12 @@ class KmeansFitArguments:
     )
     kmeans_max_images: int | None = field(
         default=None,
-        metadata={"help": "Fit on this many training images (default: all; CCViT: 50 per class, 50,000)."},
+        metadata={"help": "Fit on this many training images, a random subset (default: all)."},
+    )
+    kmeans_images_per_class: int | None = field(
+        default=None,
+        metadata={"help": "Fit on this many images of each class (the dataset's 'label' column, e.g. class folders; "
+                  "CCViT: 50 per ImageNet class)."},
     )
     kmeans_backend: str = field(
         default="torch",
@@ -72,12 +77,17 @@ class KmeansFitArguments:
             "kmeans_iterations": "e.g. 20 (CCViT's)",
             "kmeans_patches_per_image": "or leave it unset to take every patch of each image",
             "kmeans_max_images": "or leave it unset to fit on every training image",
+            "kmeans_images_per_class": "e.g. 50 (CCViT's), or leave it unset to fit on every training image",
             "kmeans_batch_size": "e.g. 64 (the default)",
         }
         for name, fix in positive.items():
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"--{name} {value} must be at least 1: pass a positive number, {fix}")
+        if self.kmeans_max_images is not None and self.kmeans_images_per_class is not None:
+            raise UsageError(
+                "--kmeans_max_images and --kmeans_images_per_class both choose the images of the fit: pass one of them"
+            )
         if self.kmeans_backend == "faiss" and self.kmeans_distance_precision != "auto":
             raise UsageError(
                 f"--kmeans_distance_precision {self.kmeans_distance_precision} sets the torch backend's products, "
@@ -266,6 +276,7 @@ def _fit_from_arguments(
 ) -> KmeansFit:
     """[`fit_centroids`] with the scripts' options, and one-line errors for a fit that they or the images cannot give;
     the fit counts the undecodable images it skipped (`skipped_images`, over all processes)."""
+    dataset = select_images(dataset, fit_args.kmeans_max_images, seed, per_class=fit_args.kmeans_images_per_class)
     require_enough_patches(dataset, tokenizer.config, fit_args, codebook_flag)
     processes = world()[1]
     if fit_args.kmeans_backend == "faiss" and processes > 1:
@@ -276,7 +287,7 @@ def _fit_from_arguments(
     return fit_centroids(
         tokenizer,
         image_processor,
-        select_images(dataset, fit_args.kmeans_max_images, seed),
+        dataset,
         image_column,
         num_iterations=fit_args.kmeans_iterations,
         init=init,
