@@ -39,9 +39,9 @@ def parse_args(argv: list[str] | None = None) -> tuple[TokenizerArguments, DataA
           hf-mim train-tokenizer --tokenizer_type vqkd --teacher_name_or_path openai/clip-vit-base-patch16 \\
               --train_dir ./images --output_dir ./my-vqkd --do_train --num_train_epochs 100 --bf16
 
-          # k-means: 8192 centroids of 16x16 patches of 50,000 images, 20 Lloyd iterations
+          # k-means: 8192 centroids of 16x16 patches of 50 images per class (CCViT's), 20 Lloyd iterations
           hf-mim train-tokenizer --tokenizer_type kmeans --train_dir ./images --output_dir ./ccvit-kmeans \\
-              --do_train --kmeans_max_images 50000 --kmeans_iterations 20
+              --do_train --kmeans_images_per_class 50 --kmeans_iterations 20
 
           # feature k-means: 8192 centroids of DINOv2's patch features (32 patches of each of 50,000 images)
           hf-mim train-tokenizer --tokenizer_type feature_kmeans --teacher_name_or_path facebook/dinov2-base \\
