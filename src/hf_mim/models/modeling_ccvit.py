@@ -17,7 +17,7 @@ from .configuration_ccvit import CcvitConfig
 from .modeling_beit import BeitMimOutput, flatten_mask, gather_masked, masked_index
 from .modeling_beitv2 import Beitv2ForMaskedImageModeling
 from .modeling_kmeans import patchify
-from .modeling_tokenizer import host_scalars
+from .modeling_tokenizer import host_scalars, input_checked_on_host
 
 
 @dataclass
@@ -121,7 +121,12 @@ class CcvitForMaskedImageModeling(Beitv2ForMaskedImageModeling):
         if torch.compiler.is_compiling():
             # The checks read values back to the host, which a compiled step must not do; the eager step checks.
             return bool_masked_pos, bool_replaced_pos
-        # One device synchronisation per step for both bounds and the overlap.
+        if not input_checked_on_host(self, pixel_values):
+            low, high = torch.aminmax(pixel_values)
+            valid = (low >= -1e-3) & (high <= 1 + 1e-3) & ~(bool_masked_pos & bool_replaced_pos).any()
+            torch._assert_async(valid, "CCViT takes raw [0, 1] pixels and replaced patches that are not masked")
+            return bool_masked_pos, bool_replaced_pos
+        # One device synchronisation for both bounds and the overlap.
         low, high, overlap = host_scalars(*torch.aminmax(pixel_values), (bool_masked_pos & bool_replaced_pos).any())
         if low < -1e-3 or high > 1 + 1e-3:
             raise ValueError(

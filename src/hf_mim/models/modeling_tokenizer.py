@@ -26,6 +26,17 @@ def host_scalars(*values: torch.Tensor) -> list[float]:
     return torch.stack([value.detach().float() for value in values]).tolist()
 
 
+def input_checked_on_host(module: torch.nn.Module, tensor: torch.Tensor) -> bool:
+    """Whether `module` checks the values of its input `tensor` on the host this call, where a mistake raises a clear
+    error: always on the CPU (the read costs nothing there); on an accelerator at the module's first call only, as a
+    read per call would stall the device at every training step. Later calls check with `torch._assert_async`."""
+    if tensor.device.type == "cpu":
+        return True
+    first = not getattr(module, "_input_checked_on_host", False)
+    module._input_checked_on_host = True
+    return first
+
+
 class MimTokenizerPreTrainedModel(PreTrainedModel):
     """Base class of hf_mim visual tokenizers.
 
@@ -85,4 +96,4 @@ class MimTokenizerPreTrainedModel(PreTrainedModel):
         raise NotImplementedError(f"{type(self).__name__} has no pixel decoder")
 
 
-__all__ = ["MimTokenizerPreTrainedModel", "code_counts", "host_scalars"]
+__all__ = ["MimTokenizerPreTrainedModel", "code_counts", "host_scalars", "input_checked_on_host"]

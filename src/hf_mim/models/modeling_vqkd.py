@@ -22,7 +22,7 @@ from .beit_backbone import MimBeitModel, init_beit_weights, trunc_normal_timm_
 from .configuration_common import check_decoder
 from .configuration_vqkd import VqkdConfig
 from .distributed import all_gather_rows, all_reduce_, computed_on_main
-from .modeling_tokenizer import MimTokenizerPreTrainedModel, code_counts, host_scalars
+from .modeling_tokenizer import MimTokenizerPreTrainedModel, code_counts, host_scalars, input_checked_on_host
 
 # Rows of the (vectors x codes) similarity matrix computed at once by k-means; bounds its memory on large batches.
 _KMEANS_CHUNK = 16384
@@ -309,6 +309,11 @@ class VqkdModel(VqkdPreTrainedModel):
         """Refuse inputs outside [0, 1]: normalised or 0-255 pixels would give plausible but meaningless tokens."""
         if torch.compiler.is_compiling():
             # The check reads the pixel range back to the host, which a compiled step must not do; eager calls check.
+            return
+        if not input_checked_on_host(self, pixel_values):
+            low, high = pixel_values.aminmax()
+            in_range = (low >= -_PIXEL_RANGE_TOLERANCE) & (high <= 1 + _PIXEL_RANGE_TOLERANCE)
+            torch._assert_async(in_range, "VqkdModel expects pixels in [0, 1] (VqkdImageProcessor's view)")
             return
         low, high = host_scalars(*pixel_values.aminmax())
         if low < -_PIXEL_RANGE_TOLERANCE:
