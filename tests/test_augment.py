@@ -326,12 +326,14 @@ def golden_transforms(**options) -> dict[str, TwoViewTransform]:
     }
 
 
-# SHA-256 of the views (and of the rng's next draw) for seeds 0-3, from TwoViewTransform as it was before
-# RandAugment and random erasing existed (commit 379cb2d); `exact=True` keeps rendering them bit for bit.
+# SHA-256 of the views (and of the rng's next draw) for seeds 0-3, from TwoViewTransform(exact=True) as it renders
+# torchvision's resized_crop (the crop resampled alone, since 028ea50; until then PIL's resize(box=...) read pixels
+# around the crop, and these digests were those of commit 379cb2d, before RandAugment and random erasing existed):
+# without the options, `exact=True` keeps rendering them bit for bit.
 GOLDEN_DIGESTS = {
-    "dvae": "f4dbcf53046a18550c7edbc1a4917fd5e614e93f37e97134b4cde9d5246ee576",
-    "same-size": "5305f2473a8cbd354a8e9ad99a8c93595973625218b5e8b932c9b28f8ca5f002",
-    "single": "b45f7722edaa8f8babba94427789d74c7901ede51a4309bc62cfab6bcddacdb2",
+    "dvae": "8700e7b6a998a7f6d575fdb545b28c9b9739a8f2c019931145def29a564079d0",
+    "same-size": "90f498b7863591a119ee1eae947c21140c8660afcb8092ed98daaa92bdc3441d",
+    "single": "8e4fc848f158323cb31628bf999189c3175bc45b194401b81acaf5e28e18fb95",
 }
 
 

@@ -127,3 +127,16 @@ def test_tokenizer_trainers_log_the_codebook_metrics_of_each_window(family, tmp_
         expected = measurement.compute(token_ids=ids.tolist(), codebook_size=64)
         assert metrics[f"eval_{name}_codebook_usage"] == expected["codebook_usage"]
         assert metrics[f"eval_{name}_codebook_perplexity"] == pytest.approx(expected["codebook_perplexity"])
+
+
+@pytest.mark.parametrize("bf16", [False, True])
+def test_the_vqkd_teacher_runs_under_the_runs_mixed_precision(bf16, tmp_path):
+    # BEiT v2's code runs the teacher under autocast; accelerate autocasts only the prepared model's forward.
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, bf16=bf16, report_to="none")
+    trainer = tiny_vqkd_trainer(args)
+    seen = []
+    teacher_forward = trainer.teacher.forward
+    trainer.teacher.forward = lambda pixels: seen.append(torch.is_autocast_enabled("cpu")) or teacher_forward(pixels)
+    pixels = 0.8 * torch.rand(2, 3, 32, 32) + 0.1
+    trainer.compute_loss(trainer.model, {"pixel_values": pixels})
+    assert seen == [bf16]

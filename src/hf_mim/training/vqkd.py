@@ -75,7 +75,11 @@ class VqkdTrainer(TokenizerTrainer):
         self.teacher.check_compatible(config)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        inputs = {**inputs, "target_features": self.teacher(inputs["pixel_values"])}
+        # Under the run's mixed precision, as BEiT v2's code runs its teacher (accelerate autocasts the prepared model
+        # alone); the features come back in float32.
+        with self.accelerator.autocast():
+            target_features = self.teacher(inputs["pixel_values"])
+        inputs = {**inputs, "target_features": target_features}
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
