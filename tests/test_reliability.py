@@ -178,3 +178,23 @@ def test_nonfinite_loss_names_its_step_and_is_skipped_only_on_request(tiny_mim_d
     after = model.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)
     assert not trainer.optimizer.state
+
+
+def test_a_nonfinite_evaluation_loss_is_counted_on_the_device_and_raised_when_the_evaluation_ends(tiny_mim_dir, tmp_path):
+    # Raised per batch, by the one process that saw it, it left the others waiting in the evaluation's collectives.
+    model, trainer = _nan_run(tiny_mim_dir, tmp_path, skip_nonfinite_steps=False, per_device_eval_batch_size=2)
+    reads = []
+    count = trainer.compute_loss.__func__
+
+    def counting(self, *args, **kwargs):
+        loss = count(self, *args, **kwargs)
+        reads.append(self._nonfinite_eval_losses.device.type)
+        return loss
+
+    trainer.compute_loss = counting.__get__(trainer)
+    with pytest.raises(FloatingPointError, match=r"Non-finite loss in 3 evaluation batch\(es\) .* at step 0"):
+        trainer.evaluate(trainer.train_dataset)
+    assert reads == ["cpu"] * 3
+    # A finite evaluation afterwards starts from a clean count.
+    finite = [{**example, "pixel_values": torch.rand(3, 32, 32)} for example in trainer.train_dataset]
+    assert "eval_loss" in trainer.evaluate(finite)

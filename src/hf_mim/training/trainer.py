@@ -132,6 +132,7 @@ class MimTrainer(Trainer):
         self._metric_steps = {"train": 0, "eval": 0}
         # Non-finite training losses since the last check, counted on the device; and the step of that check.
         self._nonfinite_losses: torch.Tensor | None = None
+        self._nonfinite_eval_losses: torch.Tensor | None = None
         self._nonfinite_checked_step = 0
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
@@ -232,10 +233,15 @@ class MimTrainer(Trainer):
         if exact_counts is not None:
             inputs = {**exact_counts(), **inputs}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if model.training and not self.skip_nonfinite_steps:
+        if not model.training:
+            # Counted on the device and checked once the evaluation ends, on every process together.
+            nonfinite = (~torch.isfinite(loss.detach())).any().int()
+            previous = self._nonfinite_eval_losses
+            self._nonfinite_eval_losses = nonfinite if previous is None else previous + nonfinite
+        elif not self.skip_nonfinite_steps:
             self.count_nonfinite_loss(loss)
         else:
-            self._guard_nonfinite_step(model, loss, (~torch.isfinite(loss.detach())).any())
+            self._flag_nonfinite_step(loss)
         self._accumulate_metrics("train" if model.training else "eval", outputs)
         return (loss, outputs) if return_outputs else loss
 
@@ -244,17 +250,16 @@ class MimTrainer(Trainer):
         nonfinite = (~torch.isfinite(loss.detach())).any().int()
         self._nonfinite_losses = nonfinite if self._nonfinite_losses is None else self._nonfinite_losses + nonfinite
 
-    def _guard_nonfinite_step(self, model, loss: torch.Tensor, nonfinite: torch.Tensor) -> None:
-        """Raise on a non-finite loss now, or flag this training step for `NonFiniteStepGuard` to skip."""
-        nonfinite = nonfinite.float()
-        if model.training and self.accelerator.num_processes > 1:
+    def _flag_nonfinite_step(self, loss: torch.Tensor) -> None:
+        """`--skip_nonfinite_steps`: flag this training step for `NonFiniteStepGuard` to skip if its loss is
+        non-finite on any process (a host read per step: the decision comes before the optimiser step)."""
+        nonfinite = (~torch.isfinite(loss.detach())).any().float()
+        if self.accelerator.num_processes > 1:
             # Every process must take the same decision, or their optimiser steps (and weights) diverge.
             nonfinite = self.accelerator.reduce(nonfinite, reduction="sum")
         if nonfinite.item() == 0:
             return
         message = f"Non-finite loss ({loss.item()}) on {int(nonfinite.item())} process(es) at step {self.state.global_step}"
-        if not (model.training and self.skip_nonfinite_steps):
-            raise FloatingPointError(f"{message}; {NONFINITE_ADVICE}")
         self.nonfinite_guard.flagged = True
         logger.warning(f"{message}; skipping this optimiser step ({self.nonfinite_guard.skipped_steps + 1} so far)")
 
@@ -341,7 +346,19 @@ class MimTrainer(Trainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         self._metric_sums["eval"], self._metric_steps["eval"] = {}, 0
+        self._nonfinite_eval_losses = None
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        counted = self._nonfinite_eval_losses
+        counted = torch.zeros((), device=self.args.device) if counted is None else counted.float()
+        if self.accelerator.num_processes > 1:
+            # Every process raises together; one raising alone would leave the others waiting in a collective.
+            counted = self.accelerator.reduce(counted.to(self.accelerator.device), reduction="sum")
+        if counted.item() > 0:
+            raise FloatingPointError(
+                f"Non-finite loss in {int(counted.item())} evaluation batch(es) (summed over processes) at step "
+                f"{self.state.global_step}: the weights diverged ({NONFINITE_ADVICE}), or evaluation images decode "
+                "to non-finite pixels"
+            )
         wanted = self.args.metric_for_best_model
         if wanted is not None and metric_key_prefix == "eval" and self.is_in_train:
             # Trainer looks the metric up right after this, with a KeyError traceback mid-run when it is missing.
