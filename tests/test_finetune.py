@@ -153,3 +153,12 @@ def test_fine_tuning_at_a_larger_resolution(tiny_mim_dir, image_folder, tmp_path
     assert model.beit.layers[0].relative_position_bias.relative_position_bias_table.shape[0] == (2 * grid - 1) ** 2 + 3
     processor = json.loads((tmp_path / "preprocessor_config.json").read_text())
     assert processor["size"] == {"shortest_edge": 73} and processor["crop_size"] == {"height": side, "width": side}
+
+
+def test_fine_tuning_gathers_no_label_count_across_processes(tmp_path):
+    # Trainer all-gathers the count of labels each step when it averages across devices; the per-batch mean
+    # cross-entropy never reads it.
+    from hf_mim.training.run_image_classification import ClassificationTrainingArguments
+
+    args = ClassificationTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    assert args.average_tokens_across_devices is False

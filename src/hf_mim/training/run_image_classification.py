@@ -126,6 +126,11 @@ class ClassificationTrainingArguments(HfMimTrainingArguments):
         metadata={"help": "Drop the dataset columns that the model's forward does not take (off: the image column "
                   "is transformed when read)"},
     )
+    # The loss is a per-batch mean that never reads Trainer's item count; counting the items across processes would
+    # be an all-gather per step for nothing.
+    average_tokens_across_devices: bool = field(
+        default=False, metadata={"help": "Gather the label count over processes each step (unused by this loss)"}
+    )
 
 
 def classification_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
