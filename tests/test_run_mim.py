@@ -129,6 +129,20 @@ def test_two_process_ddp_run_and_resume(tiny_dvae_dir, image_folder, tmp_path):
             assert torch.equal(tensor, weights[name]), name
 
 
+def test_two_processes_whose_clocks_disagree_stop_at_the_same_step(tiny_dvae_dir, image_folder, tmp_path):
+    # Rank 1 is past its time budget at the first step, rank 0 is not: stopping alone, rank 1 used to leave rank 0
+    # waiting in DDP's all-reduce of the next step.
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "29533", str(REPO / "tests" / "ddp_skewed_budget.py")]
+    args = run_mim_args(tiny_dvae_dir, image_folder, tmp_path, "--per_device_train_batch_size", "2", "--max_steps",
+                        "6", "--max_train_seconds", "1000", "--save_strategy", "no")
+    completed = subprocess.run(launch + args, capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert json.loads((tmp_path / "trainer_state.json").read_text())["global_step"] == 1
+
+
 def test_a_batch_of_only_broken_images_is_skipped(tiny_dvae_dir, tmp_path):
     images = tmp_path / "images" / "a"
     images.mkdir(parents=True)
