@@ -140,12 +140,13 @@ CLIENT = textwrap.dedent(
     """
     import json, sys, traceback
     from hf_mim.hub.push import main as push
+    from hf_mim.training.run_image_classification import main as finetune
     from hf_mim.training.run_mim import main as run_mim
 
     jobs, errors = json.loads(sys.argv[1]), {}
     for name, argv in jobs:
         try:
-            (run_mim if name == "run_mim" else push)(argv)
+            {"run_mim": run_mim, "finetune": finetune}.get(name, push)(argv)
         except Exception:
             errors[name] = traceback.format_exc()
     with open(sys.argv[2], "w") as file:
@@ -420,7 +421,7 @@ RUN_MIM_FLAGS = [
 
 
 @pytest.fixture(scope="module")
-def pushed(hub, tmp_path_factory, tiny_dvae_dir, image_folder):
+def pushed(hub, tmp_path_factory, tiny_dvae_dir, tiny_mim_dir, image_folder):
     """One client process pushes every registered family, a run_mim training run and the private/branch cases."""
     work = tmp_path_factory.mktemp("hub_client")
     kinds, jobs = {}, []
@@ -436,6 +437,10 @@ def pushed(hub, tmp_path_factory, tiny_dvae_dir, image_folder):
         ("open-private", [dvae, "--repo_id", "tester/open", "--private"]),
         ("run_mim", [*RUN_MIM_FLAGS, "--tokenizer_name_or_path", tiny_dvae_dir, "--train_dir", image_folder,
                      "--output_dir", str(work / "run")]),
+        ("finetune", ["--model_name_or_path", tiny_mim_dir, "--train_dir", image_folder, "--output_dir",
+                      str(work / "finetuned"), "--do_train", "--max_steps", "1", "--per_device_train_batch_size", "4",
+                      "--save_strategy", "no", "--use_cpu", "--report_to", "none", "--dataloader_num_workers", "0",
+                      "--disable_tqdm", "true", "--push_to_hub", "--hub_model_id", "tester/finetuned"]),
     ]  # fmt: skip
     run([sys.executable, "-c", CLIENT, json.dumps(jobs), str(work / "errors.json")], client_env(hub, work), work,
         timeout=600, hub=hub)
@@ -525,6 +530,20 @@ def test_trainer_every_save_pushes_are_loadable(hub, pushed, loaded):
     assert {"hf_mim", "custom_code", "beit"} <= set(front_matter(text)["tags"])
     assert "fine-tuned version of" not in text and "Trained for 2 optimisation steps" in text
     assert '"tester/x"' in text
+
+
+def test_a_fine_tuned_classifier_pushes_as_the_stock_transformers_model_it_is(hub, pushed):
+    # The push used to copy transformers' own modeling file into the output folder, fail on its relative imports,
+    # and leave an empty repo; then hf_mim's card had no template for a stock "beit".
+    assert "finetune" not in pushed["errors"], pushed["errors"]["finetune"]
+    files = hub.repos["tester/finetuned"].files("main")
+    config = json.loads(files["config.json"])
+    assert config["architectures"] == ["BeitForImageClassification"] and "auto_map" not in config
+    assert "model.safetensors" in files and not [name for name in files if name.endswith(".py")]
+    assert not list((pushed["work"] / "finetuned").glob("*.py"))
+    # transformers' own card of a fine-tuned model, not an hf_mim pre-training card.
+    tags = front_matter(files["README.md"].decode())["tags"]
+    assert "generated_from_trainer" in tags and "hf_mim" not in tags
 
 
 def test_a_knn_result_keeps_its_k_through_the_model_index(tmp_path):

@@ -5,6 +5,7 @@ import os
 from transformers import TrainerCallback
 from transformers.dynamic_module_utils import custom_object_save
 
+from ..families import BY_MODEL_TYPE
 from .cards import write_model_card
 
 
@@ -16,7 +17,8 @@ class HubFilesCallback(TrainerCallback):
     are missing until the final push, and nothing loads with `trust_remote_code=True` in between.
     This writes the config with the code files, the image processors of `subfolders` (e.g. `{"tokenizer":
     tokenizer_processor}` for a MIM model's tokenizer view) with their code also at the root (where
-    transformers looks for it), and an hf_mim model card.
+    transformers looks for it), and an hf_mim model card. A model of no hf_mim family (fine-tuning's stock
+    `BeitForImageClassification`) has no code to add and is left to Trainer.
 
     Args:
         subfolders (`dict[str, image processor]`, *optional*):
@@ -27,7 +29,7 @@ class HubFilesCallback(TrainerCallback):
         self.subfolders = dict(subfolders or {})
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        if not (args.push_to_hub and state.is_world_process_zero):
+        if not (args.push_to_hub and state.is_world_process_zero) or model.config.model_type not in BY_MODEL_TYPE:
             return
         os.makedirs(args.output_dir, exist_ok=True)
         custom_object_save(model, args.output_dir)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from datasets import ClassLabel
-from transformers import BeitForImageClassification, set_seed
+from transformers import BeitForImageClassification, Trainer, set_seed
 
 from ..arguments import command_parser, flags_set
 from ..data import (
@@ -151,6 +151,10 @@ class ImageClassificationTrainer(MimTrainer):
     def __init__(self, *args, mixup: MixupCutmix | None = None, **kwargs):
         super().__init__(*args, compute_loss_func=classification_loss, **kwargs)
         self.mixup = mixup
+
+    def create_model_card(self, **kwargs) -> None:
+        # A stock transformers classifier fine-tuned from a checkpoint: transformers' own card describes it.
+        return Trainer.create_model_card(self, **{"tasks": "image-classification", **kwargs})
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training and self.mixup is not None:
