@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import BLOCK_HF_MIM, tiny_beit_config, tiny_dvae_config
+from conftest import BLOCK_HF_MIM, TINY_CONFIGS, tiny_beit_config, tiny_dvae_config
 from safetensors.torch import load_file
 
 from hf_mim import BeitMimForMaskedImageModeling, DvaeImageProcessor, DvaeModel, MimImageProcessor
@@ -122,3 +122,16 @@ def test_tokenizer_checkpoint_loads_without_hf_mim(tmp_path):
     assert not result["hf_mim_imported"]
     with torch.no_grad():
         assert torch.equal(tokenizer.get_codebook_logits(pixels), remote["logits"])
+
+
+@pytest.mark.parametrize("model_type", sorted(TINY_CONFIGS))
+def test_every_model_tags_the_cards_transformers_writes_for_it(model_type):
+    # `model.push_to_hub` writes transformers' default card with `model.model_tags`; each instance has its own list.
+    from hf_mim.families import BY_MODEL_TYPE
+
+    family = BY_MODEL_TYPE[model_type]
+    model_class = getattr(family, "model_class", None) or family.tokenizer_class
+    first, second = model_class(TINY_CONFIGS[model_type]()), model_class(TINY_CONFIGS[model_type]())
+    assert {"hf_mim", "custom_code"} <= set(first.model_tags)
+    first.add_model_tags(["mine"])
+    assert "mine" not in second.model_tags

@@ -414,7 +414,8 @@ def card_context(
 
     card_data = ModelCardData(
         library_name="transformers",
-        pipeline_tag="image-classification" if fine_tuned else "image-feature-extraction",
+        # A tokenizer's forward returns its training loss first, which the feature-extraction pipeline would return.
+        pipeline_tag="image-classification" if fine_tuned else None if family.kind == "tokenizer" else "image-feature-extraction",
         tags=tag_list,
         license=license,
         datasets=_as_list(datasets) or None,

@@ -20,6 +20,8 @@ from transformers.models.beit.modeling_beit import (
     BeitRelativePositionBias,
 )
 
+from .configuration_common import HUB_TAGS
+
 
 def trunc_normal_beit_(tensor: torch.Tensor, std: float = 0.02) -> torch.Tensor:
     """BEiT's pre-training initialiser: N(0, std²) truncated at ±std (±1σ, not timm's default ±2 absolute)."""
@@ -141,6 +143,8 @@ class MimBeitModel(BeitReferenceInitMixin, BeitModel):
         mark_output_projections(self.layers)
         keep_position_index_on_device(self)
         super().post_init()
+        # Per instance: transformers' add_model_tags appends to the list.
+        self.model_tags = list(HUB_TAGS)
 
 
 __all__ = [

@@ -1,4 +1,7 @@
-"""Helpers shared by hf_mim configs."""
+"""Helpers shared by hf_mim configs and models."""
+
+# The tags of every hf_mim checkpoint's card, also when transformers writes it (`model.push_to_hub`).
+HUB_TAGS = ("hf_mim", "custom_code")
 
 
 def complete_auto_map(config, auto_map: dict[str, str]) -> None:
@@ -30,4 +33,4 @@ def check_decoder(config, purpose: str) -> None:
         )
 
 
-__all__ = ["check_decoder", "complete_auto_map", "decoder_left_out"]
+__all__ = ["HUB_TAGS", "check_decoder", "complete_auto_map", "decoder_left_out"]

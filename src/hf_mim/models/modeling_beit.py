@@ -17,7 +17,7 @@ from transformers.utils import ModelOutput
 
 from .beit_backbone import BeitReferenceInitMixin, MimBeitModel
 from .configuration_beit import BeitMimConfig, tokenizer_config_from_dict
-from .configuration_common import decoder_left_out
+from .configuration_common import HUB_TAGS, decoder_left_out
 
 # Tokenizer families (rewritten per checkpoint, see the module docstring):
 from .modeling_dvae import DvaeModel
@@ -134,6 +134,11 @@ def target_precision(config, tokenizer_pixel_values: torch.Tensor):
 class BeitMimPreTrainedModel(BeitReferenceInitMixin, BeitPreTrainedModel):
     config: BeitMimConfig
     config_class = BeitMimConfig
+
+    def post_init(self):
+        super().post_init()
+        # Per instance: transformers' add_model_tags appends to the list.
+        self.model_tags = list(HUB_TAGS)
 
 
 class BeitMimModel(MimBeitModel):

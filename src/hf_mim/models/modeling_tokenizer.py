@@ -9,6 +9,8 @@ method that needs what it provides.
 import torch
 from transformers import PreTrainedModel
 
+from .configuration_common import HUB_TAGS
+
 
 def code_counts(indices: torch.Tensor, codebook_size: int) -> torch.LongTensor:
     """How often each of the `codebook_size` codes occurs in `indices` (ids in `[0, codebook_size)`).
@@ -47,6 +49,11 @@ class MimTokenizerPreTrainedModel(PreTrainedModel):
 
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+
+    def post_init(self):
+        super().post_init()
+        # Per instance: transformers' add_model_tags appends to the list.
+        self.model_tags = list(HUB_TAGS)
 
     @property
     def grid_size(self) -> int:
