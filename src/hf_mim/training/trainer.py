@@ -88,6 +88,12 @@ def batch_size(inputs: dict) -> int:
     return next(value.shape[0] for value in inputs.values() if isinstance(value, torch.Tensor))
 
 
+def _count_nonfinite(loss: torch.Tensor, counted: torch.Tensor | None) -> torch.Tensor:
+    """`counted` plus one if `loss` is non-finite, on the loss's device (no host read)."""
+    nonfinite = (~torch.isfinite(loss.detach())).any().int()
+    return nonfinite if counted is None else counted + nonfinite
+
+
 class MimTrainer(Trainer):
     """`Trainer` that logs every scalar a model returns besides its loss (masked accuracy, loss terms, codebook
     usage) averaged over the logging window and across processes, and builds BEiT's optimiser groups.
@@ -234,10 +240,8 @@ class MimTrainer(Trainer):
             inputs = {**exact_counts(), **inputs}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if not model.training:
-            # Counted on the device and checked once the evaluation ends, on every process together.
-            nonfinite = (~torch.isfinite(loss.detach())).any().int()
-            previous = self._nonfinite_eval_losses
-            self._nonfinite_eval_losses = nonfinite if previous is None else previous + nonfinite
+            # Checked once the evaluation ends, on every process together.
+            self._nonfinite_eval_losses = _count_nonfinite(loss, self._nonfinite_eval_losses)
         elif not self.skip_nonfinite_steps:
             self.count_nonfinite_loss(loss)
         else:
@@ -247,8 +251,7 @@ class MimTrainer(Trainer):
 
     def count_nonfinite_loss(self, loss: torch.Tensor) -> None:
         """Count a non-finite training loss on its device, for `check_nonfinite_losses`: no host sync per step."""
-        nonfinite = (~torch.isfinite(loss.detach())).any().int()
-        self._nonfinite_losses = nonfinite if self._nonfinite_losses is None else self._nonfinite_losses + nonfinite
+        self._nonfinite_losses = _count_nonfinite(loss, self._nonfinite_losses)
 
     def _flag_nonfinite_step(self, loss: torch.Tensor) -> None:
         """`--skip_nonfinite_steps`: flag this training step for `NonFiniteStepGuard` to skip if its loss is
