@@ -365,8 +365,9 @@ def test_relative_position_bias_kept_on_the_device_equals_transformers():
     reference = BeitRelativePositionBias(config)
     torch.nn.init.normal_(reference.relative_position_bias_table)
     holder = torch.nn.Module()
-    holder.bias = reference
+    holder.bias = reference.eval()
     keep_position_index_on_device(holder)
+    assert not holder.bias.training
     assert type(holder.bias) is DeviceRelativePositionBias
     assert holder.bias.relative_position_bias_table is reference.relative_position_bias_table
     for window, interpolate, dim_size in [((4, 4), False, 17), ((4, 4), True, 17), ((6, 5), False, 31)]:

@@ -111,6 +111,7 @@ def keep_position_index_on_device(model: nn.Module) -> None:
                 replacement.window_size = child.window_size
                 replacement.num_relative_distance = child.num_relative_distance
                 replacement.relative_position_bias_table = child.relative_position_bias_table
+                replacement.train(child.training)
                 setattr(parent, name, replacement)
 
 
