@@ -2,8 +2,10 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -125,6 +127,23 @@ def test_script_exports_a_checkpoint_folder(tiny_mim_dir, tmp_path, capsys):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["use_relative_position_bias"] and not config["use_shared_relative_position_bias"]
     assert "model_type 'beit'" in capsys.readouterr().out
+
+
+def test_exporting_a_fine_tuned_classifier_says_its_head_is_left_behind(tiny_mim_dir, tmp_path, capsys):
+    from transformers import BeitForImageClassification
+
+    from hf_mim.evaluation.export import to_transformers_beit
+
+    encoder = to_transformers_beit(tiny_mim_dir, num_labels=2)
+    classifier = BeitForImageClassification(encoder.config)
+    classifier.save_pretrained(tmp_path / "classifier")
+    shutil.copy(Path(tiny_mim_dir) / "preprocessor_config.json", tmp_path / "classifier")
+    main(["--model_name_or_path", str(tmp_path / "classifier"), "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert "is an image classifier (BeitForImageClassification); only its encoder is exported" in err
+    # An encoder's export says nothing of the kind.
+    main(["--model_name_or_path", tiny_mim_dir, "--output_dir", str(tmp_path / "encoder")])
+    assert "image classifier" not in capsys.readouterr().err
 
 
 MIM_FAMILIES = sorted(name for name, factory in TINY_CONFIGS.items() if isinstance(factory(), BeitConfig))

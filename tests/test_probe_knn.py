@@ -104,6 +104,22 @@ def test_knn_votes_are_temperature_weighted():
     assert sharp.accuracy == {}
 
 
+def test_knn_scores_the_default_ks_a_small_training_set_has_neighbours_for(caplog):
+    from hf_mim.errors import UsageError
+    from hf_mim.evaluation.features import FeatureSet
+    from hf_mim.evaluation.knn import KnnArguments, run_knn
+
+    features, labels = separable_gaussians(60)
+    train, evaluation = FeatureSet({1: features[:40]}, labels[:40]), FeatureSet({1: features[40:]}, labels[40:])
+    with caplog.at_level("WARNING", logger="hf_mim.evaluation.knn"):
+        results = run_knn(train, evaluation, KnnArguments())
+    assert sorted(results["layers"][1]) == [10, 20] and results["reference_k"] == 20
+    assert "Scoring k = 10 20 only: the default --ks 10 20 100 200 need up to 200 training examples, and there are 40" in caplog.text
+    # k values the user asks for are scored or refused, never dropped.
+    with pytest.raises(UsageError, match="--ks 10 100"):
+        run_knn(train, evaluation, KnnArguments(ks=[10, 100]))
+
+
 def test_knn_bad_input():
     features, labels = separable_gaussians(10)
     with pytest.raises(ValueError, match="between 1 and the number of training examples"):

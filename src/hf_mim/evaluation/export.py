@@ -500,6 +500,15 @@ def main(argv=None) -> str:
     args = parse_args(argv)
     require_new_output_dir(args.output_dir, args.model_name_or_path)
     model = load_pretrained_beit(args.model_name_or_path, token=args.token)
+    architectures = model.config.architectures or []
+    if any(name.endswith("ForImageClassification") for name in architectures):
+        # The export is an encoder: a fine-tuned classifier's head and classes would be lost without a word.
+        print(
+            f"warning: --model_name_or_path {args.model_name_or_path} is an image classifier ({architectures[0]}); "
+            "only its encoder is exported, its classification head is not (the checkpoint already loads with "
+            "transformers as it is)",
+            file=sys.stderr,
+        )
     _check_export_size(resolve_encoder(model).config, args.image_size, args.model_name_or_path)
     image_processor = load_image_processor(args.model_name_or_path, args.image_processor_name, token=args.token)
     check_processor_size(

@@ -6,15 +6,18 @@ DINO uses k = 20 and temperature 0.07. The neighbours are found once for the lar
 cost one search.
 """
 
+import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from ..arguments import command_parser
+from ..arguments import command_parser, flags_set
 from ..errors import UsageError
 from .features import FEATURE_ARGUMENT_GROUPS, FeatureArguments, load_features, write_results
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -109,14 +112,22 @@ def run_knn(train, evaluation, knn_args: KnnArguments) -> dict:
 
     The best layer is chosen by the top-1 of the k nearest to DINO's 20 among `knn_args.ks`.
     """
+    ks, num_train = knn_args.ks, len(train.labels)
+    if not flags_set(knn_args, ["ks"]) and max(ks) > num_train and min(ks) <= num_train:
+        # The defaults are ImageNet's; a smaller training set scores the ones it has enough neighbours for.
+        ks = [k for k in ks if k <= num_train]
+        logger.warning(
+            "Scoring k = %s only: the default --ks %s need up to %d training examples, and there are %d",
+            " ".join(map(str, ks)), " ".join(map(str, knn_args.ks)), max(knn_args.ks), num_train,
+        )
     per_layer = {}
     for layer in train.features:
         result = knn_classify(
             train.features[layer], train.labels, evaluation.features[layer], evaluation.labels,
-            ks=knn_args.ks, temperature=knn_args.temperature,
+            ks=ks, temperature=knn_args.temperature,
         )
         per_layer[layer] = result.accuracy
-    reference_k = min(knn_args.ks, key=lambda k: abs(k - 20))
+    reference_k = min(ks, key=lambda k: abs(k - 20))
     best_layer = max(per_layer, key=lambda layer: per_layer[layer][reference_k])
     return {"layers": per_layer, "best_layer": best_layer, "reference_k": reference_k, "accuracy": per_layer[best_layer][reference_k]}
 
