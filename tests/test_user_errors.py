@@ -70,6 +70,12 @@ def mim(paths, **replace):
     return ["run_mim.py", *args]
 
 
+def mim_fitting(paths, model_type, **replace):
+    """[`mim`] that fits a k-means tokenizer for a `model_type` model (`--fit_tokenizer`) instead of loading one."""
+    args = [a for a in mim(paths, **replace) if a not in ("--tokenizer_name_or_path", paths["dvae"])]
+    return [*args, "--fit_tokenizer", "--model_type", model_type]
+
+
 def without_train_dir(args):
     index = args.index("--train_dir")
     return args[:index] + args[index + 2:]
@@ -117,8 +123,7 @@ CASES = {
         "holds a hf_mim_kmeans model, not a dvae tokenizer",
     ),
     "more centroids than patches (run_mim)": (
-        lambda p: [a for a in mim(p, fit_codebook_size=8192) if a not in ("--tokenizer_name_or_path", p["dvae"])]
-        + ["--fit_tokenizer", "--model_type", "ccvit"],
+        lambda p: mim_fitting(p, "ccvit", fit_codebook_size=8192),
         "24 images x 16 patches give 384: lower --fit_codebook_size (e.g. 256)",
     ),
     "more centroids than patches (train_tokenizer)": (
@@ -278,13 +283,11 @@ CASES = {
         "give an invalid config: use_mask_token=False leaves masked image modeling no [MASK] embedding",
     ),
     "more replaced patches than the grid, before a k-means fit": (
-        lambda p: [a for a in mim(p, fit_codebook_size=16, num_replaced_patches=20) if a not in ("--tokenizer_name_or_path", p["dvae"])]
-        + ["--fit_tokenizer", "--model_type", "ccvit"],
+        lambda p: mim_fitting(p, "ccvit", fit_codebook_size=16, num_replaced_patches=20),
         "num_replaced_patches must be between 0 and the 16 patches",
     ),
     "masked and replaced patches beyond the grid": (
-        lambda p: [a for a in mim(p, fit_codebook_size=16, num_replaced_patches=12, num_mask_patches=6)
-                   if a not in ("--tokenizer_name_or_path", p["dvae"])] + ["--fit_tokenizer", "--model_type", "ccvit"],
+        lambda p: mim_fitting(p, "ccvit", fit_codebook_size=16, num_replaced_patches=12, num_mask_patches=6),
         "6 masked plus 12 replaced patches exceed the 16 patches of the grid",
     ),
     "the label column as images": (
@@ -328,13 +331,11 @@ CASES = {
         "--model_name_or_path {root}/no_tokenizer holds no tokenizer to compute its targets",
     ),
     "a fit of a size off the patch grid": (
-        lambda p: [a for a in mim(p, fit_codebook_size=8, image_size=36) if a not in ("--tokenizer_name_or_path", p["dvae"])]
-        + ["--fit_tokenizer", "--model_type", "beit"],
+        lambda p: mim_fitting(p, "beit", fit_codebook_size=8, image_size=36),
         "--image_size, --patch_size and --fit_codebook_size give an invalid config: KmeansConfig.image_size=36",
     ),
     "a fitted tokenizer of other flags in the folder": (
-        lambda p: [a for a in mim(p, fit_codebook_size=8, output_dir=p["root"] / "refit")
-                   if a not in ("--tokenizer_name_or_path", p["dvae"])] + ["--fit_tokenizer", "--model_type", "ccvit"],
+        lambda p: mim_fitting(p, "ccvit", fit_codebook_size=8, output_dir=p["root"] / "refit"),
         "{root}/refit/tokenizer holds a tokenizer fitted by an earlier run with codebook_size=16, where these flags ask "
         "for 8: pass --overwrite_output_dir",
     ),
