@@ -252,3 +252,26 @@ def test_training_with_transformers_learning_rate_and_weight_decay_is_warned_of(
     assert "--learning_rate and --weight_decay are unset, so transformers' defaults apply (5e-05, 0)" in text
     assert "the recipe: --learning_rate 1" in text
     assert warned(learning_rate=1e-3) == "" and warned(weight_decay=0.05) == ""
+
+
+@pytest.mark.parametrize(
+    "command, flags, recipe",
+    [
+        ("run_mim", ["--model_type", "beit"], "--learning_rate 1.5e-3 --weight_decay 0.05"),
+        ("train_tokenizer", ["--tokenizer_type", "dvae"], "--learning_rate 1e-3"),
+        ("train_tokenizer", ["--tokenizer_type", "vqkd"], "--learning_rate 2e-4 --weight_decay 1e-4"),
+        ("run_image_classification", ["--model_name_or_path", "unused"], "--learning_rate 4e-3 --weight_decay 0.05"),
+    ],
+)
+def test_each_training_command_warns_of_transformers_optimisation_defaults_before_reading_data(
+    command, flags, recipe, tmp_path, caplog
+):
+    # The warning comes before the data: here a missing --train_dir ends the run right after it.
+    import importlib
+
+    module = importlib.import_module(f"hf_mim.training.{command}")
+    argv = [*flags, "--train_dir", str(tmp_path / "missing"), "--output_dir", str(tmp_path / "out"), "--do_train",
+            "--use_cpu", "--report_to", "none"]
+    with caplog.at_level("WARNING", logger="hf_mim.training.arguments"), pytest.raises(UsageError):
+        module.main(argv)
+    assert "--learning_rate and --weight_decay are unset" in caplog.text and recipe in caplog.text

@@ -87,12 +87,15 @@ class TokenizerFamily(Family):
         fit (`str`, *optional*): "module:function" of `(model, image_processor, raw_datasets, image_column,
             tokenizer_args, training_args, dataset_tags) -> metrics`, the whole run of a tokenizer that is fitted
             instead (save, card and upload included). A family with neither is only converted from a release.
+        optimisation_recipe (`str`, *optional*): The `--learning_rate` / `--weight_decay` a `trainer`'s run starts
+            from, named in the warning of a run that leaves both at transformers' defaults.
     """
 
     kind: ClassVar[str] = "tokenizer"
 
     trainer: str | None = None
     fit: str | None = None
+    optimisation_recipe: str | None = None
 
     @property
     def trainable(self) -> bool:
@@ -191,6 +194,7 @@ TOKENIZERS = {
             image_processor_class=models.DvaeImageProcessor,
             card_tag="dall-e-dvae",
             trainer="hf_mim.training.dvae:build_dvae_trainer",
+            optimisation_recipe="the README's dVAE at batch 64: --learning_rate 1e-3",
         ),
         TokenizerFamily(
             name="vqkd",
@@ -200,6 +204,7 @@ TOKENIZERS = {
             image_processor_class=models.VqkdImageProcessor,
             card_tag="vq-kd",
             trainer="hf_mim.training.vqkd:build_vqkd_trainer",
+            optimisation_recipe="VQ-KD at batch 512: --learning_rate 2e-4 --weight_decay 1e-4",
         ),
         TokenizerFamily(
             name="kmeans",

@@ -27,7 +27,12 @@ from ..data import (
 from ..errors import UsageError
 from ..families import TOKENIZERS, import_target
 from ..hub.cards import hub_dataset_id
-from .arguments import MimTrainingArguments, config_from_flags, parse_config_overrides
+from .arguments import (
+    MimTrainingArguments,
+    config_from_flags,
+    parse_config_overrides,
+    warn_of_transformers_optimisation_defaults,
+)
 from .dvae import DVAE_FLAGS, TEMPERATURE_SCHEDULES, check_schedule
 from .kmeans import KmeansFitArguments
 from .loading import pretrained, saved_model_type
@@ -238,13 +243,15 @@ def train_tokenizer(
     require_steps_when_streaming(data_args, training_args)
     check_type_specific_flags(tokenizer_args, data_args, training_args)
     setup_logging(training_args)
+    family = TRAINABLE[tokenizer_args.tokenizer_type]
+    if family.optimisation_recipe is not None:
+        warn_of_transformers_optimisation_defaults(training_args, family.optimisation_recipe)
     set_seed(training_args.seed)
 
     model, image_processor = load_tokenizer(tokenizer_args)
     raw, image_column = load_image_datasets_from_args(
         data_args, training_args.seed, data_args.cache_dir, evaluate=training_args.do_eval
     )
-    family = TRAINABLE[tokenizer_args.tokenizer_type]
     if family.fit is not None:
         dataset_tags = hub_dataset_id(data_args.dataset_name)
         fit = import_target(family.fit)
