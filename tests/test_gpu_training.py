@@ -4,7 +4,6 @@ see every epoch, and the GPU check's CPU dry mode."""
 
 import json
 import os
-import pathlib
 import subprocess
 import sys
 

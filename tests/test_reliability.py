@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -198,3 +197,71 @@ def test_a_nonfinite_evaluation_loss_is_counted_on_the_device_and_raised_when_th
     # A finite evaluation afterwards starts from a clean count.
     finite = [{**example, "pixel_values": torch.rand(3, 32, 32)} for example in trainer.train_dataset]
     assert "eval_loss" in trainer.evaluate(finite)
+
+
+def resumed_weights_equal_uninterrupted(main_function, args, tmp_path, *extra):
+    """Train 6 steps straight, and 6 steps resumed from the straight run's step-2 checkpoint: bitwise equal weights."""
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    steps = ("--max_steps", "6", "--save_steps", "2", "--seed", "3", *extra)
+    main_function([*args, "--output_dir", str(straight), *steps])
+    main_function([*args, "--output_dir", str(resumed), *steps,
+                   "--resume_from_checkpoint", str(straight / "checkpoint-2")])  # fmt: skip
+    expected, actual = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    return [name for name in expected if not torch.equal(expected[name], actual[name])]
+
+
+def test_a_resumed_dvae_training_ends_with_the_weights_of_an_uninterrupted_one(image_folder, tmp_path):
+    # The views were drawn from torch's global RNG, which the resumed run had consumed differently.
+    from hf_mim.training import train_tokenizer
+
+    args = [
+        "--tokenizer_type", "dvae", "--train_dir", image_folder, "--do_train", "--per_device_train_batch_size", "4",
+        "--learning_rate", "1e-3", "--report_to", "none", "--use_cpu", "--dataloader_num_workers", "0",
+        "--config_overrides", "image_size=32,hidden_size=16,codebook_size=64,num_groups=2,decoder_hidden_size=16",
+        "--color_jitter", "0.4",
+    ]  # fmt: skip
+    assert resumed_weights_equal_uninterrupted(train_tokenizer.main, args, tmp_path) == []
+
+
+def test_a_resumed_fine_tuning_with_mixup_ends_with_the_weights_of_an_uninterrupted_one(
+    tiny_mim_dir, image_folder, tmp_path
+):
+    # Augmentations and Mixup/CutMix came from torch's global RNG; two micro-batches per step mix differently.
+    from hf_mim.training.run_image_classification import main as finetune
+
+    args = [
+        "--model_name_or_path", tiny_mim_dir, "--train_dir", image_folder, "--do_train",
+        "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--mixup", "0.8", "--cutmix", "1.0",
+        "--report_to", "none", "--use_cpu", "--dataloader_num_workers", "0", "--drop_path_rate", "0.1",
+    ]  # fmt: skip
+    assert resumed_weights_equal_uninterrupted(finetune, args, tmp_path, "--gradient_accumulation_steps", "2") == []
+
+
+def test_the_best_checkpoint_of_a_stock_beit_is_loaded_whole_and_one_that_does_not_fit_is_refused(tmp_path):
+    # transformers 5 saves a stock BEiT under its old layer names; Trainer's strict=False load then loaded nothing.
+    from transformers import BeitConfig, BeitForImageClassification
+
+    from hf_mim.errors import UsageError
+    from hf_mim.training.arguments import MimTrainingArguments
+    from hf_mim.training.trainer import MimTrainer, checkpoint_weight_names
+
+    def classifier(layers, seed):
+        torch.manual_seed(seed)
+        config = BeitConfig(hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=32,
+                            image_size=16, patch_size=8, use_relative_position_bias=True, num_labels=2)  # fmt: skip
+        return BeitForImageClassification(config)
+
+    classifier(1, seed=1).save_pretrained(tmp_path / "best")
+    assert checkpoint_weight_names(tmp_path / "best") != set(classifier(1, seed=1).state_dict())
+    model = classifier(1, seed=2)
+    args = MimTrainingArguments(output_dir=str(tmp_path / "run"), report_to="none", use_cpu=True)
+    trainer = MimTrainer(model=model, args=args)
+    trainer.state.best_model_checkpoint = str(tmp_path / "best")
+    trainer._load_best_model()
+    expected = BeitForImageClassification.from_pretrained(tmp_path / "best").state_dict()
+    assert all(torch.equal(value, expected[name]) for name, value in model.state_dict().items())
+
+    classifier(2, seed=1).save_pretrained(tmp_path / "deeper")
+    with pytest.raises(UsageError, match=r"deeper do not fit the model being trained .* another --output_dir"):
+        trainer._load_from_checkpoint(str(tmp_path / "deeper"))

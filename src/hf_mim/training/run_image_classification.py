@@ -9,6 +9,7 @@ saved model and image processor are plain transformers BEiT files.
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from datasets import ClassLabel
 from transformers import BeitForImageClassification, Trainer, set_seed
@@ -151,6 +152,15 @@ class ImageClassificationTrainer(MimTrainer):
     def __init__(self, *args, mixup: MixupCutmix | None = None, **kwargs):
         super().__init__(*args, compute_loss_func=classification_loss, **kwargs)
         self.mixup = mixup
+        self._mixed_step, self._mixed_micro_batches = -1, 0
+
+    def mixing_rng(self) -> np.random.Generator:
+        """The generator of this micro-batch's mixing, keyed by (seed, process, optimiser step, micro-batch): a resumed
+        run mixes its batches as the uninterrupted run did (torch's RNG would depend on what else drew from it)."""
+        step = self.state.global_step
+        self._mixed_micro_batches = self._mixed_micro_batches + 1 if step == self._mixed_step else 0
+        self._mixed_step = step
+        return np.random.default_rng((self.args.seed, self.args.process_index, step, self._mixed_micro_batches))
 
     def create_model_card(self, **kwargs) -> None:
         # A stock transformers classifier fine-tuned from a checkpoint: transformers' own card describes it.
@@ -158,7 +168,7 @@ class ImageClassificationTrainer(MimTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if model.training and self.mixup is not None:
-            pixel_values, labels = self.mixup(inputs["pixel_values"], inputs["labels"])
+            pixel_values, labels = self.mixup(inputs["pixel_values"], inputs["labels"], rng=self.mixing_rng())
             inputs = {**inputs, "pixel_values": pixel_values, "labels": labels}
         # Without `num_items_in_batch` Trainer takes the loss as the per-batch mean it is (no rescaling across
         # devices, which would count soft-target entries as items).
@@ -317,7 +327,10 @@ def main(argv=None) -> dict[str, float]:
             random_erasing=data_args.random_erasing,
             **data_args.view_options(default_color_jitter=0.0 if data_args.rand_augment else 0.4),
         )
-        train_dataset = apply_transform(raw["train"], image_column, transform, skipped, keep_columns=("labels",))
+        # Each example's augmentation comes from its own generator (seed, epoch, index), so a resumed run redraws it.
+        train_dataset = apply_transform(
+            raw["train"], image_column, transform, skipped, keep_columns=("labels",), seed=training_args.seed
+        )
     if training_args.do_eval:
         eval_dataset = apply_transform(
             raw["validation"], image_column, TwoViewTransform(eval_view, train=False), skipped, ("labels",)

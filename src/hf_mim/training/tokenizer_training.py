@@ -258,7 +258,9 @@ def train_tokenizer(
         return fit(model, image_processor, raw, image_column, tokenizer_args, training_args, dataset_tags)
     skipped = SkippedImageCounter()
     train_transform = TwoViewTransform(image_processor, **data_args.view_options(default_color_jitter=0.0))
-    train_dataset = apply_transform(raw["train"], image_column, train_transform, skipped=skipped)
+    # Each example's views come from its own generator (seed, epoch, index), so a resumed run redraws them.
+    data_seed = None if data_args.streaming else training_args.seed
+    train_dataset = apply_transform(raw["train"], image_column, train_transform, skipped=skipped, seed=data_seed)
     eval_dataset = None
     if training_args.do_eval:
         eval_transform = TwoViewTransform.for_evaluation(image_processor)

@@ -1,10 +1,14 @@
 """A `Trainer` for hf_mim models: BEiT parameter groups, per-step model metrics, non-finite loss guard."""
 
+import json
 import logging
 import math
+import os
 
 import torch
+from safetensors import safe_open
 from transformers import Trainer, TrainerCallback
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from transformers.utils.hub import hf_api
 
 from ..errors import UsageError
@@ -94,6 +98,20 @@ def _count_nonfinite(loss: torch.Tensor, counted: torch.Tensor | None) -> torch.
     return nonfinite if counted is None else counted + nonfinite
 
 
+def checkpoint_weight_names(folder: str) -> set[str] | None:
+    """The names of the tensors in a checkpoint folder's safetensors weights (one file or shards), or None if it has
+    none."""
+    index = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
+    if os.path.isfile(index):
+        with open(index) as file:
+            return set(json.load(file)["weight_map"])
+    weights = os.path.join(folder, SAFE_WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        return None
+    with safe_open(weights, framework="pt") as file:
+        return set(file.keys())
+
+
 class MimTrainer(Trainer):
     """`Trainer` that logs every scalar a model returns besides its loss (masked accuracy, loss terms, codebook
     usage) averaged over the logging window and across processes, and builds BEiT's optimiser groups.
@@ -140,6 +158,39 @@ class MimTrainer(Trainer):
         self._nonfinite_losses: torch.Tensor | None = None
         self._nonfinite_eval_losses: torch.Tensor | None = None
         self._nonfinite_checked_step = 0
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        if not self._load_renamed_weights(resume_from_checkpoint, self.model if model is None else model):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self):
+        if not self._load_renamed_weights(self.state.best_model_checkpoint, self.model):
+            super()._load_best_model()
+
+    def _load_renamed_weights(self, folder: str, model) -> bool:
+        """Load a checkpoint whose tensors are saved under other names than `model`'s, as `from_pretrained` does.
+
+        transformers 5 saves a stock BEiT's layers (e.g. a fine-tuned classifier) under their version-4 names and
+        renames them only in `from_pretrained`; Trainer resumes (and loads the best model) with
+        `load_state_dict(strict=False)`, which then loads nothing and only warns, so training would go on from the
+        weights of a new run. Returns False, having done nothing, when the names match or the weights are not plain
+        safetensors (Trainer loads them).
+        """
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled:
+            return False
+        names = checkpoint_weight_names(folder)
+        if names is None or names == set(model.state_dict()):
+            return False
+        loaded, info = type(model).from_pretrained(folder, config=model.config, output_loading_info=True)
+        if info["missing_keys"] or info["unexpected_keys"]:
+            unfit = sorted(info["missing_keys"]) or sorted(info["unexpected_keys"])
+            raise UsageError(
+                f"The weights in {folder} do not fit the model being trained ({len(unfit)} tensors such as "
+                f"{unfit[0]!r} have no counterpart): resume with the model and flags that checkpoint was trained "
+                "with, or start anew in another --output_dir"
+            )
+        model.load_state_dict(loaded.state_dict())
+        return True
 
     def init_hf_repo(self, token: str | None = None, private: bool | None = None) -> None:
         # Trainer commits to `hub_revision` without creating it, and the Hub refuses commits to a missing branch.
@@ -381,4 +432,5 @@ __all__ = [
     "NonFiniteStepGuard",
     "ThroughputCounter",
     "batch_size",
+    "checkpoint_weight_names",
 ]
