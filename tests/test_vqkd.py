@@ -513,3 +513,13 @@ def test_two_process_training_ends_with_identical_codebooks(vqkd_training_data, 
     assert sum(e.get("codebook_restarts", 0) for e in logs) > 0
     saved = load_file(tmp_path / "out" / "model.safetensors")
     assert torch.equal(saved["codebook.weight"], rank0["weight"])
+
+
+def test_a_resumed_vqkd_training_ends_with_the_weights_of_an_uninterrupted_one(vqkd_training_data, tmp_path):
+    # Dead codes restart every 2 steps from the batch's features: restarts before and after the checkpoint.
+    from test_reliability import resumed_weights_equal_uninterrupted
+
+    teacher, images = vqkd_training_data
+    args = train_tokenizer_args(teacher, images, tmp_path / "unused", overrides={"dead_code_restart_steps": 2})
+    args = args[: args.index("--save_strategy")] + args[args.index("--save_strategy") + 2 :]
+    assert resumed_weights_equal_uninterrupted(train_tokenizer, [*args, "--color_jitter", "0.4"], tmp_path) == []
