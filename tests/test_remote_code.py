@@ -135,3 +135,24 @@ def test_every_model_tags_the_cards_transformers_writes_for_it(model_type):
     assert {"hf_mim", "custom_code"} <= set(first.model_tags)
     first.add_model_tags(["mine"])
     assert "mine" not in second.model_tags
+
+
+def test_the_tokenizer_view_of_a_pretraining_output_dir_loads_without_hf_mim(tiny_dvae_dir, image_folder, tmp_path):
+    # Its card shows this call; the dVAE processor's code was only in the subfolder, where transformers does not look.
+    from test_run_mim import run_mim_args
+
+    from hf_mim.training.run_mim import main
+
+    main(run_mim_args(tiny_dvae_dir, image_folder, tmp_path, "--max_steps", "1", "--save_strategy", "no"))
+    loader = BLOCK_HF_MIM + textwrap.dedent(
+        """
+        from transformers import AutoImageProcessor
+        processor = AutoImageProcessor.from_pretrained(sys.argv[1], subfolder="tokenizer", trust_remote_code=True)
+        print(type(processor).__name__, processor.size["height"], any(name.startswith("hf_mim") for name in sys.modules))
+        """
+    )
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1"}
+    completed = subprocess.run([sys.executable, "-c", loader, str(tmp_path)], capture_output=True, text=True, env=env,
+                               cwd=tmp_path, timeout=300)  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.split() == ["DvaeImageProcessor", "16", "False"]

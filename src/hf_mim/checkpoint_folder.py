@@ -23,8 +23,10 @@ CODE_DIR = Path(__file__).resolve().parent / "models"
 
 
 def save_tokenizer_image_processor(folder, tokenizer_image_processor) -> None:
-    """Save the image processor of a MIM checkpoint's tokenizer view into the checkpoint `folder`."""
+    """Save the image processor of a MIM checkpoint's tokenizer view into the checkpoint `folder` (saved already),
+    with its code at the root, where `trust_remote_code=True` looks for it (`complete_code_files`)."""
     tokenizer_image_processor.save_pretrained(Path(folder) / TOKENIZER_SUBFOLDER)
+    complete_code_files(folder)
 
 
 def load_tokenizer_image_processor(name_or_path: str, **kwargs):
