@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from hf_mim.data import BlockwiseMaskingGenerator, MimDataCollator, TwoViewTransform, apply_transform, example_rng
+from hf_mim.errors import UsageError
 from hf_mim.models import MimImageProcessor
 from hf_mim.training.run_mim import main
 
@@ -242,7 +244,6 @@ def test_the_best_checkpoint_of_a_stock_beit_is_loaded_whole_and_one_that_does_n
     # transformers 5 saves a stock BEiT under its old layer names; Trainer's strict=False load then loaded nothing.
     from transformers import BeitConfig, BeitForImageClassification
 
-    from hf_mim.errors import UsageError
     from hf_mim.training.arguments import MimTrainingArguments
     from hf_mim.training.trainer import MimTrainer, checkpoint_weight_names
 
@@ -265,3 +266,60 @@ def test_the_best_checkpoint_of_a_stock_beit_is_loaded_whole_and_one_that_does_n
     classifier(2, seed=1).save_pretrained(tmp_path / "deeper")
     with pytest.raises(UsageError, match=r"deeper do not fit the model being trained .* another --output_dir"):
         trainer._load_from_checkpoint(str(tmp_path / "deeper"))
+
+
+@pytest.fixture(scope="module")
+def checkpointed_run(tiny_dvae_dir, image_folder, tmp_path_factory):
+    """A tiny BEiT pre-training of 2 steps with a checkpoint at step 1, as (its output_dir, its flags)."""
+    output_dir = tmp_path_factory.mktemp("checkpointed")
+    main(run_mim_args(tiny_dvae_dir, image_folder, output_dir, "--max_steps", "2", "--save_steps", "1"))
+    return output_dir
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--learning_rate", "5e-3"], '--learning_rate 0.001 (this launch: 0.005)'),
+        (["--seed", "9", "--color_jitter", "0"], '--color_jitter 0.4 (this launch: 0.0), --seed 0 (this launch: 9)'),
+        (["--num_mask_patches", "5"], "--num_mask_patches null (this launch: 5)"),
+        (["--per_device_train_batch_size", "2"], "--per_device_train_batch_size 4 (this launch: 2)"),
+    ],
+)
+def test_a_run_resumed_with_other_flags_that_decide_it_is_refused_naming_them(
+    checkpointed_run, tiny_dvae_dir, image_folder, tmp_path, flags, named
+):
+    # Trainer resumed them silently: the checkpoint's optimiser and schedule with this launch's data and rates.
+    assert json.loads((checkpointed_run / "checkpoint-1" / "hf_mim_run_flags.json").read_text())["seed"] == 0
+    args = run_mim_args(tiny_dvae_dir, image_folder, tmp_path, "--max_steps", "2",
+                        "--resume_from_checkpoint", str(checkpointed_run / "checkpoint-1"), *flags)  # fmt: skip
+    with pytest.raises(UsageError, match=rf"checkpoint-1 was trained with {re.escape(named)}; a resumed run keeps"):
+        main(args)
+    # Where the data lives, how often to log or save, and how long to train may change.
+    main(run_mim_args(tiny_dvae_dir, str(image_folder), tmp_path, "--max_steps", "3", "--logging_steps", "2",
+                      "--resume_from_checkpoint", str(checkpointed_run / "checkpoint-1")))  # fmt: skip
+
+
+def test_a_run_resumed_with_another_tokenizer_is_refused(checkpointed_run, image_folder, tmp_path):
+    # The checkpoint's tokenizer weights were loaded over the new one: the run went on with the old targets.
+    from conftest import tiny_dvae_config
+
+    from hf_mim import DvaeImageProcessor, DvaeModel
+
+    torch.manual_seed(5)
+    DvaeModel(tiny_dvae_config()).save_pretrained(tmp_path / "other_dvae")
+    DvaeImageProcessor(size={"height": 16, "width": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(
+        tmp_path / "other_dvae"
+    )
+    args = run_mim_args(str(tmp_path / "other_dvae"), image_folder, tmp_path / "out", "--max_steps", "2",
+                        "--resume_from_checkpoint", str(checkpointed_run / "checkpoint-1"))  # fmt: skip
+    with pytest.raises(UsageError, match="checkpoint-1 was trained with another tokenizer than this run's"):
+        main(args)
+
+
+def test_a_run_resumed_by_another_number_of_processes_is_refused(tmp_path):
+    from hf_mim.training.workflow import check_run_flags
+
+    (tmp_path / "hf_mim_run_flags.json").write_text(json.dumps({"num_processes": 2, "seed": 0}))
+    check_run_flags(str(tmp_path), {"num_processes": 2, "seed": 0, "new_flag": 1})
+    with pytest.raises(UsageError, match="trained by 2 processes and this launch has 1, which changes the batches"):
+        check_run_flags(str(tmp_path), {"num_processes": 1, "seed": 0})

@@ -45,6 +45,7 @@ from .workflow import (
     require_action,
     require_steps_when_streaming,
     require_weights_to_evaluate,
+    run_flags,
     setup_logging,
     train_and_evaluate,
 )
@@ -454,6 +455,7 @@ def pretrain(
         after_save=lambda: save_tokenizer_image_processor(training_args.output_dir, tokenizer_processor),
         dataset_name=data_args.dataset_name,
         train_dir=data_args.train_dir,
+        flags=run_flags(training_args, model_args, data_args),
     )
 
 

@@ -45,7 +45,7 @@ from .arguments import HfMimTrainingArguments, warn_of_transformers_optimisation
 from .loading import require_new_output_dir
 from .mixup import MixupCutmix, soft_target_cross_entropy
 from .trainer import MimTrainer
-from .workflow import require_action, setup_logging, train_and_evaluate
+from .workflow import require_action, run_flags, setup_logging, train_and_evaluate
 
 
 @dataclass
@@ -362,7 +362,8 @@ def main(argv=None) -> dict[str, float]:
         mixup=mixup,
     )
 
-    return train_and_evaluate(trainer, training_args, skipped, model_card=False)
+    flags = run_flags(training_args, model_args, data_args)
+    return train_and_evaluate(trainer, training_args, skipped, model_card=False, flags=flags)
 
 
 __all__ = [

@@ -40,6 +40,7 @@ from .workflow import (
     require_action,
     require_steps_when_streaming,
     require_weights_to_evaluate,
+    run_flags,
     setup_logging,
     train_and_evaluate,
 )
@@ -278,7 +279,12 @@ def train_tokenizer(
     )
 
     return train_and_evaluate(
-        trainer, training_args, skipped, dataset_name=data_args.dataset_name, train_dir=data_args.train_dir
+        trainer,
+        training_args,
+        skipped,
+        dataset_name=data_args.dataset_name,
+        train_dir=data_args.train_dir,
+        flags=run_flags(training_args, tokenizer_args, data_args),
     )
 
 

@@ -5,6 +5,9 @@
 `train_and_evaluate`.
 """
 
+import dataclasses
+import enum
+import json
 import logging
 import os
 import sys
@@ -13,8 +16,8 @@ import datasets
 import torch
 import transformers
 from safetensors import safe_open
-from transformers import TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers import TrainerCallback, TrainingArguments
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..errors import UsageError
 from ..hub.cards import describe_training_data, hub_dataset_id
@@ -22,6 +25,19 @@ from ..hub.push import default_repo_id, hub_request_errors
 from .loading import saved_model_type
 
 logger = logging.getLogger(__name__)
+
+# Each checkpoint's record of the flags its run was launched with (`run_flags`), which a resumed run must keep.
+RUN_FLAGS = "hf_mim_run_flags.json"
+# TrainingArguments that decide what a run draws and how it updates (a resumed run restores the optimiser and
+# schedule states, so a new value would be ignored or mixed with the old one); the number of processes is one too.
+TRAJECTORY_TRAINING_FLAGS = (
+    "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim", "optim_args",
+    "max_grad_norm", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "seed",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "bf16", "fp16",
+)  # fmt: skip
+# Flags of the commands' own dataclasses that say where things are or how they are read, which may change between
+# launches (data moved, a token renewed); every other flag of those dataclasses decides the run.
+_LOCATION_FLAGS = {"model_revision", "token", "trust_remote_code", "max_eval_samples", "streaming"}
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -66,12 +82,13 @@ def require_steps_when_streaming(data_args, training_args: TrainingArguments) ->
         raise UsageError("--streaming reads images as they come, so epochs have no length: pass --max_steps")
 
 
-def find_checkpoint(training_args: TrainingArguments, model=None) -> str | None:
+def find_checkpoint(training_args: TrainingArguments, model=None, flags: dict | None = None) -> str | None:
     """The checkpoint to resume from: the one given, else the last in output_dir unless --overwrite_output_dir.
 
     Says which one (a warning: resuming changes what the run does), warns when it lacks the optimiser or scheduler
-    state (they would start afresh), and names an unreadable weights file, or one of another model than `model`
-    (Trainer would load the weights both share and start the rest afresh, with only a warning), with the fix.
+    state (they would start afresh), and names an unreadable weights file, one of another model than `model`
+    (Trainer would load the weights both share and start the rest afresh, with only a warning) or of another
+    tokenizer, and `flags` (`run_flags`) other than the checkpoint's, with the fix.
     """
     given = training_args.resume_from_checkpoint
     if given is not None:
@@ -87,6 +104,8 @@ def find_checkpoint(training_args: TrainingArguments, model=None) -> str | None:
             return None
         fix = "pass --overwrite_output_dir to start afresh, or --resume_from_checkpoint with an earlier checkpoint"
     check_checkpoint_weights(checkpoint, fix, model)
+    if flags is not None:
+        check_run_flags(checkpoint, flags)
     missing = [name for name in ("optimizer.pt", "scheduler.pt") if not os.path.isfile(os.path.join(checkpoint, name))]
     if missing:
         logger.warning(f"{checkpoint} has no {' or '.join(missing)}: that state starts afresh")
@@ -118,6 +137,85 @@ def check_checkpoint_weights(checkpoint: str, fix: str, model=None) -> None:
                 f"{checkpoint} holds {changed[0]} of shape {saved[changed[0]]}, but this run's model has "
                 f"{shapes[changed[0]]} (another architecture): {fix}"
             )
+        if isinstance(getattr(model, "tokenizer", None), torch.nn.Module):
+            check_tokenizer_weights(path, model.tokenizer, fix)
+
+
+def check_tokenizer_weights(path: str, tokenizer: torch.nn.Module, fix: str) -> None:
+    """A one-line error when the weights file `path` of a MIM checkpoint holds another frozen tokenizer than the
+    model's: resuming would load the checkpoint's over it, and the run would go on with the old targets."""
+    with safe_open(path, framework="pt") as weights:
+        for name, value in tokenizer.state_dict().items():
+            key = f"tokenizer.{name}"
+            if key in weights.keys() and not torch.equal(weights.get_tensor(key), value.detach().cpu()):
+                raise UsageError(
+                    f"{os.path.dirname(path)} was trained with another tokenizer than this run's "
+                    f"(--tokenizer_name_or_path, or the one --fit_tokenizer fitted; {key} differs), and resuming "
+                    f"would go on with the old one: pass the tokenizer it was trained with, or {fix}"
+                )
+
+
+def _decides_the_run(name: str) -> bool:
+    # k-means fit flags are checked against the fitted tokenizer they would reuse (`kmeans.tokenizer._require_same_fit`).
+    return not (name.endswith(("_path", "_dir", "_name")) or name.startswith("kmeans_") or name in _LOCATION_FLAGS)
+
+
+def _json_value(value):
+    return value.value if isinstance(value, enum.Enum) else str(value)
+
+
+def run_flags(training_args: TrainingArguments, *argument_groups) -> dict:
+    """The flags that decide what a training run draws and how it updates: `TRAJECTORY_TRAINING_FLAGS`, the number of
+    processes, and every flag of the command's own dataclasses (`argument_groups`, e.g. model and data arguments)
+    but those that say where data and models are; as JSON values."""
+    flags = {name: getattr(training_args, name) for name in TRAJECTORY_TRAINING_FLAGS if hasattr(training_args, name)}
+    flags["num_processes"] = training_args.world_size
+    for group in argument_groups:
+        flags.update(
+            {field.name: getattr(group, field.name) for field in dataclasses.fields(group) if _decides_the_run(field.name)}
+        )
+    return json.loads(json.dumps(flags, default=_json_value))
+
+
+class RunFlagsCallback(TrainerCallback):
+    """Writes a run's flags (`run_flags`) into each checkpoint it saves, for `find_checkpoint` to hold a resumed run
+    to them."""
+
+    def __init__(self, flags: dict):
+        self.flags = flags
+
+    def on_save(self, args, state, control, **kwargs):
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            with open(os.path.join(folder, RUN_FLAGS), "w") as file:
+                json.dump(self.flags, file, indent=2, sort_keys=True)
+
+
+def check_run_flags(checkpoint: str, flags: dict) -> None:
+    """A one-line error when this launch's `flags` (`run_flags`) differ from those `checkpoint` was trained with:
+    Trainer would resume with the checkpoint's optimiser and schedule and this launch's data, a run that is neither."""
+    path = os.path.join(checkpoint, RUN_FLAGS)
+    if not os.path.isfile(path):
+        logger.info(f"{checkpoint} has no {RUN_FLAGS} (saved before hf_mim recorded it): its flags are not checked")
+        return
+    with open(path) as file:
+        saved = json.load(file)
+    changed = sorted(name for name in saved.keys() & flags.keys() if saved[name] != flags[name])
+    if not changed:
+        return
+    fix = "relaunch with the checkpoint's values, or start afresh with --overwrite_output_dir (or another --output_dir)"
+    if changed == ["num_processes"]:
+        raise UsageError(
+            f"{checkpoint} was trained by {saved['num_processes']} processes and this launch has "
+            f"{flags['num_processes']}, which changes the batches it draws: {fix}"
+        )
+    differences = ", ".join(
+        f"--{name} {json.dumps(saved[name])} (this launch: {json.dumps(flags[name])})" for name in changed
+    )
+    raise UsageError(
+        f"{checkpoint} was trained with {differences}; a resumed run keeps the flags that decide its data and "
+        f"updates: {fix}"
+    )
 
 
 def require_decoded_images(trainer, skipped) -> int:
@@ -144,17 +242,22 @@ def train_and_evaluate(
     dataset_name: str | None = None,
     model_card: bool = True,
     train_dir: str | None = None,
+    flags: dict | None = None,
 ) -> dict[str, float]:
     """The end of every hf_mim training script: train (resuming if asked), save, evaluate, write the card.
 
     `after_save` runs on the main process after the model is saved (e.g. to add the tokenizer's processor);
     `skipped` is the `SkippedImageCounter` of the datasets; `model_card=False` for outputs that are not hf_mim
     families (a stock transformers classifier), which get no hf_mim card; the card names `dataset_name` when it is
-    a Hub dataset, else the `train_dir` folder and its image count. Returns train and eval metrics.
+    a Hub dataset, else the `train_dir` folder and its image count; `flags` (`run_flags`) are recorded in every
+    checkpoint, and a resumed run must keep them. Returns train and eval metrics.
     """
     metrics: dict[str, float] = {}
     if training_args.do_train:
-        result = trainer.train(resume_from_checkpoint=find_checkpoint(training_args, trainer.model))
+        checkpoint = find_checkpoint(training_args, trainer.model, flags)
+        if flags is not None:
+            trainer.add_callback(RunFlagsCallback(flags))
+        result = trainer.train(resume_from_checkpoint=checkpoint)
         undecodable = require_decoded_images(trainer, skipped)
         trainer.save_model()
         if after_save is not None and trainer.is_world_process_zero():
@@ -192,12 +295,18 @@ def train_and_evaluate(
 
 
 __all__ = [
+    "RUN_FLAGS",
+    "RunFlagsCallback",
+    "TRAJECTORY_TRAINING_FLAGS",
     "check_checkpoint_weights",
+    "check_run_flags",
+    "check_tokenizer_weights",
     "find_checkpoint",
     "require_action",
     "require_decoded_images",
     "require_steps_when_streaming",
     "require_weights_to_evaluate",
+    "run_flags",
     "setup_logging",
     "train_and_evaluate",
 ]
