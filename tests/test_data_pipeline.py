@@ -702,3 +702,17 @@ def test_a_split_of_a_dataset_that_has_a_validation_split_is_refused(tmp_path):
     assert set(raw) == {"train", "validation"}
     with pytest.raises(UsageError, match="has a validation split, so --train_val_split would not be used: remove it"):
         load_image_datasets(dataset_name=str(tmp_path), train_val_split=0.25)
+
+
+def test_a_class_folder_without_images_is_named_in_a_warning(tmp_path, caplog):
+    # The imagefolder made no class of it, without a word: the classifier's head silently lacked that class.
+    train = _class_folders(tmp_path / "train", ["cats", "dogs"])
+    (tmp_path / "train" / "birds" / "empty").mkdir(parents=True)
+    (tmp_path / "train" / "fish").mkdir()
+    (tmp_path / "train" / "fish" / "notes.txt").write_text("no images here")
+    with caplog.at_level(logging.WARNING, logger="hf_mim.data.datasets"):
+        raw, _ = load_image_datasets(train_dir=train, class_folders=True)
+    assert raw["train"].features["label"].names == ["cats", "dogs"]
+    assert f"--train_dir {train}: the folders ['birds', 'fish'] hold no images, so they are not classes of this run" in [
+        record.getMessage() for record in caplog.records
+    ]

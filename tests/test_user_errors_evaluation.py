@@ -16,6 +16,11 @@ def mistakes(tmp_path_factory, tiny_dvae_dir, tiny_mim_dir):
     write_images(root / "train", 12)
     write_images(root / "val_extra_class", 4, classes=("a", "c"))
     write_images(root / "flat", 6, classes=("",))
+    # Class "c" is there, but none of its images decodes.
+    write_images(root / "train_undecodable_class", 8)
+    (root / "train_undecodable_class" / "c").mkdir()
+    for index in range(2):
+        (root / "train_undecodable_class" / "c" / f"{index}.png").write_bytes(b"not a png")
     write_wrong_inputs(root)
     BeitForImageClassification(BeitConfig(**TINY_BACKBONE)).save_pretrained(root / "classifier")
     from transformers import AutoImageProcessor
@@ -124,6 +129,11 @@ CASES = {
     "knn: a validation class train lacks": (
         lambda p: knn(p, validation="val_extra_class"),
         "--validation_dir {root}/val_extra_class has labels that --train_dir {root}/train does not: ['c']",
+    ),
+    "knn: a validation class whose training images are all undecodable": (
+        lambda p: knn(p, train="train_undecodable_class", validation="val_extra_class"),
+        "--train_dir {root}/train_undecodable_class has no decodable image of the labels ['c'], which --validation_dir "
+        "{root}/val_extra_class has (their training images were skipped",
     ),
     # visualize
     "visualize: missing model folder": (

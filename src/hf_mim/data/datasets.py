@@ -45,6 +45,9 @@ class ImageFolderScan:
     """How many files of each extension are neither images nor metadata files, and so are not read."""
     has_metadata: bool = False
     """Whether a metadata file (metadata.csv/.jsonl/.parquet) gives the images their columns, labels included."""
+    empty_folders: set[str] = field(default_factory=set)
+    """The folders directly under the folder that hold no image at any depth (an imagefolder makes no class of
+    them)."""
 
 
 def require_image_folder(flag: str, folder: str, extensions: Iterable[str] | None = None) -> ImageFolderScan:
@@ -57,21 +60,28 @@ def require_image_folder(flag: str, folder: str, extensions: Iterable[str] | Non
         extensions = (extension.lower() for extension in Image.registered_extensions())
     extensions = set(extensions)
     scan = ImageFolderScan(folder)
+    holding_images = set()
     for root, folders, names in os.walk(folder):
         # datasets skips hidden and special folders (.ipynb_checkpoints, __MACOSX); errors name the first path in
         # name order.
         folders[:] = sorted(name for name in folders if not name.startswith((".", "__")))
-        depth = 1 if root == folder else len(os.path.relpath(root, folder).split(os.sep)) + 1
+        relative = [] if root == folder else os.path.relpath(root, folder).split(os.sep)
+        depth = len(relative) + 1
+        if root == folder:
+            scan.empty_folders.update(folders)
         for name in sorted(names):
             extension = os.path.splitext(name)[1].lower()
             if extension in extensions:
                 scan.images_at_depth.setdefault(depth, os.path.join(root, name))
+                if relative:
+                    holding_images.add(relative[0])
                 if depth == 2:
                     scan.class_folders.add(os.path.basename(root))
             elif name in _METADATA_FILENAMES:
                 scan.has_metadata = True
             elif not name.startswith("."):
                 scan.left_out[extension or name] += 1
+    scan.empty_folders -= holding_images
     if not scan.images_at_depth:
         left_out = f" (it holds {_describe_counts(scan.left_out)})" if scan.left_out else ""
         raise UsageError(
@@ -248,6 +258,11 @@ def load_image_datasets(
         for flag, scan in scans.items():
             if class_folders:
                 _require_class_folders(flag, scan, training=flag == dir_flags[0])
+                if scan.empty_folders and not scan.has_metadata and is_main_launch_process():
+                    logger.warning(
+                        "--%s %s: the folders %s hold no images, so they are not classes of this run", flag,
+                        scan.folder, sorted(scan.empty_folders),
+                    )  # fmt: skip
             if scan.left_out and is_main_launch_process():
                 logger.warning(
                     "--%s %s: left out %d file(s) that %s does not read as images (%s)", flag, scan.folder,

@@ -356,7 +356,24 @@ def load_features(args: FeatureArguments) -> tuple[FeatureSet, FeatureSet]:
             features[split] = extract_features(model, image_processor, raw[split], **kwargs)
         except UsageError as error:
             raise UsageError(f"{_split_source(args, split)}: {error}") from error
+    _check_decoded_labels(raw, args, features["train"], features["validation"])
     return features["train"], features["validation"]
+
+
+def _check_decoded_labels(raw, args: FeatureArguments, train: FeatureSet, validation: FeatureSet) -> None:
+    """Refuse evaluation labels whose training images were all undecodable: `_check_labels` saw them in the files,
+    but no probe or neighbour has a feature of them, so every such evaluation image would count as an error."""
+    if train.labels is None or validation.labels is None:
+        return
+    unseen = sorted(set(validation.labels.tolist()) - set(train.labels.tolist()))
+    if unseen:
+        feature = raw["train"].features[args.label_column_name]
+        names = [feature.int2str(label) for label in unseen] if isinstance(feature, datasets.ClassLabel) else unseen
+        raise UsageError(
+            f"{_split_source(args, 'train')} has no decodable image of the labels {names[:10]}, which "
+            f"{_split_source(args, 'validation')} has (their training images were skipped: see the warnings above "
+            "for the files); fix or replace those images, or evaluate on the other classes"
+        )
 
 
 def write_results(args: FeatureArguments, name: str, results: dict) -> None:
