@@ -217,3 +217,22 @@ def test_a_warm_up_longer_than_the_run_is_said(tiny_dvae_dir, image_folder, tmp_
         main(run_mim_args(tiny_dvae_dir, image_folder, tmp_path, "--max_steps", "2", "--warmup_steps", "10",
                           "--save_strategy", "no"))  # fmt: skip
     assert "--warmup_steps 10 is 10 steps, longer than the run's 2: the learning rate never reaches" in caplog.text
+
+
+def test_undecodable_validation_images_are_counted_apart_from_training_ones(tiny_dvae_dir, tmp_path):
+    # One counter served both: evaluations during training added to train_skipped_images, and the eval count was lost.
+    from conftest import write_images
+
+    train, validation = tmp_path / "train", tmp_path / "validation"
+    write_images(train, 8)
+    write_images(validation, 4)
+    (train / "a" / "broken.png").write_bytes(b"not a png")
+    for index in range(3):
+        (validation / "b" / f"broken{index}.png").write_bytes(b"")
+    metrics = main(run_mim_args(tiny_dvae_dir, str(train), tmp_path / "out", "--validation_dir", str(validation),
+                                "--do_eval", "--max_steps", "4", "--eval_strategy", "steps", "--eval_steps", "2",
+                                "--save_strategy", "no", "--per_device_eval_batch_size", "4"))  # fmt: skip
+    # Its one broken file, drawn once in each epoch the 4 steps of 4 images reach (9 images: 2 epochs).
+    assert 1 <= metrics["train_skipped_images"] <= 2
+    assert metrics["eval_skipped_images"] == 3
+    assert json.loads((tmp_path / "out" / "eval_results.json").read_text())["eval_skipped_images"] == 3

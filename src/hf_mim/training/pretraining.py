@@ -416,7 +416,7 @@ def pretrain(
         model_args.tokenizer_name_or_path = fit_tokenizer(model_args, raw["train"], image_column, training_args)
     model, image_processor, tokenizer_processor = load_model(model_args)
     grid_size = model.config.image_size // model.config.patch_size
-    skipped = SkippedImageCounter()
+    skipped, eval_skipped = SkippedImageCounter(), SkippedImageCounter()
     # A method that replaces patches (CCViT) reads the tokenizer's view and normalises it itself after replacement; the
     # saved image processor is its encoder's view for downstream use.
     raw_view = method.reads_tokenizer_view
@@ -435,7 +435,7 @@ def pretrain(
         eval_transform = TwoViewTransform.for_evaluation(
             view_kwargs["image_processor"], view_kwargs["tokenizer_image_processor"]
         )
-        eval_dataset = apply_transform(raw["validation"], image_column, eval_transform, skipped, seed=data_seed)
+        eval_dataset = apply_transform(raw["validation"], image_column, eval_transform, eval_skipped, seed=data_seed)
 
     trainer = MimTrainer(
         model=model,
@@ -452,6 +452,7 @@ def pretrain(
         trainer,
         training_args,
         skipped,
+        eval_skipped=eval_skipped,
         after_save=lambda: save_tokenizer_image_processor(training_args.output_dir, tokenizer_processor),
         dataset_name=data_args.dataset_name,
         train_dir=data_args.train_dir,

@@ -317,7 +317,7 @@ def main(argv=None) -> dict[str, float]:
     # BEiT's evaluation view (Resize(256) + CenterCrop(224) below 384 px), also saved as the fine-tuned model's
     # processor so that its users preprocess as the reported accuracy did.
     eval_view = center_crop_view(view)
-    skipped = SkippedImageCounter()
+    skipped, eval_skipped = SkippedImageCounter(), SkippedImageCounter()
     train_dataset = eval_dataset = None
     if training_args.do_train:
         # timm, hence BEiT's fine-tuning recipe, jitters colours only without RandAugment.
@@ -333,7 +333,7 @@ def main(argv=None) -> dict[str, float]:
         )
     if training_args.do_eval:
         eval_dataset = apply_transform(
-            raw["validation"], image_column, TwoViewTransform(eval_view, train=False), skipped, ("labels",)
+            raw["validation"], image_column, TwoViewTransform(eval_view, train=False), eval_skipped, ("labels",)
         )
 
     mixup = None
@@ -363,7 +363,7 @@ def main(argv=None) -> dict[str, float]:
     )
 
     flags = run_flags(training_args, model_args, data_args)
-    return train_and_evaluate(trainer, training_args, skipped, model_card=False, flags=flags)
+    return train_and_evaluate(trainer, training_args, skipped, eval_skipped=eval_skipped, model_card=False, flags=flags)
 
 
 __all__ = [

@@ -257,7 +257,7 @@ def train_tokenizer(
         dataset_tags = hub_dataset_id(data_args.dataset_name)
         fit = import_target(family.fit)
         return fit(model, image_processor, raw, image_column, tokenizer_args, training_args, dataset_tags)
-    skipped = SkippedImageCounter()
+    skipped, eval_skipped = SkippedImageCounter(), SkippedImageCounter()
     train_transform = TwoViewTransform(image_processor, **data_args.view_options(default_color_jitter=0.0))
     # Each example's views come from its own generator (seed, epoch, index), so a resumed run redraws them.
     data_seed = None if data_args.streaming else training_args.seed
@@ -265,7 +265,7 @@ def train_tokenizer(
     eval_dataset = None
     if training_args.do_eval:
         eval_transform = TwoViewTransform.for_evaluation(image_processor)
-        eval_dataset = apply_transform(raw["validation"], image_column, eval_transform, skipped=skipped)
+        eval_dataset = apply_transform(raw["validation"], image_column, eval_transform, skipped=eval_skipped)
 
     trainer = import_target(family.trainer)(
         model,
@@ -282,6 +282,7 @@ def train_tokenizer(
         trainer,
         training_args,
         skipped,
+        eval_skipped=eval_skipped,
         dataset_name=data_args.dataset_name,
         train_dir=data_args.train_dir,
         flags=run_flags(training_args, tokenizer_args, data_args),

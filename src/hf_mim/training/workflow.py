@@ -218,13 +218,18 @@ def check_run_flags(checkpoint: str, flags: dict) -> None:
     )
 
 
+def summed_over_processes(trainer, *counts: int) -> list[int]:
+    """`counts` of this process summed over the processes of the launch (one reduction, at the end of a phase)."""
+    totals = torch.tensor([float(count) for count in counts], device=trainer.args.device)
+    if trainer.accelerator.num_processes > 1:
+        totals = trainer.accelerator.reduce(totals, reduction="sum")
+    return [int(value) for value in totals.tolist()]
+
+
 def require_decoded_images(trainer, skipped) -> int:
     """The undecodable images skipped in training, over all processes and their DataLoader workers; a run that
     decoded no image, or fewer than it skipped, trained on next to nothing and fails instead of saving a model."""
-    counts = torch.tensor([float(skipped.value), float(trainer.throughput.samples)], device=trainer.args.device)
-    if trainer.accelerator.num_processes > 1:
-        counts = trainer.accelerator.reduce(counts, reduction="sum")
-    undecodable, decoded = (int(value) for value in counts.tolist())
+    undecodable, decoded = summed_over_processes(trainer, skipped.value, trainer.throughput.samples)
     # A resumed run that had nothing left to do ran no step: nothing to judge.
     if trainer.throughput.steps and (decoded == 0 or undecodable > decoded):
         raise UsageError(
@@ -243,11 +248,12 @@ def train_and_evaluate(
     model_card: bool = True,
     train_dir: str | None = None,
     flags: dict | None = None,
+    eval_skipped=None,
 ) -> dict[str, float]:
     """The end of every hf_mim training script: train (resuming if asked), save, evaluate, write the card.
 
     `after_save` runs on the main process after the model is saved (e.g. to add the tokenizer's processor);
-    `skipped` is the `SkippedImageCounter` of the datasets; `model_card=False` for outputs that are not hf_mim
+    `skipped` and `eval_skipped` are the `SkippedImageCounter`s of the training and evaluation datasets; `model_card=False` for outputs that are not hf_mim
     families (a stock transformers classifier), which get no hf_mim card; the card names `dataset_name` when it is
     a Hub dataset, else the `train_dir` folder and its image count; `flags` (`run_flags`) are recorded in every
     checkpoint, and a resumed run must keep them. Returns train and eval metrics.
@@ -269,7 +275,11 @@ def train_and_evaluate(
         trainer.save_metrics("train", result.metrics)
         trainer.save_state()
     if training_args.do_eval:
+        before = 0 if eval_skipped is None else eval_skipped.value
         eval_metrics = trainer.evaluate()
+        if eval_skipped is not None:
+            # This evaluation's, not those run during training.
+            (eval_metrics["eval_skipped_images"],) = summed_over_processes(trainer, eval_skipped.value - before)
         if "eval_loss" not in eval_metrics:
             # No batch reached the model: every validation image was undecodable (the warnings above name them).
             raise UsageError(
@@ -289,8 +299,9 @@ def train_and_evaluate(
                 trainer.push_to_hub(**card)
         else:
             trainer.create_model_card(**card)
-    if skipped.value:
-        logger.warning(f"{skipped.value} undecodable images were skipped (see the warnings above for the files)")
+    for counter, where in ((skipped, "training"), (eval_skipped, "evaluation")):
+        if counter is not None and counter.value:
+            logger.warning(f"{counter.value} undecodable {where} images were skipped (the warnings above name them)")
     return metrics
 
 
@@ -307,6 +318,7 @@ __all__ = [
     "require_steps_when_streaming",
     "require_weights_to_evaluate",
     "run_flags",
+    "summed_over_processes",
     "setup_logging",
     "train_and_evaluate",
 ]
