@@ -236,3 +236,20 @@ def test_undecodable_validation_images_are_counted_apart_from_training_ones(tiny
     assert 1 <= metrics["train_skipped_images"] <= 2
     assert metrics["eval_skipped_images"] == 3
     assert json.loads((tmp_path / "out" / "eval_results.json").read_text())["eval_skipped_images"] == 3
+
+
+def test_a_resumed_run_reports_the_undecodable_images_of_the_whole_run(tiny_dvae_dir, tmp_path):
+    # The count covered the resumed launch only.
+    from conftest import write_images
+
+    images = tmp_path / "images"
+    write_images(images, 4)
+    (images / "a" / "broken.png").write_bytes(b"not a png")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    steps = ("--max_steps", "4", "--save_steps", "2")
+    expected = main(run_mim_args(tiny_dvae_dir, str(images), straight, *steps))["train_skipped_images"]
+    assert json.loads((straight / "checkpoint-2" / "hf_mim_skipped_images.json").read_text())["train_skipped_images"] >= 1
+    metrics = main(run_mim_args(tiny_dvae_dir, str(images), resumed, *steps,
+                                "--resume_from_checkpoint", str(straight / "checkpoint-2")))  # fmt: skip
+    # 5 images in batches of 4: 2 steps an epoch, the broken file drawn once in each.
+    assert expected == 2 and metrics["train_skipped_images"] == expected

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 # Each checkpoint's record of the flags its run was launched with (`run_flags`), which a resumed run must keep.
 RUN_FLAGS = "hf_mim_run_flags.json"
+# Each checkpoint's count of the undecodable training images skipped so far, which a resumed run carries on from.
+SKIPPED_IMAGES = "hf_mim_skipped_images.json"
 # TrainingArguments that decide what a run draws and how it updates (a resumed run restores the optimiser and
 # schedule states, so a new value would be ignored or mixed with the old one); the number of processes is one too.
 TRAJECTORY_TRAINING_FLAGS = (
@@ -226,6 +228,31 @@ def summed_over_processes(trainer, *counts: int) -> list[int]:
     return [int(value) for value in totals.tolist()]
 
 
+class SkippedImagesCallback(TrainerCallback):
+    """Records in each checkpoint the undecodable training images skipped so far, over all processes: those of this
+    launch and the `before` it resumed from, so that a resumed run reports the whole run's count."""
+
+    def __init__(self, trainer, skipped, before: int = 0):
+        self.trainer, self.skipped, self.before = trainer, skipped, before
+
+    def on_save(self, args, state, control, **kwargs):
+        # Every process saves, so every process takes part in the sum.
+        (count,) = summed_over_processes(self.trainer, self.skipped.value)
+        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
+        if state.is_world_process_zero and os.path.isdir(folder):
+            with open(os.path.join(folder, SKIPPED_IMAGES), "w") as file:
+                json.dump({"train_skipped_images": self.before + count}, file)
+
+
+def skipped_before(checkpoint: str | None) -> int:
+    """The undecodable training images the run resumed from `checkpoint` had skipped (0 if it did not record them)."""
+    path = None if checkpoint is None else os.path.join(checkpoint, SKIPPED_IMAGES)
+    if path is None or not os.path.isfile(path):
+        return 0
+    with open(path) as file:
+        return int(json.load(file)["train_skipped_images"])
+
+
 def require_decoded_images(trainer, skipped) -> int:
     """The undecodable images skipped in training, over all processes and their DataLoader workers; a run that
     decoded no image, or fewer than it skipped, trained on next to nothing and fails instead of saving a model."""
@@ -263,8 +290,10 @@ def train_and_evaluate(
         checkpoint = find_checkpoint(training_args, trainer.model, flags)
         if flags is not None:
             trainer.add_callback(RunFlagsCallback(flags))
+        before = skipped_before(checkpoint)
+        trainer.add_callback(SkippedImagesCallback(trainer, skipped, before))
         result = trainer.train(resume_from_checkpoint=checkpoint)
-        undecodable = require_decoded_images(trainer, skipped)
+        undecodable = before + require_decoded_images(trainer, skipped)
         trainer.save_model()
         if after_save is not None and trainer.is_world_process_zero():
             after_save()
@@ -308,6 +337,8 @@ def train_and_evaluate(
 __all__ = [
     "RUN_FLAGS",
     "RunFlagsCallback",
+    "SKIPPED_IMAGES",
+    "SkippedImagesCallback",
     "TRAJECTORY_TRAINING_FLAGS",
     "check_checkpoint_weights",
     "check_run_flags",
@@ -318,6 +349,7 @@ __all__ = [
     "require_steps_when_streaming",
     "require_weights_to_evaluate",
     "run_flags",
+    "skipped_before",
     "summed_over_processes",
     "setup_logging",
     "train_and_evaluate",
