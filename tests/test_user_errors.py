@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import pathlib
 import runpy
 import shutil
 import subprocess
@@ -17,6 +18,14 @@ from conftest import tiny_beit_config, write_images
 from test_run_mim import REPO, TINY, run_mim_args
 
 from hf_mim import KmeansConfig, KmeansModel
+
+
+def truncate_weights(source, target) -> None:
+    """A copy of the checkpoint folder `source` at `target` whose model.safetensors is cut short, as an interrupted
+    copy or download leaves it."""
+    shutil.copytree(source, target)
+    weights = pathlib.Path(target) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:2000])
 
 
 def write_wrong_inputs(root) -> None:
@@ -54,6 +63,8 @@ def mistakes(tmp_path_factory, tiny_dvae_dir, image_folder, tiny_mim_dir):
     options = {"train_dir": str(image_folder), "output_dir": str(root / "from_json"), "do_train": True, "lerning_rate": 1e-3}
     (root / "typo.json").write_text(json.dumps(options))
     (root / "unfinished.json").write_text('{"train_dir": ')
+    truncate_weights(tiny_dvae_dir, root / "dvae_truncated")
+    truncate_weights(tiny_mim_dir, root / "mim_truncated")
     val_zebra = tmp_path_factory.mktemp("val_zebra")
     write_images(val_zebra, 4, classes=("a", "zebra"))
     return {"root": root, "dvae": tiny_dvae_dir, "images": image_folder, "mim": tiny_mim_dir, "val_zebra": val_zebra}
@@ -112,6 +123,15 @@ CASES = {
     ),
     "missing checkpoint to resume": (
         lambda p: mim(p, resume_from_checkpoint=p["root"] / "nowhere"), "--resume_from_checkpoint {root}/nowhere: no such folder"
+    ),
+    "truncated tokenizer weights": (
+        lambda p: mim(p, tokenizer_name_or_path=p["root"] / "dvae_truncated"),
+        "--tokenizer_name_or_path {root}/dvae_truncated: {root}/dvae_truncated/model.safetensors is unreadable (",
+    ),
+    "truncated weights to continue": (
+        lambda p: ["run_mim.py", "--model_name_or_path", str(p["root"] / "mim_truncated"), "--train_dir", p["images"],
+                   "--output_dir", str(p["root"] / "continued"), "--do_train", "--max_steps", "1", "--use_cpu"],
+        "--model_name_or_path {root}/mim_truncated: {root}/mim_truncated/model.safetensors is unreadable (",
     ),
     "truncated checkpoint weights": (
         lambda p: mim(p, resume_from_checkpoint=p["root"] / "run" / "checkpoint-2"),

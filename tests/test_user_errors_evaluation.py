@@ -2,10 +2,11 @@
 exit status 2 and one line that names the path or flag and the fix, with no traceback."""
 
 import json
+import os
 
 import pytest
 from conftest import TINY_BACKBONE, write_images
-from test_user_errors import assert_one_line_error, write_wrong_inputs
+from test_user_errors import assert_one_line_error, truncate_weights, write_wrong_inputs
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,10 @@ def mistakes(tmp_path_factory, tiny_dvae_dir, tiny_mim_dir):
     (root / "upload").mkdir()
     (root / "upload" / "README.md").write_text("an earlier dry run")
     (root / "short_state.json").write_text(json.dumps({"log_history": [{"step": 2, "train_loss": 4.1}]}))
-    return {"root": root, "dvae": tiny_dvae_dir, "mim": tiny_mim_dir}
+    truncate_weights(tiny_mim_dir, root / "mim_truncated")
+    (root / "truncated.safetensors").write_bytes((root / "mim_truncated" / "model.safetensors").read_bytes())
+    (root / "a_file").write_text("not a folder")
+    return {"root": root, "dvae": tiny_dvae_dir, "mim": tiny_mim_dir, "truncated": str(root / "mim_truncated")}
 
 
 def probe(paths, *flags):
@@ -118,6 +122,11 @@ CASES = {
         lambda p: probe(p, "--output_dir", str(p["root"] / "short_state.json")),
         "--output_dir {root}/short_state.json is a file; pass a folder",
     ),
+    "knn: a split that leaves no training image": (
+        lambda p: ["run_knn.py", "--model_name_or_path", p["mim"], "--train_dir", str(p["root"] / "train"),
+                   "--train_val_split", "0.99", "--ks", "2"],
+        "--train_val_split 0.99 holds 12 of the 12 training images out for validation, leaving none to train on",
+    ),
     "knn: zero temperature": (lambda p: knn(p, "--temperature", "0"), "--temperature must be positive"),
     "knn: negative temperature": (lambda p: knn(p, "--temperature", "-1"), "--temperature must be positive"),
     "knn: unlabelled flat folder": (
@@ -196,6 +205,53 @@ CASES = {
     "push: a non-empty dry-run folder": (
         lambda p: ["push_to_hub.py", p["mim"], "--repo_id", "tester/tiny", "--dry_run", str(p["root"] / "upload")],
         "--dry_run {root}/upload is not empty",
+    ),
+    "push: a dry-run folder inside the checkpoint": (
+        lambda p: ["push_to_hub.py", p["mim"], "--repo_id", "tester/tiny", "--dry_run", os.path.join(p["mim"], "up")],
+        "--dry_run {mim}/up is inside the checkpoint folder {mim}; pass a folder outside it",
+    ),
+    "push: truncated weights": (
+        lambda p: ["push_to_hub.py", p["truncated"], "--repo_id", "tester/tiny", "--dry_run", str(p["root"] / "up_tr")],
+        "{truncated}/model.safetensors is unreadable (",
+    ),
+    # a truncated copy of a checkpoint: every command that loads it names its weights file
+    "export: truncated weights": (
+        lambda p: export(p, model=p["truncated"]),
+        "--model_name_or_path {truncated}: {truncated}/model.safetensors is unreadable (",
+    ),
+    "knn: truncated weights": (
+        lambda p: ["run_knn.py", "--model_name_or_path", p["truncated"], "--train_dir", str(p["root"] / "train"),
+                   "--train_val_split", "0.25", "--ks", "2"],
+        "{truncated}/model.safetensors is unreadable (",
+    ),
+    "finetune: truncated weights": (
+        lambda p: ["run_image_classification.py", "--model_name_or_path", p["truncated"], "--train_dir",
+                   str(p["root"] / "train"), "--output_dir", str(p["root"] / "ft_tr"), "--do_train", "--max_steps", "1",
+                   "--use_cpu"],
+        "{truncated}/model.safetensors is unreadable (",
+    ),
+    "visualize: truncated weights": (
+        lambda p: visualize(p, model=p["truncated"]), "{truncated}/model.safetensors is unreadable ("
+    ),
+    "convert-beit: truncated safetensors": (
+        lambda p: ["convert_beit_to_hf_mim.py", "--checkpoint", str(p["root"] / "truncated.safetensors"),
+                   "--output_dir", str(p["root"] / "converted")],
+        "--checkpoint {root}/truncated.safetensors is not a PyTorch checkpoint (",
+    ),
+    "convert-ccvit: output_dir a file": (
+        lambda p: ["convert_ccvit_to_hf_mim.py", "--centroids", str(p["root"] / "a_file"), "--output_dir",
+                   str(p["root"] / "a_file")],
+        "--output_dir {root}/a_file is a file; pass a folder",
+    ),
+    "convert-beit: output_dir a file": (
+        lambda p: ["convert_beit_to_hf_mim.py", "--checkpoint", str(p["root"] / "truncated.safetensors"), "--output_dir",
+                   str(p["root"] / "a_file")],
+        "--output_dir {root}/a_file is a file; pass a folder",
+    ),
+    "visualize: output_dir a file": (
+        lambda p: ["visualize.py", "--output_dir", str(p["root"] / "a_file"), "--model_name_or_path", p["mim"],
+                   "--images", str(p["root"] / "train")],
+        "--output_dir {root}/a_file is a file; pass a folder",
     ),
     "push: a repo id with a space": (
         lambda p: ["push_to_hub.py", p["mim"], "--repo_id", "tester/my model", "--dry_run", str(p["root"] / "up")],

@@ -11,6 +11,7 @@ import logging
 import shutil
 from pathlib import Path
 
+from safetensors import safe_open
 from transformers import AutoImageProcessor
 from transformers.dynamic_module_utils import get_relative_imports
 
@@ -37,6 +38,18 @@ def load_tokenizer_image_processor(name_or_path: str, **kwargs):
 
 def has_tokenizer_image_processor(folder) -> bool:
     return (Path(folder) / TOKENIZER_SUBFOLDER / PROCESSOR_CONFIG).is_file()
+
+
+def unreadable_weights(folder) -> tuple[Path, str] | None:
+    """The first `*.safetensors` file of `folder` whose header cannot be read (a truncated or corrupt copy), with the
+    reason; None when all can be."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt") as weights:
+                weights.keys()
+        except Exception as error:  # safetensors raises its own error types for truncated or corrupt files
+            return path, str(error).splitlines()[0] if str(error) else type(error).__name__
+    return None
 
 
 def _auto_map_modules(config_path: Path) -> set[str]:
@@ -99,4 +112,5 @@ __all__ = [
     "has_tokenizer_image_processor",
     "load_tokenizer_image_processor",
     "save_tokenizer_image_processor",
+    "unreadable_weights",
 ]

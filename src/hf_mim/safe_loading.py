@@ -13,10 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 
 # What torch.load raises on a file that is not a checkpoint it can read: truncated archives, text files (the legacy
-# reader's KeyError on the magic number), empty files, pickles of something else.
-UNREADABLE_FILE_ERRORS = (RuntimeError, EOFError, KeyError, ValueError, AttributeError, TypeError)
+# reader's KeyError on the magic number), empty files, pickles of something else, a truncated .safetensors file.
+UNREADABLE_FILE_ERRORS = (RuntimeError, EOFError, KeyError, ValueError, AttributeError, TypeError, SafetensorError)
 
 
 class StandIn:

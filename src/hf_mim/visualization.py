@@ -36,7 +36,7 @@ from .evaluation.export import check_processor_size, load_image_processor, norma
 from .families import family_of
 from .models.configuration_common import decoder_left_out
 from .models.image_processing_mim import to_rgb
-from .training.loading import pretrained, require_tokenizer
+from .training.loading import pretrained, require_folder_path, require_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -452,6 +452,7 @@ class VisualizeArguments:
                 require_image_folder("images", path)
             elif not os.path.isfile(path):
                 raise UsageError(f"--images {path}: no such file or folder; pass image files or folders of images")
+        require_folder_path("output_dir", self.output_dir)
         for name in ("max_images", "cell_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")

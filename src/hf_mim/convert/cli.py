@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from ..arguments import command_parser
 from ..errors import UsageError
+from ..training.loading import require_folder_path
 from .ccvit import convert_ccvit_centroids
 from .dalle import convert_dalle_checkpoint
 from .taming import convert_taming_checkpoint
@@ -67,6 +68,7 @@ class VqkdConversionArguments:
 
 def _parse(arguments_class, description: str, argv: list[str] | None):
     (args,) = command_parser(arguments_class, description=description).parse_args_into_dataclasses(args=argv)
+    require_folder_path("output_dir", args.output_dir)
     return args
 
 

@@ -1,6 +1,7 @@
 """Loading image datasets (Hub or local imagefolder, map-style or streaming) and attaching a transform lazily."""
 
 import logging
+import math
 import os
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -313,6 +314,13 @@ def load_image_datasets(
             raise UsageError(
                 "train_val_split cannot split a streaming dataset; pass validation_dir, use a dataset with a "
                 "'validation' split, or load it without streaming"
+            )
+        total = len(raw["train"])
+        held_out = math.ceil(total * train_val_split)
+        if held_out >= total:
+            raise UsageError(
+                f"--train_val_split {train_val_split:g} holds {held_out} of the {total} training images out for "
+                "validation, leaving none to train on: pass a smaller fraction"
             )
         split = raw["train"].train_test_split(test_size=train_val_split, seed=seed)
         raw["train"], raw["validation"] = split["train"], split["test"]

@@ -21,7 +21,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..arguments import OneLineErrorParser
-from ..checkpoint_folder import PROCESSOR_CONFIG, complete_code_files
+from ..checkpoint_folder import PROCESSOR_CONFIG, complete_code_files, unreadable_weights
 from ..errors import UsageError, first_line
 from .cards import DEFAULT_LICENSE, load_results, read_training_args, write_model_card
 
@@ -63,6 +63,11 @@ def _check_checkpoint(folder: Path) -> None:
         )
     if not any(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"{folder} has no *.safetensors weights; save the model with save_pretrained first")
+    unreadable = unreadable_weights(folder)
+    if unreadable is not None:
+        raise ValueError(
+            f"{unreadable[0]} is unreadable ({unreadable[1]}), a truncated or corrupt copy: copy or save the model again"
+        )
     if not (folder / PROCESSOR_CONFIG).is_file():
         raise FileNotFoundError(
             f"{folder} has no {PROCESSOR_CONFIG}: without its image processor the model cannot be used from the Hub. "
@@ -76,6 +81,9 @@ def _check_upload_dir(folder: Path, upload_dir: Path, name: str) -> None:
         raise FileExistsError(f"{name} is not empty; pass a new or empty folder for the upload")
     if upload_dir.resolve() == folder.resolve():
         raise ValueError(f"{name} is the checkpoint folder; pass another, new or empty, folder for the upload")
+    if folder.resolve() in upload_dir.resolve().parents:
+        # Every later push of the checkpoint would upload this copy (weights included) as a subfolder.
+        raise ValueError(f"{name} is inside the checkpoint folder {folder}; pass a folder outside it for the upload")
 
 
 def _copy_matching(source: Path, target: Path) -> None:

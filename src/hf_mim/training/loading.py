@@ -3,6 +3,9 @@
 import json
 import os
 
+from safetensors import SafetensorError
+
+from ..checkpoint_folder import unreadable_weights
 from ..errors import UsageError, first_line
 
 
@@ -18,9 +21,15 @@ def pretrained(load, name_or_path: str, flag: str, **kwargs):
         raise UsageError(f"--{flag} {name_or_path}: no such folder; pass the folder of a saved checkpoint or a Hub id")
     try:
         return load(name_or_path, **kwargs)
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, SafetensorError) as error:
         if isinstance(error, UsageError):
             raise
+        unreadable = unreadable_weights(name_or_path) if os.path.isdir(name_or_path) else None
+        if unreadable is not None:
+            raise UsageError(
+                f"--{flag} {name_or_path}: {unreadable[0]} is unreadable ({unreadable[1]}), a truncated or corrupt "
+                "copy: copy or download the checkpoint again"
+            ) from error
         raise UsageError(f"--{flag} {name_or_path} could not be loaded: {first_line(error)}") from error
 
 
