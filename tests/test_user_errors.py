@@ -70,9 +70,12 @@ def mistakes(tmp_path_factory, tiny_dvae_dir, image_folder, tiny_mim_dir):
     return {"root": root, "dvae": tiny_dvae_dir, "images": image_folder, "mim": tiny_mim_dir, "val_zebra": val_zebra}
 
 
-def mim(paths, **replace):
-    """run_mim.py's tiny arguments with some flags' values replaced (`train_dir=...`)."""
-    args = run_mim_args(paths["dvae"], paths["images"], paths["root"] / "out", "--max_steps", "2", "--save_strategy", "no")
+def mim(paths, model_type="beit", **replace):
+    """run_mim.py's tiny arguments with some flags' values replaced (`train_dir=...`); each model type writes into a
+    folder of its own (a folder holding another model type's checkpoint is refused)."""
+    output_dir = paths["root"] / f"out_{model_type}"
+    args = run_mim_args(paths["dvae"], paths["images"], output_dir, "--max_steps", "2", "--save_strategy", "no")
+    args[args.index("--model_type") + 1] = model_type
     for flag, value in replace.items():
         if f"--{flag}" in args:
             args[args.index(f"--{flag}") + 1] = str(value)
@@ -83,8 +86,8 @@ def mim(paths, **replace):
 
 def mim_fitting(paths, model_type, **replace):
     """[`mim`] that fits a k-means tokenizer for a `model_type` model (`--fit_tokenizer`) instead of loading one."""
-    args = [a for a in mim(paths, **replace) if a not in ("--tokenizer_name_or_path", paths["dvae"])]
-    return [*args, "--fit_tokenizer", "--model_type", model_type]
+    args = [a for a in mim(paths, model_type, **replace) if a not in ("--tokenizer_name_or_path", paths["dvae"])]
+    return [*args, "--fit_tokenizer"]
 
 
 def without_train_dir(args):
@@ -132,6 +135,20 @@ CASES = {
         lambda p: ["run_mim.py", "--model_name_or_path", str(p["root"] / "mim_truncated"), "--train_dir", p["images"],
                    "--output_dir", str(p["root"] / "continued"), "--do_train", "--max_steps", "1", "--use_cpu"],
         "--model_name_or_path {root}/mim_truncated: {root}/mim_truncated/model.safetensors is unreadable (",
+    ),
+    "pre-training into a tokenizer's folder": (
+        lambda p: mim(p, output_dir=p["root"] / "kmeans"),
+        "--output_dir {root}/kmeans holds a hf_mim_kmeans checkpoint, and this run would write a hf_mim_beit one over "
+        "it, leaving the rest of its files beside: pass another folder, or --overwrite_output_dir to replace it",
+    ),
+    "fitting a k-means tokenizer into a dVAE's folder": (
+        lambda p: ["train_tokenizer.py", "--tokenizer_type", "kmeans", "--train_dir", p["images"], "--output_dir",
+                   p["dvae"], "--do_train"],
+        "--output_dir {dvae} holds a hf_mim_dvae checkpoint, and this run would write a hf_mim_kmeans one over it",
+    ),
+    "fine-tuning into a MIM checkpoint's folder": (
+        lambda p: finetune(p, "--do_train", "--output_dir", str(p["root"] / "no_tokenizer")),
+        "--output_dir {root}/no_tokenizer holds a hf_mim_beit checkpoint, and this run would write a beit one",
     ),
     "truncated checkpoint weights": (
         lambda p: mim(p, resume_from_checkpoint=p["root"] / "run" / "checkpoint-2"),

@@ -4,6 +4,7 @@ exit status 2 and one line that names the path or flag and the fix, with no trac
 import json
 import os
 
+import numpy as np
 import pytest
 from conftest import TINY_BACKBONE, write_images
 from test_user_errors import assert_one_line_error, truncate_weights, write_wrong_inputs
@@ -31,6 +32,10 @@ def mistakes(tmp_path_factory, tiny_dvae_dir, tiny_mim_dir):
     (root / "upload").mkdir()
     (root / "upload" / "README.md").write_text("an earlier dry run")
     (root / "short_state.json").write_text(json.dumps({"log_history": [{"step": 2, "train_loss": 4.1}]}))
+    from hf_mim import KmeansImageProcessor
+
+    KmeansImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "kmeans_view")
+    np.save(root / "centroids.npy", np.random.default_rng(0).random((16, 768), dtype=np.float32))
     truncate_weights(tiny_mim_dir, root / "mim_truncated")
     (root / "truncated.safetensors").write_bytes((root / "mim_truncated" / "model.safetensors").read_bytes())
     (root / "a_file").write_text("not a folder")
@@ -121,6 +126,11 @@ CASES = {
     "probe: results into a file": (
         lambda p: probe(p, "--output_dir", str(p["root"] / "short_state.json")),
         "--output_dir {root}/short_state.json is a file; pass a folder",
+    ),
+    "probe: a tokenizer's processor as the encoder's": (
+        lambda p: probe(p, "--image_processor_name", str(p["root"] / "kmeans_view")),
+        "--image_processor_name {root}/kmeans_view is the view of a k-means tokenizer (KmeansImageProcessor), not of a ViT "
+        "encoder",
     ),
     "knn: a split that leaves no training image": (
         lambda p: ["run_knn.py", "--model_name_or_path", p["mim"], "--train_dir", str(p["root"] / "train"),
@@ -247,6 +257,12 @@ CASES = {
         lambda p: ["convert_beit_to_hf_mim.py", "--checkpoint", str(p["root"] / "truncated.safetensors"), "--output_dir",
                    str(p["root"] / "a_file")],
         "--output_dir {root}/a_file is a file; pass a folder",
+    ),
+    "convert-ccvit: into a MIM checkpoint's folder": (
+        lambda p: ["convert_ccvit_to_hf_mim.py", "--centroids", str(p["root"] / "centroids.npy"), "--output_dir",
+                   p["mim"]],
+        "--output_dir {mim} holds a hf_mim_beit checkpoint, and this run would write a hf_mim_kmeans one over it, "
+        "leaving the rest of its files beside: pass another folder (new or empty)",
     ),
     "visualize: output_dir a file": (
         lambda p: ["visualize.py", "--output_dir", str(p["root"] / "a_file"), "--model_name_or_path", p["mim"],

@@ -14,6 +14,7 @@ from ..errors import UsageError
 from ..hub.cards import write_model_card
 from ..models.image_processing_kmeans import KmeansImageProcessor
 from ..models.modeling_kmeans import KmeansModel
+from ..training.loading import require_output_dir_of
 from .common import first_line, require_file
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,7 @@ def convert_ccvit_centroids(
         config.codebook_size, config.patch_size, config.patch_size, config.grid_size, config.grid_size, image_size,
     )
     if output_dir is not None:
+        require_output_dir_of(output_dir, config.model_type)
         tokenizer.save_pretrained(output_dir)
         KmeansImageProcessor.for_config(config).save_pretrained(output_dir)
         write_model_card(output_dir)

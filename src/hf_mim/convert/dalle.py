@@ -22,6 +22,7 @@ from ..models.image_processing_dvae import DvaeImageProcessor
 from ..models.modeling_dvae import DvaeModel
 from ..hub.cards import write_model_card
 from ..safe_loading import UNREADABLE_FILE_ERRORS, StandIn, load_restricted, stand_in
+from ..training.loading import require_output_dir_of
 from .common import first_line, require_file
 
 logger = logging.getLogger(__name__)
@@ -264,6 +265,7 @@ def convert_dalle_checkpoint(
     model.load_state_dict({key: tensor.float() for key, tensor in state_dict.items()}, strict=True)
     model.eval()
     if output_dir is not None:
+        require_output_dir_of(output_dir, config.model_type)
         model.save_pretrained(output_dir)
         DvaeImageProcessor.for_config(config).save_pretrained(output_dir)
         write_model_card(output_dir)

@@ -29,6 +29,7 @@ from ..models.modeling_vqgan import VqganModel
 from ..errors import UsageError
 from ..hub.cards import write_model_card
 from ..safe_loading import stand_in
+from ..training.loading import require_output_dir_of
 from .common import describe, first_line, load_weights_only, require_file
 
 logger = logging.getLogger(__name__)
@@ -227,6 +228,7 @@ def convert_taming_checkpoint(
             raise
         raise UsageError(f"--checkpoint {checkpoint_path}: {error}") from error
     if output_dir is not None:
+        require_output_dir_of(output_dir, model.config.model_type)
         model.save_pretrained(output_dir)
         VqganImageProcessor.for_config(model.config).save_pretrained(output_dir)
         write_model_card(output_dir)

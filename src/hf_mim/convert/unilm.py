@@ -37,7 +37,7 @@ from ..models.image_processing_mim import MimImageProcessor
 from ..models.image_processing_vqkd import VqkdImageProcessor
 from ..models.modeling_beit import BeitMimForMaskedImageModeling
 from ..models.modeling_vqkd import VqkdModel
-from ..training.loading import pretrained, require_tokenizer
+from ..training.loading import pretrained, require_output_dir_of, require_tokenizer
 from ..checkpoint_folder import save_tokenizer_image_processor
 from ..errors import UsageError
 from ..families import MIM_METHODS, family_of
@@ -434,6 +434,7 @@ def convert_vqkd_checkpoint(
     model.load_state_dict({key: value.float() if value.is_floating_point() else value for key, value in weights.items()})
     model.eval()
     if output_dir is not None:
+        require_output_dir_of(output_dir, model.config.model_type)
         model.save_pretrained(output_dir)
         VqkdImageProcessor.for_config(config).save_pretrained(output_dir)
         write_model_card(output_dir)
@@ -501,6 +502,7 @@ def convert_beit_checkpoint(
         model.set_tokenizer(tokenizer)
     model.eval()
     if output_dir is not None:
+        require_output_dir_of(output_dir, model.config.model_type)
         model.save_pretrained(output_dir)
         default_mean, default_std = (
             _INCEPTION_MEAN_STD if type(config) is BeitMimConfig else (IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)

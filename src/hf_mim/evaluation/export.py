@@ -48,6 +48,7 @@ from transformers import (
 from ..arguments import command_parser
 from ..checkpoint_folder import PROCESSOR_CONFIG
 from ..errors import UsageError
+from ..families import TOKENIZERS
 from ..models.image_processing_mim import MimImageProcessor
 from ..training.loading import pretrained, require_new_output_dir
 
@@ -125,7 +126,17 @@ def load_image_processor(model_name_or_path: str, image_processor_name: str | No
     """The image processor of `--image_processor_name`, else the one saved with `--model_name_or_path`, with a
     one-line `UsageError` naming the flag when it does not load; `kwargs` go to `from_pretrained`."""
     if image_processor_name is not None:
-        return pretrained(AutoImageProcessor.from_pretrained, image_processor_name, "image_processor_name", **kwargs)
+        processor = pretrained(AutoImageProcessor.from_pretrained, image_processor_name, "image_processor_name", **kwargs)
+        tokenizers = (family for family in TOKENIZERS.values() if type(processor) is family.image_processor_class)
+        tokenizer = next(tokenizers, None)
+        if tokenizer is not None:
+            # Its view is the tokenizer's (e.g. unnormalised [0, 1] pixels): the encoder would read other inputs.
+            raise UsageError(
+                f"--image_processor_name {image_processor_name} is the view of a {tokenizer.title} tokenizer "
+                f"({type(processor).__name__}), not of a ViT encoder; pass the processor the encoder was trained with "
+                "(by default its checkpoint's own)"
+            )
+        return processor
     if os.path.isdir(model_name_or_path) and not os.path.isfile(os.path.join(model_name_or_path, PROCESSOR_CONFIG)):
         raise UsageError(
             f"--model_name_or_path {model_name_or_path} has no {PROCESSOR_CONFIG}; pass the processor the encoder "

@@ -50,6 +50,21 @@ def require_new_output_dir(output_dir: str, model_name_or_path: str) -> None:
         )
 
 
+def require_output_dir_of(output_dir: str, model_type: str, overwrite: bool | None = None) -> None:
+    """A one-line error when `--output_dir` holds a checkpoint of another model type than the `model_type` the command
+    writes: its config and weights would be replaced and the rest of its files (code, trainer state, tokenizer view)
+    left beside them, a folder of neither model. `overwrite` is the command's `--overwrite_output_dir` (None where
+    it has none); given, the folder is the user's to replace."""
+    saved = saved_model_type(output_dir)
+    if saved is None or saved == model_type or overwrite:
+        return
+    fix = "pass another folder" + (" (new or empty)" if overwrite is None else ", or --overwrite_output_dir to replace it")
+    raise UsageError(
+        f"--output_dir {output_dir} holds a {saved} checkpoint, and this run would write a {model_type} one over it, "
+        f"leaving the rest of its files beside: {fix}"
+    )
+
+
 def saved_model_type(name_or_path: str) -> str | None:
     """The `model_type` of a local checkpoint folder's config.json (None for Hub ids or folders without one)."""
     path = os.path.join(name_or_path, "config.json")
@@ -71,4 +86,11 @@ def require_tokenizer(tokenizer, name_or_path: str, flag: str = "tokenizer_name_
     raise UsageError(f"--{flag} {name_or_path} is a {model_type} model, not an hf_mim visual tokenizer; {fix}")
 
 
-__all__ = ["pretrained", "require_folder_path", "require_new_output_dir", "require_tokenizer", "saved_model_type"]
+__all__ = [
+    "pretrained",
+    "require_folder_path",
+    "require_new_output_dir",
+    "require_output_dir_of",
+    "require_tokenizer",
+    "saved_model_type",
+]

@@ -39,7 +39,7 @@ from .arguments import (
     warn_of_transformers_optimisation_defaults,
 )
 from .kmeans import KmeansFitArguments, feature_kmeans_tokenizer, fit_tokenizer_for_mim
-from .loading import pretrained, require_tokenizer
+from .loading import pretrained, require_output_dir_of, require_tokenizer
 from .trainer import MimTrainer
 from .workflow import (
     require_action,
@@ -396,6 +396,8 @@ def pretrain(
     require_steps_when_streaming(data_args, training_args)
     check_fit_flags(model_args)
     method = mim_method(model_args.model_type)
+    if training_args.do_train:
+        require_output_dir_of(training_args.output_dir, method.model_type, training_args.overwrite_output_dir)
     require_weights_to_evaluate(training_args, model_args.model_name_or_path, "model_name_or_path", "checkpoint", "model")
     data_args.check_masking_flags(method.data_defaults.get("masking", "blockwise"))
     data_args = method.with_data_defaults(data_args)

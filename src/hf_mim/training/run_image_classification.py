@@ -42,7 +42,7 @@ from ..evaluation.export import (
 from ..evaluation.metrics import load_metric
 from ..models.beit_backbone import keep_position_index_on_device
 from .arguments import HfMimTrainingArguments, warn_of_transformers_optimisation_defaults
-from .loading import require_new_output_dir
+from .loading import require_new_output_dir, require_output_dir_of
 from .mixup import MixupCutmix, soft_target_cross_entropy
 from .trainer import MimTrainer
 from .workflow import require_action, run_flags, setup_logging, train_and_evaluate
@@ -265,6 +265,9 @@ def main(argv=None) -> dict[str, float]:
     model_args, data_args, training_args = parse_args(argv)
     require_action(training_args)
     require_new_output_dir(training_args.output_dir, model_args.model_name_or_path)
+    if training_args.do_train:
+        # The fine-tuned classifier is a stock transformers BEiT.
+        require_output_dir_of(training_args.output_dir, "beit", training_args.overwrite_output_dir)
     wanted = training_args.metric_for_best_model
     if wanted is not None and wanted.removeprefix("eval_") not in CLASSIFICATION_METRICS:
         raise UsageError(

@@ -35,7 +35,7 @@ from .arguments import (
 )
 from .dvae import DVAE_FLAGS, TEMPERATURE_SCHEDULES, check_schedule
 from .kmeans import KmeansFitArguments
-from .loading import pretrained, saved_model_type
+from .loading import pretrained, require_output_dir_of, saved_model_type
 from .workflow import (
     require_action,
     require_steps_when_streaming,
@@ -245,6 +245,8 @@ def train_tokenizer(
     check_type_specific_flags(tokenizer_args, data_args, training_args)
     setup_logging(training_args)
     family = TRAINABLE[tokenizer_args.tokenizer_type]
+    if training_args.do_train:
+        require_output_dir_of(training_args.output_dir, family.model_type, training_args.overwrite_output_dir)
     if family.optimisation_recipe is not None:
         warn_of_transformers_optimisation_defaults(training_args, family.optimisation_recipe)
     set_seed(training_args.seed)
