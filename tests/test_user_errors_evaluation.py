@@ -36,6 +36,10 @@ def mistakes(tmp_path_factory, tiny_dvae_dir, tiny_mim_dir):
 
     KmeansImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root / "kmeans_view")
     np.save(root / "centroids.npy", np.random.default_rng(0).random((16, 768), dtype=np.float32))
+    import torch
+    from test_convert_unilm import beit_state
+
+    torch.save({"model": beit_state(vocab=32)}, root / "beit_32_codes.pth")
     truncate_weights(tiny_mim_dir, root / "mim_truncated")
     (root / "truncated.safetensors").write_bytes((root / "mim_truncated" / "model.safetensors").read_bytes())
     (root / "a_file").write_text("not a folder")
@@ -263,6 +267,17 @@ CASES = {
                    p["mim"]],
         "--output_dir {mim} holds a hf_mim_beit checkpoint, and this run would write a hf_mim_kmeans one over it, "
         "leaving the rest of its files beside: pass another folder (new or empty)",
+    ),
+    "convert-ccvit: a PyTorch file": (
+        lambda p: ["convert_ccvit_to_hf_mim.py", "--centroids", str(p["root"] / "beit_32_codes.pth"), "--output_dir",
+                   str(p["root"] / "converted")],
+        "--centroids {root}/beit_32_codes.pth is a zip archive (an .npz or a PyTorch file), not one .npy array",
+    ),
+    "convert-beit: a tokenizer of another codebook size": (
+        lambda p: ["convert_beit_to_hf_mim.py", "--checkpoint", str(p["root"] / "beit_32_codes.pth"), "--output_dir",
+                   str(p["root"] / "converted"), "--tokenizer_name_or_path", p["dvae"]],
+        "--tokenizer_name_or_path {dvae} has 64 codes, but the checkpoint's LM head predicts 32: pass the tokenizer it "
+        "was pre-trained with",
     ),
     "visualize: output_dir a file": (
         lambda p: ["visualize.py", "--output_dir", str(p["root"] / "a_file"), "--model_name_or_path", p["mim"],

@@ -42,7 +42,8 @@ def convert_ccvit_centroids(
         # A pickled or object array, an .npz archive's members, a file of another kind.
         raise UsageError(f"--centroids {path} is not a .npy array ({first_line(error)}); pass {what}") from error
     if not isinstance(centroids, np.ndarray):
-        raise UsageError(f"--centroids {path} is an .npz archive, not one array; pass {what}")
+        # np.load opens any zip archive (an .npz, a PyTorch file) as an .npz.
+        raise UsageError(f"--centroids {path} is a zip archive (an .npz or a PyTorch file), not one .npy array; pass {what}")
     if centroids.ndim != 2 or not np.issubdtype(centroids.dtype, np.floating):
         raise UsageError(f"--centroids {path} holds a {centroids.dtype} array of shape {centroids.shape}; pass {what}")
     try:

@@ -476,6 +476,13 @@ def convert_beit_checkpoint(
         tokenizer = pretrained(AutoModel.from_pretrained, tokenizer_name_or_path, flag)
         require_tokenizer(tokenizer, tokenizer_name_or_path, flag)
         tokenizer_processor = pretrained(AutoImageProcessor.from_pretrained, tokenizer_name_or_path, flag)
+        head = state.get("lm_head.weight")
+        if head is not None and head.shape[0] != tokenizer.config.codebook_size:
+            # The config would say "set vocab_size", which the LM head's weights fix: the tokenizer is the mistake.
+            raise UsageError(
+                f"--{flag} {tokenizer_name_or_path} has {tokenizer.config.codebook_size} codes, but the checkpoint's "
+                f"LM head predicts {head.shape[0]}: pass the tokenizer it was pre-trained with"
+            )
     try:
         config, weights = convert_beit_state_dict(
             state,
