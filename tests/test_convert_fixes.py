@@ -286,7 +286,8 @@ CASES = {
                           "--tokenizer_name_or_path ./no-such-tokenizer: no such folder"),
     "a tokenizer of another codebook": ("convert_beit_to_hf_mim.py",
                                         ["--checkpoint", "{root}/beit.pth", "--tokenizer_name_or_path", "{root}/kmeans16"],
-                                        "--tokenizer_name_or_path {root}/kmeans16: vocab_size=64"),
+                                        "--tokenizer_name_or_path {root}/kmeans16 has 16 codes, but the checkpoint's "
+                                        "LM head predicts 64: pass the tokenizer it was pre-trained with"),
     "an image_mean of two channels": ("convert_beit_to_hf_mim.py",
                                       ["--checkpoint", "{root}/beit.pth", "--image_mean", "0.5", "0.5"],
                                       "--image_mean takes 3 values (R G B), got 2: 0.5 0.5"),

@@ -273,12 +273,6 @@ CASES = {
                    str(p["root"] / "converted")],
         "--centroids {root}/beit_32_codes.pth is a zip archive (an .npz or a PyTorch file), not one .npy array",
     ),
-    "convert-beit: a tokenizer of another codebook size": (
-        lambda p: ["convert_beit_to_hf_mim.py", "--checkpoint", str(p["root"] / "beit_32_codes.pth"), "--output_dir",
-                   str(p["root"] / "converted"), "--tokenizer_name_or_path", p["dvae"]],
-        "--tokenizer_name_or_path {dvae} has 64 codes, but the checkpoint's LM head predicts 32: pass the tokenizer it "
-        "was pre-trained with",
-    ),
     "visualize: output_dir a file": (
         lambda p: ["visualize.py", "--output_dir", str(p["root"] / "a_file"), "--model_name_or_path", p["mim"],
                    "--images", str(p["root"] / "train")],
