@@ -4,6 +4,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -281,7 +282,7 @@ def checkpointed_run(tiny_dvae_dir, image_folder, tmp_path_factory):
     [
         (["--learning_rate", "5e-3"], '--learning_rate 0.001 (this launch: 0.005)'),
         (["--seed", "9", "--color_jitter", "0"], '--color_jitter 0.4 (this launch: 0.0), --seed 0 (this launch: 9)'),
-        (["--num_mask_patches", "5"], "--num_mask_patches null (this launch: 5)"),
+        (["--num_mask_patches", "5"], "--num_mask_patches unset (this launch: 5)"),
         (["--per_device_train_batch_size", "2"], "--per_device_train_batch_size 4 (this launch: 2)"),
     ],
 )
@@ -289,13 +290,16 @@ def test_a_run_resumed_with_other_flags_that_decide_it_is_refused_naming_them(
     checkpointed_run, tiny_dvae_dir, image_folder, tmp_path, flags, named
 ):
     # Trainer resumed them silently: the checkpoint's optimiser and schedule with this launch's data and rates.
-    assert json.loads((checkpointed_run / "checkpoint-1" / "hf_mim_run_flags.json").read_text())["seed"] == 0
+    assert json.loads((checkpointed_run / "checkpoint-1" / "hf_mim_run.json").read_text())["flags"]["seed"] == 0
     args = run_mim_args(tiny_dvae_dir, image_folder, tmp_path, "--max_steps", "2",
                         "--resume_from_checkpoint", str(checkpointed_run / "checkpoint-1"), *flags)  # fmt: skip
-    with pytest.raises(UsageError, match=rf"checkpoint-1 was trained with {re.escape(named)}; a resumed run keeps"):
+    fix = "relaunch with the checkpoint's, or drop --resume_from_checkpoint to start afresh (in another --output_dir)"
+    with pytest.raises(UsageError, match=rf"checkpoint-1 was trained with {re.escape(named)}; .*: {re.escape(fix)}"):
         main(args)
     # Where the data lives, how often to log or save, and how long to train may change.
-    main(run_mim_args(tiny_dvae_dir, str(image_folder), tmp_path, "--max_steps", "3", "--logging_steps", "2",
+    moved = tmp_path / "moved_images"
+    shutil.copytree(image_folder, moved)
+    main(run_mim_args(tiny_dvae_dir, str(moved), tmp_path, "--max_steps", "3", "--logging_steps", "2",
                       "--resume_from_checkpoint", str(checkpointed_run / "checkpoint-1")))  # fmt: skip
 
 
@@ -319,7 +323,18 @@ def test_a_run_resumed_with_another_tokenizer_is_refused(checkpointed_run, image
 def test_a_run_resumed_by_another_number_of_processes_is_refused(tmp_path):
     from hf_mim.training.workflow import check_run_flags
 
-    (tmp_path / "hf_mim_run_flags.json").write_text(json.dumps({"num_processes": 2, "seed": 0}))
-    check_run_flags(str(tmp_path), {"num_processes": 2, "seed": 0, "new_flag": 1})
-    with pytest.raises(UsageError, match="trained by 2 processes and this launch has 1, which changes the batches"):
-        check_run_flags(str(tmp_path), {"num_processes": 1, "seed": 0})
+    (tmp_path / "hf_mim_run.json").write_text(json.dumps({"flags": {"num_processes": 2, "seed": 0}}))
+    check_run_flags(str(tmp_path), {"num_processes": 2, "seed": 0, "new_flag": 1}, "start afresh")
+    with pytest.raises(UsageError, match=r"trained with 2 processes \(this launch: 1; the launcher's setting\); .*"
+                                         r"relaunch with the checkpoint's, or start afresh$"):
+        check_run_flags(str(tmp_path), {"num_processes": 1, "seed": 0}, "start afresh")
+
+
+def test_a_resumed_run_of_another_length_is_warned_that_its_schedule_is_rebuilt(
+    checkpointed_run, tiny_dvae_dir, image_folder, tmp_path, caplog
+):
+    args = run_mim_args(tiny_dvae_dir, image_folder, tmp_path, "--max_steps", "4",
+                        "--resume_from_checkpoint", str(checkpointed_run / "checkpoint-1"))  # fmt: skip
+    with caplog.at_level("WARNING", logger="hf_mim.training.workflow"):
+        main(args)
+    assert "checkpoint-1 was planned for 2 steps and this launch for 4: the linear learning-rate schedule" in caplog.text

@@ -248,7 +248,7 @@ def test_a_resumed_run_reports_the_undecodable_images_of_the_whole_run(tiny_dvae
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     steps = ("--max_steps", "4", "--save_steps", "2")
     expected = main(run_mim_args(tiny_dvae_dir, str(images), straight, *steps))["train_skipped_images"]
-    assert json.loads((straight / "checkpoint-2" / "hf_mim_skipped_images.json").read_text())["train_skipped_images"] >= 1
+    assert json.loads((straight / "checkpoint-2" / "hf_mim_run.json").read_text())["train_skipped_images"] >= 1
     metrics = main(run_mim_args(tiny_dvae_dir, str(images), resumed, *steps,
                                 "--resume_from_checkpoint", str(straight / "checkpoint-2")))  # fmt: skip
     # 5 images in batches of 4: 2 steps an epoch, the broken file drawn once in each.

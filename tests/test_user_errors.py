@@ -63,6 +63,8 @@ def mistakes(tmp_path_factory, tiny_dvae_dir, image_folder, tiny_mim_dir):
     options = {"train_dir": str(image_folder), "output_dir": str(root / "from_json"), "do_train": True, "lerning_rate": 1e-3}
     (root / "typo.json").write_text(json.dumps(options))
     (root / "unfinished.json").write_text('{"train_dir": ')
+    (root / "half_saved").mkdir()
+    (root / "half_saved" / "config.json").write_text('{"model_type": "hf_mim_be')
     truncate_weights(tiny_dvae_dir, root / "dvae_truncated")
     truncate_weights(tiny_mim_dir, root / "mim_truncated")
     val_zebra = tmp_path_factory.mktemp("val_zebra")
@@ -139,7 +141,7 @@ CASES = {
     "pre-training into a tokenizer's folder": (
         lambda p: mim(p, output_dir=p["root"] / "kmeans"),
         "--output_dir {root}/kmeans holds a hf_mim_kmeans checkpoint, and this run would write a hf_mim_beit one over "
-        "it, leaving the rest of its files beside: pass another folder, or --overwrite_output_dir to replace it",
+        "it, leaving the rest of its files beside: pass another folder, or empty this one",
     ),
     "fitting a k-means tokenizer into a dVAE's folder": (
         lambda p: ["train_tokenizer.py", "--tokenizer_type", "kmeans", "--train_dir", p["images"], "--output_dir",
@@ -149,6 +151,10 @@ CASES = {
     "fine-tuning into a MIM checkpoint's folder": (
         lambda p: finetune(p, "--do_train", "--output_dir", str(p["root"] / "no_tokenizer")),
         "--output_dir {root}/no_tokenizer holds a hf_mim_beit checkpoint, and this run would write a beit one",
+    ),
+    "a half-written config in the output folder": (
+        lambda p: mim(p, output_dir=p["root"] / "half_saved"),
+        "{root}/half_saved/config.json is not a JSON config (",
     ),
     "truncated checkpoint weights": (
         lambda p: mim(p, resume_from_checkpoint=p["root"] / "run" / "checkpoint-2"),

@@ -266,7 +266,7 @@ CASES = {
         lambda p: ["convert_ccvit_to_hf_mim.py", "--centroids", str(p["root"] / "centroids.npy"), "--output_dir",
                    p["mim"]],
         "--output_dir {mim} holds a hf_mim_beit checkpoint, and this run would write a hf_mim_kmeans one over it, "
-        "leaving the rest of its files beside: pass another folder (new or empty)",
+        "leaving the rest of its files beside: pass another folder, or empty this one",
     ),
     "convert-ccvit: a PyTorch file": (
         lambda p: ["convert_ccvit_to_hf_mim.py", "--centroids", str(p["root"] / "beit_32_codes.pth"), "--output_dir",

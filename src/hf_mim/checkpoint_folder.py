@@ -15,6 +15,8 @@ from safetensors import safe_open
 from transformers import AutoImageProcessor
 from transformers.dynamic_module_utils import get_relative_imports
 
+from .errors import first_line
+
 logger = logging.getLogger(__name__)
 
 TOKENIZER_SUBFOLDER = "tokenizer"
@@ -48,7 +50,7 @@ def unreadable_weights(folder) -> tuple[Path, str] | None:
             with safe_open(path, framework="pt") as weights:
                 weights.keys()
         except Exception as error:  # safetensors raises its own error types for truncated or corrupt files
-            return path, str(error).splitlines()[0] if str(error) else type(error).__name__
+            return path, first_line(error)
     return None
 
 

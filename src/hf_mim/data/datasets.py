@@ -261,7 +261,7 @@ def load_image_datasets(
                 _require_class_folders(flag, scan, training=flag == dir_flags[0])
                 if scan.empty_folders and not scan.has_metadata and is_main_launch_process():
                     logger.warning(
-                        "--%s %s: the folders %s hold no images, so they are not classes of this run", flag,
+                        "--%s %s: the folders %s hold no images, so no class is read from them", flag,
                         scan.folder, sorted(scan.empty_folders),
                     )  # fmt: skip
             if scan.left_out and is_main_launch_process():

@@ -50,19 +50,17 @@ def require_new_output_dir(output_dir: str, model_name_or_path: str) -> None:
         )
 
 
-def require_output_dir_of(output_dir: str, model_type: str, overwrite: bool | None = None) -> None:
+def require_output_dir_of(output_dir: str, model_type: str) -> None:
     """A one-line error when `--output_dir` holds a checkpoint of another model type than the `model_type` the command
     writes: its config and weights would be replaced and the rest of its files (code, trainer state, tokenizer view)
-    left beside them, a folder of neither model. `overwrite` is the command's `--overwrite_output_dir` (None where
-    it has none); given, the folder is the user's to replace."""
+    left beside them, a folder of neither model (`--overwrite_output_dir` only stops a resumption; it deletes
+    nothing)."""
     saved = saved_model_type(output_dir)
-    if saved is None or saved == model_type or overwrite:
-        return
-    fix = "pass another folder" + (" (new or empty)" if overwrite is None else ", or --overwrite_output_dir to replace it")
-    raise UsageError(
-        f"--output_dir {output_dir} holds a {saved} checkpoint, and this run would write a {model_type} one over it, "
-        f"leaving the rest of its files beside: {fix}"
-    )
+    if saved is not None and saved != model_type:
+        raise UsageError(
+            f"--output_dir {output_dir} holds a {saved} checkpoint, and this run would write a {model_type} one over "
+            "it, leaving the rest of its files beside: pass another folder, or empty this one"
+        )
 
 
 def saved_model_type(name_or_path: str) -> str | None:
@@ -70,8 +68,12 @@ def saved_model_type(name_or_path: str) -> str | None:
     path = os.path.join(name_or_path, "config.json")
     if not os.path.isfile(path):
         return None
-    with open(path) as file:
-        return json.load(file).get("model_type")
+    try:
+        with open(path) as file:
+            return json.load(file).get("model_type")
+    except (ValueError, AttributeError) as error:
+        # E.g. a run killed while it saved.
+        raise UsageError(f"{path} is not a JSON config ({first_line(error)}): save the model again, or remove it") from error
 
 
 def require_tokenizer(tokenizer, name_or_path: str, flag: str = "tokenizer_name_or_path") -> None:

@@ -397,7 +397,7 @@ def pretrain(
     check_fit_flags(model_args)
     method = mim_method(model_args.model_type)
     if training_args.do_train:
-        require_output_dir_of(training_args.output_dir, method.model_type, training_args.overwrite_output_dir)
+        require_output_dir_of(training_args.output_dir, method.model_type)
     require_weights_to_evaluate(training_args, model_args.model_name_or_path, "model_name_or_path", "checkpoint", "model")
     data_args.check_masking_flags(method.data_defaults.get("masking", "blockwise"))
     data_args = method.with_data_defaults(data_args)

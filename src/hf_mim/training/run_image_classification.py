@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from datasets import ClassLabel
-from transformers import BeitForImageClassification, Trainer, set_seed
+from transformers import BeitConfig, BeitForImageClassification, Trainer, set_seed
 
 from ..arguments import command_parser, flags_set
 from ..data import (
@@ -266,8 +266,7 @@ def main(argv=None) -> dict[str, float]:
     require_action(training_args)
     require_new_output_dir(training_args.output_dir, model_args.model_name_or_path)
     if training_args.do_train:
-        # The fine-tuned classifier is a stock transformers BEiT.
-        require_output_dir_of(training_args.output_dir, "beit", training_args.overwrite_output_dir)
+        require_output_dir_of(training_args.output_dir, BeitConfig.model_type)
     wanted = training_args.metric_for_best_model
     if wanted is not None and wanted.removeprefix("eval_") not in CLASSIFICATION_METRICS:
         raise UsageError(

@@ -246,7 +246,7 @@ def train_tokenizer(
     setup_logging(training_args)
     family = TRAINABLE[tokenizer_args.tokenizer_type]
     if training_args.do_train:
-        require_output_dir_of(training_args.output_dir, family.model_type, training_args.overwrite_output_dir)
+        require_output_dir_of(training_args.output_dir, family.model_type)
     if family.optimisation_recipe is not None:
         warn_of_transformers_optimisation_defaults(training_args, family.optimisation_recipe)
     set_seed(training_args.seed)

@@ -26,20 +26,19 @@ from .loading import saved_model_type
 
 logger = logging.getLogger(__name__)
 
-# Each checkpoint's record of the flags its run was launched with (`run_flags`), which a resumed run must keep.
-RUN_FLAGS = "hf_mim_run_flags.json"
-# Each checkpoint's count of the undecodable training images skipped so far, which a resumed run carries on from.
-SKIPPED_IMAGES = "hf_mim_skipped_images.json"
+# Each checkpoint's record of its run (`RunRecordsCallback`): the flags it was launched with (`run_flags`), which a
+# resumed run must keep, and the undecodable training images skipped so far, which it carries on counting from.
+RUN_RECORD = "hf_mim_run.json"
 # TrainingArguments that decide what a run draws and how it updates (a resumed run restores the optimiser and
 # schedule states, so a new value would be ignored or mixed with the old one); the number of processes is one too.
 TRAJECTORY_TRAINING_FLAGS = (
     "learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon", "optim", "optim_args",
     "max_grad_norm", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "warmup_ratio", "seed",
-    "per_device_train_batch_size", "gradient_accumulation_steps", "bf16", "fp16",
+    "per_device_train_batch_size", "gradient_accumulation_steps", "bf16", "fp16", "data_seed", "dataloader_drop_last",
 )  # fmt: skip
 # Flags of the commands' own dataclasses that say where things are or how they are read, which may change between
 # launches (data moved, a token renewed); every other flag of those dataclasses decides the run.
-_LOCATION_FLAGS = {"model_revision", "token", "trust_remote_code", "max_eval_samples", "streaming"}
+_LOCATION_FLAGS = {"model_revision", "token", "trust_remote_code", "max_eval_samples"}
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
@@ -98,6 +97,7 @@ def find_checkpoint(training_args: TrainingArguments, model=None, flags: dict | 
             raise UsageError(f"--resume_from_checkpoint {given}: no such folder; pass a checkpoint-<step> folder")
         checkpoint = given
         fix = "pass another checkpoint to --resume_from_checkpoint"
+        afresh = "drop --resume_from_checkpoint to start afresh (in another --output_dir)"
     else:
         if not os.path.isdir(training_args.output_dir) or training_args.overwrite_output_dir or not training_args.do_train:
             return None
@@ -105,9 +105,10 @@ def find_checkpoint(training_args: TrainingArguments, model=None, flags: dict | 
         if checkpoint is None:
             return None
         fix = "pass --overwrite_output_dir to start afresh, or --resume_from_checkpoint with an earlier checkpoint"
+        afresh = "start afresh with --overwrite_output_dir (or another --output_dir)"
     check_checkpoint_weights(checkpoint, fix, model)
     if flags is not None:
-        check_run_flags(checkpoint, flags)
+        check_run_flags(checkpoint, flags, afresh)
     missing = [name for name in ("optimizer.pt", "scheduler.pt") if not os.path.isfile(os.path.join(checkpoint, name))]
     if missing:
         logger.warning(f"{checkpoint} has no {' or '.join(missing)}: that state starts afresh")
@@ -153,13 +154,14 @@ def check_tokenizer_weights(path: str, tokenizer: torch.nn.Module, fix: str) -> 
                 raise UsageError(
                     f"{os.path.dirname(path)} was trained with another tokenizer than this run's "
                     f"(--tokenizer_name_or_path, or the one --fit_tokenizer fitted; {key} differs), and resuming "
-                    f"would go on with the old one: pass the tokenizer it was trained with, or {fix}"
+                    "would go on with the old one: pass the tokenizer it was trained with (after --fit_tokenizer: "
+                    f"resume in the run's own --output_dir, whose fitted tokenizer is reused), or {fix}"
                 )
 
 
 def _decides_the_run(name: str) -> bool:
-    # k-means fit flags are checked against the fitted tokenizer they would reuse (`kmeans.tokenizer._require_same_fit`).
-    return not (name.endswith(("_path", "_dir", "_name")) or name.startswith("kmeans_") or name in _LOCATION_FLAGS)
+    # How a k-means tokenizer is fitted shows in its centroids, which `check_tokenizer_weights` compares.
+    return not (name.endswith(("_path", "_dir", "_name")) or name.startswith(("kmeans_", "fit_")) or name in _LOCATION_FLAGS)
 
 
 def _json_value(value):
@@ -179,44 +181,75 @@ def run_flags(training_args: TrainingArguments, *argument_groups) -> dict:
     return json.loads(json.dumps(flags, default=_json_value))
 
 
-class RunFlagsCallback(TrainerCallback):
-    """Writes a run's flags (`run_flags`) into each checkpoint it saves, for `find_checkpoint` to hold a resumed run
-    to them."""
+def read_run_record(checkpoint: str | None) -> dict | None:
+    """The `RUN_RECORD` of `checkpoint` (None without a checkpoint or a record)."""
+    path = None if checkpoint is None else os.path.join(checkpoint, RUN_RECORD)
+    if path is None or not os.path.isfile(path):
+        return None
+    with open(path) as file:
+        return json.load(file)
 
-    def __init__(self, flags: dict):
-        self.flags = flags
+
+def _planned_steps(checkpoint: str) -> int | None:
+    path = os.path.join(checkpoint, "trainer_state.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as file:
+        return json.load(file).get("max_steps")
+
+
+class RunRecordsCallback(TrainerCallback):
+    """Writes each checkpoint's `RUN_RECORD`: the run's `flags` and the undecodable training images skipped so far
+    over all processes (this launch's, counted by `skipped`, plus those of the checkpoint it `resumed` from). On
+    resumption it warns when the run's length changed: the learning-rate schedule is rebuilt for the new length."""
+
+    def __init__(self, trainer, flags: dict | None, skipped, resumed: str | None = None):
+        self.trainer, self.flags, self.skipped, self.resumed = trainer, flags, skipped, resumed
+        self.skipped_before = (read_run_record(resumed) or {}).get("train_skipped_images", 0)
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        planned = None if self.resumed is None else _planned_steps(self.resumed)
+        schedule = _json_value(args.lr_scheduler_type)
+        if planned and planned != state.max_steps and schedule != "constant" and state.is_world_process_zero:
+            logger.warning(
+                f"{self.resumed} was planned for {planned} steps and this launch for {state.max_steps}: the "
+                f"{schedule} learning-rate schedule (and a warm-up given as a fraction) is rebuilt for "
+                "the new length, so its rates from the checkpoint on differ from the original plan's"
+            )
 
     def on_save(self, args, state, control, **kwargs):
+        # Every process saves, so every process takes part in the sum.
+        (count,) = summed_over_processes(self.trainer, self.skipped.value)
         folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
         if state.is_world_process_zero and os.path.isdir(folder):
-            with open(os.path.join(folder, RUN_FLAGS), "w") as file:
-                json.dump(self.flags, file, indent=2, sort_keys=True)
+            with open(os.path.join(folder, RUN_RECORD), "w") as file:
+                json.dump({"flags": self.flags, "train_skipped_images": self.skipped_before + count}, file, indent=2)
 
 
-def check_run_flags(checkpoint: str, flags: dict) -> None:
+def _flag_value(value) -> str:
+    return "unset" if value is None else json.dumps(value)
+
+
+def check_run_flags(checkpoint: str, flags: dict, afresh: str) -> None:
     """A one-line error when this launch's `flags` (`run_flags`) differ from those `checkpoint` was trained with:
-    Trainer would resume with the checkpoint's optimiser and schedule and this launch's data, a run that is neither."""
-    path = os.path.join(checkpoint, RUN_FLAGS)
-    if not os.path.isfile(path):
-        logger.info(f"{checkpoint} has no {RUN_FLAGS} (saved before hf_mim recorded it): its flags are not checked")
+    Trainer would resume with the checkpoint's optimiser and schedule and this launch's data, a run that is neither.
+    `afresh` says how to start a new run instead."""
+    saved = (read_run_record(checkpoint) or {}).get("flags")
+    if saved is None:
+        logger.warning(f"{checkpoint} has no {RUN_RECORD} (an older hf_mim, or a copy from the Hub): the flags it was "
+                       "trained with cannot be checked; resume with the same ones")  # fmt: skip
         return
-    with open(path) as file:
-        saved = json.load(file)
     changed = sorted(name for name in saved.keys() & flags.keys() if saved[name] != flags[name])
     if not changed:
         return
-    fix = "relaunch with the checkpoint's values, or start afresh with --overwrite_output_dir (or another --output_dir)"
-    if changed == ["num_processes"]:
-        raise UsageError(
-            f"{checkpoint} was trained by {saved['num_processes']} processes and this launch has "
-            f"{flags['num_processes']}, which changes the batches it draws: {fix}"
-        )
     differences = ", ".join(
-        f"--{name} {json.dumps(saved[name])} (this launch: {json.dumps(flags[name])})" for name in changed
-    )
+        f"{saved[name]} processes (this launch: {flags[name]}; the launcher's setting)" if name == "num_processes"
+        else f"--{name} {_flag_value(saved[name])} (this launch: {_flag_value(flags[name])})"
+        for name in changed
+    )  # fmt: skip
     raise UsageError(
         f"{checkpoint} was trained with {differences}; a resumed run keeps the flags that decide its data and "
-        f"updates: {fix}"
+        f"updates: relaunch with the checkpoint's, or {afresh}"
     )
 
 
@@ -226,31 +259,6 @@ def summed_over_processes(trainer, *counts: int) -> list[int]:
     if trainer.accelerator.num_processes > 1:
         totals = trainer.accelerator.reduce(totals, reduction="sum")
     return [int(value) for value in totals.tolist()]
-
-
-class SkippedImagesCallback(TrainerCallback):
-    """Records in each checkpoint the undecodable training images skipped so far, over all processes: those of this
-    launch and the `before` it resumed from, so that a resumed run reports the whole run's count."""
-
-    def __init__(self, trainer, skipped, before: int = 0):
-        self.trainer, self.skipped, self.before = trainer, skipped, before
-
-    def on_save(self, args, state, control, **kwargs):
-        # Every process saves, so every process takes part in the sum.
-        (count,) = summed_over_processes(self.trainer, self.skipped.value)
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if state.is_world_process_zero and os.path.isdir(folder):
-            with open(os.path.join(folder, SKIPPED_IMAGES), "w") as file:
-                json.dump({"train_skipped_images": self.before + count}, file)
-
-
-def skipped_before(checkpoint: str | None) -> int:
-    """The undecodable training images the run resumed from `checkpoint` had skipped (0 if it did not record them)."""
-    path = None if checkpoint is None else os.path.join(checkpoint, SKIPPED_IMAGES)
-    if path is None or not os.path.isfile(path):
-        return 0
-    with open(path) as file:
-        return int(json.load(file)["train_skipped_images"])
 
 
 def require_decoded_images(trainer, skipped) -> int:
@@ -283,17 +291,15 @@ def train_and_evaluate(
     `skipped` and `eval_skipped` are the `SkippedImageCounter`s of the training and evaluation datasets; `model_card=False` for outputs that are not hf_mim
     families (a stock transformers classifier), which get no hf_mim card; the card names `dataset_name` when it is
     a Hub dataset, else the `train_dir` folder and its image count; `flags` (`run_flags`) are recorded in every
-    checkpoint, and a resumed run must keep them. Returns train and eval metrics.
+    checkpoint (`RunRecordsCallback`), and a resumed run must keep them. Returns train and eval metrics.
     """
     metrics: dict[str, float] = {}
     if training_args.do_train:
         checkpoint = find_checkpoint(training_args, trainer.model, flags)
-        if flags is not None:
-            trainer.add_callback(RunFlagsCallback(flags))
-        before = skipped_before(checkpoint)
-        trainer.add_callback(SkippedImagesCallback(trainer, skipped, before))
+        records = RunRecordsCallback(trainer, flags, skipped, resumed=checkpoint)
+        trainer.add_callback(records)
         result = trainer.train(resume_from_checkpoint=checkpoint)
-        undecodable = before + require_decoded_images(trainer, skipped)
+        undecodable = records.skipped_before + require_decoded_images(trainer, skipped)
         trainer.save_model()
         if after_save is not None and trainer.is_world_process_zero():
             after_save()
@@ -328,17 +334,15 @@ def train_and_evaluate(
                 trainer.push_to_hub(**card)
         else:
             trainer.create_model_card(**card)
-    for counter, where in ((skipped, "training"), (eval_skipped, "evaluation")):
-        if counter is not None and counter.value:
-            logger.warning(f"{counter.value} undecodable {where} images were skipped (the warnings above name them)")
+    for name in ("train_skipped_images", "eval_skipped_images"):
+        if metrics.get(name):
+            logger.warning(f"{name} = {metrics[name]}: undecodable images were skipped (the warnings above name them)")
     return metrics
 
 
 __all__ = [
-    "RUN_FLAGS",
-    "RunFlagsCallback",
-    "SKIPPED_IMAGES",
-    "SkippedImagesCallback",
+    "RUN_RECORD",
+    "RunRecordsCallback",
     "TRAJECTORY_TRAINING_FLAGS",
     "check_checkpoint_weights",
     "check_run_flags",
@@ -348,8 +352,8 @@ __all__ = [
     "require_decoded_images",
     "require_steps_when_streaming",
     "require_weights_to_evaluate",
+    "read_run_record",
     "run_flags",
-    "skipped_before",
     "summed_over_processes",
     "setup_logging",
     "train_and_evaluate",
