@@ -162,3 +162,21 @@ def test_fine_tuning_gathers_no_label_count_across_processes(tmp_path):
 
     args = ClassificationTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
     assert args.average_tokens_across_devices is False
+
+
+def test_a_class_no_training_image_reached_is_named_in_a_warning(tiny_mim_dir, tmp_path, caplog):
+    # Its only images were undecodable: the head kept an output for it that was never trained, without a word.
+    from conftest import write_images
+
+    write_images(tmp_path / "images", 8)
+    (tmp_path / "images" / "c").mkdir()
+    (tmp_path / "images" / "c" / "broken.png").write_bytes(b"not a png")
+    with caplog.at_level("WARNING", logger="hf_mim.training.run_image_classification"):
+        main([
+            "--model_name_or_path", tiny_mim_dir, "--train_dir", str(tmp_path / "images"), "--output_dir",
+            str(tmp_path / "out"), "--do_train", "--max_steps", "4", "--per_device_train_batch_size", "4",
+            "--learning_rate", "1e-3", "--save_strategy", "no", "--use_cpu", "--report_to", "none",
+            "--dataloader_num_workers", "0",
+        ])
+    assert "No training image of the classes ['c'] reached this launch" in caplog.text
+    assert "classes ['a'" not in caplog.text and "'b'" not in caplog.text

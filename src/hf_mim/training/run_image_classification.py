@@ -7,6 +7,7 @@ path, label smoothing and optional Mixup/CutMix. Accuracy is computed by hf_mim'
 saved model and image processor are plain transformers BEiT files.
 """
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -45,7 +46,9 @@ from .arguments import HfMimTrainingArguments, warn_of_transformers_optimisation
 from .loading import require_new_output_dir, require_output_dir_of
 from .mixup import MixupCutmix, soft_target_cross_entropy
 from .trainer import MimTrainer
-from .workflow import require_action, run_flags, setup_logging, train_and_evaluate
+from .workflow import require_action, run_flags, setup_logging, summed_over_processes, train_and_evaluate
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -153,6 +156,21 @@ class ImageClassificationTrainer(MimTrainer):
         super().__init__(*args, compute_loss_func=classification_loss, **kwargs)
         self.mixup = mixup
         self._mixed_step, self._mixed_micro_batches = -1, 0
+        # Training images of each class this launch, counted on the device.
+        self.class_counts: torch.Tensor | None = None
+
+    def train(self, *args, **kwargs):
+        result = super().train(*args, **kwargs)
+        if self.class_counts is not None:
+            counts = summed_over_processes(self, *self.class_counts.tolist())
+            names = self.model.config.id2label
+            unseen = [names[index] for index, count in enumerate(counts) if count == 0]
+            if unseen and self.is_world_process_zero():
+                logger.warning(
+                    f"No training image of the classes {unseen[:10]} reached this launch (all undecodable, or too few "
+                    "steps): the classifier's outputs for them are untrained"
+                )
+        return result
 
     def mixing_rng(self) -> np.random.Generator:
         """The generator of this micro-batch's mixing, keyed by (seed, process, optimiser step, micro-batch): a resumed
@@ -167,6 +185,12 @@ class ImageClassificationTrainer(MimTrainer):
         return Trainer.create_model_card(self, **{"tasks": "image-classification", **kwargs})
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if model.training:
+            # `model` may be wrapped (DDP); the class count is the unwrapped model's.
+            num_labels = self.model.config.num_labels
+            if self.class_counts is None:
+                self.class_counts = torch.zeros(num_labels, dtype=torch.long, device=inputs["labels"].device)
+            self.class_counts += torch.bincount(inputs["labels"], minlength=num_labels)
         if model.training and self.mixup is not None:
             pixel_values, labels = self.mixup(inputs["pixel_values"], inputs["labels"], rng=self.mixing_rng())
             inputs = {**inputs, "pixel_values": pixel_values, "labels": labels}
