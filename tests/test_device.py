@@ -393,3 +393,20 @@ def test_input_checks_read_the_host_at_the_first_step_only_and_assert_on_the_dev
     for _ in range(3):
         model(**inputs, num_masked=NUM_PATCHES // 2).loss.backward()
     assert not pending and len([message for message in asserted if "pixels" in message]) == 2
+
+
+def test_fine_tuning_counts_classes_and_mixes_on_the_inputs_device(tmp_path, on_meta):
+    # torch.bincount, which sized its output from the largest label, has no meta kernel and reads the host on a GPU.
+    from transformers import BeitConfig, BeitForImageClassification
+
+    from hf_mim.training.mixup import MixupCutmix
+    from hf_mim.training.run_image_classification import ClassificationTrainingArguments, ImageClassificationTrainer
+
+    config = BeitConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                        image_size=32, patch_size=8, num_labels=3)  # fmt: skip
+    args = ClassificationTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    trainer = ImageClassificationTrainer(model=BeitForImageClassification(config), args=args, mixup=MixupCutmix(3))
+    on_device = BeitForImageClassification(config).to(META).train()
+    inputs = {"pixel_values": meta_pixels(32), "labels": torch.zeros(BATCH, dtype=torch.long, device=META)}
+    loss = trainer.compute_loss(on_device, inputs)
+    assert loss.device == META and trainer.class_counts.device == META and trainer.class_counts.shape == (3,)

@@ -190,7 +190,8 @@ class ImageClassificationTrainer(MimTrainer):
             num_labels = self.model.config.num_labels
             if self.class_counts is None:
                 self.class_counts = torch.zeros(num_labels, dtype=torch.long, device=inputs["labels"].device)
-            self.class_counts += torch.bincount(inputs["labels"], minlength=num_labels)
+            # index_add_, not bincount: bincount reads the largest label on the host to size its output.
+            self.class_counts.index_add_(0, inputs["labels"], torch.ones_like(inputs["labels"]))
         if model.training and self.mixup is not None:
             pixel_values, labels = self.mixup(inputs["pixel_values"], inputs["labels"], rng=self.mixing_rng())
             inputs = {**inputs, "pixel_values": pixel_values, "labels": labels}
