@@ -253,3 +253,17 @@ def test_a_resumed_run_reports_the_undecodable_images_of_the_whole_run(tiny_dvae
                                 "--resume_from_checkpoint", str(straight / "checkpoint-2")))  # fmt: skip
     # 5 images in batches of 4: 2 steps an epoch, the broken file drawn once in each.
     assert expected == 2 and metrics["train_skipped_images"] == expected
+
+
+def test_a_streamed_batch_of_undecodable_images_is_skipped_and_counted(tiny_dvae_dir, tmp_path):
+    # accelerate dispatches a stream's batches and failed on the empty batch the collator returned for them.
+    from conftest import write_images
+
+    images = tmp_path / "images"
+    write_images(images, 4, classes=("b",))
+    (images / "a").mkdir()
+    for index in range(2):
+        (images / "a" / f"{index}.png").write_bytes(b"not a png")
+    metrics = main(run_mim_args(tiny_dvae_dir, str(images), tmp_path / "out", "--streaming", "--max_steps", "2",
+                                "--per_device_train_batch_size", "2", "--save_strategy", "no"))  # fmt: skip
+    assert metrics["train_skipped_images"] == 2 and (tmp_path / "out" / "model.safetensors").exists()

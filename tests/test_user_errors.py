@@ -415,6 +415,10 @@ CASES = {
     "a fine-tuning size off the patch grid": (
         lambda p: finetune(p, "--do_train", "--image_size", "30"), "--image_size 30 is not a multiple of the encoder's 8 px"
     ),
+    "a stream of undecodable images only": (
+        lambda p: [*mim(p, train_dir=p["root"] / "broken"), "--streaming"],
+        "a streamed split yielded no decodable image (4 training and 0 validation images were undecodable",
+    ),
     "streaming without a step count": (
         lambda p: [a for a in mim(p) if a not in ("--max_steps", "2")] + ["--streaming"],
         "--streaming reads images as they come, so epochs have no length: pass --max_steps",

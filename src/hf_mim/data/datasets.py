@@ -376,6 +376,10 @@ class _TransformImages:
         return {**transformed, **{name: batch[name] for name in self.keep_columns}}
 
 
+def _decoded(example: dict) -> bool:
+    return example["pixel_values"] is not None
+
+
 def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
     """The random generator of example `index` in epoch `epoch` of a run seeded with `seed`."""
     return np.random.default_rng((seed, epoch, index))
@@ -470,7 +474,8 @@ def apply_transform(
     if isinstance(dataset, IterableDataset):
         # Without known features the input columns cannot be listed for removal and pass through.
         remove_columns = [name for name in dataset.column_names or [] if name not in keep_columns]
-        return dataset.map(function.transform_example, remove_columns=remove_columns)
+        # Dropped here, not in the collator: accelerate dispatches a stream's batches and cannot pass an empty one.
+        return dataset.map(function.transform_example, remove_columns=remove_columns).filter(_decoded)
     return dataset.with_transform(function.transform_batch, columns=[image_column, *keep_columns])
 
 

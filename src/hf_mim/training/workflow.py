@@ -5,6 +5,7 @@
 `train_and_evaluate`.
 """
 
+import contextlib
 import dataclasses
 import enum
 import json
@@ -265,13 +266,29 @@ def require_decoded_images(trainer, skipped) -> int:
     """The undecodable images skipped in training, over all processes and their DataLoader workers; a run that
     decoded no image, or fewer than it skipped, trained on next to nothing and fails instead of saving a model."""
     undecodable, decoded = summed_over_processes(trainer, skipped.value, trainer.throughput.samples)
-    # A resumed run that had nothing left to do ran no step: nothing to judge.
-    if trainer.throughput.steps and (decoded == 0 or undecodable > decoded):
+    # A resumed run that had nothing left to do ran no step and decoded nothing: nothing to judge.
+    if (trainer.throughput.steps or undecodable) and (decoded == 0 or undecodable > decoded):
         raise UsageError(
             f"{undecodable} training images could not be decoded and {decoded} could (see the warnings above for "
             "the files); no model was saved: point --train_dir at your images, or fix or remove the broken files"
         )
     return undecodable
+
+
+@contextlib.contextmanager
+def empty_stream_errors(skipped, eval_skipped=None):
+    """A one-line error for a `--streaming` split that yields no batch at all: its undecodable images are filtered out
+    of the stream, and accelerate then fails on the first batch with a message of its own."""
+    try:
+        yield
+    except ValueError as error:
+        if not str(error).startswith("Batch does not contain any data"):
+            raise
+        counts = f"{skipped.value} training and {0 if eval_skipped is None else eval_skipped.value} validation images"
+        raise UsageError(
+            f"a streamed split yielded no decodable image ({counts} were undecodable, see the warnings above for the "
+            "files): point --train_dir / --validation_dir or --dataset_name at your images"
+        ) from error
 
 
 def train_and_evaluate(
@@ -298,7 +315,8 @@ def train_and_evaluate(
         checkpoint = find_checkpoint(training_args, trainer.model, flags)
         records = RunRecordsCallback(trainer, flags, skipped, resumed=checkpoint)
         trainer.add_callback(records)
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+        with empty_stream_errors(skipped, eval_skipped):
+            result = trainer.train(resume_from_checkpoint=checkpoint)
         undecodable = records.skipped_before + require_decoded_images(trainer, skipped)
         trainer.save_model()
         if after_save is not None and trainer.is_world_process_zero():
@@ -311,7 +329,8 @@ def train_and_evaluate(
         trainer.save_state()
     if training_args.do_eval:
         before = 0 if eval_skipped is None else eval_skipped.value
-        eval_metrics = trainer.evaluate()
+        with empty_stream_errors(skipped, eval_skipped):
+            eval_metrics = trainer.evaluate()
         if eval_skipped is not None:
             # This evaluation's, not those run during training.
             (eval_metrics["eval_skipped_images"],) = summed_over_processes(trainer, eval_skipped.value - before)
@@ -347,6 +366,7 @@ __all__ = [
     "check_checkpoint_weights",
     "check_run_flags",
     "check_tokenizer_weights",
+    "empty_stream_errors",
     "find_checkpoint",
     "require_action",
     "require_decoded_images",
