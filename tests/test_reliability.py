@@ -180,6 +180,11 @@ def test_nonfinite_loss_names_its_step_and_is_skipped_only_on_request(tiny_mim_d
     after = model.state_dict()
     assert all(torch.equal(before[name], after[name]) for name in before)
     assert not trainer.optimizer.state
+    # A launch whose every step was skipped trained nothing: the commands fail instead of saving it as trained.
+    from hf_mim.training.workflow import require_an_update
+
+    with pytest.raises(FloatingPointError, match=r"every one of the 3 optimiser steps of this launch .* no model"):
+        require_an_update(trainer)
 
 
 def test_a_nonfinite_evaluation_loss_is_counted_on_the_device_and_raised_when_the_evaluation_ends(tiny_mim_dir, tmp_path):

@@ -313,7 +313,9 @@ class MimTrainer(Trainer):
             nonfinite = self.accelerator.reduce(nonfinite, reduction="sum")
         if nonfinite.item() == 0:
             return
-        message = f"Non-finite loss ({loss.item()}) on {int(nonfinite.item())} process(es) at step {self.state.global_step}"
+        # global_step counts the steps done: this is the next one, numbered as the FloatingPointError numbers them.
+        step = self.state.global_step + 1
+        message = f"Non-finite loss ({loss.item()}) on {int(nonfinite.item())} process(es) at step {step}"
         self.nonfinite_guard.flagged = True
         logger.warning(f"{message}; skipping this optimiser step ({self.nonfinite_guard.skipped_steps + 1} so far)")
 

@@ -24,6 +24,7 @@ from ..errors import UsageError
 from ..hub.cards import describe_training_data, hub_dataset_id
 from ..hub.push import default_repo_id, hub_request_errors
 from .loading import saved_model_type
+from .trainer import NONFINITE_ADVICE
 
 logger = logging.getLogger(__name__)
 
@@ -254,6 +255,17 @@ def check_run_flags(checkpoint: str, flags: dict, afresh: str) -> None:
     )
 
 
+def require_an_update(trainer) -> None:
+    """With `--skip_nonfinite_steps`, a launch whose every step was skipped left the weights as they were: it fails
+    instead of saving them as a trained model."""
+    skipped, steps = trainer.nonfinite_guard.skipped_steps, trainer.throughput.steps
+    if skipped and skipped >= steps:
+        raise FloatingPointError(
+            f"every one of the {steps} optimiser steps of this launch had a non-finite loss and was skipped "
+            f"(--skip_nonfinite_steps): the weights never changed, so no model was saved; {NONFINITE_ADVICE}"
+        )
+
+
 def summed_over_processes(trainer, *counts: int) -> list[int]:
     """`counts` of this process summed over the processes of the launch (one reduction, at the end of a phase)."""
     totals = torch.tensor([float(count) for count in counts], device=trainer.args.device)
@@ -317,6 +329,7 @@ def train_and_evaluate(
         trainer.add_callback(records)
         with empty_stream_errors(skipped, eval_skipped):
             result = trainer.train(resume_from_checkpoint=checkpoint)
+        require_an_update(trainer)
         undecodable = records.skipped_before + require_decoded_images(trainer, skipped)
         trainer.save_model()
         if after_save is not None and trainer.is_world_process_zero():
@@ -369,6 +382,7 @@ __all__ = [
     "empty_stream_errors",
     "find_checkpoint",
     "require_action",
+    "require_an_update",
     "require_decoded_images",
     "require_steps_when_streaming",
     "require_weights_to_evaluate",
