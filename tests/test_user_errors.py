@@ -63,6 +63,10 @@ def mistakes(tmp_path_factory, tiny_dvae_dir, image_folder, tiny_mim_dir):
     options = {"train_dir": str(image_folder), "output_dir": str(root / "from_json"), "do_train": True, "lerning_rate": 1e-3}
     (root / "typo.json").write_text(json.dumps(options))
     (root / "unfinished.json").write_text('{"train_dir": ')
+    # Read as bare flags, a hyphenated alias and a --no_ switch dropped their values: the run did the opposite.
+    (root / "hyphen.json").write_text(json.dumps({"train_dir": str(image_folder), "do-train": False}))
+    (root / "switch.json").write_text(json.dumps({"train_dir": str(image_folder), "no_exact_mask_count": False}))
+    (root / "list.json").write_text(json.dumps({"train_dir": str(image_folder), "max_steps": [1, 2]}))
     (root / "half_saved").mkdir()
     (root / "half_saved" / "config.json").write_text('{"model_type": "hf_mim_be')
     truncate_weights(tiny_dvae_dir, root / "dvae_truncated")
@@ -234,9 +238,18 @@ CASES = {
         lambda p: mim(p, model_type="beitv2", config_overrides=f"{TINY},early_layers=5"),
         "--model_type beitv2, --tokenizer_name_or_path",
     ),
+    "a hyphenated option in a JSON options file": (
+        lambda p: ["run_mim.py", p["root"] / "hyphen.json"], "{root}/hyphen.json: unknown option 'do-train'"
+    ),
+    "a --no_ switch in a JSON options file": (
+        lambda p: ["run_mim.py", p["root"] / "switch.json"], "{root}/switch.json: unknown option 'no_exact_mask_count'"
+    ),
+    "a list for a one-value option in a JSON options file": (
+        lambda p: ["run_mim.py", p["root"] / "list.json"], "{root}/list.json: max_steps takes one value, got the list [1, 2]"
+    ),
     "an unknown option in a JSON options file": (
         lambda p: ["run_mim.py", p["root"] / "typo.json"],
-        "{root}/typo.json: run_mim.py: unrecognized arguments: --lerning_rate;",
+        "{root}/typo.json: unknown option 'lerning_rate'; the options are the command's flags without '--'",
     ),
     "an options file that is not JSON": (
         lambda p: ["run_mim.py", p["root"] / "unfinished.json"], "{root}/unfinished.json is not valid JSON (Expecting value"

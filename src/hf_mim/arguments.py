@@ -196,12 +196,16 @@ class CommandArgumentParser(HfArgumentParser, OneLineErrorParser):
         for name, value in options.items():
             action = actions.get(name)
             if action is None:
-                argv.append(f"--{name}")  # argparse reports it as unrecognised
+                # Not "--name": argparse would read a hyphenated alias (do-train) or a --no_ switch without its value.
+                raise UsageError(f"{path}: unknown option {name!r}; the options are the command's flags without '--' "
+                                 "and with underscores (e.g. do_train), each with its value")
             elif value is None:
                 if action.default is not None:
                     raise UsageError(f"{path}: {name} is null, but it defaults to {action.default!r}; give it a value "
                                      "or leave it out")
             elif isinstance(value, list) and (action.nargs not in ("+", "*") or not value):
+                if action.nargs not in ("+", "*") and action.type not in (str, None):
+                    raise UsageError(f"{path}: {name} takes one value, got the list {json.dumps(value)}")
                 whole[name] = value
             else:
                 values = value if isinstance(value, list) else [value]
