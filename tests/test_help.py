@@ -129,11 +129,14 @@ def test_the_no_switch_of_a_true_boolean_says_what_it_does(capsys, monkeypatch):
 
 
 def action_signature(parser) -> list[tuple]:
-    # Types by name: a choice field's type is a closure made anew by each parser.
+    # Types by name: a choice field's type is a closure made anew by each parser. hf_mim's float flags refuse nan and
+    # inf (`finite_float`), as plain floats do not.
+    from hf_mim.arguments import finite_float
+
     return [
         (
             tuple(action.option_strings), action.dest, repr(action.default),
-            getattr(action.type, "__qualname__", action.type), action.nargs,
+            "float" if action.type is finite_float else getattr(action.type, "__qualname__", action.type), action.nargs,
             action.const, tuple(action.choices or ()), action.required, type(action),
         )
         for action in parser._actions

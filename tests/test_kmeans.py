@@ -550,3 +550,17 @@ def test_train_tokenizer_fits_on_the_images_per_class_it_is_given(image_folder, 
     metrics = main(train_tokenizer_args(image_folder, tmp_path, "--kmeans_images_per_class", "2"))
     # Two classes, two images each, six patches per image.
     assert metrics["train_num_patches"] == 2 * 2 * 6
+
+
+def test_train_tokenizer_fits_k_means_from_a_stream_as_from_the_folder(image_folder, tmp_path):
+    # The stream needed --max_steps, which a fit refuses: no command line could fit from a stream.
+    from safetensors.torch import load_file
+
+    from hf_mim.training.train_tokenizer import main
+
+    common = ["--tokenizer_type", "kmeans", "--train_dir", image_folder, "--do_train", "--use_cpu",
+              "--config_overrides", "image_size=32,patch_size=8,codebook_size=8", "--kmeans_iterations", "3"]  # fmt: skip
+    main([*common, "--output_dir", str(tmp_path / "folder")])
+    main([*common, "--output_dir", str(tmp_path / "stream"), "--streaming"])
+    folder, stream = load_file(tmp_path / "folder" / "model.safetensors"), load_file(tmp_path / "stream" / "model.safetensors")
+    assert folder.keys() == stream.keys() and all(torch.equal(folder[name], stream[name]) for name in folder)

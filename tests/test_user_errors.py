@@ -244,6 +244,10 @@ CASES = {
     "a --no_ switch in a JSON options file": (
         lambda p: ["run_mim.py", p["root"] / "switch.json"], "{root}/switch.json: unknown option 'no_exact_mask_count'"
     ),
+    "a time budget of nan seconds": (
+        lambda p: mim(p, max_train_seconds="nan"), "argument --max_train_seconds/--max-train-seconds: nan is not a finite"
+    ),
+    "an infinite learning rate": (lambda p: mim(p, learning_rate="inf"), "--learning-rate: inf is not a finite number"),
     "a list for a one-value option in a JSON options file": (
         lambda p: ["run_mim.py", p["root"] / "list.json"], "{root}/list.json: max_steps takes one value, got the list [1, 2]"
     ),
@@ -444,6 +448,12 @@ CASES = {
         lambda p: ["demo.py", "--output_dir", str(p["root"] / "demo"), "--probe_train_dir", p["images"],
                    "--probe_validation_dir", str(p["val_zebra"] / "a")],  # fmt: skip
         "--probe_validation_dir {val_zebra}/a: {val_zebra}/a/0000.png sits directly in it",
+    ),
+    "more demo centroids than patches": (
+        lambda p: ["demo.py", "--output_dir", str(p["root"] / "demo_k"), "--train_dir", p["images"], "--image_size",
+                   "32", "--patch_size", "8", "--codebook_size", "100000"],
+        "k-means of 100000 centroids needs at least as many patches, but 24 images x 16 patches give 384: lower "
+        "--codebook_size (e.g. 256)",
     ),
     "no digit to score the demo's probes on": (
         lambda p: ["demo.py", "--output_dir", str(p["root"] / "demo"), "--num_probe_test", "0"],

@@ -112,6 +112,11 @@ CASES = {
         "--learning_rate sets up the Trainer of --tokenizer_type dvae and vqkd; --tokenizer_type kmeans is fitted "
         "without one and would ignore it",
     ),
+    "a Trainer flag of hf_mim's with k-means": (
+        # It sets transformers' logging_nan_inf_filter, which was named instead.
+        lambda p: kmeans(p, "--skip_nonfinite_steps"),
+        "--skip_nonfinite_steps sets up the Trainer of --tokenizer_type dvae and vqkd",
+    ),
     "a Trainer flag with feature k-means": (
         lambda p: kmeans(p, "--teacher_name_or_path", p["teacher"], "--max_steps", "5",
                          tokenizer_type="feature_kmeans"),

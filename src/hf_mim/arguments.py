@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import sys
 from collections.abc import Iterable, Sequence
 from typing import get_type_hints
@@ -89,6 +90,15 @@ def _declaring_class(dtype: type, name: str) -> type:
         if name in inspect.get_annotations(cls):
             return cls
     return dtype
+
+
+def finite_float(text: str) -> float:
+    """A float flag's value: float() also reads "nan" and "inf", which every range check (`x <= 0`) lets through."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not a finite number")
+    return value
+
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -254,6 +264,8 @@ class CommandArgumentParser(HfArgumentParser, OneLineErrorParser):
                 self._action_order[action] = (*order, index)
                 if action.type is string_to_bool:
                     action.metavar = BOOLEAN_METAVAR
+                if action.type is float:
+                    action.type = finite_float
                 # The `--no_<field>` switch HfArgumentParser adds for a boolean that defaults to true repeats the
                 # field's help, which then reads as the opposite of what it does.
                 if isinstance(action, argparse._StoreFalseAction):
@@ -306,5 +318,6 @@ __all__ = [
     "HelpFormatter",
     "OneLineErrorParser",
     "command_parser",
+    "finite_float",
     "flags_set",
 ]

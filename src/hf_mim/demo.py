@@ -35,7 +35,7 @@ from .families import MIM_METHODS
 from .hub.cards import CardResult, write_model_card
 from .models import KmeansConfig
 from .training.arguments import MimTrainingArguments
-from .training.kmeans import fit_kmeans_tokenizer
+from .training.kmeans import KmeansFitArguments, fit_kmeans_tokenizer, require_enough_patches
 from .training.pretraining import DataArguments, ModelArguments, pretrain
 from .visualization import write_figures
 
@@ -214,6 +214,7 @@ def run_demo(args: DemoArguments) -> dict:
     phase(1, f"fitting {args.codebook_size} k-means centroids to the patches of {pretraining_data}", start)
     raw, image_column = load_image_datasets(dataset_name=args.dataset_name, train_dir=args.train_dir, seed=args.seed)
     tokenizer_config = KmeansConfig(image_size=args.image_size, patch_size=args.patch_size, codebook_size=args.codebook_size)
+    require_enough_patches(raw["train"], tokenizer_config, KmeansFitArguments(), "--codebook_size")
     tokenizer, tokenizer_processor, fit = fit_kmeans_tokenizer(
         raw["train"], image_column, tokenizer_config, num_iterations=args.kmeans_iterations, init="k-means++",
         seed=args.seed, device="cpu", show_progress=False,

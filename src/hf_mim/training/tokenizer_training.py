@@ -167,6 +167,10 @@ def check_type_specific_flags(
             for argument in dataclasses.fields(training_args)
             if argument.init and getattr(training_args, argument.name) != getattr(reference, argument.name)
         ]
+        # A field that defaults to None is derived from others unless given (--skip_nonfinite_steps sets
+        # logging_nan_inf_filter): name the others first.
+        declared = {argument.name: argument.default for argument in dataclasses.fields(training_args)}
+        given.sort(key=lambda name: declared[name] is None)
         if given:
             trained = " and ".join(name for name, tokenizer in TRAINABLE.items() if tokenizer.fit is None)
             raise UsageError(
@@ -241,7 +245,9 @@ def train_tokenizer(
     require_weights_to_evaluate(
         training_args, tokenizer_args.tokenizer_name_or_path, "tokenizer_name_or_path", "tokenizer", "tokenizer"
     )
-    require_steps_when_streaming(data_args, training_args)
+    if TRAINABLE[tokenizer_args.tokenizer_type].fit is None:
+        # A fit reads a stream to its end (or --kmeans_max_images): only a Trainer needs a step count.
+        require_steps_when_streaming(data_args, training_args)
     check_type_specific_flags(tokenizer_args, data_args, training_args)
     setup_logging(training_args)
     family = TRAINABLE[tokenizer_args.tokenizer_type]
