@@ -264,7 +264,10 @@ def test_card_shows_training_configuration_and_codebook_usage(tmp_path):
     }
     (tmp_path / "trainer_state.json").write_text(json.dumps(state))
     text = render_model_card(tmp_path).text
-    assert "Trained for 40 optimisation steps (2.50 epochs)" in text
+    assert "Trained for 40 optimisation steps (2.50 epochs) with the transformers `Trainer`." in text
+    # Steps skipped for a non-finite loss are steps without an update: the card says how many.
+    (tmp_path / "all_results.json").write_text(json.dumps({"train_skipped_nonfinite_steps": 3}))
+    assert "`Trainer`, of which 3 had a non-finite loss and were skipped" in render_model_card(tmp_path).text
     assert "| `learning_rate` | 0.0003 |" in text and "| `max_steps` | 40 |" in text and "| `seed` | 7 |" in text
     assert "| `reconstruction_loss` | 0.125 |" in text
     assert "used 48 of them\n(75.0%, `codebook_usage`), with a codebook perplexity of 40.5 (`codebook_perplexity`" in text

@@ -402,6 +402,9 @@ def card_context(
     if trainer_state is None:
         trainer_state = _read_json(folder / "trainer_state.json")
     training = training_summary(training_args, trainer_state)
+    if training is not None:
+        # `--skip_nonfinite_steps`: steps counted in global_step that left the weights as they were.
+        training["skipped_steps"] = (_read_json(folder / "all_results.json") or {}).get("train_skipped_nonfinite_steps")
 
     model_name = model_name or (repo_id.split("/")[-1] if repo_id else folder.resolve().name)
     fine_tuned = any(name.endswith("ForImageClassification") for name in config.get("architectures") or [])
