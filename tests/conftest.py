@@ -2,6 +2,7 @@
 
 import importlib
 import os
+import socket
 
 # Tests never reach the network; fail fast instead of waiting on a Hub request.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -129,6 +130,14 @@ class BlockHfMim(importlib.abc.MetaPathFinder):
 
 sys.meta_path.insert(0, BlockHfMim())
 """
+
+
+def free_port() -> int:
+    """A TCP port free now, for a launch's --main_process_port: a fixed one can still be held (TIME_WAIT) by the
+    previous launch of the same test, which then fails to bind."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def write_images(folder, count: int, size=(40, 48), classes=("a", "b"), seed: int = 0) -> None:

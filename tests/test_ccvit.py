@@ -259,3 +259,23 @@ def test_normalising_the_corrupted_view_copies_no_host_values_to_the_device():
     expected = (pixels - torch.tensor(model.config.image_mean).view(1, 3, 1, 1)) / torch.tensor(
         model.config.image_std).view(1, 3, 1, 1)
     assert torch.equal(model.normalize_pixels(pixels), expected)
+
+
+def test_a_fit_tokenizer_run_resumed_with_other_flags_is_refused_before_the_fit(image_folder, tmp_path, monkeypatch):
+    # The fit, hours at CCViT's scale, came before the resumption checks.
+    from hf_mim.errors import UsageError
+    from hf_mim.training import pretraining
+    from hf_mim.training.run_mim import main
+
+    fit = ("--fit_tokenizer", "--fit_codebook_size", "16", "--kmeans_iterations", "2", "--save_strategy", "steps",
+           "--save_steps", "1")
+    main(run_mim_args(image_folder, tmp_path / "run", *fit, "--max_steps", "2"))
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the tokenizer was fitted before the resumption was checked")
+
+    monkeypatch.setattr(pretraining, "fit_tokenizer", no_fit)
+    args = run_mim_args(image_folder, tmp_path / "elsewhere", *fit, "--max_steps", "3", "--learning_rate", "5e-3",
+                        "--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-1"))  # fmt: skip
+    with pytest.raises(UsageError, match=r"--learning_rate 0.001 \(this launch: 0.005\)"):
+        main(args)

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import free_port
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForMaskedImageModeling
 
@@ -100,7 +101,7 @@ def test_corrupt_image_is_skipped_and_counted(tiny_dvae_dir, tmp_path):
 def test_two_process_ddp_run_and_resume(tiny_dvae_dir, image_folder, tmp_path):
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", "29531", str(REPO / "scripts" / "run_mim.py")]
+              "--main_process_port", str(free_port()), str(REPO / "scripts" / "run_mim.py")]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     common = run_mim_args(tiny_dvae_dir, image_folder, tmp_path, "--save_steps", "2", "--per_device_train_batch_size", "2")
     first = subprocess.run(launch + common + ["--max_steps", "2"], capture_output=True, text=True, env=env,
@@ -110,6 +111,7 @@ def test_two_process_ddp_run_and_resume(tiny_dvae_dir, image_folder, tmp_path):
     assert (checkpoint / "rng_state_0.pth").exists() and (checkpoint / "rng_state_1.pth").exists()
     # The resumed leg runs through a launcher that also saves every rank's final weights.
     launch[-1] = str(REPO / "tests" / "ddp_rank_state.py")
+    launch[launch.index("--main_process_port") + 1] = str(free_port())
     second = subprocess.run(launch + common + ["--max_steps", "4"], capture_output=True, text=True, env=env,
                             timeout=600, cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-4000:]
@@ -134,7 +136,7 @@ def test_two_processes_whose_clocks_disagree_stop_at_the_same_step(tiny_dvae_dir
     # waiting in DDP's all-reduce of the next step.
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", "29533", str(REPO / "tests" / "ddp_skewed_budget.py")]
+              "--main_process_port", str(free_port()), str(REPO / "tests" / "ddp_skewed_budget.py")]
     args = run_mim_args(tiny_dvae_dir, image_folder, tmp_path, "--per_device_train_batch_size", "2", "--max_steps",
                         "6", "--max_train_seconds", "1000", "--save_strategy", "no")
     completed = subprocess.run(launch + args, capture_output=True, text=True, timeout=120,

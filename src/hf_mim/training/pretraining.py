@@ -42,6 +42,7 @@ from .kmeans import KmeansFitArguments, feature_kmeans_tokenizer, fit_tokenizer_
 from .loading import pretrained, require_output_dir_of, require_tokenizer
 from .trainer import MimTrainer
 from .workflow import (
+    check_resumption_flags,
     require_action,
     require_steps_when_streaming,
     require_weights_to_evaluate,
@@ -412,9 +413,11 @@ def pretrain(
     )
 
     if model_args.fit_tokenizer:
-        # The masking flags are checked before the fit, which can take hours.
+        # The masking flags, and those of a checkpoint to resume, are checked before the fit, which can take hours.
         image_size, patch_size = new_model_geometry(model_args)
         build_collator(data_args, method, image_size // patch_size)
+        if training_args.do_train:
+            check_resumption_flags(training_args, run_flags(training_args, model_args, data_args))
         model_args.tokenizer_name_or_path = fit_tokenizer(model_args, raw["train"], image_column, training_args)
     model, image_processor, tokenizer_processor = load_model(model_args)
     grid_size = model.config.image_size // model.config.patch_size

@@ -85,6 +85,38 @@ def require_steps_when_streaming(data_args, training_args: TrainingArguments) ->
         raise UsageError("--streaming reads images as they come, so epochs have no length: pass --max_steps")
 
 
+def resumption(training_args: TrainingArguments) -> tuple[str, str, str] | None:
+    """(the checkpoint a training run resumes from, how to resume from another, how to start afresh instead): the
+    one given, else the last in output_dir unless --overwrite_output_dir; None when the run starts afresh."""
+    given = training_args.resume_from_checkpoint
+    if given is not None:
+        if not os.path.isdir(given):
+            raise UsageError(f"--resume_from_checkpoint {given}: no such folder; pass a checkpoint-<step> folder")
+        return (
+            given,
+            "pass another checkpoint to --resume_from_checkpoint",
+            "drop --resume_from_checkpoint to start afresh (in another --output_dir)",
+        )
+    if not os.path.isdir(training_args.output_dir) or training_args.overwrite_output_dir or not training_args.do_train:
+        return None
+    checkpoint = get_last_checkpoint(training_args.output_dir)
+    if checkpoint is None:
+        return None
+    return (
+        checkpoint,
+        "pass --overwrite_output_dir to start afresh, or --resume_from_checkpoint with an earlier checkpoint",
+        "start afresh with --overwrite_output_dir (or another --output_dir)",
+    )
+
+
+def check_resumption_flags(training_args: TrainingArguments, flags: dict) -> None:
+    """`check_run_flags` for the checkpoint the run will resume from, if any: before work that can take hours (a
+    tokenizer fit), which the full check (`find_checkpoint`, with the model) would otherwise follow."""
+    resumed = resumption(training_args)
+    if resumed is not None:
+        check_run_flags(resumed[0], flags, resumed[2])
+
+
 def find_checkpoint(training_args: TrainingArguments, model=None, flags: dict | None = None) -> str | None:
     """The checkpoint to resume from: the one given, else the last in output_dir unless --overwrite_output_dir.
 
@@ -93,28 +125,18 @@ def find_checkpoint(training_args: TrainingArguments, model=None, flags: dict | 
     (Trainer would load the weights both share and start the rest afresh, with only a warning) or of another
     tokenizer, and `flags` (`run_flags`) other than the checkpoint's, with the fix.
     """
-    given = training_args.resume_from_checkpoint
-    if given is not None:
-        if not os.path.isdir(given):
-            raise UsageError(f"--resume_from_checkpoint {given}: no such folder; pass a checkpoint-<step> folder")
-        checkpoint = given
-        fix = "pass another checkpoint to --resume_from_checkpoint"
-        afresh = "drop --resume_from_checkpoint to start afresh (in another --output_dir)"
-    else:
-        if not os.path.isdir(training_args.output_dir) or training_args.overwrite_output_dir or not training_args.do_train:
-            return None
-        checkpoint = get_last_checkpoint(training_args.output_dir)
-        if checkpoint is None:
-            return None
-        fix = "pass --overwrite_output_dir to start afresh, or --resume_from_checkpoint with an earlier checkpoint"
-        afresh = "start afresh with --overwrite_output_dir (or another --output_dir)"
+    resumed = resumption(training_args)
+    if resumed is None:
+        return None
+    checkpoint, fix, afresh = resumed
     check_checkpoint_weights(checkpoint, fix, model)
     if flags is not None:
         check_run_flags(checkpoint, flags, afresh)
     missing = [name for name in ("optimizer.pt", "scheduler.pt") if not os.path.isfile(os.path.join(checkpoint, name))]
     if missing:
         logger.warning(f"{checkpoint} has no {' or '.join(missing)}: that state starts afresh")
-    how = "" if given is not None else " (the last checkpoint in --output_dir; --overwrite_output_dir starts afresh)"
+    given = training_args.resume_from_checkpoint is not None
+    how = "" if given else " (the last checkpoint in --output_dir; --overwrite_output_dir starts afresh)"
     logger.warning(f"Resuming training from {checkpoint}{how}")
     return checkpoint
 
@@ -377,6 +399,7 @@ __all__ = [
     "RunRecordsCallback",
     "TRAJECTORY_TRAINING_FLAGS",
     "check_checkpoint_weights",
+    "check_resumption_flags",
     "check_run_flags",
     "check_tokenizer_weights",
     "empty_stream_errors",
@@ -387,6 +410,7 @@ __all__ = [
     "require_steps_when_streaming",
     "require_weights_to_evaluate",
     "read_run_record",
+    "resumption",
     "run_flags",
     "summed_over_processes",
     "setup_logging",
