@@ -251,7 +251,8 @@ def test_the_best_checkpoint_of_a_stock_beit_is_loaded_whole_and_one_that_does_n
     from transformers import BeitConfig, BeitForImageClassification
 
     from hf_mim.training.arguments import MimTrainingArguments
-    from hf_mim.training.trainer import MimTrainer, checkpoint_weight_names
+    from hf_mim.checkpoint_folder import checkpoint_weight_names
+    from hf_mim.training.trainer import MimTrainer
 
     def classifier(layers, seed):
         torch.manual_seed(seed)

@@ -14,6 +14,7 @@ from pathlib import Path
 from safetensors import safe_open
 from transformers import AutoImageProcessor
 from transformers.dynamic_module_utils import get_relative_imports
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .errors import first_line
 
@@ -40,6 +41,19 @@ def load_tokenizer_image_processor(name_or_path: str, **kwargs):
 
 def has_tokenizer_image_processor(folder) -> bool:
     return (Path(folder) / TOKENIZER_SUBFOLDER / PROCESSOR_CONFIG).is_file()
+
+
+def checkpoint_weight_names(folder) -> set[str] | None:
+    """The names of the tensors in a checkpoint folder's safetensors weights (one file or shards), or None if it has
+    none."""
+    index = Path(folder) / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        return set(json.loads(index.read_text())["weight_map"])
+    weights = Path(folder) / SAFE_WEIGHTS_NAME
+    if not weights.is_file():
+        return None
+    with safe_open(weights, framework="pt") as file:
+        return set(file.keys())
 
 
 def unreadable_weights(folder) -> tuple[Path, str] | None:
@@ -110,6 +124,7 @@ __all__ = [
     "CODE_DIR",
     "PROCESSOR_CONFIG",
     "TOKENIZER_SUBFOLDER",
+    "checkpoint_weight_names",
     "complete_code_files",
     "has_tokenizer_image_processor",
     "load_tokenizer_image_processor",

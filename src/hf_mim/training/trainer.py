@@ -1,16 +1,13 @@
 """A `Trainer` for hf_mim models: BEiT parameter groups, per-step model metrics, non-finite loss guard."""
 
-import json
 import logging
 import math
-import os
 
 import torch
-from safetensors import safe_open
 from transformers import Trainer, TrainerCallback
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 from transformers.utils.hub import hf_api
 
+from ..checkpoint_folder import checkpoint_weight_names
 from ..errors import UsageError
 from ..hub.callbacks import HubFilesCallback
 from ..hub.cards import write_model_card
@@ -96,20 +93,6 @@ def _count_nonfinite(loss: torch.Tensor, counted: torch.Tensor | None) -> torch.
     """`counted` plus one if `loss` is non-finite, on the loss's device (no host read)."""
     nonfinite = (~torch.isfinite(loss.detach())).any().int()
     return nonfinite if counted is None else counted + nonfinite
-
-
-def checkpoint_weight_names(folder: str) -> set[str] | None:
-    """The names of the tensors in a checkpoint folder's safetensors weights (one file or shards), or None if it has
-    none."""
-    index = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
-    if os.path.isfile(index):
-        with open(index) as file:
-            return set(json.load(file)["weight_map"])
-    weights = os.path.join(folder, SAFE_WEIGHTS_NAME)
-    if not os.path.isfile(weights):
-        return None
-    with safe_open(weights, framework="pt") as file:
-        return set(file.keys())
 
 
 class MimTrainer(Trainer):
@@ -434,5 +417,4 @@ __all__ = [
     "NonFiniteStepGuard",
     "ThroughputCounter",
     "batch_size",
-    "checkpoint_weight_names",
 ]

@@ -205,21 +205,13 @@ def run_flags(training_args: TrainingArguments, *argument_groups) -> dict:
     return json.loads(json.dumps(flags, default=_json_value))
 
 
-def read_run_record(checkpoint: str | None) -> dict | None:
-    """The `RUN_RECORD` of `checkpoint` (None without a checkpoint or a record)."""
-    path = None if checkpoint is None else os.path.join(checkpoint, RUN_RECORD)
+def _checkpoint_json(checkpoint: str | None, name: str) -> dict:
+    """The JSON file `name` of `checkpoint` ({} without a checkpoint or the file)."""
+    path = None if checkpoint is None else os.path.join(checkpoint, name)
     if path is None or not os.path.isfile(path):
-        return None
+        return {}
     with open(path) as file:
         return json.load(file)
-
-
-def _planned_steps(checkpoint: str) -> int | None:
-    path = os.path.join(checkpoint, "trainer_state.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as file:
-        return json.load(file).get("max_steps")
 
 
 class RunRecordsCallback(TrainerCallback):
@@ -229,10 +221,10 @@ class RunRecordsCallback(TrainerCallback):
 
     def __init__(self, trainer, flags: dict | None, skipped, resumed: str | None = None):
         self.trainer, self.flags, self.skipped, self.resumed = trainer, flags, skipped, resumed
-        self.skipped_before = (read_run_record(resumed) or {}).get("train_skipped_images", 0)
+        self.skipped_before = _checkpoint_json(resumed, RUN_RECORD).get("train_skipped_images", 0)
 
     def on_train_begin(self, args, state, control, **kwargs):
-        planned = None if self.resumed is None else _planned_steps(self.resumed)
+        planned = _checkpoint_json(self.resumed, "trainer_state.json").get("max_steps")
         schedule = _json_value(args.lr_scheduler_type)
         if planned and planned != state.max_steps and schedule != "constant" and state.is_world_process_zero:
             logger.warning(
@@ -258,7 +250,7 @@ def check_run_flags(checkpoint: str, flags: dict, afresh: str) -> None:
     """A one-line error when this launch's `flags` (`run_flags`) differ from those `checkpoint` was trained with:
     Trainer would resume with the checkpoint's optimiser and schedule and this launch's data, a run that is neither.
     `afresh` says how to start a new run instead."""
-    saved = (read_run_record(checkpoint) or {}).get("flags")
+    saved = _checkpoint_json(checkpoint, RUN_RECORD).get("flags")
     if saved is None:
         logger.warning(f"{checkpoint} has no {RUN_RECORD} (an older hf_mim, or a copy from the Hub): the flags it was "
                        "trained with cannot be checked; resume with the same ones")  # fmt: skip
@@ -409,7 +401,6 @@ __all__ = [
     "require_decoded_images",
     "require_steps_when_streaming",
     "require_weights_to_evaluate",
-    "read_run_record",
     "resumption",
     "run_flags",
     "summed_over_processes",
