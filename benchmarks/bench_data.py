@@ -10,6 +10,8 @@ workers keep the step fed.
 Each method's pipeline is timed twice, interleaved: with the default `TwoViewTransform` and with `exact=True` (views
 rendered exactly as torchvision's PIL pipeline, the baseline), and the speed-up is printed with how far the default's
 views are from the exact ones on the same draws, in 8-bit levels of the [0, 1] image (mean, 99.9th percentile, max).
+PIL's Lanczos resize and `hf_mim.data.resampling.lanczos_resize` (the default rendering of the dVAE's and VQGAN's
+112 px views) are also timed alone on the same BEiT crops of `--difference_images` images, interleaved.
 `--resize_to WxH` re-encodes the selected images at that size (bicubic, JPEG quality `--jpeg_quality`) before timing,
 e.g. ImageNet-size JPEGs (about 500x375) from the 224 px Imagenette subset.
 
@@ -36,7 +38,8 @@ from PIL import Image
 
 import bench_mim_step
 from common import environment, markdown_table, paired_ratios, set_threads, time_interleaved, write_json
-from hf_mim.data import TwoViewTransform, apply_transform, decode_image, load_image_datasets
+from hf_mim.data import TwoViewTransform, apply_transform, decode_image, load_image_datasets, random_resized_crop_box
+from hf_mim.data.resampling import lanczos_resize
 from hf_mim.families import BY_MODEL_TYPE, MIM_METHODS
 from hf_mim.training.pretraining import MODEL_SIZES, DataArguments, build_collator
 
@@ -97,6 +100,21 @@ def view_differences(exact: TwoViewTransform, fast: TwoViewTransform, images, se
         "p99": float(np.percentile(differences, 99)),
         "p99.9": float(np.percentile(differences, 99.9)),
         "max": float(differences.max()),
+    }
+
+
+def lanczos_runs(images, seed: int, size: int = 112) -> dict:
+    """PIL's Lanczos resize and `lanczos_resize` of the same crops (BEiT's random-resized crops of `images`, one per
+    image) to `size` px, each as a function for `time_interleaved`: the dVAE's and the VQGAN's view."""
+    rng = np.random.default_rng(seed)
+    crops = []
+    for image in images:
+        top, left, height, width = random_resized_crop_box(image.width, image.height, (0.08, 1.0), (3 / 4, 4 / 3), rng)
+        crops.append(image.crop((left, top, left + width, top + height)))
+    arrays = [torch.from_numpy(np.array(crop)).permute(2, 0, 1) for crop in crops]
+    return {
+        "lanczos/PIL": lambda: [np.array(crop.resize((size, size), Image.Resampling.LANCZOS)) for crop in crops],
+        "lanczos/torch": lambda: [lanczos_resize(array, (size, size)) for array in arrays],
     }
 
 
@@ -197,7 +215,15 @@ def main() -> None:
             print(f"{method}: {transform}")
         # What no rendering can save: reading and decoding each image, as the pipelines do first.
         values = dataset[image_column]
-        runs["decode"] = lambda: [decode_image(value) for value in values]
+
+        def decode_each():
+            # Each image dropped before the next, as a worker drops it once its views are rendered: keeping them
+            # all (a list) made every decode write fresh memory, about 0.5 ms more per 500x375 image here.
+            for value in values:
+                decode_image(value)
+
+        runs["decode"] = decode_each
+        runs.update(lanczos_runs(images, args.seed))
         print("Data pipeline, one worker:")
         data_timings = time_interleaved(runs, args.repeats, warmup=1)
         loader_rates = {}
@@ -225,6 +251,11 @@ def main() -> None:
 
     decode = data_timings["decode"].summary(items=len(dataset))
     results["decode_only"] = decode
+    lanczos = {
+        name: data_timings[f"lanczos/{name}"].summary(items=len(images)) for name in ("PIL", "torch")
+    }
+    lanczos["speedup"] = paired_ratios(data_timings["lanczos/PIL"], data_timings["lanczos/torch"])
+    results["lanczos_112"] = lanczos
     decode_ms = 1000 / decode["wall"]["per_s"]
     rows, results["methods"], speed_rows = [], {}, []
     for method in methods:
@@ -269,6 +300,11 @@ def main() -> None:
          "step / worker", "workers needed"],
         rows,
     ))
+    print()
+    print(
+        f"Lanczos to 112 px, {len(images)} crops: PIL {1000 / lanczos['PIL']['wall']['per_s']:.3f} ms, torch "
+        f"{1000 / lanczos['torch']['wall']['per_s']:.3f} ms per crop ({lanczos['speedup']['wall']['median']:.2f}x)"
+    )
     write_json(args.output, results)
 
 

@@ -137,8 +137,11 @@ def test_data_pipeline_benchmark_runs_with_its_training_step(tmp_path, image_fol
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert completed.returncode == 0, completed.stderr[-3000:]
-    ccvit = json.loads(output.read_text())["methods"]["ccvit"]
+    results = json.loads(output.read_text())
+    ccvit = results["methods"]["ccvit"]
     assert ccvit["data_worker"]["wall"]["per_s"] > 0 and ccvit["steps"]["tiny"]["workers_needed"] >= 1
+    # PIL's Lanczos and torch's, timed on the same crops.
+    assert results["lanczos_112"]["PIL"]["wall"]["per_s"] > 0 and results["lanczos_112"]["speedup"]["wall"]["median"] > 0
 
 
 def test_kmeans_benchmark_compares_distance_precisions_without_faiss(tmp_path):

@@ -275,7 +275,7 @@ def levels(views: dict, transform: TwoViewTransform) -> dict[str, torch.Tensor]:
 
 @pytest.mark.parametrize("color_jitter", [0.0, 0.4])
 def test_default_views_are_the_exact_views_within_the_stated_tolerance(color_jitter):
-    # BEiT's views: torch resamples the bicubic ViT view, PIL the dVAE's Lanczos view, both from the crop alone.
+    # BEiT's views: torch resamples the bicubic ViT view and the dVAE's Lanczos view, both from the crop alone.
     views = (MimImageProcessor(), DvaeImageProcessor())
     fast = TwoViewTransform(*views, color_jitter=color_jitter)
     exact = TwoViewTransform(*views, color_jitter=color_jitter, exact=True)
@@ -292,13 +292,14 @@ def test_default_views_are_the_exact_views_within_the_stated_tolerance(color_jit
                 # Resampling alone, of the same crop: torch's antialiased bicubic is PIL's up to rounding.
                 assert difference.max() <= 2.0, (key, seed)
                 if key == "tokenizer_pixel_values":
-                    # PIL renders the Lanczos view in both; only the flip moves to after the resampling.
-                    assert difference.max() <= 1.0, seed
+                    # torch's Lanczos is PIL's without its 8-bit rounding of each pass.
+                    assert difference.max() <= 1.5 and difference.mean() < 0.4, seed
     for key, values in differences.items():
         values = torch.cat(values)
         mean, tail = values.mean().item(), values.quantile(0.999).item()
         if not color_jitter:
-            assert mean < 0.1 and tail <= 8.0, (key, mean, tail)
+            # The Lanczos view keeps its fractions where PIL rounds (about 0.25 level on average).
+            assert mean < (0.4 if key == "tokenizer_pixel_values" else 0.1) and tail <= 8.0, (key, mean, tail)
         else:
             # PIL truncates to 8 bits after each jitter step (about 0.5 level darker each) and clips before
             # resampling; the float jitter after resampling does neither.

@@ -114,8 +114,8 @@ class RenderingArguments:
     exact_augmentation: bool = field(
         default=False,
         metadata={"help": "Render training views exactly as torchvision's PIL pipeline (jitter the whole image, flip, "
-                  "crop; slower). Default: the same draws rendered from the crop alone, torch resampling bicubic "
-                  "views, jitter after resampling (differences in benchmarks/README.md)"},
+                  "crop; slower). Default: the same draws rendered from the crop alone, torch resampling bicubic and "
+                  "Lanczos views, jitter after resampling (differences in benchmarks/README.md)"},
     )
 
     def __post_init__(self):

@@ -18,21 +18,36 @@ from PIL import Image, ImageEnhance, ImageStat
 from ..models.image_processing_mim import MimImageProcessor, to_rgb
 from .augment import RandAugment, RandomErasing
 from .masking import numpy_rng_from_torch
+from .resampling import lanczos_resize
 
 
 # torchvision's ColorJitter on PIL images uses exactly these enhancers (hue is never jittered here).
 _JITTER_ENHANCERS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
 # timm's RandAugment fill (`_FILL`) when it is given no normalisation mean.
 _TIMM_DEFAULT_FILL = (128, 128, 128)
-# Filters torch resamples with PIL's antialiased kernels (on 8-bit channels-last images, faster than PIL's resize);
-# other filters (the dVAE's Lanczos) stay with PIL.
-_TORCH_FILTERS = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
 # PIL's "L" conversion (ITU-R 601-2 luma), which ImageEnhance.Color and Contrast blend towards.
 _LUMA = (0.299, 0.587, 0.114)
 # The papers' evaluation crop (timm's crop_pct): the shorter side resized to 256 for a 224 crop.
 CENTER_CROP_FRACTION = 224 / 256
 # BEiT (as timm) evaluates 384 px and larger views whole: resized to the square, not cropped.
 WHOLE_VIEW_SIZE = 384
+
+
+def _interpolate(mode: str):
+    def resize(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        # torch's 8-bit antialiased path wants (1, C, H, W) in channels-last memory, the layout of a PIL image's array.
+        return F.interpolate(pixels[None], size=size, mode=mode, antialias=True)[0]
+
+    return resize
+
+
+# Filters torch renders as PIL's antialiased ones, from a (3, H, W) 8-bit crop to a (3, h, w) view in [0, 255], faster
+# than PIL's resize; other filters (nearest, box, hamming) stay with PIL.
+_TORCH_FILTERS = {
+    Image.Resampling.BILINEAR: _interpolate("bilinear"),
+    Image.Resampling.BICUBIC: _interpolate("bicubic"),
+    Image.Resampling.LANCZOS: lanczos_resize,
+}
 
 
 def random_resized_crop_box(
@@ -108,15 +123,18 @@ def _jitter_view(view: torch.Tensor, draws: _Draws, grey_mean: float) -> torch.T
     `grey_mean` ([`_contrast_mean`]) is what contrast blends towards: the whole image's mean luma, as when
     torchvision jitters the image before the crop.
     """
+    # Each step blends towards a target, factor * view + (1 - factor) * target, in as few passes as it can.
     for index in draws.jitter_order:
         factor = float(draws.jitter_factors[index])
-        if index == 0:
-            view.mul_(factor)
-        elif index == 1:
-            view.sub_(grey_mean).mul_(factor).add_(grey_mean)
+        if index == 2:
+            # Saturation's target is each pixel's luma; (1 - factor) times it, summed channel by channel.
+            red, green, blue = ((1.0 - factor) * luma for luma in _LUMA)
+            grey = (view[0] * red).add_(view[1], alpha=green).add_(view[2], alpha=blue)
+            view.mul_(factor).add_(grey)
         else:
-            grey = view[0] * _LUMA[0] + view[1] * _LUMA[1] + view[2] * _LUMA[2]
-            view.sub_(grey).mul_(factor).add_(grey)
+            view.mul_(factor)
+            if index == 1:
+                view.add_((1.0 - factor) * grey_mean)
         view.clamp_(0.0, 1.0)
     return view
 
@@ -191,10 +209,11 @@ class TwoViewTransform:
         exact (`bool`, *optional*, defaults to `False`):
             Render training views exactly as torchvision's PIL pipeline does (colour jitter on the whole 8-bit
             image, flip, then `resized_crop`: the crop alone resampled to each view). By default the same draws are
-            rendered faster: only the crop is read, bicubic and bilinear views are resampled by torch with PIL's
-            antialiased kernels, and the jitter runs in float on the rendered views, blending contrast towards the
-            whole image's mean as torchvision does. Views differ from the exact ones by PIL's 8-bit rounding
-            between jitter steps and clipping before versus after resampling (measured in benchmarks/README.md).
+            rendered faster: only the crop is read, bicubic, bilinear and Lanczos views are resampled by torch with
+            PIL's antialiased kernels (Lanczos in float, without PIL's 8-bit rounding), and the jitter runs in float
+            on the rendered views, blending contrast towards the whole image's mean as torchvision does. Views differ
+            from the exact ones by PIL's 8-bit rounding between jitter steps and resampling passes and clipping
+            before versus after resampling (measured in benchmarks/README.md).
             RandAugment then runs on the ViT's view rounded to 8 bits.
     """
 
@@ -304,11 +323,8 @@ class TwoViewTransform:
             if (out_height, out_width, resample) not in rendered:
                 if resample in _TORCH_FILTERS:
                     if crop_tensor is None:
-                        # (1, 3, h, w) in channels-last memory, the layout of torch's fast 8-bit resampling.
-                        crop_tensor = torch.from_numpy(np.array(crop)).permute(2, 0, 1)[None]
-                    view = F.interpolate(
-                        crop_tensor, size=(out_height, out_width), mode=_TORCH_FILTERS[resample], antialias=True
-                    )[0]
+                        crop_tensor = torch.from_numpy(np.array(crop)).permute(2, 0, 1)
+                    view = _TORCH_FILTERS[resample](crop_tensor, (out_height, out_width))
                 else:
                     view = crop.resize((out_width, out_height), resample)
                     view = torch.from_numpy(np.array(view)).permute(2, 0, 1)
