@@ -121,7 +121,7 @@ def lanczos_runs(images, seed: int, size: int = 112) -> dict:
 def pipeline(method: str, dataset, image_column: str, image_size: int, seed: int, exact: bool = False):
     """Pre-training's transformed dataset and collator for `method`, with its default tokenizer's view."""
     mim_method = MIM_METHODS[method]
-    data_args = mim_method.with_data_defaults(DataArguments())
+    data_args = mim_method.with_data_defaults(DataArguments()).with_view_defaults()
     tokenizer_processor = BY_MODEL_TYPE[DEFAULT_TOKENIZER[method]].image_processor_class()
     side = {"height": image_size, "width": image_size}
     image_processor = mim_method.image_processor_class(size=side, crop_size=side)

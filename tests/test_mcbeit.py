@@ -290,7 +290,7 @@ def test_end_to_end_run_with_each_tokenizer_lowers_the_loss(model_type, image_fo
 
 def parsed_data_args(*flags, model_type="mcbeit"):
     _, data_args, _ = parse_args(["--model_type", model_type, "--output_dir", "unused", *flags])
-    return MIM_METHODS[model_type].with_data_defaults(data_args)
+    return MIM_METHODS[model_type].with_data_defaults(data_args).with_view_defaults()
 
 
 def test_mcbeit_defaults_to_random_75_percent_masking_without_colour_jitter():

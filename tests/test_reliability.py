@@ -207,12 +207,13 @@ def test_a_nonfinite_evaluation_loss_is_counted_on_the_device_and_raised_when_th
     assert "eval_loss" in trainer.evaluate(finite)
 
 
-def resumed_weights_equal_uninterrupted(main_function, args, tmp_path, *extra):
-    """Train 6 steps straight, and 6 steps resumed from the straight run's step-2 checkpoint: bitwise equal weights."""
+def resumed_weights_equal_uninterrupted(main_function, args, tmp_path, *extra, resumed_extra=()):
+    """Train 6 steps straight, and 6 steps resumed from the straight run's step-2 checkpoint (with `resumed_extra`
+    flags too): bitwise equal weights."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     steps = ("--max_steps", "6", "--save_steps", "2", "--seed", "3", *extra)
     main_function([*args, "--output_dir", str(straight), *steps])
-    main_function([*args, "--output_dir", str(resumed), *steps,
+    main_function([*args, "--output_dir", str(resumed), *steps, *resumed_extra,
                    "--resume_from_checkpoint", str(straight / "checkpoint-2")])  # fmt: skip
     expected, actual = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert expected.keys() == actual.keys()
@@ -229,7 +230,9 @@ def test_a_resumed_dvae_training_ends_with_the_weights_of_an_uninterrupted_one(i
         "--config_overrides", "image_size=32,hidden_size=16,codebook_size=64,num_groups=2,decoder_hidden_size=16",
         "--color_jitter", "0.4",
     ]  # fmt: skip
-    assert resumed_weights_equal_uninterrupted(train_tokenizer.main, args, tmp_path) == []
+    assert resumed_weights_equal_uninterrupted(
+        train_tokenizer.main, args, tmp_path, resumed_extra=("--crop_min_scale", "0.08")
+    ) == []
 
 
 def test_a_resumed_fine_tuning_with_mixup_ends_with_the_weights_of_an_uninterrupted_one(
@@ -243,7 +246,11 @@ def test_a_resumed_fine_tuning_with_mixup_ends_with_the_weights_of_an_uninterrup
         "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--mixup", "0.8", "--cutmix", "1.0",
         "--report_to", "none", "--use_cpu", "--dataloader_num_workers", "0", "--drop_path_rate", "0.1",
     ]  # fmt: skip
-    assert resumed_weights_equal_uninterrupted(finetune, args, tmp_path, "--gradient_accumulation_steps", "2") == []
+    # The resumed launch spells out the recipe's view defaults, which were refused as changes from "unset".
+    spelled_out = ("--color_jitter", "0", "--crop_min_scale", "0.08")  # none under its default RandAugment
+    assert resumed_weights_equal_uninterrupted(
+        finetune, args, tmp_path, "--gradient_accumulation_steps", "2", resumed_extra=spelled_out
+    ) == []
 
 
 def test_the_best_checkpoint_of_a_stock_beit_is_loaded_whole_and_one_that_does_not_fit_is_refused(tmp_path):
@@ -288,7 +295,8 @@ def checkpointed_run(tiny_dvae_dir, image_folder, tmp_path_factory):
     [
         (["--learning_rate", "5e-3"], '--learning_rate 0.001 (this launch: 0.005)'),
         (["--seed", "9", "--color_jitter", "0"], '--color_jitter 0.4 (this launch: 0.0), --seed 0 (this launch: 9)'),
-        (["--num_mask_patches", "5"], "--num_mask_patches unset (this launch: 5)"),
+        # The default of 75 of 196 patches scaled to the 4x4 grid: 6.
+        (["--num_mask_patches", "5"], "--num_mask_patches 6 (this launch: 5)"),
         (["--per_device_train_batch_size", "2"], "--per_device_train_batch_size 4 (this launch: 2)"),
     ],
 )
@@ -302,11 +310,14 @@ def test_a_run_resumed_with_other_flags_that_decide_it_is_refused_naming_them(
     fix = "relaunch with the checkpoint's, or drop --resume_from_checkpoint to start afresh (in another --output_dir)"
     with pytest.raises(UsageError, match=rf"checkpoint-1 was trained with {re.escape(named)}; .*: {re.escape(fix)}"):
         main(args)
-    # Where the data lives, how often to log or save, and how long to train may change.
+    # Where the data lives, how often to log or save, and how long to train may change; the defaults the
+    # checkpoint was trained with may be spelled out (they were refused as changes from "unset").
     moved = tmp_path / "moved_images"
     shutil.copytree(image_folder, moved)
+    defaults = ["--color_jitter", "0.4", "--crop_min_scale", "0.08", "--num_mask_patches", "6",
+                "--min_mask_patches_per_block", "1"]  # fmt: skip
     main(run_mim_args(tiny_dvae_dir, str(moved), tmp_path, "--max_steps", "3", "--logging_steps", "2",
-                      "--resume_from_checkpoint", str(checkpointed_run / "checkpoint-1")))  # fmt: skip
+                      "--resume_from_checkpoint", str(checkpointed_run / "checkpoint-1"), *defaults))  # fmt: skip
 
 
 def test_a_run_resumed_with_another_tokenizer_is_refused(checkpointed_run, image_folder, tmp_path):

@@ -5,6 +5,7 @@ Each script's `HfArgumentParser` dataclass subclasses one of these and adds only
 same name, default and help in every script.
 """
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from datasets import DatasetDict, IterableDatasetDict
@@ -125,15 +126,25 @@ class RenderingArguments:
             raise UsageError(f"--color_jitter is a strength >= 0 (0 disables it), got {self.color_jitter}")
         _continue_post_init(self, RenderingArguments)
 
-    def view_options(self, default_color_jitter: float | None = None) -> dict:
-        """`TwoViewTransform`'s crop, jitter and rendering arguments of these flags, with `default_color_jitter`
-        where `--color_jitter` is unset (pre-training fills in its method's default before)."""
-        color_jitter = default_color_jitter if self.color_jitter is None else self.color_jitter
-        if color_jitter is None:
+    def with_view_defaults(self, color_jitter: float | None = None):
+        """A copy whose unset rendering flags hold what the views are drawn with: `color_jitter`, the command's recipe
+        (pre-training's methods fill in theirs before), and torchvision's minimum crop area 0.08 (BEiT's and mc-BEiT's
+        recipe). A run records these values, so a resumption that spells out a default is not taken for a change."""
+        if self.color_jitter is None and color_jitter is None:
             raise ValueError("--color_jitter is unset and no default was given: fill in the recipe's defaults first")
-        # torchvision's RandomResizedCrop default, BEiT's and mc-BEiT's recipe.
-        crop_min_scale = 0.08 if self.crop_min_scale is None else self.crop_min_scale
-        return {"crop_scale": (crop_min_scale, 1.0), "color_jitter": color_jitter, "exact": self.exact_augmentation}
+        return dataclasses.replace(
+            self,
+            color_jitter=color_jitter if self.color_jitter is None else self.color_jitter,
+            crop_min_scale=0.08 if self.crop_min_scale is None else self.crop_min_scale,
+        )
+
+    def view_options(self) -> dict:
+        """`TwoViewTransform`'s crop, jitter and rendering arguments of these flags ([`with_view_defaults`] first)."""
+        if self.color_jitter is None or self.crop_min_scale is None:
+            raise ValueError("--color_jitter or --crop_min_scale is unset: fill in the recipe's defaults first")
+        return {
+            "crop_scale": (self.crop_min_scale, 1.0), "color_jitter": self.color_jitter, "exact": self.exact_augmentation
+        }
 
 
 # The flags each masking reads.
@@ -180,6 +191,22 @@ class MaskingArguments:
             raise UsageError(f"--mask_ratio is the masked fraction of the patches, in (0, 1); got {self.mask_ratio}")
         _continue_post_init(self, MaskingArguments)
 
+    def with_grid_defaults(self, grid_size: int):
+        """A copy (with the method's defaults filled in) whose unset blockwise counts hold those of a `grid_size`
+        patch grid: BEiT's 75 masked patches in blocks of at least 16, of 196, scaled to the grid. A run records these
+        values, so a resumption that spells out a default is not taken for a change. An unset largest block stays
+        unset: it follows the masked count."""
+        if self.masking != "blockwise":
+            return self
+        num_patches = grid_size * grid_size
+        num_mask = self.num_mask_patches
+        if num_mask is None:
+            num_mask = scale_num_patches(75, to_grid=num_patches)
+        min_block = self.min_mask_patches_per_block
+        if min_block is None:
+            min_block = min(num_mask, scale_num_patches(16, to_grid=num_patches))
+        return dataclasses.replace(self, num_mask_patches=num_mask, min_mask_patches_per_block=min_block)
+
     def check_masking_flags(self, default_masking: str) -> None:
         """A one-line error for a flag of the other masking than the one that applies (`--masking`, else the method's
         `default_masking`): it would be ignored."""
@@ -195,23 +222,21 @@ class MaskingArguments:
 
 def build_mask_generator(args: MaskingArguments, grid_size: int):
     """The mask generator of the flags `args` (with the method's defaults filled in) for a `grid_size` patch grid."""
-    num_patches = grid_size * grid_size
     if args.masking == "random":
         if args.mask_ratio is None:
             raise ValueError("--masking random needs a mask_ratio: fill in the method's defaults first")
         return RandomMaskingGenerator(grid_size, mask_ratio=args.mask_ratio)
     if args.masking != "blockwise":
         raise ValueError(f"masking is {args.masking!r}: fill in the method's defaults first")
-    num_mask = scale_num_patches(75, to_grid=num_patches) if args.num_mask_patches is None else args.num_mask_patches
+    args = args.with_grid_defaults(grid_size)
+    num_mask, min_block = args.num_mask_patches, args.min_mask_patches_per_block
+    max_block = num_mask if args.max_mask_patches_per_block is None else args.max_mask_patches_per_block
+    num_patches = grid_size * grid_size
     if num_mask >= num_patches:
         raise UsageError(
             f"--num_mask_patches {num_mask} masks every patch of the {grid_size}x{grid_size} grid: pass fewer than "
             f"{num_patches}"
         )
-    min_block = args.min_mask_patches_per_block
-    if min_block is None:
-        min_block = min(num_mask, scale_num_patches(16, to_grid=num_patches))
-    max_block = num_mask if args.max_mask_patches_per_block is None else args.max_mask_patches_per_block
     if not min_block <= min(max_block, num_mask):
         raise UsageError(
             f"--min_mask_patches_per_block {min_block} exceeds --max_mask_patches_per_block {max_block} or "

@@ -401,7 +401,7 @@ def pretrain(
         require_output_dir_of(training_args.output_dir, method.model_type)
     require_weights_to_evaluate(training_args, model_args.model_name_or_path, "model_name_or_path", "checkpoint", "model")
     data_args.check_masking_flags(method.data_defaults.get("masking", "blockwise"))
-    data_args = method.with_data_defaults(data_args)
+    data_args = method.with_data_defaults(data_args).with_view_defaults()
     setup_logging(training_args)
     warn_of_transformers_optimisation_defaults(
         training_args, "pre-training at batch 2048: --learning_rate 1.5e-3 --weight_decay 0.05"
@@ -415,12 +415,14 @@ def pretrain(
     if model_args.fit_tokenizer:
         # The masking flags, and those of a checkpoint to resume, are checked before the fit, which can take hours.
         image_size, patch_size = new_model_geometry(model_args)
+        data_args = data_args.with_grid_defaults(image_size // patch_size)
         build_collator(data_args, method, image_size // patch_size)
         if training_args.do_train:
             check_resumption_flags(training_args, run_flags(training_args, model_args, data_args))
         model_args.tokenizer_name_or_path = fit_tokenizer(model_args, raw["train"], image_column, training_args)
     model, image_processor, tokenizer_processor = load_model(model_args)
     grid_size = model.config.image_size // model.config.patch_size
+    data_args = data_args.with_grid_defaults(grid_size)
     skipped, eval_skipped = SkippedImageCounter(), SkippedImageCounter()
     # A method that replaces patches (CCViT) reads the tokenizer's view and normalises it itself after replacement; the
     # saved image processor is its encoder's view for downstream use.

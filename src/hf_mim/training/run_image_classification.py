@@ -292,6 +292,8 @@ def main(argv=None) -> dict[str, float]:
     require_new_output_dir(training_args.output_dir, model_args.model_name_or_path)
     if training_args.do_train:
         require_output_dir_of(training_args.output_dir, BeitConfig.model_type)
+    # timm, hence BEiT's fine-tuning recipe, jitters colours only without RandAugment.
+    data_args = data_args.with_view_defaults(color_jitter=0.0 if data_args.rand_augment else 0.4)
     wanted = training_args.metric_for_best_model
     if wanted is not None and wanted.removeprefix("eval_") not in CLASSIFICATION_METRICS:
         raise UsageError(
@@ -347,12 +349,11 @@ def main(argv=None) -> dict[str, float]:
     skipped, eval_skipped = SkippedImageCounter(), SkippedImageCounter()
     train_dataset = eval_dataset = None
     if training_args.do_train:
-        # timm, hence BEiT's fine-tuning recipe, jitters colours only without RandAugment.
         transform = TwoViewTransform(
             view,
             rand_augment=data_args.rand_augment or None,
             random_erasing=data_args.random_erasing,
-            **data_args.view_options(default_color_jitter=0.0 if data_args.rand_augment else 0.4),
+            **data_args.view_options(),
         )
         # Each example's augmentation comes from its own generator (seed, epoch, index), so a resumed run redraws it.
         train_dataset = apply_transform(

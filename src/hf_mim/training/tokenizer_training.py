@@ -265,8 +265,10 @@ def train_tokenizer(
         dataset_tags = hub_dataset_id(data_args.dataset_name)
         fit = import_target(family.fit)
         return fit(model, image_processor, raw, image_column, tokenizer_args, training_args, dataset_tags)
+    # An unset --color_jitter trains a tokenizer on unjittered views.
+    data_args = data_args.with_view_defaults(color_jitter=0.0)
     skipped, eval_skipped = SkippedImageCounter(), SkippedImageCounter()
-    train_transform = TwoViewTransform(image_processor, **data_args.view_options(default_color_jitter=0.0))
+    train_transform = TwoViewTransform(image_processor, **data_args.view_options())
     # Each example's views come from its own generator (seed, epoch, index), so a resumed run redraws them.
     data_seed = None if data_args.streaming else training_args.seed
     train_dataset = apply_transform(raw["train"], image_column, train_transform, skipped=skipped, seed=data_seed)
