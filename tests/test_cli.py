@@ -4,6 +4,7 @@ user's mistake through it, and the console script of an installed (not editable)
 import ast
 import dataclasses
 import json
+import importlib
 import importlib.util
 import os
 import pathlib
@@ -100,6 +101,36 @@ def test_a_flag_argparse_refuses_is_one_line_printed_once_per_launch(argv, messa
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2 and capsys.readouterr().err == ""
+
+
+# The commands that run under several processes (Trainer's data parallelism); every other one runs in one.
+DISTRIBUTED_COMMANDS = {"pretrain", "train-tokenizer", "finetune"}
+
+
+@pytest.mark.parametrize("name", sorted(set(COMMANDS) - DISTRIBUTED_COMMANDS))
+def test_a_one_process_command_launched_as_several_is_one_line_printed_once(name, capsys, monkeypatch):
+    # Each process did the whole job on cuda:0 and wrote the same files at once.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (
+        f"error: `hf-mim {name}` runs in one process, and the launcher started 2: each would do the whole job on the "
+        "same GPU and write the same files at once; run it without accelerate launch or torchrun "
+        "(CUDA_VISIBLE_DEVICES picks its GPU)\n"
+    )
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit):
+        main([name, "--help"])
+    assert capsys.readouterr().err == ""
+
+
+def test_exactly_the_commands_without_data_parallelism_refuse_several_processes():
+    for name, command in COMMANDS.items():
+        module_name, function_name = command.target.split(":")
+        guarded = hasattr(getattr(importlib.import_module(module_name), function_name), "__wrapped__")
+        assert guarded == (name not in DISTRIBUTED_COMMANDS), name
 
 
 def test_every_command_module_runs_with_python_m():

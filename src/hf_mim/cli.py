@@ -7,6 +7,7 @@ not a traceback.
 """
 
 import difflib
+import functools
 import importlib
 import os
 import sys
@@ -57,6 +58,28 @@ COMMANDS = {
 def is_main_launch_process() -> bool:
     """True in the first process of a launch (`accelerate launch`/`torchrun` set RANK), or in a lone process."""
     return os.environ.get("RANK", "0") == "0"
+
+
+def one_process(command: str) -> Callable[[Callable], Callable]:
+    """Decorates the `main` of `command`, which runs in one process: a launch that started several (`accelerate
+    launch --num_processes N`, `torchrun`) ends in one line, since each process would do the whole job on the same
+    GPU and write the same files at once."""
+
+    def decorate(main: Callable) -> Callable:
+        @functools.wraps(main)
+        def run(*args, **kwargs):
+            launched = int(os.environ.get("WORLD_SIZE", "1"))
+            if launched > 1:
+                raise UsageError(
+                    f"`{PROG} {command}` runs in one process, and the launcher started {launched}: each would do the "
+                    "whole job on the same GPU and write the same files at once; run it without accelerate launch "
+                    "or torchrun (CUDA_VISIBLE_DEVICES picks its GPU)"
+                )
+            return main(*args, **kwargs)
+
+        return run
+
+    return decorate
 
 
 def run_command(main: Callable, argv: list[str] | None = None):
@@ -164,5 +187,6 @@ __all__ = [
     "end_process_group",
     "is_main_launch_process",
     "main",
+    "one_process",
     "run_command",
 ]

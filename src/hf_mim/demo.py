@@ -28,6 +28,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, set_seed
 
 from .arguments import command_parser, flags_set
+from .cli import one_process
 from .errors import UsageError
 from .data import MaskingArguments, build_mask_generator, decode_image, load_image_datasets
 from .evaluation import extract_features, knn_classify, linear_probe
@@ -293,6 +294,7 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+@one_process("demo")
 def main(argv=None) -> dict:
     parser = command_parser(
         DemoArguments,

@@ -28,6 +28,7 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelFor
 
 from .arguments import command_parser, flags_set
 from .checkpoint_folder import PROCESSOR_CONFIG, TOKENIZER_SUBFOLDER, load_tokenizer_image_processor
+from .cli import one_process
 from .data import MaskingArguments, TwoViewTransform, build_mask_generator, decode_image
 from .data.datasets import require_image_folder
 from .errors import UsageError
@@ -548,6 +549,7 @@ def _load_tokenizer_image_processor(name_or_path: str):
     return pretrained(load_tokenizer_image_processor, name_or_path, "model_name_or_path")
 
 
+@one_process("visualize")
 def main(argv=None) -> dict[str, str]:
     parser = command_parser(
         VisualizeArguments,

@@ -5,6 +5,7 @@ import logging
 from dataclasses import dataclass, field
 
 from ..arguments import command_parser
+from ..cli import one_process
 from ..errors import UsageError
 from ..training.loading import require_folder_path
 from .ccvit import convert_ccvit_centroids
@@ -87,6 +88,7 @@ def _rgb(values: list[float] | None, flag: str) -> tuple[float, float, float] | 
     return tuple(values)
 
 
+@one_process("convert-beit")
 def beit_main(argv: list[str] | None = None) -> None:
     args = _parse(
         BeitConversionArguments,
@@ -127,6 +129,7 @@ def beit_main(argv: list[str] | None = None) -> None:
     )
 
 
+@one_process("convert-ccvit")
 def ccvit_main(argv: list[str] | None = None) -> None:
     args = _parse(
         CcvitConversionArguments,
@@ -143,6 +146,7 @@ def ccvit_main(argv: list[str] | None = None) -> None:
     print(f"Saved the k-means tokenizer to {args.output_dir}")
 
 
+@one_process("convert-dalle")
 def dalle_main(argv: list[str] | None = None) -> None:
     args = _parse(
         DalleConversionArguments,
@@ -159,6 +163,7 @@ def dalle_main(argv: list[str] | None = None) -> None:
     print(f"Saved the converted dVAE to {args.output_dir}")
 
 
+@one_process("convert-taming")
 def taming_main(argv: list[str] | None = None) -> None:
     args = _parse(
         TamingConversionArguments,
@@ -181,6 +186,7 @@ def taming_main(argv: list[str] | None = None) -> None:
     print(f"Saved the converted VQGAN tokenizer to {args.output_dir}")
 
 
+@one_process("convert-vqkd")
 def vqkd_main(argv: list[str] | None = None) -> None:
     args = _parse(
         VqkdConversionArguments,

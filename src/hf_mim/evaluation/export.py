@@ -47,6 +47,7 @@ from transformers import (
 
 from ..arguments import command_parser
 from ..checkpoint_folder import PROCESSOR_CONFIG
+from ..cli import one_process
 from ..errors import UsageError
 from ..families import TOKENIZERS
 from ..models.image_processing_mim import MimImageProcessor
@@ -507,6 +508,7 @@ def parse_args(argv=None) -> ExportArguments:
     return args
 
 
+@one_process("export")
 def main(argv=None) -> str:
     args = parse_args(argv)
     require_new_output_dir(args.output_dir, args.model_name_or_path)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..arguments import command_parser, flags_set
+from ..cli import one_process
 from ..errors import UsageError
 from .features import FEATURE_ARGUMENT_GROUPS, FeatureArguments, load_features, write_results
 
@@ -152,6 +153,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[FeatureArguments, Knn
     return parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
 
 
+@one_process("knn")
 def main(argv: Sequence[str] | None = None) -> dict:
     feature_args, knn_args = parse_args(argv)
     train, evaluation = load_features(feature_args)

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from ..arguments import command_parser, flags_set
+from ..cli import one_process
 from ..errors import UsageError
 from .features import FEATURE_ARGUMENT_GROUPS, FeatureArguments, load_features, write_results
 
@@ -307,6 +308,7 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[FeatureArguments, Lin
     return parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
 
 
+@one_process("probe")
 def main(argv: Sequence[str] | None = None) -> dict:
     feature_args, probe_args = parse_args(argv)
     train, evaluation = load_features(feature_args)

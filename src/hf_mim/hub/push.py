@@ -22,6 +22,7 @@ from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..arguments import OneLineErrorParser
 from ..checkpoint_folder import PROCESSOR_CONFIG, complete_code_files, unreadable_weights
+from ..cli import one_process
 from ..errors import UsageError, first_line
 from .cards import DEFAULT_LICENSE, load_results, read_training_args, write_model_card
 
@@ -261,6 +262,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@one_process("push")
 def main(argv: Sequence[str] | None = None):
     args = parse_args(argv)
     folder = Path(args.folder)
