@@ -50,3 +50,27 @@ def test_every_trainer_and_fit_resolves_and_train_tokenizer_offers_it(name):
 
 def test_a_tokenizer_without_trainer_or_fit_is_not_offered_for_training():
     assert not TOKENIZERS["vqgan"].trainable and "vqgan" not in TRAINABLE
+
+
+@pytest.mark.parametrize(
+    "model_type, field, wrong",
+    [
+        ("hf_mim_beit", "tokenizer_autocast", "yes"),
+        ("hf_mim_beitv2", "head_layers", 2.5),
+        ("hf_mim_mcbeit", "similarity_weight", "0.2"),
+        ("hf_mim_ccvit", "norm_pixel_targets", "no"),
+    ],
+)
+def test_every_mim_config_checks_the_types_of_its_own_fields(model_type, field, wrong):
+    # Like transformers' own configs (and hf_mim's tokenizer configs): "yes" was kept as a truthy autocast switch.
+    from huggingface_hub.errors import StrictDataclassFieldValidationError
+
+    config_class = BY_MODEL_TYPE[model_type].config_class
+    with pytest.raises(StrictDataclassFieldValidationError, match=field):
+        config_class(**{field: wrong})
+
+
+def test_mim_configs_take_integers_for_their_float_fields():
+    mcbeit = MIM_METHODS["mcbeit"].config_class(similarity_weight=1, target_temperature=4)
+    ccvit = MIM_METHODS["ccvit"].config_class(drop_path_rate=0, image_mean=[0, 0, 0])
+    assert mcbeit.similarity_weight == 1 and ccvit.image_mean == [0, 0, 0]

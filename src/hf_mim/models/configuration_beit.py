@@ -17,6 +17,7 @@ Configuration files import no modeling files: this file resolves configs only, m
 import os
 from pathlib import Path
 
+from huggingface_hub.dataclasses import strict
 from transformers import BeitConfig
 from transformers.dynamic_module_utils import get_relative_import_files
 
@@ -152,6 +153,7 @@ def check_mim_settings(config) -> None:
         )
 
 
+@strict
 class BeitMimConfig(BeitConfig):
     r"""
     A `BeitConfig` whose defaults are BEiT's pre-training recipe (shared relative position bias, no absolute

@@ -1,8 +1,11 @@
 """Configuration of BEiT v2 masked image modeling (arXiv 2208.06366)."""
 
+from huggingface_hub.dataclasses import strict
+
 from .configuration_beit import BeitMimConfig
 
 
+@strict
 class Beitv2Config(BeitMimConfig):
     r"""
     A [`BeitMimConfig`] with BEiT v2's patch aggregation head. The targets usually come from a VQ-KD tokenizer

@@ -1,11 +1,13 @@
 """Configuration of CCViT masked image modeling (Centroid-centered Modeling, arXiv 2303.04664)."""
 
+from huggingface_hub.dataclasses import strict
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .configuration_beitv2 import Beitv2Config
 from .configuration_kmeans import KmeansConfig
 
 
+@strict
 class CcvitConfig(Beitv2Config):
     r"""
     A [`Beitv2Config`] for CCViT: the targets are the ids of k-means centroids of raw pixel patches, and BEiT v2's
@@ -43,9 +45,9 @@ class CcvitConfig(Beitv2Config):
         "AutoModelForMaskedImageModeling": "modeling_ccvit.CcvitForMaskedImageModeling",
     }
 
-    drop_path_rate: float = 0.0
-    image_mean: list[float] | tuple[float, ...] = tuple(IMAGENET_DEFAULT_MEAN)
-    image_std: list[float] | tuple[float, ...] = tuple(IMAGENET_DEFAULT_STD)
+    drop_path_rate: float | int = 0.0
+    image_mean: list[float | int] | tuple[float | int, ...] = tuple(IMAGENET_DEFAULT_MEAN)
+    image_std: list[float | int] | tuple[float | int, ...] = tuple(IMAGENET_DEFAULT_STD)
     norm_pixel_targets: bool = True
 
     def __post_init__(self, **kwargs):

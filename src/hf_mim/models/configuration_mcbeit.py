@@ -1,5 +1,7 @@
 """Configuration of mc-BEiT masked image modeling with multi-choice targets (arXiv 2203.15371)."""
 
+from huggingface_hub.dataclasses import strict
+
 from .configuration_beit import BeitMimConfig, tokenizer_config_from_dict
 
 
@@ -13,6 +15,7 @@ def tokenizer_provides_logits(config_dict: dict) -> bool:
     return getattr(type(tokenizer_config_from_dict(config_dict)), "provides_codebook_logits", True)
 
 
+@strict
 class McBeitConfig(BeitMimConfig):
     r"""
     A [`BeitMimConfig`] whose masked patches are trained towards soft "multi-choice" targets instead of one token
@@ -46,9 +49,9 @@ class McBeitConfig(BeitMimConfig):
         "AutoModelForMaskedImageModeling": "modeling_mcbeit.McBeitForMaskedImageModeling",
     }
 
-    target_temperature: float = 4.0
-    similarity_temperature: float = 1.0
-    similarity_weight: float = 0.2
+    target_temperature: float | int = 4.0
+    similarity_temperature: float | int = 1.0
+    similarity_weight: float | int = 0.2
     detach_similarity_features: bool = False
 
     def __post_init__(self, **kwargs):
