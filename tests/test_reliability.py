@@ -320,6 +320,28 @@ def test_a_run_resumed_with_other_flags_that_decide_it_is_refused_naming_them(
                       "--resume_from_checkpoint", str(checkpointed_run / "checkpoint-1"), *defaults))  # fmt: skip
 
 
+def test_each_checkpoints_run_record_is_written_before_trainer_saves_and_pushes_it(
+    tiny_dvae_dir, image_folder, tmp_path, monkeypatch
+):
+    # It was written by an on_save callback, which runs after Trainer pushed the checkpoint (hub_strategy
+    # "checkpoint"): the Hub's copy lacked it, and a resumption from it could not check the flags.
+    from hf_mim.training.trainer import MimTrainer
+
+    found = {}
+    save_model = MimTrainer.save_model
+
+    def recording(self, output_dir=None, _internal_call=False):
+        if output_dir is not None and "checkpoint-" in str(output_dir):
+            found[os.path.basename(output_dir)] = os.listdir(output_dir)
+        return save_model(self, output_dir, _internal_call=_internal_call)
+
+    monkeypatch.setattr(MimTrainer, "save_model", recording)
+    main(run_mim_args(tiny_dvae_dir, image_folder, tmp_path, "--max_steps", "2", "--save_steps", "1"))
+    assert found == {"checkpoint-1": ["hf_mim_run.json"], "checkpoint-2": ["hf_mim_run.json"]}
+    record = json.loads((tmp_path / "checkpoint-2" / "hf_mim_run.json").read_text())
+    assert record["flags"]["seed"] == 0 and record["train_skipped_images"] == 0
+
+
 def test_a_run_resumed_with_another_tokenizer_is_refused(checkpointed_run, image_folder, tmp_path):
     # The checkpoint's tokenizer weights were loaded over the new one: the run went on with the old targets.
     from conftest import tiny_dvae_config

@@ -2,9 +2,12 @@
 
 import logging
 import math
+import os
+from collections.abc import Callable
 
 import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils.hub import hf_api
 
 from ..checkpoint_folder import checkpoint_weight_names
@@ -107,6 +110,9 @@ class MimTrainer(Trainer):
     `FloatingPointError` at the next logging step, checkpoint or end of training, whichever comes first, before
     anything is saved. With `skip_nonfinite_steps` the decision is needed before each optimiser step, which costs
     one synchronisation per step. `args.max_train_seconds` (hf_mim's training arguments) adds a time budget.
+    `checkpoint_writers` (callables taking a checkpoint folder) run on every process before Trainer saves each
+    checkpoint, so what they write there is in it when Trainer pushes it to the Hub (`hub_strategy="checkpoint"`),
+    which it does before its `on_save` callbacks run.
 
     Args:
         layer_decay (`float`, *optional*):
@@ -133,6 +139,7 @@ class MimTrainer(Trainer):
         if getattr(self.args, "max_train_seconds", None) is not None:
             add_time_budget(self, self.args.max_train_seconds)
         self.layer_decay = layer_decay
+        self.checkpoint_writers: list[Callable[[str], None]] = []
         # The card's description of training images that are not a Hub dataset (`hub.cards.describe_training_data`).
         self.training_data: str | None = None
         self._metric_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
@@ -328,6 +335,9 @@ class MimTrainer(Trainer):
     def _save_checkpoint(self, model, trial):
         # Weights after a non-finite loss are not worth a checkpoint (or a resumption from it).
         self.check_nonfinite_losses()
+        folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        for write in self.checkpoint_writers:
+            write(folder)
         return super()._save_checkpoint(model, trial)
 
     def _accumulate_metrics(self, split: str, outputs) -> None:

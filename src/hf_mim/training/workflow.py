@@ -18,7 +18,7 @@ import torch
 import transformers
 from safetensors import safe_open
 from transformers import TrainerCallback, TrainingArguments
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+from transformers.trainer_utils import get_last_checkpoint
 
 from ..errors import UsageError
 from ..hub.cards import describe_training_data, hub_dataset_id
@@ -215,13 +215,15 @@ def _checkpoint_json(checkpoint: str | None, name: str) -> dict:
 
 
 class RunRecordsCallback(TrainerCallback):
-    """Writes each checkpoint's `RUN_RECORD`: the run's `flags` and the undecodable training images skipped so far
-    over all processes (this launch's, counted by `skipped`, plus those of the checkpoint it `resumed` from). On
-    resumption it warns when the run's length changed: the learning-rate schedule is rebuilt for the new length."""
+    """Writes each checkpoint's `RUN_RECORD` (one of the `MimTrainer`'s `checkpoint_writers`, so a checkpoint pushed
+    to the Hub holds it): the run's `flags` and the undecodable training images skipped so far over all processes
+    (this launch's, counted by `skipped`, plus those of the checkpoint it `resumed` from). On resumption it warns when
+    the run's length changed: the learning-rate schedule is rebuilt for the new length."""
 
     def __init__(self, trainer, flags: dict | None, skipped, resumed: str | None = None):
         self.trainer, self.flags, self.skipped, self.resumed = trainer, flags, skipped, resumed
         self.skipped_before = _checkpoint_json(resumed, RUN_RECORD).get("train_skipped_images", 0)
+        trainer.checkpoint_writers.append(self.write)
 
     def on_train_begin(self, args, state, control, **kwargs):
         planned = _checkpoint_json(self.resumed, "trainer_state.json").get("max_steps")
@@ -233,11 +235,11 @@ class RunRecordsCallback(TrainerCallback):
                 "the new length, so its rates from the checkpoint on differ from the original plan's"
             )
 
-    def on_save(self, args, state, control, **kwargs):
+    def write(self, folder: str) -> None:
         # Every process saves, so every process takes part in the sum.
         (count,) = summed_over_processes(self.trainer, self.skipped.value)
-        folder = os.path.join(args.output_dir, f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}")
-        if state.is_world_process_zero and os.path.isdir(folder):
+        if self.trainer.is_world_process_zero():
+            os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, RUN_RECORD), "w") as file:
                 json.dump({"flags": self.flags, "train_skipped_images": self.skipped_before + count}, file, indent=2)
 
