@@ -74,3 +74,9 @@ def test_mim_configs_take_integers_for_their_float_fields():
     mcbeit = MIM_METHODS["mcbeit"].config_class(similarity_weight=1, target_temperature=4)
     ccvit = MIM_METHODS["ccvit"].config_class(drop_path_rate=0, image_mean=[0, 0, 0])
     assert mcbeit.similarity_weight == 1 and ccvit.image_mean == [0, 0, 0]
+
+
+def test_every_method_names_its_papers_optimiser_flags_for_the_default_warning():
+    for method in MIM_METHODS.values():
+        assert "--learning_rate" in method.optimisation_recipe and method.title in method.optimisation_recipe
+    assert all("--adam_beta2 0.98" in MIM_METHODS[name].optimisation_recipe for name in ("beitv2", "mcbeit", "ccvit"))

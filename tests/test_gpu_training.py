@@ -256,7 +256,9 @@ def test_training_with_transformers_learning_rate_and_weight_decay_is_warned_of(
 @pytest.mark.parametrize(
     "command, flags, recipe",
     [
-        ("run_mim", ["--model_type", "beit"], "--learning_rate 1.5e-3 --weight_decay 0.05"),
+        ("run_mim", ["--model_type", "beit"], "BEiT at batch 2048: --learning_rate 1.5e-3 --weight_decay 0.05"),
+        # BEiT v2 (300 epochs), mc-BEiT and CCViT train with Adam's beta2 at 0.98, not transformers' 0.999.
+        ("run_mim", ["--model_type", "mcbeit"], "--learning_rate 1.5e-3 --weight_decay 0.05 --adam_beta2 0.98"),
         ("train_tokenizer", ["--tokenizer_type", "dvae"], "--learning_rate 1e-3"),
         ("train_tokenizer", ["--tokenizer_type", "vqkd"], "--learning_rate 2e-4 --weight_decay 1e-4"),
         ("run_image_classification", ["--model_name_or_path", "unused"], "--learning_rate 4e-3 --weight_decay 0.05"),

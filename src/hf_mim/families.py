@@ -52,6 +52,9 @@ class Family:
         image_processor_class (`type`): The processor of its input view; `image_processor_class.for_config(config)`
             is the view of a model of `config`.
         card_tag (`str`): Its Hub tag. Its model card template is `model_cards/<name>.md` (`card_template`).
+        optimisation_recipe (`str`, *optional*): The optimiser flags its paper's training run takes (`hf-mim pretrain`
+            for a method, `hf-mim train-tokenizer` for a tokenizer trained with gradients), named in the warning of
+            a run that leaves `--learning_rate` and `--weight_decay` at transformers' defaults.
     """
 
     kind: ClassVar[str]
@@ -62,6 +65,7 @@ class Family:
     model_class: type
     image_processor_class: type
     card_tag: str
+    optimisation_recipe: str | None = None
 
     @property
     def model_type(self) -> str:
@@ -87,15 +91,12 @@ class TokenizerFamily(Family):
         fit (`str`, *optional*): "module:function" of `(model, image_processor, raw_datasets, image_column,
             tokenizer_args, training_args, dataset_tags) -> metrics`, the whole run of a tokenizer that is fitted
             instead (save, card and upload included). A family with neither is only converted from a release.
-        optimisation_recipe (`str`, *optional*): The `--learning_rate` / `--weight_decay` a `trainer`'s run starts
-            from, named in the warning of a run that leaves both at transformers' defaults.
     """
 
     kind: ClassVar[str] = "tokenizer"
 
     trainer: str | None = None
     fit: str | None = None
-    optimisation_recipe: str | None = None
 
     @property
     def trainable(self) -> bool:
@@ -145,6 +146,7 @@ MIM_METHODS = {
             model_class=models.BeitMimForMaskedImageModeling,
             encoder_class=models.BeitMimModel,
             card_tag="beit",
+            optimisation_recipe="BEiT at batch 2048: --learning_rate 1.5e-3 --weight_decay 0.05",
         ),
         MimMethod(
             name="beitv2",
@@ -153,6 +155,9 @@ MIM_METHODS = {
             model_class=models.Beitv2ForMaskedImageModeling,
             encoder_class=models.Beitv2Model,
             card_tag="beit-v2",
+            optimisation_recipe=(
+                "BEiT v2's 300 epochs at batch 2048: --learning_rate 1.5e-3 --weight_decay 0.05 --adam_beta2 0.98"
+            ),
             # The recipe of the released models (PRETRAINING.md); the script's own default is 0.08.
             data_defaults={**BEIT_DATA_DEFAULTS, "crop_min_scale": 0.2},
         ),
@@ -163,6 +168,7 @@ MIM_METHODS = {
             model_class=models.McBeitForMaskedImageModeling,
             encoder_class=models.McBeitModel,
             card_tag="mc-beit",
+            optimisation_recipe="mc-BEiT at batch 2048: --learning_rate 1.5e-3 --weight_decay 0.05 --adam_beta2 0.98",
             # The published recipe: 75% of the patches masked uniformly at random (147 of 196), no colour jitter.
             data_defaults={"masking": "random", "mask_ratio": 0.75, "color_jitter": 0.0},
         ),
@@ -173,6 +179,7 @@ MIM_METHODS = {
             model_class=models.CcvitForMaskedImageModeling,
             encoder_class=models.CcvitModel,
             card_tag="ccvit",
+            optimisation_recipe="CCViT at batch 2048: --learning_rate 1.5e-3 --weight_decay 0.05 --adam_beta2 0.98",
             # BEiT's blockwise 75 of 196, no colour jitter: its centroids are fitted on un-jittered pixels.
             data_defaults={**BEIT_DATA_DEFAULTS, "color_jitter": 0.0, "crop_min_scale": 0.2},
             replaced_patches=20,

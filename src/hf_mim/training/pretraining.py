@@ -403,9 +403,7 @@ def pretrain(
     data_args.check_masking_flags(method.data_defaults.get("masking", "blockwise"))
     data_args = method.with_data_defaults(data_args).with_view_defaults()
     setup_logging(training_args)
-    warn_of_transformers_optimisation_defaults(
-        training_args, "pre-training at batch 2048: --learning_rate 1.5e-3 --weight_decay 0.05"
-    )
+    warn_of_transformers_optimisation_defaults(training_args, method.optimisation_recipe)
     set_seed(training_args.seed)
 
     raw, image_column = load_image_datasets_from_args(
