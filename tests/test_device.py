@@ -354,6 +354,42 @@ def test_relative_position_index_is_copied_to_the_device_once(model_type, on_met
     assert counter.operations == [] and not pending
 
 
+@pytest.mark.parametrize("shared", [True, False])
+def test_a_beit_teacher_copies_its_position_index_to_the_device_once(shared, on_meta):
+    # Feature k-means with a BEiT teacher computes BEiT's targets every step, VQ-KD distils one: transformers' index,
+    # built on the CPU, was copied from the host at every call (per layer with per-layer tables).
+    from transformers import BeitConfig, BeitModel
+
+    from hf_mim.models.teacher import PatchFeatureTeacher
+
+    config = BeitConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=32,
+                        patch_size=8, use_shared_relative_position_bias=shared, use_relative_position_bias=not shared,
+                        use_absolute_position_embeddings=False)  # fmt: skip
+    teacher = PatchFeatureTeacher(BeitModel(config), (0.5,) * 3, (0.5,) * 3, grid_size=4).to(META)
+    teacher(meta_pixels(32))
+    with HostTensorsMeetingMeta() as counter:
+        teacher(meta_pixels(32))
+    assert counter.operations == []
+
+
+def test_feature_extraction_keeps_a_stock_beits_position_index_on_the_device():
+    from transformers import BeitConfig, BeitModel
+    from PIL import Image
+
+    from hf_mim.evaluation.features import extract_features
+    from hf_mim.models import MimImageProcessor
+    from hf_mim.models.beit_backbone import DeviceRelativePositionBias
+
+    config = BeitConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=32,
+                        patch_size=8, use_relative_position_bias=True)  # fmt: skip
+    encoder = BeitModel(config)
+    processor = MimImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32})
+    image = Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8))
+    extract_features(encoder, processor, [image, image], labels=[0, 1], layers=(-1,), device="cpu")
+    biases = [module for module in encoder.modules() if "RelativePositionBias" in type(module).__name__]
+    assert len(biases) == 2 and all(type(module) is DeviceRelativePositionBias for module in biases)
+
+
 def test_relative_position_bias_kept_on_the_device_equals_transformers():
     from transformers import BeitConfig
     from transformers.models.beit.modeling_beit import BeitRelativePositionBias

@@ -128,3 +128,33 @@ def test_knn_bad_input():
         knn_classify(features, labels, features[:, :3])
     with pytest.raises(ValueError, match="temperature"):
         knn_classify(features, labels, features, ks=(1,), temperature=0)
+
+
+def test_knn_and_probe_compute_where_features_are_extracted_on_the_gpu_when_there_is_one(monkeypatch):
+    # The encoder ran on the GPU, but the k-NN search and the probe fits ran on the CPU (hours at ImageNet's size).
+    from hf_mim.evaluation import knn, probe
+    from hf_mim.evaluation.features import FeatureSet, compute_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert compute_device() == torch.device("cuda") and compute_device("cpu") == torch.device("cpu")
+    devices = []
+
+    def knn_on(*args, device=None, **kwargs):
+        devices.append(("knn", device))
+        return knn.KnnResult({}, {5: 0.5})
+
+    def probe_on(train_features, train_labels, eval_features, eval_labels, **kwargs):
+        devices.append(("probe", train_features.device, eval_features.device, eval_labels.device))
+        return probe.LinearProbeResult(0.5, 1e-4, None, [], None)
+
+    for module in (knn, probe):
+        monkeypatch.setattr(module, "compute_device", lambda: torch.device("meta"))
+    monkeypatch.setattr(knn, "knn_classify", knn_on)
+    monkeypatch.setattr(probe, "linear_probe", probe_on)
+    train = FeatureSet({12: torch.randn(40, 8)}, torch.arange(40) % 4)
+    evaluation = FeatureSet({12: torch.randn(8, 8)}, torch.arange(8) % 4)
+    knn.run_knn(train, evaluation, knn.KnnArguments(ks=[5]))
+    probe.run_linear_probe(train, evaluation, probe.LinearProbeArguments(weight_decays=[1e-4]))
+    meta = torch.device("meta")
+    assert devices == [("knn", meta), ("probe", meta, meta, meta)]
+

@@ -32,6 +32,7 @@ from ..data import (
     unseen_labels,
 )
 from ..errors import UsageError
+from ..models.beit_backbone import keep_position_index_on_device
 from ..training.loading import require_folder_path
 from .export import (
     check_processor_size,
@@ -142,6 +143,11 @@ def _as_dataset(data, labels, image_column: str | None, label_column: str):
     return datasets.Dataset.from_dict(columns), "image", "label" if labels is not None else None
 
 
+def compute_device(device: str | torch.device | None = None) -> torch.device:
+    """`device`, else the GPU when there is one: where features are extracted and k-NN and probes compute."""
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def extract_features(
     model,
     image_processor,
@@ -198,9 +204,11 @@ def extract_features(
     keep = (label_column,) if label_column is not None else ()
     transformed = apply_transform(dataset, image_column, TwoViewTransform(processor, train=False), skipped, keep)
     loader = DataLoader(transformed, batch_size=batch_size, num_workers=num_workers, collate_fn=MimDataCollator())
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = compute_device(device)
     was_training, original_device = encoder.training, next(encoder.parameters()).device
     encoder.eval().to(device)
+    # A stock transformers BEiT copies its position index from the host in every layer of every batch.
+    keep_position_index_on_device(encoder)
     chunks = {layer: [] for layer in layers}
     label_chunks = []
     try:
@@ -390,6 +398,7 @@ __all__ = [
     "FEATURE_VIEWS",
     "FeatureArguments",
     "FeatureSet",
+    "compute_device",
     "encode_batch",
     "extract_features",
     "load_features",

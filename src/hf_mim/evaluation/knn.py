@@ -16,7 +16,7 @@ import torch
 from ..arguments import command_parser, flags_set
 from ..cli import one_process
 from ..errors import UsageError
-from .features import FEATURE_ARGUMENT_GROUPS, FeatureArguments, load_features, write_results
+from .features import FEATURE_ARGUMENT_GROUPS, FeatureArguments, compute_device, load_features, write_results
 
 logger = logging.getLogger(__name__)
 
@@ -121,11 +121,11 @@ def run_knn(train, evaluation, knn_args: KnnArguments) -> dict:
             "Scoring k = %s only: the default --ks %s need up to %d training examples, and there are %d",
             " ".join(map(str, ks)), " ".join(map(str, knn_args.ks)), max(knn_args.ks), num_train,
         )
-    per_layer = {}
+    per_layer, device = {}, compute_device()
     for layer in train.features:
         result = knn_classify(
             train.features[layer], train.labels, evaluation.features[layer], evaluation.labels,
-            ks=ks, temperature=knn_args.temperature,
+            ks=ks, temperature=knn_args.temperature, device=device,
         )
         per_layer[layer] = result.accuracy
     reference_k = min(ks, key=lambda k: abs(k - 20))

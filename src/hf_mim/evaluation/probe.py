@@ -19,7 +19,7 @@ from torch import nn
 from ..arguments import command_parser, flags_set
 from ..cli import one_process
 from ..errors import UsageError
-from .features import FEATURE_ARGUMENT_GROUPS, FeatureArguments, load_features, write_results
+from .features import FEATURE_ARGUMENT_GROUPS, FeatureArguments, compute_device, load_features, write_results
 
 OPTIMIZERS = ("lbfgs", "adamw")
 
@@ -176,7 +176,7 @@ def linear_probe(
                 f"holdout_fraction={holdout_fraction} of {len(train_features)} training examples leaves no held-out or "
                 "no training examples; use a fraction in (0, 1) and more data, or a single setting (no sweep)"
             )
-        order = torch.randperm(len(train_features), generator=torch.Generator().manual_seed(seed))
+        order = torch.randperm(len(train_features), generator=torch.Generator().manual_seed(seed)).to(train_features.device)
         held, kept = order[:num_holdout], order[num_holdout:]
         for weight_decay, learning_rate in settings:
             lr_kwargs = {} if learning_rate is None else {"learning_rate": learning_rate}
@@ -262,13 +262,14 @@ def run_linear_probe(train, evaluation, probe_args: LinearProbeArguments, seed: 
             f"--holdout_fraction {probe_args.holdout_fraction} of {len(train.labels)} training images holds out none "
             "to pick the setting with; pass a larger fraction or more training images"
         )
-    per_layer = {}
+    # The probes fit where the features are: on the GPU when there is one.
+    per_layer, device = {}, compute_device()
     for layer in train.features:
         result = linear_probe(
-            train.features[layer],
-            train.labels,
-            evaluation.features[layer],
-            evaluation.labels,
+            train.features[layer].to(device),
+            train.labels.to(device),
+            evaluation.features[layer].to(device),
+            evaluation.labels.to(device),
             weight_decays=probe_args.weight_decays,
             learning_rates=probe_args.learning_rates,
             optimizer=probe_args.optimizer,

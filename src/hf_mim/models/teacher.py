@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import CLIPVisionModel
 
+from .beit_backbone import keep_position_index_on_device
+
 # [CLS], distillation and register tokens precede the patch tokens in transformers ViTs (DINOv2 with registers: 1 + 4).
 # A sequence longer than the patch grid by more than this holds the patches of another grid.
 MAX_PREFIX_TOKENS = 8
@@ -50,6 +52,8 @@ class PatchFeatureTeacher(nn.Module):
     def __init__(self, model: nn.Module, image_mean, image_std, grid_size: int, feature_layer: int | None = None):
         super().__init__()
         self.model = model.eval().requires_grad_(False)
+        # A BEiT teacher (stock or exported from hf_mim) would copy its position index from the host at every call.
+        keep_position_index_on_device(self.model)
         self.register_buffer("image_mean", torch.tensor(image_mean, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("image_std", torch.tensor(image_std, dtype=torch.float32).view(1, 3, 1, 1), persistent=False)
         self.grid_size = grid_size
