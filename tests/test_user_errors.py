@@ -327,6 +327,12 @@ CASES = {
         "--metric_for_best_model accuracy: the evaluation reports no eval_accuracy; pass one of [",
     ),
     "fp16 on the CPU": (lambda p: [*mim(p), "--fp16"], "--fp16 has no effect on the CPU (the run would be float32)"),
+    # Trainer cast the frozen tokenizer too, and the evaluation failed with the dVAE's or the k-means' own errors.
+    "a bf16 evaluation of the whole model": (
+        lambda p: [*mim(p), "--bf16_full_eval"],
+        "--bf16_full_eval casts the whole model to bf16 to evaluate, its float32 tokenizer and codebook included, "
+        "which cannot compute targets in it: remove it (--bf16 evaluates under autocast, with targets in float32)",
+    ),
     "an output folder that is a file": (
         lambda p: mim(p, output_dir=p["root"] / "typo.json"), "--output_dir {root}/typo.json is a file; pass a folder"
     ),

@@ -205,6 +205,17 @@ class MimTrainingArguments(HfMimTrainingArguments):
                   "model)"},
     )
 
+    def __post_init__(self):
+        for name in ("bf16_full_eval", "fp16_full_eval"):
+            if getattr(self, name):
+                # Trainer casts the whole model, so the frozen tokenizer, the dVAE's logits and codebook distances.
+                raise UsageError(
+                    f"--{name} casts the whole model to {name[:4]} to evaluate, its float32 tokenizer and codebook "
+                    f"included, which cannot compute targets in it: remove it (--{name[:4]} evaluates under autocast, "
+                    "with targets in float32)"
+                )
+        super().__post_init__()
+
 
 def config_from_flags(build, flags: str):
     """`build()`, a config's construction, with the config's own validation errors (which name the field and a fix)
