@@ -377,3 +377,17 @@ def test_a_resumed_run_of_another_length_is_warned_that_its_schedule_is_rebuilt(
     with caplog.at_level("WARNING", logger="hf_mim.training.workflow"):
         main(args)
     assert "checkpoint-1 was planned for 2 steps and this launch for 4: the linear learning-rate schedule" in caplog.text
+
+
+def test_counts_summed_over_processes_stay_exact_beyond_float32s_integers(tmp_path):
+    # ImageNet x 300 epochs: the float32 sum logged (and carded) 384,350,112 samples for 384,350,100.
+    from transformers import BeitConfig, BeitForImageClassification
+
+    from hf_mim.training.arguments import MimTrainingArguments
+    from hf_mim.training.trainer import MimTrainer
+
+    config = BeitConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, image_size=16,
+                        patch_size=8, num_labels=2)  # fmt: skip
+    args = MimTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    trainer = MimTrainer(model=BeitForImageClassification(config), args=args)
+    assert trainer.summed_over_processes(384_350_100, 0, 2**53 + 1) == [384_350_100, 0, 2**53 + 1]

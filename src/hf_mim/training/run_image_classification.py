@@ -46,7 +46,7 @@ from .arguments import HfMimTrainingArguments, warn_of_transformers_optimisation
 from .loading import require_new_output_dir, require_output_dir_of
 from .mixup import MixupCutmix, soft_target_cross_entropy
 from .trainer import MimTrainer
-from .workflow import require_action, run_flags, setup_logging, summed_over_processes, train_and_evaluate
+from .workflow import require_action, run_flags, setup_logging, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ class ImageClassificationTrainer(MimTrainer):
     def train(self, *args, **kwargs):
         result = super().train(*args, **kwargs)
         if self.class_counts is not None:
-            counts = summed_over_processes(self, *self.class_counts.tolist())
+            counts = self.summed_over_processes(*self.class_counts.tolist())
             names = self.model.config.id2label
             unseen = [names[index] for index, count in enumerate(counts) if count == 0]
             if unseen and self.is_world_process_zero():

@@ -369,13 +369,19 @@ class MimTrainer(Trainer):
             return {}
         return dict(zip(names, (totals[:-1] / totals[-1]).tolist()))
 
+    def summed_over_processes(self, *counts: int) -> list[int]:
+        """`counts` of this process summed over the processes of the launch (one reduction, at the end of a phase;
+        every rank must call it). In int64: float32 counts are rounded above 2**24 (ImageNet for 14 epochs)."""
+        totals = torch.tensor([int(count) for count in counts], dtype=torch.int64, device=self.args.device)
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
+        return totals.tolist()
+
     def _pop_throughput(self, logs: dict[str, float]) -> None:
         """Trainer's final speed metrics, recomputed from what this launch processed (every rank calls it)."""
-        samples = torch.tensor(float(self.throughput.samples), device=self.args.device)
-        if self.accelerator.num_processes > 1:
-            samples = self.accelerator.reduce(samples, reduction="sum")
+        (samples,) = self.summed_over_processes(self.throughput.samples)
         runtime = max(logs["train_runtime"], 1e-9)
-        logs["train_samples"] = int(samples.item())
+        logs["train_samples"] = samples
         logs["train_steps"] = self.throughput.steps
         logs["train_samples_per_second"] = round(logs["train_samples"] / runtime, 3)
         logs["train_steps_per_second"] = round(self.throughput.steps / runtime, 3)

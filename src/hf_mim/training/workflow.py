@@ -237,7 +237,7 @@ class RunRecordsCallback(TrainerCallback):
 
     def write(self, folder: str) -> None:
         # Every process saves, so every process takes part in the sum.
-        (count,) = summed_over_processes(self.trainer, self.skipped.value)
+        (count,) = self.trainer.summed_over_processes(self.skipped.value)
         if self.trainer.is_world_process_zero():
             os.makedirs(folder, exist_ok=True)
             with open(os.path.join(folder, RUN_RECORD), "w") as file:
@@ -282,18 +282,10 @@ def require_an_update(trainer) -> None:
         )
 
 
-def summed_over_processes(trainer, *counts: int) -> list[int]:
-    """`counts` of this process summed over the processes of the launch (one reduction, at the end of a phase)."""
-    totals = torch.tensor([float(count) for count in counts], device=trainer.args.device)
-    if trainer.accelerator.num_processes > 1:
-        totals = trainer.accelerator.reduce(totals, reduction="sum")
-    return [int(value) for value in totals.tolist()]
-
-
 def require_decoded_images(trainer, skipped) -> int:
     """The undecodable images skipped in training, over all processes and their DataLoader workers; a run that
     decoded no image, or fewer than it skipped, trained on next to nothing and fails instead of saving a model."""
-    undecodable, decoded = summed_over_processes(trainer, skipped.value, trainer.throughput.samples)
+    undecodable, decoded = trainer.summed_over_processes(skipped.value, trainer.throughput.samples)
     # A resumed run that had nothing left to do ran no step and decoded nothing: nothing to judge.
     if (trainer.throughput.steps or undecodable) and (decoded == 0 or undecodable > decoded):
         raise UsageError(
@@ -362,7 +354,7 @@ def train_and_evaluate(
             eval_metrics = trainer.evaluate()
         if eval_skipped is not None:
             # This evaluation's, not those run during training.
-            (eval_metrics["eval_skipped_images"],) = summed_over_processes(trainer, eval_skipped.value - before)
+            (eval_metrics["eval_skipped_images"],) = trainer.summed_over_processes(eval_skipped.value - before)
         if "eval_loss" not in eval_metrics:
             # No batch reached the model: every validation image was undecodable (the warnings above name them).
             raise UsageError(
@@ -405,7 +397,6 @@ __all__ = [
     "require_weights_to_evaluate",
     "resumption",
     "run_flags",
-    "summed_over_processes",
     "setup_logging",
     "train_and_evaluate",
 ]
