@@ -390,6 +390,39 @@ def test_feature_extraction_keeps_a_stock_beits_position_index_on_the_device():
     assert len(biases) == 2 and all(type(module) is DeviceRelativePositionBias for module in biases)
 
 
+def test_feature_kmeans_sampling_moves_each_batchs_patch_positions_in_one_copy(on_meta):
+    # One copy per image, each waiting on a GPU for the teacher's forward of the batch; the features are unchanged.
+    import datasets
+    from PIL import Image
+
+    from hf_mim import FeatureKmeansModel
+    from hf_mim.models.image_processing_feature_kmeans import FeatureKmeansImageProcessor
+    from hf_mim.training.kmeans.features import sample_features
+    from hf_mim.training.kmeans.patches import sampled_patches
+
+    config = tiny_feature_kmeans_config()
+    colours = ("red", "blue", "green", "white", "black", "gray")
+    images = [Image.new("RGB", (40, 40), colour) for colour in colours]
+    dataset = datasets.Dataset.from_dict({"image": images}).cast_column("image", datasets.Image())
+    processor = FeatureKmeansImageProcessor.for_config(config)
+    tokenizer = FeatureKmeansModel(config).eval()
+    features, ids = sample_features(dataset, "image", processor, tokenizer, patches_per_image=3, batch_size=4,
+                                    show_progress=False)  # fmt: skip
+    views = torch.stack([processor(image, return_tensors="pt")["pixel_values"][0] for image in images])
+    with torch.no_grad():
+        encoded = tokenizer.encode(views)
+    num_patches = config.grid_size**2
+    expected = [sampled_patches(index, num_patches, 3, 0) for index in range(len(images))]
+    torch.testing.assert_close(features, torch.cat([encoded[i, positions] for i, (positions, _) in enumerate(expected)]))
+    assert torch.equal(ids, torch.cat([patch_ids for _, patch_ids in expected]))
+
+    tokenizer.to(META)
+    with HostTensorsMeetingMeta() as counter:
+        sample_features(dataset, "image", processor, tokenizer, patches_per_image=3, batch_size=4, show_progress=False)
+    # Two batches: the views and the positions of each, and the ids once at the end.
+    assert len(counter.operations) <= 5, counter.operations
+
+
 def test_relative_position_bias_kept_on_the_device_equals_transformers():
     from transformers import BeitConfig
     from transformers.models.beit.modeling_beit import BeitRelativePositionBias

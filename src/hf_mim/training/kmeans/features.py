@@ -78,10 +78,11 @@ def sample_features(
         if not batch:
             continue
         batch_features = tokenizer.encode(torch.stack([view for _, view in batch]).to(device))
-        for (index, _), image_features in zip(batch, batch_features):
-            positions, ids = sampled_patches(index, num_patches, patches_per_image, seed)
-            features.append(image_features[positions.to(device)])
-            patch_ids.append(ids)
+        sampled = [sampled_patches(index, num_patches, patches_per_image, seed) for index, _ in batch]
+        # The batch's rows among its images' patches, moved to the device in one copy (not one per image).
+        rows = torch.cat([positions + offset * num_patches for offset, (positions, _) in enumerate(sampled)])
+        features.append(batch_features.reshape(-1, batch_features.shape[-1])[rows.to(device)])
+        patch_ids.extend(ids for _, ids in sampled)
     if not features:
         empty = torch.empty(0, tokenizer.config.feature_dim, device=device)
         return empty, torch.empty(0, dtype=torch.long, device=device)

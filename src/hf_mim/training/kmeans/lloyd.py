@@ -172,7 +172,8 @@ class _FloatAssignment:
 
     @staticmethod
     def accumulate(sums: torch.Tensor, ids: torch.Tensor, block: torch.Tensor) -> None:
-        # index_add_ sums in a fixed order: float sums are reproducible.
+        # On the CPU index_add_ sums in a fixed order (reproducible sums); on a GPU it adds atomically, so float
+        # sums, hence centroids, can differ in their last bits between runs.
         sums.index_add_(0, ids, block)
 
     def __init__(self, points: torch.Tensor, num_clusters: int, chunk_size: int):
