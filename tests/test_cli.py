@@ -3,9 +3,9 @@ user's mistake through it, and the console script of an installed (not editable)
 
 import ast
 import dataclasses
-import json
 import importlib
 import importlib.util
+import json
 import os
 import pathlib
 import shutil
@@ -108,11 +108,13 @@ DISTRIBUTED_COMMANDS = {"pretrain", "train-tokenizer", "finetune"}
 
 
 @pytest.mark.parametrize("name", sorted(set(COMMANDS) - DISTRIBUTED_COMMANDS))
-def test_a_one_process_command_launched_as_several_is_one_line_printed_once(name, capsys, monkeypatch):
+def test_a_one_process_command_launched_as_several_is_one_line_printed_once(name, capsys, monkeypatch, tmp_path):
     # Each process did the whole job on cuda:0 and wrote the same files at once.
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "0")
     with pytest.raises(SystemExit) as exit_info:
-        main([name, "--help"])
+        main([name, "--no_such_flag"])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err == (
@@ -122,8 +124,18 @@ def test_a_one_process_command_launched_as_several_is_one_line_printed_once(name
     )
     monkeypatch.setenv("RANK", "1")
     with pytest.raises(SystemExit):
-        main([name, "--help"])
+        main([name, "--no_such_flag"])
     assert capsys.readouterr().err == ""
+    # Its help is still shown, and a job that only exports WORLD_SIZE (no launcher's LOCAL_RANK) runs it alone.
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+    assert exit_info.value.code == 0 and "usage:" in capsys.readouterr().out
+    monkeypatch.delenv("LOCAL_RANK")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit):
+        main([name, "--no_such_flag"])
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: hf-mim {name}: ") and "runs in one process" not in err, err
 
 
 def test_exactly_the_commands_without_data_parallelism_refuse_several_processes():

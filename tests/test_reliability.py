@@ -342,6 +342,23 @@ def test_each_checkpoints_run_record_is_written_before_trainer_saves_and_pushes_
     assert record["flags"]["seed"] == 0 and record["train_skipped_images"] == 0
 
 
+def test_a_run_resumed_with_another_image_processor_is_refused(checkpointed_run, tiny_dvae_dir, image_folder, tmp_path):
+    # The ViT's view (normalisation, resampling) comes from a path, which was not compared: another processor there
+    # changed the inputs mid-run silently. Its settings are recorded; the same settings at another path resume.
+    side = {"height": 32, "width": 32}
+    MimImageProcessor(size=side, crop_size=side).save_pretrained(tmp_path / "same")
+    MimImageProcessor(size=side, crop_size=side, image_mean=[0.5] * 3).save_pretrained(tmp_path / "other")
+
+    def resumed(processor):
+        return run_mim_args(tiny_dvae_dir, image_folder, tmp_path / processor, "--max_steps", "2",
+                            "--image_processor_name", str(tmp_path / processor),
+                            "--resume_from_checkpoint", str(checkpointed_run / "checkpoint-1"))  # fmt: skip
+
+    with pytest.raises(UsageError, match=r"checkpoint-1 was trained with --image_processor_name \"settings [0-9a-f]{16}\""):
+        main(resumed("other"))
+    main(resumed("same"))
+
+
 def test_a_run_resumed_with_another_tokenizer_is_refused(checkpointed_run, image_folder, tmp_path):
     # The checkpoint's tokenizer weights were loaded over the new one: the run went on with the old targets.
     from conftest import tiny_dvae_config
@@ -367,6 +384,22 @@ def test_a_run_resumed_by_another_number_of_processes_is_refused(tmp_path):
     with pytest.raises(UsageError, match=r"trained with 2 processes \(this launch: 1; the launcher's setting\); .*"
                                          r"relaunch with the checkpoint's, or start afresh$"):
         check_run_flags(str(tmp_path), {"num_processes": 1, "seed": 0}, "start afresh")
+
+
+def test_a_record_of_an_older_hf_mim_with_unset_view_and_masking_defaults_resumes(tmp_path):
+    # Records written before runs recorded their resolved defaults hold None for them; the launch resolves the same
+    # defaults, so refusing "unset (this launch: 0.4)" left no way to resume.
+    from hf_mim.training.workflow import check_run_flags
+
+    older = {"color_jitter": None, "crop_min_scale": None, "num_mask_patches": None, "min_mask_patches_per_block": None,
+             "max_mask_patches_per_block": None, "seed": 0}  # fmt: skip
+    (tmp_path / "hf_mim_run.json").write_text(json.dumps({"flags": older}))
+    resolved = {"color_jitter": 0.4, "crop_min_scale": 0.08, "num_mask_patches": 6, "min_mask_patches_per_block": 1,
+                "max_mask_patches_per_block": None, "seed": 0}  # fmt: skip
+    check_run_flags(str(tmp_path), resolved, "start afresh")
+    # A flag that stays unset when unset is still compared.
+    with pytest.raises(UsageError, match=r"--max_mask_patches_per_block unset \(this launch: 5\)"):
+        check_run_flags(str(tmp_path), {**resolved, "max_mask_patches_per_block": 5}, "start afresh")
 
 
 def test_a_resumed_run_of_another_length_is_warned_that_its_schedule_is_rebuilt(

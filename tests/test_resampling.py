@@ -69,3 +69,10 @@ def test_lanczos_resize_refuses_a_batch_or_an_empty_size():
         lanczos_resize(torch.zeros(1, 3, 8, 8), (4, 4))
     with pytest.raises(ValueError, match="positive size"):
         lanczos_resize(torch.zeros(3, 8, 8), (0, 4))
+
+
+def test_lanczos_resize_returns_a_new_tensor_even_when_no_pass_runs():
+    # A float32 input of the output's size came back as the input itself, which the caller then edits in place.
+    pixels = torch.rand(3, 8, 8) * 255
+    out = lanczos_resize(pixels, (8, 8))
+    assert out.data_ptr() != pixels.data_ptr() and torch.equal(out, pixels)

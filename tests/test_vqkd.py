@@ -523,3 +523,40 @@ def test_a_resumed_vqkd_training_ends_with_the_weights_of_an_uninterrupted_one(v
     args = train_tokenizer_args(teacher, images, tmp_path / "unused", overrides={"dead_code_restart_steps": 2})
     args = args[: args.index("--save_strategy")] + args[args.index("--save_strategy") + 2 :]
     assert resumed_weights_equal_uninterrupted(train_tokenizer, [*args, "--color_jitter", "0.4"], tmp_path) == []
+
+
+def test_a_vqkd_training_resumed_with_another_teacher_is_refused_and_with_the_same_one_moved_is_not(
+    vqkd_training_data, tmp_path
+):
+    # Paths are not compared (models move), so another teacher behind --teacher_name_or_path changed the distilled
+    # targets mid-run silently; the run record now holds the teacher's fingerprint (config and weights).
+    import shutil
+
+    from hf_mim.errors import UsageError
+
+    teacher, images = vqkd_training_data
+    first = tmp_path / "first"
+    args = train_tokenizer_args(teacher, images, first, "--max_steps", "2")
+    args[args.index("--save_strategy") + 1] = "steps"
+    train_tokenizer([*args, "--save_steps", "1"])
+    record = json.loads((first / "checkpoint-1" / "hf_mim_run.json").read_text())
+    assert record["flags"]["teacher_name_or_path"].startswith("weights ")
+
+    moved = shutil.copytree(teacher, tmp_path / "moved_teacher")
+    other = tiny_clip_teacher_dir(tmp_path / "other_teacher")
+    torch.manual_seed(1)
+    retrained = CLIPVisionModelWithProjection.from_pretrained(other)
+    with torch.no_grad():
+        retrained.visual_projection.weight.add_(0.1 * torch.randn_like(retrained.visual_projection.weight))
+    retrained.save_pretrained(other)
+
+    def resumed(teacher_dir):
+        resumed_args = [*args, "--save_steps", "1", "--resume_from_checkpoint", str(first / "checkpoint-1")]
+        resumed_args[resumed_args.index("--teacher_name_or_path") + 1] = str(teacher_dir)
+        resumed_args[resumed_args.index("--output_dir") + 1] = str(tmp_path / f"resumed_{pathlib.Path(teacher_dir).name}")
+        return resumed_args
+
+    with pytest.raises(UsageError, match=r"checkpoint-1 was trained with --teacher_name_or_path \"weights [0-9a-f]{16}\""
+                                         r" \(this launch: \"weights [0-9a-f]{16}\"\)"):
+        train_tokenizer(resumed(other))
+    train_tokenizer(resumed(moved))

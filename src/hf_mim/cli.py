@@ -67,15 +67,18 @@ def one_process(command: str) -> Callable[[Callable], Callable]:
 
     def decorate(main: Callable) -> Callable:
         @functools.wraps(main)
-        def run(*args, **kwargs):
-            launched = int(os.environ.get("WORLD_SIZE", "1"))
-            if launched > 1:
+        def run(argv=None):
+            # torchrun and accelerate launch give each process its LOCAL_RANK; a job that only exports WORLD_SIZE to
+            # its containers (a lone command in a training job's pod) is not a launch of this command.
+            launched = int(os.environ.get("WORLD_SIZE", "1")) if "LOCAL_RANK" in os.environ else 1
+            asks_help = any(arg in ("-h", "--help") for arg in (sys.argv[1:] if argv is None else argv))
+            if launched > 1 and not asks_help:
                 raise UsageError(
                     f"`{PROG} {command}` runs in one process, and the launcher started {launched}: each would do the "
                     "whole job on the same GPU and write the same files at once; run it without accelerate launch "
                     "or torchrun (CUDA_VISIBLE_DEVICES picks its GPU)"
                 )
-            return main(*args, **kwargs)
+            return main(argv)
 
         return run
 

@@ -147,6 +147,9 @@ class RenderingArguments:
         }
 
 
+# Flags recorded unset (None) in runs of hf_mim before runs recorded the values they resolve to
+# (`RenderingArguments.with_view_defaults`, `MaskingArguments.with_grid_defaults`).
+RESOLVED_DEFAULT_FLAGS = ("color_jitter", "crop_min_scale", "num_mask_patches", "min_mask_patches_per_block")
 # The flags each masking reads.
 MASKING_FLAGS = {
     "blockwise": ("num_mask_patches", "min_mask_patches_per_block", "max_mask_patches_per_block", "exact_mask_count"),
@@ -303,6 +306,7 @@ __all__ = [
     "ImageDatasetArguments",
     "LabelledImageDatasetArguments",
     "MaskingArguments",
+    "RESOLVED_DEFAULT_FLAGS",
     "RenderingArguments",
     "StreamingImageDatasetArguments",
     "build_mask_generator",

@@ -89,7 +89,8 @@ def lanczos_resize(pixels: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         raise ValueError(
             f"Expected a (channels, height, width) image and a positive size, got {tuple(pixels.shape)} and {size}"
         )
-    x = pixels.to(torch.float32, memory_format=torch.contiguous_format)
+    # A copy even of a float32 input: a dimension that keeps its size returns it, and it must not be the input.
+    x = pixels.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     _, height, width = x.shape
     # PIL runs the vertical pass first when the height shrinks more than twice as much as the width (its pass order
     # decides where it clips); a dimension that keeps its size is not filtered at all.

@@ -177,7 +177,8 @@ def extract_features(
         batch_size, num_workers: Of the DataLoader.
         cache_dir: If given, features are stored under it keyed by model weights, preprocessing, data, layer and
             pooling, and read back on the next call instead of being recomputed (not for streaming datasets).
-        device: Where the encoder runs; by default CUDA when available.
+        device: Where the encoder runs; by default CUDA when available. A transformers BEiT's relative position
+            biases are replaced, for good, by ones that keep their index on the device (same parameters, outputs).
 
     Returns:
         A [`FeatureSet`]. Undecodable images are skipped (with a warning), together with their labels.

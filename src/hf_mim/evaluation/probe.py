@@ -176,7 +176,8 @@ def linear_probe(
                 f"holdout_fraction={holdout_fraction} of {len(train_features)} training examples leaves no held-out or "
                 "no training examples; use a fraction in (0, 1) and more data, or a single setting (no sweep)"
             )
-        order = torch.randperm(len(train_features), generator=torch.Generator().manual_seed(seed)).to(train_features.device)
+        order = torch.randperm(len(train_features), generator=torch.Generator().manual_seed(seed))
+        order = order.to(train_features.device)
         held, kept = order[:num_holdout], order[num_holdout:]
         for weight_decay, learning_rate in settings:
             lr_kwargs = {} if learning_rate is None else {"learning_rate": learning_rate}
@@ -262,7 +263,7 @@ def run_linear_probe(train, evaluation, probe_args: LinearProbeArguments, seed: 
             f"--holdout_fraction {probe_args.holdout_fraction} of {len(train.labels)} training images holds out none "
             "to pick the setting with; pass a larger fraction or more training images"
         )
-    # The probes fit where the features are: on the GPU when there is one.
+    # On the GPU when there is one, as the features were extracted (cached features are loaded on the CPU).
     per_layer, device = {}, compute_device()
     for layer in train.features:
         result = linear_probe(

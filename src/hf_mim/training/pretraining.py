@@ -461,7 +461,7 @@ def pretrain(
         after_save=lambda: save_tokenizer_image_processor(training_args.output_dir, tokenizer_processor),
         dataset_name=data_args.dataset_name,
         train_dir=data_args.train_dir,
-        flags=run_flags(training_args, model_args, data_args),
+        flags=run_flags(training_args, model_args, data_args, loaded={"image_processor_name": image_processor}),
     )
 
 

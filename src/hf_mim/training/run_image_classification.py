@@ -390,7 +390,7 @@ def main(argv=None) -> dict[str, float]:
         mixup=mixup,
     )
 
-    flags = run_flags(training_args, model_args, data_args)
+    flags = run_flags(training_args, model_args, data_args, loaded={"image_processor_name": view})
     return train_and_evaluate(trainer, training_args, skipped, eval_skipped=eval_skipped, model_card=False, flags=flags)
 
 

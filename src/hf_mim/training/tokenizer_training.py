@@ -288,6 +288,8 @@ def train_tokenizer(
         callbacks=callbacks,
     )
 
+    # VQ-KD distils its teacher: another one, even at the same path, would change the targets mid-run.
+    teacher = {"teacher_name_or_path": trainer.teacher.model} if hasattr(trainer, "teacher") else None
     return train_and_evaluate(
         trainer,
         training_args,
@@ -295,7 +297,7 @@ def train_tokenizer(
         eval_skipped=eval_skipped,
         dataset_name=data_args.dataset_name,
         train_dir=data_args.train_dir,
-        flags=run_flags(training_args, tokenizer_args, data_args),
+        flags=run_flags(training_args, tokenizer_args, data_args, loaded=teacher),
     )
 
 

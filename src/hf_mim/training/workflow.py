@@ -8,6 +8,7 @@
 import contextlib
 import dataclasses
 import enum
+import hashlib
 import json
 import logging
 import os
@@ -20,7 +21,9 @@ from safetensors import safe_open
 from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import get_last_checkpoint
 
+from ..data.arguments import RESOLVED_DEFAULT_FLAGS
 from ..errors import UsageError
+from ..evaluation.features import model_fingerprint
 from ..hub.cards import describe_training_data, hub_dataset_id
 from ..hub.push import default_repo_id, hub_request_errors
 from .loading import saved_model_type
@@ -192,16 +195,29 @@ def _json_value(value):
     return value.value if isinstance(value, enum.Enum) else str(value)
 
 
-def run_flags(training_args: TrainingArguments, *argument_groups) -> dict:
+def content_fingerprint(loaded) -> str:
+    """What a model or image processor holds, whatever path it was loaded from: `weights <hash>` of a model's
+    config and weights, `settings <hash>` of a processor's fields."""
+    if isinstance(loaded, torch.nn.Module):
+        return f"weights {model_fingerprint(loaded)[:16]}"
+    fields = {key: value for key, value in loaded.to_dict().items() if key not in ("image_processor_type", "auto_map")}
+    digest = hashlib.blake2b(json.dumps(fields, sort_keys=True, default=str).encode(), digest_size=8)
+    return f"settings {digest.hexdigest()}"
+
+
+def run_flags(training_args: TrainingArguments, *argument_groups, loaded: dict | None = None) -> dict:
     """The flags that decide what a training run draws and how it updates: `TRAJECTORY_TRAINING_FLAGS`, the number of
     processes, and every flag of the command's own dataclasses (`argument_groups`, e.g. model and data arguments)
-    but those that say where data and models are; as JSON values."""
+    but those that say where data and models are; as JSON values. `loaded` maps a flag that names a model or image
+    processor to the one loaded (e.g. the VQ-KD teacher of `--teacher_name_or_path`), recorded by its
+    [`content_fingerprint`]: a resumption may find it at another path, but not another one."""
     flags = {name: getattr(training_args, name) for name in TRAJECTORY_TRAINING_FLAGS if hasattr(training_args, name)}
     flags["num_processes"] = training_args.world_size
     for group in argument_groups:
         flags.update(
             {field.name: getattr(group, field.name) for field in dataclasses.fields(group) if _decides_the_run(field.name)}
         )
+    flags.update({name: content_fingerprint(value) for name, value in (loaded or {}).items()})
     return json.loads(json.dumps(flags, default=_json_value))
 
 
@@ -257,7 +273,11 @@ def check_run_flags(checkpoint: str, flags: dict, afresh: str) -> None:
         logger.warning(f"{checkpoint} has no {RUN_RECORD} (an older hf_mim, or a copy from the Hub): the flags it was "
                        "trained with cannot be checked; resume with the same ones")  # fmt: skip
         return
-    changed = sorted(name for name in saved.keys() & flags.keys() if saved[name] != flags[name])
+    changed = sorted(
+        name for name in saved.keys() & flags.keys()
+        # An older record's unset default is whatever this launch resolved it to, unless the launch set it.
+        if saved[name] != flags[name] and not (saved[name] is None and name in RESOLVED_DEFAULT_FLAGS)
+    )
     if not changed:
         return
     differences = ", ".join(
@@ -388,6 +408,7 @@ __all__ = [
     "check_resumption_flags",
     "check_run_flags",
     "check_tokenizer_weights",
+    "content_fingerprint",
     "empty_stream_errors",
     "find_checkpoint",
     "require_action",

@@ -21,6 +21,7 @@ from ...data import SkippedImageCounter, center_crop_view
 from ...data.arguments import require_validation_split
 from ...errors import UsageError
 from ...evaluation.codebook import codebook_metrics
+from ...evaluation.features import compute_device
 from ...families import family_of
 from ...hub.cards import write_model_card
 from ...hub.push import default_repo_id, hub_request_errors, push_folder
@@ -167,7 +168,7 @@ def fit_centroids(
         seed=seed,
         batch_size=batch_size,
         num_workers=num_workers,
-        device=("cuda" if torch.cuda.is_available() else "cpu") if device is None else device,
+        device=compute_device(device),
         skipped=skipped,
         show_progress=show_progress,
     )
