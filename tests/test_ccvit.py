@@ -1,5 +1,6 @@
 """CCViT: centroid replacement positions, the model's corruption, targets, losses and checkpoints."""
 
+import json
 import math
 
 import numpy as np
@@ -279,3 +280,28 @@ def test_a_fit_tokenizer_run_resumed_with_other_flags_is_refused_before_the_fit(
                         "--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-1"))  # fmt: skip
     with pytest.raises(UsageError, match=r"--learning_rate 0.001 \(this launch: 0.005\)"):
         main(args)
+
+
+def test_a_fit_tokenizer_run_resumed_into_another_folder_reuses_the_checkpoints_fitted_tokenizer(
+    image_folder, tmp_path, monkeypatch, caplog
+):
+    # It fitted a new one (hours at CCViT's scale), which then had to equal the checkpoint's to be accepted.
+    from hf_mim.training.run_mim import main
+
+    fit = ("--fit_tokenizer", "--fit_codebook_size", "16", "--kmeans_iterations", "2", "--save_strategy", "steps",
+           "--save_steps", "1")
+    main(run_mim_args(image_folder, tmp_path / "run", *fit, "--max_steps", "2"))
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the checkpoint's run had fitted the tokenizer already")
+
+    from hf_mim.training.kmeans import tokenizer as kmeans_tokenizer
+
+    monkeypatch.setattr(kmeans_tokenizer, "_fit_from_arguments", no_fit)
+    args = run_mim_args(image_folder, tmp_path / "elsewhere", *fit, "--max_steps", "3",
+                        "--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-1"))  # fmt: skip
+    with caplog.at_level("WARNING", logger="hf_mim.training.kmeans.tokenizer"):
+        main(args)
+    assert f"Using the k-means tokenizer already fitted in {tmp_path / 'run' / 'tokenizer'}" in caplog.text
+    state = json.loads((tmp_path / "elsewhere" / "trainer_state.json").read_text())
+    assert state["global_step"] == 3

@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass, field
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, set_seed
+from transformers.utils import CONFIG_NAME
 
 from ..arguments import flags_set
 from ..checkpoint_folder import TOKENIZER_SUBFOLDER, load_tokenizer_image_processor, save_tokenizer_image_processor
@@ -46,6 +47,7 @@ from .workflow import (
     require_action,
     require_steps_when_streaming,
     require_weights_to_evaluate,
+    resumption,
     run_flags,
     setup_logging,
     train_and_evaluate,
@@ -363,12 +365,24 @@ def fit_tokenizer(model_args: ModelArguments, dataset, image_column: str, traini
         image_column,
         tokenizer,
         model_args,
-        os.path.join(training_args.output_dir, TOKENIZER_SUBFOLDER),
+        fitted_tokenizer_folder(training_args),
         seed=training_args.seed,
         device=training_args.device,
         num_workers=training_args.dataloader_num_workers,
         refit=training_args.overwrite_output_dir,
     )
+
+
+def fitted_tokenizer_folder(training_args: MimTrainingArguments) -> str:
+    """Where `--fit_tokenizer` saves, or finds, the run's tokenizer: `output_dir/tokenizer`, unless the run resumes
+    from a checkpoint of another folder whose run fitted one there (a new fit, hours at CCViT's scale, would have to
+    give the very centroids the checkpoint was trained with, or be refused)."""
+    folder = os.path.join(training_args.output_dir, TOKENIZER_SUBFOLDER)
+    resumed = resumption(training_args) if training_args.do_train else None
+    if resumed is None or training_args.overwrite_output_dir or os.path.isfile(os.path.join(folder, CONFIG_NAME)):
+        return folder
+    fitted = os.path.join(os.path.dirname(os.path.normpath(resumed[0])), TOKENIZER_SUBFOLDER)
+    return fitted if os.path.isfile(os.path.join(fitted, CONFIG_NAME)) else folder
 
 
 # The flags only `--fit_tokenizer` reads: without it they would be silently ignored.
