@@ -658,10 +658,13 @@ def test_center_crop_view_is_the_papers_evaluation_crop():
     white = {name: float((view(image, return_tensors="pt")["pixel_values"][0, 0] > 0.99).float().mean())
              for name, view in (("whole", whole), ("cropped", cropped))}  # fmt: skip
     assert white["whole"] == pytest.approx(0.25, abs=0.01) and white["cropped"] == 0.0
-    # Already cropping, or 384 px and more (BEiT evaluates those resized whole): unchanged.
+    # Already cropping: unchanged. At 384 px and more BEiT (as timm) crops without a margin (crop_pct 1.0): the
+    # shorter side to the size, the centre square; it squashed the whole image into the square.
     assert center_crop_view(cropped) is cropped
-    large = MimImageProcessor(size={"height": 384, "width": 384})
-    assert center_crop_view(large) is large
+    large = center_crop_view(MimImageProcessor(size={"height": 384, "width": 384}, do_normalize=False))
+    assert large.size == {"shortest_edge": 384} and large.crop_size == {"height": 384, "width": 384}
+    white_large = float((large(image, return_tensors="pt")["pixel_values"][0, 0] > 0.99).float().mean())
+    assert white_large == 0.0
 
 
 @pytest.mark.parametrize("size", [(640, 427), (639, 427), (427, 640)])

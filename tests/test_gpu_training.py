@@ -248,15 +248,23 @@ def test_training_with_transformers_learning_rate_and_weight_decay_is_warned_of(
         return caplog.text
 
     text = warned()
-    assert "--learning_rate and --weight_decay are unset, so transformers' defaults apply (5e-05, 0)" in text
+    assert "--learning_rate is unset, so transformers' default applies (5e-05)" in text
     assert "the recipe: --learning_rate 1" in text
-    assert warned(learning_rate=1e-3) == "" and warned(weight_decay=0.05) == ""
+    assert warned(learning_rate=1e-3) == ""
+    # Every optimiser flag of the recipe left at transformers' default is named, with that default.
+    recipe = "the recipe: --learning_rate 1 --max_grad_norm 3.0 --lr_scheduler_type cosine --layer_decay 0.65"
+    caplog.clear()
+    args = MimTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, do_train=True,
+                                learning_rate=1e-3)  # fmt: skip
+    with caplog.at_level("WARNING", logger="hf_mim.training.arguments"):
+        warn_of_transformers_optimisation_defaults(args, recipe)
+    assert "--max_grad_norm, --lr_scheduler_type are unset, so transformers' defaults apply (1, linear)" in caplog.text
 
 
 @pytest.mark.parametrize(
     "command, flags, recipe",
     [
-        ("run_mim", ["--model_type", "beit"], "BEiT at batch 2048: --learning_rate 1.5e-3 --weight_decay 0.05"),
+        ("run_mim", ["--model_type", "beit"], "BEiT at batch 2048: --learning_rate 1.5e-3 --weight_decay 0.05 --max_grad_norm 3.0"),
         # BEiT v2 (300 epochs), mc-BEiT and CCViT train with Adam's beta2 at 0.98, not transformers' 0.999.
         ("run_mim", ["--model_type", "mcbeit"], "--learning_rate 1.5e-3 --weight_decay 0.05 --adam_beta2 0.98"),
         ("train_tokenizer", ["--tokenizer_type", "dvae"], "--learning_rate 1e-3"),
@@ -275,4 +283,4 @@ def test_each_training_command_warns_of_transformers_optimisation_defaults_befor
             "--use_cpu", "--report_to", "none"]
     with caplog.at_level("WARNING", logger="hf_mim.training.arguments"), pytest.raises(UsageError):
         module.main(argv)
-    assert "--learning_rate and --weight_decay are unset" in caplog.text and recipe in caplog.text
+    assert "--learning_rate" in caplog.text and "unset, so transformers' default" in caplog.text and recipe in caplog.text

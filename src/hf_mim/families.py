@@ -32,6 +32,8 @@ from .models.configuration_beit import FAMILY_BLOCK_FILES, replace_family_block
 # BEiT's data recipe: blockwise masking (75 of 196 patches; 40% when --masking random), colour jitter 0.4. The other
 # methods' defaults start from it.
 BEIT_DATA_DEFAULTS = {"masking": "blockwise", "mask_ratio": 0.4, "color_jitter": 0.4}
+# The pre-training schedule of the four papers' code: gradients clipped at 3.0, cosine decay to 1e-5.
+PRETRAINING_SCHEDULE = "--max_grad_norm 3.0 --lr_scheduler_type cosine_with_min_lr --lr_scheduler_kwargs '{\"min_lr\": 1e-5}'"
 
 
 def import_target(target: str):
@@ -146,7 +148,7 @@ MIM_METHODS = {
             model_class=models.BeitMimForMaskedImageModeling,
             encoder_class=models.BeitMimModel,
             card_tag="beit",
-            optimisation_recipe="BEiT at batch 2048: --learning_rate 1.5e-3 --weight_decay 0.05",
+            optimisation_recipe=f"BEiT at batch 2048: --learning_rate 1.5e-3 --weight_decay 0.05 {PRETRAINING_SCHEDULE}",
         ),
         MimMethod(
             name="beitv2",
@@ -156,7 +158,8 @@ MIM_METHODS = {
             encoder_class=models.Beitv2Model,
             card_tag="beit-v2",
             optimisation_recipe=(
-                "BEiT v2's 300 epochs at batch 2048: --learning_rate 1.5e-3 --weight_decay 0.05 --adam_beta2 0.98"
+                "BEiT v2's 300 epochs at batch 2048: --learning_rate 1.5e-3 --weight_decay 0.05 --adam_beta2 0.98 "
+                f"{PRETRAINING_SCHEDULE}"
             ),
             # The recipe of the released models (PRETRAINING.md); the script's own default is 0.08.
             data_defaults={**BEIT_DATA_DEFAULTS, "crop_min_scale": 0.2},
@@ -168,7 +171,9 @@ MIM_METHODS = {
             model_class=models.McBeitForMaskedImageModeling,
             encoder_class=models.McBeitModel,
             card_tag="mc-beit",
-            optimisation_recipe="mc-BEiT at batch 2048: --learning_rate 1.5e-3 --weight_decay 0.05 --adam_beta2 0.98",
+            optimisation_recipe=(
+                f"mc-BEiT at batch 2048: --learning_rate 1.5e-3 --weight_decay 0.05 --adam_beta2 0.98 {PRETRAINING_SCHEDULE}"
+            ),
             # The published recipe: 75% of the patches masked uniformly at random (147 of 196), no colour jitter.
             data_defaults={"masking": "random", "mask_ratio": 0.75, "color_jitter": 0.0},
         ),
@@ -179,7 +184,9 @@ MIM_METHODS = {
             model_class=models.CcvitForMaskedImageModeling,
             encoder_class=models.CcvitModel,
             card_tag="ccvit",
-            optimisation_recipe="CCViT at batch 2048: --learning_rate 1.5e-3 --weight_decay 0.05 --adam_beta2 0.98",
+            optimisation_recipe=(
+                f"CCViT at batch 2048: --learning_rate 1.5e-3 --weight_decay 0.05 --adam_beta2 0.98 {PRETRAINING_SCHEDULE}"
+            ),
             # BEiT's blockwise 75 of 196, no colour jitter: its centroids are fitted on un-jittered pixels.
             data_defaults={**BEIT_DATA_DEFAULTS, "color_jitter": 0.0, "crop_min_scale": 0.2},
             replaced_patches=20,
@@ -211,7 +218,10 @@ TOKENIZERS = {
             image_processor_class=models.VqkdImageProcessor,
             card_tag="vq-kd",
             trainer="hf_mim.training.vqkd:build_vqkd_trainer",
-            optimisation_recipe="VQ-KD at batch 512: --learning_rate 2e-4 --weight_decay 1e-4",
+            optimisation_recipe=(
+                "VQ-KD at batch 512: --learning_rate 2e-4 --weight_decay 1e-4 --adam_beta2 0.99 --max_grad_norm 0 "
+                "--lr_scheduler_type cosine_with_min_lr --lr_scheduler_kwargs '{\"min_lr\": 1e-5}'"
+            ),
         ),
         TokenizerFamily(
             name="kmeans",

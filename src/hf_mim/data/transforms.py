@@ -29,8 +29,9 @@ _TIMM_DEFAULT_FILL = (128, 128, 128)
 _LUMA = (0.299, 0.587, 0.114)
 # The papers' evaluation crop (timm's crop_pct): the shorter side resized to 256 for a 224 crop.
 CENTER_CROP_FRACTION = 224 / 256
-# BEiT (as timm) evaluates 384 px and larger views whole: resized to the square, not cropped.
-WHOLE_VIEW_SIZE = 384
+# BEiT (as timm, crop_pct 1.0) evaluates 384 px and larger views without a margin: the shorter side resized to the
+# size, then the centre square.
+FULL_CROP_SIZE = 384
 
 
 def _interpolate(mode: str):
@@ -87,11 +88,13 @@ def random_resized_crop_box(
 def center_crop_view(processor: MimImageProcessor, crop_fraction: float = CENTER_CROP_FRACTION) -> MimImageProcessor:
     """`processor`'s view as the papers evaluate and sample images: the shorter side resized to
     floor(size / `crop_fraction`), then the centre size x size crop (Resize(256) + CenterCrop(224): BEiT's fine-tuning
-    and linear-probe evaluation, CCViT's k-means fit). A processor that already centre-crops, or of 384 px and more
-    (which BEiT evaluates resized whole), is returned as it is."""
+    and linear-probe evaluation, CCViT's k-means fit); from 384 px on, the shorter side resized to the size itself
+    (BEiT's crop_pct 1.0). A processor that already centre-crops is returned as it is."""
     height, width = processor.output_size
-    if processor.do_center_crop or height >= WHOLE_VIEW_SIZE:
+    if processor.do_center_crop:
         return processor
+    if height >= FULL_CROP_SIZE:
+        crop_fraction = 1.0
     if height != width:
         raise ValueError(f"Expected a processor of square images to centre-crop, got {height}x{width}")
     fields = processor.to_dict()

@@ -48,7 +48,8 @@ logger = logging.getLogger(__name__)
 FEATURE_POOLINGS = ("cls", "mean", "cls+mean")
 
 # The views of the probe and k-NN commands: "center_crop" is the papers' (BEiT's linear probe evaluates
-# Resize(256) + CenterCrop(224), DINO's k-NN embeds train and val images so), "whole" the image resized whole.
+# Resize(256) + CenterCrop(224), DINO's k-NN embeds train and val images so; crop_pct 1.0 from 384 px), "whole" the
+# image resized whole.
 FEATURE_VIEWS = ("center_crop", "whole")
 
 # Config entries that do not change what an encoder computes.

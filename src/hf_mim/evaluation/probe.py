@@ -1,7 +1,7 @@
 """Linear probing: a logistic-regression head on frozen features, trained in torch.
 
 The features are standardised with the statistics of the training part (the affine-free BatchNorm that
-MAE puts before its linear head; for a linear model it only conditions the optimisation), then a
+MAE puts before its linear head; with the swept weight decay it also rescales the penalty per feature), then a
 `Linear(dim, num_classes)` is fitted by full-batch L-BFGS (the convex optimum, no learning rate to
 tune) or by mini-batch AdamW with a cosine schedule. A small sweep over weight decay (and the AdamW
 learning rate) is scored on a held-out part of the training set; the best setting is refitted on the

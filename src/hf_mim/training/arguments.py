@@ -7,6 +7,7 @@ import inspect
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -264,14 +265,25 @@ def parse_config_overrides(config_class, overrides: str | None) -> dict:
 
 
 def warn_of_transformers_optimisation_defaults(args: TrainingArguments, recipe: str) -> None:
-    """A warning, before training, that `--learning_rate` and `--weight_decay` are both left at transformers'
-    defaults (5e-5, 0), which no MIM paper trains with; `recipe` names the values to pass instead."""
-    if args.do_train and not flags_set(args, ("learning_rate", "weight_decay")):
+    """A warning, before training, naming the optimiser flags of `recipe` (e.g. "BEiT at batch 2048:
+    --learning_rate 1.5e-3 --max_grad_norm 3.0") left at transformers' defaults (learning rate 5e-5, no weight
+    decay, clipping at 1.0, linear decay to 0), which no MIM paper trains with."""
+    # Flags of the command's other arguments (fine-tuning's --layer_decay) have recipe defaults of their own.
+    flags = [name for name in re.findall(r"--(\w+)", recipe) if hasattr(args, name)]
+    unset = [name for name in flags if not flags_set(args, [name])]
+    if args.do_train and unset:
+        defaults = ", ".join(str(_json_scalar(getattr(args, name))) for name in unset)
         logger.warning(
-            f"--learning_rate and --weight_decay are unset, so transformers' defaults apply ({args.learning_rate:g}, "
-            f"{args.weight_decay:g}), far from the papers' recipes ({recipe}; the README lists each method's): pass "
-            "them to train as the papers do"
+            f"{', '.join(f'--{name}' for name in unset)} {'is' if len(unset) == 1 else 'are'} unset, so transformers' "
+            f"{'default applies' if len(unset) == 1 else 'defaults apply'} ({defaults}), unlike the papers' recipe ({recipe}; the README lists each method's): pass "
+            f"{'it' if len(unset) == 1 else 'them'} to train as the papers do"
         )
+
+
+def _json_scalar(value):
+    # Enums (the scheduler type) as their values, dicts as JSON: the defaults as the user would type them.
+    value = getattr(value, "value", value)
+    return json.dumps(value) if isinstance(value, dict) else (f"{value:g}" if isinstance(value, float) else value)
 
 
 __all__ = [

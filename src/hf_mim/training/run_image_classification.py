@@ -271,7 +271,8 @@ def parse_args(argv=None):
           hf-mim finetune --model_name_or_path ./beit --train_dir ./train --validation_dir ./val \\
               --output_dir ./beit-finetuned --do_train --do_eval --num_train_epochs 100 \\
               --per_device_train_batch_size 64 --learning_rate 2.5e-4 --weight_decay 0.05 --warmup_steps 0.2 \\
-              --lr_scheduler_type cosine --mixup 0.8 --cutmix 1.0 --eval_strategy epoch --save_strategy epoch
+              --lr_scheduler_type cosine_with_min_lr --lr_scheduler_kwargs '{"min_lr": 1e-6}' --max_grad_norm 0 \\
+              --mixup 0.8 --cutmix 1.0 --eval_strategy epoch --save_strategy epoch
 
           # Several GPUs
           accelerate launch --multi_gpu --num_processes 8 -m hf_mim finetune ... --bf16
@@ -308,7 +309,9 @@ def main(argv=None) -> dict[str, float]:
         )
     setup_logging(training_args)
     warn_of_transformers_optimisation_defaults(
-        training_args, "BEiT-B fine-tuning at batch 1024: --learning_rate 4e-3 --weight_decay 0.05 --layer_decay 0.65"
+        training_args,
+        "BEiT-B fine-tuning at batch 1024: --learning_rate 4e-3 --weight_decay 0.05 --layer_decay 0.65 --max_grad_norm 0 "
+        "--lr_scheduler_type cosine_with_min_lr --lr_scheduler_kwargs '{\"min_lr\": 1e-6}'",
     )
     set_seed(training_args.seed)
 
@@ -343,7 +346,7 @@ def main(argv=None) -> dict[str, float]:
             f"{side}x{side}; pass --image_processor_name with a processor of the model's size"
         )
 
-    # BEiT's evaluation view (Resize(256) + CenterCrop(224) below 384 px), also saved as the fine-tuned model's
+    # BEiT's evaluation view (Resize(256) + CenterCrop(224); no margin from 384 px), saved as the fine-tuned model's
     # processor so that its users preprocess as the reported accuracy did.
     eval_view = center_crop_view(view)
     skipped, eval_skipped = SkippedImageCounter(), SkippedImageCounter()
