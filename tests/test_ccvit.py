@@ -262,46 +262,53 @@ def test_normalising_the_corrupted_view_copies_no_host_values_to_the_device():
     assert torch.equal(model.normalize_pixels(pixels), expected)
 
 
-def test_a_fit_tokenizer_run_resumed_with_other_flags_is_refused_before_the_fit(image_folder, tmp_path, monkeypatch):
+# A --fit_tokenizer run with a checkpoint at step 1, resumed by the tests below.
+FIT_FLAGS = ("--fit_tokenizer", "--fit_codebook_size", "16", "--kmeans_iterations", "2", "--save_strategy", "steps",
+             "--save_steps", "1")  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fitted_run(image_folder, tmp_path_factory):
+    from hf_mim.training.run_mim import main
+
+    folder = tmp_path_factory.mktemp("fitted_run")
+    main(run_mim_args(image_folder, folder, *FIT_FLAGS, "--max_steps", "2"))
+    return folder
+
+
+def test_a_fit_tokenizer_run_resumed_with_other_flags_is_refused_before_the_fit(
+    fitted_run, image_folder, tmp_path, monkeypatch
+):
     # The fit, hours at CCViT's scale, came before the resumption checks.
     from hf_mim.errors import UsageError
     from hf_mim.training import pretraining
     from hf_mim.training.run_mim import main
 
-    fit = ("--fit_tokenizer", "--fit_codebook_size", "16", "--kmeans_iterations", "2", "--save_strategy", "steps",
-           "--save_steps", "1")
-    main(run_mim_args(image_folder, tmp_path / "run", *fit, "--max_steps", "2"))
-
     def no_fit(*args, **kwargs):
         raise AssertionError("the tokenizer was fitted before the resumption was checked")
 
     monkeypatch.setattr(pretraining, "fit_tokenizer", no_fit)
-    args = run_mim_args(image_folder, tmp_path / "elsewhere", *fit, "--max_steps", "3", "--learning_rate", "5e-3",
-                        "--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-1"))  # fmt: skip
+    args = run_mim_args(image_folder, tmp_path / "elsewhere", *FIT_FLAGS, "--max_steps", "3", "--learning_rate", "5e-3",
+                        "--resume_from_checkpoint", str(fitted_run / "checkpoint-1"))  # fmt: skip
     with pytest.raises(UsageError, match=r"--learning_rate 0.001 \(this launch: 0.005\)"):
         main(args)
 
 
 def test_a_fit_tokenizer_run_resumed_into_another_folder_reuses_the_checkpoints_fitted_tokenizer(
-    image_folder, tmp_path, monkeypatch, caplog
+    fitted_run, image_folder, tmp_path, monkeypatch, caplog
 ):
     # It fitted a new one (hours at CCViT's scale), which then had to equal the checkpoint's to be accepted.
+    from hf_mim.training.kmeans import tokenizer as kmeans_tokenizer
     from hf_mim.training.run_mim import main
-
-    fit = ("--fit_tokenizer", "--fit_codebook_size", "16", "--kmeans_iterations", "2", "--save_strategy", "steps",
-           "--save_steps", "1")
-    main(run_mim_args(image_folder, tmp_path / "run", *fit, "--max_steps", "2"))
 
     def no_fit(*args, **kwargs):
         raise AssertionError("the checkpoint's run had fitted the tokenizer already")
 
-    from hf_mim.training.kmeans import tokenizer as kmeans_tokenizer
-
     monkeypatch.setattr(kmeans_tokenizer, "_fit_from_arguments", no_fit)
-    args = run_mim_args(image_folder, tmp_path / "elsewhere", *fit, "--max_steps", "3",
-                        "--resume_from_checkpoint", str(tmp_path / "run" / "checkpoint-1"))  # fmt: skip
+    args = run_mim_args(image_folder, tmp_path / "elsewhere", *FIT_FLAGS, "--max_steps", "3",
+                        "--resume_from_checkpoint", str(fitted_run / "checkpoint-1"))  # fmt: skip
     with caplog.at_level("WARNING", logger="hf_mim.training.kmeans.tokenizer"):
         main(args)
-    assert f"Using the k-means tokenizer already fitted in {tmp_path / 'run' / 'tokenizer'}" in caplog.text
+    assert f"Using the k-means tokenizer already fitted in {fitted_run / 'tokenizer'}" in caplog.text
     state = json.loads((tmp_path / "elsewhere" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
