@@ -264,6 +264,12 @@ def parse_config_overrides(config_class, overrides: str | None) -> dict:
     return {name: getattr(probe, name) for name in names}
 
 
+def _json_scalar(value):
+    # Enums (the scheduler type) as their values, dicts as JSON: the defaults as the user would type them.
+    value = getattr(value, "value", value)
+    return json.dumps(value) if isinstance(value, dict) else (f"{value:g}" if isinstance(value, float) else value)
+
+
 def warn_of_transformers_optimisation_defaults(args: TrainingArguments, recipe: str) -> None:
     """A warning, before training, naming the optimiser flags of `recipe` (e.g. "BEiT at batch 2048:
     --learning_rate 1.5e-3 --max_grad_norm 3.0") left at transformers' defaults (learning rate 5e-5, no weight
@@ -272,18 +278,14 @@ def warn_of_transformers_optimisation_defaults(args: TrainingArguments, recipe: 
     flags = [name for name in re.findall(r"--(\w+)", recipe) if hasattr(args, name)]
     unset = [name for name in flags if not flags_set(args, [name])]
     if args.do_train and unset:
+        names = ", ".join(f"--{name}" for name in unset)
         defaults = ", ".join(str(_json_scalar(getattr(args, name))) for name in unset)
+        one = len(unset) == 1
         logger.warning(
-            f"{', '.join(f'--{name}' for name in unset)} {'is' if len(unset) == 1 else 'are'} unset, so transformers' "
-            f"{'default applies' if len(unset) == 1 else 'defaults apply'} ({defaults}), unlike the papers' recipe ({recipe}; the README lists each method's): pass "
-            f"{'it' if len(unset) == 1 else 'them'} to train as the papers do"
+            f"{names} {'is' if one else 'are'} unset, so transformers' {'default applies' if one else 'defaults apply'} "
+            f"({defaults}), unlike the papers' recipe ({recipe}; the README lists each method's): pass "
+            f"{'it' if one else 'them'} to train as the papers do"
         )
-
-
-def _json_scalar(value):
-    # Enums (the scheduler type) as their values, dicts as JSON: the defaults as the user would type them.
-    value = getattr(value, "value", value)
-    return json.dumps(value) if isinstance(value, dict) else (f"{value:g}" if isinstance(value, float) else value)
 
 
 __all__ = [
