@@ -81,11 +81,17 @@ def test_script_fine_tunes_and_saves_a_stock_classifier(tiny_mim_dir, image_fold
         "--output_dir", str(tmp_path), "--do_train", "--do_eval", "--max_steps", "3",
         "--per_device_train_batch_size", "4", "--learning_rate", "1e-3", "--mixup", "0.8", "--cutmix", "1.0",
         "--logging_steps", "1", "--save_strategy", "no", "--use_cpu", "--report_to", "none",
-        "--dataloader_num_workers", "0", "--seed", "0",
+        "--dataloader_num_workers", "0", "--seed", "0", "--eval_strategy", "steps", "--eval_steps", "1",
     ])
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and np.isfinite(metrics["eval_loss"])
     state = json.loads((tmp_path / "trainer_state.json").read_text())
     assert [entry["step"] for entry in state["log_history"] if "loss" in entry] == [1, 2, 3]
+    # BEiT reports the best accuracy over its evaluations: beside the last one, with its step.
+    # (trainer_state.json is saved after training, before the final evaluation.)
+    evaluated = [entry["eval_accuracy"] for entry in state["log_history"] if "eval_accuracy" in entry]
+    assert len(evaluated) == 3 and metrics["eval_best_accuracy"] == max([*evaluated, metrics["eval_accuracy"]])
+    assert metrics["eval_best_accuracy_step"] in (1, 2, 3)
+    assert json.loads((tmp_path / "all_results.json").read_text())["eval_best_accuracy"] == metrics["eval_best_accuracy"]
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "beit" and "auto_map" not in config and config["use_relative_position_bias"]
     assert config["id2label"] == {"0": "a", "1": "b"}

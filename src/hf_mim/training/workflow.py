@@ -381,6 +381,11 @@ def train_and_evaluate(
                 "no validation image could be decoded, so there is nothing to evaluate: point --validation_dir (or "
                 "--train_val_split) at your images, or fix or remove the broken files"
             )
+        evaluated = [entry for entry in trainer.state.log_history if "eval_accuracy" in entry]
+        if len(evaluated) > 1:
+            # BEiT's fine-tuning reports the best accuracy over its evaluations; the last one is reported beside it.
+            best = max(evaluated, key=lambda entry: entry["eval_accuracy"])
+            eval_metrics["eval_best_accuracy"], eval_metrics["eval_best_accuracy_step"] = best["eval_accuracy"], best["step"]
         metrics.update(eval_metrics)
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
