@@ -102,7 +102,9 @@ def encode_batch(encoder, pixel_values: torch.Tensor, layers: Sequence[int], poo
     return {layer: pool_tokens(hidden_states[layer], pooling).float() for layer in layers}
 
 
-def _hash(*parts) -> str:
+def hash_parts(*parts) -> str:
+    """A hex digest of `parts` (bytes or anything `str` renders), each delimited: cached features' and run records'
+    keys."""
     digest = hashlib.blake2b(digest_size=16)
     for part in parts:
         digest.update(part if isinstance(part, bytes) else str(part).encode())
@@ -195,8 +197,12 @@ def extract_features(
     if cache_dir is not None:
         if not isinstance(dataset, datasets.Dataset):
             raise ValueError("Feature caching needs a map-style dataset (its fingerprint names the cache); drop cache_dir")
-        key = _hash(model_fingerprint(encoder), processor.to_json_string(), dataset._fingerprint, image_column, label_column)
-        paths = {layer: os.path.join(cache_dir, f"features-{_hash(key, layer, pooling)}.safetensors") for layer in layers}
+        key = hash_parts(
+            model_fingerprint(encoder), processor.to_json_string(), dataset._fingerprint, image_column, label_column
+        )
+        paths = {
+            layer: os.path.join(cache_dir, f"features-{hash_parts(key, layer, pooling)}.safetensors") for layer in layers
+        }
         if all(os.path.exists(path) for path in paths.values()):
             logger.info(f"Loading cached features from {cache_dir}")
             loaded = {layer: load_file(path) for layer, path in paths.items()}
@@ -403,6 +409,7 @@ __all__ = [
     "compute_device",
     "encode_batch",
     "extract_features",
+    "hash_parts",
     "load_features",
     "model_fingerprint",
     "normalize_layers",

@@ -8,7 +8,6 @@
 import contextlib
 import dataclasses
 import enum
-import hashlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from ..data.arguments import RESOLVED_DEFAULT_FLAGS
 from ..errors import UsageError
-from ..evaluation.features import model_fingerprint
+from ..evaluation.features import hash_parts, model_fingerprint
 from ..hub.cards import describe_training_data, hub_dataset_id
 from ..hub.push import default_repo_id, hub_request_errors
 from .loading import saved_model_type
@@ -200,9 +199,9 @@ def content_fingerprint(loaded) -> str:
     config and weights, `settings <hash>` of a processor's fields."""
     if isinstance(loaded, torch.nn.Module):
         return f"weights {model_fingerprint(loaded)[:16]}"
+    # Its class name and remote-code map say how it was saved, not what it does.
     fields = {key: value for key, value in loaded.to_dict().items() if key not in ("image_processor_type", "auto_map")}
-    digest = hashlib.blake2b(json.dumps(fields, sort_keys=True, default=str).encode(), digest_size=8)
-    return f"settings {digest.hexdigest()}"
+    return f"settings {hash_parts(json.dumps(fields, sort_keys=True, default=str))[:16]}"
 
 
 def run_flags(training_args: TrainingArguments, *argument_groups, loaded: dict | None = None) -> dict:
@@ -385,7 +384,7 @@ def train_and_evaluate(
         if len(evaluated) > 1:
             # BEiT's fine-tuning reports the best accuracy over its evaluations; the last one is reported beside it.
             best = max(evaluated, key=lambda entry: entry["eval_accuracy"])
-            eval_metrics["eval_best_accuracy"], eval_metrics["eval_best_accuracy_step"] = best["eval_accuracy"], best["step"]
+            eval_metrics.update(eval_best_accuracy=best["eval_accuracy"], eval_best_accuracy_step=best["step"])
         metrics.update(eval_metrics)
         trainer.log_metrics("eval", eval_metrics)
         trainer.save_metrics("eval", eval_metrics)
