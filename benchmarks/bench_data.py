@@ -218,7 +218,7 @@ def main() -> None:
 
         def decode_each():
             # Each image dropped before the next, as a worker drops it once its views are rendered: keeping them
-            # all (a list) made every decode write fresh memory, about 0.5 ms more per 500x375 image here.
+            # all (a list) made every decode write fresh memory: 1.30 vs 0.76 ms per 500x375 image in a one-off check.
             for value in values:
                 decode_image(value)
 
