@@ -215,11 +215,65 @@ def test_relative_position_bias_table_resize_keeps_near_offsets_and_cls_entries(
             torch.testing.assert_close(after[6 + dy, 6 + dx], before[3 + dy, 3 + dx])
     torch.testing.assert_close(after[0, 12], before[0, 6], atol=1e-6, rtol=0)
     torch.testing.assert_close(after[12, 0], before[6, 0], atol=1e-6, rtol=0)
-    # Between learnt offsets the table is interpolated: every new value lies within the old range.
-    assert after.min() >= before.min() - 1e-6 and after.max() <= before.max() + 1e-6
     torch.testing.assert_close(resize_relative_position_bias_table(table, old, old), table)
     with pytest.raises(ValueError, match="has 52 rows"):
         resize_relative_position_bias_table(table[:-1], (4, 4), (7, 7))
+
+
+def test_relative_position_bias_table_resize_is_cubic():
+    # A table that is a cubic polynomial of the learnt offsets' positions comes back as that polynomial at the new
+    # offsets: exact for a cubic spline, off by up to several units for linear interpolation between positions.
+    old, new = (5, 5), (9, 9)
+    positions = geometric_offset_positions(4, 8)
+    row, column = np.meshgrid(positions, positions, indexing="ij")
+    cubic = lambda y, x: 0.01 * y**3 - 0.2 * y * x**2 + 0.5 * x - 1.0  # noqa: E731
+    table = torch.cat([torch.from_numpy(cubic(row, column)).reshape(-1, 1), torch.zeros(3, 1)]).repeat(1, 2)
+    resized = resize_relative_position_bias_table(table, old, new)[:-3].reshape(17, 17, 2)
+    offsets = np.arange(-8, 9, dtype=np.float64)
+    expected = torch.from_numpy(cubic(*np.meshgrid(offsets, offsets, indexing="ij")))
+    torch.testing.assert_close(resized[..., 0], expected, atol=1e-9, rtol=0)
+    torch.testing.assert_close(resized[..., 1], expected, atol=1e-9, rtol=0)
+
+
+def _unilm_offset_positions(source_size: int, target_size: int) -> np.ndarray:
+    """Where BEiT's fine-tuning code puts the learnt offsets, as the spec describes it: q by bisection in
+    [1.01, 1.5] to a tolerance of 1e-6, offsets at 0, +-1, +-(1 + q), ..."""
+    left, right, half = 1.01, 1.5, source_size // 2
+    while right - left > 1e-6:
+        q = (left + right) / 2
+        if (1 - q**half) / (1 - q) > target_size // 2:
+            right = q
+        else:
+            left = q
+    distances, current = [], 1.0
+    for i in range(half):
+        distances.append(current)
+        current += q ** (i + 1)
+    return np.array([-d for d in reversed(distances)] + [0.0] + distances)
+
+
+def _spline_resized_table(table: torch.Tensor, positions: np.ndarray, target_size: int) -> torch.Tensor:
+    """A cubic interpolating spline per head, as scipy's `interp2d(kind="cubic")` in BEiT's code computes it on a
+    grid (FITPACK's `RectBivariateSpline(kx=3, ky=3, s=0)`)."""
+    interpolate = pytest.importorskip("scipy.interpolate")
+    targets = np.arange(-(target_size // 2), target_size // 2 + 0.1, 1.0)
+    heads = []
+    for head in range(table.shape[1]):
+        grid = table[:-3, head].reshape(len(positions), len(positions)).double().numpy()
+        spline = interpolate.RectBivariateSpline(positions, positions, grid, kx=3, ky=3, s=0)
+        heads.append(torch.from_numpy(spline(targets, targets)).reshape(-1, 1))
+    return torch.cat([torch.cat(heads, dim=1).to(table.dtype), table[-3:]])
+
+
+@pytest.mark.parametrize("new_side", [24, 32])  # 224 -> 384 and 512 px at patch 16
+def test_relative_position_bias_table_resize_matches_beit_finetuning(new_side):
+    positions = geometric_offset_positions(13, new_side - 1)
+    unilm_positions = _unilm_offset_positions(27, 2 * new_side - 1)
+    np.testing.assert_allclose(positions, unilm_positions, rtol=1e-5)  # unilm stops its bisection at 1e-6
+    table = torch.randn(27 * 27 + 3, 3, generator=torch.Generator().manual_seed(1))
+    resized = resize_relative_position_bias_table(table, (14, 14), (new_side, new_side))
+    torch.testing.assert_close(resized, _spline_resized_table(table, positions, 2 * new_side - 1), atol=1e-6, rtol=0)
+    torch.testing.assert_close(resized, _spline_resized_table(table, unilm_positions, 2 * new_side - 1), atol=2e-3, rtol=0)
 
 
 def test_export_at_a_larger_image_size(tiny_mim_dir, mim_model, tmp_path):

@@ -20,7 +20,7 @@ Two choices the export makes explicit:
 A new `image_size` (fine-tuning at 384 px from 224 px pre-training) resizes the relative position bias tables
 as BEiT's fine-tuning code does when it grows them: the learnt offsets are spread over the larger offset range
 with geometrically growing gaps, so offsets 0 and +-1 keep their values and the extreme offsets land on the new
-extremes, and the table is interpolated between them (linearly here; unilm uses a cubic spline). The three
+extremes, and the table is read from the bicubic spline through them (unilm's `interp2d(kind="cubic")`). The three
 [CLS] entries are copied. The image processor's sizes scale with it.
 
 The mask token is left out: it only exists for pre-training, and an unused parameter in a fine-tuned
@@ -232,11 +232,34 @@ def geometric_offset_positions(source_radius: int, target_radius: int) -> np.nda
     return np.concatenate([-positive[::-1], [0.0], positive])
 
 
-def _interpolation_matrix(positions: np.ndarray, target_radius: int) -> torch.Tensor:
-    """`(2t+1, len(positions))` weights of linear interpolation from values at `positions` to offsets `-t..t`."""
-    targets = np.arange(-target_radius, target_radius + 1, dtype=np.float64)
-    basis = np.eye(len(positions))
-    return torch.from_numpy(np.stack([np.interp(targets, positions, column) for column in basis], axis=1))
+def _cubic_spline_matrix(positions: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """`(len(targets), len(positions))` weights evaluating, at `targets`, the not-a-knot cubic spline through values
+    at `positions`: the interpolant of unilm's `interp2d(..., kind="cubic")` (FITPACK's interpolating spline) along
+    one axis. With fewer than four positions the spline is the polynomial through them."""
+    count = len(positions)
+    values = np.eye(count)
+    if count < 4:
+        return np.vander(targets, count) @ np.linalg.solve(np.vander(positions, count), values)
+    # Second derivatives at the positions (one column per unit value): continuity of the first derivative inside,
+    # a continuous third derivative at the second and second-to-last positions (not-a-knot).
+    gaps = np.diff(positions)
+    system, right_side = np.zeros((count, count)), np.zeros((count, count))
+    for i in range(1, count - 1):
+        system[i, i - 1 : i + 2] = gaps[i - 1], 2 * (gaps[i - 1] + gaps[i]), gaps[i]
+        right_side[i, i - 1 : i + 2] = 6 / gaps[i - 1], -6 / gaps[i - 1] - 6 / gaps[i], 6 / gaps[i]
+    system[0, :3] = gaps[1], -(gaps[0] + gaps[1]), gaps[0]
+    system[-1, -3:] = gaps[-1], -(gaps[-2] + gaps[-1]), gaps[-2]
+    curvatures = np.linalg.solve(system, right_side)
+    left = np.clip(np.searchsorted(positions, targets, side="right") - 1, 0, count - 2)
+    width = gaps[left]
+    after = (targets - positions[left]) / width
+    before = 1 - after
+    return (
+        before[:, None] * values[left]
+        + after[:, None] * values[left + 1]
+        + ((before**3 - before) * width**2 / 6)[:, None] * curvatures[left]
+        + ((after**3 - after) * width**2 / 6)[:, None] * curvatures[left + 1]
+    )
 
 
 def resize_relative_position_bias_table(
@@ -244,8 +267,9 @@ def resize_relative_position_bias_table(
 ) -> torch.Tensor:
     """A relative position bias table `((2H-1)(2W-1) + 3, heads)` of an `old_window` patch grid, for `new_window`.
 
-    Each axis of the offset grid is resampled at `geometric_offset_positions`; the last three rows ([CLS] to patch,
-    patch to [CLS], [CLS] to [CLS]) do not depend on the grid and are copied.
+    The learnt offsets sit at `geometric_offset_positions` on each axis and the new offsets are read from the bicubic
+    spline through them, as unilm's fine-tuning code does; the last three rows ([CLS] to patch, patch to [CLS],
+    [CLS] to [CLS]) do not depend on the grid and are copied.
     """
     old_height, old_width = 2 * old_window[0] - 1, 2 * old_window[1] - 1
     if table.shape[0] != old_height * old_width + 3:
@@ -256,7 +280,9 @@ def resize_relative_position_bias_table(
     if tuple(old_window) == tuple(new_window):
         return table.clone()
     rows, columns = (
-        _interpolation_matrix(geometric_offset_positions(old - 1, new - 1), new - 1)
+        torch.from_numpy(
+            _cubic_spline_matrix(geometric_offset_positions(old - 1, new - 1), np.arange(1 - new, new, dtype=np.float64))
+        )
         for old, new in zip(old_window, new_window)
     )
     grid = table[:-3].T.reshape(-1, old_height, old_width).double()
