@@ -39,6 +39,28 @@ def test_features_are_pooled_hidden_states(model_and_processor):
         torch.testing.assert_close(result.features[layer], expected, rtol=1e-5, atol=1e-5)
 
 
+def test_final_norm_normalises_the_last_blocks_tokens_only(model_and_processor, tmp_path):
+    model, processor = model_and_processor
+    data = images()
+    plain = extract_features(model, processor, data, layers=(1, -1), pooling="cls", cache_dir=str(tmp_path))
+    normed = extract_features(model, processor, data, layers=(1, -1), pooling="cls", final_norm=True, cache_dir=str(tmp_path))
+    pixel_values = processor(data, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        last = model.beit(pixel_values, output_hidden_states=True).hidden_states[-1]
+        expected = model.layernorm(last)[:, 0]  # the MIM head's LayerNorm follows the last block
+    torch.testing.assert_close(normed.features[2], expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(normed.features[2], plain.features[2], atol=1e-3)
+    assert torch.equal(normed.features[1], plain.features[1])
+    # Cached apart: both layers of both runs, each read back as written.
+    assert len(os.listdir(tmp_path)) == 4
+    again = extract_features(model, processor, data, layers=(-1,), pooling="cls", final_norm=True, cache_dir=str(tmp_path))
+    assert torch.equal(again.features[2], normed.features[2])
+    with pytest.raises(ValueError, match=r"layers \[1\] leave out; add -1"):
+        extract_features(model, processor, data, layers=(1,), final_norm=True)
+    with pytest.raises(ValueError, match="no LayerNorm after its last block"):
+        extract_features(model.beit, processor, data, final_norm=True)  # the encoder alone has none
+
+
 def test_pooling_modes():
     tokens = torch.arange(2 * 3 * 4, dtype=torch.float).view(2, 3, 4)
     assert torch.equal(pool_tokens(tokens, "cls"), tokens[:, 0])
@@ -118,6 +140,10 @@ def test_probe_and_knn_scripts(tiny_mim_dir, image_folder, tmp_path, capsys):
     assert set(results["layers"][1]) == {1, 5} and results["reference_k"] == 5
     assert len(os.listdir(tmp_path / "features")) == 4
     assert (tmp_path / "knn_results.json").exists()
+    assert (results["pooling"], results["final_norm"], results["view"]) == ("cls+mean", False, "center_crop")
+    results = knn.main([*common, "--ks", "1", "--final_norm"])
+    assert results["final_norm"] is True and "cls+mean pooling, final norm, center_crop view" in capsys.readouterr().out
+    assert len(os.listdir(tmp_path / "features")) == 8  # features with the norm are cached apart
 
 
 @pytest.mark.parametrize("view", ["center_crop", "whole"])

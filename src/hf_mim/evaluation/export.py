@@ -87,7 +87,7 @@ def resolve_encoder(model: nn.Module) -> BeitModel:
     )
 
 
-def _final_norm(model: nn.Module, encoder: BeitModel) -> nn.LayerNorm | None:
+def final_layer_norm(model: nn.Module, encoder: BeitModel) -> nn.LayerNorm | None:
     """The LayerNorm that follows the last layer: the encoder's own, else the MIM head's (`layernorm`)."""
     if isinstance(encoder.layernorm, nn.LayerNorm):
         return encoder.layernorm
@@ -339,7 +339,7 @@ def export_state_dict(model: nn.Module, config: BeitConfig) -> dict[str, torch.T
         else:
             state.update(_identity_layer_norm("pooler.layernorm", hidden_size, like))
     else:
-        norm = _final_norm(model, encoder)
+        norm = final_layer_norm(model, encoder)
         if norm is not None:
             state.update({f"layernorm.{key}": value.detach().cpu() for key, value in norm.state_dict().items()})
         else:
@@ -568,6 +568,7 @@ __all__ = [
     "encoder_image_processor",
     "export_state_dict",
     "export_to_transformers",
+    "final_layer_norm",
     "geometric_offset_positions",
     "image_processor_at_size",
     "load_image_processor",

@@ -1,8 +1,9 @@
 """Frozen-encoder features for linear probing and k-NN: extracted once, batched, cached on disk.
 
 Features are taken from `hidden_states[layer]` of the encoder (index 0 = the embeddings, `l` = the output
-of block `l`, before any final LayerNorm), pooled as the [CLS] token, the mean of the patch tokens, or
-both concatenated (BEiT's linear-probe features). BEiT probes best at intermediate layers (unilm#419), so
+of block `l`, before any final LayerNorm, as BEiT's linear probe takes them; `final_norm` passes the last block's
+tokens through the LayerNorm that follows it, as DINO's k-NN does), pooled as the [CLS] token, the mean of the
+patch tokens, or both concatenated (BEiT's linear-probe features). BEiT probes best at intermediate layers (unilm#419), so
 several layers can be extracted in one pass. Preprocessing is the model's own deterministic image
 processor (`AutoImageProcessor`), through the same transform and collator as training; the probe and k-NN commands
 take the papers' evaluation view of it by default (`FEATURE_VIEWS`).
@@ -37,6 +38,7 @@ from ..training.loading import require_folder_path
 from .export import (
     check_processor_size,
     encoder_image_processor,
+    final_layer_norm,
     load_image_processor,
     load_pretrained_beit,
     resolve_encoder,
@@ -96,9 +98,14 @@ def normalize_layers(layers: Sequence[int], num_hidden_layers: int) -> list[int]
 
 
 @torch.no_grad()
-def encode_batch(encoder, pixel_values: torch.Tensor, layers: Sequence[int], pooling: str) -> dict[int, torch.Tensor]:
-    """Pooled features `{layer: (batch, dim)}` of one preprocessed batch; `layers` as from `normalize_layers`."""
-    hidden_states = encoder(pixel_values, output_hidden_states=True).hidden_states
+def encode_batch(
+    encoder, pixel_values: torch.Tensor, layers: Sequence[int], pooling: str, final_norm: torch.nn.Module | None = None
+) -> dict[int, torch.Tensor]:
+    """Pooled features `{layer: (batch, dim)}` of one preprocessed batch; `layers` as from `normalize_layers`. The
+    last block's tokens go through `final_norm` first when it is given."""
+    hidden_states = list(encoder(pixel_values, output_hidden_states=True).hidden_states)
+    if final_norm is not None:
+        hidden_states[-1] = final_norm(hidden_states[-1])
     return {layer: pool_tokens(hidden_states[layer], pooling).float() for layer in layers}
 
 
@@ -119,9 +126,13 @@ def model_fingerprint(encoder) -> str:
     for name, tensor in sorted(encoder.state_dict().items()):
         digest.update(name.encode())
         digest.update(str(tensor.dtype).encode())
-        # Reinterpreted as bytes so that any dtype (bf16 included) hashes without a conversion.
-        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
+        digest.update(_tensor_bytes(tensor))
     return digest.hexdigest()
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    # Reinterpreted as bytes so that any dtype (bf16 included) hashes without a conversion.
+    return tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes()
 
 
 def _as_dataset(data, labels, image_column: str | None, label_column: str):
@@ -164,6 +175,7 @@ def extract_features(
     num_workers: int = 0,
     cache_dir: str | None = None,
     device: str | torch.device | None = None,
+    final_norm: bool = False,
 ) -> FeatureSet:
     """Features of a frozen encoder for every image of `data`.
 
@@ -182,6 +194,9 @@ def extract_features(
             pooling, and read back on the next call instead of being recomputed (not for streaming datasets).
         device: Where the encoder runs; by default CUDA when available. A transformers BEiT's relative position
             biases are replaced, for good, by ones that keep their index on the device (same parameters, outputs).
+        final_norm: Pass the last block's tokens (layer -1) through the LayerNorm that follows it (the encoder's, or
+            the MIM head's) before pooling, as DINO's k-NN does; the other layers are unchanged. The last layer must
+            be among `layers` and the model must have that LayerNorm.
 
     Returns:
         A [`FeatureSet`]. Undecodable images are skipped (with a warning), together with their labels.
@@ -190,6 +205,7 @@ def extract_features(
         raise ValueError(f"pooling must be one of {FEATURE_POOLINGS}, got {pooling!r}")
     encoder = resolve_encoder(model)
     layers = normalize_layers(layers, encoder.config.num_hidden_layers)
+    norm = _requested_final_norm(model, encoder, layers) if final_norm else None
     processor = encoder_image_processor(image_processor, encoder.config)
     dataset, image_column, label_column = _as_dataset(data, labels, image_column, label_column)
 
@@ -200,6 +216,8 @@ def extract_features(
         key = hash_parts(
             model_fingerprint(encoder), processor.to_json_string(), dataset._fingerprint, image_column, label_column
         )
+        if norm is not None:  # keys of earlier runs, without a final norm, stay valid
+            key = hash_parts(key, repr(norm), *(_tensor_bytes(tensor) for tensor in norm.state_dict().values()))
         paths = {
             layer: os.path.join(cache_dir, f"features-{hash_parts(key, layer, pooling)}.safetensors") for layer in layers
         }
@@ -215,6 +233,9 @@ def extract_features(
     device = compute_device(device)
     was_training, original_device = encoder.training, next(encoder.parameters()).device
     encoder.eval().to(device)
+    if norm is not None:
+        was_training_norm, norm_device = norm.training, norm.weight.device
+        norm.eval().to(device)
     # A stock transformers BEiT copies its position index from the host in every layer of every batch.
     keep_position_index_on_device(encoder)
     chunks = {layer: [] for layer in layers}
@@ -223,12 +244,15 @@ def extract_features(
         for batch in loader:
             if not batch:
                 continue
-            for layer, features in encode_batch(encoder, batch["pixel_values"].to(device), layers, pooling).items():
+            pixel_values = batch["pixel_values"].to(device)
+            for layer, features in encode_batch(encoder, pixel_values, layers, pooling, norm).items():
                 chunks[layer].append(features.cpu())
             if label_column is not None:
                 label_chunks.append(batch[label_column].long())
     finally:
         encoder.train(was_training).to(original_device)
+        if norm is not None:
+            norm.train(was_training_norm).to(norm_device)
     if skipped.value:
         logger.warning(f"{skipped.value} undecodable images were skipped")
     if not chunks[layers[0]]:
@@ -250,6 +274,23 @@ def extract_features(
     return result
 
 
+def _requested_final_norm(model, encoder, layers: Sequence[int]) -> torch.nn.Module:
+    """The LayerNorm after the last block, for `final_norm`; a `ValueError` when it cannot apply."""
+    last = encoder.config.num_hidden_layers
+    if last not in layers:
+        raise ValueError(
+            f"final_norm applies to the last block's output (layer -1 = {last}), which layers {list(layers)} leave out; "
+            "add -1 to the layers"
+        )
+    norm = final_layer_norm(model, encoder)
+    if norm is None:
+        raise ValueError(
+            "this model has no LayerNorm after its last block (a mean-pooling encoder normalises the pooled features "
+            "in its pooler instead); load the MIM checkpoint, or leave final_norm off"
+        )
+    return norm
+
+
 # Keyword-only, so that the required model_name_or_path may follow the dataset options' defaults.
 @dataclass(kw_only=True)
 class FeatureArguments(LabelledImageDatasetArguments):
@@ -264,6 +305,11 @@ class FeatureArguments(LabelledImageDatasetArguments):
         metadata={"help": "Hidden-state indices to evaluate (0 = embeddings, -1 = last block); the best is reported"},
     )
     pooling: str = field(default="mean", metadata={"help": f"Token pooling: {', '.join(FEATURE_POOLINGS)}"})
+    final_norm: bool = field(
+        default=False,
+        metadata={"help": "Pass the last block's tokens (layer -1) through the LayerNorm that follows it before pooling, "
+                  "as DINO's k-NN does (default: every layer's raw output, as BEiT's linear probe takes it)"},
+    )
     view: str = field(
         default="center_crop",
         metadata={"help": "The images' view, for training and evaluation features alike: center_crop, the papers' "
@@ -300,12 +346,20 @@ class FeatureArguments(LabelledImageDatasetArguments):
             require_folder_path(name, getattr(self, name))
         super().__post_init__()
 
+    def feature_settings(self) -> dict:
+        """How the features were taken, for the results."""
+        return {"pooling": self.pooling, "final_norm": self.final_norm, "view": self.view}
+
+    def describe_features(self) -> str:
+        norm = ", final norm" if self.final_norm else ""
+        return f"{self.pooling} pooling{norm}, {self.view} view"
+
 
 # `--help` groups of the commands that parse `FeatureArguments` (`command_parser`), before their own options.
 FEATURE_ARGUMENT_GROUPS = [
     ("model", ["model_name_or_path", "image_processor_name", "cache_dir", "token", "trust_remote_code"]),
     ("data", [LabelledImageDatasetArguments]),
-    ("features and results", ["layers", "pooling", "view", "batch_size", "num_workers", "feature_cache_dir", "output_dir",
+    ("features and results", ["layers", "pooling", "final_norm", "view", "batch_size", "num_workers", "feature_cache_dir", "output_dir",
                               "seed"]),
 ]
 
@@ -339,11 +393,17 @@ def load_features(args: FeatureArguments) -> tuple[FeatureSet, FeatureSet]:
     # The class that uses every weight of the checkpoint: a MIM checkpoint loaded as its bare encoder would list its
     # heads and tokenizer as unexpected keys.
     model = load_pretrained_beit(args.model_name_or_path, **hub_kwargs)
+    encoder = resolve_encoder(model)
     try:
-        normalize_layers(args.layers, resolve_encoder(model).config.num_hidden_layers)
+        layers = normalize_layers(args.layers, encoder.config.num_hidden_layers)
     except ValueError as error:
         raise UsageError(f"--layers {' '.join(map(str, args.layers))}: {error}; pass layers in that range") from error
-    encoder_config = resolve_encoder(model).config
+    if args.final_norm:
+        try:
+            _requested_final_norm(model, encoder, layers)
+        except ValueError as error:
+            raise UsageError(f"--final_norm with --model_name_or_path {args.model_name_or_path}: {error}") from error
+    encoder_config = encoder.config
     image_processor = encoder_image_processor(
         load_image_processor(args.model_name_or_path, args.image_processor_name, **hub_kwargs), encoder_config
     )
@@ -360,6 +420,7 @@ def load_features(args: FeatureArguments) -> tuple[FeatureSet, FeatureSet]:
     kwargs = {
         "layers": args.layers,
         "pooling": args.pooling,
+        "final_norm": args.final_norm,
         "image_column": image_column,
         "label_column": args.label_column_name,
         "batch_size": args.batch_size,

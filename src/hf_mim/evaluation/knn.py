@@ -158,10 +158,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     feature_args, knn_args = parse_args(argv)
     train, evaluation = load_features(feature_args)
     results = run_knn(train, evaluation, knn_args)
-    results.update(pooling=feature_args.pooling, view=feature_args.view, temperature=knn_args.temperature, num_train=len(train.labels), num_eval=len(evaluation.labels))
+    results.update(
+        **feature_args.feature_settings(), temperature=knn_args.temperature, num_train=len(train.labels),
+        num_eval=len(evaluation.labels),
+    )
     for layer, scores in results["layers"].items():
         print(f"layer {layer:>2}  " + "  ".join(f"{k}-NN {100 * score:.2f}%" for k, score in scores.items()))
-    print(f"best layer {results['best_layer']}: {results['reference_k']}-NN {100 * results['accuracy']:.2f}% ({feature_args.pooling} pooling, {feature_args.view} view)")
+    print(f"best layer {results['best_layer']}: {results['reference_k']}-NN {100 * results['accuracy']:.2f}% ({feature_args.describe_features()})")
     write_results(feature_args, "knn_results", results)
     return results
 

@@ -315,10 +315,10 @@ def main(argv: Sequence[str] | None = None) -> dict:
     feature_args, probe_args = parse_args(argv)
     train, evaluation = load_features(feature_args)
     results = run_linear_probe(train, evaluation, probe_args, feature_args.seed)
-    results.update(pooling=feature_args.pooling, view=feature_args.view, num_train=len(train.labels), num_eval=len(evaluation.labels))
+    results.update(**feature_args.feature_settings(), num_train=len(train.labels), num_eval=len(evaluation.labels))
     for layer, entry in results["layers"].items():
         print(f"layer {layer:>2}  linear probe top-1 {100 * entry['accuracy']:.2f}%  (weight decay {entry['weight_decay']:g})")
-    print(f"best layer {results['best_layer']}: {100 * results['accuracy']:.2f}% ({feature_args.pooling} pooling, {feature_args.view} view)")
+    print(f"best layer {results['best_layer']}: {100 * results['accuracy']:.2f}% ({feature_args.describe_features()})")
     write_results(feature_args, "linear_probe_results", results)
     return results
 
