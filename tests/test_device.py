@@ -390,6 +390,29 @@ def test_feature_extraction_keeps_a_stock_beits_position_index_on_the_device():
     assert len(biases) == 2 and all(type(module) is DeviceRelativePositionBias for module in biases)
 
 
+def test_feature_extraction_runs_the_final_norm_on_the_encoders_device(monkeypatch):
+    # The MIM head's LayerNorm is not part of the encoder that extraction moves to the device; on a GPU it would stay
+    # on the host and meet the encoder's CUDA tokens.
+    from hf_mim import BeitMimForMaskedImageModeling
+    from hf_mim.evaluation import features
+    from hf_mim.models import MimImageProcessor
+
+    model = BeitMimForMaskedImageModeling(tiny_beit_config())
+    seen = []
+
+    def encode_batch(encoder, pixel_values, layers, pooling, final_norm=None):
+        seen.append({pixel_values.device, next(encoder.parameters()).device, final_norm.weight.device})
+        return {layer: torch.zeros(len(pixel_values), encoder.config.hidden_size) for layer in layers}
+
+    monkeypatch.setattr(features, "encode_batch", encode_batch)
+    side = model.config.image_size
+    processor = MimImageProcessor(size={"height": side, "width": side}, crop_size={"height": side, "width": side})
+    image = Image.fromarray(np.zeros((side, side, 3), dtype=np.uint8))
+    with pytest.raises(NotImplementedError, match="Cannot copy out of meta"):  # moving back, after extraction
+        features.extract_features(model, processor, [image, image], labels=[0, 1], final_norm=True, device=META)
+    assert seen == [{META}]
+
+
 def test_feature_kmeans_sampling_moves_each_batchs_patch_positions_in_one_copy(on_meta):
     # One copy per image, each waiting on a GPU for the teacher's forward of the batch; the features are unchanged.
     import datasets
