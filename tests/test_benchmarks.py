@@ -8,7 +8,6 @@ import sys
 from types import SimpleNamespace
 
 import pytest
-import torch
 from test_device import on_meta  # noqa: F401 (fixture)
 from test_run_mim import REPO
 
@@ -157,3 +156,24 @@ def test_kmeans_benchmark_compares_distance_precisions_without_faiss(tmp_path):
     assert results["reference"] == "hf_mim/float32" and set(results["inertia"]) == {"hf_mim/float32", "hf_mim/bfloat16"}
     assert abs(results["inertia_rel_diff_vs_reference"]["hf_mim/bfloat16"]) < 1e-6
     assert results["time_ratio_vs_reference"]["hf_mim/float32"] == 1.0
+
+
+def test_gpu_session_runs_its_plan_within_the_budget(tmp_path):
+    # The one device call of a session lent a GPU: every step's command must run as planned (here small, on the CPU;
+    # the GPU check's dry run is test_gpu_training.py's), each writing its JSON, and the log must say what happened.
+    import gpu_session
+
+    names = [step.name for step in gpu_session.plan("photos", str(tmp_path), dry_run=True)]
+    assert names[0] == "gpu_check" and len(names) <= 7  # with session.log, within the 8 files a device call returns
+    steps = names[1:]
+    records = gpu_session.run(str(tmp_path / "no_kit"), str(tmp_path / "out"), budget=600, dry_run=True, only=steps)
+    assert [(record["step"], record["status"]) for record in records] == [(name, "ok") for name in steps]
+    for step in gpu_session.plan("photos", str(tmp_path / "out"), dry_run=True)[1:]:
+        assert json.loads((tmp_path / "out" / step.output).read_text())
+    log = (tmp_path / "out" / "session.log").read_text()
+    assert all(f"## {name}: ok" in log for name in steps)
+    # A spent budget skips what is left instead of running past the device call's limit.
+    records = gpu_session.run(str(tmp_path / "no_kit"), str(tmp_path / "late"), budget=10, dry_run=True, only=steps[:1])
+    assert records[0]["status"] == "skipped: the budget is spent"
+    with pytest.raises(SystemExit, match="--steps nonesuch: no such step"):
+        gpu_session.run(str(tmp_path / "no_kit"), str(tmp_path / "x"), budget=10, dry_run=True, only=["nonesuch"])
