@@ -6,7 +6,7 @@ are prepared here and made there in one command:
 
     python benchmarks/gpu_session.py prepare --photos ../shared/data/imagenette_224_subset.tar   # here, once
     # device call, carrying .gpu_kit (a git-ignored folder: the wheels the GPU machine lacks, and the photos):
-    python3 benchmarks/gpu_session.py run --output $OUT --budget 480
+    python3 benchmarks/gpu_session.py run --output $OUT --budget 520
 
 `prepare` downloads Python 3.12 wheels of the packages the GPU machine lacks (the versions installed here) and copies
 the photos. `run` installs the wheels into a folder of its own, puts `src` on PYTHONPATH, extracts the photos and runs
@@ -51,8 +51,9 @@ class Step:
 def plan(data: str, output: str, dry_run: bool = False) -> list[Step]:
     """The session's steps, most wanted first: the GPU check of every entry point, then issue 17's goals 1 and 2
     (the full step with each method's tokenizer against the eager reference, the tokenizers alone with their ids
-    against fp32's), goal 3 (k-means in bf16 against fp32 from the same centroids, then at CCViT's scale) and goal 1's
-    model part with targets precomputed (fraction of the bf16 peak)."""
+    against fp32's), goal 3 (k-means in bf16 against fp32 from the same centroids, then at CCViT's scale), goal 1's
+    model part with targets precomputed (fraction of the bf16 peak) and goal 6 (FlexAttention against SDPA with the
+    trainable bias, a ViT-Base layer)."""
 
     def out(name: str) -> str:
         return os.path.join(output, name)
@@ -68,6 +69,7 @@ def plan(data: str, output: str, dry_run: bool = False) -> list[Step]:
                       "--families", "hf_mim_kmeans", *gpu]  # fmt: skip
         kmeans = ["--num_clusters", "16", "--num_iterations", "2", *gpu]
         patches, ccvit_patches, check = "2000", "4000", ["--dry_run"]
+        attention = ["--repeats", "1", "--warmup", "0", *gpu]
     else:
         gpu = ["--device", "cuda"]
         mim_step = ["--sizes", "base", "--batch_size", "128", "--dtypes", "bf16", "--repeats", "10", "--warmup", "3",
@@ -75,6 +77,7 @@ def plan(data: str, output: str, dry_run: bool = False) -> list[Step]:
         tokenizers = ["--batch_size", "256", "--dtypes", "fp32", "bf16", "--repeats", "5", "--warmup", "2", *gpu]
         kmeans = ["--num_clusters", "8192", "--num_iterations", "20", *gpu]
         patches, ccvit_patches, check = "1000000", "9800000", ["--seconds", "8"]
+        attention = ["--batch_size", "128", "--heads", "12", "--dtype", "bf16", "--repeats", "20", "--warmup", "3", *gpu]
     return [
         Step("gpu_check", 200, [script("gpu_check.py"), "--data", data, "--output", out("gpu_check.json"), *check],
              "gpu_check.json"),
@@ -90,6 +93,8 @@ def plan(data: str, output: str, dry_run: bool = False) -> list[Step]:
                                   "--output", out("kmeans_ccvit.json")], "kmeans_ccvit.json"),
         Step("mim_step", 90, [script("bench_mim_step.py"), *mim_step, "--output", out("mim_step.json")],
              "mim_step.json"),
+        Step("attention", 90, [script("bench_attention.py"), *attention, "--output", out("attention.json")],
+             "attention.json"),
     ]  # fmt: skip
 
 
@@ -210,7 +215,7 @@ def main(argv=None) -> int:
     parser.add_argument("--kit", default=os.path.join(REPO, ".gpu_kit"), help="The folder carried to the GPU machine")
     parser.add_argument("--photos", default=None, help="prepare: a tar of photos; run: a folder or tar (default: the kit's)")
     parser.add_argument("--output", default=os.environ.get("OUT"), help="run: where the results go (default: $OUT)")
-    parser.add_argument("--budget", type=float, default=480.0, help="run: seconds for all the steps together")
+    parser.add_argument("--budget", type=float, default=520.0, help="run: seconds for all the steps together")
     parser.add_argument("--dry_run", action="store_true", help="run: every step small, on the CPU")
     parser.add_argument("--steps", nargs="+", default=None, help="run: only these steps (default: all, in plan order)")
     args = parser.parse_args(argv)

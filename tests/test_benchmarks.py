@@ -8,6 +8,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 from test_device import on_meta  # noqa: F401 (fixture)
 from test_run_mim import REPO
 
@@ -177,3 +178,24 @@ def test_gpu_session_runs_its_plan_within_the_budget(tmp_path):
     assert records[0]["status"] == "skipped: the budget is spent"
     with pytest.raises(SystemExit, match="--steps nonesuch: no such step"):
         gpu_session.run(str(tmp_path / "no_kit"), str(tmp_path / "x"), budget=10, dry_run=True, only=["nonesuch"])
+
+
+def test_flex_attention_score_mods_add_beits_relative_position_bias():
+    # The GPU variants of bench_attention (FlexAttention has no backward on the CPU): their score_mods must add the
+    # bias transformers' BEiT adds, from the dense bias or from the table through the index.
+    import bench_attention
+    from torch.nn.attention.flex_attention import flex_attention
+    from transformers import BeitConfig
+    from transformers.models.beit.modeling_beit import BeitRelativePositionBias
+
+    relative = BeitRelativePositionBias(BeitConfig(image_size=32, patch_size=8, num_attention_heads=2))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        relative.relative_position_bias_table.normal_(generator=generator)
+    table, index = relative.relative_position_bias_table.detach(), relative.generate_relative_position_index((4, 4))
+    expected_bias = relative((4, 4))
+    torch.testing.assert_close(bench_attention.dense_bias(table, index), expected_bias)
+    query, key, value = (torch.randn(2, 2, 17, 8, generator=generator) for _ in range(3))
+    expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=expected_bias)
+    for name, score_mod in bench_attention.flex_score_mods(table, index).items():
+        torch.testing.assert_close(flex_attention(query, key, value, score_mod=score_mod()), expected, msg=name)
