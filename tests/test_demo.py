@@ -85,21 +85,51 @@ def test_every_process_stops_when_one_is_past_its_budget(monkeypatch):
     # Clocks of processes differ: a process stopping a step early left the others waiting in DDP's all-reduce.
     from hf_mim.training import budget
 
-    clock = iter([100.0, 100.5])
+    clock = iter([100.0, 100.5, 100.5])
     monkeypatch.setattr(budget.time, "monotonic", lambda: next(clock))
     monkeypatch.setattr(budget, "is_distributed", lambda: True)
     reduced = []
 
-    def other_process_is_over(flag):
-        reduced.append(float(flag))
-        flag.add_(1.0)
+    def other_process_is_over(shared):
+        reduced.append(shared.tolist())
+        shared[0] += 1.0
 
     monkeypatch.setattr(budget, "all_reduce_", other_process_is_over)
     callback, control = TimeBudgetCallback(1.0), TrainerControl()
-    args, state = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True), TrainerState()
+    args, state = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True), TrainerState(global_step=0)
     callback.on_train_begin(args, state, control)
+    state.global_step = 1
     callback.on_step_end(args, state, control)
-    assert reduced == [0.0] and control.should_training_stop
+    assert reduced == [[0.0, 0.5]] and control.should_training_stop
+
+
+def test_processes_agree_on_the_budget_about_once_a_second_not_every_step(monkeypatch):
+    # Each agreement is an all-reduce read on the host, which waits for the GPU: one per step would keep the host
+    # from queueing the next step. The processes check at the steps the previous check agreed on.
+    from hf_mim.training import budget
+
+    now = [100.0]
+    monkeypatch.setattr(budget.time, "monotonic", lambda: now[0])
+    monkeypatch.setattr(budget, "is_distributed", lambda: True)
+    checks = []
+
+    def another_process_is_over_from_step_21(shared):
+        checks.append(state.global_step)
+        shared[1] = 0.1  # the processes' mean seconds per step (world() is one process here)
+        if state.global_step >= 21:
+            shared[0] += 1.0
+
+    monkeypatch.setattr(budget, "all_reduce_", another_process_is_over_from_step_21)
+    callback, control = TimeBudgetCallback(1000.0), TrainerControl()
+    args, state = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True), TrainerState(global_step=0)
+    callback.on_train_begin(args, state, control)
+    while not control.should_training_stop:
+        now[0] += 0.1
+        state.global_step += 1
+        callback.on_step_end(args, state, control)
+    # The first step, then every tenth (0.1 s per step, checks a second apart), and the stop at the first check
+    # after the other process's budget ran out.
+    assert checks == [1, 11, 21] and state.global_step == 21
 
 
 def test_replacement_generator_is_ccvit_only():

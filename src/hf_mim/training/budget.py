@@ -7,7 +7,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
-from ..models.distributed import all_reduce_, is_distributed
+from ..models.distributed import all_reduce_, is_distributed, world
 
 
 class TimeBudgetCallback(TrainerCallback):
@@ -17,19 +17,25 @@ class TimeBudgetCallback(TrainerCallback):
     `constant_with_warmup`) or a `max_steps` the budget reaches. Schedules of a method (the dVAE's temperature
     and KL ramp) read `training_progress`, which counts the budget. The budget is per launch: a resumed run gets a
     new one and its budget-driven schedules start over, so resume budgeted runs with a `max_steps` they reach.
-    Each process times its own budget, and under several processes every one stops at the first step where any one
-    is past it (one all-reduce of a flag per step): a process stopping a step before another would wait in a
-    collective the other never enters.
+    Each process times its own budget, and under several processes every one stops at the same step, the first
+    check at which any one is past it: a process stopping a step before another would wait in a collective the other
+    never enters. Agreeing takes an all-reduce, which waits for the device, so the processes check about once every
+    `check_interval` seconds, not every step: each check also agrees on the step of the next one, from their mean
+    seconds per step, so they may stop up to that long after the budget.
     """
 
-    def __init__(self, max_train_seconds: float):
+    def __init__(self, max_train_seconds: float, check_interval: float = 1.0):
         if max_train_seconds <= 0:
             raise ValueError(f"max_train_seconds must be positive, got {max_train_seconds}")
         self.max_train_seconds = max_train_seconds
+        self.check_interval = check_interval
         self.start = None
+        self.next_check = self.checked_step = 0
+        self.checked_at = None
 
     def on_train_begin(self, args, state, control, **kwargs):
-        self.start = time.monotonic()
+        self.start = self.checked_at = time.monotonic()
+        self.next_check, self.checked_step = state.global_step + 1, state.global_step
 
     def elapsed_fraction(self) -> float:
         """The fraction of the budget spent so far (0 before training begins)."""
@@ -38,9 +44,16 @@ class TimeBudgetCallback(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         over = self.elapsed_fraction() >= 1.0
         if is_distributed():
-            flag = torch.full((), float(over), device=args.device)
-            all_reduce_(flag)
-            over = flag.item() > 0
+            if state.global_step < self.next_check:
+                return control
+            now, step = time.monotonic(), state.global_step
+            seconds_per_step = (now - self.checked_at) / max(step - self.checked_step, 1)
+            shared = torch.tensor([float(over), seconds_per_step / world()[1]], device=args.device)
+            all_reduce_(shared)
+            processes_over, mean_seconds_per_step = shared.tolist()
+            over = processes_over > 0
+            self.checked_at, self.checked_step = now, step
+            self.next_check = step + max(1, round(self.check_interval / max(mean_seconds_per_step, 1e-9)))
         if over:
             control.should_training_stop = True
         return control
