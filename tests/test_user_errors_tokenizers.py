@@ -3,10 +3,11 @@ and one line that names the flag or path and the fix, with no traceback."""
 
 import importlib.util
 import json
+import shutil
 
 import pytest
 from conftest import write_images
-from test_user_errors import assert_one_line_error
+from test_user_errors import assert_one_line_error, truncate_weights
 from test_vqkd import TINY_VQKD, tiny_clip_teacher_dir
 
 
@@ -17,6 +18,8 @@ def paths(tmp_path_factory, tiny_dvae_dir, image_folder):
     broken.mkdir(parents=True)
     for index in range(4):
         (broken / f"{index}.png").write_bytes(b"not an image")
+    truncate_weights(tiny_dvae_dir, root / "dvae_truncated")
+    shutil.copytree(tiny_dvae_dir, root / "dvae_no_weights", ignore=shutil.ignore_patterns("*.safetensors"))
     return {"root": root, "images": image_folder, "broken": str(root / "broken"), "dvae": tiny_dvae_dir,
             "teacher": tiny_clip_teacher_dir(root / "teacher")}  # fmt: skip
 
@@ -65,6 +68,14 @@ CASES = {
     "KL warm-up fraction above 1": (
         lambda p: dvae(p, "--kl_warmup_fraction", "3"),
         "--kl_warmup_fraction 3.0 is not a fraction of the training steps in [0, 1]",
+    ),
+    "continuing a dVAE whose weights are cut short": (
+        lambda p: dvae(p, "--tokenizer_name_or_path", str(p["root"] / "dvae_truncated")),
+        "--tokenizer_name_or_path {root}/dvae_truncated: {root}/dvae_truncated/model.safetensors is unreadable",
+    ),
+    "continuing a dVAE folder without weights": (
+        lambda p: dvae(p, "--tokenizer_name_or_path", str(p["root"] / "dvae_no_weights")),
+        "--tokenizer_name_or_path {root}/dvae_no_weights could not be loaded: ",
     ),
     "VQ-KD without a teacher": (lambda p: vqkd(p), "--tokenizer_type vqkd needs --teacher_name_or_path"),
     "missing teacher folder": (

@@ -219,7 +219,7 @@ def load_tokenizer(tokenizer_args: TokenizerArguments):
         return family.model_class(config), view
     if overrides:
         check_weight_shapes(family.model_class, saved_config, config, path, overrides)
-    model = family.model_class.from_pretrained(path, config=config)
+    model = pretrained(family.model_class.from_pretrained, path, "tokenizer_name_or_path", config=config)
     # The saved processor is the view of the saved config, possibly customised: an override that changes the view
     # (image_size, dVAE logit_laplace_eps) replaces it, any other keeps it.
     if view.to_dict() != family.image_processor_class.for_config(saved_config).to_dict():
