@@ -461,6 +461,11 @@ CASES = {
         "k-means of 100000 centroids needs at least as many patches, but 24 images x 16 patches give 384: lower "
         "--codebook_size (e.g. 256)",
     ),
+    "demo: only undecodable images to pre-train on": (
+        lambda p: ["demo.py", "--output_dir", str(p["root"] / "demo_broken"), "--train_dir", str(p["root"] / "broken"),
+                   "--image_size", "32", "--patch_size", "8", "--codebook_size", "4"],
+        "4 training images could not be decoded and 0 could",
+    ),
     "no digit to score the demo's probes on": (
         lambda p: ["demo.py", "--output_dir", str(p["root"] / "demo"), "--num_probe_test", "0"],
         "--num_probe_test must be positive, got 0",

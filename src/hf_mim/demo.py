@@ -30,7 +30,7 @@ from transformers import AutoImageProcessor, set_seed
 from .arguments import command_parser, flags_set
 from .cli import one_process
 from .errors import UsageError
-from .data import MaskingArguments, build_mask_generator, decode_image, load_image_datasets
+from .data import MaskingArguments, SkippedImageCounter, build_mask_generator, decode_image, load_image_datasets
 from .evaluation import extract_features, knn_classify, linear_probe
 from .families import MIM_METHODS
 from .hub.cards import CardResult, write_model_card
@@ -216,9 +216,10 @@ def run_demo(args: DemoArguments) -> dict:
     raw, image_column = load_image_datasets(dataset_name=args.dataset_name, train_dir=args.train_dir, seed=args.seed)
     tokenizer_config = KmeansConfig(image_size=args.image_size, patch_size=args.patch_size, codebook_size=args.codebook_size)
     require_enough_patches(raw["train"], tokenizer_config, KmeansFitArguments(), "--codebook_size")
+    # Counted, so that images none of which decodes end the demo in one line, as pre-training's own fit does.
     tokenizer, tokenizer_processor, fit = fit_kmeans_tokenizer(
         raw["train"], image_column, tokenizer_config, num_iterations=args.kmeans_iterations, init="k-means++",
-        seed=args.seed, device="cpu", show_progress=False,
+        seed=args.seed, device="cpu", show_progress=False, skipped=SkippedImageCounter(),
     )  # fmt: skip
     tokenizer_dir = os.path.join(args.output_dir, "kmeans_tokenizer")
     tokenizer.save_pretrained(tokenizer_dir)
