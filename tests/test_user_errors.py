@@ -384,6 +384,28 @@ CASES = {
         lambda p: mim(p, num_train_epochs=10), "--num_train_epochs 10.0 is ignored where --max_steps 2 gives the length"
     ),
     "a negative learning rate": (lambda p: mim(p, learning_rate=-1), "--learning_rate must not be negative, got -1.0"),
+    "a zero learning rate for pre-training": (
+        lambda p: mim(p, learning_rate=0), "--learning_rate 0 leaves the model as it starts (only the optimiser trains"
+    ),
+    "a zero learning rate for fine-tuning": (
+        lambda p: finetune(p, "--do_train", "--learning_rate", "0"), "--learning_rate 0 leaves the classifier as it starts"
+    ),
+    "no step": (lambda p: mim(p, max_steps=0), "--max_steps 0 trains no step: pass a positive --max_steps"),
+    "no fine-tuning step": (
+        lambda p: finetune(p, "--do_train", "--max_steps", "0", "--num_train_epochs", "1"),
+        "--max_steps 0 trains no step",
+    ),
+    "a beta of 1 or more": (lambda p: mim(p, adam_beta2=1.5), "--adam_beta2 must be in [0, 1), got 1.5"),
+    "a fine-tuning beta of 1": (
+        lambda p: finetune(p, "--do_train", "--adam_beta1", "1.0"), "--adam_beta1 must be in [0, 1), got 1.0"
+    ),
+    "a negative epsilon": (lambda p: mim(p, adam_epsilon=-1), "--adam_epsilon must not be negative, got -1.0"),
+    "a negative weight decay": (
+        lambda p: mim(p, weight_decay=-1), "--weight_decay must not be negative, got -1.0 (0 turns it off)"
+    ),
+    "a negative clipping norm": (
+        lambda p: mim(p, max_grad_norm=-1), "--max_grad_norm must not be negative, got -1.0 (0 turns clipping off)"
+    ),
     "transformers' label smoothing": (
         lambda p: mim(p, label_smoothing_factor=0.1), "--label_smoothing_factor is transformers' smoother of `labels`"
     ),

@@ -148,10 +148,26 @@ class HfMimTrainingArguments(TrainingArguments):
                 f"--num_train_epochs {self.num_train_epochs} is ignored where --max_steps {self.max_steps} gives the "
                 "length of training: pass one of them"
             )
-        # 0 stays allowed: what a run then changes, it changes without the optimiser (dVAE code balancing, VQ-KD's
-        # EMA codebook), as the two-process balancing test does on purpose.
+        if self.do_train and self.max_steps == 0:
+            # transformers runs one step for it, and the model is saved as trained.
+            raise UsageError("--max_steps 0 trains no step: pass a positive --max_steps, or leave it out to train for "
+                             "--num_train_epochs")
+        # 0 stays allowed here: what a tokenizer run then changes, it changes without the optimiser (dVAE code
+        # balancing, VQ-KD's EMA codebook), as the two-process balancing test does on purpose; pre-training and
+        # fine-tuning refuse it (`require_learning_rate`).
         if self.learning_rate < 0:
             raise UsageError(f"--learning_rate must not be negative, got {self.learning_rate}")
+        # torch's AdamW refuses these only when the optimiser is built, after the data and the model have loaded.
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UsageError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.adam_epsilon < 0:
+            raise UsageError(f"--adam_epsilon must not be negative, got {self.adam_epsilon}")
+        # Negative values mean nothing to transformers: no decay, and no clipping, without a word.
+        if self.weight_decay < 0:
+            raise UsageError(f"--weight_decay must not be negative, got {self.weight_decay} (0 turns it off)")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise UsageError(f"--max_grad_norm must not be negative, got {self.max_grad_norm} (0 turns clipping off)")
         if self.label_smoothing_factor != 0:
             raise UsageError(
                 "--label_smoothing_factor is transformers' smoother of `labels`, which hf_mim's losses do not read "
@@ -185,6 +201,15 @@ class HfMimTrainingArguments(TrainingArguments):
         check_scheduler_kwargs(self)
         check_optional_packages(self)
         check_distributed_launch(self)
+
+
+def require_learning_rate(training_args: TrainingArguments, what: str) -> None:
+    """A one-line error for `--learning_rate 0` where the optimiser is all that trains `what` (pre-training,
+    fine-tuning): the run would save the weights it started from as trained."""
+    if training_args.do_train and training_args.learning_rate == 0:
+        raise UsageError(
+            f"--learning_rate 0 leaves {what} as it starts (only the optimiser trains it): pass a positive --learning_rate"
+        )
 
 
 @dataclass
@@ -296,5 +321,6 @@ __all__ = [
     "check_scheduler_kwargs",
     "config_from_flags",
     "parse_config_overrides",
+    "require_learning_rate",
     "warn_of_transformers_optimisation_defaults",
 ]

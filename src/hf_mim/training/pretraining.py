@@ -37,6 +37,7 @@ from .arguments import (
     MimTrainingArguments,
     config_from_flags,
     parse_config_overrides,
+    require_learning_rate,
     warn_of_transformers_optimisation_defaults,
 )
 from .kmeans import KmeansFitArguments, feature_kmeans_tokenizer, fit_tokenizer_for_mim
@@ -408,6 +409,7 @@ def pretrain(
     `TrainerCallback`s (e.g. for custom logging). Writes the checkpoint (with its tokenizer and the tokenizer view's
     image processor), metrics and model card to `output_dir`; returns the train and eval metrics."""
     require_action(training_args)
+    require_learning_rate(training_args, "the model")
     require_steps_when_streaming(data_args, training_args)
     check_fit_flags(model_args)
     method = mim_method(model_args.model_type)

@@ -42,7 +42,7 @@ from ..evaluation.export import (
 )
 from ..evaluation.metrics import load_metric
 from ..models.beit_backbone import keep_position_index_on_device
-from .arguments import HfMimTrainingArguments, warn_of_transformers_optimisation_defaults
+from .arguments import HfMimTrainingArguments, require_learning_rate, warn_of_transformers_optimisation_defaults
 from .loading import require_new_output_dir, require_output_dir_of
 from .mixup import MixupCutmix, soft_target_cross_entropy
 from .trainer import MimTrainer
@@ -290,6 +290,7 @@ def parse_args(argv=None):
 def main(argv=None) -> dict[str, float]:
     model_args, data_args, training_args = parse_args(argv)
     require_action(training_args)
+    require_learning_rate(training_args, "the classifier")
     require_new_output_dir(training_args.output_dir, model_args.model_name_or_path)
     if training_args.do_train:
         require_output_dir_of(training_args.output_dir, BeitConfig.model_type)
