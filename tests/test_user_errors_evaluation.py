@@ -25,6 +25,12 @@ def mistakes(tmp_path_factory, tiny_dvae_dir, tiny_mim_dir):
         (root / "train_undecodable_class" / "c" / f"{index}.png").write_bytes(b"not a png")
     write_wrong_inputs(root)
     BeitForImageClassification(BeitConfig(**TINY_BACKBONE)).save_pretrained(root / "classifier")
+    from transformers import BeitModel
+
+    BeitModel(BeitConfig(**TINY_BACKBONE)).save_pretrained(root / "encoder")
+    import shutil
+
+    shutil.copytree(tiny_mim_dir, root / "mim_copy")
     from transformers import AutoImageProcessor
 
     processor = AutoImageProcessor.from_pretrained(tiny_mim_dir)
@@ -88,6 +94,22 @@ CASES = {
         lambda p: export(p, "--image_size", "30"), "--image_size 30 is not a multiple of the patch size 8"
     ),
     "export: negative image size": (lambda p: export(p, "--image_size", "-32"), "--image_size is the side in pixels"),
+    "export: into another MIM checkpoint": (
+        lambda p: export(p, "--output_dir", str(p["root"] / "mim_copy")),
+        "--output_dir {root}/mim_copy holds a hf_mim_beit checkpoint, and this run would write a beit one over it",
+    ),
+    "export: into a fine-tuned classifier": (
+        lambda p: export(p, "--output_dir", str(p["root"] / "classifier")),
+        "--output_dir {root}/classifier holds a beit BeitForImageClassification checkpoint, and this run would write a "
+        "beit BeitModel one over it",
+    ),
+    "finetune: into an exported encoder": (
+        lambda p: ["run_image_classification.py", "--model_name_or_path", p["mim"], "--train_dir",
+                   str(p["root"] / "train"), "--output_dir", str(p["root"] / "encoder"), "--do_train", "--max_steps",
+                   "1", "--use_cpu"],
+        "--output_dir {root}/encoder holds a beit BeitModel checkpoint, and this run would write a beit "
+        "BeitForImageClassification one over it",
+    ),
     "export: unknown pooling": (lambda p: export(p, "--pooling", "max"), "--pooling must be one of mean, cls, got 'max'"),
     # probe and knn
     "probe: a layer the model lacks": (lambda p: probe(p, "--layers", "7"), "--layers 7: layer 7 does not exist"),

@@ -51,7 +51,7 @@ from ..cli import one_process
 from ..errors import UsageError
 from ..families import TOKENIZERS
 from ..models.image_processing_mim import MimImageProcessor
-from ..training.loading import pretrained, require_new_output_dir
+from ..training.loading import pretrained, require_new_output_dir, require_output_dir_of
 
 # What the exported `BeitModel`'s pooler returns (its `use_mean_pooling`): see `pooling` in the module docstring.
 BEIT_POOLERS = ("mean", "cls")
@@ -538,6 +538,7 @@ def parse_args(argv=None) -> ExportArguments:
 def main(argv=None) -> str:
     args = parse_args(argv)
     require_new_output_dir(args.output_dir, args.model_name_or_path)
+    require_output_dir_of(args.output_dir, BeitConfig.model_type, "BeitModel")
     model = load_pretrained_beit(args.model_name_or_path, token=args.token)
     architectures = model.config.architectures or []
     if any(name.endswith("ForImageClassification") for name in architectures):

@@ -50,30 +50,47 @@ def require_new_output_dir(output_dir: str, model_name_or_path: str) -> None:
         )
 
 
-def require_output_dir_of(output_dir: str, model_type: str) -> None:
+def require_output_dir_of(output_dir: str, model_type: str, architecture: str | None = None) -> None:
     """A one-line error when `--output_dir` holds a checkpoint of another model type than the `model_type` the command
-    writes: its config and weights would be replaced and the rest of its files (code, trainer state, tokenizer view)
-    left beside them, a folder of neither model (`--overwrite_output_dir` only stops a resumption; it deletes
-    nothing)."""
-    saved = saved_model_type(output_dir)
+    writes (or, given `architecture`, of the same type with another head: a stock BEiT encoder and a classifier are
+    both `beit`): its config and weights would be replaced and the rest of its files (code, trainer state, tokenizer
+    view, labels) left beside them, a folder of neither model (`--overwrite_output_dir` only stops a resumption; it
+    deletes nothing)."""
+    config = _saved_config(output_dir)
+    saved = config.get("model_type")
+    saved_architecture = (config.get("architectures") or [None])[0]
     if saved is not None and saved != model_type:
-        raise UsageError(
-            f"--output_dir {output_dir} holds a {saved} checkpoint, and this run would write a {model_type} one over "
-            "it, leaving the rest of its files beside: pass another folder, or empty this one"
-        )
+        kind = saved
+    elif architecture is not None and saved_architecture not in (None, architecture):
+        kind, model_type = f"{saved} {saved_architecture}", f"{model_type} {architecture}"
+    else:
+        return
+    raise UsageError(
+        f"--output_dir {output_dir} holds a {kind} checkpoint, and this run would write a {model_type} one over it, "
+        "leaving the rest of its files beside: pass another folder, or empty this one"
+    )
 
 
 def saved_model_type(name_or_path: str) -> str | None:
     """The `model_type` of a local checkpoint folder's config.json (None for Hub ids or folders without one)."""
+    return _saved_config(name_or_path).get("model_type")
+
+
+def _saved_config(name_or_path: str) -> dict:
+    """A local checkpoint folder's config.json ({} for Hub ids or folders without one)."""
     path = os.path.join(name_or_path, "config.json")
     if not os.path.isfile(path):
-        return None
+        return {}
     try:
         with open(path) as file:
-            return json.load(file).get("model_type")
-    except (ValueError, AttributeError) as error:
+            config = json.load(file)
+    except ValueError as error:
         # E.g. a run killed while it saved.
         raise UsageError(f"{path} is not a JSON config ({first_line(error)}): save the model again, or remove it") from error
+    if not isinstance(config, dict):
+        raise UsageError(f"{path} is not a JSON config (it holds a {type(config).__name__}): save the model again, or "
+                         "remove it")
+    return config
 
 
 def require_tokenizer(tokenizer, name_or_path: str, flag: str = "tokenizer_name_or_path") -> None:

@@ -293,7 +293,7 @@ def main(argv=None) -> dict[str, float]:
     require_learning_rate(training_args, "the classifier")
     require_new_output_dir(training_args.output_dir, model_args.model_name_or_path)
     if training_args.do_train:
-        require_output_dir_of(training_args.output_dir, BeitConfig.model_type)
+        require_output_dir_of(training_args.output_dir, BeitConfig.model_type, "BeitForImageClassification")
     # timm, hence BEiT's fine-tuning recipe, jitters colours only without RandAugment.
     data_args = data_args.with_view_defaults(color_jitter=0.0 if data_args.rand_augment else 0.4)
     wanted = training_args.metric_for_best_model
