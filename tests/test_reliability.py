@@ -402,6 +402,23 @@ def test_a_record_of_an_older_hf_mim_with_unset_view_and_masking_defaults_resume
         check_run_flags(str(tmp_path), {**resolved, "max_mask_patches_per_block": 5}, "start afresh")
 
 
+def test_the_same_command_launched_after_its_run_ended_trains_no_step_past_the_end(
+    checkpointed_run, tiny_dvae_dir, image_folder
+):
+    # Trainer resumed the last checkpoint, ran a third step of a 2-step run and saved it as the run's.
+    args = run_mim_args(tiny_dvae_dir, image_folder, checkpointed_run, "--max_steps", "2", "--save_steps", "1")
+    fix = "raise --max_steps to train on, or start afresh with --overwrite_output_dir (or another --output_dir)"
+    with pytest.raises(UsageError, match=rf"checkpoint-2 has already trained to --max_steps 2 \(step 2, epoch [\d.]+\): "
+                                         rf"nothing is left to train; {re.escape(fix)}"):
+        main(args)
+    assert not (checkpointed_run / "checkpoint-3").exists()
+    # An epoch-long run ends where its epochs do (2 steps of 4 of the 24 images are a third of an epoch).
+    epochs = run_mim_args(tiny_dvae_dir, image_folder, checkpointed_run, "--num_train_epochs", "0.3")
+    with pytest.raises(UsageError, match=r"checkpoint-2 has already trained to --num_train_epochs 0.3 \(step 2, "
+                                         r"epoch 0.3+\d*\): nothing is left to train; raise --num_train_epochs"):
+        main(epochs)
+
+
 def test_a_resumed_run_of_another_length_is_warned_that_its_schedule_is_rebuilt(
     checkpointed_run, tiny_dvae_dir, image_folder, tmp_path, caplog
 ):

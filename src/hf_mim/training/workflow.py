@@ -134,6 +134,7 @@ def find_checkpoint(training_args: TrainingArguments, model=None, flags: dict | 
     check_checkpoint_weights(checkpoint, fix, model)
     if flags is not None:
         check_run_flags(checkpoint, flags, afresh)
+    require_steps_left(training_args, checkpoint, afresh)
     missing = [name for name in ("optimizer.pt", "scheduler.pt") if not os.path.isfile(os.path.join(checkpoint, name))]
     if missing:
         logger.warning(f"{checkpoint} has no {' or '.join(missing)}: that state starts afresh")
@@ -141,6 +142,23 @@ def find_checkpoint(training_args: TrainingArguments, model=None, flags: dict | 
     how = "" if given else " (the last checkpoint in --output_dir; --overwrite_output_dir starts afresh)"
     logger.warning(f"Resuming training from {checkpoint}{how}")
     return checkpoint
+
+
+def require_steps_left(training_args: TrainingArguments, checkpoint: str, afresh: str) -> None:
+    """A one-line error when `checkpoint` already reached the end the run asks for (`--max_steps`, or
+    `--num_train_epochs` without it): Trainer would still run a step past it (the same command launched again after
+    it finished resumes its last checkpoint) and save the result as the run's."""
+    state = _checkpoint_json(checkpoint, "trainer_state.json")
+    step, epoch = state.get("global_step", 0), state.get("epoch") or 0.0
+    if training_args.max_steps > 0:
+        done, end = step >= training_args.max_steps, f"--max_steps {training_args.max_steps}"
+    else:
+        done, end = epoch >= training_args.num_train_epochs - 1e-6, f"--num_train_epochs {training_args.num_train_epochs:g}"
+    if done:
+        raise UsageError(
+            f"{checkpoint} has already trained to {end} (step {step}, epoch {epoch:g}): nothing is left to train; raise "
+            f"{end.split()[0]} to train on, or {afresh}"
+        )
 
 
 def check_checkpoint_weights(checkpoint: str, fix: str, model=None) -> None:
