@@ -185,6 +185,10 @@ def test_nonfinite_loss_names_its_step_and_is_skipped_only_on_request(tiny_mim_d
 
     with pytest.raises(FloatingPointError, match=r"every one of the 3 optimiser steps of this launch .* no model"):
         require_an_update(trainer)
+    # Nor is a launch that ran no step at all (a loader without a batch) saved as trained.
+    trainer.throughput.steps, trainer.nonfinite_guard.skipped_steps = 0, 0
+    with pytest.raises(UsageError, match="this launch ran no training step .* no model was saved"):
+        require_an_update(trainer)
 
 
 def test_a_nonfinite_evaluation_loss_is_counted_on_the_device_and_raised_when_the_evaluation_ends(tiny_mim_dir, tmp_path):

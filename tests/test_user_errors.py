@@ -395,6 +395,11 @@ CASES = {
         lambda p: finetune(p, "--do_train", "--max_steps", "0", "--num_train_epochs", "1"),
         "--max_steps 0 trains no step",
     ),
+    "fewer images than a batch, with drop_last": (
+        lambda p: mim(p, per_device_train_batch_size=32, dataloader_drop_last="true"),
+        "--dataloader_drop_last drops every batch: 24 training images do not fill a batch of "
+        "--per_device_train_batch_size 32 on each of 1 process(es)",
+    ),
     "a beta of 1 or more": (lambda p: mim(p, adam_beta2=1.5), "--adam_beta2 must be in [0, 1), got 1.5"),
     "a fine-tuning beta of 1": (
         lambda p: finetune(p, "--do_train", "--adam_beta1", "1.0"), "--adam_beta1 must be in [0, 1), got 1.0"

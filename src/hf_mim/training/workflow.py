@@ -308,10 +308,31 @@ def check_run_flags(checkpoint: str, flags: dict, afresh: str) -> None:
     )
 
 
+def require_a_full_batch(trainer, training_args: TrainingArguments) -> None:
+    """A one-line error, before training, when `--dataloader_drop_last` would drop every batch of some process (a
+    map-style training set smaller than one batch per process): the run would train no step, or transformers would
+    fail on a loader without batches."""
+    dataset = trainer.train_dataset
+    if not training_args.dataloader_drop_last or not hasattr(dataset, "__len__"):
+        return
+    processes, batch = training_args.world_size, training_args.per_device_train_batch_size
+    if len(dataset) < processes * batch:
+        raise UsageError(
+            f"--dataloader_drop_last drops every batch: {len(dataset)} training images do not fill a batch of "
+            f"--per_device_train_batch_size {batch} on each of {processes} process(es); lower the batch size, add "
+            "images, or leave --dataloader_drop_last off"
+        )
+
+
 def require_an_update(trainer) -> None:
-    """With `--skip_nonfinite_steps`, a launch whose every step was skipped left the weights as they were: it fails
-    instead of saving them as a trained model."""
+    """A launch that ran no optimiser step, or (with `--skip_nonfinite_steps`) skipped every one, left the weights as
+    they were: it fails instead of saving them as a trained model."""
     skipped, steps = trainer.nonfinite_guard.skipped_steps, trainer.throughput.steps
+    if steps == 0:
+        raise UsageError(
+            "this launch ran no training step (no batch reached the model), so no model was saved: check that the "
+            "training data fill a batch (--per_device_train_batch_size, --dataloader_drop_last)"
+        )
     if skipped and skipped >= steps:
         raise FloatingPointError(
             f"every one of the {steps} optimiser steps of this launch had a non-finite loss and was skipped "
@@ -323,8 +344,7 @@ def require_decoded_images(trainer, skipped) -> int:
     """The undecodable images skipped in training, over all processes and their DataLoader workers; a run that
     decoded no image, or fewer than it skipped, trained on next to nothing and fails instead of saving a model."""
     undecodable, decoded = trainer.summed_over_processes(skipped.value, trainer.throughput.samples)
-    # A resumed run that had nothing left to do ran no step and decoded nothing: nothing to judge.
-    if (trainer.throughput.steps or undecodable) and (decoded == 0 or undecodable > decoded):
+    if undecodable and (decoded == 0 or undecodable > decoded):
         raise UsageError(
             f"{undecodable} training images could not be decoded and {decoded} could (see the warnings above for "
             "the files); no model was saved: point --train_dir at your images, or fix or remove the broken files"
@@ -370,12 +390,13 @@ def train_and_evaluate(
     metrics: dict[str, float] = {}
     if training_args.do_train:
         checkpoint = find_checkpoint(training_args, trainer.model, flags)
+        require_a_full_batch(trainer, training_args)
         records = RunRecordsCallback(trainer, flags, skipped, resumed=checkpoint)
         trainer.add_callback(records)
         with empty_stream_errors(skipped, eval_skipped):
             result = trainer.train(resume_from_checkpoint=checkpoint)
-        require_an_update(trainer)
         undecodable = records.skipped_before + require_decoded_images(trainer, skipped)
+        require_an_update(trainer)
         trainer.save_model()
         if after_save is not None and trainer.is_world_process_zero():
             after_save()
@@ -433,6 +454,7 @@ __all__ = [
     "content_fingerprint",
     "empty_stream_errors",
     "find_checkpoint",
+    "require_a_full_batch",
     "require_action",
     "require_an_update",
     "require_decoded_images",
