@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModel, BeitConfig
+from transformers import AutoImageProcessor, AutoModel, BeitConfig, BeitModel
 
 from hf_mim import BeitMimForMaskedImageModeling
 from hf_mim.evaluation import knn, probe
 from hf_mim.evaluation.export import BEIT_POOLERS, beit_config_for_export
 from hf_mim.evaluation.features import FEATURE_POOLINGS, extract_features, model_fingerprint, pool_tokens
+from hf_mim.models import MimImageProcessor
 
 
 @pytest.fixture(scope="module")
@@ -51,14 +52,26 @@ def test_final_norm_normalises_the_last_blocks_tokens_only(model_and_processor, 
     torch.testing.assert_close(normed.features[2], expected, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(normed.features[2], plain.features[2], atol=1e-3)
     assert torch.equal(normed.features[1], plain.features[1])
-    # Cached apart: both layers of both runs, each read back as written.
-    assert len(os.listdir(tmp_path)) == 4
+    # The last layer's features with the norm are cached apart; layer 1's are the same entry.
+    assert len(os.listdir(tmp_path)) == 3
     again = extract_features(model, processor, data, layers=(-1,), pooling="cls", final_norm=True, cache_dir=str(tmp_path))
     assert torch.equal(again.features[2], normed.features[2])
     with pytest.raises(ValueError, match=r"layers \[1\] leave out; add -1"):
         extract_features(model, processor, data, layers=(1,), final_norm=True)
     with pytest.raises(ValueError, match="no LayerNorm after its last block"):
         extract_features(model.beit, processor, data, final_norm=True)  # the encoder alone has none
+
+
+def test_final_norm_of_an_encoder_that_holds_it_leaves_the_model_as_it_was():
+    # A [CLS]-pooling encoder (e.g. exported with --pooling cls) holds its final LayerNorm: it moves, and is put
+    # back, with the encoder (its state taken after the encoder moved sent it back to the extraction device).
+    config = BeitConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32, image_size=32,
+                        patch_size=8, use_mean_pooling=False)  # fmt: skip
+    encoder = BeitModel(config).train()
+    processor = MimImageProcessor(size={"height": 32, "width": 32}, crop_size={"height": 32, "width": 32})
+    result = extract_features(encoder, processor, images(2), final_norm=True, device="cpu")
+    assert result.features[2].shape == (2, 16)
+    assert all(module.training for module in encoder.modules())
 
 
 def test_pooling_modes():
@@ -143,7 +156,7 @@ def test_probe_and_knn_scripts(tiny_mim_dir, image_folder, tmp_path, capsys):
     assert (results["pooling"], results["final_norm"], results["view"]) == ("cls+mean", False, "center_crop")
     results = knn.main([*common, "--ks", "1", "--final_norm"])
     assert results["final_norm"] is True and "cls+mean pooling, final norm, center_crop view" in capsys.readouterr().out
-    assert len(os.listdir(tmp_path / "features")) == 8  # features with the norm are cached apart
+    assert len(os.listdir(tmp_path / "features")) == 6  # the last layer's with the norm are cached apart
 
 
 @pytest.mark.parametrize("view", ["center_crop", "whole"])

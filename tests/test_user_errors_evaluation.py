@@ -115,12 +115,13 @@ CASES = {
     "probe: a layer the model lacks": (lambda p: probe(p, "--layers", "7"), "--layers 7: layer 7 does not exist"),
     "knn: --final_norm without the last layer": (
         lambda p: knn(p, "--final_norm", "--layers", "1"),
-        "--final_norm with --model_name_or_path {mim}: final_norm applies to the last block's output (layer -1 = 2), "
-        "which layers [1] leave out; add -1 to the layers",
+        "--final_norm normalises the last block's output (layer -1), which --layers 1 leave out: add -1 to --layers, or "
+        "drop --final_norm",
     ),
     "knn: --final_norm with a mean-pooling classifier": (
         lambda p: knn(p, "--final_norm", "--model_name_or_path", str(p["root"] / "classifier")),
-        "this model has no LayerNorm after its last block",
+        "--final_norm: --model_name_or_path {root}/classifier has no LayerNorm after its last block (a mean-pooling "
+        "encoder normalises in its pooler instead); pass the MIM checkpoint, or drop --final_norm",
     ),
     "probe: unknown pooling": (lambda p: probe(p, "--pooling", "max"), "--pooling must be one of cls, mean, cls+mean"),
     "probe: unknown view": (lambda p: probe(p, "--view", "resize"), "--view must be one of center_crop, whole"),

@@ -216,10 +216,13 @@ def extract_features(
         key = hash_parts(
             model_fingerprint(encoder), processor.to_json_string(), dataset._fingerprint, image_column, label_column
         )
-        if norm is not None:  # keys of earlier runs, without a final norm, stay valid
-            key = hash_parts(key, repr(norm), *(_tensor_bytes(tensor) for tensor in norm.state_dict().values()))
+        layer_keys = {layer: key for layer in layers}
+        if norm is not None:  # the last layer's only; keys without a final norm stay those of earlier runs
+            last = encoder.config.num_hidden_layers
+            layer_keys[last] = hash_parts(key, repr(norm), *(_tensor_bytes(tensor) for tensor in norm.state_dict().values()))
         paths = {
-            layer: os.path.join(cache_dir, f"features-{hash_parts(key, layer, pooling)}.safetensors") for layer in layers
+            layer: os.path.join(cache_dir, f"features-{hash_parts(layer_keys[layer], layer, pooling)}.safetensors")
+            for layer in layers
         }
         if all(os.path.exists(path) for path in paths.values()):
             logger.info(f"Loading cached features from {cache_dir}")
@@ -231,11 +234,12 @@ def extract_features(
     transformed = apply_transform(dataset, image_column, TwoViewTransform(processor, train=False), skipped, keep)
     loader = DataLoader(transformed, batch_size=batch_size, num_workers=num_workers, collate_fn=MimDataCollator())
     device = compute_device(device)
-    was_training, original_device = encoder.training, next(encoder.parameters()).device
-    encoder.eval().to(device)
-    if norm is not None:
-        was_training_norm, norm_device = norm.training, norm.weight.device
-        norm.eval().to(device)
+    # The MIM head's norm is outside the encoder and moves on its own; the encoder's own moves with it.
+    outside = norm is not None and not any(module is norm for module in encoder.modules())
+    modules = [encoder, norm] if outside else [encoder]
+    restore = [(module, module.training, next(module.parameters()).device) for module in modules]
+    for module in modules:
+        module.eval().to(device)
     # A stock transformers BEiT copies its position index from the host in every layer of every batch.
     keep_position_index_on_device(encoder)
     chunks = {layer: [] for layer in layers}
@@ -250,9 +254,8 @@ def extract_features(
             if label_column is not None:
                 label_chunks.append(batch[label_column].long())
     finally:
-        encoder.train(was_training).to(original_device)
-        if norm is not None:
-            norm.train(was_training_norm).to(norm_device)
+        for module, training, original_device in restore:
+            module.train(training).to(original_device)
     if skipped.value:
         logger.warning(f"{skipped.value} undecodable images were skipped")
     if not chunks[layers[0]]:
@@ -274,6 +277,10 @@ def extract_features(
     return result
 
 
+# Why a model cannot give final-norm features: a mean-pooling encoder normalises the pooled features in its pooler.
+_NO_FINAL_NORM = "has no LayerNorm after its last block (a mean-pooling encoder normalises in its pooler instead)"
+
+
 def _requested_final_norm(model, encoder, layers: Sequence[int]) -> torch.nn.Module:
     """The LayerNorm after the last block, for `final_norm`; a `ValueError` when it cannot apply."""
     last = encoder.config.num_hidden_layers
@@ -284,10 +291,7 @@ def _requested_final_norm(model, encoder, layers: Sequence[int]) -> torch.nn.Mod
         )
     norm = final_layer_norm(model, encoder)
     if norm is None:
-        raise ValueError(
-            "this model has no LayerNorm after its last block (a mean-pooling encoder normalises the pooled features "
-            "in its pooler instead); load the MIM checkpoint, or leave final_norm off"
-        )
+        raise ValueError(f"this model {_NO_FINAL_NORM}: pass its MIM model, or final_norm=False")
     return norm
 
 
@@ -398,11 +402,16 @@ def load_features(args: FeatureArguments) -> tuple[FeatureSet, FeatureSet]:
         layers = normalize_layers(args.layers, encoder.config.num_hidden_layers)
     except ValueError as error:
         raise UsageError(f"--layers {' '.join(map(str, args.layers))}: {error}; pass layers in that range") from error
-    if args.final_norm:
-        try:
-            _requested_final_norm(model, encoder, layers)
-        except ValueError as error:
-            raise UsageError(f"--final_norm with --model_name_or_path {args.model_name_or_path}: {error}") from error
+    if args.final_norm and encoder.config.num_hidden_layers not in layers:
+        raise UsageError(
+            f"--final_norm normalises the last block's output (layer -1), which --layers {' '.join(map(str, args.layers))} "
+            "leave out: add -1 to --layers, or drop --final_norm"
+        )
+    if args.final_norm and final_layer_norm(model, encoder) is None:
+        raise UsageError(
+            f"--final_norm: --model_name_or_path {args.model_name_or_path} {_NO_FINAL_NORM}; pass the MIM checkpoint, or "
+            "drop --final_norm"
+        )
     encoder_config = encoder.config
     image_processor = encoder_image_processor(
         load_image_processor(args.model_name_or_path, args.image_processor_name, **hub_kwargs), encoder_config
