@@ -6,7 +6,8 @@ transformers' `BeitModel` does, so anyone can check the "no gain" verdict in ben
 
 Attention (forward + backward of one layer's attention core, 197 tokens of heads of 64; by default ViT-Tiny's 3 heads,
 batch 8, fp32 on the CPU; `--device cuda --dtype bf16 --heads 12 --batch_size 128` for ViT-Base on a GPU). Every
-variant trains BEiT's relative position bias *table* (`(2W-1)^2 + 3` rows x heads), as the model does:
+variant but the frozen one trains BEiT's relative position bias *table* (`(2W-1)^2 + 3` rows x heads), as the model
+does:
 - `sdpa`: the table gathered into the dense `(heads, N, N)` bias, as transformers does, and that bias given to
   `F.scaled_dot_product_attention` as the mask; the bias requires grad, so the CPU flash kernel refuses it and SDPA
   runs its math path (what transformers runs);
@@ -18,8 +19,8 @@ variant trains BEiT's relative position bias *table* (`(2W-1)^2 + 3` rows x head
   `flex_attention` whose `score_mod` adds the dense bias, or reads the table through the position index itself (no
   dense bias, its gradient scattered into the table) — issue 17's goal 6.
 Every variant's gradients (queries, keys, values, table) are compared with SDPA's before timing.
-QKV projection (forward + backward on 8 x 197 tokens of 192): three `Linear`s (transformers' q/k/v_proj) against
-one 192 -> 576 product.
+QKV projection (forward + backward on batch x 197 tokens of 64 x heads values, 8 x 197 of 192 by default): three
+`Linear`s (transformers' q/k/v_proj) against one fused product.
 """
 
 import argparse

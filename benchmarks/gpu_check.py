@@ -210,7 +210,18 @@ class GpuCheck:
             entry.update(result)
         self.entries.append(entry)
         print({key: value for key, value in entry.items() if key != "traceback"}, flush=True)
+        # Written after every entry: a check stopped at its time limit still reports the entries it finished.
+        self.write_report()
         return result
+
+    def write_report(self, multi_gpu: dict | None = None) -> None:
+        write_json(self.args.output, {
+            "environment": environment(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "settings": {key: value for key, value in vars(self.args).items() if key != "ddp_worker"},
+            "entries": self.entries,
+            "multi_gpu": multi_gpu,
+        })  # fmt: skip
 
     def training_result(self, metrics: dict) -> dict:
         keys = ("train_runtime", "train_samples", "train_steps", "train_samples_per_second")
@@ -344,14 +355,7 @@ class GpuCheck:
         if gpus >= 2 and "dvae" in self.folders:
             self.run("run_mim beit, 2-process NCCL", self.ddp)
             multi_gpu["status"] = self.entries[-1]["status"]
-        report = {
-            "environment": environment(),
-            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "settings": {key: value for key, value in vars(self.args).items() if key != "ddp_worker"},
-            "entries": self.entries,
-            "multi_gpu": multi_gpu,
-        }
-        write_json(self.args.output, report)
+        self.write_report(multi_gpu)
         print("\n" + table(self.entries))
         failed = [entry["entry"] for entry in self.entries if entry["status"] != "ok"]
         if failed:

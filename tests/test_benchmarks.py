@@ -199,3 +199,16 @@ def test_flex_attention_score_mods_add_beits_relative_position_bias():
     expected = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=expected_bias)
     for name, score_mod in bench_attention.flex_score_mods(table, index).items():
         torch.testing.assert_close(flex_attention(query, key, value, score_mod=score_mod()), expected, msg=name)
+
+
+def test_gpu_session_goes_on_after_a_step_stopped_inside_a_character(tmp_path, monkeypatch):
+    # A progress bar cut off at a step's limit can end inside a UTF-8 character: the session logs it and goes on.
+    import gpu_session
+
+    cut = "import sys, time; sys.stdout.buffer.write('progress █'.encode()[:-1]); sys.stdout.flush(); time.sleep(30)"
+    steps = [gpu_session.Step("cut", 2, ["-c", cut]), gpu_session.Step("next", 30, ["-c", "print('ran')"])]
+    monkeypatch.setattr(gpu_session, "plan", lambda data, output, dry_run: steps)
+    monkeypatch.setattr(gpu_session, "MINIMUM_STEP_SECONDS", 1)
+    records = gpu_session.run(str(tmp_path / "no_kit"), str(tmp_path / "out"), budget=60, only=["cut", "next"])
+    assert [record["status"] for record in records] == ["stopped after 2 s", "ok"]
+    assert "progress \ufffd" in (tmp_path / "out" / "session.log").read_text()

@@ -140,3 +140,18 @@ def test_replacement_generator_is_ccvit_only():
     assert build_replacement_generator(DataArguments(), MIM_METHODS["beit"], 8) is None
     with pytest.raises(ValueError, match=r"methods that replace patches \(ccvit\); --model_type beit replaces no"):
         build_replacement_generator(DataArguments(num_replaced_patches=3), MIM_METHODS["beit"], 8)
+
+
+def test_a_check_that_timed_no_time_still_checks_again_soon(monkeypatch):
+    # A step time of ~0 (a coarse clock) put the next check a billion steps away: the budget was never enforced again.
+    from hf_mim.training import budget
+
+    monkeypatch.setattr(budget.time, "monotonic", lambda: 100.0)
+    monkeypatch.setattr(budget, "is_distributed", lambda: True)
+    monkeypatch.setattr(budget, "all_reduce_", lambda shared: None)
+    callback, control = TimeBudgetCallback(10.0), TrainerControl()
+    args, state = TrainingArguments(output_dir="unused", report_to="none", use_cpu=True), TrainerState(global_step=0)
+    callback.on_train_begin(args, state, control)
+    state.global_step = 1
+    callback.on_step_end(args, state, control)
+    assert callback.next_check == 1 + 1000

@@ -216,6 +216,9 @@ def test_relative_position_bias_table_resize_keeps_near_offsets_and_cls_entries(
     torch.testing.assert_close(after[0, 12], before[0, 6], atol=1e-6, rtol=0)
     torch.testing.assert_close(after[12, 0], before[6, 0], atol=1e-6, rtol=0)
     torch.testing.assert_close(resize_relative_position_bias_table(table, old, old), table)
+    # Down to one patch a side, only offset 0 is left, with its learnt bias (a division by zero before).
+    torch.testing.assert_close(resize_relative_position_bias_table(table, old, (1, 1))[0], before[3, 3])
+    torch.testing.assert_close(resize_relative_position_bias_table(table, old, (1, 4))[:-3], before[3])
     with pytest.raises(ValueError, match="has 52 rows"):
         resize_relative_position_bias_table(table[:-1], (4, 4), (7, 7))
 

@@ -262,6 +262,14 @@ def _cubic_spline_matrix(positions: np.ndarray, targets: np.ndarray) -> np.ndarr
     )
 
 
+def _axis_matrix(old: int, new: int) -> torch.Tensor:
+    """`(2 new - 1, 2 old - 1)` weights taking one axis of a table from an `old`-patch grid's offsets to a `new` one's."""
+    if new == 1:  # a single patch has only offset 0, which keeps its learnt value
+        return torch.from_numpy(np.eye(2 * old - 1)[old - 1 : old])
+    positions = geometric_offset_positions(old - 1, new - 1)
+    return torch.from_numpy(_cubic_spline_matrix(positions, np.arange(1 - new, new, dtype=np.float64)))
+
+
 def resize_relative_position_bias_table(
     table: torch.Tensor, old_window: tuple[int, int], new_window: tuple[int, int]
 ) -> torch.Tensor:
@@ -279,12 +287,7 @@ def resize_relative_position_bias_table(
         )
     if tuple(old_window) == tuple(new_window):
         return table.clone()
-    rows, columns = (
-        torch.from_numpy(
-            _cubic_spline_matrix(geometric_offset_positions(old - 1, new - 1), np.arange(1 - new, new, dtype=np.float64))
-        )
-        for old, new in zip(old_window, new_window)
-    )
+    rows, columns = (_axis_matrix(old, new).to(table.device) for old, new in zip(old_window, new_window))
     grid = table[:-3].T.reshape(-1, old_height, old_width).double()
     resized = rows @ grid @ columns.T
     resized = resized.reshape(resized.shape[0], -1).T.to(table.dtype)

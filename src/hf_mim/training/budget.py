@@ -53,7 +53,8 @@ class TimeBudgetCallback(TrainerCallback):
             processes_over, mean_seconds_per_step = shared.tolist()
             over = processes_over > 0
             self.checked_at, self.checked_step = now, step
-            self.next_check = step + max(1, round(self.check_interval / max(mean_seconds_per_step, 1e-9)))
+            # Steps of under a millisecond are timer noise: at most a thousand steps per interval between checks.
+            self.next_check = step + max(1, round(self.check_interval / max(mean_seconds_per_step, 1e-3)))
         if over:
             control.should_training_stop = True
         return control
