@@ -131,6 +131,32 @@ def test_two_process_ddp_run_and_resume(tiny_dvae_dir, image_folder, tmp_path):
             assert torch.equal(tensor, weights[name]), name
 
 
+@pytest.mark.slow
+def test_a_process_whose_batch_is_all_undecodable_takes_part_in_the_all_reduce(tiny_dvae_dir, tmp_path):
+    # It raised, and the other process waited in DDP's all-reduce (a traceback from each rank when both did).
+    from conftest import write_images
+
+    images = tmp_path / "images"
+    write_images(images, 6)
+    for index in range(6):  # first in the folder's order, so the stand-in example is looked for past them
+        (images / "a" / f"!broken{index}.png").write_bytes(b"not an image")
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), str(REPO / "tests" / "ddp_rank_state.py")]
+    args = run_mim_args(tiny_dvae_dir, str(images), tmp_path / "out", "--per_device_train_batch_size", "1",
+                        "--max_steps", "6", "--save_strategy", "no")
+    completed = subprocess.run(launch + args, capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert "every image of it was undecodable" in completed.stderr + completed.stdout
+    results = json.loads((tmp_path / "out" / "train_results.json").read_text())
+    # One epoch (12 images, 2 processes x 1 x 6 steps): each broken image counted once, not again when looked past.
+    assert results["train_skipped_images"] == 6 and results["train_steps"] == 6 and results["train_samples"] == 6
+    rank_0, rank_1 = (load_file(tmp_path / "out" / f"rank_{rank}.safetensors") for rank in (0, 1))
+    assert all(torch.equal(tensor, rank_1[name]) for name, tensor in rank_0.items())
+    assert all(torch.isfinite(tensor).all() for tensor in rank_0.values())
+
+
 def test_two_processes_whose_clocks_disagree_stop_at_the_same_step(tiny_dvae_dir, image_folder, tmp_path):
     # Rank 1 is past its time budget at the first step, rank 0 is not: stopping alone, rank 1 used to leave rank 0
     # waiting in DDP's all-reduce of the next step.

@@ -208,7 +208,7 @@ class DvaeTrainer(TokenizerTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         inputs = {**inputs, "temperature": self.current_temperature(), "kl_weight": self.current_kl_weight()}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
-        if self.code_balance_rate and model.training:
+        if self.code_balance_rate and model.training and not self.stand_in:
             counts = code_counts(outputs.indices.detach(), self.accelerator.unwrap_model(model).config.codebook_size)
             self._step_counts = counts if self._step_counts is None else self._step_counts + counts
         return (loss, outputs) if return_outputs else loss

@@ -185,7 +185,7 @@ class ImageClassificationTrainer(MimTrainer):
         return Trainer.create_model_card(self, **{"tasks": "image-classification", **kwargs})
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        if model.training:
+        if model.training and not self.stand_in:
             # `model` may be wrapped (DDP); the class count is the unwrapped model's.
             num_labels = self.model.config.num_labels
             if self.class_counts is None:

@@ -43,6 +43,8 @@ class TokenizerTrainer(MimTrainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if self.stand_in:  # an example standing in for an undecodable batch (MimTrainer.training_step)
+            return (loss, outputs) if return_outputs else loss
         split = "train" if model.training else "eval"
         codebook_size = self.accelerator.unwrap_model(model).config.codebook_size
         counts = code_counts(outputs.indices.detach(), codebook_size)

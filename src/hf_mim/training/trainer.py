@@ -148,6 +148,11 @@ class MimTrainer(Trainer):
         self._nonfinite_losses: torch.Tensor | None = None
         self._nonfinite_eval_losses: torch.Tensor | None = None
         self._nonfinite_checked_step = 0
+        # Set while a process whose batch was all undecodable takes part in DDP's all-reduce (`training_step`).
+        self.stand_in = False
+        self._stand_in_index = 0
+        # The training set's `SkippedImageCounter`, where the script gives it (`workflow.train_and_evaluate`).
+        self.skipped_images = None
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if not self._load_renamed_weights(resume_from_checkpoint, self.model if model is None else model):
@@ -257,17 +262,37 @@ class MimTrainer(Trainer):
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not inputs:
             # The collator returns {} when every image of a batch was undecodable (already logged and counted).
-            # Under DDP the other ranks still run backward on their part, so the gradients stay in sync only
-            # if this rank contributes zeros through the model; a zero-loss no-op is exact for one process.
+            logger.warning(f"Skipping a batch of step {self.state.global_step + 1}: every image of it was undecodable")
             if self.accelerator.num_processes > 1:
-                raise RuntimeError(
-                    "A whole batch of undecodable images reached one process of a multi-process run; "
-                    "remove the broken files (they are named in the warnings above) or raise the batch size"
-                )
-            logger.warning(f"Skipping step {self.state.global_step}: every image of the batch was undecodable")
+                # The other processes run backward on their batches, whose gradients DDP all-reduces with this
+                # one's: this process takes part with a decodable example whose loss counts zero, so it adds zero
+                # gradients (a no-op step here would leave the others waiting in the all-reduce).
+                self.stand_in = True
+                try:
+                    super().training_step(model, self._stand_in_batch(), num_items_in_batch)
+                finally:
+                    self.stand_in = False
             return torch.zeros((), device=self.args.device)
         self.throughput.samples += batch_size(inputs)
         return super().training_step(model, inputs, num_items_in_batch)
+
+    def _stand_in_batch(self) -> dict:
+        """A batch of one decodable training example, for a process whose batch had none (see `training_step`)."""
+        dataset = self.train_dataset
+        count = len(dataset) if hasattr(dataset, "__len__") else 0  # a stream filters undecodable images out itself
+        for offset in range(count):
+            index = (self._stand_in_index + offset) % count
+            batch = self.data_collator([dataset[index]])
+            if not batch and self.skipped_images is not None:
+                # Counted again by reading it here: it was counted when its own batch was drawn.
+                self.skipped_images.increment(-1)
+            if batch:
+                self._stand_in_index = index
+                return batch
+        raise UsageError(
+            "no training image could be decoded (the warnings above name the files): point --train_dir at your images, "
+            "or fix or remove the broken files"
+        )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         if not inputs:
@@ -280,6 +305,12 @@ class MimTrainer(Trainer):
         if exact_counts is not None:
             inputs = {**exact_counts(), **inputs}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if self.stand_in:
+            # Zero gradients, no loss check, and metrics of weight zero (their window reduction needs this process's
+            # sums too): the example stands in for a batch that had none.
+            self._accumulate_metrics("train", outputs, weight=0)
+            loss = loss * 0.0
+            return (loss, outputs) if return_outputs else loss
         if not model.training:
             # Checked once the evaluation ends, on every process together.
             self._nonfinite_eval_losses = _count_nonfinite(loss, self._nonfinite_eval_losses)
@@ -340,12 +371,12 @@ class MimTrainer(Trainer):
             write(folder)
         return super()._save_checkpoint(model, trial)
 
-    def _accumulate_metrics(self, split: str, outputs) -> None:
+    def _accumulate_metrics(self, split: str, outputs, weight: int = 1) -> None:
         sums = self._metric_sums[split]
         for key, value in outputs.items():
             if key != "loss" and isinstance(value, torch.Tensor) and value.ndim == 0:
-                sums[key] = sums.get(key, 0.0) + value.detach().float()
-        self._metric_steps[split] += 1
+                sums[key] = sums.get(key, 0.0) + weight * value.detach().float()
+        self._metric_steps[split] += weight
 
     def window_totals(self, split: str) -> tuple[list[str], torch.Tensor | None]:
         """The names of the scalars accumulated since the last log and, on their device, their sums followed by the
@@ -367,7 +398,9 @@ class MimTrainer(Trainer):
         names, totals = self.window_totals(split)
         if totals is None:
             return {}
-        return dict(zip(names, (totals[:-1] / totals[-1]).tolist()))
+        *sums, steps = totals.tolist()
+        # No step of the window had a decodable batch anywhere: nothing to average.
+        return {} if steps == 0 else {name: value / steps for name, value in zip(names, sums)}
 
     def summed_over_processes(self, *counts: int) -> list[int]:
         """`counts` of this process summed over the processes of the launch (one reduction, at the end of a phase;

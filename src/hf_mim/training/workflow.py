@@ -391,6 +391,7 @@ def train_and_evaluate(
     if training_args.do_train:
         checkpoint = find_checkpoint(training_args, trainer.model, flags)
         require_a_full_batch(trainer, training_args)
+        trainer.skipped_images = skipped
         records = RunRecordsCallback(trainer, flags, skipped, resumed=checkpoint)
         trainer.add_callback(records)
         with empty_stream_errors(skipped, eval_skipped):
