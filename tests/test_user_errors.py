@@ -114,6 +114,10 @@ def finetune(paths, *extra):
             *extra]  # fmt: skip
 
 
+def knn_on(paths, *flags):
+    return ["run_knn.py", "--model_name_or_path", str(paths["mim"]), "--train_dir", paths["images"], "--ks", "1", *flags]
+
+
 CASES = {
     "missing train_dir": (lambda p: mim(p, train_dir=p["root"] / "nowhere"), "--train_dir {root}/nowhere: no such folder"),
     "empty train_dir": (lambda p: mim(p, train_dir=p["root"] / "empty"), "--train_dir {root}/empty holds no image files"),
@@ -298,17 +302,22 @@ CASES = {
         lambda p: [*without_train_dir(mim(p)), "--dataset_name", "imagefolder"],
         "--dataset_name imagefolder reads local image folders: pass the training images as --train_dir",
     ),
+    "the training images as validation images": (
+        lambda p: knn_on(p, "--validation_dir", p["images"]),
+        "--validation_dir {images} is --train_dir: every validation image is a training image; pass a folder of "
+        "held-out images, or --train_val_split to hold some back",
+    ),
     "a split without evaluation": (
         lambda p: mim(p, train_val_split=0.25),
         "--train_val_split only gives images to evaluate on, and the run does not evaluate: add --do_eval or remove "
         "them",
     ),
     "validation images without evaluation": (
-        lambda p: finetune(p, "--do_train", "--validation_dir", p["images"], "--max_eval_samples", "4"),
+        lambda p: finetune(p, "--do_train", "--validation_dir", str(p["val_zebra"]), "--max_eval_samples", "4"),
         "--validation_dir, --max_eval_samples only give images to evaluate on, and the run does not evaluate",
     ),
     "a split beside a validation folder": (
-        lambda p: [*mim(p, train_val_split=0.25, validation_dir=p["images"]), "--do_eval"],
+        lambda p: [*mim(p, train_val_split=0.25, validation_dir=p["val_zebra"]), "--do_eval"],
         "--train_val_split holds training images out for validation, but --validation_dir gives the validation images: "
         "remove one of them",
     ),

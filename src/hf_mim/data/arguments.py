@@ -6,6 +6,7 @@ same name, default and help in every script.
 """
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 
 from datasets import DatasetDict, IterableDatasetDict
@@ -53,6 +54,12 @@ class ImageDatasetArguments:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UsageError(f"--{name} keeps that many images: pass at least 1 (or leave it unset), got {value}")
+        if self.train_dir and self.validation_dir and os.path.realpath(self.train_dir) == os.path.realpath(self.validation_dir):
+            # Every score would be on training images (a k-NN finds each image itself: 100%).
+            raise UsageError(
+                f"--validation_dir {self.validation_dir} is --train_dir: every validation image is a training image; "
+                "pass a folder of held-out images, or --train_val_split to hold some back"
+            )
         _continue_post_init(self, ImageDatasetArguments)
 
 
