@@ -155,3 +155,19 @@ def test_a_check_that_timed_no_time_still_checks_again_soon(monkeypatch):
     state.global_step = 1
     callback.on_step_end(args, state, control)
     assert callback.next_check == 1 + 1000
+
+
+def test_probe_folders_are_decoded_up_front_and_their_broken_images_left_out(tmp_path):
+    from conftest import write_images
+
+    from hf_mim.demo import DemoArguments, probe_data
+
+    for split in ("train", "val"):
+        write_images(tmp_path / split, 4)
+        (tmp_path / split / "a" / "broken.png").write_bytes(b"not an image")
+    args = DemoArguments(output_dir=str(tmp_path / "out"), probe_train_dir=str(tmp_path / "train"),
+                         probe_validation_dir=str(tmp_path / "val"))  # fmt: skip
+    train_images, train_labels, test_images, test_labels, name = probe_data(args)
+    assert len(train_images) == len(train_labels) == 4 and len(test_images) == len(test_labels) == 4
+    assert all(isinstance(image, Image.Image) for image in train_images + test_images)
+    assert sorted(train_labels) == [0, 0, 1, 1] and name == "train"

@@ -73,6 +73,9 @@ def mistakes(tmp_path_factory, tiny_dvae_dir, image_folder, tiny_mim_dir):
     truncate_weights(tiny_mim_dir, root / "mim_truncated")
     val_zebra = tmp_path_factory.mktemp("val_zebra")
     write_images(val_zebra, 4, classes=("a", "zebra"))
+    for label in ("a", "b"):
+        (root / "broken_classes" / label).mkdir(parents=True)
+        (root / "broken_classes" / label / "0.png").write_bytes(b"not an image")
     return {"root": root, "dvae": tiny_dvae_dir, "images": image_folder, "mim": tiny_mim_dir, "val_zebra": val_zebra}
 
 
@@ -496,6 +499,11 @@ CASES = {
                    "32", "--patch_size", "8", "--codebook_size", "100000"],
         "k-means of 100000 centroids needs at least as many patches, but 24 images x 16 patches give 384: lower "
         "--codebook_size (e.g. 256)",
+    ),
+    "demo: only undecodable probe images": (
+        lambda p: ["demo.py", "--output_dir", str(p["root"] / "demo_probe"), "--probe_train_dir",
+                   str(p["root"] / "broken_classes"), "--probe_validation_dir", str(p["root"] / "broken_classes")],
+        "--probe_train_dir {root}/broken_classes: none of its images could be decoded",
     ),
     "demo: only undecodable images to pre-train on": (
         lambda p: ["demo.py", "--output_dir", str(p["root"] / "demo_broken"), "--train_dir", str(p["root"] / "broken"),

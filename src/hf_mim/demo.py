@@ -157,8 +157,20 @@ def probe_data(args: DemoArguments):
             f"--probe_train_dir {args.probe_train_dir}: its metadata file gives no 'label' column to probe with; add "
             "one, or lay the images out in class folders without a metadata file"
         )
-    split = lambda name: ([row[image_column] for row in raw[name]], list(raw[name]["label"]))
-    return (*split("train"), *split("validation"), os.path.basename(os.path.normpath(args.probe_train_dir)))
+    def split(name: str, flag: str) -> tuple[list, list]:
+        # Decoded now, before the fit and pre-training budget are spent: the probe sets are small.
+        pairs = [(decode_image(row[image_column]), row["label"]) for row in raw[name]]
+        pairs = [(image, label) for image, label in pairs if image is not None]
+        if not pairs:
+            raise UsageError(
+                f"--{flag} {getattr(args, flag)}: none of its images could be decoded (the warnings above name the "
+                "files); fix or replace them"
+            )
+        images, labels = zip(*pairs)
+        return list(images), list(labels)
+
+    return (*split("train", "probe_train_dir"), *split("validation", "probe_validation_dir"),
+            os.path.basename(os.path.normpath(args.probe_train_dir)))  # fmt: skip
 
 
 def probe_encoder(model, image_processor, data, seed: int = 0) -> dict[str, float]:
