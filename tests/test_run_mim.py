@@ -148,7 +148,10 @@ def test_a_process_whose_batch_is_all_undecodable_takes_part_in_the_all_reduce(t
     completed = subprocess.run(launch + args, capture_output=True, text=True, timeout=300,
                                env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-4000:]
-    assert "every image of it was undecodable" in completed.stderr + completed.stdout
+    output = completed.stderr + completed.stdout
+    assert "every image of it was undecodable" in output
+    # What every process would say alike is said once: the recipe warning, the count over all processes.
+    assert output.count("unset, so transformers' default") == 1 and output.count("train_skipped_images = 6:") == 1
     results = json.loads((tmp_path / "out" / "train_results.json").read_text())
     # One epoch (12 images, 2 processes x 1 x 6 steps): each broken image counted once, not again when looked past.
     assert results["train_skipped_images"] == 6 and results["train_steps"] == 6 and results["train_samples"] == 6

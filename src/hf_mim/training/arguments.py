@@ -302,7 +302,8 @@ def warn_of_transformers_optimisation_defaults(args: TrainingArguments, recipe: 
     # Flags of the command's other arguments (fine-tuning's --layer_decay) have recipe defaults of their own.
     flags = [name for name in re.findall(r"--(\w+)", recipe) if hasattr(args, name)]
     unset = [name for name in flags if not flags_set(args, [name])]
-    if args.do_train and unset:
+    # Once per launch: every process parses the same flags.
+    if args.do_train and unset and args.process_index == 0:
         names = ", ".join(f"--{name}" for name in unset)
         defaults = ", ".join(str(_json_scalar(getattr(args, name))) for name in unset)
         one = len(unset) == 1

@@ -439,7 +439,8 @@ def train_and_evaluate(
         else:
             trainer.create_model_card(**card)
     for name in ("train_skipped_images", "eval_skipped_images"):
-        if metrics.get(name):
+        # The counts are over all processes: said once, by the main one.
+        if metrics.get(name) and trainer.is_world_process_zero():
             logger.warning(f"{name} = {metrics[name]}: undecodable images were skipped (the warnings above name them)")
     return metrics
 
