@@ -310,6 +310,15 @@ CASES = {
         "--validation_dir {images} is --train_dir: every validation image is a training image; pass a folder of "
         "held-out images, or --train_val_split to hold some back",
     ),
+    "a split of a stream": (
+        lambda p: [*mim(p, streaming="true", train_val_split=0.25), "--do_eval"],
+        "--train_val_split cannot split a streaming dataset; pass --validation_dir",
+    ),
+    "a Hub-style dataset of undecodable images": (
+        lambda p: [*without_train_dir(mim(p)), "--dataset_name", str(p["root"] / "broken")],
+        "could not be decoded and 0 could (see the warnings above for the files); no model was saved: point "
+        "--dataset_name at your images",
+    ),
     "a split without evaluation": (
         lambda p: mim(p, train_val_split=0.25),
         "--train_val_split only gives images to evaluate on, and the run does not evaluate: add --do_eval or remove "
@@ -435,9 +444,13 @@ CASES = {
         lambda p: [*continued(p)[:2], p["root"] / "no_tokenizer", *continued(p)[3:]],
         "--model_name_or_path {root}/no_tokenizer holds no tokenizer to compute its targets",
     ),
+    "a size off the patch grid": (
+        lambda p: mim(p, image_size=36, patch_size=8),
+        "--image_size 36 is not a multiple of --patch_size 8 (the patches must tile the image): pass e.g. --image_size 32",
+    ),
     "a fit of a size off the patch grid": (
         lambda p: mim_fitting(p, "beit", fit_codebook_size=8, image_size=36),
-        "--image_size, --patch_size and --fit_codebook_size give an invalid config: KmeansConfig.image_size=36",
+        "--image_size 36 is not a multiple of --patch_size 8 (the patches must tile the image): pass e.g. --image_size 32",
     ),
     "a fitted tokenizer of other flags in the folder": (
         lambda p: mim_fitting(p, "ccvit", fit_codebook_size=8, output_dir=p["root"] / "refit"),

@@ -24,6 +24,10 @@ def mistakes(tmp_path_factory, tiny_dvae_dir, tiny_mim_dir):
     for index in range(2):
         (root / "train_undecodable_class" / "c" / f"{index}.png").write_bytes(b"not a png")
     write_wrong_inputs(root)
+    for label in ("a", "b"):
+        (root / "broken_classes" / label).mkdir(parents=True)
+        for index in range(4):
+            (root / "broken_classes" / label / f"{index}.png").write_bytes(b"not an image")
     BeitForImageClassification(BeitConfig(**TINY_BACKBONE)).save_pretrained(root / "classifier")
     from transformers import BeitModel
 
@@ -150,6 +154,11 @@ CASES = {
     "export: a processor of another size": (
         lambda p: export(p, "--image_processor_name", str(p["root"] / "processor64")),
         "--image_processor_name {root}/processor64 gives 64x64 images but the model takes 32x32",
+    ),
+    "knn: no decodable training image": (
+        lambda p: knn(p, train="broken_classes"),
+        "--train_dir {root}/broken_classes (less what --train_val_split holds out): none of the 6 images could be "
+        "decoded",
     ),
     "knn: the image column as labels": (
         lambda p: knn(p, "--label_column_name", "image"),
@@ -309,6 +318,14 @@ CASES = {
         lambda p: ["visualize.py", "--output_dir", str(p["root"] / "a_file"), "--model_name_or_path", p["mim"],
                    "--images", str(p["root"] / "train")],
         "--output_dir {root}/a_file is a file; pass a folder",
+    ),
+    "visualize: a folder as --trainer_state": (
+        lambda p: visualize(p, "--trainer_state", str(p["root"])),
+        "--trainer_state {root}: a folder, not the file; pass the trainer_state.json",
+    ),
+    "push: a file as the checkpoint folder": (
+        lambda p: ["push_to_hub.py", str(p["root"] / "short_state.json"), "--repo_id", "tester/tiny", "--dry_run"],
+        "{root}/short_state.json: a file, not a folder; pass an hf_mim checkpoint folder",
     ),
     "push: a repo id with a space": (
         lambda p: ["push_to_hub.py", p["mim"], "--repo_id", "tester/my model", "--dry_run", str(p["root"] / "up")],

@@ -458,9 +458,10 @@ class VisualizeArguments:
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")
         if self.trainer_state is not None and not os.path.isfile(self.trainer_state):
+            what = "a folder, not the file" if os.path.isdir(self.trainer_state) else "no such file"
             raise UsageError(
-                f"--trainer_state {self.trainer_state}: no such file; pass the trainer_state.json of a run's "
-                "output_dir or checkpoint"
+                f"--trainer_state {self.trainer_state}: {what}; pass the trainer_state.json of a run's output_dir or "
+                "checkpoint"
             )
 
 

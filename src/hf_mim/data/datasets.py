@@ -312,8 +312,8 @@ def load_image_datasets(
     if "validation" not in raw and train_val_split > 0:
         if streaming:
             raise UsageError(
-                "train_val_split cannot split a streaming dataset; pass validation_dir, use a dataset with a "
-                "'validation' split, or load it without streaming"
+                "--train_val_split cannot split a streaming dataset; pass --validation_dir, use a dataset with a "
+                "'validation' split, or load it without --streaming"
             )
         total = len(raw["train"])
         held_out = math.ceil(total * train_val_split)

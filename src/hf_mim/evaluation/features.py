@@ -441,7 +441,9 @@ def load_features(args: FeatureArguments) -> tuple[FeatureSet, FeatureSet]:
         try:
             features[split] = extract_features(model, image_processor, raw[split], **kwargs)
         except UsageError as error:
-            raise UsageError(f"{_split_source(args, split)}: {error}") from error
+            # Its counts are of the split's images: the training ones are what the split left.
+            rest = " (less what --train_val_split holds out)" if split == "train" and args.train_val_split else ""
+            raise UsageError(f"{_split_source(args, split)}{rest}: {error}") from error
     _check_decoded_labels(raw, args, features["train"], features["validation"])
     return features["train"], features["validation"]
 

@@ -46,7 +46,7 @@ UPLOAD_PATTERNS = (
 def _check_checkpoint(folder: Path) -> None:
     if not folder.is_dir():
         raise FileNotFoundError(
-            f"{folder}: no such folder; pass an hf_mim checkpoint folder (the output_dir of `hf-mim pretrain` or "
+            f"{folder}: {'a file, not a folder' if folder.exists() else 'no such folder'}; pass an hf_mim checkpoint folder (the output_dir of `hf-mim pretrain` or "
             "`hf-mim train-tokenizer`, or a converted model)"
         )
     config_path = folder / "config.json"

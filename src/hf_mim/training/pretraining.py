@@ -218,9 +218,7 @@ def build_config(model_args: ModelArguments, tokenizer):
     config_class = mim_method(model_args.model_type).config_class
     kwargs = config_kwargs(model_args)
     check_vocab_size(kwargs, tokenizer.codebook_size, model_args)
-    defaults = config_class()
-    image_size = kwargs.get("image_size", defaults.image_size)
-    patch_size = kwargs.get("patch_size", defaults.patch_size)
+    image_size, patch_size = new_model_geometry(model_args)
     if image_size // patch_size != tokenizer.grid_size:
         # Every masked patch needs exactly one target token.
         grid = tokenizer.grid_size
@@ -314,9 +312,16 @@ def vit_image_processor(model_args: ModelArguments, config, hub_kwargs: dict):
 
 
 def new_model_geometry(model_args: ModelArguments) -> tuple[int, int]:
-    """The image and patch size of the model the flags describe, trained from scratch."""
+    """The image and patch size of the model the flags describe, trained from scratch; a one-line error when the
+    patches do not tile the image."""
     kwargs, defaults = config_kwargs(model_args), mim_method(model_args.model_type).config_class()
-    return kwargs.get("image_size", defaults.image_size), kwargs.get("patch_size", defaults.patch_size)
+    image_size, patch_size = kwargs.get("image_size", defaults.image_size), kwargs.get("patch_size", defaults.patch_size)
+    if isinstance(image_size, int) and isinstance(patch_size, int) and 0 < patch_size <= image_size and image_size % patch_size:
+        raise UsageError(
+            f"--image_size {image_size} is not a multiple of --patch_size {patch_size} (the patches must tile the image): "
+            f"pass e.g. --image_size {image_size - image_size % patch_size}"
+        )
+    return image_size, patch_size
 
 
 def build_collator(data_args: DataArguments, method: MimMethod, grid_size: int) -> MimDataCollator:

@@ -340,14 +340,15 @@ def require_an_update(trainer) -> None:
         )
 
 
-def require_decoded_images(trainer, skipped) -> int:
+def require_decoded_images(trainer, skipped, data_flag: str = "--train_dir") -> int:
     """The undecodable images skipped in training, over all processes and their DataLoader workers; a run that
-    decoded no image, or fewer than it skipped, trained on next to nothing and fails instead of saving a model."""
+    decoded no image, or fewer than it skipped, trained on next to nothing and fails instead of saving a model
+    (naming `data_flag`, where the images came from)."""
     undecodable, decoded = trainer.summed_over_processes(skipped.value, trainer.throughput.samples)
     if undecodable and (decoded == 0 or undecodable > decoded):
         raise UsageError(
             f"{undecodable} training images could not be decoded and {decoded} could (see the warnings above for "
-            "the files); no model was saved: point --train_dir at your images, or fix or remove the broken files"
+            f"the files); no model was saved: point {data_flag} at your images, or fix or remove the broken files"
         )
     return undecodable
 
@@ -396,7 +397,8 @@ def train_and_evaluate(
         trainer.add_callback(records)
         with empty_stream_errors(skipped, eval_skipped):
             result = trainer.train(resume_from_checkpoint=checkpoint)
-        undecodable = records.skipped_before + require_decoded_images(trainer, skipped)
+        data_flag = "--dataset_name" if dataset_name and not train_dir else "--train_dir"
+        undecodable = records.skipped_before + require_decoded_images(trainer, skipped, data_flag)
         require_an_update(trainer)
         trainer.save_model()
         if after_save is not None and trainer.is_world_process_zero():
