@@ -186,3 +186,21 @@ def test_a_class_no_training_image_reached_is_named_in_a_warning(tiny_mim_dir, t
         ])
     assert "No training image of the classes ['c'] reached this launch" in caplog.text
     assert "classes ['a'" not in caplog.text and "'b'" not in caplog.text
+
+
+def test_a_process_that_counted_no_class_still_joins_the_reduction_of_the_counts(monkeypatch):
+    # A process whose batches were all undecodable had no counts and skipped the reduction the others waited in.
+    from types import SimpleNamespace
+
+    import transformers
+
+    from hf_mim.training.run_image_classification import ImageClassificationTrainer
+
+    monkeypatch.setattr(transformers.Trainer, "train", lambda self, *args, **kwargs: "trained")
+    trainer = ImageClassificationTrainer.__new__(ImageClassificationTrainer)
+    trainer.class_counts, trainer.accelerator = None, SimpleNamespace(num_processes=2)
+    trainer.model = SimpleNamespace(config=SimpleNamespace(num_labels=3, id2label={0: "a", 1: "b", 2: "c"}))
+    reduced = []
+    trainer.summed_over_processes = lambda *counts: reduced.append(counts) or [2, 1, 1]
+    trainer.is_world_process_zero = lambda: True
+    assert trainer.train() == "trained" and reduced == [(0, 0, 0)]

@@ -189,6 +189,25 @@ def test_nonfinite_loss_names_its_step_and_is_skipped_only_on_request(tiny_mim_d
     trainer.throughput.steps, trainer.nonfinite_guard.skipped_steps = 0, 0
     with pytest.raises(UsageError, match="this launch ran no training step .* no model was saved"):
         require_an_update(trainer)
+    with pytest.raises(UsageError, match="no model was saved: ckpt had already reached the end of training at this"):
+        require_an_update(trainer, resumed="ckpt")
+
+
+def test_a_full_batch_per_process_is_required_with_drop_last_unless_processes_split_one():
+    from types import SimpleNamespace
+
+    from hf_mim.training.workflow import require_a_full_batch
+
+    trainer = SimpleNamespace(train_dataset=list(range(6)))
+
+    def arguments(split_batches):
+        return SimpleNamespace(dataloader_drop_last=True, world_size=2, per_device_train_batch_size=4,
+                               accelerator_config=SimpleNamespace(split_batches=split_batches))  # fmt: skip
+
+    with pytest.raises(UsageError, match="6 training images do not fill a batch of --per_device_train_batch_size 4 on "
+                                         r"each of 2 process\(es\)"):
+        require_a_full_batch(trainer, arguments(split_batches=False))
+    require_a_full_batch(trainer, arguments(split_batches=True))  # 4 images are the batch both processes share
 
 
 def test_a_nonfinite_evaluation_loss_is_counted_on_the_device_and_raised_when_the_evaluation_ends(tiny_mim_dir, tmp_path):
@@ -407,15 +426,23 @@ def test_a_record_of_an_older_hf_mim_with_unset_view_and_masking_defaults_resume
 
 
 def test_the_same_command_launched_after_its_run_ended_trains_no_step_past_the_end(
-    checkpointed_run, tiny_dvae_dir, image_folder
+    checkpointed_run, tiny_dvae_dir, image_folder, tmp_path
 ):
     # Trainer resumed the last checkpoint, ran a third step of a 2-step run and saved it as the run's.
     args = run_mim_args(tiny_dvae_dir, image_folder, checkpointed_run, "--max_steps", "2", "--save_steps", "1")
-    fix = "raise --max_steps to train on, or start afresh with --overwrite_output_dir (or another --output_dir)"
+    fix = ("raise --max_steps to train on, drop --do_train to evaluate only, or start afresh with --overwrite_output_dir "
+           "(or another --output_dir)")
     with pytest.raises(UsageError, match=rf"checkpoint-2 has already trained to --max_steps 2 \(step 2, epoch [\d.]+\): "
                                          rf"nothing is left to train; {re.escape(fix)}"):
         main(args)
     assert not (checkpointed_run / "checkpoint-3").exists()
+    # Its last checkpoint may be short of the end (a --save_steps that does not divide --max_steps): the run's own
+    # final state in --output_dir says it ended, and training its tail again would replace the final model.
+    short = tmp_path / "short"
+    shutil.copytree(checkpointed_run, short, ignore=shutil.ignore_patterns("checkpoint-2"))
+    with pytest.raises(UsageError, match=rf"The run in {re.escape(str(short))} has already trained to --max_steps 2 "
+                                         r"\(step 2"):
+        main(run_mim_args(tiny_dvae_dir, image_folder, short, "--max_steps", "2", "--save_steps", "1"))
     # An epoch-long run ends where its epochs do (2 steps of 4 of the 24 images are a third of an epoch).
     epochs = run_mim_args(tiny_dvae_dir, image_folder, checkpointed_run, "--num_train_epochs", "0.3")
     with pytest.raises(UsageError, match=r"checkpoint-2 has already trained to --num_train_epochs 0.3 \(step 2, "
@@ -445,3 +472,20 @@ def test_counts_summed_over_processes_stay_exact_beyond_float32s_integers(tmp_pa
     args = MimTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
     trainer = MimTrainer(model=BeitForImageClassification(config), args=args)
     assert trainer.summed_over_processes(384_350_100, 0, 2**53 + 1) == [384_350_100, 0, 2**53 + 1]
+
+
+def test_the_stand_in_of_an_undecodable_batch_is_a_decodable_example_and_is_not_counted_again():
+    from hf_mim.data import SkippedImageCounter
+    from hf_mim.training.trainer import MimTrainer
+
+    trainer = MimTrainer.__new__(MimTrainer)
+    trainer.train_dataset = [None, None, "good", None]
+    trainer.data_collator = lambda examples: {} if examples[0] is None else {"example": examples[0]}
+    trainer._stand_in_index, trainer.data_flag = 0, "--dataset_name"
+    trainer.skipped_images = SkippedImageCounter()
+    trainer.skipped_images.increment(3)  # the three were counted when their batches were drawn
+    assert trainer._stand_in_batch() == {"example": "good"} and trainer._stand_in_index == 2
+    assert trainer.skipped_images.value == 1  # the two looked past are taken back out (the real decode counts them)
+    trainer.train_dataset = [None, None]
+    with pytest.raises(UsageError, match="no training image could be decoded .*: point --dataset_name at your images"):
+        trainer._stand_in_batch()

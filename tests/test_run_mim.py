@@ -132,7 +132,9 @@ def test_two_process_ddp_run_and_resume(tiny_dvae_dir, image_folder, tmp_path):
 
 
 @pytest.mark.slow
-def test_a_process_whose_batch_is_all_undecodable_takes_part_in_the_all_reduce(tiny_dvae_dir, tmp_path):
+# --skip_nonfinite_steps adds a reduction of every micro-batch's loss, which the stand-in must join as well.
+@pytest.mark.parametrize("extra", [[], ["--skip_nonfinite_steps", "true"]])
+def test_a_process_whose_batch_is_all_undecodable_takes_part_in_the_all_reduce(tiny_dvae_dir, tmp_path, extra):
     # It raised, and the other process waited in DDP's all-reduce (a traceback from each rank when both did).
     from conftest import write_images
 
@@ -144,7 +146,7 @@ def test_a_process_whose_batch_is_all_undecodable_takes_part_in_the_all_reduce(t
               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
               "--main_process_port", str(free_port()), str(REPO / "tests" / "ddp_rank_state.py")]
     args = run_mim_args(tiny_dvae_dir, str(images), tmp_path / "out", "--per_device_train_batch_size", "1",
-                        "--max_steps", "6", "--save_strategy", "no")
+                        "--max_steps", "6", "--save_strategy", "no", *extra)
     completed = subprocess.run(launch + args, capture_output=True, text=True, timeout=300,
                                env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=tmp_path)
     assert completed.returncode == 0, completed.stderr[-4000:]

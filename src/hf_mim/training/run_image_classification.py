@@ -161,8 +161,11 @@ class ImageClassificationTrainer(MimTrainer):
 
     def train(self, *args, **kwargs):
         result = super().train(*args, **kwargs)
-        if self.class_counts is not None:
-            counts = self.summed_over_processes(*self.class_counts.tolist())
+        # Every process reduces, one whose batches were all undecodable (no count of its own) too.
+        if self.class_counts is not None or self.accelerator.num_processes > 1:
+            num_labels = self.model.config.num_labels
+            own = self.class_counts.tolist() if self.class_counts is not None else [0] * num_labels
+            counts = self.summed_over_processes(*own)
             names = self.model.config.id2label
             unseen = [names[index] for index, count in enumerate(counts) if count == 0]
             if unseen and self.is_world_process_zero():

@@ -151,8 +151,10 @@ class MimTrainer(Trainer):
         # Set while a process whose batch was all undecodable takes part in DDP's all-reduce (`training_step`).
         self.stand_in = False
         self._stand_in_index = 0
-        # The training set's `SkippedImageCounter`, where the script gives it (`workflow.train_and_evaluate`).
+        # The training set's `SkippedImageCounter` and the flag naming its images, where the script gives them
+        # (`workflow.train_and_evaluate`).
         self.skipped_images = None
+        self.data_flag = "--train_dir"
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if not self._load_renamed_weights(resume_from_checkpoint, self.model if model is None else model):
@@ -290,8 +292,8 @@ class MimTrainer(Trainer):
                 self._stand_in_index = index
                 return batch
         raise UsageError(
-            "no training image could be decoded (the warnings above name the files): point --train_dir at your images, "
-            "or fix or remove the broken files"
+            f"no training image could be decoded (the warnings above name the files): point {self.data_flag} at your "
+            "images, or fix or remove the broken files"
         )
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
@@ -306,20 +308,25 @@ class MimTrainer(Trainer):
             inputs = {**exact_counts(), **inputs}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
         if self.stand_in:
-            # Zero gradients, no loss check, and metrics of weight zero (their window reduction needs this process's
-            # sums too): the example stands in for a batch that had none.
+            # The example stands in for a batch that had none: zero gradients and metrics of weight zero, but the
+            # same loss check as every process makes (with --skip_nonfinite_steps a reduction they all join).
+            self._check_training_loss(loss)
             self._accumulate_metrics("train", outputs, weight=0)
             loss = loss * 0.0
             return (loss, outputs) if return_outputs else loss
         if not model.training:
             # Checked once the evaluation ends, on every process together.
             self._nonfinite_eval_losses = _count_nonfinite(loss, self._nonfinite_eval_losses)
-        elif not self.skip_nonfinite_steps:
-            self.count_nonfinite_loss(loss)
         else:
-            self._flag_nonfinite_step(loss)
+            self._check_training_loss(loss)
         self._accumulate_metrics("train" if model.training else "eval", outputs)
         return (loss, outputs) if return_outputs else loss
+
+    def _check_training_loss(self, loss: torch.Tensor) -> None:
+        if self.skip_nonfinite_steps:
+            self._flag_nonfinite_step(loss)
+        else:
+            self.count_nonfinite_loss(loss)
 
     def count_nonfinite_loss(self, loss: torch.Tensor) -> None:
         """Count a non-finite training loss on its device, for `check_nonfinite_losses`: no host sync per step."""
@@ -375,7 +382,9 @@ class MimTrainer(Trainer):
         sums = self._metric_sums[split]
         for key, value in outputs.items():
             if key != "loss" and isinstance(value, torch.Tensor) and value.ndim == 0:
-                sums[key] = sums.get(key, 0.0) + weight * value.detach().float()
+                # Weight zero adds zeros, not 0 x a non-finite value.
+                value = weight * value.detach().float() if weight else torch.zeros_like(value, dtype=torch.float)
+                sums[key] = sums.get(key, 0.0) + value
         self._metric_steps[split] += weight
 
     def window_totals(self, split: str) -> tuple[list[str], torch.Tensor | None]:

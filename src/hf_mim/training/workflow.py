@@ -147,8 +147,15 @@ def find_checkpoint(training_args: TrainingArguments, model=None, flags: dict | 
 def require_steps_left(training_args: TrainingArguments, checkpoint: str, afresh: str) -> None:
     """A one-line error when `checkpoint` already reached the end the run asks for (`--max_steps`, or
     `--num_train_epochs` without it): Trainer would still run a step past it (the same command launched again after
-    it finished resumes its last checkpoint) and save the result as the run's."""
-    state = _checkpoint_json(checkpoint, "trainer_state.json")
+    it finished resumes its last checkpoint) and save the result as the run's. Resuming the last checkpoint of
+    `--output_dir`, the run's own final state there counts too: its last checkpoint may be short of the end (a
+    `--save_steps` that does not divide `--max_steps`), and training its tail again would replace the final model."""
+    states = [_checkpoint_json(checkpoint, "trainer_state.json")]
+    if training_args.resume_from_checkpoint is None:
+        states.append(_checkpoint_json(training_args.output_dir, "trainer_state.json"))
+    state = max(states, key=lambda state: state.get("global_step", 0))
+    if state is not states[0]:
+        checkpoint = f"The run in {training_args.output_dir}"
     step, epoch = state.get("global_step", 0), state.get("epoch") or 0.0
     if training_args.max_steps > 0:
         done, end = step >= training_args.max_steps, f"--max_steps {training_args.max_steps}"
@@ -157,7 +164,7 @@ def require_steps_left(training_args: TrainingArguments, checkpoint: str, afresh
     if done:
         raise UsageError(
             f"{checkpoint} has already trained to {end} (step {step}, epoch {epoch:g}): nothing is left to train; raise "
-            f"{end.split()[0]} to train on, or {afresh}"
+            f"{end.split()[0]} to train on, drop --do_train to evaluate only, or {afresh}"
         )
 
 
@@ -316,7 +323,9 @@ def require_a_full_batch(trainer, training_args: TrainingArguments) -> None:
     if not training_args.dataloader_drop_last or not hasattr(dataset, "__len__"):
         return
     processes, batch = training_args.world_size, training_args.per_device_train_batch_size
-    if len(dataset) < processes * batch:
+    # With split_batches, --per_device_train_batch_size is the batch all processes share.
+    split = getattr(training_args.accelerator_config, "split_batches", False)
+    if len(dataset) < (1 if split else processes) * batch:
         raise UsageError(
             f"--dataloader_drop_last drops every batch: {len(dataset)} training images do not fill a batch of "
             f"--per_device_train_batch_size {batch} on each of {processes} process(es); lower the batch size, add "
@@ -324,15 +333,18 @@ def require_a_full_batch(trainer, training_args: TrainingArguments) -> None:
         )
 
 
-def require_an_update(trainer) -> None:
+def require_an_update(trainer, resumed: str | None = None) -> None:
     """A launch that ran no optimiser step, or (with `--skip_nonfinite_steps`) skipped every one, left the weights as
     they were: it fails instead of saving them as a trained model."""
     skipped, steps = trainer.nonfinite_guard.skipped_steps, trainer.throughput.steps
     if steps == 0:
-        raise UsageError(
-            "this launch ran no training step (no batch reached the model), so no model was saved: check that the "
-            "training data fill a batch (--per_device_train_batch_size, --dataloader_drop_last)"
+        why = (
+            f"{resumed} had already reached the end of training at this launch's batch size and processes: raise "
+            "--max_steps or --num_train_epochs to train on"
+            if resumed is not None
+            else "check that the training data fill a batch (--per_device_train_batch_size, --dataloader_drop_last)"
         )
+        raise UsageError(f"this launch ran no training step (no batch reached the model), so no model was saved: {why}")
     if skipped and skipped >= steps:
         raise FloatingPointError(
             f"every one of the {steps} optimiser steps of this launch had a non-finite loss and was skipped "
@@ -392,14 +404,14 @@ def train_and_evaluate(
     if training_args.do_train:
         checkpoint = find_checkpoint(training_args, trainer.model, flags)
         require_a_full_batch(trainer, training_args)
-        trainer.skipped_images = skipped
+        data_flag = "--dataset_name" if dataset_name and not train_dir else "--train_dir"
+        trainer.skipped_images, trainer.data_flag = skipped, data_flag
         records = RunRecordsCallback(trainer, flags, skipped, resumed=checkpoint)
         trainer.add_callback(records)
         with empty_stream_errors(skipped, eval_skipped):
             result = trainer.train(resume_from_checkpoint=checkpoint)
-        data_flag = "--dataset_name" if dataset_name and not train_dir else "--train_dir"
         undecodable = records.skipped_before + require_decoded_images(trainer, skipped, data_flag)
-        require_an_update(trainer)
+        require_an_update(trainer, checkpoint)
         trainer.save_model()
         if after_save is not None and trainer.is_world_process_zero():
             after_save()
