@@ -421,6 +421,14 @@ CASES = {
         "--dataloader_drop_last drops every batch: 24 training images do not fill a batch of "
         "--per_device_train_batch_size 32 on each of 1 process(es)",
     ),
+    "counting text tokens of images": (
+        lambda p: mim(p, include_num_input_tokens_seen="true"),
+        "--include_num_input_tokens_seen counts the tokens of text inputs, and hf_mim's inputs are images: remove it",
+    ),
+    "gathering a label count the loss never reads": (
+        lambda p: finetune(p, "--do_train", "--average_tokens_across_devices", "true"),
+        "--average_tokens_across_devices gathers a label count every step that the classification loss",
+    ),
     "a beta of 1 or more": (lambda p: mim(p, adam_beta2=1.5), "--adam_beta2 must be in [0, 1), got 1.5"),
     "a fine-tuning beta of 1": (
         lambda p: finetune(p, "--do_train", "--adam_beta1", "1.0"), "--adam_beta1 must be in [0, 1), got 1.0"

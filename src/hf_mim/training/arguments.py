@@ -148,6 +148,13 @@ class HfMimTrainingArguments(TrainingArguments):
                 f"--num_train_epochs {self.num_train_epochs} is ignored where --max_steps {self.max_steps} gives the "
                 "length of training: pass one of them"
             )
+        if self.include_num_input_tokens_seen not in (False, "no"):
+            # It counts text tokens (here pixel values), gathered every step, which a process whose batch was
+            # undecodable would skip while the others wait.
+            raise UsageError(
+                "--include_num_input_tokens_seen counts the tokens of text inputs, and hf_mim's inputs are images: "
+                "remove it"
+            )
         if self.do_train and self.max_steps == 0:
             # transformers runs one step for it, and the model is saved as trained.
             raise UsageError("--max_steps 0 trains no step: pass a positive --max_steps, or leave it out to train for "

@@ -136,6 +136,15 @@ class ClassificationTrainingArguments(HfMimTrainingArguments):
         default=False, metadata={"help": "Gather the label count over processes each step (unused by this loss)"}
     )
 
+    def __post_init__(self):
+        if self.average_tokens_across_devices:
+            # Besides, a process whose batch was undecodable would skip the gather the others wait in.
+            raise UsageError(
+                "--average_tokens_across_devices gathers a label count every step that the classification loss (a "
+                "per-batch mean) never reads: remove it"
+            )
+        super().__post_init__()
+
 
 def classification_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
     """`Trainer`'s `compute_loss_func`: cross-entropy against class ids or (mixed, smoothed) soft targets."""
