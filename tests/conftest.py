@@ -3,6 +3,8 @@
 import importlib
 import os
 import socket
+import subprocess
+import sys
 
 # Tests never reach the network; fail fast instead of waiting on a Hub request.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -13,6 +15,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -138,6 +141,25 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def launch_two_processes(script, args, cwd, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`script` run with `args` as 2-process DDP on the CPU (gloo), one thread each; a launch that hangs fails the
+    test at `timeout` with its processes killed (a hung rank outlives its launcher)."""
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", str(free_port()), str(script), *map(str, args)]  # fmt: skip
+    process = subprocess.Popen(launch, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=cwd,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)  # fmt: skip
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        # The ranks run in sessions of their own (torchrun's), holding the output pipes open: kill every descendant.
+        for child in [*psutil.Process(process.pid).children(recursive=True), process]:
+            child.kill()
+        stdout, stderr = process.communicate()
+        pytest.fail(f"the 2-process launch of {script} hung for {timeout} s:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(launch, process.returncode, stdout, stderr)
 
 
 def write_images(folder, count: int, size=(40, 48), classes=("a", "b"), seed: int = 0) -> None:

@@ -481,11 +481,60 @@ def test_the_stand_in_of_an_undecodable_batch_is_a_decodable_example_and_is_not_
     trainer = MimTrainer.__new__(MimTrainer)
     trainer.train_dataset = [None, None, "good", None]
     trainer.data_collator = lambda examples: {} if examples[0] is None else {"example": examples[0]}
-    trainer._stand_in_index, trainer.data_flag = 0, "--dataset_name"
-    trainer.skipped_images = SkippedImageCounter()
+    trainer._stand_in_index, trainer.data_flag = {"train": 0, "eval": 0}, "--dataset_name"
+    trainer.skipped_images, trainer.eval_skipped_images = SkippedImageCounter(), SkippedImageCounter()
     trainer.skipped_images.increment(3)  # the three were counted when their batches were drawn
-    assert trainer._stand_in_batch() == {"example": "good"} and trainer._stand_in_index == 2
+    assert trainer._stand_in_batch("train") == {"example": "good"} and trainer._stand_in_index["train"] == 2
     assert trainer.skipped_images.value == 1  # the two looked past are taken back out (the real decode counts them)
+    # Evaluation looks in the set being evaluated and takes back from its own count.
+    trainer._evaluated_dataset = [None, "valid"]
+    trainer.eval_skipped_images.increment(1)
+    assert trainer._stand_in_batch("eval") == {"example": "valid"} and trainer._stand_in_index["eval"] == 1
+    assert trainer.eval_skipped_images.value == 0 and trainer.skipped_images.value == 1
     trainer.train_dataset = [None, None]
     with pytest.raises(UsageError, match="no training image could be decoded .*: point --dataset_name at your images"):
-        trainer._stand_in_batch()
+        trainer._stand_in_batch("train")
+    trainer._evaluated_dataset = [None]
+    with pytest.raises(UsageError, match="no validation image could be decoded"):
+        trainer._stand_in_batch("eval")
+
+
+def test_an_evaluation_batch_of_several_processes_keeps_its_sampled_positions():
+    from hf_mim.training.trainer import DECODED, DecodedPositionsCollator, in_sampled_positions
+
+    collate = DecodedPositionsCollator(MimDataCollator())
+    image = {"pixel_values": torch.ones(3, 2, 2), "labels": 1}
+    batch = collate([image, None, {"pixel_values": None, "labels": 0}, {**image, "labels": 0}])
+    assert batch[DECODED] == (True, False, False, True) and batch["labels"].tolist() == [1, 0]
+    assert collate([None]) == {DECODED: (False,)}
+    # Predictions of the decoded rows go back to their positions; padding elsewhere (-100: Trainer's for labels).
+    logits, labels = in_sampled_positions((torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([1, 0])), [0, 3], 4, -100)
+    assert logits.tolist() == [[1, 2], [-100, -100], [-100, -100], [3, 4]] and labels.tolist() == [1, -100, -100, 0]
+    # A stand-in's predictions give the shapes only.
+    assert torch.equal(in_sampled_positions(torch.ones(1, 5), [], 3, 0), torch.zeros(3, 5))
+    # The positions are copied to the predictions' device (a CPU index meeting meta predictions would fail here).
+    padded = in_sampled_positions(torch.empty(2, 5, device="meta"), [1, 2], 4, 0)
+    assert padded.device.type == "meta" and padded.shape == (4, 5)
+
+
+@pytest.mark.parametrize(
+    ("remainder", "end_of_dataloader", "first_repeats"),
+    [
+        (3, True, [2, 1]),  # 7 images, 2 processes x 2: the last batches hold images 4, 5 | 6, then image 0 again
+        (1, True, [1, 0]),  # 9 images: 8 | image 0, then 1 and 2 again
+        (0, True, [2, 2]),  # 8 images: no repeat
+        (-1, True, [2, 2]),  # a set of unknown length: accelerate cannot tell the repeats either
+        (3, False, [2, 2]),  # not the last batch
+    ],
+)
+def test_the_repeats_filling_the_last_evaluation_batches_are_found(remainder, end_of_dataloader, first_repeats):
+    from types import SimpleNamespace
+
+    from hf_mim.training.trainer import MimTrainer
+
+    state = SimpleNamespace(end_of_dataloader=end_of_dataloader, remainder=remainder)
+    found = [
+        MimTrainer._first_repeat(SimpleNamespace(accelerator=SimpleNamespace(gradient_state=state, process_index=rank)), 2)
+        for rank in (0, 1)
+    ]
+    assert found == first_repeats

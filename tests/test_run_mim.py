@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import free_port, launch_two_processes, write_images
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForMaskedImageModeling
 
@@ -160,6 +160,30 @@ def test_a_process_whose_batch_is_all_undecodable_takes_part_in_the_all_reduce(t
     rank_0, rank_1 = (load_file(tmp_path / "out" / f"rank_{rank}.safetensors") for rank in (0, 1))
     assert all(torch.equal(tensor, rank_1[name]) for name, tensor in rank_0.items())
     assert all(torch.isfinite(tensor).all() for tensor in rank_0.values())
+
+
+@pytest.mark.slow
+def test_undecodable_validation_images_change_only_the_skipped_count_under_two_processes(tiny_dvae_dir, tmp_path):
+    # 6 photos and 2 broken files, batches of 2: rank 1's second batch is both broken. It gathered no loss while
+    # rank 0 waited in that gather (a hang). Without the broken files rank 1's last batch repeats the first images
+    # (accelerate's padding), which must not count either.
+    write_images(tmp_path / "train", 8)
+    results = {}
+    for broken in (0, 2):
+        validation = tmp_path / f"validation_{broken}"
+        write_images(validation, 6)
+        for index in range(broken):  # sorted last, so the photos keep their indices (and their masks' seeds)
+            (validation / "b" / f"zz_broken{index}.png").write_bytes(b"not an image")
+        output = tmp_path / f"out_{broken}"
+        args = run_mim_args(tiny_dvae_dir, tmp_path / "train", output, "--per_device_train_batch_size", "2",
+                            "--max_steps", "2", "--save_strategy", "no", "--do_eval", "--validation_dir", validation,
+                            "--per_device_eval_batch_size", "2")  # fmt: skip
+        completed = launch_two_processes(REPO / "scripts" / "run_mim.py", args, cwd=tmp_path, timeout=240)
+        assert completed.returncode == 0, completed.stderr[-4000:]
+        results[broken] = json.loads((output / "eval_results.json").read_text())
+    assert results[2]["eval_skipped_images"] == 2 and results[0]["eval_skipped_images"] == 0
+    # The mean over the same 6 images, each once (the masks draw the same count on every image).
+    assert results[2]["eval_loss"] == pytest.approx(results[0]["eval_loss"], rel=1e-6)
 
 
 def test_two_processes_whose_clocks_disagree_stop_at_the_same_step(tiny_dvae_dir, image_folder, tmp_path):

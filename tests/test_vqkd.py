@@ -560,3 +560,50 @@ def test_a_vqkd_training_resumed_with_another_teacher_is_refused_and_with_the_sa
                                          r" \(this launch: \"weights [0-9a-f]{16}\"\)"):
         train_tokenizer(resumed(other))
     train_tokenizer(resumed(moved))
+
+
+def _update_weight_worker(rank: int, init_file: str, features, results) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        codebook = codebook_with([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], ema_decay=0.5).train()
+        # Rank 1's features only join the all-reduce, as a stand-in for an undecodable batch does.
+        counts = codebook(features[rank], update_weight=1.0 - rank).counts
+        results[rank] = (codebook.weight.clone(), codebook.cluster_size.clone(), counts)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_features_of_update_weight_zero_join_the_ema_all_reduce_and_move_nothing(tmp_path):
+    import torch.multiprocessing as mp
+
+    features = [torch.tensor([[[3.0, 4.0], [2.0, 0.0], [4.0, 3.0]]]), torch.tensor([[[-1.0, 0.1], [-2.0, 0.3]]])]
+    results = mp.Manager().dict()
+    mp.spawn(_update_weight_worker, args=(str(tmp_path / "init"), features, results), nprocs=2)
+    alone = codebook_with([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], ema_decay=0.5).train()
+    counts = alone(features[0]).counts
+    for rank in (0, 1):
+        weight, cluster_size, rank_counts = results[rank]
+        torch.testing.assert_close(weight, alone.weight)
+        torch.testing.assert_close(cluster_size, alone.cluster_size)
+        torch.testing.assert_close(rank_counts, counts)
+
+
+def test_a_stand_in_example_trains_the_codebook_with_weight_zero(monkeypatch):
+    import contextlib
+    from types import SimpleNamespace
+
+    from hf_mim.training.tokenizer_trainer import TokenizerTrainer
+    from hf_mim.training.vqkd import VqkdTrainer
+
+    given = []
+    monkeypatch.setattr(TokenizerTrainer, "compute_loss", lambda self, model, inputs, **kwargs: given.append(inputs))
+    trainer = VqkdTrainer.__new__(VqkdTrainer)
+    trainer.teacher = lambda pixel_values: torch.zeros(1, 4, 8)
+    trainer.accelerator = SimpleNamespace(autocast=contextlib.nullcontext)
+    for stand_in in (False, True):
+        trainer.stand_in = stand_in
+        trainer.compute_loss(None, {"pixel_values": torch.zeros(1, 3, 32, 32)})
+    assert "codebook_update_weight" not in given[0] and given[1]["codebook_update_weight"] == 0.0

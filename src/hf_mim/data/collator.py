@@ -12,6 +12,12 @@ from .images import SkippedImageCounter
 logger = logging.getLogger(__name__)
 
 
+def decodable(example: dict | None) -> bool:
+    """Whether a transformed example holds an image (`apply_transform` gives None, or `pixel_values` None, for an
+    image that could not be decoded)."""
+    return example is not None and example.get("pixel_values") is not None
+
+
 class MimDataCollator:
     r"""Collates examples from [`TwoViewTransform`] (via `apply_transform`) into a MIM batch.
 
@@ -80,7 +86,7 @@ class MimDataCollator:
         return counts
 
     def __call__(self, examples: list[dict]) -> dict[str, torch.Tensor]:
-        kept = [example for example in examples if example is not None and example.get("pixel_values") is not None]
+        kept = [example for example in examples if decodable(example)]
         if len(kept) < len(examples):
             if self.skipped is not None:
                 self.skipped.increment(len(examples) - len(kept))
@@ -109,4 +115,4 @@ class MimDataCollator:
         return batch
 
 
-__all__ = ["MimDataCollator"]
+__all__ = ["MimDataCollator", "decodable"]

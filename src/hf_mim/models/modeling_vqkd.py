@@ -169,11 +169,16 @@ class VqkdCodebook(nn.Module):
         self._known_initialised = True
 
     @torch.no_grad()
-    def update(self, vectors: torch.Tensor, indices: torch.LongTensor, counts: torch.Tensor) -> torch.Tensor:
-        """One EMA step from the unit `vectors` assigned to codes `indices`; returns the all-process `counts`."""
+    def update(
+        self, vectors: torch.Tensor, indices: torch.LongTensor, counts: torch.Tensor, weight: float = 1.0
+    ) -> torch.Tensor:
+        """One EMA step from the unit `vectors` assigned to codes `indices`, their statistics scaled by `weight`;
+        returns the all-process `counts`."""
         sums = torch.zeros_like(self.weight, dtype=vectors.dtype).index_add_(0, indices, vectors)
         # One collective for both statistics.
         statistics = torch.cat([counts[:, None], sums], dim=1)
+        if weight != 1.0:
+            statistics = statistics * weight
         all_reduce_(statistics)
         counts, sums = statistics[:, 0], statistics[:, 1:]
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
@@ -209,8 +214,9 @@ class VqkdCodebook(nn.Module):
         self.unused_steps[dead] = 0
         return num_dead
 
-    def forward(self, features: torch.Tensor) -> VqkdCodebookOutput:
-        """Quantise `features` `(..., codebook_dim)`; while training, also update the codebook (see the class)."""
+    def forward(self, features: torch.Tensor, update_weight: float = 1.0) -> VqkdCodebookOutput:
+        """Quantise `features` `(..., codebook_dim)`; while training, also update the codebook (see the class), the
+        statistics of these features weighed by `update_weight` (0: they join the collectives and move nothing)."""
         with torch.autocast(device_type=features.device.type, enabled=False):
             vectors = F.normalize(features.float(), dim=-1)
             flat = vectors.reshape(-1, self.codebook_dim)
@@ -222,7 +228,7 @@ class VqkdCodebook(nn.Module):
             counts = code_counts(indices, self.codebook_size).float()
             restarted = 0
             if self.training:
-                counts = self.update(flat.detach(), indices, counts)
+                counts = self.update(flat.detach(), indices, counts, update_weight)
                 if self.dead_code_restart_steps > 0:
                     restarted = self.restart_dead_codes(flat.detach(), counts)
             commitment_loss = self.commitment_weight * F.mse_loss(flat, codes)
@@ -366,6 +372,7 @@ class VqkdModel(VqkdPreTrainedModel):
         pixel_values: torch.Tensor,
         target_features: torch.Tensor | None = None,
         return_loss: bool = True,
+        codebook_update_weight: float = 1.0,
     ) -> VqkdOutput:
         r"""
         In training mode the codebook is updated (k-means on the first batch, then an EMA step per call, summed over
@@ -378,11 +385,14 @@ class VqkdModel(VqkdPreTrainedModel):
                 The teacher's patch features of the same images (`hf_mim.training.vqkd.VqkdTeacher`).
             return_loss (`bool`, *optional*, defaults to `True`):
                 Whether to return `loss` (needs `target_features`).
+            codebook_update_weight (`float`, *optional*, defaults to 1.0):
+                The weight of these images in the training-mode EMA step, whose statistics are summed over processes:
+                0 for images that only take part in the step (a process whose own batch was undecodable).
         """
         # Checked before the codebook's training-mode update, which must not happen in a call that then fails.
         check_decoder(self.config, "run the distillation forward (get_codebook_indices gives tokens)")
         features = self.encode(pixel_values)
-        quantized = self.codebook(features)
+        quantized = self.codebook(features, update_weight=codebook_update_weight)
         predicted = self.decode_features(quantized.quantized)
 
         reconstruction_loss = loss = None

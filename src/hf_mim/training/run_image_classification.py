@@ -146,6 +146,15 @@ class ClassificationTrainingArguments(HfMimTrainingArguments):
         super().__post_init__()
 
 
+def accuracy_of(accuracy, prediction) -> dict[str, float]:
+    """`compute_metrics`: the `accuracy` metric over the evaluated images; label -100 marks the positions of
+    undecodable ones (`MimTrainer.prediction_step` under several processes)."""
+    evaluated = prediction.label_ids != -100
+    return accuracy.compute(
+        predictions=prediction.predictions[evaluated], references=prediction.label_ids[evaluated]
+    )
+
+
 def classification_loss(outputs, labels: torch.Tensor, num_items_in_batch=None) -> torch.Tensor:
     """`Trainer`'s `compute_loss_func`: cross-entropy against class ids or (mixed, smoothed) soft targets."""
     return soft_target_cross_entropy(outputs.logits, labels)
@@ -398,9 +407,7 @@ def main(argv=None) -> dict[str, float]:
         eval_dataset=eval_dataset,
         data_collator=MimDataCollator(),
         processing_class=to_beit_image_processor(eval_view),
-        compute_metrics=lambda prediction: accuracy.compute(
-            predictions=prediction.predictions, references=prediction.label_ids
-        ),
+        compute_metrics=lambda prediction: accuracy_of(accuracy, prediction),
         preprocess_logits_for_metrics=lambda logits, labels: logits.argmax(dim=-1),
         layer_decay=model_args.layer_decay,
         mixup=mixup,
@@ -416,6 +423,7 @@ __all__ = [
     "DataArguments",
     "ImageClassificationTrainer",
     "ModelArguments",
+    "accuracy_of",
     "build_classifier",
     "classification_loss",
     "encode_labels",

@@ -11,6 +11,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils.hub import hf_api
 
 from ..checkpoint_folder import checkpoint_weight_names
+from ..data.collator import decodable
 from ..errors import UsageError
 from ..hub.callbacks import HubFilesCallback
 from ..hub.cards import write_model_card
@@ -92,6 +93,35 @@ def batch_size(inputs: dict) -> int:
     return next(value.shape[0] for value in inputs.values() if isinstance(value, torch.Tensor))
 
 
+# Where an evaluation batch of several processes lists which of its sampled examples were decodable.
+DECODED = "decoded"
+
+
+class DecodedPositionsCollator:
+    """An evaluation collator for several processes: its batch also holds, under `DECODED` (a tuple of bools, which
+    stays on the host), whether each sampled example was decodable, so that every process gathers its predictions
+    in the sampled positions: equal shapes on every process, and the padding accelerate drops from the last batch
+    (by position) is padding."""
+
+    def __init__(self, collator: Callable[[list], dict]):
+        self.collator = collator
+
+    def __call__(self, examples: list) -> dict:
+        return {**self.collator(examples), DECODED: tuple(decodable(example) for example in examples)}
+
+
+def in_sampled_positions(values, rows: list[int], size: int, fill: float):
+    """`values` (a tensor whose leading rows are those of the examples `rows`, or a tuple of such) spread over a
+    batch of `size` sampled examples, `fill` in the rows of the others."""
+    if isinstance(values, (tuple, list)):
+        return type(values)(in_sampled_positions(value, rows, size, fill) for value in values)
+    padded = values.new_full((size, *values.shape[1:]), fill)
+    if rows:
+        # An index tensor copied to the device, not a boolean mask (which reads its count on the host).
+        padded[torch.tensor(rows, device=values.device)] = values[: len(rows)]
+    return padded
+
+
 def _count_nonfinite(loss: torch.Tensor, counted: torch.Tensor | None) -> torch.Tensor:
     """`counted` plus one if `loss` is non-finite, on the loss's device (no host read)."""
     nonfinite = (~torch.isfinite(loss.detach())).any().int()
@@ -150,11 +180,16 @@ class MimTrainer(Trainer):
         self._nonfinite_checked_step = 0
         # Set while a process whose batch was all undecodable takes part in DDP's all-reduce (`training_step`).
         self.stand_in = False
-        self._stand_in_index = 0
-        # The training set's `SkippedImageCounter` and the flag naming its images, where the script gives them
-        # (`workflow.train_and_evaluate`).
+        self._stand_in_index = {"train": 0, "eval": 0}
+        # The training and evaluation sets' `SkippedImageCounter`s and the flag naming the training images, where the
+        # script gives them (`workflow.train_and_evaluate`).
         self.skipped_images = None
+        self.eval_skipped_images = None
         self.data_flag = "--train_dir"
+        # The evaluation set being evaluated, and its loss summed over its examples with their count.
+        self._evaluated_dataset = None
+        self._eval_loss_sum: torch.Tensor | None = None
+        self._eval_examples = 0
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         if not self._load_renamed_weights(resume_from_checkpoint, self.model if model is None else model):
@@ -271,35 +306,126 @@ class MimTrainer(Trainer):
                 # gradients (a no-op step here would leave the others waiting in the all-reduce).
                 self.stand_in = True
                 try:
-                    super().training_step(model, self._stand_in_batch(), num_items_in_batch)
+                    super().training_step(model, self._stand_in_batch("train"), num_items_in_batch)
                 finally:
                     self.stand_in = False
             return torch.zeros((), device=self.args.device)
         self.throughput.samples += batch_size(inputs)
         return super().training_step(model, inputs, num_items_in_batch)
 
-    def _stand_in_batch(self) -> dict:
-        """A batch of one decodable training example, for a process whose batch had none (see `training_step`)."""
-        dataset = self.train_dataset
+    def _stand_in_batch(self, split: str) -> dict:
+        """A batch of one decodable example of the `split` ("train" or "eval") being run, for a process whose batch
+        had none (see `training_step` and `prediction_step`)."""
+        training = split == "train"
+        dataset = self.train_dataset if training else self._evaluated_dataset
+        skipped = self.skipped_images if training else self.eval_skipped_images
         count = len(dataset) if hasattr(dataset, "__len__") else 0  # a stream filters undecodable images out itself
         for offset in range(count):
-            index = (self._stand_in_index + offset) % count
+            index = (self._stand_in_index[split] + offset) % count
             batch = self.data_collator([dataset[index]])
-            if not batch and self.skipped_images is not None:
+            if not batch and skipped is not None:
                 # Counted again by reading it here: it was counted when its own batch was drawn.
-                self.skipped_images.increment(-1)
+                skipped.increment(-1)
             if batch:
-                self._stand_in_index = index
+                self._stand_in_index[split] = index
                 return batch
+        if not training:
+            raise UsageError(
+                "no validation image could be decoded, so there is nothing to evaluate: point --validation_dir (or "
+                "--train_val_split) at your images, or fix or remove the broken files"
+            )
         raise UsageError(
             f"no training image could be decoded (the warnings above name the files): point {self.data_flag} at your "
             "images, or fix or remove the broken files"
         )
 
+    def get_eval_dataloader(self, eval_dataset=None):
+        if isinstance(eval_dataset, str):
+            self._evaluated_dataset = self.eval_dataset[eval_dataset]
+        else:
+            self._evaluated_dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if self.accelerator.num_processes == 1:
+            return super().get_eval_dataloader(eval_dataset)
+        collator = self.data_collator
+        self.data_collator = DecodedPositionsCollator(collator)
+        try:
+            return super().get_eval_dataloader(eval_dataset)
+        finally:
+            self.data_collator = collator
+
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        if not inputs:
-            return None, None, None
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        inputs = dict(inputs)
+        decoded = inputs.pop(DECODED, None)
+        if decoded is None:
+            # One process: a batch without a decodable image has nothing to add.
+            if not inputs:
+                return None, None, None
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        # Several processes gather every batch's loss (and predictions) together, so each process takes part in
+        # every gather, with its predictions in their sampled positions and padding for the images not evaluated.
+        first_repeat = self._first_repeat(len(decoded))
+        rows = [index for index in range(first_repeat) if decoded[index]]
+        repeated_undecodable = decoded[first_repeat:].count(False)
+        if repeated_undecodable and self.eval_skipped_images is not None:
+            # Counted again by the repeat: each undecodable image counts once.
+            self.eval_skipped_images.increment(-repeated_undecodable)
+        if inputs and len(rows) < batch_size(inputs):
+            # The batch holds the decodable examples in sampled order: the repeats left out are its last rows.
+            inputs = {key: value[: len(rows)] if isinstance(value, torch.Tensor) else value
+                      for key, value in inputs.items()}  # fmt: skip
+        if rows:
+            loss, logits, labels = super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        elif prediction_loss_only:
+            loss, logits, labels = None, None, None
+        else:
+            # For the shapes of the predictions only: every row becomes padding below.
+            self.stand_in = True
+            try:
+                loss, logits, labels = super().prediction_step(
+                    model, self._stand_in_batch("eval"), prediction_loss_only, ignore_keys=ignore_keys
+                )
+            finally:
+                self.stand_in = False
+            loss = None
+        if loss is None:
+            # Gathered beside the others' losses; `evaluation_loop` reports the loss of the examples evaluated.
+            loss = torch.full((), float("nan"), device=self.args.device)
+        if logits is not None:
+            logits = in_sampled_positions(logits, rows, len(decoded), 0)
+        if labels is not None:
+            # -100: Trainer's padding index, which compute_metrics leaves out.
+            labels = in_sampled_positions(labels, rows, len(decoded), -100)
+        return loss, logits, labels
+
+    def _first_repeat(self, size: int) -> int:
+        """The position, in this process's evaluation batch of `size` examples, from which it repeats the first
+        examples of the set: accelerate fills every process's last batch so, and `gather_for_metrics` drops them."""
+        state = self.accelerator.gradient_state
+        if not (state.end_of_dataloader and state.remainder > 0):
+            return size
+        # The batches gather in process order: position i of this process is sample rank * size + i.
+        return min(size, max(0, state.remainder - self.accelerator.process_index * size))
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix: str = "eval"):  # fmt: skip
+        self._eval_loss_sum, self._eval_examples = None, 0
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        # Trainer weighs each batch's loss by the full batch size, and under several processes gathers a placeholder
+        # from a process whose batch had no decodable image: the loss is the mean over the examples evaluated.
+        loss_sum = self._eval_loss_sum
+        if loss_sum is None:
+            loss_sum = torch.zeros((), device=self.args.device)
+        totals = torch.stack([loss_sum.float(), loss_sum.new_tensor(float(self._eval_examples), dtype=torch.float)])
+        if self.accelerator.num_processes > 1:
+            totals = self.accelerator.reduce(totals.to(self.accelerator.device), reduction="sum")
+        loss_sum, examples = totals.tolist()
+        key = f"{metric_key_prefix}_loss"
+        if examples == 0:
+            # Nothing was evaluated (every image undecodable): no loss rather than a NaN one.
+            output.metrics.pop(key, None)
+        else:
+            output.metrics[key] = loss_sum / examples
+        return output
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         # Exact mask counts make the model's gathers static: no device synchronisation per step, one compiled graph.
@@ -307,6 +433,9 @@ class MimTrainer(Trainer):
         if exact_counts is not None:
             inputs = {**exact_counts(), **inputs}
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        if self.stand_in and not model.training:
+            # Evaluated for the shapes of its predictions only (`prediction_step`).
+            return (loss, outputs) if return_outputs else loss
         if self.stand_in:
             # The example stands in for a batch that had none: zero gradients and metrics of weight zero, but the
             # same loss check as every process makes (with --skip_nonfinite_steps a reduction they all join).
@@ -317,6 +446,10 @@ class MimTrainer(Trainer):
         if not model.training:
             # Checked once the evaluation ends, on every process together.
             self._nonfinite_eval_losses = _count_nonfinite(loss, self._nonfinite_eval_losses)
+            examples = batch_size(inputs)
+            weighted = loss.detach().float() * examples
+            self._eval_loss_sum = weighted if self._eval_loss_sum is None else self._eval_loss_sum + weighted
+            self._eval_examples += examples
         else:
             self._check_training_loss(loss)
         self._accumulate_metrics("train" if model.training else "eval", outputs)
@@ -470,9 +603,11 @@ class MimTrainer(Trainer):
 
 __all__ = [
     "DatasetEpochCallback",
+    "DecodedPositionsCollator",
     "MimTrainer",
     "NoExtraFinalCheckpoint",
     "NonFiniteStepGuard",
     "ThroughputCounter",
     "batch_size",
+    "in_sampled_positions",
 ]

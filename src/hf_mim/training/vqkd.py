@@ -80,6 +80,10 @@ class VqkdTrainer(TokenizerTrainer):
         with self.accelerator.autocast():
             target_features = self.teacher(inputs["pixel_values"])
         inputs = {**inputs, "target_features": target_features}
+        if self.stand_in:
+            # An example standing in for an undecodable batch (MimTrainer.training_step) joins the codebook's
+            # all-reduce of EMA statistics with weight zero.
+            inputs["codebook_update_weight"] = 0.0
         return super().compute_loss(model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):

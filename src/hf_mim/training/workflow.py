@@ -401,6 +401,7 @@ def train_and_evaluate(
     checkpoint (`RunRecordsCallback`), and a resumed run must keep them. Returns train and eval metrics.
     """
     metrics: dict[str, float] = {}
+    trainer.eval_skipped_images = eval_skipped
     if training_args.do_train:
         checkpoint = find_checkpoint(training_args, trainer.model, flags)
         require_a_full_batch(trainer, training_args)
