@@ -1,6 +1,7 @@
 """Shared tiny fixtures: every model here is a few thousand parameters on 16-32 px images."""
 
 import importlib
+import json
 import os
 import socket
 import subprocess
@@ -160,6 +161,22 @@ def launch_two_processes(script, args, cwd, timeout: int = 300) -> subprocess.Co
         stdout, stderr = process.communicate()
         pytest.fail(f"the 2-process launch of {script} hung for {timeout} s:\n{stderr[-3000:]}")
     return subprocess.CompletedProcess(launch, process.returncode, stdout, stderr)
+
+
+def two_process_evaluations(tmp_path, script, arguments, broken_files) -> list[dict]:
+    """The `eval_results.json` of 2-process launches of `script` evaluating 6 validation photos, without and then
+    with the undecodable `broken_files` (paths inside its class folders); `arguments(validation_dir, output_dir)`
+    gives a launch's flags."""
+    results = []
+    for broken in ((), broken_files):
+        validation, output = tmp_path / f"validation_{len(broken)}", tmp_path / f"out_{len(broken)}"
+        write_images(validation, 6)
+        for name in broken:
+            (validation / name).write_bytes(b"not an image")
+        completed = launch_two_processes(script, arguments(validation, output), cwd=tmp_path, timeout=240)
+        assert completed.returncode == 0, completed.stderr[-4000:]
+        results.append(json.loads((output / "eval_results.json").read_text()))
+    return results
 
 
 def write_images(folder, count: int, size=(40, 48), classes=("a", "b"), seed: int = 0) -> None:

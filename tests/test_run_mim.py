@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import free_port, launch_two_processes, write_images
+from conftest import free_port, two_process_evaluations, write_images
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForMaskedImageModeling
 
@@ -86,8 +86,6 @@ def test_missing_tokenizer_is_a_clear_error(image_folder, tmp_path):
 
 
 def test_corrupt_image_is_skipped_and_counted(tiny_dvae_dir, tmp_path):
-    from conftest import write_images
-
     images = tmp_path / "images"
     write_images(images, 8)
     (images / "a" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
@@ -136,8 +134,6 @@ def test_two_process_ddp_run_and_resume(tiny_dvae_dir, image_folder, tmp_path):
 @pytest.mark.parametrize("extra", [[], ["--skip_nonfinite_steps", "true"]])
 def test_a_process_whose_batch_is_all_undecodable_takes_part_in_the_all_reduce(tiny_dvae_dir, tmp_path, extra):
     # It raised, and the other process waited in DDP's all-reduce (a traceback from each rank when both did).
-    from conftest import write_images
-
     images = tmp_path / "images"
     write_images(images, 6)
     for index in range(6):  # first in the folder's order, so the stand-in example is looked for past them
@@ -168,22 +164,18 @@ def test_undecodable_validation_images_change_only_the_skipped_count_under_two_p
     # rank 0 waited in that gather (a hang). Without the broken files rank 1's last batch repeats the first images
     # (accelerate's padding), which must not count either.
     write_images(tmp_path / "train", 8)
-    results = {}
-    for broken in (0, 2):
-        validation = tmp_path / f"validation_{broken}"
-        write_images(validation, 6)
-        for index in range(broken):  # sorted last, so the photos keep their indices (and their masks' seeds)
-            (validation / "b" / f"zz_broken{index}.png").write_bytes(b"not an image")
-        output = tmp_path / f"out_{broken}"
-        args = run_mim_args(tiny_dvae_dir, tmp_path / "train", output, "--per_device_train_batch_size", "2",
-                            "--max_steps", "2", "--save_strategy", "no", "--do_eval", "--validation_dir", validation,
-                            "--per_device_eval_batch_size", "2")  # fmt: skip
-        completed = launch_two_processes(REPO / "scripts" / "run_mim.py", args, cwd=tmp_path, timeout=240)
-        assert completed.returncode == 0, completed.stderr[-4000:]
-        results[broken] = json.loads((output / "eval_results.json").read_text())
-    assert results[2]["eval_skipped_images"] == 2 and results[0]["eval_skipped_images"] == 0
+    flags = ("--per_device_train_batch_size", "2", "--max_steps", "2", "--save_strategy", "no", "--do_eval",
+             "--per_device_eval_batch_size", "2")  # fmt: skip
+    # Sorted last, so the photos keep their indices (and their masks' seeds).
+    without, with_broken = two_process_evaluations(
+        tmp_path, REPO / "scripts" / "run_mim.py",
+        lambda validation, output: run_mim_args(tiny_dvae_dir, tmp_path / "train", output, *flags,
+                                                "--validation_dir", validation),  # fmt: skip
+        ["b/zz_broken0.png", "b/zz_broken1.png"],
+    )
+    assert with_broken["eval_skipped_images"] == 2 and without["eval_skipped_images"] == 0
     # The mean over the same 6 images, each once (the masks draw the same count on every image).
-    assert results[2]["eval_loss"] == pytest.approx(results[0]["eval_loss"], rel=1e-6)
+    assert with_broken["eval_loss"] == pytest.approx(without["eval_loss"], rel=1e-6)
 
 
 def test_two_processes_whose_clocks_disagree_stop_at_the_same_step(tiny_dvae_dir, image_folder, tmp_path):
@@ -278,8 +270,6 @@ def test_a_warm_up_longer_than_the_run_is_said(tiny_dvae_dir, image_folder, tmp_
 
 def test_undecodable_validation_images_are_counted_apart_from_training_ones(tiny_dvae_dir, tmp_path):
     # One counter served both: evaluations during training added to train_skipped_images, and the eval count was lost.
-    from conftest import write_images
-
     train, validation = tmp_path / "train", tmp_path / "validation"
     write_images(train, 8)
     write_images(validation, 4)
@@ -297,8 +287,6 @@ def test_undecodable_validation_images_are_counted_apart_from_training_ones(tiny
 
 def test_a_resumed_run_reports_the_undecodable_images_of_the_whole_run(tiny_dvae_dir, tmp_path):
     # The count covered the resumed launch only.
-    from conftest import write_images
-
     images = tmp_path / "images"
     write_images(images, 4)
     (images / "a" / "broken.png").write_bytes(b"not a png")
@@ -314,8 +302,6 @@ def test_a_resumed_run_reports_the_undecodable_images_of_the_whole_run(tiny_dvae
 
 def test_a_streamed_batch_of_undecodable_images_is_skipped_and_counted(tiny_dvae_dir, tmp_path):
     # accelerate dispatches a stream's batches and failed on the empty batch the collator returned for them.
-    from conftest import write_images
-
     images = tmp_path / "images"
     write_images(images, 4, classes=("b",))
     (images / "a").mkdir()
