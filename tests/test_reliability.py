@@ -538,3 +538,43 @@ def test_the_repeats_filling_the_last_evaluation_batches_are_found(remainder, en
         for rank in (0, 1)
     ]
     assert found == first_repeats
+
+
+@pytest.mark.parametrize(
+    ("processes", "dataset", "dispatch_batches", "wrapped"),
+    [
+        (2, [1, 2, 3], None, True),
+        (1, [1, 2, 3], None, False),
+        (2, iter([1, 2, 3]), None, False),  # a stream: dispatched by accelerate, which concatenates tensors only
+        (2, [1, 2, 3], True, False),
+    ],
+)
+def test_only_sharded_evaluation_batches_say_which_examples_were_decodable(processes, dataset, dispatch_batches, wrapped):
+    from types import SimpleNamespace
+
+    from hf_mim.training.trainer import DecodedPositionsCollator, MimTrainer
+
+    collator = MimDataCollator()
+    trainer = SimpleNamespace(
+        accelerator=SimpleNamespace(num_processes=processes, dispatch_batches=dispatch_batches), data_collator=collator
+    )
+    used = MimTrainer._with_decoded_positions(trainer, dataset, lambda: trainer.data_collator)
+    assert isinstance(used, DecodedPositionsCollator) == wrapped and trainer.data_collator is collator
+    assert trainer._evaluated_dataset is dataset
+
+
+def test_predictions_go_through_the_same_positions_as_evaluation(tmp_path, monkeypatch):
+    from transformers import BeitConfig, BeitForImageClassification
+
+    from hf_mim.training.arguments import MimTrainingArguments
+    from hf_mim.training.trainer import MimTrainer
+
+    config = BeitConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16, image_size=16,
+                        patch_size=8, num_labels=2)  # fmt: skip
+    trainer = MimTrainer(model=BeitForImageClassification(config), args=MimTrainingArguments(
+        output_dir=str(tmp_path), report_to="none", use_cpu=True))  # fmt: skip
+    seen = []
+    monkeypatch.setattr(MimTrainer, "_with_decoded_positions", lambda self, dataset, make: seen.append(dataset))
+    trainer.get_test_dataloader([1])
+    trainer.get_eval_dataloader([2])
+    assert seen == [[1], [2]]

@@ -1,6 +1,7 @@
 """scripts/run_mim.py end to end on tiny models: one process, resume, and two-process DDP on CPU."""
 
 import json
+import math
 import os
 import pathlib
 import subprocess
@@ -8,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import free_port, two_process_evaluations, write_images
+from conftest import free_port, launch_two_processes, two_process_evaluations, write_images
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForMaskedImageModeling
 
@@ -176,6 +177,18 @@ def test_undecodable_validation_images_change_only_the_skipped_count_under_two_p
     assert with_broken["eval_skipped_images"] == 2 and without["eval_skipped_images"] == 0
     # The mean over the same 6 images, each once (the masks draw the same count on every image).
     assert with_broken["eval_loss"] == pytest.approx(without["eval_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_streamed_validation_set_evaluates_under_two_processes(tiny_dvae_dir, image_folder, tmp_path):
+    # accelerate dispatches a stream's batches and concatenates them: a collator adding non-tensors broke it.
+    write_images(tmp_path / "validation", 6, seed=1)
+    args = run_mim_args(tiny_dvae_dir, image_folder, tmp_path / "out", "--streaming", "--max_steps", "2",
+                        "--per_device_train_batch_size", "2", "--save_strategy", "no", "--do_eval",
+                        "--validation_dir", tmp_path / "validation", "--per_device_eval_batch_size", "2")  # fmt: skip
+    completed = launch_two_processes(REPO / "scripts" / "run_mim.py", args, cwd=tmp_path, timeout=240)
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert math.isfinite(json.loads((tmp_path / "out" / "eval_results.json").read_text())["eval_loss"])
 
 
 def test_two_processes_whose_clocks_disagree_stop_at_the_same_step(tiny_dvae_dir, image_folder, tmp_path):

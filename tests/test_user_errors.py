@@ -425,6 +425,10 @@ CASES = {
         lambda p: mim(p, include_num_input_tokens_seen="true"),
         "--include_num_input_tokens_seen counts the tokens of text inputs, and hf_mim's inputs are images: remove it",
     ),
+    "gathering pixel values for metrics": (
+        lambda p: mim(p, include_for_metrics="inputs"),
+        "--include_for_metrics inputs gathers every evaluation batch's pixel values, which no hf_mim metric reads",
+    ),
     "gathering a label count the loss never reads": (
         lambda p: finetune(p, "--do_train", "--average_tokens_across_devices", "true"),
         "--average_tokens_across_devices gathers a label count every step that the classification loss",

@@ -579,7 +579,8 @@ def _update_weight_worker(rank: int, init_file: str, features, results) -> None:
 def test_features_of_update_weight_zero_join_the_ema_all_reduce_and_move_nothing(tmp_path):
     import torch.multiprocessing as mp
 
-    features = [torch.tensor([[[3.0, 4.0], [2.0, 0.0], [4.0, 3.0]]]), torch.tensor([[[-1.0, 0.1], [-2.0, 0.3]]])]
+    # A non-finite feature of weight zero adds zeros too (0 x nan is nan).
+    features = [torch.tensor([[[3.0, 4.0], [2.0, 0.0], [4.0, 3.0]]]), torch.tensor([[[float("nan"), 0.1], [-2.0, 0.3]]])]
     results = mp.Manager().dict()
     mp.spawn(_update_weight_worker, args=(str(tmp_path / "init"), features, results), nprocs=2)
     alone = codebook_with([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]], ema_decay=0.5).train()
@@ -607,3 +608,4 @@ def test_a_stand_in_example_trains_the_codebook_with_weight_zero(monkeypatch):
         trainer.stand_in = stand_in
         trainer.compute_loss(None, {"pixel_values": torch.zeros(1, 3, 32, 32)})
     assert "codebook_update_weight" not in given[0] and given[1]["codebook_update_weight"] == 0.0
+

@@ -178,7 +178,8 @@ class VqkdCodebook(nn.Module):
         # One collective for both statistics.
         statistics = torch.cat([counts[:, None], sums], dim=1)
         if weight != 1.0:
-            statistics = statistics * weight
+            # Weight zero adds exact zeros, not 0 x a non-finite feature.
+            statistics = statistics * weight if weight else torch.zeros_like(statistics)
         all_reduce_(statistics)
         counts, sums = statistics[:, 0], statistics[:, 1:]
         self.cluster_size.mul_(self.decay).add_(counts, alpha=1 - self.decay)
@@ -216,7 +217,8 @@ class VqkdCodebook(nn.Module):
 
     def forward(self, features: torch.Tensor, update_weight: float = 1.0) -> VqkdCodebookOutput:
         """Quantise `features` `(..., codebook_dim)`; while training, also update the codebook (see the class), the
-        statistics of these features weighed by `update_weight` (0: they join the collectives and move nothing)."""
+        statistics of these features weighed by `update_weight` (0: they join the all-reduce of the EMA statistics and
+        add nothing to them)."""
         with torch.autocast(device_type=features.device.type, enabled=False):
             vectors = F.normalize(features.float(), dim=-1)
             flat = vectors.reshape(-1, self.codebook_dim)

@@ -155,6 +155,12 @@ class HfMimTrainingArguments(TrainingArguments):
                 "--include_num_input_tokens_seen counts the tokens of text inputs, and hf_mim's inputs are images: "
                 "remove it"
             )
+        if "inputs" in (self.include_for_metrics or []):
+            # Trainer gathers the decodable rows of each batch, of another length on each process where one was not.
+            raise UsageError(
+                "--include_for_metrics inputs gathers every evaluation batch's pixel values, which no hf_mim metric "
+                "reads: remove it"
+            )
         if self.do_train and self.max_steps == 0:
             # transformers runs one step for it, and the model is saved as trained.
             raise UsageError("--max_steps 0 trains no step: pass a positive --max_steps, or leave it out to train for "

@@ -340,16 +340,26 @@ class MimTrainer(Trainer):
         )
 
     def get_eval_dataloader(self, eval_dataset=None):
-        if isinstance(eval_dataset, str):
-            self._evaluated_dataset = self.eval_dataset[eval_dataset]
-        else:
-            self._evaluated_dataset = self.eval_dataset if eval_dataset is None else eval_dataset
-        if self.accelerator.num_processes == 1:
-            return super().get_eval_dataloader(eval_dataset)
+        dataset = self.eval_dataset[eval_dataset] if isinstance(eval_dataset, str) else eval_dataset
+        dataset = self.eval_dataset if dataset is None else dataset
+        return self._with_decoded_positions(dataset, lambda: super(MimTrainer, self).get_eval_dataloader(eval_dataset))
+
+    def get_test_dataloader(self, test_dataset):
+        return self._with_decoded_positions(test_dataset, lambda: super(MimTrainer, self).get_test_dataloader(test_dataset))
+
+    def _with_decoded_positions(self, dataset, make_dataloader: Callable[[], object]):
+        """`make_dataloader()` for evaluating `dataset`, whose batches say which sampled examples were decodable where
+        several processes each evaluate their share of a batch (see `prediction_step`)."""
+        self._evaluated_dataset = dataset
+        # A stream filters undecodable images out itself and is dispatched (one process reads, the batches are
+        # split and concatenated by accelerate): no positions to keep, and a tuple would not concatenate.
+        sharded = hasattr(dataset, "__len__") and not isinstance(dataset, torch.utils.data.IterableDataset)
+        if self.accelerator.num_processes == 1 or not sharded or self.accelerator.dispatch_batches:
+            return make_dataloader()
         collator = self.data_collator
         self.data_collator = DecodedPositionsCollator(collator)
         try:
-            return super().get_eval_dataloader(eval_dataset)
+            return make_dataloader()
         finally:
             self.data_collator = collator
 
@@ -357,7 +367,7 @@ class MimTrainer(Trainer):
         inputs = dict(inputs)
         decoded = inputs.pop(DECODED, None)
         if decoded is None:
-            # One process: a batch without a decodable image has nothing to add.
+            # One process, or a stream (no undecodable image): a batch without a decodable image has nothing to add.
             if not inputs:
                 return None, None, None
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
