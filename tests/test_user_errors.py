@@ -425,6 +425,10 @@ CASES = {
         lambda p: mim(p, include_num_input_tokens_seen="true"),
         "--include_num_input_tokens_seen counts the tokens of text inputs, and hf_mim's inputs are images: remove it",
     ),
+    "metrics batch by batch": (
+        lambda p: finetune(p, "--do_train", "--do_eval", "--train_val_split", "0.25", "--batch_eval_metrics", "true"),
+        "--batch_eval_metrics computes metrics batch by batch, and hf_mim's are computed over the whole evaluation set",
+    ),
     "gathering pixel values for metrics": (
         lambda p: mim(p, include_for_metrics="inputs"),
         "--include_for_metrics inputs gathers every evaluation batch's pixel values, which no hf_mim metric reads",

@@ -155,6 +155,12 @@ class HfMimTrainingArguments(TrainingArguments):
                 "--include_num_input_tokens_seen counts the tokens of text inputs, and hf_mim's inputs are images: "
                 "remove it"
             )
+        if self.batch_eval_metrics:
+            # Fine-tuning's accuracy takes the whole set's predictions (and no compute_result); MIM has no metric there.
+            raise UsageError(
+                "--batch_eval_metrics computes metrics batch by batch, and hf_mim's are computed over the whole "
+                "evaluation set: remove it"
+            )
         if "inputs" in (self.include_for_metrics or []):
             # Trainer gathers the decodable rows of each batch, of another length on each process where one was not.
             raise UsageError(
