@@ -25,6 +25,11 @@ NONFINITE_ADVICE = (
     "lower the learning rate, enable gradient clipping (--max_grad_norm), use bf16 instead of fp16, or pass "
     "--skip_nonfinite_steps to skip such steps"
 )
+# Every validation image was undecodable (the warnings name them).
+NO_VALIDATION_IMAGE = (
+    "no validation image could be decoded, so there is nothing to evaluate: point --validation_dir (or "
+    "--train_val_split) at your images, or fix or remove the broken files"
+)
 
 
 class DatasetEpochCallback(TrainerCallback):
@@ -330,10 +335,7 @@ class MimTrainer(Trainer):
                 self._stand_in_index[split] = index
                 return batch
         if not training:
-            raise UsageError(
-                "no validation image could be decoded, so there is nothing to evaluate: point --validation_dir (or "
-                "--train_val_split) at your images, or fix or remove the broken files"
-            )
+            raise UsageError(NO_VALIDATION_IMAGE)
         raise UsageError(
             f"no training image could be decoded (the warnings above name the files): point {self.data_flag} at your "
             "images, or fix or remove the broken files"
@@ -345,7 +347,9 @@ class MimTrainer(Trainer):
         return self._with_decoded_positions(dataset, lambda: super(MimTrainer, self).get_eval_dataloader(eval_dataset))
 
     def get_test_dataloader(self, test_dataset):
-        return self._with_decoded_positions(test_dataset, lambda: super(MimTrainer, self).get_test_dataloader(test_dataset))
+        return self._with_decoded_positions(
+            test_dataset, lambda: super(MimTrainer, self).get_test_dataloader(test_dataset)
+        )
 
     def _with_decoded_positions(self, dataset, make_dataloader: Callable[[], object]):
         """`make_dataloader()` for evaluating `dataset`, whose batches say which sampled examples were decodable where

@@ -26,7 +26,7 @@ from ..evaluation.features import hash_parts, model_fingerprint
 from ..hub.cards import describe_training_data, hub_dataset_id
 from ..hub.push import default_repo_id, hub_request_errors
 from .loading import saved_model_type
-from .trainer import NONFINITE_ADVICE
+from .trainer import NO_VALIDATION_IMAGE, NONFINITE_ADVICE
 
 logger = logging.getLogger(__name__)
 
@@ -431,10 +431,7 @@ def train_and_evaluate(
             (eval_metrics["eval_skipped_images"],) = trainer.summed_over_processes(eval_skipped.value - before)
         if "eval_loss" not in eval_metrics:
             # No batch reached the model: every validation image was undecodable (the warnings above name them).
-            raise UsageError(
-                "no validation image could be decoded, so there is nothing to evaluate: point --validation_dir (or "
-                "--train_val_split) at your images, or fix or remove the broken files"
-            )
+            raise UsageError(NO_VALIDATION_IMAGE)
         evaluated = [entry for entry in trainer.state.log_history if "eval_accuracy" in entry]
         if len(evaluated) > 1:
             # BEiT's fine-tuning reports the best accuracy over its evaluations; the last one is reported beside it.
