@@ -450,6 +450,29 @@ def test_the_same_command_launched_after_its_run_ended_trains_no_step_past_the_e
         main(epochs)
 
 
+def test_overwrite_output_dir_removes_the_earlier_runs_checkpoints_so_no_later_launch_resumes_them(
+    checkpointed_run, tiny_dvae_dir, image_folder, tmp_path, caplog
+):
+    # The earlier run left checkpoint-1, checkpoint-2 and its final state; the new one is interrupted after step 1.
+    folder = tmp_path / "run"
+    shutil.copytree(checkpointed_run, folder)
+    (folder / "notes").mkdir()
+    with caplog.at_level("WARNING", logger="hf_mim.training.workflow"):
+        main(run_mim_args(tiny_dvae_dir, image_folder, folder, "--overwrite_output_dir", "--max_steps", "1",
+                          "--save_steps", "1"))  # fmt: skip
+    assert "removing the 2 checkpoint(s) of an earlier run" in caplog.text and "checkpoint-1, checkpoint-2" in caplog.text
+    assert sorted(path.name for path in folder.glob("checkpoint-*")) == ["checkpoint-1"]
+    assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == 1
+    assert (folder / "notes").is_dir()  # not a checkpoint: left alone
+    # Launched again without the flag to carry on, it resumes this run's step 1: the earlier run's checkpoint-2 (and
+    # final state), kept, were taken for this run's end.
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_mim.training.workflow"):
+        main(run_mim_args(tiny_dvae_dir, image_folder, folder, "--max_steps", "2", "--save_steps", "1"))
+    assert f"Resuming training from {folder / 'checkpoint-1'}" in caplog.text
+    assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == 2
+
+
 def test_a_resumed_run_of_another_length_is_warned_that_its_schedule_is_rebuilt(
     checkpointed_run, tiny_dvae_dir, image_folder, tmp_path, caplog
 ):
@@ -578,3 +601,39 @@ def test_predictions_go_through_the_same_positions_as_evaluation(tmp_path, monke
     trainer.get_test_dataloader([1])
     trainer.get_eval_dataloader([2])
     assert seen == [[1], [2]]
+
+
+def test_evaluation_metrics_weigh_each_batch_by_its_examples(tiny_mim_dir, tmp_path):
+    # 5 images in batches of 2, 2 and 1: the last batch's accuracy is one image's, not worth a full batch's.
+    from transformers import AutoModelForMaskedImageModeling, TrainingArguments
+
+    from hf_mim.training.trainer import MimTrainer
+
+    model = AutoModelForMaskedImageModeling.from_pretrained(tiny_mim_dir).eval()
+    mask = torch.zeros(16, dtype=torch.bool)
+    mask[:8] = True
+    generator = torch.Generator().manual_seed(3)
+    examples = [
+        {"pixel_values": torch.rand(3, 32, 32, generator=generator), "bool_masked_pos": mask,
+         "tokenizer_pixel_values": torch.rand(3, 16, 16, generator=generator)}
+        for _ in range(5)
+    ]  # fmt: skip
+    with torch.no_grad():
+        # The head predicts the tokenizer's most frequent masked token whatever it sees: each image's accuracy is
+        # the share of its masked patches with that token (random weights would score 0 everywhere).
+        ids = model.tokenizer.get_codebook_indices(torch.stack([e["tokenizer_pixel_values"] for e in examples]))
+        model.lm_head.weight.zero_()
+        model.lm_head.bias.zero_()
+        model.lm_head.bias[ids[:, mask].flatten().mode().values] = 1.0
+        accuracies = [model(**MimDataCollator()([example])).masked_accuracy.item() for example in examples]
+    batch_means = [sum(accuracies[:2]) / 2, sum(accuracies[2:4]) / 2, accuracies[4]]
+    # Every image has 8 masked patches, so the accuracy over all of them is the mean of the images'.
+    expected = sum(accuracies) / 5
+    assert sum(batch_means) / 3 != pytest.approx(expected)  # the images differ enough to tell the two apart
+    args = TrainingArguments(
+        output_dir=str(tmp_path), per_device_eval_batch_size=2, use_cpu=True, report_to="none",
+        remove_unused_columns=False, label_names=[], dataloader_num_workers=0,
+    )  # fmt: skip
+    trainer = MimTrainer(model=model, args=args, data_collator=MimDataCollator())
+    metrics = trainer.evaluate(examples)
+    assert metrics["eval_masked_accuracy"] == pytest.approx(expected, rel=1e-6)

@@ -92,7 +92,9 @@ def check_scheduler_kwargs(training_args: TrainingArguments) -> None:
 @dataclass
 class HfMimTrainingArguments(TrainingArguments):
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Start afresh even if output_dir holds checkpoints (else resume from the last)"}
+        default=False,
+        metadata={"help": "Start afresh even if output_dir holds checkpoints (else resume from the last); the "
+                  "checkpoints of the earlier run there are removed, so that no later launch resumes them"},
     )
     skip_nonfinite_steps: bool = field(
         default=False,

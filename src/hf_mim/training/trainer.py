@@ -178,7 +178,7 @@ class MimTrainer(Trainer):
         # The card's description of training images that are not a Hub dataset (`hub.cards.describe_training_data`).
         self.training_data: str | None = None
         self._metric_sums: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
-        self._metric_steps = {"train": 0, "eval": 0}
+        self._metric_weights = {"train": 0, "eval": 0}
         # Non-finite training losses since the last check, counted on the device; and the step of that check.
         self._nonfinite_losses: torch.Tensor | None = None
         self._nonfinite_eval_losses: torch.Tensor | None = None
@@ -464,9 +464,12 @@ class MimTrainer(Trainer):
             weighted = loss.detach().float() * examples
             self._eval_loss_sum = weighted if self._eval_loss_sum is None else self._eval_loss_sum + weighted
             self._eval_examples += examples
+            # Weighed by its examples, as the loss: a short last batch (or a partly decodable one) is not worth a
+            # full one.
+            self._accumulate_metrics("eval", outputs, weight=examples)
         else:
             self._check_training_loss(loss)
-        self._accumulate_metrics("train" if model.training else "eval", outputs)
+            self._accumulate_metrics("train", outputs)
         return (loss, outputs) if return_outputs else loss
 
     def _check_training_loss(self, loss: torch.Tensor) -> None:
@@ -526,25 +529,27 @@ class MimTrainer(Trainer):
         return super()._save_checkpoint(model, trial)
 
     def _accumulate_metrics(self, split: str, outputs, weight: int = 1) -> None:
+        """Add the scalars of `outputs` to the window of `split`, `weight` times: a training step counts once, an
+        evaluation batch as many times as it has examples."""
         sums = self._metric_sums[split]
         for key, value in outputs.items():
             if key != "loss" and isinstance(value, torch.Tensor) and value.ndim == 0:
                 # Weight zero adds zeros, not 0 x a non-finite value.
                 value = weight * value.detach().float() if weight else torch.zeros_like(value, dtype=torch.float)
                 sums[key] = sums.get(key, 0.0) + value
-        self._metric_steps[split] += weight
+        self._metric_weights[split] += weight
 
     def window_totals(self, split: str) -> tuple[list[str], torch.Tensor | None]:
-        """The names of the scalars accumulated since the last log and, on their device, their sums followed by the
-        number of steps, summed over processes; the window restarts. Every rank must call it."""
-        sums, steps = self._metric_sums[split], self._metric_steps[split]
-        self._metric_sums[split], self._metric_steps[split] = {}, 0
+        """The names of the scalars accumulated since the last log and, on their device, their weighted sums followed
+        by the sum of the weights, summed over processes; the window restarts. Every rank must call it."""
+        sums, weight = self._metric_sums[split], self._metric_weights[split]
+        self._metric_sums[split], self._metric_weights[split] = {}, 0
         if not sums:
             return [], None
         names = sorted(sums)
         totals = torch.stack([sums[name] for name in names])
-        # The step count joins the sums on their device (a CPU scalar beside CUDA sums cannot be stacked).
-        totals = torch.cat([totals, totals.new_tensor([float(steps)])])
+        # The weight joins the sums on their device (a CPU scalar beside CUDA sums cannot be stacked).
+        totals = torch.cat([totals, totals.new_tensor([float(weight)])])
         if self.accelerator.num_processes > 1:
             totals = self.accelerator.reduce(totals.to(self.accelerator.device), reduction="sum")
         return names, totals
@@ -554,9 +559,9 @@ class MimTrainer(Trainer):
         names, totals = self.window_totals(split)
         if totals is None:
             return {}
-        *sums, steps = totals.tolist()
+        *sums, weight = totals.tolist()
         # No step of the window had a decodable batch anywhere: nothing to average.
-        return {} if steps == 0 else {name: value / steps for name, value in zip(names, sums)}
+        return {} if weight == 0 else {name: value / weight for name, value in zip(names, sums)}
 
     def summed_over_processes(self, *counts: int) -> list[int]:
         """`counts` of this process summed over the processes of the launch (one reduction, at the end of a phase;
@@ -589,7 +594,7 @@ class MimTrainer(Trainer):
         super().log(logs, start_time)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        self._metric_sums["eval"], self._metric_steps["eval"] = {}, 0
+        self._metric_sums["eval"], self._metric_weights["eval"] = {}, 0
         self._nonfinite_eval_losses = None
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         counted = self._nonfinite_eval_losses

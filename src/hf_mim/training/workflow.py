@@ -11,6 +11,8 @@ import enum
 import json
 import logging
 import os
+import re
+import shutil
 import sys
 
 import datasets
@@ -18,7 +20,7 @@ import torch
 import transformers
 from safetensors import safe_open
 from transformers import TrainerCallback, TrainingArguments
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..data.arguments import RESOLVED_DEFAULT_FLAGS
 from ..errors import UsageError
@@ -166,6 +168,33 @@ def require_steps_left(training_args: TrainingArguments, checkpoint: str, afresh
             f"{checkpoint} has already trained to {end} (step {step}, epoch {epoch:g}): nothing is left to train; raise "
             f"{end.split()[0]} to train on, drop --do_train to evaluate only, or {afresh}"
         )
+
+
+def clear_earlier_run(training_args: TrainingArguments) -> None:
+    """`--overwrite_output_dir` starting afresh: remove the checkpoints and the final trainer state that an earlier
+    run left in `--output_dir`. Kept, they would be taken for this run's: a later launch of it (without the flag, to
+    continue after an interruption) would resume the earlier run's last checkpoint when its step is higher, or stop
+    at once on the earlier run's end. Its other files are replaced when this run saves. Run by the process that saves,
+    before training."""
+    folder = training_args.output_dir
+    if training_args.resume_from_checkpoint is not None or not os.path.isdir(folder):
+        return
+    checkpoints = [
+        name for name in sorted(os.listdir(folder))
+        if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", name) and os.path.isdir(os.path.join(folder, name))
+    ]  # fmt: skip
+    state = os.path.join(folder, "trainer_state.json")
+    if not checkpoints and not os.path.isfile(state):
+        return
+    if checkpoints:
+        logger.warning(
+            f"--overwrite_output_dir: removing the {len(checkpoints)} checkpoint(s) of an earlier run in {folder} "
+            f"({', '.join(checkpoints)}), so that no later launch resumes them as this run's"
+        )
+    for name in checkpoints:
+        shutil.rmtree(os.path.join(folder, name))
+    if os.path.isfile(state):
+        os.remove(state)
 
 
 def check_checkpoint_weights(checkpoint: str, fix: str, model=None) -> None:
@@ -409,6 +438,8 @@ def train_and_evaluate(
         trainer.skipped_images, trainer.data_flag = skipped, data_flag
         records = RunRecordsCallback(trainer, flags, skipped, resumed=checkpoint)
         trainer.add_callback(records)
+        if checkpoint is None and getattr(training_args, "overwrite_output_dir", False) and training_args.should_save:
+            clear_earlier_run(training_args)
         with empty_stream_errors(skipped, eval_skipped):
             result = trainer.train(resume_from_checkpoint=checkpoint)
         undecodable = records.skipped_before + require_decoded_images(trainer, skipped, data_flag)
@@ -465,6 +496,7 @@ __all__ = [
     "check_resumption_flags",
     "check_run_flags",
     "check_tokenizer_weights",
+    "clear_earlier_run",
     "content_fingerprint",
     "empty_stream_errors",
     "find_checkpoint",
