@@ -61,7 +61,7 @@ CASES = {
         lambda p: dvae(p, "--gumbel_temperature_start", "0"),
         "pass 0 < --gumbel_temperature_end <= --gumbel_temperature_start",
     ),
-    "negative KL weight": (lambda p: dvae(p, "--kl_weight", "-1"), "--kl_weight -1.0 must be finite and >= 0"),
+    "negative KL weight": (lambda p: dvae(p, "--kl_weight", "-1"), "--kl_weight -1.0 must be finite and >= 0; pass e.g. 0.01 (the default)"),
     "negative code balance rate": (
         lambda p: dvae(p, "--code_balance_rate", "-1"), "--code_balance_rate -1.0 must be finite and >= 0"
     ),

@@ -84,7 +84,7 @@ def check_schedule(
         )
     if not (math.isfinite(kl_weight) and kl_weight >= 0):
         raise UsageError(
-            f"{name('kl_weight')} {kl_weight} must be finite and >= 0; pass e.g. 0.001 (the default), or 0 for no KL "
+            f"{name('kl_weight')} {kl_weight} must be finite and >= 0; pass e.g. 0.01 (the default), or 0 for no KL "
             "term"
         )
     if not 0 <= kl_warmup_fraction <= 1:
