@@ -365,6 +365,27 @@ CASES = {
         lambda p: mim(p, config_overrides=f"{TINY},hidden_dropout_prob=1.5"),
         "give an invalid config: hidden_dropout_prob is a probability in [0, 1), got 1.5",
     ),
+    "heads that do not divide the width": (
+        lambda p: mim(p, config_overrides="hidden_size=32,num_hidden_layers=2,num_attention_heads=5,intermediate_size=64"),
+        "give an invalid config: hidden_size=32 is not a multiple of num_attention_heads=5",
+    ),
+    "a transformer without layers": (
+        lambda p: mim(p, config_overrides="hidden_size=32,num_hidden_layers=0,num_attention_heads=2,intermediate_size=64"),
+        "give an invalid config: num_hidden_layers must be at least 1, got 0",
+    ),
+    "an unknown activation": (
+        lambda p: mim(p, config_overrides=f"{TINY},hidden_act=foo"),
+        "give an invalid config: BeitMimConfig.hidden_act='foo' is not an activation transformers knows; use one of",
+    ),
+    "a negative LayerNorm epsilon": (
+        lambda p: mim(p, config_overrides=f"{TINY},layer_norm_eps=-1"),
+        "give an invalid config: BeitMimConfig.layer_norm_eps must be positive, got -1.0",
+    ),
+    "a negative initialisation std": (
+        lambda p: ["train_tokenizer.py", "--tokenizer_type", "vqkd", "--config_overrides", "initializer_range=-5",
+                   "--train_dir", str(p["images"]), "--output_dir", str(p["root"] / "vqkd"), "--do_train"],
+        "VqkdConfig.initializer_range is the std of the initial weights: >= 0, got -5.0",
+    ),
     "a MIM model without its mask token": (
         lambda p: mim(p, config_overrides=f"{TINY},use_mask_token=false"),
         "give an invalid config: use_mask_token=False leaves masked image modeling no [MASK] embedding",

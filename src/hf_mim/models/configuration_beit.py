@@ -21,7 +21,7 @@ from huggingface_hub.dataclasses import strict
 from transformers import BeitConfig
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from .configuration_common import complete_auto_map
+from .configuration_common import check_transformer_settings, complete_auto_map
 
 # Tokenizer families (rewritten per checkpoint, see the module docstring):
 from .configuration_dvae import DvaeConfig
@@ -140,8 +140,21 @@ def check_backbone_geometry(config) -> None:
 
 
 def check_mim_settings(config) -> None:
-    """Errors for dropout and drop-path rates outside [0, 1) (at 1 nothing passes), and for a masked-image-modeling
-    model without the [MASK] embedding (masked patches would be seen as they are)."""
+    """Errors for sizes that build no transformer (a zero size, a width the heads do not divide: transformers then
+    trains narrower heads than asked, silently), for dropout and drop-path rates outside [0, 1) (at 1 nothing
+    passes), and for a masked-image-modeling model without the [MASK] embedding (masked patches would be seen as they
+    are)."""
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        value = getattr(config, name)
+        if value < 1:
+            raise ValueError(f"{name} must be at least 1, got {value}")
+    if config.hidden_size % config.num_attention_heads:
+        raise ValueError(
+            f"hidden_size={config.hidden_size} is not a multiple of num_attention_heads={config.num_attention_heads} "
+            "(each head takes hidden_size / num_attention_heads channels); choose heads that divide it (BEiT: 64 "
+            "channels per head)"
+        )
+    check_transformer_settings(config)
     for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "drop_path_rate"):
         value = getattr(config, name)
         if not 0 <= value < 1:

@@ -3,7 +3,7 @@
 from huggingface_hub.dataclasses import strict
 from transformers import BeitConfig, PreTrainedConfig
 
-from .configuration_common import complete_auto_map
+from .configuration_common import check_transformer_settings, complete_auto_map
 
 
 @strict
@@ -142,6 +142,7 @@ class VqkdConfig(PreTrainedConfig):
                 raise ValueError(
                     f"VqkdConfig.{width}={getattr(self, width)} is not divisible by {heads}={getattr(self, heads)}"
                 )
+        check_transformer_settings(self)
         if not 0.0 < self.ema_decay < 1.0:
             raise ValueError(f"VqkdConfig.ema_decay must lie in (0, 1), got {self.ema_decay} (BEiT v2 uses 0.99)")
         if self.dead_code_restart_steps < 0:
