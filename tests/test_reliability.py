@@ -473,6 +473,36 @@ def test_overwrite_output_dir_removes_the_earlier_runs_checkpoints_so_no_later_l
     assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == 2
 
 
+def test_every_checkpoint_holds_the_tokenizer_view_so_it_continues_and_pushes_as_the_final_model(
+    checkpointed_run, tiny_dvae_dir, image_folder, tmp_path
+):
+    # checkpoint-<step> folders lacked tokenizer/: continuing one was a traceback, pushing one uploaded a repo whose
+    # documented subfolder="tokenizer" load failed.
+    from hf_mim.checkpoint_folder import load_tokenizer_image_processor
+    from hf_mim.hub.push import main as push
+    from hf_mim.models import DvaeImageProcessor
+
+    checkpoint = checkpointed_run / "checkpoint-1"
+    assert isinstance(load_tokenizer_image_processor(str(checkpoint)), DvaeImageProcessor)
+    assert (checkpoint / "image_processing_dvae.py").is_file()
+    push([str(checkpoint), "--repo_id", "tester/tiny", "--dry_run", str(tmp_path / "upload")])
+    assert (tmp_path / "upload" / "tokenizer" / "preprocessor_config.json").is_file()
+    continued = [
+        "--train_dir", image_folder, "--output_dir", str(tmp_path / "continued"), "--do_train", "--max_steps", "1",
+        "--per_device_train_batch_size", "4", "--use_cpu", "--report_to", "none", "--dataloader_num_workers", "0",
+    ]  # fmt: skip
+    main([*continued, "--model_name_or_path", str(checkpoint)])
+    # A checkpoint of an older hf_mim, without the view: one line each, naming the folder and what to pass.
+    older = tmp_path / "older"
+    shutil.copytree(checkpoint, older, ignore=shutil.ignore_patterns("tokenizer"))
+    with pytest.raises(UsageError, match=rf"--model_name_or_path {re.escape(str(older))} has no "
+                                         r"tokenizer/preprocessor_config.json; to continue that run pass it as "
+                                         r"--resume_from_checkpoint, or pass the run's --output_dir"):
+        main([*continued, "--model_name_or_path", str(older)])
+    with pytest.raises(UsageError, match=r"is a MIM checkpoint without its tokenizer view .* push the run's --output_dir"):
+        push([str(older), "--repo_id", "tester/tiny", "--dry_run", str(tmp_path / "upload_older")])
+
+
 def test_a_resumed_run_of_another_length_is_warned_that_its_schedule_is_rebuilt(
     checkpointed_run, tiny_dvae_dir, image_folder, tmp_path, caplog
 ):

@@ -16,7 +16,7 @@ from transformers import AutoImageProcessor
 from transformers.dynamic_module_utils import get_relative_imports
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from .errors import first_line
+from .errors import UsageError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +41,13 @@ def load_tokenizer_image_processor(name_or_path: str, **kwargs):
 
 def has_tokenizer_image_processor(folder) -> bool:
     return (Path(folder) / TOKENIZER_SUBFOLDER / PROCESSOR_CONFIG).is_file()
+
+
+def require_tokenizer_image_processor(name_or_path: str, flag: str, fix: str) -> None:
+    """A one-line error when the MIM checkpoint folder `name_or_path` (given as `--flag`) lacks its tokenizer view's
+    image processor (a Hub id is left to the loader): `fix` says what to pass instead."""
+    if Path(name_or_path).is_dir() and not has_tokenizer_image_processor(name_or_path):
+        raise UsageError(f"--{flag} {name_or_path} has no {TOKENIZER_SUBFOLDER}/{PROCESSOR_CONFIG}; {fix}")
 
 
 def checkpoint_weight_names(folder) -> set[str] | None:
@@ -128,6 +135,7 @@ __all__ = [
     "complete_code_files",
     "has_tokenizer_image_processor",
     "load_tokenizer_image_processor",
+    "require_tokenizer_image_processor",
     "save_tokenizer_image_processor",
     "unreadable_weights",
 ]

@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForMaskedImageModeling
 
 from .arguments import command_parser, flags_set
-from .checkpoint_folder import PROCESSOR_CONFIG, TOKENIZER_SUBFOLDER, load_tokenizer_image_processor
+from .checkpoint_folder import load_tokenizer_image_processor, require_tokenizer_image_processor
 from .cli import one_process
 from .data import MaskingArguments, TwoViewTransform, build_mask_generator, decode_image
 from .data.datasets import require_image_folder
@@ -541,12 +541,9 @@ def _load_decoding_tokenizer(name_or_path: str, model):
 
 def _load_tokenizer_image_processor(name_or_path: str):
     """The tokenizer view's processor saved with the MIM checkpoint `name_or_path`."""
-    saved = os.path.join(name_or_path, TOKENIZER_SUBFOLDER, PROCESSOR_CONFIG)
-    if os.path.isdir(name_or_path) and not os.path.isfile(saved):
-        raise UsageError(
-            f"--model_name_or_path {name_or_path} has no {TOKENIZER_SUBFOLDER}/{PROCESSOR_CONFIG}; pass the "
-            "tokenizer's image processor as --tokenizer_image_processor_name"
-        )
+    require_tokenizer_image_processor(
+        name_or_path, "model_name_or_path", "pass the tokenizer's image processor as --tokenizer_image_processor_name"
+    )
     return pretrained(load_tokenizer_image_processor, name_or_path, "model_name_or_path")
 
 

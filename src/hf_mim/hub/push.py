@@ -21,7 +21,13 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from ..arguments import OneLineErrorParser
-from ..checkpoint_folder import PROCESSOR_CONFIG, complete_code_files, unreadable_weights
+from ..checkpoint_folder import (
+    PROCESSOR_CONFIG,
+    TOKENIZER_SUBFOLDER,
+    complete_code_files,
+    has_tokenizer_image_processor,
+    unreadable_weights,
+)
 from ..cli import one_process
 from ..errors import UsageError, first_line
 from .cards import DEFAULT_LICENSE, load_results, read_training_args, write_model_card
@@ -73,6 +79,13 @@ def _check_checkpoint(folder: Path) -> None:
         raise FileNotFoundError(
             f"{folder} has no {PROCESSOR_CONFIG}: without its image processor the model cannot be used from the Hub. "
             "Save it there, e.g. AutoImageProcessor.from_pretrained(<source>).save_pretrained(folder)"
+        )
+    if json.loads(config_path.read_text()).get("tokenizer_config") and not has_tokenizer_image_processor(folder):
+        # The card and README tell users to load the view with subfolder="tokenizer".
+        raise FileNotFoundError(
+            f"{folder} is a MIM checkpoint without its tokenizer view ({TOKENIZER_SUBFOLDER}/{PROCESSOR_CONFIG}; an "
+            "older hf_mim's checkpoint-<step>?), which its Hub copy would load with subfolder='tokenizer': push the "
+            "run's --output_dir, or save the tokenizer's image processor there with save_pretrained"
         )
 
 

@@ -14,7 +14,12 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, set_seed
 from transformers.utils import CONFIG_NAME
 
 from ..arguments import flags_set
-from ..checkpoint_folder import TOKENIZER_SUBFOLDER, load_tokenizer_image_processor, save_tokenizer_image_processor
+from ..checkpoint_folder import (
+    TOKENIZER_SUBFOLDER,
+    load_tokenizer_image_processor,
+    require_tokenizer_image_processor,
+    save_tokenizer_image_processor,
+)
 from ..data import (
     MaskingArguments,
     MimDataCollator,
@@ -263,6 +268,11 @@ def load_model(model_args: ModelArguments):
                 f"--model_name_or_path {model_args.model_name_or_path} holds no tokenizer to compute its targets (a "
                 "released checkpoint converted without one?): convert it again with --tokenizer_name_or_path"
             )
+        # Checkpoints of older hf_mim runs (checkpoint-<step>) were saved without the view.
+        require_tokenizer_image_processor(
+            model_args.model_name_or_path, "model_name_or_path",
+            "to continue that run pass it as --resume_from_checkpoint, or pass the run's --output_dir, which has it",
+        )  # fmt: skip
         tokenizer_processor = load_tokenizer_image_processor(model_args.model_name_or_path, **hub_kwargs)
         image_processor = vit_image_processor(model_args, model.config, hub_kwargs)
         return model, image_processor, tokenizer_processor
@@ -474,6 +484,12 @@ def pretrain(
         skip_nonfinite_steps=training_args.skip_nonfinite_steps,
     )
 
+    def save_tokenizer_view(checkpoint: str) -> None:
+        # Every checkpoint is a MIM checkpoint like the final model: continued, visualised or pushed, it needs the view.
+        if training_args.should_save:
+            save_tokenizer_image_processor(checkpoint, tokenizer_processor)
+
+    trainer.checkpoint_writers.append(save_tokenizer_view)
     return train_and_evaluate(
         trainer,
         training_args,
