@@ -357,6 +357,14 @@ CASES = {
     "an output folder that is a file": (
         lambda p: mim(p, output_dir=p["root"] / "typo.json"), "--output_dir {root}/typo.json is a file; pass a folder"
     ),
+    "an output folder where nothing can be written": (
+        lambda p: mim(p, output_dir="/proc/hf_mim_test/run"),
+        "--output_dir /proc/hf_mim_test/run: nothing can be written in /proc (",
+    ),
+    "an output folder inside a file": (
+        lambda p: mim(p, output_dir=p["root"] / "typo.json" / "run"),
+        "--output_dir {root}/typo.json/run: {root}/typo.json is a file, so no folder can be made there",
+    ),
     "no epoch to train": (
         lambda p: [a for a in mim(p) if a not in ("--max_steps", "2")] + ["--num_train_epochs", "0"],
         "--num_train_epochs 0.0 trains for no step (and saves the model as it started)",

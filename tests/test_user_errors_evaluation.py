@@ -79,6 +79,19 @@ def visualize(paths, *flags, model=None, images=None):
 
 
 CASES = {
+    # A folder to write where nothing can be written (/proc: no file can be made there, even by root), found at launch
+    "export: an output folder where nothing can be written": (
+        lambda p: export(p, "--output_dir", "/proc/hf_mim_test/exported"),
+        "--output_dir /proc/hf_mim_test/exported: nothing can be written in /proc (",
+    ),
+    "knn: a feature cache where nothing can be written": (
+        lambda p: knn(p, "--feature_cache_dir", "/proc/hf_mim_test/cache"),
+        "--feature_cache_dir /proc/hf_mim_test/cache: nothing can be written in /proc (",
+    ),
+    "visualize: an output folder where nothing can be written": (
+        lambda p: visualize(p, "--output_dir", "/proc/hf_mim_test/figures"),
+        "--output_dir /proc/hf_mim_test/figures: nothing can be written in /proc (",
+    ),
     # Loading the encoder (export, probe, knn and finetune share it)
     "export: missing model folder": (
         lambda p: export(p, model=str(p["root"] / "nowhere")), "--model_name_or_path {root}/nowhere: no such folder"

@@ -2,6 +2,7 @@
 
 import json
 import os
+import tempfile
 
 from safetensors import SafetensorError
 
@@ -34,9 +35,26 @@ def pretrained(load, name_or_path: str, flag: str, **kwargs):
 
 
 def require_folder_path(flag: str, path: str | None) -> None:
-    """A one-line error when `--flag`, a folder the command writes into, names an existing file."""
-    if path is not None and os.path.isfile(path):
+    """A one-line error when `--flag`, a folder the command writes into, names an existing file or a place where
+    nothing can be written (a read-only file system, no permission): found at launch, not when a run that may have
+    taken hours writes its first file. Only a file made and removed in the folder, or in its nearest existing parent,
+    tells (permission bits do not bind root, and a read-only mount leaves them as they were)."""
+    if path is None:
+        return
+    if os.path.isfile(path):
         raise UsageError(f"--{flag} {path} is a file; pass a folder (new or existing)")
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"--{flag} {path}: {existing} is a file, so no folder can be made there; pass another folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise UsageError(
+            f"--{flag} {path}: nothing can be written in {existing} ({error.strerror}); pass a folder you can write to"
+        ) from error
 
 
 def require_new_output_dir(output_dir: str, model_name_or_path: str) -> None:
