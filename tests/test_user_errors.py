@@ -4,6 +4,7 @@ printed once, with no traceback."""
 import contextlib
 import importlib.util
 import io
+import itertools
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ def mistakes(tmp_path_factory, tiny_dvae_dir, image_folder, tiny_mim_dir):
 
     BeitMimForMaskedImageModeling(tiny_beit_config(tokenizer_config=None)).save_pretrained(root / "no_tokenizer")
     shutil.copytree(root / "kmeans", root / "refit" / "tokenizer")
+    shutil.copytree(tiny_mim_dir, root / "finished")
     shutil.copytree(tiny_mim_dir, root / "no_processor")
     os.remove(root / "no_processor" / "preprocessor_config.json")
     shutil.copytree(tiny_dvae_dir, root / "dvae_no_processor")
@@ -79,10 +81,13 @@ def mistakes(tmp_path_factory, tiny_dvae_dir, image_folder, tiny_mim_dir):
     return {"root": root, "dvae": tiny_dvae_dir, "images": image_folder, "mim": tiny_mim_dir, "val_zebra": val_zebra}
 
 
+OUTPUT_NUMBERS = itertools.count()
+
+
 def mim(paths, model_type="beit", **replace):
-    """run_mim.py's tiny arguments with some flags' values replaced (`train_dir=...`); each model type writes into a
-    folder of its own (a folder holding another model type's checkpoint is refused)."""
-    output_dir = paths["root"] / f"out_{model_type}"
+    """run_mim.py's tiny arguments with some flags' values replaced (`train_dir=...`); each call writes into a new
+    folder (a folder holding another run's model is refused)."""
+    output_dir = paths["root"] / f"out_{model_type}_{next(OUTPUT_NUMBERS)}"
     args = run_mim_args(paths["dvae"], paths["images"], output_dir, "--max_steps", "2", "--save_strategy", "no")
     args[args.index("--model_type") + 1] = model_type
     for flag, value in replace.items():
@@ -364,6 +369,11 @@ CASES = {
     "an output folder inside a file": (
         lambda p: mim(p, output_dir=p["root"] / "typo.json" / "run"),
         "--output_dir {root}/typo.json/run: {root}/typo.json is a file, so no folder can be made there",
+    ),
+    "training afresh over a finished run's model": (
+        lambda p: mim(p, output_dir=p["root"] / "finished"),
+        "--output_dir {root}/finished holds the model of an earlier run (its config.json) and no checkpoint to continue "
+        "it from: pass --overwrite_output_dir to train a new one in its place, or another --output_dir",
     ),
     "no epoch to train": (
         lambda p: [a for a in mim(p) if a not in ("--max_steps", "2")] + ["--num_train_epochs", "0"],
@@ -662,6 +672,16 @@ def test_a_hub_dataset_that_cannot_be_reached_is_one_line(mistakes, monkeypatch)
         script, args, "--dataset_name someone/no-such-images could not be loaded: Couldn't reach 'someone/no-such-images' "
         "on the Hub (OfflineModeIsEnabled); check the name (and the network, or HF_HUB_OFFLINE)",
     )
+
+
+def test_a_finished_runs_folder_is_trained_over_with_overwrite_output_dir(mistakes, tmp_path):
+    from hf_mim.training.run_mim import main
+
+    folder = tmp_path / "finished"
+    shutil.copytree(mistakes["mim"], folder)
+    before = (folder / "model.safetensors").read_bytes()
+    main(mim(mistakes, output_dir=folder, overwrite_output_dir="true")[1:])
+    assert (folder / "model.safetensors").read_bytes() != before
 
 
 def test_what_a_flag_check_must_not_refuse(mistakes, monkeypatch):

@@ -51,6 +51,7 @@ from .trainer import MimTrainer
 from .workflow import (
     check_resumption_flags,
     require_action,
+    require_no_earlier_model,
     require_steps_when_streaming,
     require_weights_to_evaluate,
     resumption,
@@ -430,6 +431,7 @@ def pretrain(
     method = mim_method(model_args.model_type)
     if training_args.do_train:
         require_output_dir_of(training_args.output_dir, method.model_type)
+        require_no_earlier_model(training_args)
     require_weights_to_evaluate(training_args, model_args.model_name_or_path, "model_name_or_path", "checkpoint", "model")
     data_args.check_masking_flags(method.data_defaults.get("masking", "blockwise"))
     data_args = method.with_data_defaults(data_args).with_view_defaults()

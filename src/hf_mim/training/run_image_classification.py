@@ -46,7 +46,7 @@ from .arguments import HfMimTrainingArguments, require_learning_rate, warn_of_tr
 from .loading import require_new_output_dir, require_output_dir_of
 from .mixup import MixupCutmix, soft_target_cross_entropy
 from .trainer import MimTrainer
-from .workflow import require_action, run_flags, setup_logging, train_and_evaluate
+from .workflow import require_action, require_no_earlier_model, run_flags, setup_logging, train_and_evaluate
 
 logger = logging.getLogger(__name__)
 
@@ -315,6 +315,7 @@ def main(argv=None) -> dict[str, float]:
     require_new_output_dir(training_args.output_dir, model_args.model_name_or_path)
     if training_args.do_train:
         require_output_dir_of(training_args.output_dir, BeitConfig.model_type, "BeitForImageClassification")
+        require_no_earlier_model(training_args)
     # timm, hence BEiT's fine-tuning recipe, jitters colours only without RandAugment.
     data_args = data_args.with_view_defaults(color_jitter=0.0 if data_args.rand_augment else 0.4)
     wanted = training_args.metric_for_best_model

@@ -38,6 +38,7 @@ from .kmeans import KmeansFitArguments
 from .loading import pretrained, require_output_dir_of, saved_model_type
 from .workflow import (
     require_action,
+    require_no_earlier_model,
     require_steps_when_streaming,
     require_weights_to_evaluate,
     run_flags,
@@ -253,6 +254,7 @@ def train_tokenizer(
     family = TRAINABLE[tokenizer_args.tokenizer_type]
     if training_args.do_train:
         require_output_dir_of(training_args.output_dir, family.model_type)
+        require_no_earlier_model(training_args)
     if family.optimisation_recipe is not None:
         warn_of_transformers_optimisation_defaults(training_args, family.optimisation_recipe)
     set_seed(training_args.seed)

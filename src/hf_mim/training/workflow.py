@@ -113,6 +113,20 @@ def resumption(training_args: TrainingArguments) -> tuple[str, str, str] | None:
     )
 
 
+def require_no_earlier_model(training_args: TrainingArguments) -> None:
+    """A one-line error when a training run would start afresh in an `--output_dir` that holds the model an earlier run
+    saved there, with no checkpoint of it to continue from: the new run would replace it without a word."""
+    if not training_args.do_train or getattr(training_args, "overwrite_output_dir", False):
+        return
+    if not os.path.isfile(os.path.join(training_args.output_dir, "config.json")) or resumption(training_args):
+        return
+    raise UsageError(
+        f"--output_dir {training_args.output_dir} holds the model of an earlier run (its config.json) and no "
+        "checkpoint to continue it from: pass --overwrite_output_dir to train a new one in its place, or another "
+        "--output_dir"
+    )
+
+
 def check_resumption_flags(training_args: TrainingArguments, flags: dict) -> None:
     """`check_run_flags` for the checkpoint the run will resume from, if any: before work that can take hours (a
     tokenizer fit), which the full check (`find_checkpoint`, with the model) would otherwise follow."""
@@ -504,6 +518,7 @@ __all__ = [
     "require_action",
     "require_an_update",
     "require_decoded_images",
+    "require_no_earlier_model",
     "require_steps_when_streaming",
     "require_weights_to_evaluate",
     "resumption",
