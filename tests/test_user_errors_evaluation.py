@@ -135,6 +135,11 @@ CASES = {
         "--final_norm normalises the last block's output (layer -1), which --layers 1 leave out: add -1 to --layers, or "
         "drop --final_norm",
     ),
+    "export: [CLS] pooling of a mean-pooling classifier": (
+        lambda p: export(p, "--pooling", "cls", model=str(p["root"] / "classifier")),
+        "--pooling cls: --model_name_or_path {root}/classifier has no LayerNorm after its last block (a mean-pooling "
+        "encoder normalises in its pooler instead); export it with --pooling mean",
+    ),
     "knn: --final_norm with a mean-pooling classifier": (
         lambda p: knn(p, "--final_norm", "--model_name_or_path", str(p["root"] / "classifier")),
         "--final_norm: --model_name_or_path {root}/classifier has no LayerNorm after its last block (a mean-pooling "

@@ -87,6 +87,10 @@ def resolve_encoder(model: nn.Module) -> BeitModel:
     )
 
 
+# Why `final_layer_norm` can be None.
+NO_FINAL_NORM = "has no LayerNorm after its last block (a mean-pooling encoder normalises in its pooler instead)"
+
+
 def final_layer_norm(model: nn.Module, encoder: BeitModel) -> nn.LayerNorm | None:
     """The LayerNorm that follows the last layer: the encoder's own, else the MIM head's (`layernorm`)."""
     if isinstance(encoder.layernorm, nn.LayerNorm):
@@ -552,6 +556,12 @@ def main(argv=None) -> str:
             "transformers as it is)",
             file=sys.stderr,
         )
+    if args.pooling == "cls" and final_layer_norm(model, resolve_encoder(model)) is None:
+        # Its [CLS] token was never pooled: the export would pool it through a LayerNorm made up as the identity.
+        raise UsageError(
+            f"--pooling cls: --model_name_or_path {args.model_name_or_path} {NO_FINAL_NORM}; export it with --pooling "
+            "mean, or pass the MIM checkpoint it came from"
+        )
     _check_export_size(resolve_encoder(model).config, args.image_size, args.model_name_or_path)
     image_processor = load_image_processor(args.model_name_or_path, args.image_processor_name, token=args.token)
     check_processor_size(
@@ -567,6 +577,7 @@ def main(argv=None) -> str:
 __all__ = [
     "BEIT_POOLERS",
     "ExportArguments",
+    "NO_FINAL_NORM",
     "beit_config_for_export",
     "check_processor_size",
     "encoder_image_processor",

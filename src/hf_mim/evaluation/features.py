@@ -36,6 +36,7 @@ from ..errors import UsageError
 from ..models.beit_backbone import keep_position_index_on_device
 from ..training.loading import require_folder_path
 from .export import (
+    NO_FINAL_NORM,
     check_processor_size,
     encoder_image_processor,
     final_layer_norm,
@@ -278,9 +279,6 @@ def extract_features(
 
 
 # Why a model cannot give final-norm features: a mean-pooling encoder normalises the pooled features in its pooler.
-_NO_FINAL_NORM = "has no LayerNorm after its last block (a mean-pooling encoder normalises in its pooler instead)"
-
-
 def _requested_final_norm(model, encoder, layers: Sequence[int]) -> torch.nn.Module:
     """The LayerNorm after the last block, for `final_norm`; a `ValueError` when it cannot apply."""
     last = encoder.config.num_hidden_layers
@@ -291,7 +289,7 @@ def _requested_final_norm(model, encoder, layers: Sequence[int]) -> torch.nn.Mod
         )
     norm = final_layer_norm(model, encoder)
     if norm is None:
-        raise ValueError(f"this model {_NO_FINAL_NORM}: pass its MIM model, or final_norm=False")
+        raise ValueError(f"this model {NO_FINAL_NORM}: pass its MIM model, or final_norm=False")
     return norm
 
 
@@ -409,7 +407,7 @@ def load_features(args: FeatureArguments) -> tuple[FeatureSet, FeatureSet]:
         )
     if args.final_norm and final_layer_norm(model, encoder) is None:
         raise UsageError(
-            f"--final_norm: --model_name_or_path {args.model_name_or_path} {_NO_FINAL_NORM}; pass the MIM checkpoint, or "
+            f"--final_norm: --model_name_or_path {args.model_name_or_path} {NO_FINAL_NORM}; pass the MIM checkpoint, or "
             "drop --final_norm"
         )
     encoder_config = encoder.config
