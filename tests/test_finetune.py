@@ -78,7 +78,7 @@ def test_layer_decay_reaches_the_optimizer(tiny_mim_dir, tmp_path):
     assert rates["classifier.weight"] == rates["beit.pooler.layernorm.weight"] == pytest.approx(1.0)
 
 
-def test_script_fine_tunes_and_saves_a_stock_classifier(tiny_mim_dir, image_folder, tmp_path):
+def test_script_fine_tunes_and_saves_a_stock_classifier(tiny_mim_dir, image_folder, tmp_path, caplog):
     metrics = main([
         "--model_name_or_path", tiny_mim_dir, "--train_dir", image_folder, "--train_val_split", "0.25",
         "--output_dir", str(tmp_path), "--do_train", "--do_eval", "--max_steps", "3",
@@ -105,6 +105,13 @@ def test_script_fine_tunes_and_saves_a_stock_classifier(tiny_mim_dir, image_fold
     assert processor["crop_size"] == {"height": 32, "width": 32}
     _, info = BeitForImageClassification.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
+    # Fine-tuned again, its head is replaced: said, not only in transformers' report of unexpected weights.
+    with caplog.at_level("WARNING", logger="hf_mim.training.run_image_classification"):
+        main(["--model_name_or_path", str(tmp_path), "--train_dir", image_folder, "--output_dir", str(tmp_path / "again"),
+              "--do_train", "--max_steps", "1", "--per_device_train_batch_size", "4", "--save_strategy", "no",
+              "--use_cpu", "--report_to", "none", "--dataloader_num_workers", "0"])  # fmt: skip
+    assert f"{tmp_path} is an image classifier (BeitForImageClassification, 2 classes): its encoder is fine-tuned " \
+        "with a new head for the 2 classes here; its own head is not used" in caplog.text
 
 
 @pytest.mark.slow

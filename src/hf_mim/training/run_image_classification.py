@@ -350,6 +350,14 @@ def main(argv=None) -> dict[str, float]:
         "trust_remote_code": model_args.trust_remote_code,
     }
     source = load_pretrained_beit(model_args.model_name_or_path, **hub_kwargs)
+    trained_head = [name for name in source.config.architectures or [] if name.endswith("ForImageClassification")]
+    if trained_head:
+        # Fine-tuning a fine-tuned classifier further is legitimate, but its head goes without a word otherwise.
+        logger.warning(
+            f"--model_name_or_path {model_args.model_name_or_path} is an image classifier ({trained_head[0]}, "
+            f"{len(source.config.id2label)} classes): its encoder is fine-tuned with a new head for the "
+            f"{len(class_names)} classes here; its own head is not used"
+        )
     patch_size = resolve_encoder(source).config.patch_size
     if model_args.image_size is not None and model_args.image_size % patch_size:
         raise UsageError(
