@@ -96,6 +96,10 @@ CASES = {
     "export: missing model folder": (
         lambda p: export(p, model=str(p["root"] / "nowhere")), "--model_name_or_path {root}/nowhere: no such folder"
     ),
+    "export: a missing relative folder, also a Hub id": (
+        lambda p: export(p, model="runs/nowhere"),
+        "--model_name_or_path runs/nowhere: no such folder here, and as a Hub id it could not be loaded (",
+    ),
     "export: a dVAE as model": (
         lambda p: export(p, model=p["dvae"]), "holds a hf_mim_dvae model (a visual tokenizer), not a BEiT encoder"
     ),

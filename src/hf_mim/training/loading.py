@@ -31,6 +31,12 @@ def pretrained(load, name_or_path: str, flag: str, **kwargs):
                 f"--{flag} {name_or_path}: {unreadable[0]} is unreadable ({unreadable[1]}), a truncated or corrupt "
                 "copy: copy or download the checkpoint again"
             ) from error
+        if not os.path.exists(name_or_path):
+            # "runs/beit" is a Hub id as much as a relative path: say it is neither.
+            raise UsageError(
+                f"--{flag} {name_or_path}: no such folder here, and as a Hub id it could not be loaded "
+                f"({first_line(error)}); check the path, or the Hub id and the network"
+            ) from error
         raise UsageError(f"--{flag} {name_or_path} could not be loaded: {first_line(error)}") from error
 
 
