@@ -100,6 +100,14 @@ CASES = {
         lambda p: export(p, model="runs/nowhere"),
         "--model_name_or_path runs/nowhere: no such folder here, and as a Hub id it could not be loaded (",
     ),
+    "visualize: a MIM checkpoint as tokenizer": (
+        lambda p: visualize(p, "--tokenizer_name_or_path", p["mim"]),
+        "is a hf_mim_beit model, not an hf_mim visual tokenizer; it is a MIM checkpoint, which holds its tokenizer: "
+        "pass it as --model_name_or_path",
+    ),
+    "knn: an image column the dataset lacks": (
+        lambda p: knn(p, "--image_column_name", "img"), "--image_column_name 'img' is not a column of the dataset"
+    ),
     "export: a dVAE as model": (
         lambda p: export(p, model=p["dvae"]), "holds a hf_mim_dvae model (a visual tokenizer), not a BEiT encoder"
     ),

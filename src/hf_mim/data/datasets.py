@@ -126,7 +126,7 @@ def _resolve_image_column(dataset: datasets.Dataset | IterableDataset, image_col
     if image_column_name is not None:
         if image_column_name not in column_names:
             raise UsageError(
-                f"image_column_name {image_column_name!r} is not a column of the dataset; its columns are "
+                f"--image_column_name {image_column_name!r} is not a column of the dataset; its columns are "
                 f"{column_names}"
             )
         feature = features[image_column_name]

@@ -123,7 +123,7 @@ def require_tokenizer(tokenizer, name_or_path: str, flag: str = "tokenizer_name_
         return
     model_type = getattr(tokenizer.config, "model_type", type(tokenizer).__name__)
     if hasattr(tokenizer.config, "tokenizer_config"):
-        fix = "it is a MIM checkpoint: pass it as --model_name_or_path to continue pre-training it"
+        fix = "it is a MIM checkpoint, which holds its tokenizer: pass it as --model_name_or_path"
     else:
         fix = "train one with scripts/train_tokenizer.py (dvae, vqkd, kmeans) or convert a released one"
     raise UsageError(f"--{flag} {name_or_path} is a {model_type} model, not an hf_mim visual tokenizer; {fix}")
