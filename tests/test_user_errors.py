@@ -370,6 +370,10 @@ CASES = {
         lambda p: mim(p, output_dir=p["root"] / "typo.json" / "run"),
         "--output_dir {root}/typo.json/run: {root}/typo.json is a file, so no folder can be made there",
     ),
+    "a run written into its training images": (
+        lambda p: mim(p, output_dir=p["images"] + "/run"),
+        "--output_dir {images}/run is inside --train_dir {images}: the next run over those images would read what",
+    ),
     "training afresh over a finished run's model": (
         lambda p: mim(p, output_dir=p["root"] / "finished"),
         "--output_dir {root}/finished holds the model of an earlier run (its config.json) and no checkpoint to continue "

@@ -108,6 +108,14 @@ CASES = {
     "knn: an image column the dataset lacks": (
         lambda p: knn(p, "--image_column_name", "img"), "--image_column_name 'img' is not a column of the dataset"
     ),
+    "visualize: figures written among the images": (
+        lambda p: visualize(p, "--output_dir", str(p["root"] / "train" / "figures")),
+        "--output_dir {root}/train/figures is inside --images {root}/train: the next run over those images would read",
+    ),
+    "knn: results written into the validation images": (
+        lambda p: knn(p, "--output_dir", str(p["root"] / "train"), validation="train_undecodable_class"),
+        "--output_dir {root}/train is inside --train_dir {root}/train: the next run over those images",
+    ),
     "export: a dVAE as model": (
         lambda p: export(p, model=p["dvae"]), "holds a hf_mim_dvae model (a visual tokenizer), not a BEiT encoder"
     ),

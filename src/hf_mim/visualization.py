@@ -37,7 +37,7 @@ from .evaluation.export import check_processor_size, load_image_processor, norma
 from .families import family_of
 from .models.configuration_common import decoder_left_out
 from .models.image_processing_mim import to_rgb
-from .training.loading import pretrained, require_folder_path, require_tokenizer
+from .training.loading import pretrained, require_folder_path, require_outside_image_folders, require_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -454,6 +454,7 @@ class VisualizeArguments:
             elif not os.path.isfile(path):
                 raise UsageError(f"--images {path}: no such file or folder; pass image files or folders of images")
         require_folder_path("output_dir", self.output_dir)
+        require_outside_image_folders("output_dir", self.output_dir, [("images", path) for path in self.images])
         for name in ("max_images", "cell_size"):
             if getattr(self, name) < 1:
                 raise UsageError(f"--{name} must be at least 1, got {getattr(self, name)}")

@@ -63,6 +63,24 @@ def require_folder_path(flag: str, path: str | None) -> None:
         ) from error
 
 
+def require_outside_image_folders(flag: str, path: str | None, image_folders: list[tuple[str, str | None]]) -> None:
+    """A one-line error when `--flag`, a folder the command writes into, is one of the image folders it reads
+    (`image_folders`: (flag name, folder) pairs) or lies inside one: the next run over those images would read what
+    this one wrote there (figures, a model's files) as images or classes."""
+    if path is None:
+        return
+    written = os.path.realpath(path)
+    for name, folder in image_folders:
+        if folder is None or not os.path.isdir(folder):
+            continue
+        read = os.path.realpath(folder)
+        if written == read or written.startswith(read.rstrip(os.sep) + os.sep):
+            raise UsageError(
+                f"--{flag} {path} is inside --{name} {folder}: the next run over those images would read what this one "
+                "writes there; pass a folder outside it"
+            )
+
+
 def require_new_output_dir(output_dir: str, model_name_or_path: str) -> None:
     """Refuse an `--output_dir` that is a file, or the folder of `--model_name_or_path`, which writing the new
     checkpoint would overwrite (the source's heads and tokenizer with it)."""
@@ -134,6 +152,7 @@ __all__ = [
     "require_folder_path",
     "require_new_output_dir",
     "require_output_dir_of",
+    "require_outside_image_folders",
     "require_tokenizer",
     "saved_model_type",
 ]

@@ -35,7 +35,7 @@ from .arguments import (
 )
 from .dvae import DVAE_FLAGS, TEMPERATURE_SCHEDULES, check_schedule
 from .kmeans import KmeansFitArguments
-from .loading import pretrained, require_output_dir_of, saved_model_type
+from .loading import pretrained, require_output_dir_of, require_outside_image_folders, saved_model_type
 from .workflow import (
     require_action,
     require_no_earlier_model,
@@ -255,6 +255,10 @@ def train_tokenizer(
     if training_args.do_train:
         require_output_dir_of(training_args.output_dir, family.model_type)
         require_no_earlier_model(training_args)
+    require_outside_image_folders(
+        "output_dir", training_args.output_dir,
+        [("train_dir", data_args.train_dir), ("validation_dir", data_args.validation_dir)],
+    )  # fmt: skip
     if family.optimisation_recipe is not None:
         warn_of_transformers_optimisation_defaults(training_args, family.optimisation_recipe)
     set_seed(training_args.seed)
