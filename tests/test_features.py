@@ -157,6 +157,12 @@ def test_probe_and_knn_scripts(tiny_mim_dir, image_folder, tmp_path, capsys):
     results = knn.main([*common, "--ks", "1", "--final_norm"])
     assert results["final_norm"] is True and "cls+mean pooling, final norm, center_crop view" in capsys.readouterr().out
     assert len(os.listdir(tmp_path / "features")) == 6  # the last layer's with the norm are cached apart
+    # The same options as one JSON file, as the training commands take them (it was refused as a missing flag).
+    options = {"model_name_or_path": tiny_mim_dir, "train_dir": image_folder, "train_val_split": 0.25, "layers": [1, -1],
+               "pooling": "cls+mean", "feature_cache_dir": str(tmp_path / "features"), "output_dir": str(tmp_path),
+               "batch_size": 8, "ks": [1, 5]}  # fmt: skip
+    (tmp_path / "knn.json").write_text(json.dumps(options))
+    assert knn.main([str(tmp_path / "knn.json")])["layers"] == knn.main([*common, "--ks", "1", "5"])["layers"]
 
 
 @pytest.mark.parametrize("view", ["center_crop", "whole"])

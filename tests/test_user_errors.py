@@ -374,6 +374,23 @@ CASES = {
         lambda p: mim(p, output_dir=p["images"] + "/run"),
         "--output_dir {images}/run is inside --train_dir {images}: the next run over those images would read what",
     ),
+    "an evaluation interval without evaluations by steps": (
+        lambda p: mim(p, eval_steps=1),
+        "--eval_steps 1 takes effect with --eval_strategy steps, but --eval_strategy is no: it would be ignored; add "
+        "--eval_strategy steps or remove --eval_steps",
+    ),
+    "a checkpoint limit for a run that saves none": (
+        lambda p: mim(p, save_total_limit=1),
+        "--save_total_limit 1 takes effect with a --save_strategy, but --save_strategy is no: it would be ignored",
+    ),
+    "a direction for no metric": (
+        lambda p: mim(p, greater_is_better="false"),
+        "--greater_is_better False takes effect with --metric_for_best_model, but no metric is given",
+    ),
+    "an evaluation batch size for a run that does not evaluate": (
+        lambda p: mim(p, per_device_eval_batch_size=2),
+        "--per_device_eval_batch_size 2 takes effect with --do_eval, but the run does not evaluate",
+    ),
     "training afresh over a finished run's model": (
         lambda p: mim(p, output_dir=p["root"] / "finished"),
         "--output_dir {root}/finished holds the model of an earlier run (its config.json) and no checkpoint to continue "

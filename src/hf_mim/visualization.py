@@ -571,8 +571,9 @@ def main(argv=None) -> dict[str, str]:
           # Training curves only
           hf-mim visualize --trainer_state ./beit/trainer_state.json --output_dir ./figures
         """,
+        json_file=True,
     )
-    (args,) = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    (args,) = parser.parse_command_line(argv)
     # Refused before anything loads; the flags left to the method (--masking random's ratio) take the model's
     # method's defaults once it is loaded.
     masking_args = MaskingArguments(masking=args.masking)

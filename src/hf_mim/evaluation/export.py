@@ -536,8 +536,9 @@ def parse_args(argv=None) -> ExportArguments:
               hf-mim export --model_name_or_path ./beitv2 --output_dir ./beitv2-384 --pooling cls --image_size 384
             """,
         ],
+        json_file=True,
     )
-    (args,) = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    (args,) = parser.parse_command_line(argv)
     return args
 
 

@@ -7,7 +7,6 @@ cost one search.
 """
 
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -149,8 +148,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[FeatureArguments, Knn
             """,
         ],
         groups=[*FEATURE_ARGUMENT_GROUPS, ("k-NN", [KnnArguments])],
+        json_file=True,
     )
-    return parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    return parser.parse_command_line(argv)
 
 
 @one_process("knn")

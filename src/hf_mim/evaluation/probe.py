@@ -9,7 +9,6 @@ whole training set and scored once on the evaluation set.
 """
 
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -306,8 +305,9 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[FeatureArguments, Lin
             """,
         ],
         groups=[*FEATURE_ARGUMENT_GROUPS, ("linear probe", [LinearProbeArguments])],
+        json_file=True,
     )
-    return parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    return parser.parse_command_line(argv)
 
 
 @one_process("probe")

@@ -197,6 +197,7 @@ class HfMimTrainingArguments(TrainingArguments):
         if self.dataloader_num_workers < 0:
             raise UsageError(f"--dataloader_num_workers must be 0 (load in the main process) or more, got "
                              f"{self.dataloader_num_workers}")
+        check_flags_of_schedules_off(self)
         try:
             super().__post_init__()
         except UsageError:
@@ -222,6 +223,39 @@ class HfMimTrainingArguments(TrainingArguments):
         check_scheduler_kwargs(self)
         check_optional_packages(self)
         check_distributed_launch(self)
+
+
+def check_flags_of_schedules_off(args: TrainingArguments) -> None:
+    """A one-line error for a flag of an evaluation, saving or logging schedule that the run does not follow (Trainer
+    ignores it without a word): `--eval_steps` without `--eval_strategy steps`, `--save_total_limit` with `--save_strategy
+    no`, `--greater_is_better` without a metric, an evaluation batch size for a run that does not evaluate, ...
+    Called before TrainingArguments fills in its own values (e.g. `eval_steps` from `logging_steps`)."""
+    strategies = {name: str(getattr(getattr(args, name), "value", getattr(args, name))) for name in
+                  ("eval_strategy", "save_strategy", "logging_strategy")}  # fmt: skip
+    ignored = [
+        (flag, f"--{strategy} steps", f"--{strategy} is {strategies[strategy]}")
+        for strategy, flags in (("eval_strategy", ["eval_steps"]), ("save_strategy", ["save_steps"]),
+                                ("logging_strategy", ["logging_steps"]))  # fmt: skip
+        if strategies[strategy] != "steps"
+        for flag in flags_set(args, flags)
+    ]
+    if strategies["save_strategy"] == "no":
+        ignored += [(flag, "a --save_strategy", "--save_strategy is no") for flag in
+                    flags_set(args, ["save_total_limit", "save_only_model"])]  # fmt: skip
+    if strategies["eval_strategy"] == "no":
+        ignored += [(flag, "an --eval_strategy", "--eval_strategy is no") for flag in flags_set(args, ["eval_delay"])]
+        if not args.do_eval:
+            ignored += [(flag, "--do_eval", "the run does not evaluate") for flag in
+                        flags_set(args, ["per_device_eval_batch_size"])]  # fmt: skip
+    if args.metric_for_best_model is None:
+        ignored += [(flag, "--metric_for_best_model", "no metric is given") for flag in
+                    flags_set(args, ["greater_is_better"])]  # fmt: skip
+    if ignored:
+        flag, needs, but = ignored[0]
+        value = getattr(args, flag)
+        value = f"{value:g}" if isinstance(value, float) else value
+        raise UsageError(f"--{flag} {value} takes effect with {needs}, but {but}: it would be ignored; "
+                         f"add {needs} or remove --{flag}")
 
 
 def require_learning_rate(training_args: TrainingArguments, what: str) -> None:
