@@ -550,6 +550,19 @@ CASES = {
         lambda p: finetune(p, "--do_train", "--do_eval", "--validation_dir", str(p["val_zebra"])),
         "The validation split has labels that train does not: ['zebra']",
     ),
+    "keeping the checkpoint of the lowest accuracy": (
+        lambda p: finetune(p, "--do_train", "--metric_for_best_model", "accuracy", "--greater_is_better", "false"),
+        "--greater_is_better False with --metric_for_best_model accuracy: a higher accuracy is better, so the run would "
+        "keep its worst checkpoint; remove --greater_is_better",
+    ),
+    "a class the training subset left out": (
+        lambda p: finetune(p, "--do_train", "--do_eval", "--train_val_split", "0.25", "--max_train_samples", "1"),
+        "; --train_val_split 0.25 and --max_train_samples 1 may have left them none: change it, or give every class",
+    ),
+    "an archive as the training folder": (
+        lambda p: mim(p, train_dir=p["root"] / "typo.json"),
+        "--train_dir {root}/typo.json is a file, not a folder (an archive? extract it)",
+    ),
     "a training folder of one class": (
         lambda p: finetune(p, "--do_train", "--train_dir", str(p["root"] / "broken")),
         "--train_dir {root}/broken has one class folder ('a'); a classifier needs the images of two classes at least",

@@ -55,6 +55,11 @@ def require_image_folder(flag: str, folder: str, extensions: Iterable[str] | Non
     """A one-line error naming `--flag` unless `folder` exists and holds at least one image file (recursively):
     `datasets` would only say that a split "corresponds to no data". `extensions` are those of the files read
     (default: PIL's); the scan says what the folder holds besides."""
+    if os.path.isfile(folder):
+        raise UsageError(
+            f"--{flag} {folder} is a file, not a folder (an archive? extract it); pass a folder of images (searched "
+            "recursively)"
+        )
     if not os.path.isdir(folder):
         raise UsageError(f"--{flag} {folder}: no such folder; pass a folder of images (searched recursively)")
     if extensions is None:

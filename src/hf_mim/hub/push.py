@@ -168,7 +168,7 @@ def hub_request_errors(repo_id: str, token_flag: str = "--token"):
             raise
         raise UsageError(
             f"cannot reach the Hub at {constants.ENDPOINT} to push {repo_id} ({first_line(error)}); check the "
-            "network connection (and that HF_HUB_OFFLINE is unset), or push later with scripts/push_to_hub.py"
+            "network connection (and that HF_HUB_OFFLINE is unset), or push the folder later with hf-mim push"
         ) from error
 
 

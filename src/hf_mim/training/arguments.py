@@ -198,6 +198,7 @@ class HfMimTrainingArguments(TrainingArguments):
             raise UsageError(f"--dataloader_num_workers must be 0 (load in the main process) or more, got "
                              f"{self.dataloader_num_workers}")
         check_flags_of_schedules_off(self)
+        check_metric_direction(self)
         try:
             super().__post_init__()
         except UsageError:
@@ -256,6 +257,22 @@ def check_flags_of_schedules_off(args: TrainingArguments) -> None:
         value = f"{value:g}" if isinstance(value, float) else value
         raise UsageError(f"--{flag} {value} takes effect with {needs}, but {but}: it would be ignored; "
                          f"add {needs} or remove --{flag}")
+
+
+def check_metric_direction(args: TrainingArguments) -> None:
+    """A one-line error for a `--greater_is_better` that contradicts its `--metric_for_best_model` (a higher loss, a
+    lower accuracy): the run would keep, and with `--load_best_model_at_end` end on, its worst checkpoint."""
+    metric, greater = args.metric_for_best_model, args.greater_is_better
+    if metric is None or greater is None:
+        return
+    name = metric.removeprefix("eval_")
+    better = True if name.endswith("accuracy") else False if name.endswith("loss") else None
+    if better is not None and bool(greater) != better:
+        raise UsageError(
+            f"--greater_is_better {greater} with --metric_for_best_model {metric}: a {'higher' if better else 'lower'} "
+            f"{name} is better, so the run would keep its worst checkpoint; remove --greater_is_better (it follows "
+            "the metric)"
+        )
 
 
 def require_learning_rate(training_args: TrainingArguments, what: str) -> None:

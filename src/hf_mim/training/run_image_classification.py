@@ -221,15 +221,18 @@ class ImageClassificationTrainer(MimTrainer):
         return super().compute_loss(model, inputs, return_outputs=return_outputs)
 
 
-def encode_labels(raw, label_column: str) -> tuple[object, list[str]]:
-    """Class names, and the splits with integer ids in a `labels` column (the name `BeitForImageClassification` takes)."""
+def encode_labels(raw, label_column: str, cause: str | None = None) -> tuple[object, list[str]]:
+    """Class names, and the splits with integer ids in a `labels` column (the name `BeitForImageClassification` takes).
+    `cause` names the flags that may have left a class without training images (e.g. `--train_val_split 0.9`)."""
     require_label_column(raw, label_column)
     for split in raw:
         # A class with no training image cannot be learnt.
         unseen = unseen_labels(raw, label_column, split)
         if unseen:
-            raise UsageError(f"The {split} split has labels that train does not: {unseen[:10]}; give every class "
-                             "training images, or remove those from the evaluation data")
+            fix = "give every class training images, or remove those from the evaluation data"
+            if cause:
+                fix = f"{cause} may have left them none: change it, or {fix}"
+            raise UsageError(f"The {split} split has labels that train does not: {unseen[:10]}; {fix}")
     feature = raw["train"].features[label_column]
     if isinstance(feature, ClassLabel):
         names = list(feature.names)
@@ -345,7 +348,9 @@ def main(argv=None) -> dict[str, float]:
     raw, image_column = load_image_datasets_from_args(
         data_args, training_args.seed, model_args.cache_dir, model_args.token, evaluate=training_args.do_eval
     )
-    raw, class_names = encode_labels(raw, data_args.label_column_name)
+    subsets = [f"--{name} {getattr(data_args, name)}" for name in ("train_val_split", "max_train_samples")
+               if getattr(data_args, name)]  # fmt: skip
+    raw, class_names = encode_labels(raw, data_args.label_column_name, " and ".join(subsets) or None)
 
     hub_kwargs = {
         "cache_dir": model_args.cache_dir,
