@@ -3,6 +3,7 @@ exit status 2 and one line that names the path or flag and the fix, with no trac
 
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -115,6 +116,10 @@ CASES = {
     "knn: results written into the validation images": (
         lambda p: knn(p, "--output_dir", str(p["root"] / "train"), validation="train_undecodable_class"),
         "--output_dir {root}/train is inside --train_dir {root}/train: the next run over those images",
+    ),
+    "knn: the tokenizer view of a MIM checkpoint as model": (
+        lambda p: knn(p, "--model_name_or_path", str(pathlib.Path(p["mim"]) / "tokenizer")),
+        "--model_name_or_path {mim}/tokenizer holds only the tokenizer view of the MIM checkpoint {mim}; pass {mim}",
     ),
     "export: a dVAE as model": (
         lambda p: export(p, model=p["dvae"]), "holds a hf_mim_dvae model (a visual tokenizer), not a BEiT encoder"

@@ -46,7 +46,7 @@ from transformers import (
 )
 
 from ..arguments import command_parser
-from ..checkpoint_folder import PROCESSOR_CONFIG
+from ..checkpoint_folder import PROCESSOR_CONFIG, TOKENIZER_SUBFOLDER
 from ..cli import one_process
 from ..errors import UsageError
 from ..families import TOKENIZERS
@@ -108,6 +108,16 @@ def load_pretrained_beit(model_name_or_path: str, **kwargs) -> nn.Module:
     `--model_name_or_path`, raised from the config before any weight is read.
     """
     flag = "model_name_or_path"
+    parent = os.path.dirname(os.path.normpath(model_name_or_path))
+    if (
+        os.path.basename(os.path.normpath(model_name_or_path)) == TOKENIZER_SUBFOLDER
+        and not os.path.isfile(os.path.join(model_name_or_path, "config.json"))
+        and os.path.isfile(os.path.join(parent, "config.json"))
+    ):
+        # transformers would only say the folder has no model_type.
+        raise UsageError(
+            f"--{flag} {model_name_or_path} holds only the tokenizer view of the MIM checkpoint {parent}; pass {parent}"
+        )
     config = pretrained(AutoConfig.from_pretrained, model_name_or_path, flag, **kwargs)
     # Every BEiT encoder's config, hf_mim's MIM families included, is a BeitConfig.
     if not isinstance(config, BeitConfig):
