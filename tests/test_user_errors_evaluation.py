@@ -300,6 +300,16 @@ CASES = {
         lambda p: ["push_to_hub.py", str(p["root"] / "vit"), "--repo_id", "tester/tiny", "--dry_run"],
         "{root}/vit holds a 'vit' checkpoint, not an hf_mim one",
     ),
+    "push: a local folder as base model": (
+        lambda p: ["push_to_hub.py", p["mim"], "--repo_id", "tester/tiny", "--dry_run", str(p["root"] / "up_base"),
+                   "--base_model", p["dvae"]],
+        "--base_model {dvae} is a local path; the card links Hub repos: pass its Hub id",
+    ),
+    "push: a dataset that is no Hub id": (
+        lambda p: ["push_to_hub.py", p["mim"], "--repo_id", "tester/tiny", "--dry_run", str(p["root"] / "up_data"),
+                   "--dataset", "not a dataset id!!"],
+        "--dataset 'not a dataset id!!' is not a Hub id (namespace/name)",
+    ),
     "push: a non-empty dry-run folder": (
         lambda p: ["push_to_hub.py", p["mim"], "--repo_id", "tester/tiny", "--dry_run", str(p["root"] / "upload")],
         "--dry_run {root}/upload is not empty",

@@ -11,6 +11,7 @@ import contextlib
 import fnmatch
 import json
 import logging
+import os
 import shutil
 import tempfile
 from collections.abc import Sequence
@@ -244,6 +245,17 @@ def push_folder(
     return commit
 
 
+def _require_hub_id(flag: str, value: str) -> None:
+    """A one-line error for a card's `--flag` that is not a Hub id (the Hub refuses the card's metadata only once the
+    upload reaches it) or that names a local folder (a card links ids, not paths)."""
+    if os.path.exists(value):
+        raise UsageError(f"--{flag} {value} is a local path; the card links Hub repos: pass its Hub id (namespace/name)")
+    try:
+        validate_repo_id(value)
+    except HFValidationError as error:
+        raise UsageError(f"--{flag} {value!r} is not a Hub id (namespace/name); pass the id of the repo on the Hub") from error
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = OneLineErrorParser(
         description="Upload an hf_mim checkpoint folder (weights, config, code, image processors, model card) to the Hub.",
@@ -287,6 +299,9 @@ def main(argv: Sequence[str] | None = None):
             f"--repo_id {args.repo_id!r} is not a Hub repo id (namespace/name, or name in your own namespace: letters, "
             "digits, '-', '_' and '.', at most 96 characters); pass e.g. --repo_id your-name/beit-base"
         ) from error
+    for flag, values in (("dataset", args.dataset or []), ("base_model", [args.base_model] if args.base_model else [])):
+        for value in values:
+            _require_hub_id(flag, value)
     try:
         _check_checkpoint(folder)
         if args.dry_run is not None:
