@@ -44,20 +44,22 @@ MODELS_DIR = Path(__file__).resolve().parents[1] / "src" / "hf_mim" / "models"
 # name -> (files, lines) at most: of the saved model, and of the upload. Measured, with room for a few lines.
 BOUNDS = {
     "dvae": ((4, 550), (6, 700)),
-    # VQ-KD's codebook_update_weight (a stand-in example's zero weight in the EMA statistics) added 14 lines.
-    "vqkd": ((6, 1040), (8, 1190)),
+    # VQ-KD's codebook_update_weight (a stand-in example's zero weight in the EMA statistics) added 14 lines;
+    # configuration_transformer.py (checks of the activation, LayerNorm epsilon and init std) a file.
+    "vqkd": ((7, 1060), (9, 1210)),
     "vqgan": ((4, 500), (6, 630)),
     # The nearest-centroid search is centroids.py, shared with feature k-means.
     "kmeans": ((5, 570), (7, 700)),
     # beit_backbone.py keeps a BEiT teacher's position index on the device.
     "feature_kmeans": ((7, 850), (9, 980)),
-    "beit": ((4, 730), (5, 840)),
-    "beit_dvae": ((7, 1230), (9, 1370)),
-    "beitv2_vqkd": ((10, 1780), (12, 1930)),
-    "mcbeit_dvae": ((9, 1500), (11, 1650)),
-    "mcbeit_vqgan": ((9, 1450), (11, 1580)),
-    "ccvit_kmeans": ((12, 1770), (14, 1900)),
-    "beit_feature_kmeans": ((9, 1360), (11, 1490)),
+    # The MIM families' configs check their transformer sizes and settings (configuration_transformer.py).
+    "beit": ((5, 765), (6, 875)),
+    "beit_dvae": ((8, 1265), (10, 1405)),
+    "beitv2_vqkd": ((11, 1815), (13, 1965)),
+    "mcbeit_dvae": ((10, 1545), (12, 1695)),
+    "mcbeit_vqgan": ((10, 1495), (12, 1625)),
+    "ccvit_kmeans": ((13, 1815), (15, 1945)),
+    "beit_feature_kmeans": ((10, 1400), (12, 1530)),
 }
 CODE_PREFIXES = ("configuration_", "modeling_", "image_processing_")
 
@@ -241,7 +243,7 @@ def test_trainer_push_callback_writes_only_the_checkpoints_code(tmp_path):
     HubFilesCallback().on_train_begin(args, TrainerState(), None, model=beit_dvae())
     assert sorted(path.name for path in tmp_path.glob("*.py")) == [
         "beit_backbone.py", "configuration_beit.py", "configuration_common.py", "configuration_dvae.py",
-        "modeling_beit.py", "modeling_dvae.py", "modeling_tokenizer.py",
+        "configuration_transformer.py", "modeling_beit.py", "modeling_dvae.py", "modeling_tokenizer.py",
     ]
 
 
@@ -259,5 +261,5 @@ def test_config_pushed_from_save_pretrained_uploads_only_its_code(tmp_path, monk
 
     monkeypatch.setattr(transformers_hub.PushToHubMixin, "_upload_modified_files", upload)
     beit_dvae().config.save_pretrained(tmp_path / "local", push_to_hub=True, repo_id="tester/x")
-    narrow = ["configuration_beit.py", "configuration_common.py", "configuration_dvae.py"]
+    narrow = ["configuration_beit.py", "configuration_common.py", "configuration_dvae.py", "configuration_transformer.py"]
     assert uploaded == [narrow] and sorted(path.name for path in (tmp_path / "local").glob("*.py")) == narrow

@@ -21,7 +21,8 @@ from huggingface_hub.dataclasses import strict
 from transformers import BeitConfig
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from .configuration_common import check_transformer_settings, complete_auto_map
+from .configuration_common import complete_auto_map
+from .configuration_transformer import check_transformer_settings
 
 # Tokenizer families (rewritten per checkpoint, see the module docstring):
 from .configuration_dvae import DvaeConfig

@@ -3,7 +3,8 @@
 from huggingface_hub.dataclasses import strict
 from transformers import BeitConfig, PreTrainedConfig
 
-from .configuration_common import check_transformer_settings, complete_auto_map
+from .configuration_common import complete_auto_map
+from .configuration_transformer import check_transformer_settings
 
 
 @strict
