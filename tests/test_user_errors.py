@@ -621,6 +621,10 @@ CASES = {
                    "--probe_validation_dir", p["images"], "--num_probe_train", "100"],  # fmt: skip
         "--num_probe_train splits scikit-learn's digits, which --probe_train_dir replaces: remove it",
     ),
+    "a number of sample crops beside the demo's own images": (
+        lambda p: ["demo.py", "--output_dir", str(p["root"] / "demo"), "--train_dir", p["images"], "--num_crops", "16"],
+        "--num_crops sets how many crops of scikit-learn's photos to pre-train on, which --train_dir replaces: remove it",
+    ),
     "a demo image off the patch grid": (
         lambda p: ["demo.py", "--output_dir", str(p["root"] / "demo"), "--image_size", "30", "--patch_size", "8"],
         "--image_size 30 is not a multiple of --patch_size 8",

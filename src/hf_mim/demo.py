@@ -96,6 +96,10 @@ class DemoArguments:
                 raise UsageError(
                     f"--{ignored[0]} splits scikit-learn's digits, which --probe_train_dir replaces: remove it"
                 )
+        if (self.train_dir or self.dataset_name) and flags_set(self, ("num_crops",)):
+            given = "--train_dir" if self.train_dir else "--dataset_name"
+            raise UsageError(f"--num_crops sets how many crops of scikit-learn's photos to pre-train on, which {given} "
+                             "replaces: remove it")
         if self.probe_train_dir is None and self.num_probe_train >= NUM_DIGITS:
             raise UsageError(
                 f"--num_probe_train {self.num_probe_train} leaves none of scikit-learn's {NUM_DIGITS} digits to score "
