@@ -355,12 +355,14 @@ def test_each_checkpoints_run_record_is_written_before_trainer_saves_and_pushes_
 
     def recording(self, output_dir=None, _internal_call=False):
         if output_dir is not None and "checkpoint-" in str(output_dir):
-            found[os.path.basename(output_dir)] = os.listdir(output_dir)
+            found[os.path.basename(output_dir)] = sorted(os.listdir(output_dir))
         return save_model(self, output_dir, _internal_call=_internal_call)
 
     monkeypatch.setattr(MimTrainer, "save_model", recording)
     main(run_mim_args(tiny_dvae_dir, image_folder, tmp_path, "--max_steps", "2", "--save_steps", "1"))
-    assert found == {"checkpoint-1": ["hf_mim_run.json"], "checkpoint-2": ["hf_mim_run.json"]}
+    # With the tokenizer view and its code, also written before the save.
+    written = ["hf_mim_run.json", "image_processing_dvae.py", "image_processing_mim.py", "tokenizer"]
+    assert found == {"checkpoint-1": written, "checkpoint-2": written}
     record = json.loads((tmp_path / "checkpoint-2" / "hf_mim_run.json").read_text())
     assert record["flags"]["seed"] == 0 and record["train_skipped_images"] == 0
 
@@ -495,6 +497,7 @@ def test_every_checkpoint_holds_the_tokenizer_view_so_it_continues_and_pushes_as
     # A checkpoint of an older hf_mim, without the view: one line each, naming the folder and what to pass.
     older = tmp_path / "older"
     shutil.copytree(checkpoint, older, ignore=shutil.ignore_patterns("tokenizer"))
+    continued[continued.index("--output_dir") + 1] = str(tmp_path / "continued_older")
     with pytest.raises(UsageError, match=rf"--model_name_or_path {re.escape(str(older))} has no "
                                          r"tokenizer/preprocessor_config.json; to continue that run pass it as "
                                          r"--resume_from_checkpoint, or pass the run's --output_dir"):
