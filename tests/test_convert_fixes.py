@@ -314,6 +314,8 @@ CASES = {
                           "--centroids {root}/centroids_missing.npy: no such file"),
     "an object array": ("convert_ccvit_to_hf_mim.py", ["--centroids", "{root}/objects.npy"],
                         "--centroids {root}/objects.npy is not a .npy array"),
+    "a file of another kind as centroids": ("convert_ccvit_to_hf_mim.py", ["--centroids", "{root}/broken.safetensors"],
+                              "--centroids {root}/broken.safetensors is not a .npy file (no numpy header)"),
     "a 3-d array": ("convert_ccvit_to_hf_mim.py", ["--centroids", "{root}/cube.npy"],
                     "--centroids {root}/cube.npy holds a float32 array of shape (2, 3, 4)"),
     "image_size off the patch grid": ("convert_ccvit_to_hf_mim.py",

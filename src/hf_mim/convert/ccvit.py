@@ -36,6 +36,11 @@ def convert_ccvit_centroids(
     """
     what = "CCViT's centroids.npy (a float array of shape (codebook_size, 3 * patch_size**2))"
     path = require_file(centroids_path, "--centroids", what)
+    with open(path, "rb") as file:
+        magic = file.read(6)
+    if magic != b"\x93NUMPY" and not magic.startswith(b"PK"):
+        # numpy reads any other file as a pickle, and its refusal advises unpickling it.
+        raise UsageError(f"--centroids {path} is not a .npy file (no numpy header); pass {what}")
     try:
         centroids = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:

@@ -205,9 +205,10 @@ def clear_earlier_run(training_args: TrainingArguments) -> None:
             f"--overwrite_output_dir: removing the {len(checkpoints)} checkpoint(s) of an earlier run in {folder} "
             f"({', '.join(checkpoints)}), so that no later launch resumes them as this run's"
         )
-    for name in checkpoints:
-        shutil.rmtree(os.path.join(folder, name))
-    if os.path.isfile(state):
+    # With --save_on_each_node on a shared file system, each node's first process removes the same files.
+    with contextlib.suppress(FileNotFoundError):
+        for name in checkpoints:
+            shutil.rmtree(os.path.join(folder, name))
         os.remove(state)
 
 
