@@ -459,6 +459,9 @@ def test_overwrite_output_dir_removes_the_earlier_runs_checkpoints_so_no_later_l
     folder = tmp_path / "run"
     shutil.copytree(checkpointed_run, folder)
     (folder / "notes").mkdir()
+    # Its results and card, which the new run's would have kept (transformers merges results; the card reuses them).
+    (folder / "all_results.json").write_text(json.dumps({"eval_knn_accuracy": 0.9}))
+    (folder / "README.md").write_text("the earlier run's card")
     with caplog.at_level("WARNING", logger="hf_mim.training.workflow"):
         main(run_mim_args(tiny_dvae_dir, image_folder, folder, "--overwrite_output_dir", "--max_steps", "1",
                           "--save_steps", "1"))  # fmt: skip
@@ -466,6 +469,8 @@ def test_overwrite_output_dir_removes_the_earlier_runs_checkpoints_so_no_later_l
     assert sorted(path.name for path in folder.glob("checkpoint-*")) == ["checkpoint-1"]
     assert json.loads((folder / "trainer_state.json").read_text())["global_step"] == 1
     assert (folder / "notes").is_dir()  # not a checkpoint: left alone
+    assert "eval_knn_accuracy" not in json.loads((folder / "all_results.json").read_text())
+    assert "the earlier run's card" not in (folder / "README.md").read_text()
     # Launched again without the flag to carry on, it resumes this run's step 1: the earlier run's checkpoint-2 (and
     # final state), kept, were taken for this run's end.
     caplog.clear()

@@ -180,3 +180,31 @@ def test_flags_set_compares_list_flags_with_their_factory_default():
 
     assert flags_set(Flags(), ["ks", "rate"]) == []
     assert flags_set(Flags(ks=[5], rate=0.1), ["ks", "rate"]) == ["ks", "rate"]
+
+
+def test_schedule_flags_are_refused_only_where_nothing_reads_them(tmp_path):
+    from hf_mim.errors import UsageError
+    from hf_mim.training.arguments import MimTrainingArguments
+
+    def arguments(**flags):
+        return MimTrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", **flags)
+
+    # TrainingArguments fills in the loss as the metric of --load_best_model_at_end, and evaluates every
+    # --logging_steps under --eval_strategy steps without --eval_steps: both flags are read there.
+    best = {"eval_strategy": "steps", "eval_steps": 10, "save_steps": 10, "load_best_model_at_end": True}
+    assert arguments(**best, greater_is_better=False).greater_is_better is False
+    assert arguments(eval_strategy="steps", logging_strategy="epoch", logging_steps=100).eval_steps == 100
+    with pytest.raises(UsageError, match=r"--greater_is_better True with the loss \(the default metric\): a lower loss"):
+        arguments(**best, greater_is_better=True)
+    with pytest.raises(UsageError, match="--logging_steps 100 takes effect with --logging_strategy steps, but"):
+        arguments(logging_strategy="epoch", logging_steps=100)
+
+
+def test_a_folder_on_a_drive_that_does_not_exist_is_one_line(monkeypatch):
+    # On Windows a missing drive's root is its own parent: looking for an existing parent never ended.
+    from hf_mim.errors import UsageError
+    from hf_mim.training import loading
+
+    monkeypatch.setattr(loading.os.path, "exists", lambda path: False)
+    with pytest.raises(UsageError, match="--output_dir /q/runs: / does not exist; pass a folder on a drive"):
+        loading.require_folder_path("output_dir", "/q/runs")

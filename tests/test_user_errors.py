@@ -370,10 +370,6 @@ CASES = {
         lambda p: mim(p, output_dir=p["root"] / "typo.json" / "run"),
         "--output_dir {root}/typo.json/run: {root}/typo.json is a file, so no folder can be made there",
     ),
-    "a run written into its training images": (
-        lambda p: mim(p, output_dir=p["images"] + "/run"),
-        "--output_dir {images}/run is inside --train_dir {images}: the next run over those images would read what",
-    ),
     "an evaluation interval without evaluations by steps": (
         lambda p: mim(p, eval_steps=1),
         "--eval_steps 1 takes effect with --eval_strategy steps, but --eval_strategy is no: it would be ignored; add "
@@ -390,6 +386,13 @@ CASES = {
     "an evaluation batch size for a run that does not evaluate": (
         lambda p: mim(p, per_device_eval_batch_size=2),
         "--per_device_eval_batch_size 2 takes effect with --do_eval, but the run does not evaluate",
+    ),
+    "an overwrite that would remove the checkpoint it continues": (
+        lambda p: ["run_mim.py", "--model_name_or_path", str(p["root"] / "run" / "checkpoint-2"), "--train_dir",
+                   p["images"], "--output_dir", str(p["root"] / "run"), "--do_train", "--overwrite_output_dir",
+                   "--max_steps", "1", "--use_cpu", "--report_to", "none"],
+        "--model_name_or_path {root}/run/checkpoint-2 is a checkpoint in --output_dir, whose checkpoints "
+        "--overwrite_output_dir removes before training: copy it out of the folder first, or pass another --output_dir",
     ),
     "training afresh over a finished run's model": (
         lambda p: mim(p, output_dir=p["root"] / "finished"),
@@ -620,6 +623,10 @@ CASES = {
         lambda p: ["demo.py", "--output_dir", str(p["root"] / "demo"), "--probe_train_dir", p["images"],
                    "--probe_validation_dir", p["images"], "--num_probe_train", "100"],  # fmt: skip
         "--num_probe_train splits scikit-learn's digits, which --probe_train_dir replaces: remove it",
+    ),
+    "the demo's figures written among its training images": (
+        lambda p: ["demo.py", "--output_dir", p["images"] + "/demo", "--train_dir", p["images"]],
+        "--output_dir {images}/demo is inside --train_dir {images}: the next run over those images would read what",
     ),
     "a number of sample crops beside the demo's own images": (
         lambda p: ["demo.py", "--output_dir", str(p["root"] / "demo"), "--train_dir", p["images"], "--num_crops", "16"],

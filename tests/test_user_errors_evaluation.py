@@ -113,10 +113,6 @@ CASES = {
         lambda p: visualize(p, "--output_dir", str(p["root"] / "train" / "figures")),
         "--output_dir {root}/train/figures is inside --images {root}/train: the next run over those images would read",
     ),
-    "knn: results written into the validation images": (
-        lambda p: knn(p, "--output_dir", str(p["root"] / "train"), validation="train_undecodable_class"),
-        "--output_dir {root}/train is inside --train_dir {root}/train: the next run over those images",
-    ),
     "knn: the tokenizer view of a MIM checkpoint as model": (
         lambda p: knn(p, "--model_name_or_path", str(pathlib.Path(p["mim"]) / "tokenizer")),
         "--model_name_or_path {mim}/tokenizer holds only the tokenizer view of the MIM checkpoint {mim}; pass {mim}",

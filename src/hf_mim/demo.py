@@ -37,6 +37,7 @@ from .hub.cards import CardResult, write_model_card
 from .models import KmeansConfig
 from .training.arguments import MimTrainingArguments
 from .training.kmeans import KmeansFitArguments, fit_kmeans_tokenizer, require_enough_patches
+from .training.loading import require_outside_image_folders
 from .training.pretraining import DataArguments, ModelArguments, pretrain
 from .visualization import write_figures
 
@@ -105,6 +106,11 @@ class DemoArguments:
                 f"--num_probe_train {self.num_probe_train} leaves none of scikit-learn's {NUM_DIGITS} digits to score "
                 f"the probes on: pass at most {NUM_DIGITS - 1}"
             )
+        # The demo writes its figures (images) there, which the next run over those folders would read.
+        require_outside_image_folders(
+            "output_dir", self.output_dir,
+            [(name, getattr(self, name)) for name in ("train_dir", "probe_train_dir", "probe_validation_dir")],
+        )  # fmt: skip
         if self.image_size % self.patch_size:
             raise UsageError(
                 f"--image_size {self.image_size} is not a multiple of --patch_size {self.patch_size}; pass e.g. "

@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 

@@ -108,7 +108,7 @@ def load_pretrained_beit(model_name_or_path: str, **kwargs) -> nn.Module:
     `--model_name_or_path`, raised from the config before any weight is read.
     """
     flag = "model_name_or_path"
-    parent = os.path.dirname(os.path.normpath(model_name_or_path))
+    parent = os.path.dirname(os.path.normpath(model_name_or_path)) or "."
     if (
         os.path.basename(os.path.normpath(model_name_or_path)) == TOKENIZER_SUBFOLDER
         and not os.path.isfile(os.path.join(model_name_or_path, "config.json"))

@@ -34,7 +34,7 @@ from ..data import (
 )
 from ..errors import UsageError
 from ..models.beit_backbone import keep_position_index_on_device
-from ..training.loading import require_folder_path, require_outside_image_folders
+from ..training.loading import require_folder_path
 from .export import (
     NO_FINAL_NORM,
     check_processor_size,
@@ -346,9 +346,6 @@ class FeatureArguments(LabelledImageDatasetArguments):
         # Found before the features are extracted, not when they or the results are written.
         for name in ("feature_cache_dir", "output_dir"):
             require_folder_path(name, getattr(self, name))
-            require_outside_image_folders(
-                name, getattr(self, name), [("train_dir", self.train_dir), ("validation_dir", self.validation_dir)]
-            )
         super().__post_init__()
 
     def feature_settings(self) -> dict:

@@ -31,6 +31,7 @@ from ..checkpoint_folder import (
 )
 from ..cli import one_process
 from ..errors import UsageError, first_line
+from ..training.loading import looks_local
 from .cards import DEFAULT_LICENSE, load_results, read_training_args, write_model_card
 
 logger = logging.getLogger(__name__)
@@ -248,7 +249,8 @@ def push_folder(
 def _require_hub_id(flag: str, value: str) -> None:
     """A one-line error for a card's `--flag` that is not a Hub id (the Hub refuses the card's metadata only once the
     upload reaches it) or that names a local folder (a card links ids, not paths)."""
-    if os.path.exists(value):
+    # "cifar10" is a Hub id even where a folder of that name lies here; "runs/dvae" is one only if no such folder does.
+    if looks_local(value) or ("/" in value and os.path.exists(value)):
         raise UsageError(f"--{flag} {value} is a local path; the card links Hub repos: pass its Hub id (namespace/name)")
     try:
         validate_repo_id(value)

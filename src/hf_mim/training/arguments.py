@@ -94,7 +94,8 @@ class HfMimTrainingArguments(TrainingArguments):
     overwrite_output_dir: bool = field(
         default=False,
         metadata={"help": "Start afresh even if output_dir holds checkpoints (else resume from the last); the "
-                  "checkpoints of the earlier run there are removed, so that no later launch resumes them"},
+                  "checkpoints, state, results and card of the earlier run there are removed, so that no later launch "
+                  "resumes them"},
     )
     skip_nonfinite_steps: bool = field(
         default=False,
@@ -233,11 +234,16 @@ def check_flags_of_schedules_off(args: TrainingArguments) -> None:
     Called before TrainingArguments fills in its own values (e.g. `eval_steps` from `logging_steps`)."""
     strategies = {name: str(getattr(getattr(args, name), "value", getattr(args, name))) for name in
                   ("eval_strategy", "save_strategy", "logging_strategy")}  # fmt: skip
+    # --logging_steps is also the evaluation interval of --eval_strategy steps without --eval_steps.
+    logging_steps_read = strategies["logging_strategy"] == "steps" or (
+        strategies["eval_strategy"] == "steps" and args.eval_steps is None
+    )
     ignored = [
         (flag, f"--{strategy} steps", f"--{strategy} is {strategies[strategy]}")
-        for strategy, flags in (("eval_strategy", ["eval_steps"]), ("save_strategy", ["save_steps"]),
-                                ("logging_strategy", ["logging_steps"]))  # fmt: skip
-        if strategies[strategy] != "steps"
+        for strategy, flags, read in (("eval_strategy", ["eval_steps"], strategies["eval_strategy"] == "steps"),
+                                      ("save_strategy", ["save_steps"], strategies["save_strategy"] == "steps"),
+                                      ("logging_strategy", ["logging_steps"], logging_steps_read))  # fmt: skip
+        if not read
         for flag in flags_set(args, flags)
     ]
     if strategies["save_strategy"] == "no":
@@ -248,7 +254,7 @@ def check_flags_of_schedules_off(args: TrainingArguments) -> None:
         if not args.do_eval:
             ignored += [(flag, "--do_eval", "the run does not evaluate") for flag in
                         flags_set(args, ["per_device_eval_batch_size"])]  # fmt: skip
-    if args.metric_for_best_model is None:
+    if best_model_metric(args) is None:
         ignored += [(flag, "--metric_for_best_model", "no metric is given") for flag in
                     flags_set(args, ["greater_is_better"])]  # fmt: skip
     if ignored:
@@ -259,17 +265,27 @@ def check_flags_of_schedules_off(args: TrainingArguments) -> None:
                          f"add {needs} or remove --{flag}")
 
 
+def best_model_metric(args: TrainingArguments) -> str | None:
+    """The metric that decides the best checkpoint: `--metric_for_best_model`, else the loss where TrainingArguments
+    fills it in (with `--load_best_model_at_end` or a schedule that reads it); None when nothing reads one."""
+    schedule = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    if args.metric_for_best_model is None and (args.load_best_model_at_end or schedule in ("reduce_lr_on_plateau", "greedy")):
+        return "loss"
+    return args.metric_for_best_model
+
+
 def check_metric_direction(args: TrainingArguments) -> None:
     """A one-line error for a `--greater_is_better` that contradicts its `--metric_for_best_model` (a higher loss, a
     lower accuracy): the run would keep, and with `--load_best_model_at_end` end on, its worst checkpoint."""
-    metric, greater = args.metric_for_best_model, args.greater_is_better
+    metric, greater = best_model_metric(args), args.greater_is_better
     if metric is None or greater is None:
         return
     name = metric.removeprefix("eval_")
     better = True if name.endswith("accuracy") else False if name.endswith("loss") else None
     if better is not None and bool(greater) != better:
+        given = f"--metric_for_best_model {metric}" if args.metric_for_best_model else f"the {metric} (the default metric)"
         raise UsageError(
-            f"--greater_is_better {greater} with --metric_for_best_model {metric}: a {'higher' if better else 'lower'} "
+            f"--greater_is_better {greater} with {given}: a {'higher' if better else 'lower'} "
             f"{name} is better, so the run would keep its worst checkpoint; remove --greater_is_better (it follows "
             "the metric)"
         )

@@ -10,15 +10,28 @@ from ..checkpoint_folder import unreadable_weights
 from ..errors import UsageError, first_line
 
 
-def _looks_local(name: str) -> bool:
+def looks_local(name: str) -> bool:
+    """Whether `name` can only be a local path, not a Hub id."""
     # A Hub id is "name" or "owner/name"; anything else (./x, /x, ~/x, a/b/c) can only be a folder.
     return name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+def _not_found_or_unreachable(error: BaseException) -> bool:
+    """Whether `error` (or what caused it) says a Hub repo does not exist or the Hub could not be reached, rather
+    than that a repo that was found could not be used (gated, remote code, an unknown model type)."""
+    names = {"RepositoryNotFoundError", "LocalEntryNotFoundError", "OfflineModeIsEnabled", "ConnectError",
+             "ConnectionError", "ConnectTimeout", "HFValidationError"}  # fmt: skip
+    while error is not None:
+        if any(cls.__name__ in names for cls in type(error).__mro__):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def pretrained(load, name_or_path: str, flag: str, **kwargs):
     """`load(name_or_path, **kwargs)` (a `from_pretrained`), with a one-line `UsageError` naming `--flag` when
     `name_or_path` is neither a folder here nor a loadable Hub repository."""
-    if not os.path.isdir(name_or_path) and (_looks_local(name_or_path) or os.path.exists(name_or_path)):
+    if not os.path.isdir(name_or_path) and (looks_local(name_or_path) or os.path.exists(name_or_path)):
         raise UsageError(f"--{flag} {name_or_path}: no such folder; pass the folder of a saved checkpoint or a Hub id")
     try:
         return load(name_or_path, **kwargs)
@@ -31,7 +44,7 @@ def pretrained(load, name_or_path: str, flag: str, **kwargs):
                 f"--{flag} {name_or_path}: {unreadable[0]} is unreadable ({unreadable[1]}), a truncated or corrupt "
                 "copy: copy or download the checkpoint again"
             ) from error
-        if not os.path.exists(name_or_path):
+        if not os.path.exists(name_or_path) and _not_found_or_unreachable(error):
             # "runs/beit" is a Hub id as much as a relative path: say it is neither.
             raise UsageError(
                 f"--{flag} {name_or_path}: no such folder here, and as a Hub id it could not be loaded "
@@ -51,7 +64,11 @@ def require_folder_path(flag: str, path: str | None) -> None:
         raise UsageError(f"--{flag} {path} is a file; pass a folder (new or existing)")
     existing = os.path.abspath(path)
     while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+        parent = os.path.dirname(existing)
+        if parent == existing:
+            # A drive or network share that does not exist (Windows): its root is its own parent.
+            raise UsageError(f"--{flag} {path}: {existing} does not exist; pass a folder on a drive you can write to")
+        existing = parent
     if not os.path.isdir(existing):
         raise UsageError(f"--{flag} {path}: {existing} is a file, so no folder can be made there; pass another folder")
     try:
@@ -96,8 +113,8 @@ def require_output_dir_of(output_dir: str, model_type: str, architecture: str | 
     """A one-line error when `--output_dir` holds a checkpoint of another model type than the `model_type` the command
     writes (or, given `architecture`, of the same type with another head: a stock BEiT encoder and a classifier are
     both `beit`): its config and weights would be replaced and the rest of its files (code, trainer state, tokenizer
-    view, labels) left beside them, a folder of neither model (`--overwrite_output_dir` only stops a resumption; it
-    deletes nothing)."""
+    view, labels) left beside them, a folder of neither model (`--overwrite_output_dir` removes an earlier run's
+    checkpoints, state and results, not its weights and config)."""
     config = _saved_config(output_dir)
     saved = config.get("model_type")
     saved_architecture = (config.get("architectures") or [None])[0]
@@ -148,6 +165,7 @@ def require_tokenizer(tokenizer, name_or_path: str, flag: str = "tokenizer_name_
 
 
 __all__ = [
+    "looks_local",
     "pretrained",
     "require_folder_path",
     "require_new_output_dir",

@@ -46,7 +46,7 @@ from .arguments import (
     warn_of_transformers_optimisation_defaults,
 )
 from .kmeans import KmeansFitArguments, feature_kmeans_tokenizer, fit_tokenizer_for_mim
-from .loading import pretrained, require_output_dir_of, require_outside_image_folders, require_tokenizer
+from .loading import pretrained, require_output_dir_of, require_tokenizer
 from .trainer import MimTrainer
 from .workflow import (
     check_resumption_flags,
@@ -431,11 +431,12 @@ def pretrain(
     method = mim_method(model_args.model_type)
     if training_args.do_train:
         require_output_dir_of(training_args.output_dir, method.model_type)
-        require_no_earlier_model(training_args)
-    require_outside_image_folders(
-        "output_dir", training_args.output_dir,
-        [("train_dir", data_args.train_dir), ("validation_dir", data_args.validation_dir)],
-    )  # fmt: skip
+        require_no_earlier_model(
+            training_args,
+            {name: getattr(model_args, name) for name in
+             ("model_name_or_path", "tokenizer_name_or_path", "image_processor_name", "fit_teacher_name_or_path")},
+            " (and to fit its tokenizer again)" if model_args.fit_tokenizer else "",
+        )  # fmt: skip
     require_weights_to_evaluate(training_args, model_args.model_name_or_path, "model_name_or_path", "checkpoint", "model")
     data_args.check_masking_flags(method.data_defaults.get("masking", "blockwise"))
     data_args = method.with_data_defaults(data_args).with_view_defaults()

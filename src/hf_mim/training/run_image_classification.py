@@ -43,7 +43,7 @@ from ..evaluation.export import (
 from ..evaluation.metrics import load_metric
 from ..models.beit_backbone import keep_position_index_on_device
 from .arguments import HfMimTrainingArguments, require_learning_rate, warn_of_transformers_optimisation_defaults
-from .loading import require_new_output_dir, require_output_dir_of, require_outside_image_folders
+from .loading import require_new_output_dir, require_output_dir_of
 from .mixup import MixupCutmix, soft_target_cross_entropy
 from .trainer import MimTrainer
 from .workflow import require_action, require_no_earlier_model, run_flags, setup_logging, train_and_evaluate
@@ -318,11 +318,10 @@ def main(argv=None) -> dict[str, float]:
     require_new_output_dir(training_args.output_dir, model_args.model_name_or_path)
     if training_args.do_train:
         require_output_dir_of(training_args.output_dir, BeitConfig.model_type, "BeitForImageClassification")
-        require_no_earlier_model(training_args)
-    require_outside_image_folders(
-        "output_dir", training_args.output_dir,
-        [("train_dir", data_args.train_dir), ("validation_dir", data_args.validation_dir)],
-    )  # fmt: skip
+        require_no_earlier_model(
+            training_args,
+            {"model_name_or_path": model_args.model_name_or_path, "image_processor_name": model_args.image_processor_name},
+        )
     # timm, hence BEiT's fine-tuning recipe, jitters colours only without RandAugment.
     data_args = data_args.with_view_defaults(color_jitter=0.0 if data_args.rand_augment else 0.4)
     wanted = training_args.metric_for_best_model

@@ -35,7 +35,7 @@ from .arguments import (
 )
 from .dvae import DVAE_FLAGS, TEMPERATURE_SCHEDULES, check_schedule
 from .kmeans import KmeansFitArguments
-from .loading import pretrained, require_output_dir_of, require_outside_image_folders, saved_model_type
+from .loading import pretrained, require_output_dir_of, saved_model_type
 from .workflow import (
     require_action,
     require_no_earlier_model,
@@ -124,8 +124,8 @@ TYPE_SPECIFIC_FLAGS = {
 
 
 # The TrainingArguments that a fit reads (output folder, what to do, seed, device and launch, data workers, logging,
-# progress bars, upload) or that cannot change what it does (--report_to; --overwrite_output_dir: a fit always starts
-# afresh). The others set up the Trainer of the gradient-trained types, which a fit does without.
+# progress bars, upload, --overwrite_output_dir over an earlier fit's folder) or that cannot change what it does
+# (--report_to). The others set up the Trainer of the gradient-trained types, which a fit does without.
 FIT_TRAINING_FLAGS = (
     "output_dir", "overwrite_output_dir", "do_train", "do_eval", "seed", "use_cpu", "local_rank", "ddp_backend",
     "ddp_timeout", "dataloader_num_workers", "log_level", "log_level_replica", "log_on_each_node", "disable_tqdm",
@@ -254,11 +254,10 @@ def train_tokenizer(
     family = TRAINABLE[tokenizer_args.tokenizer_type]
     if training_args.do_train:
         require_output_dir_of(training_args.output_dir, family.model_type)
-        require_no_earlier_model(training_args)
-    require_outside_image_folders(
-        "output_dir", training_args.output_dir,
-        [("train_dir", data_args.train_dir), ("validation_dir", data_args.validation_dir)],
-    )  # fmt: skip
+        require_no_earlier_model(
+            training_args,
+            {name: getattr(tokenizer_args, name) for name in ("tokenizer_name_or_path", "teacher_name_or_path")},
+        )
     if family.optimisation_recipe is not None:
         warn_of_transformers_optimisation_defaults(training_args, family.optimisation_recipe)
     set_seed(training_args.seed)

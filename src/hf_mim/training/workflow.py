@@ -113,17 +113,33 @@ def resumption(training_args: TrainingArguments) -> tuple[str, str, str] | None:
     )
 
 
-def require_no_earlier_model(training_args: TrainingArguments) -> None:
+def require_no_earlier_model(training_args: TrainingArguments, inputs: dict[str, str | None], refits: str = "") -> None:
     """A one-line error when a training run would start afresh in an `--output_dir` that holds the model an earlier run
-    saved there, with no checkpoint of it to continue from: the new run would replace it without a word."""
-    if not training_args.do_train or getattr(training_args, "overwrite_output_dir", False):
+    saved there, with no checkpoint of it to continue from (the new run would replace it without a word; `refits`
+    says what else `--overwrite_output_dir` would redo), or when `--overwrite_output_dir` would remove a checkpoint
+    folder that one of the `inputs` (flag name -> path) loads from."""
+    if not training_args.do_train:
+        return
+    if getattr(training_args, "overwrite_output_dir", False):
+        if training_args.resume_from_checkpoint is not None:
+            return
+        removed = [os.path.realpath(path) for path in earlier_checkpoints(training_args.output_dir)]
+        for flag, path in inputs.items():
+            if path is None or not os.path.exists(path):
+                continue
+            loaded = os.path.realpath(path)
+            if any(loaded == checkpoint or loaded.startswith(checkpoint + os.sep) for checkpoint in removed):
+                raise UsageError(
+                    f"--{flag} {path} is a checkpoint in --output_dir, whose checkpoints --overwrite_output_dir removes "
+                    "before training: copy it out of the folder first, or pass another --output_dir"
+                )
         return
     if not os.path.isfile(os.path.join(training_args.output_dir, "config.json")) or resumption(training_args):
         return
     raise UsageError(
         f"--output_dir {training_args.output_dir} holds the model of an earlier run (its config.json) and no "
-        "checkpoint to continue it from: pass --overwrite_output_dir to train a new one in its place, or another "
-        "--output_dir"
+        f"checkpoint to continue it from: pass --overwrite_output_dir to train a new one in its place{refits}, or "
+        "another --output_dir"
     )
 
 
@@ -184,32 +200,46 @@ def require_steps_left(training_args: TrainingArguments, checkpoint: str, afresh
         )
 
 
-def clear_earlier_run(training_args: TrainingArguments) -> None:
-    """`--overwrite_output_dir` starting afresh: remove the checkpoints and the final trainer state that an earlier
-    run left in `--output_dir`. Kept, they would be taken for this run's: a later launch of it (without the flag, to
-    continue after an interruption) would resume the earlier run's last checkpoint when its step is higher, or stop
-    at once on the earlier run's end. Its other files are replaced when this run saves. Run by the process that saves,
-    before training."""
-    folder = training_args.output_dir
-    if training_args.resume_from_checkpoint is not None or not os.path.isdir(folder):
-        return
-    checkpoints = [
-        name for name in sorted(os.listdir(folder))
+# What an earlier run leaves in `--output_dir` besides its checkpoints that a new run there would be taken to continue
+# or to report: its final trainer state, its results (transformers merges new ones into all_results.json) and its
+# card (whose reported results an updated card keeps).
+EARLIER_RUN_FILES = ("trainer_state.json", "all_results.json", "train_results.json", "eval_results.json", "README.md")
+
+
+def earlier_checkpoints(folder: str) -> list[str]:
+    """The paths of the `checkpoint-<step>` folders in `folder`."""
+    if not os.path.isdir(folder):
+        return []
+    return [
+        os.path.join(folder, name) for name in sorted(os.listdir(folder))
         if re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-\d+", name) and os.path.isdir(os.path.join(folder, name))
     ]  # fmt: skip
-    state = os.path.join(folder, "trainer_state.json")
-    if not checkpoints and not os.path.isfile(state):
+
+
+def clear_earlier_run(training_args: TrainingArguments) -> None:
+    """`--overwrite_output_dir` starting afresh: remove the checkpoints, final trainer state, results and card that an
+    earlier run left in `--output_dir`. Kept, they would be taken for this run's: a later launch of it (without the
+    flag, to continue after an interruption) would resume the earlier run's last checkpoint when its step is higher,
+    or stop at once on the earlier run's end, and this run's card would report the earlier model's results. Its
+    weights and config are replaced when this run saves. Run by the process that saves, before training; a checkpoint
+    the run loads from is refused earlier (`require_no_earlier_model`)."""
+    folder = training_args.output_dir
+    if training_args.resume_from_checkpoint is not None:
         return
+    checkpoints = earlier_checkpoints(folder)
+    files = [os.path.join(folder, name) for name in EARLIER_RUN_FILES if os.path.isfile(os.path.join(folder, name))]
     if checkpoints:
         logger.warning(
             f"--overwrite_output_dir: removing the {len(checkpoints)} checkpoint(s) of an earlier run in {folder} "
-            f"({', '.join(checkpoints)}), so that no later launch resumes them as this run's"
+            f"({', '.join(os.path.basename(path) for path in checkpoints)}), so that no later launch resumes them as "
+            "this run's"
         )
     # With --save_on_each_node on a shared file system, each node's first process removes the same files.
-    with contextlib.suppress(FileNotFoundError):
-        for name in checkpoints:
-            shutil.rmtree(os.path.join(folder, name))
-        os.remove(state)
+    for path in checkpoints:
+        shutil.rmtree(path, ignore_errors=True)
+    for path in files:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
 
 
 def check_checkpoint_weights(checkpoint: str, fix: str, model=None) -> None:
@@ -504,6 +534,7 @@ def train_and_evaluate(
 
 
 __all__ = [
+    "EARLIER_RUN_FILES",
     "RUN_RECORD",
     "RunRecordsCallback",
     "TRAJECTORY_TRAINING_FLAGS",
@@ -513,6 +544,7 @@ __all__ = [
     "check_tokenizer_weights",
     "clear_earlier_run",
     "content_fingerprint",
+    "earlier_checkpoints",
     "empty_stream_errors",
     "find_checkpoint",
     "require_a_full_batch",
