@@ -279,6 +279,15 @@ def test_a_warm_up_longer_than_the_run_is_said(tiny_dvae_dir, image_folder, tmp_
         main(run_mim_args(tiny_dvae_dir, image_folder, tmp_path, "--max_steps", "2", "--warmup_steps", "10",
                           "--save_strategy", "no"))  # fmt: skip
     assert "--warmup_steps 10 is 10 steps, longer than the run's 2: the learning rate never reaches" in caplog.text
+    # So are intervals beyond the run: the evaluations and checkpoints asked for would never come.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_mim.training.trainer"):
+        main(run_mim_args(tiny_dvae_dir, image_folder, tmp_path / "intervals", "--max_steps", "2", "--do_eval",
+                          "--train_val_split", "0.25", "--eval_strategy", "steps", "--eval_steps", "50",
+                          "--save_steps", "3"))  # fmt: skip
+    assert "--eval_steps 50 is beyond the run's 2 steps: no evaluation runs during training" in caplog.text
+    assert "--save_steps 3 is beyond the run's 2 steps: no checkpoint is saved during training" in caplog.text
+    assert "--logging_steps" not in caplog.text  # 1, within the run
 
 
 def test_undecodable_validation_images_are_counted_apart_from_training_ones(tiny_dvae_dir, tmp_path):

@@ -10,6 +10,7 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils.hub import hf_api
 
+from ..arguments import flags_set
 from ..checkpoint_folder import checkpoint_weight_names
 from ..data.collator import decodable
 from ..errors import UsageError
@@ -291,15 +292,37 @@ class MimTrainer(Trainer):
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.is_world_process_zero():
+            self._warn_of_steps_beyond_the_run(num_training_steps)
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def _warn_of_steps_beyond_the_run(self, num_training_steps: int) -> None:
+        """Warnings for step counts longer than the run (allowed: a short trial of a long recipe), which would
+        otherwise change what the run does without a word."""
         warmup = self.args.get_warmup_steps(num_training_steps)
-        if warmup > num_training_steps and self.is_world_process_zero():
-            # Allowed (a short trial of a long recipe), but the rate never reaches --learning_rate: said, not silent.
+        if warmup > num_training_steps:
             logger.warning(
                 "--warmup_steps %g is %d steps, longer than the run's %d: the learning rate never reaches "
                 "--learning_rate; lower it (or give it as a fraction of the run, e.g. 0.1)",
                 self.args.warmup_steps, warmup, num_training_steps,
             )  # fmt: skip
-        return super().create_scheduler(num_training_steps, optimizer)
+        missed = {"eval": "no evaluation runs during training", "save": "no checkpoint is saved during training",
+                  "logging": "no training loss is logged"}  # fmt: skip
+        for name, consequence in missed.items():
+            strategy = getattr(self.args, f"{name}_strategy")
+            interval = getattr(self.args, f"{name}_steps")
+            if str(getattr(strategy, "value", strategy)) != "steps" or not interval:
+                continue
+            if name != "eval" and not flags_set(self.args, [f"{name}_steps"]):
+                # transformers' default interval (500), not asked for: a short run is not warned of it.
+                continue
+            # A fraction below 1 is a share of the run, as Trainer reads it.
+            steps = math.ceil(interval * num_training_steps) if interval < 1 else int(interval)
+            if steps > num_training_steps:
+                logger.warning(
+                    "--%s_steps %g is beyond the run's %d steps: %s; lower it (or give it as a fraction of the run)",
+                    name, interval, num_training_steps, consequence,
+                )  # fmt: skip
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if not inputs:
