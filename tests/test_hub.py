@@ -618,3 +618,17 @@ def test_hub_refusals_and_connection_failures_are_one_line_and_other_failures_ke
     for error in (refused(500), ReadTimeout("slow")):
         with pytest.raises(type(error)), hub_request_errors("me/x"):
             raise error
+
+
+def test_a_dataset_id_named_like_a_local_folder_is_still_a_hub_id(tmp_path, monkeypatch):
+    # "cifar10" is a Hub id wherever a ./cifar10 folder happens to lie; "runs/dvae" is a path only where it exists.
+    folder = tmp_path / "ckpt"
+    save_tiny_checkpoint(BY_MODEL_TYPE["hf_mim_dvae"], folder)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cifar10").mkdir()
+    (tmp_path / "runs" / "dvae").mkdir(parents=True)
+    push_main([str(folder), "--repo_id", "tester/tiny", "--dry_run", str(tmp_path / "upload"), "--dataset", "cifar10"])
+    assert front_matter((tmp_path / "upload" / "README.md").read_text())["datasets"] == ["cifar10"]
+    with pytest.raises(ValueError, match="--base_model runs/dvae is a local path"):
+        push_main([str(folder), "--repo_id", "tester/tiny", "--dry_run", str(tmp_path / "u2"), "--base_model",
+                   "runs/dvae"])  # fmt: skip

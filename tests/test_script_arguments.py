@@ -208,3 +208,25 @@ def test_a_folder_on_a_drive_that_does_not_exist_is_one_line(monkeypatch):
     monkeypatch.setattr(loading.os.path, "exists", lambda path: False)
     with pytest.raises(UsageError, match="--output_dir /q/runs: / does not exist; pass a folder on a drive"):
         loading.require_folder_path("output_dir", "/q/runs")
+
+
+def test_only_a_repo_not_found_or_an_unreachable_hub_is_said_to_be_neither_folder_nor_hub_id():
+    # A Hub repo that was found but cannot be used (gated, remote code) is no missing folder.
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    from hf_mim.errors import UsageError
+    from hf_mim.training.loading import pretrained
+
+    def gated(name):
+        raise OSError("You are trying to access a gated repo.")
+
+    def missing(name):
+        # Built without an HTTP response, which this one would need.
+        not_found = RepositoryNotFoundError.__new__(RepositoryNotFoundError)
+        Exception.__init__(not_found, "404 Client Error")
+        raise OSError(f"{name} is not a valid model identifier") from not_found
+
+    with pytest.raises(UsageError, match=r"--model_name_or_path someone/gated could not be loaded: You are trying"):
+        pretrained(gated, "someone/gated", "model_name_or_path")
+    with pytest.raises(UsageError, match=r"--model_name_or_path runs/beit: no such folder here, and as a Hub id"):
+        pretrained(missing, "runs/beit", "model_name_or_path")

@@ -232,8 +232,7 @@ def check_flags_of_schedules_off(args: TrainingArguments) -> None:
     ignores it without a word): `--eval_steps` without `--eval_strategy steps`, `--save_total_limit` with `--save_strategy
     no`, `--greater_is_better` without a metric, an evaluation batch size for a run that does not evaluate, ...
     Called before TrainingArguments fills in its own values (e.g. `eval_steps` from `logging_steps`)."""
-    strategies = {name: str(getattr(getattr(args, name), "value", getattr(args, name))) for name in
-                  ("eval_strategy", "save_strategy", "logging_strategy")}  # fmt: skip
+    strategies = {name: flag_value(getattr(args, name)) for name in ("eval_strategy", "save_strategy", "logging_strategy")}
     # --logging_steps is also the evaluation interval of --eval_strategy steps without --eval_steps.
     logging_steps_read = strategies["logging_strategy"] == "steps" or (
         strategies["eval_strategy"] == "steps" and args.eval_steps is None
@@ -259,16 +258,14 @@ def check_flags_of_schedules_off(args: TrainingArguments) -> None:
                     flags_set(args, ["greater_is_better"])]  # fmt: skip
     if ignored:
         flag, needs, but = ignored[0]
-        value = getattr(args, flag)
-        value = f"{value:g}" if isinstance(value, float) else value
-        raise UsageError(f"--{flag} {value} takes effect with {needs}, but {but}: it would be ignored; "
+        raise UsageError(f"--{flag} {flag_value(getattr(args, flag))} takes effect with {needs}, but {but}: it would be ignored; "
                          f"add {needs} or remove --{flag}")
 
 
 def best_model_metric(args: TrainingArguments) -> str | None:
     """The metric that decides the best checkpoint: `--metric_for_best_model`, else the loss where TrainingArguments
     fills it in (with `--load_best_model_at_end` or a schedule that reads it); None when nothing reads one."""
-    schedule = str(getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type))
+    schedule = flag_value(args.lr_scheduler_type)
     if args.metric_for_best_model is None and (args.load_best_model_at_end or schedule in ("reduce_lr_on_plateau", "greedy")):
         return "loss"
     return args.metric_for_best_model
@@ -377,8 +374,9 @@ def parse_config_overrides(config_class, overrides: str | None) -> dict:
     return {name: getattr(probe, name) for name in names}
 
 
-def _json_scalar(value):
-    # Enums (the scheduler type) as their values, dicts as JSON: the defaults as the user would type them.
+def flag_value(value):
+    """A flag's value as the user would type it: enums (a strategy, the scheduler type) as their values, floats as
+    %g, dicts as JSON."""
     value = getattr(value, "value", value)
     return json.dumps(value) if isinstance(value, dict) else (f"{value:g}" if isinstance(value, float) else value)
 
@@ -393,7 +391,7 @@ def warn_of_transformers_optimisation_defaults(args: TrainingArguments, recipe: 
     # Once per launch: every process parses the same flags.
     if args.do_train and unset and args.process_index == 0:
         names = ", ".join(f"--{name}" for name in unset)
-        defaults = ", ".join(str(_json_scalar(getattr(args, name))) for name in unset)
+        defaults = ", ".join(str(flag_value(getattr(args, name))) for name in unset)
         one = len(unset) == 1
         logger.warning(
             f"{names} {'is' if one else 'are'} unset, so transformers' {'default applies' if one else 'defaults apply'} "
@@ -409,6 +407,7 @@ __all__ = [
     "check_optional_packages",
     "check_scheduler_kwargs",
     "config_from_flags",
+    "flag_value",
     "parse_config_overrides",
     "require_learning_rate",
     "warn_of_transformers_optimisation_defaults",

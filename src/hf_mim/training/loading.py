@@ -3,6 +3,7 @@
 import json
 import os
 import tempfile
+from pathlib import Path
 
 from safetensors import SafetensorError
 
@@ -80,18 +81,20 @@ def require_folder_path(flag: str, path: str | None) -> None:
         ) from error
 
 
+def is_within(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies inside it, links resolved."""
+    path, folder = Path(path).resolve(), Path(folder).resolve()
+    return path == folder or folder in path.parents
+
+
 def require_outside_image_folders(flag: str, path: str | None, image_folders: list[tuple[str, str | None]]) -> None:
     """A one-line error when `--flag`, a folder the command writes into, is one of the image folders it reads
     (`image_folders`: (flag name, folder) pairs) or lies inside one: the next run over those images would read what
     this one wrote there (figures, a model's files) as images or classes."""
     if path is None:
         return
-    written = os.path.realpath(path)
     for name, folder in image_folders:
-        if folder is None or not os.path.isdir(folder):
-            continue
-        read = os.path.realpath(folder)
-        if written == read or written.startswith(read.rstrip(os.sep) + os.sep):
+        if folder is not None and os.path.isdir(folder) and is_within(path, folder):
             raise UsageError(
                 f"--{flag} {path} is inside --{name} {folder}: the next run over those images would read what this one "
                 "writes there; pass a folder outside it"
@@ -165,6 +168,7 @@ def require_tokenizer(tokenizer, name_or_path: str, flag: str = "tokenizer_name_
 
 
 __all__ = [
+    "is_within",
     "looks_local",
     "pretrained",
     "require_folder_path",

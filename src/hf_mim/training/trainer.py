@@ -17,6 +17,7 @@ from ..errors import UsageError
 from ..hub.callbacks import HubFilesCallback
 from ..hub.cards import write_model_card
 from ..hub.push import default_repo_id, hub_request_errors, prepare_repo
+from .arguments import flag_value
 from .budget import add_time_budget
 from .optim import build_param_groups
 
@@ -309,9 +310,8 @@ class MimTrainer(Trainer):
         missed = {"eval": "no evaluation runs during training", "save": "no checkpoint is saved during training",
                   "logging": "no training loss is logged"}  # fmt: skip
         for name, consequence in missed.items():
-            strategy = getattr(self.args, f"{name}_strategy")
             interval = getattr(self.args, f"{name}_steps")
-            if str(getattr(strategy, "value", strategy)) != "steps" or not interval:
+            if flag_value(getattr(self.args, f"{name}_strategy")) != "steps" or not interval:
                 continue
             if name != "eval" and not flags_set(self.args, [f"{name}_steps"]):
                 # transformers' default interval (500), not asked for: a short run is not warned of it.

@@ -27,7 +27,7 @@ from ..errors import UsageError
 from ..evaluation.features import hash_parts, model_fingerprint
 from ..hub.cards import describe_training_data, hub_dataset_id
 from ..hub.push import default_repo_id, hub_request_errors
-from .loading import saved_model_type
+from .loading import is_within, saved_model_type
 from .trainer import NO_VALIDATION_IMAGE, NONFINITE_ADVICE
 
 logger = logging.getLogger(__name__)
@@ -123,12 +123,9 @@ def require_no_earlier_model(training_args: TrainingArguments, inputs: dict[str,
     if getattr(training_args, "overwrite_output_dir", False):
         if training_args.resume_from_checkpoint is not None:
             return
-        removed = [os.path.realpath(path) for path in earlier_checkpoints(training_args.output_dir)]
+        removed = earlier_checkpoints(training_args.output_dir)
         for flag, path in inputs.items():
-            if path is None or not os.path.exists(path):
-                continue
-            loaded = os.path.realpath(path)
-            if any(loaded == checkpoint or loaded.startswith(checkpoint + os.sep) for checkpoint in removed):
+            if path is not None and os.path.exists(path) and any(is_within(path, folder) for folder in removed):
                 raise UsageError(
                     f"--{flag} {path} is a checkpoint in --output_dir, whose checkpoints --overwrite_output_dir removes "
                     "before training: copy it out of the folder first, or pass another --output_dir"
@@ -224,8 +221,6 @@ def clear_earlier_run(training_args: TrainingArguments) -> None:
     weights and config are replaced when this run saves. Run by the process that saves, before training; a checkpoint
     the run loads from is refused earlier (`require_no_earlier_model`)."""
     folder = training_args.output_dir
-    if training_args.resume_from_checkpoint is not None:
-        return
     checkpoints = earlier_checkpoints(folder)
     files = [os.path.join(folder, name) for name in EARLIER_RUN_FILES if os.path.isfile(os.path.join(folder, name))]
     if checkpoints:
